@@ -1,0 +1,257 @@
+"""Masked-autoencoder pretraining of a ViT-Tiny on CIFAR-10.
+
+The reference experiment (one GPU; also what `python mae_pretrain.py` runs with no flags):
+    python mae_pretrain.py --batch_size 512 --max_device_batch_size 256 --total_epoch 150 \
+        --model_path vit-t-mae-150ep.pt
+A tiny CPU run that needs no files (seconds):
+    python mae_pretrain.py --dataset fake --fake_size 256 --total_epoch 2 --batch_size 64 \
+        --max_device_batch_size 32 --depth 2 --decoder_depth 1 --model_path /tmp/mae.pt \
+        --output_dir /tmp/mae_out --log_dir /tmp/mae_logs
+"""
+import dataclasses
+import math
+import os
+import time
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+import data
+import utils
+from model import MAE, MAEConfig, count_params, reconstruct
+
+# Flags that define the run: a checkpoint only resumes under the same values (the schedule and the model
+# must be the ones it was trained with). max_device_batch_size, devices and output paths may change.
+RUN_DEFINING_FLAGS = ("seed", "batch_size", "base_learning_rate", "weight_decay", "min_lr", "mask_ratio",
+                      "total_epoch", "warmup_epoch", "norm_pix_loss", "augment", "dataset", "val_split",
+                      "fake_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
+                      "decoder_depth", "decoder_num_heads")
+CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "epoch", "losses", "args", "config")
+NUM_VIS = 16  # val images in the per-epoch reconstruction figure (2 rows of 8)
+
+
+def get_args_parser():
+    parser = utils.ArgumentParser(description="MAE pretraining of a ViT on CIFAR-10")
+    # Schedule and optimisation (the reference's flags, same names and meaning)
+    parser.add_argument("--seed", type=int, default=42, help="seeds the masks, shuffling and initialisation")
+    parser.add_argument("--batch_size", type=int, default=512,
+                        help="effective batch per optimizer step (gradients accumulated over device chunks)")
+    parser.add_argument("--max_device_batch_size", type=int, default=256,
+                        help="largest chunk put through the model at once; must divide --batch_size")
+    parser.add_argument("--base_learning_rate", type=float, default=1.5e-4,
+                        help="peak lr is base_learning_rate * batch_size / 256")
+    parser.add_argument("--weight_decay", type=float, default=0.05, help="AdamW decoupled weight decay")
+    parser.add_argument("--min_lr", type=float, default=0.0, help="lr at the end of the cosine")
+    parser.add_argument("--total_epoch", type=int, default=150, help="epochs of pretraining")
+    parser.add_argument("--warmup_epoch", type=int, default=10, help="epochs of linear lr warmup")
+    # MAE
+    parser.add_argument("--mask_ratio", type=float, default=0.75, help="share of patches masked, in [0, 1)")
+    parser.add_argument("--norm_pix_loss", action="store_true",
+                        help="regress per-patch normalised pixels (MAE paper); figures are de-normalised")
+    parser.add_argument("--augment", action="store_true",
+                        help="random resized crop (scale 0.2-1) + horizontal flip; off in the reference")
+    # Model size (ViT-Tiny by default; ViT-Small: --embed_dim 384 --num_heads 6)
+    parser.add_argument("--patch_size", type=int, default=2, help="patch side in pixels")
+    parser.add_argument("--embed_dim", type=int, default=192, help="encoder width")
+    parser.add_argument("--depth", type=int, default=12, help="encoder blocks")
+    parser.add_argument("--num_heads", type=int, default=3, help="encoder attention heads")
+    parser.add_argument("--decoder_embed_dim", type=int, default=192, help="decoder width")
+    parser.add_argument("--decoder_depth", type=int, default=4, help="decoder blocks")
+    parser.add_argument("--decoder_num_heads", type=int, default=3, help="decoder attention heads")
+    # Data
+    data.add_data_args(parser)
+    # Runtime
+    utils.add_runtime_args(parser)
+    parser.add_argument("--log_interval", type=int, default=25,
+                        help="optimizer steps between progress-bar updates (each reads the loss from the GPU)")
+    # Outputs and resuming
+    parser.add_argument("--model_path", default="vit-t-mae.pt", help="checkpoint, rewritten after every epoch")
+    parser.add_argument("--output_dir", default="outputs",
+                        help="losses.npy, log.jsonl, args.json and one reconstruction PNG per epoch")
+    parser.add_argument("--log_dir", default="logs/mae_pretrain", help="TensorBoard event files")
+    parser.add_argument("--resume", default="", help="checkpoint to continue from (its next epoch)")
+    parser.add_argument("--stop_after", type=int, default=0,
+                        help="stop after this epoch, checkpoint kept, e.g. to fit a job's time limit; "
+                             "continue with --resume (0: run to --total_epoch)")
+    return parser
+
+
+def model_config(args) -> MAEConfig:
+    try:
+        return MAEConfig(patch_size=args.patch_size, embed_dim=args.embed_dim, depth=args.depth,
+                         num_heads=args.num_heads, decoder_embed_dim=args.decoder_embed_dim,
+                         decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_num_heads,
+                         mask_ratio=args.mask_ratio, norm_pix_loss=args.norm_pix_loss)
+    except ValueError as e:
+        utils.die(f"model flags (--patch_size, --embed_dim, --num_heads, ...): {e}")
+
+
+def check_args(args) -> None:
+    """Every flag checked before anything is read or written, so bad input costs nothing."""
+    positive = ("batch_size", "max_device_batch_size", "total_epoch", "log_interval", "patch_size", "embed_dim",
+                "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+    for name in positive:
+        if getattr(args, name) < 1:
+            utils.die(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.batch_size % args.max_device_batch_size:
+        utils.die(f"--batch_size {args.batch_size} is not divisible by --max_device_batch_size "
+                  f"{args.max_device_batch_size}")
+    if not 0.0 <= args.mask_ratio < 1.0:
+        utils.die(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    if args.warmup_epoch < 0:
+        utils.die(f"--warmup_epoch must be >= 0, got {args.warmup_epoch}")
+    if args.base_learning_rate <= 0 or args.weight_decay < 0 or args.min_lr < 0:
+        utils.die("--base_learning_rate must be > 0, --weight_decay and --min_lr >= 0")
+    if args.stop_after < 0:
+        utils.die(f"--stop_after must be >= 0, got {args.stop_after}")
+    try:
+        data.check_data_args(args)
+    except data.DataError as e:
+        utils.die(str(e))
+
+
+def load_resume(args) -> dict:
+    ckpt = utils.load_checkpoint(args.resume, "--resume", CHECKPOINT_KEYS)
+    for name in RUN_DEFINING_FLAGS:
+        saved, given = ckpt["args"].get(name), getattr(args, name)
+        if saved != given:
+            utils.die(f"--resume {args.resume!r} was trained with --{name} {saved}, this run has {given}: "
+                      "pass the same value to continue its schedule")
+    if ckpt["epoch"] >= args.total_epoch:
+        utils.die(f"--resume {args.resume!r} has already finished all {args.total_epoch} epochs")
+    return ckpt
+
+
+def train_one_epoch(model, optimizer, scaler, train_images, args, epoch, steps_per_epoch, device, amp_dtype,
+                    writer):
+    """One pass over the training set. The loss stays on the device and is read only every log_interval
+    steps and at the end, so the GPU never waits for the host."""
+    model.train()
+    batches = data.epoch_batches(len(train_images), args.batch_size, args.seed * 100_003 + epoch, device)
+    accum_steps = args.batch_size // args.max_device_batch_size
+    peak_lr = args.base_learning_rate * args.batch_size / 256
+    total_steps, warmup_steps = args.total_epoch * steps_per_epoch, args.warmup_epoch * steps_per_epoch
+    loss_sum = torch.zeros((), device=device)
+    start = time.perf_counter()
+    bar = tqdm(batches, desc=f"epoch {epoch}/{args.total_epoch}", leave=False, dynamic_ncols=True)
+    for i, batch_idx in enumerate(bar):
+        step = (epoch - 1) * steps_per_epoch + i
+        lr = utils.lr_at(step, total_steps, warmup_steps, peak_lr, args.min_lr)
+        utils.set_lr(optimizer, lr)
+        for chunk_idx in batch_idx.split(args.max_device_batch_size):
+            imgs = data.normalize(train_images[chunk_idx])
+            if args.augment:
+                imgs = data.random_hflip(data.random_resized_crop(imgs, scale=(0.2, 1.0)))
+            with utils.autocast(device, amp_dtype):
+                loss, _, _ = model(imgs)
+            # Chunks are equal-sized, so dividing by their number makes the summed gradient the batch mean.
+            scaler.scale(loss / accum_steps).backward()
+            loss_sum += loss.detach()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        writer.add_scalar("lr", lr, step)
+        if (i + 1) % args.log_interval == 0:
+            done = (i + 1) * args.batch_size
+            bar.set_postfix(loss=f"{loss_sum.item() / ((i + 1) * accum_steps):.4f}",
+                            img_s=f"{done / (time.perf_counter() - start):,.0f}")
+    mean_loss = loss_sum.item() / (len(batches) * accum_steps)  # the epoch's one unconditional sync
+    seconds = time.perf_counter() - start
+    return {"epoch": epoch, "loss": mean_loss, "lr": lr, "images_per_sec": len(batches) * args.batch_size / seconds,
+            "seconds": seconds}
+
+
+@torch.no_grad()
+def reconstruct_val(model, val_imgs, noise, cfg, device, amp_dtype):
+    """Masked input, reconstruction and original of the fixed val images, in [0, 1] for display. The mask
+    noise is fixed too, so the figures of different epochs are directly comparable."""
+    model.eval()
+    with utils.autocast(device, amp_dtype):
+        _, pred, mask = model(val_imgs, noise=noise)
+    masked, recon = reconstruct(val_imgs, pred, mask, cfg.patch_size, cfg.norm_pix_loss)
+    return data.denormalize(masked), data.denormalize(recon), data.denormalize(val_imgs)
+
+
+def main(args):
+    # ---- setup: validate everything before touching the disk
+    check_args(args)
+    cfg = model_config(args)
+    device = utils.resolve_device(args)
+    ckpt = load_resume(args) if args.resume else None
+    try:
+        train, val = data.load_data(args, cfg.img_size)
+    except data.DataError as e:
+        utils.die(str(e))
+    steps_per_epoch = len(train) // args.batch_size
+    if steps_per_epoch == 0:
+        utils.die(f"--batch_size {args.batch_size} is larger than the {len(train)} training images")
+    amp_dtype = utils.autocast_dtype(args, device)
+    torch.manual_seed(args.seed)
+
+    print(f"config: {vars(args)}")
+    print(f"data: {args.dataset}, {len(train)} train / {len(val)} val images, {steps_per_epoch} steps per epoch; "
+          f"device {device}, autocast {amp_dtype}")
+    for path in (args.output_dir, args.log_dir, os.path.dirname(os.path.abspath(args.model_path))):
+        os.makedirs(path, exist_ok=True)
+    utils.save_json(os.path.join(args.output_dir, "args.json"), vars(args))
+
+    # ---- data: the whole uint8 training set lives on the device
+    train_images = train.images.to(device)
+    val_imgs = data.normalize(val.images[:NUM_VIS]).to(device)
+    vis_noise = torch.rand(len(val_imgs), cfg.num_patches, generator=torch.Generator().manual_seed(0)).to(device)
+
+    # ---- model and optimizer
+    model = MAE(cfg).to(device)
+    print(f"model: {count_params(model.encoder) / 1e6:.2f}M encoder + {count_params(model.decoder) / 1e6:.2f}M "
+          f"decoder parameters, {cfg.num_patches} patches, {cfg.mask_ratio:.0%} masked")
+    optimizer = utils.make_adamw(utils.weight_decay_groups(model, args.weight_decay),
+                                 args.base_learning_rate * args.batch_size / 256, (0.9, 0.95), device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    start_epoch, losses, log = 1, [], []
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, losses = ckpt["epoch"] + 1, list(ckpt["losses"])
+        log = [r for r in utils.read_jsonl(os.path.join(args.output_dir, "log.jsonl")) if r["epoch"] < start_epoch]
+        print(f"resumed from {args.resume} at epoch {start_epoch}")
+    train_model = utils.maybe_compile(model, args, device)
+    writer = SummaryWriter(args.log_dir)
+
+    # ---- loop
+    last_epoch = min(args.total_epoch, args.stop_after or args.total_epoch)
+    for epoch in range(start_epoch, last_epoch + 1):
+        utils.seed_epoch(args.seed, epoch)
+        stats = train_one_epoch(train_model, optimizer, scaler, train_images, args, epoch, steps_per_epoch,
+                                device, amp_dtype, writer)
+        if not math.isfinite(stats["loss"]):
+            raise SystemExit(f"epoch {epoch}: the loss is {stats['loss']}; stopping. The checkpoint at "
+                             f"{args.model_path} still holds epoch {epoch - 1}. Try a lower --base_learning_rate.")
+        losses.append(stats["loss"])
+        log.append(stats)
+
+        masked, recon, original = reconstruct_val(model, val_imgs, vis_noise, cfg, device, amp_dtype)
+        utils.save_recon_figure(os.path.join(args.output_dir, f"recon_epoch_{epoch:03d}.png"), masked, recon,
+                                original, title=f"epoch {epoch}, train loss {stats['loss']:.4f}")
+        writer.add_scalar("mae_loss", stats["loss"], epoch)
+        writer.add_scalar("images_per_sec", stats["images_per_sec"], epoch)
+        writer.add_image("mae_image", utils.recon_grid_tensor(masked, recon, original), epoch)
+        writer.flush()
+        utils.save_npy(os.path.join(args.output_dir, "losses.npy"), losses)
+        utils.write_jsonl(os.path.join(args.output_dir, "log.jsonl"), log)
+        utils.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scaler": scaler.state_dict(), "epoch": epoch, "losses": losses, "args": vars(args),
+                           "config": dataclasses.asdict(cfg)}, args.model_path)
+        print(f"epoch {epoch:3d}/{args.total_epoch} | loss {stats['loss']:.5f} | lr {stats['lr']:.2e} | "
+              f"{stats['images_per_sec']:,.0f} img/s | {stats['seconds']:.1f} s")
+
+    writer.close()
+    if losses:
+        best = min(range(len(losses)), key=losses.__getitem__)
+        print(f"done: best loss {losses[best]:.5f} at epoch {best + 1}, last {losses[-1]:.5f}; "
+              f"checkpoint {args.model_path}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,282 @@
+"""Masked autoencoder (MAE) with a ViT-Tiny encoder for 32x32 images, and the ViT classifier built from it.
+
+The split follows the MAE paper (He et al., 2021): patchify -> random_masking -> encoder on the visible
+patches -> decoder on all positions (mask tokens for the hidden ones) -> MSE on the masked patches only.
+Only nn.Modules and pure tensor functions live here: no argparse, files, optimizers or data.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+from timm.models.vision_transformer import Block
+
+
+@dataclass
+class MAEConfig:
+    img_size: int = 32  # input height and width in pixels
+    patch_size: int = 2  # 2x2 patches -> a 16x16 grid of 256 tokens, as in the reference ViT-T
+    in_chans: int = 3  # RGB
+    embed_dim: int = 192  # encoder width (ViT-Tiny; ViT-Small is 384 with 6 heads)
+    depth: int = 12  # encoder blocks
+    num_heads: int = 3  # encoder attention heads (head dim 64)
+    mlp_ratio: float = 4.0  # hidden width of every MLP relative to its block's width
+    decoder_embed_dim: int = 192  # decoder width; the reference uses the encoder's width
+    decoder_depth: int = 4  # decoder blocks
+    decoder_num_heads: int = 3  # decoder attention heads
+    mask_ratio: float = 0.75  # share of patches hidden from the encoder during pretraining
+    norm_pix_loss: bool = False  # regress per-patch normalised pixels (MAE paper) instead of raw ones
+
+    def __post_init__(self):
+        if self.img_size % self.patch_size:
+            raise ValueError(f"patch_size {self.patch_size} must divide img_size {self.img_size}")
+        if self.embed_dim % self.num_heads or self.decoder_embed_dim % self.decoder_num_heads:
+            raise ValueError("embed_dim and decoder_embed_dim must be divisible by their number of heads")
+        check_mask_ratio(self.mask_ratio)
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size ** 2
+
+
+def check_mask_ratio(mask_ratio: float) -> None:
+    # 1.0 would leave the encoder with no tokens at all; fail here rather than deep inside attention.
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure tensor functions
+
+def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, p*p*C), patches in row-major order."""
+    return rearrange(imgs, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, channels: int = 3) -> torch.Tensor:
+    """(B, N, p*p*C) -> (B, C, H, W); the inverse of patchify for square images."""
+    grid = int(patches.shape[1] ** 0.5)
+    return rearrange(patches, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=grid, p1=patch_size, p2=patch_size,
+                     c=channels)
+
+
+def num_masked_patches(num_patches: int, mask_ratio: float) -> int:
+    # Defined by the masked count so that exactly int(N * mask_ratio) patches are hidden for every ratio.
+    return int(num_patches * mask_ratio)
+
+
+def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+    """Per-sample random shuffle of the tokens, keeping the first N - int(N * mask_ratio) of them.
+
+    x: (B, N, D). noise: optional (B, N) uniform noise; by default drawn from torch's RNG on x's device,
+    so --seed reproduces the masks and no host round-trip is needed.
+    Returns x_visible (B, N_visible, D), mask (B, N) with 1 = masked, ids_restore (B, N).
+    """
+    B, N, D = x.shape
+    num_visible = N - num_masked_patches(N, mask_ratio)
+    if noise is None:
+        noise = torch.rand(B, N, device=x.device)
+    ids_shuffle = noise.argsort(dim=1)  # ascending: the lowest-noise tokens are kept
+    ids_restore = ids_shuffle.argsort(dim=1)  # position of each original token in the shuffled order
+    ids_keep = ids_shuffle[:, :num_visible]
+    x_visible = x.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
+    # A token is masked exactly when its rank in the shuffle falls past the visible ones.
+    mask = (ids_restore >= num_visible).to(x.dtype)
+    return x_visible, mask, ids_restore
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the masked patches only: (err * mask).sum() / mask.sum().
+
+    pred, target: (B, N, P); mask: (B, N). With a masked share of exactly mask_ratio this equals the
+    reference's mean((pred - img)**2 * pixel_mask) / mask_ratio.
+    """
+    err = (pred.float() - target.float()).pow(2).mean(dim=-1)  # (B, N) per-patch error
+    # clamp: with mask_ratio 0 there is nothing to reconstruct and the loss is 0 rather than 0/0.
+    return (err * mask).sum() / mask.sum().clamp(min=1)
+
+
+def normalize_patches(patches: torch.Tensor, eps: float = 1e-6):
+    """Per-patch standardisation used by norm_pix_loss. Returns (normalised, mean, std)."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    std = (patches.var(dim=-1, keepdim=True) + eps).sqrt()
+    return (patches - mean) / std, mean, std
+
+
+def reconstruct(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,
+                norm_pix_loss: bool = False):
+    """Images for inspection: (masked input, reconstruction with the visible patches pasted back).
+
+    With norm_pix_loss the prediction is in per-patch normalised units; it is mapped back with the true
+    patches' statistics, as the MAE paper's visualisations do.
+    """
+    target = patchify(imgs, patch_size)
+    pred = pred.float()
+    if norm_pix_loss:
+        _, mean, std = normalize_patches(target)
+        pred = pred * std + mean
+    m = mask.unsqueeze(-1)  # (B, N, 1)
+    channels = imgs.shape[1]
+    masked = unpatchify(target * (1 - m), patch_size, channels)
+    pasted = unpatchify(pred * m + target * (1 - m), patch_size, channels)
+    return masked, pasted
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Modules
+
+def _sincos_pos_embed(grid_size: int, dim: int) -> torch.Tensor:
+    # Fixed 2-D sin-cos position embedding (MAE paper): no parameters to learn, (1, N, dim).
+    return build_sincos2d_pos_embed([grid_size, grid_size], dim).unsqueeze(0)
+
+
+def _init_weights(module: nn.Module) -> None:
+    # MAE's initialisation: xavier-uniform linears with zero bias, unit LayerNorms.
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class MAEEncoder(nn.Module):
+    """ViT encoder: patch embedding + fixed sin-cos positions + class token + transformer blocks."""
+
+    def __init__(self, cfg: MAEConfig, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.register_buffer("pos_embed", _sincos_pos_embed(cfg.grid_size, cfg.embed_dim), persistent=False)
+        # Stochastic depth grows linearly with depth, as in DeiT and the MAE fine-tuning recipe.
+        drop_path = torch.linspace(0, drop_path_rate, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, qkv_bias=True, drop_path=dp) for dp in drop_path)
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+
+        self.apply(_init_weights)
+        # The patch embedding is a linear map on flattened patches; initialise it like one.
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(cfg.embed_dim, -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def embed(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, D) patch tokens with positions added."""
+        x = rearrange(self.patch_embed(imgs), "b d h w -> b (h w) d")
+        return x + self.pos_embed.to(x.dtype)
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        """Prepend the class token (which carries no position) and run the blocks: (B, 1 + L, D)."""
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        """All patches, no masking (fine-tuning, probing, feature extraction): (B, 1 + N, D)."""
+        return self.transform(self.embed(imgs))
+
+    def forward_masked(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+        """Visible patches only: latent (B, 1 + N_visible, D), mask (B, N), ids_restore (B, N)."""
+        x_visible, mask, ids_restore = random_masking(self.embed(imgs), mask_ratio, noise)
+        return self.transform(x_visible), mask, ids_restore
+
+
+class MAEDecoder(nn.Module):
+    """Lightweight transformer that fills mask tokens in at the hidden positions and predicts pixels."""
+
+    def __init__(self, cfg: MAEConfig):
+        super().__init__()
+        self.decoder_embed = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_embed_dim))
+        self.register_buffer("pos_embed", _sincos_pos_embed(cfg.grid_size, cfg.decoder_embed_dim),
+                             persistent=False)
+        self.blocks = nn.ModuleList(
+            Block(cfg.decoder_embed_dim, cfg.decoder_num_heads, cfg.mlp_ratio, qkv_bias=True)
+            for _ in range(cfg.decoder_depth))
+        self.norm = nn.LayerNorm(cfg.decoder_embed_dim, eps=1e-6)
+        self.pred = nn.Linear(cfg.decoder_embed_dim, cfg.patch_size ** 2 * cfg.in_chans)
+
+        self.apply(_init_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+        # Small output weights start the predictions near the mean pixel; xavier here would start them as noise
+        # of variance ~2 (for 192 -> 12), which the first epoch would spend undoing.
+        nn.init.trunc_normal_(self.pred.weight, std=0.02)
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """latent (B, 1 + N_visible, D_enc), ids_restore (B, N) -> per-patch pixels (B, N, p*p*C)."""
+        x = self.decoder_embed(latent)
+        cls, visible = x[:, :1], x[:, 1:]
+        B, N = ids_restore.shape
+        mask_tokens = self.mask_token.to(x.dtype).expand(B, N - visible.shape[1], -1)
+        x = torch.cat([visible, mask_tokens], dim=1)  # (B, N, D_dec) in shuffled order
+        x = x.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # back to image order
+        x = torch.cat([cls, x + self.pos_embed.to(x.dtype)], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.pred(self.norm(x)[:, 1:])
+
+
+class MAE(nn.Module):
+    """forward(imgs) -> (loss, pred, mask); pred (B, N, p*p*C) in patch space, mask (B, N), 1 = masked."""
+
+    def __init__(self, cfg: MAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = MAEEncoder(cfg)
+        self.decoder = MAEDecoder(cfg)
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None, noise: torch.Tensor | None = None):
+        mask_ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
+        check_mask_ratio(mask_ratio)
+        latent, mask, ids_restore = self.encoder.forward_masked(imgs, mask_ratio, noise)
+        pred = self.decoder(latent, ids_restore)
+        target = patchify(imgs, self.cfg.patch_size)
+        if self.cfg.norm_pix_loss:
+            target = normalize_patches(target)[0]
+        return masked_mse(pred, target, mask), pred, mask
+
+
+class ViTClassifier(nn.Module):
+    """The MAE encoder with a classification head on the class token (or on the mean patch token).
+
+    linear_probe puts a BatchNorm without affine parameters in front of the head, as the MAE paper does
+    for linear probing: it rescales the frozen features without changing what a linear head can express.
+    """
+
+    def __init__(self, cfg: MAEConfig, num_classes: int, global_pool: str = "token", drop_path_rate: float = 0.0,
+                 linear_probe: bool = False):
+        super().__init__()
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        self.cfg = cfg
+        self.global_pool = global_pool
+        self.encoder = MAEEncoder(cfg, drop_path_rate)
+        self.head_norm = nn.BatchNorm1d(cfg.embed_dim, affine=False, eps=1e-6) if linear_probe else nn.Identity()
+        self.head = nn.Linear(cfg.embed_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+
+    def features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, D) pooled representation."""
+        x = self.encoder(imgs)
+        return x[:, 0] if self.global_pool == "token" else x[:, 1:].mean(dim=1)
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_norm(self.features(imgs)))
+
+
+def encoder_state_from_mae(mae_state: dict) -> dict:
+    """The encoder's entries of an MAE state_dict, with the 'encoder.' prefix removed."""
+    return {k[len("encoder."):]: v for k, v in mae_state.items() if k.startswith("encoder.")}
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+

@@ -1,0 +1,32 @@
+"""Shared helpers for the tests. Run the whole suite with: python -m pytest -q tests"""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+FIXTURE_DIR = os.path.join(ROOT, "tests", "fixtures", "cifar10_tiny")
+
+# A model small enough that a CPU epoch over a few hundred images takes about a second.
+TINY_MODEL = ["--embed_dim", "32", "--depth", "2", "--num_heads", "2", "--decoder_embed_dim", "32",
+              "--decoder_depth", "1", "--decoder_num_heads", "2", "--patch_size", "4"]
+
+
+def tiny_pretrain_argv(tmp_path, *extra, name="run"):
+    """Flags for a seconds-long mae_pretrain.py run on --dataset fake, every output under tmp_path."""
+    out = tmp_path / name
+    return ["--dataset", "fake", "--fake_size", "128", "--batch_size", "32", "--max_device_batch_size", "16",
+            "--total_epoch", "2", "--warmup_epoch", "1", "--device", "cpu", "--log_interval", "1",
+            "--model_path", str(out / "mae.pt"), "--output_dir", str(out / "outputs"),
+            "--log_dir", str(out / "logs"), *TINY_MODEL, *extra]
+
+
+@pytest.fixture
+def run_pretrain():
+    """Parse argv with the script's own parser and run main, as the command line would."""
+    import mae_pretrain
+
+    def run(argv):
+        return mae_pretrain.main(mae_pretrain.get_args_parser().parse_args(argv))
+    return run

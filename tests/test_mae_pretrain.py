@@ -1,0 +1,141 @@
+"""End-to-end tests of mae_pretrain.py on tiny CPU runs: outputs, resume, real images, bad input.
+
+Run: python -m pytest -q tests/test_mae_pretrain.py
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import FIXTURE_DIR, ROOT, TINY_MODEL, tiny_pretrain_argv
+
+
+def test_two_epoch_run_writes_every_output(tmp_path, run_pretrain):
+    run_pretrain(tiny_pretrain_argv(tmp_path))
+    out, logs = tmp_path / "run" / "outputs", tmp_path / "run" / "logs"
+
+    losses = np.load(out / "losses.npy")
+    assert losses.shape == (2,) and np.all(np.isfinite(losses))
+
+    for epoch in (1, 2):
+        with Image.open(out / f"recon_epoch_{epoch:03d}.png") as im:
+            assert im.width > 200 and im.height > 200
+
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert [r["loss"] for r in records] == pytest.approx(losses.tolist())
+    assert {"lr", "images_per_sec", "seconds"} <= set(records[0])
+    assert json.load(open(out / "args.json"))["total_epoch"] == 2
+
+    events = EventAccumulator(str(logs), size_guidance={"scalars": 0, "images": 0}).Reload()
+    mae_loss = events.Scalars("mae_loss")
+    assert [e.step for e in mae_loss] == [1, 2]
+    assert [e.value for e in mae_loss] == pytest.approx(losses.tolist(), rel=1e-6)
+    assert len(events.Scalars("lr")) == 2 * (128 // 32)  # one per optimizer step
+    assert len(events.Images("mae_image")) == 2
+
+    ckpt = torch.load(tmp_path / "run" / "mae.pt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["losses"] == pytest.approx(losses.tolist())
+    assert {"model", "optimizer", "scaler", "args", "config"} <= set(ckpt)
+    assert isinstance(ckpt["args"], dict) and ckpt["config"]["embed_dim"] == 32
+
+
+def test_resume_continues_the_same_run(tmp_path, run_pretrain):
+    run_pretrain(tiny_pretrain_argv(tmp_path, name="straight"))
+    split = tiny_pretrain_argv(tmp_path, name="split")
+    run_pretrain(split + ["--stop_after", "1"])
+    assert len(np.load(tmp_path / "split" / "outputs" / "losses.npy")) == 1
+    run_pretrain(split + ["--resume", str(tmp_path / "split" / "mae.pt")])
+
+    straight = np.load(tmp_path / "straight" / "outputs" / "losses.npy")
+    resumed = np.load(tmp_path / "split" / "outputs" / "losses.npy")
+    assert len(resumed) == 2
+    assert resumed == pytest.approx(straight, rel=1e-5)
+    records = [json.loads(line) for line in open(tmp_path / "split" / "outputs" / "log.jsonl")]
+    assert [r["epoch"] for r in records] == [1, 2]
+    a = torch.load(tmp_path / "straight" / "mae.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "split" / "mae.pt", weights_only=True)["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_loss_falls_on_real_cifar10_images(tmp_path, run_pretrain):
+    out = tmp_path / "real"
+    run_pretrain(["--dataset", "folder", "--data_path", FIXTURE_DIR, "--val_split", "16",
+                  "--batch_size", "11", "--max_device_batch_size", "11", "--total_epoch", "30",
+                  "--warmup_epoch", "2", "--base_learning_rate", "0.03", "--device", "cpu",
+                  "--model_path", str(out / "mae.pt"), "--output_dir", str(out / "outputs"),
+                  "--log_dir", str(out / "logs"), *TINY_MODEL])
+    losses = np.load(out / "outputs" / "losses.npy")
+    assert len(losses) == 30
+    assert losses[-3:].mean() < 0.8 * losses[:2].mean()
+
+
+@pytest.mark.parametrize("bad_flags, expected", [
+    (["--batch_size", "30", "--max_device_batch_size", "16"], "--batch_size 30 is not divisible"),
+    (["--mask_ratio", "1.0"], "--mask_ratio must be in [0, 1)"),
+    (["--mask_ratio", "-0.5"], "--mask_ratio must be in [0, 1)"),
+    (["--dataset", "folder", "--data_path", "/nonexistent/cifar"], "--data_path"),
+    (["--resume", "/nonexistent/ckpt.pt"], "--resume"),
+    (["--total_epoch", "0"], "--total_epoch"),
+    (["--dataset", "imagenet"], "--dataset"),
+])
+def test_bad_input_is_one_line_and_status_2(tmp_path, run_pretrain, capsys, bad_flags, expected):
+    argv = tiny_pretrain_argv(tmp_path, *bad_flags)
+    with pytest.raises(SystemExit) as exc:
+        run_pretrain(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err
+    assert not (tmp_path / "run").exists()  # nothing was created
+
+
+def test_resume_of_a_non_checkpoint_leaves_files_untouched(tmp_path, run_pretrain, capsys):
+    run_dir = tmp_path / "run"
+    (run_dir / "outputs").mkdir(parents=True)
+    bogus = run_dir / "mae.pt"
+    bogus.write_bytes(b"this is not a checkpoint")
+    old_losses = run_dir / "outputs" / "losses.npy"
+    np.save(old_losses, np.array([0.5, 0.4]))
+    before = {p: p.read_bytes() for p in (bogus, old_losses)}
+
+    with pytest.raises(SystemExit) as exc:
+        run_pretrain(tiny_pretrain_argv(tmp_path, "--resume", str(bogus)))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a readable checkpoint" in err
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(os.listdir(run_dir / "outputs")) == ["losses.npy"]
+
+    # A real torch file that is not one of our checkpoints is refused too.
+    torch.save({"weights": torch.zeros(3)}, bogus)
+    with pytest.raises(SystemExit):
+        run_pretrain(tiny_pretrain_argv(tmp_path, "--resume", str(bogus)))
+    assert "not a checkpoint of this project" in capsys.readouterr().err
+
+
+def test_resume_with_a_different_schedule_is_refused(tmp_path, run_pretrain, capsys):
+    argv = tiny_pretrain_argv(tmp_path, "--stop_after", "1")
+    run_pretrain(argv)
+    ckpt = tmp_path / "run" / "mae.pt"
+    before = ckpt.read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        run_pretrain(tiny_pretrain_argv(tmp_path, "--resume", str(ckpt), "--batch_size", "64"))
+    assert exc.value.code == 2
+    assert "--batch_size" in capsys.readouterr().err
+    assert ckpt.read_bytes() == before
+
+
+def test_command_line_error_has_no_traceback(tmp_path):
+    argv = tiny_pretrain_argv(tmp_path, "--batch_size", "30", "--max_device_batch_size", "16")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "mae_pretrain.py"), *argv],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "mae_pretrain.py: error: --batch_size 30 is not divisible by --max_device_batch_size 16"]
+    assert proc.stdout == ""

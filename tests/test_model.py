@@ -1,0 +1,160 @@
+"""Tests of model.py: shapes, masking, patch layout, the loss definition.
+
+Run: python -m pytest -q tests/test_model.py
+"""
+import pytest
+import torch
+
+from model import (MAE, MAEConfig, ViTClassifier, encoder_state_from_mae, masked_mse, normalize_patches, patchify,
+                   random_masking, reconstruct, unpatchify)
+
+SMALL = dict(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=24, decoder_depth=1, decoder_num_heads=2)
+
+
+def test_default_config_is_vit_tiny_patch2():
+    cfg = MAEConfig()
+    assert (cfg.img_size, cfg.patch_size, cfg.num_patches) == (32, 2, 256)
+    assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio) == (192, 12, 3, 4.0)
+    assert (cfg.decoder_depth, cfg.decoder_num_heads, cfg.mask_ratio) == (4, 3, 0.75)
+
+
+def test_output_shapes():
+    cfg = MAEConfig(**SMALL)
+    model = MAE(cfg)
+    imgs = torch.randn(5, 3, 32, 32)
+    loss, pred, mask = model(imgs)
+    assert loss.shape == ()
+    assert pred.shape == (5, 256, 2 * 2 * 3)
+    assert mask.shape == (5, 256)
+    latent, _, _ = model.encoder.forward_masked(imgs, 0.75)
+    assert latent.shape == (5, 1 + 64, 32)  # class token + the visible quarter
+    assert model.encoder(imgs).shape == (5, 1 + 256, 32)
+    assert ViTClassifier(cfg, num_classes=10)(imgs).shape == (5, 10)
+    assert ViTClassifier(cfg, num_classes=7, global_pool="avg", linear_probe=True)(imgs).shape == (5, 7)
+
+
+@pytest.mark.parametrize("mask_ratio", [0.0, 0.25, 0.5, 0.75, 0.9, 0.95])
+def test_exactly_int_n_ratio_masked_per_sample(mask_ratio):
+    x = torch.randn(6, 256, 8)
+    x_visible, mask, _ = random_masking(x, mask_ratio)
+    assert torch.all(mask.sum(dim=1) == int(256 * mask_ratio))
+    assert x_visible.shape == (6, 256 - int(256 * mask_ratio), 8)
+
+
+def test_visible_tokens_are_the_unmasked_ones_and_restore_undoes_the_shuffle():
+    B, N = 4, 64
+    x = torch.arange(N).float().view(1, N, 1).expand(B, N, 3).clone()  # each token carries its own index
+    x_visible, mask, ids_restore = random_masking(x, 0.75)
+    for b in range(B):
+        kept = x_visible[b, :, 0].long().sort().values
+        assert torch.equal(kept, torch.nonzero(mask[b] == 0).flatten())
+    # Re-assembling visible + placeholders in shuffled order and gathering with ids_restore gives image order.
+    shuffled = torch.cat([x_visible, torch.full((B, N - x_visible.shape[1], 3), -1.0)], dim=1)
+    restored = shuffled.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, 3))
+    assert torch.equal(restored[..., 0] >= 0, mask == 0)
+    assert torch.equal(restored[mask == 0], x[mask == 0])
+
+
+def test_encoder_sees_only_the_visible_patches():
+    cfg = MAEConfig(**SMALL)
+    model = MAE(cfg).eval()
+    seen = {}
+    model.encoder.blocks[0].register_forward_pre_hook(lambda m, inp: seen.setdefault("x", inp[0]))
+    imgs = torch.randn(3, 3, 32, 32)
+    _, _, mask = model(imgs)
+    tokens = model.encoder.embed(imgs)
+    first_block_input = seen["x"][:, 1:]  # drop the class token
+    for b in range(3):
+        expected = tokens[b][mask[b] == 0]  # visible tokens in image order
+        got = first_block_input[b]
+        # The encoder receives them in shuffled order: compare as sets by sorting on a fixed projection.
+        key = torch.randn(cfg.embed_dim)
+        assert torch.allclose(got[(got @ key).argsort()], expected[(expected @ key).argsort()], atol=1e-6)
+
+
+def test_patchify_roundtrip_and_layout():
+    x = torch.randn(2, 3, 32, 32)
+    for p in (2, 4, 8):
+        patches = patchify(x, p)
+        assert patches.shape == (2, (32 // p) ** 2, p * p * 3)
+        assert torch.equal(unpatchify(patches, p), x)
+    patches = patchify(x, 4)
+    # Patch 1 is the second patch of the first row; its first pixel is x[:, :, 0, 4].
+    assert torch.equal(patches[:, 1, :3], x[:, :, 0, 4])
+
+
+def test_loss_ignores_visible_patches_of_the_prediction():
+    model = MAE(MAEConfig(**SMALL))
+    imgs = torch.randn(4, 3, 32, 32)
+    noise = torch.rand(4, 256)
+    loss, pred, mask = model(imgs, noise=noise)
+    target = patchify(imgs, 2)
+    changed = pred + 5.0 * (1 - mask).unsqueeze(-1) * torch.randn_like(pred)
+    assert torch.allclose(masked_mse(changed, target, mask), loss)
+    changed_masked = pred + 0.5 * mask.unsqueeze(-1) * torch.randn_like(pred)
+    assert not torch.allclose(masked_mse(changed_masked, target, mask), loss)
+
+
+@pytest.mark.parametrize("mask_ratio", [0.75, 0.5])
+def test_loss_equals_reference_formula_longhand(mask_ratio):
+    cfg = MAEConfig(**SMALL, mask_ratio=mask_ratio)
+    imgs = torch.randn(3, 3, 32, 32)
+    loss, pred, mask = MAE(cfg)(imgs)
+    # The reference: predicted image and a pixel-level mask, mean over everything, divided by mask_ratio.
+    pred_img = unpatchify(pred, 2)
+    pixel_mask = unpatchify(mask.unsqueeze(-1).expand(-1, -1, 12), 2)
+    reference = torch.mean((pred_img - imgs) ** 2 * pixel_mask) / mask_ratio
+    assert torch.allclose(loss, reference, rtol=1e-5)
+    # And the definition itself, summed by hand over masked patches.
+    total, count = 0.0, 0
+    target = patchify(imgs, 2)
+    for b in range(3):
+        for n in range(256):
+            if mask[b, n] == 1:
+                total += ((pred[b, n] - target[b, n]) ** 2).mean().item()
+                count += 1
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_norm_pix_loss_target_and_reconstruction():
+    cfg = MAEConfig(**SMALL, norm_pix_loss=True)
+    imgs = torch.randn(2, 3, 32, 32)
+    loss, pred, mask = MAE(cfg)(imgs)
+    normed, mean, std = normalize_patches(patchify(imgs, 2))
+    assert torch.allclose(loss, masked_mse(pred, normed, mask))
+    # A perfect normalised prediction must reconstruct the original image exactly once de-normalised.
+    masked_view, recon = reconstruct(imgs, normed, mask, 2, norm_pix_loss=True)
+    assert torch.allclose(recon, imgs, atol=1e-5)
+    assert torch.all(masked_view[unpatchify(mask.unsqueeze(-1).expand(-1, -1, 12), 2) == 1] == 0)
+
+
+def test_same_seed_same_mask_and_loss_other_seed_other_mask():
+    model = MAE(MAEConfig(**SMALL))
+    imgs = torch.randn(2, 3, 32, 32)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        loss, _, mask = model(imgs)
+        return loss, mask
+    (l1, m1), (l2, m2), (_, m3) = run(0), run(0), run(1)
+    assert torch.equal(m1, m2) and torch.equal(l1, l2)
+    assert not torch.equal(m1, m3)
+
+
+def test_bad_mask_ratio_is_a_clear_error():
+    for ratio in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="mask_ratio"):
+            MAEConfig(mask_ratio=ratio)
+    model = MAE(MAEConfig(**SMALL))
+    with pytest.raises(ValueError, match="mask_ratio"):
+        model(torch.randn(1, 3, 32, 32), mask_ratio=1.0)
+
+
+def test_classifier_takes_the_encoder_weights():
+    cfg = MAEConfig(**SMALL)
+    mae = MAE(cfg)
+    clf = ViTClassifier(cfg, num_classes=10)
+    result = clf.encoder.load_state_dict(encoder_state_from_mae(mae.state_dict()))
+    assert not result.missing_keys and not result.unexpected_keys
+    for name, p in mae.encoder.state_dict().items():
+        assert torch.equal(clf.encoder.state_dict()[name], p)

@@ -1,0 +1,209 @@
+"""What the scripts share: argument errors, the lr schedule, optimizer groups, checkpoints, logs, figures."""
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import warnings
+
+import numpy as np
+import torch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Errors the user caused: one line, exit status 2, nothing on disk touched
+
+def die(message: str):
+    """Report bad input in one line on stderr and exit with status 2 (argparse's convention)."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "error"
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (argparse prints the whole usage block before the message)."""
+
+    def error(self, message):
+        die(message)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schedule and optimizer
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:
+    """Linear warmup from 0 to peak_lr over warmup_steps, then half-cosine down to min_lr at total_steps."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_lr(optimizer, lr: float) -> None:
+    # lr_scale lets layer-wise decay or frozen groups keep their ratio to the scheduled lr.
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list:
+    """Decay only weight matrices: no decay on norms, biases, tokens and position embeddings (1-D or token
+    parameters), as the MAE and DeiT recipes do."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(("cls_token", "mask_token", "pos_embed")):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_adamw(param_groups, lr: float, betas, device: torch.device):
+    # The fused CUDA kernel updates all parameters in a few launches instead of several per tensor.
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device, precision, compilation
+
+def add_runtime_args(parser) -> None:
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"),
+                        help="autocast dtype on CUDA; fp16 uses a grad scaler (for GPUs without bf16). "
+                             "The CPU always runs fp32")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the model (default: on for CUDA, off for CPU)")
+
+
+def resolve_device(args) -> torch.device:
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
+    try:
+        return torch.device(args.device)
+    except RuntimeError:
+        die(f"--device must be cuda, cuda:N or cpu, got {args.device!r}")
+
+
+def autocast_dtype(args, device: torch.device):
+    """The autocast dtype, or None for plain fp32 (always on the CPU, where bf16 autocast is slow)."""
+    if device.type != "cuda" or args.precision == "fp32":
+        return None
+    return torch.bfloat16 if args.precision == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def maybe_compile(model: torch.nn.Module, args, device: torch.device) -> torch.nn.Module:
+    """torch.compile when asked for (default on CUDA); eager with one warning when compiling is unavailable."""
+    enabled = args.compile if args.compile is not None else device.type == "cuda"
+    if not enabled:
+        return model
+    try:
+        return torch.compile(model)
+    except Exception as e:  # e.g. no C compiler, or a platform torch.compile does not support
+        warnings.warn(f"torch.compile is unavailable ({type(e).__name__}: {e}); running eager")
+        return model
+
+
+def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
+    """Seed torch's RNGs (masks, augmentation) from (seed, epoch, rank): a resumed run draws exactly what an
+    uninterrupted one would, with no RNG state to carry in the checkpoint."""
+    torch.manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files: everything is written to a temporary name and renamed, so a kill never leaves a broken file
+
+def atomic_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_npy(path: str, values) -> None:
+    tmp = f"{path}.tmp.npy"
+    np.save(tmp, np.asarray(values, dtype=np.float64))
+    os.replace(tmp, path)
+
+
+def save_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: str, records: list) -> None:
+    """Rewrite the whole log: on resume it then holds exactly the epochs the checkpoint has, once each."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str) -> list:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_checkpoint(path: str, flag: str, required_keys) -> dict:
+    """Load a checkpoint safely (weights_only: plain tensors and containers, no code runs) or die in one line
+    naming the flag."""
+    if not os.path.isfile(path):
+        die(f"{flag} {path!r}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or holds pickled objects
+        die(f"{flag} {path!r}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if not isinstance(ckpt, dict):
+        die(f"{flag} {path!r}: not a checkpoint of this project (expected a dict, found {type(ckpt).__name__})")
+    missing = [k for k in required_keys if k not in ckpt]
+    if missing:
+        die(f"{flag} {path!r}: not a checkpoint of this project (missing {', '.join(missing)})")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Figures
+
+def save_recon_figure(path: str, masked, recon, original, title: str = "", ncol: int = 8) -> None:
+    """Three panels, each a grid of the same images: masked input, reconstruction (visible patches pasted
+    back), original. Images are (B, 3, H, W) floats in [0, 1]."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    panels = [("masked input", masked), ("reconstruction (visible patches pasted back)", recon),
+              ("original", original)]
+    grids = [make_grid(imgs.float().cpu(), nrow=ncol, padding=1, pad_value=1.0).permute(1, 2, 0).numpy()
+             for _, imgs in panels]
+    h, w = grids[0].shape[:2]
+    fig, axes = plt.subplots(3, 1, figsize=(w / 28, 3 * h / 28 + 0.9))
+    for ax, (label, _), grid in zip(axes, panels, grids):
+        ax.imshow(grid, interpolation="nearest")
+        ax.set_title(label, fontsize=10)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def recon_grid_tensor(masked, recon, original, ncol: int = 8) -> torch.Tensor:
+    """The same three panels as one (3, H, W) image for TensorBoard."""
+    from torchvision.utils import make_grid
+    grids = [make_grid(x.float().cpu(), nrow=ncol, padding=1, pad_value=1.0) for x in (masked, recon, original)]
+    return torch.cat(grids, dim=1)
