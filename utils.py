@@ -70,9 +70,9 @@ def make_adamw(param_groups, lr: float, betas, device: torch.device):
 def add_runtime_args(parser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"),
-                        help="autocast dtype on CUDA; fp16 uses a grad scaler (for GPUs without bf16). "
-                             "The CPU always runs fp32")
+    parser.add_argument("--precision", default=None, choices=("bf16", "fp16", "fp32"),
+                        help="autocast dtype (default: bf16 on CUDA, fp32 on the CPU); fp16 uses a grad scaler, "
+                             "for GPUs without bf16")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: on for CUDA, off for CPU)")
 
@@ -87,10 +87,11 @@ def resolve_device(args) -> torch.device:
 
 
 def autocast_dtype(args, device: torch.device):
-    """The autocast dtype, or None for plain fp32 (always on the CPU, where bf16 autocast is slow)."""
-    if device.type != "cuda" or args.precision == "fp32":
-        return None
-    return torch.bfloat16 if args.precision == "bf16" else torch.float16
+    """The autocast dtype, or None for plain fp32. The CPU defaults to fp32: bf16 autocast is slow there."""
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if precision == "fp16" and device.type != "cuda":
+        die("--precision fp16 needs --device cuda (use bf16 or fp32 on the CPU)")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
 def autocast(device: torch.device, dtype):
