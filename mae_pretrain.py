@@ -14,6 +14,7 @@ import os
 import time
 
 import torch
+import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -27,7 +28,8 @@ RUN_DEFINING_FLAGS = ("seed", "batch_size", "base_learning_rate", "weight_decay"
                       "total_epoch", "warmup_epoch", "norm_pix_loss", "augment", "dataset", "val_split",
                       "fake_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
                       "decoder_depth", "decoder_num_heads")
-CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "epoch", "losses", "args", "config")
+CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "epoch", "losses", "evals", "args", "config")
+EVAL_METRICS = ("knn_acc", "val_loss", "val_psnr")
 NUM_VIS = 16  # val images in the per-epoch reconstruction figure (2 rows of 8)
 
 
@@ -59,6 +61,15 @@ def get_args_parser():
     parser.add_argument("--decoder_embed_dim", type=int, default=192, help="decoder width")
     parser.add_argument("--decoder_depth", type=int, default=4, help="decoder blocks")
     parser.add_argument("--decoder_num_heads", type=int, default=3, help="decoder attention heads")
+    # Monitoring the encoder while it trains
+    parser.add_argument("--eval_every", type=int, default=25,
+                        help="epochs between kNN / val-reconstruction evaluations, plus one at the end; each "
+                             "costs about one epoch, so 25 keeps them under 5%% of the run (0: never)")
+    parser.add_argument("--knn_k", type=int, default=20, help="neighbours in the weighted kNN vote")
+    parser.add_argument("--knn_temperature", type=float, default=0.07, help="temperature of the kNN vote")
+    parser.add_argument("--knn_feature", default="mean", choices=("mean", "cls"),
+                        help="kNN feature: mean of the patch tokens (default; MAE's class token gets no loss "
+                             "of its own in pretraining) or the class token")
     # Data
     data.add_data_args(parser)
     # Runtime
@@ -89,8 +100,8 @@ def model_config(args) -> MAEConfig:
 
 def check_args(args) -> None:
     """Every flag checked before anything is read or written, so bad input costs nothing."""
-    positive = ("batch_size", "max_device_batch_size", "total_epoch", "log_interval", "patch_size", "embed_dim",
-                "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+    positive = ("batch_size", "max_device_batch_size", "total_epoch", "log_interval", "knn_k", "patch_size",
+                "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
     for name in positive:
         if getattr(args, name) < 1:
             utils.die(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -103,6 +114,9 @@ def check_args(args) -> None:
         utils.die(f"--warmup_epoch must be >= 0, got {args.warmup_epoch}")
     if args.base_learning_rate <= 0 or args.weight_decay < 0 or args.min_lr < 0:
         utils.die("--base_learning_rate must be > 0, --weight_decay and --min_lr >= 0")
+    if args.eval_every < 0 or args.knn_temperature <= 0:
+        utils.die(f"--eval_every must be >= 0 and --knn_temperature > 0, got {args.eval_every} and "
+                  f"{args.knn_temperature}")
     if args.stop_after < 0:
         utils.die(f"--stop_after must be >= 0, got {args.stop_after}")
     try:
@@ -173,6 +187,45 @@ def reconstruct_val(model, val_imgs, noise, cfg, device, amp_dtype):
     return data.denormalize(masked), data.denormalize(recon), data.denormalize(val_imgs)
 
 
+@torch.no_grad()
+def extract_features(encoder, images, batch_size, pool, amp_dtype):
+    """L2-normalised features of full, unmasked images: (N, D) float32."""
+    feats = []
+    for chunk in images.split(batch_size):
+        with utils.autocast(images.device, amp_dtype):
+            tokens = encoder(data.normalize(chunk))
+        feats.append(F.normalize((tokens[:, 1:].mean(dim=1) if pool == "mean" else tokens[:, 0]).float(), dim=1))
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def evaluate(model, train, val, val_noise, args, amp_dtype):
+    """kNN accuracy of the encoder's features (train split as the bank, val split as queries), and the val
+    reconstruction under fixed masks: masked MSE (the training loss) and PSNR of the masked patches in
+    [0, 1] pixel space. Everything stays on the device until the three numbers at the end."""
+    model.eval()
+    bs = args.max_device_batch_size
+    bank = extract_features(model.encoder, train.images, bs, args.knn_feature, amp_dtype)
+    queries = extract_features(model.encoder, val.images, bs, args.knn_feature, amp_dtype)
+    pred = utils.knn_predict(bank, train.labels, queries, len(train.classes), args.knn_k, args.knn_temperature)
+    knn_acc = (pred == val.labels).float().mean()
+
+    zero = torch.zeros((), device=val.images.device)
+    loss_sum, sq_err_sum, masked_pixels = zero, zero, zero
+    for chunk, noise in zip(val.images.split(bs), val_noise.split(bs)):
+        imgs = data.normalize(chunk)
+        with utils.autocast(imgs.device, amp_dtype):
+            loss, pred_patches, mask = model(imgs, noise=noise)
+        loss_sum = loss_sum + loss.float() * len(chunk)
+        _, recon = reconstruct(imgs, pred_patches, mask, model.cfg.patch_size, model.cfg.norm_pix_loss)
+        # Visible patches are pasted back, so the squared error is non-zero only on masked pixels.
+        sq_err_sum = sq_err_sum + (data.denormalize(recon) - data.denormalize(imgs)).pow(2).sum()
+        masked_pixels = masked_pixels + mask.sum() * model.cfg.patch_size ** 2 * imgs.shape[1]
+    mse = sq_err_sum / masked_pixels.clamp(min=1)
+    return {"knn_acc": knn_acc.item(), "val_loss": (loss_sum / len(val)).item(),
+            "val_psnr": (10 * torch.log10(1 / mse.clamp(min=1e-10))).item()}
+
+
 def main(args):
     # ---- setup: validate everything before touching the disk
     check_args(args)
@@ -197,9 +250,10 @@ def main(args):
     utils.save_json(os.path.join(args.output_dir, "args.json"), vars(args))
 
     # ---- data: the whole uint8 training set lives on the device
-    train_images = train.images.to(device)
-    val_imgs = data.normalize(val.images[:NUM_VIS]).to(device)
-    vis_noise = torch.rand(len(val_imgs), cfg.num_patches, generator=torch.Generator().manual_seed(0)).to(device)
+    train, val = train.to(device), val.to(device)
+    # Fixed mask noise for the validation images: figures and val losses of different epochs see the same masks.
+    val_noise = torch.rand(len(val), cfg.num_patches, generator=torch.Generator().manual_seed(0)).to(device)
+    vis_imgs, vis_noise = data.normalize(val.images[:NUM_VIS]), val_noise[:NUM_VIS]
 
     # ---- model and optimizer
     model = MAE(cfg).to(device)
@@ -208,12 +262,12 @@ def main(args):
     optimizer = utils.make_adamw(utils.weight_decay_groups(model, args.weight_decay),
                                  args.base_learning_rate * args.batch_size / 256, (0.9, 0.95), device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    start_epoch, losses, log = 1, [], []
+    start_epoch, losses, evals, log = 1, [], [], []
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, losses = ckpt["epoch"] + 1, list(ckpt["losses"])
+        start_epoch, losses, evals = ckpt["epoch"] + 1, list(ckpt["losses"]), list(ckpt["evals"])
         log = [r for r in utils.read_jsonl(os.path.join(args.output_dir, "log.jsonl")) if r["epoch"] < start_epoch]
         print(f"resumed from {args.resume} at epoch {start_epoch}")
     train_model = utils.maybe_compile(model, args, device)
@@ -223,15 +277,24 @@ def main(args):
     last_epoch = min(args.total_epoch, args.stop_after or args.total_epoch)
     for epoch in range(start_epoch, last_epoch + 1):
         utils.seed_epoch(args.seed, epoch)
-        stats = train_one_epoch(train_model, optimizer, scaler, train_images, args, epoch, steps_per_epoch,
+        stats = train_one_epoch(train_model, optimizer, scaler, train.images, args, epoch, steps_per_epoch,
                                 device, amp_dtype, writer)
         if not math.isfinite(stats["loss"]):
             raise SystemExit(f"epoch {epoch}: the loss is {stats['loss']}; stopping. The checkpoint at "
                              f"{args.model_path} still holds epoch {epoch - 1}. Try a lower --base_learning_rate.")
         losses.append(stats["loss"])
+        if args.eval_every and (epoch % args.eval_every == 0 or epoch == args.total_epoch):
+            metrics = evaluate(model, train, val, val_noise, args, amp_dtype)
+            evals.append({"epoch": epoch, **metrics})
+            stats.update(metrics)
+            for name, value in metrics.items():
+                writer.add_scalar(name, value, epoch)
+            for name in ("epoch", *EVAL_METRICS):
+                utils.save_npy(os.path.join(args.output_dir, f"{'eval_epochs' if name == 'epoch' else name}.npy"),
+                               [e[name] for e in evals])
         log.append(stats)
 
-        masked, recon, original = reconstruct_val(model, val_imgs, vis_noise, cfg, device, amp_dtype)
+        masked, recon, original = reconstruct_val(model, vis_imgs, vis_noise, cfg, device, amp_dtype)
         utils.save_recon_figure(os.path.join(args.output_dir, f"recon_epoch_{epoch:03d}.png"), masked, recon,
                                 original, title=f"epoch {epoch}, train loss {stats['loss']:.4f}")
         writer.add_scalar("mae_loss", stats["loss"], epoch)
@@ -241,16 +304,22 @@ def main(args):
         utils.save_npy(os.path.join(args.output_dir, "losses.npy"), losses)
         utils.write_jsonl(os.path.join(args.output_dir, "log.jsonl"), log)
         utils.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scaler": scaler.state_dict(), "epoch": epoch, "losses": losses, "args": vars(args),
+                           "scaler": scaler.state_dict(), "epoch": epoch, "losses": losses, "evals": evals, "args": vars(args),
                            "config": dataclasses.asdict(cfg)}, args.model_path)
+        monitor = (f" | kNN {stats['knn_acc']:.2%} | val loss {stats['val_loss']:.4f} | val PSNR "
+                   f"{stats['val_psnr']:.2f} dB" if "knn_acc" in stats else "")
         print(f"epoch {epoch:3d}/{args.total_epoch} | loss {stats['loss']:.5f} | lr {stats['lr']:.2e} | "
-              f"{stats['images_per_sec']:,.0f} img/s | {stats['seconds']:.1f} s")
+              f"{stats['images_per_sec']:,.0f} img/s | {stats['seconds']:.1f} s{monitor}")
 
     writer.close()
     if losses:
         best = min(range(len(losses)), key=losses.__getitem__)
         print(f"done: best loss {losses[best]:.5f} at epoch {best + 1}, last {losses[-1]:.5f}; "
               f"checkpoint {args.model_path}")
+    if evals:
+        best_knn = max(evals, key=lambda e: e["knn_acc"])
+        print(f"kNN accuracy: last {evals[-1]['knn_acc']:.2%} (epoch {evals[-1]['epoch']}), best "
+              f"{best_knn['knn_acc']:.2%} (epoch {best_knn['epoch']})")
 
 
 if __name__ == "__main__":

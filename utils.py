@@ -208,3 +208,24 @@ def recon_grid_tensor(masked, recon, original, ncol: int = 8) -> torch.Tensor:
     from torchvision.utils import make_grid
     grids = [make_grid(x.float().cpu(), nrow=ncol, padding=1, pad_value=1.0) for x in (masked, recon, original)]
     return torch.cat(grids, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Monitoring representations during pretraining
+
+def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
+                k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Weighted k-nearest-neighbour classification, the usual self-supervised protocol (Wu et al. 2018, DINO).
+
+    bank (M, D) and queries (Q, D) are L2-normalised features, so a dot product is the cosine similarity.
+    Each query's k most similar bank entries vote for their label with weight exp(similarity / temperature).
+    Queries go in chunks so the (chunk, M) similarity matrix stays small. Returns (Q,) predicted labels.
+    """
+    k = min(k, bank.shape[0])
+    preds = []
+    for q in queries.split(chunk):
+        sim, idx = (q @ bank.T).topk(k, dim=1)  # (q, k)
+        votes = torch.zeros(q.shape[0], num_classes, device=q.device, dtype=sim.dtype)
+        votes.scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
+        preds.append(votes.argmax(dim=1))
+    return torch.cat(preds)

@@ -45,10 +45,21 @@ def test_two_epoch_run_writes_every_output(tmp_path, run_pretrain):
     assert {"model", "optimizer", "scaler", "args", "config"} <= set(ckpt)
     assert isinstance(ckpt["args"], dict) and ckpt["config"]["embed_dim"] == 32
 
+    # The default --eval_every (25) is longer than this run: the encoder is evaluated once, at the end,
+    # and every sink gets the same numbers.
+    assert np.load(out / "eval_epochs.npy").tolist() == [2]
+    for name in ("knn_acc", "val_loss", "val_psnr"):
+        values = np.load(out / f"{name}.npy")
+        assert values.shape == (1,) and np.isfinite(values).all()
+        assert "knn_acc" not in records[0] and records[1][name] == pytest.approx(values[0])
+        assert [(e.step, e.value) for e in events.Scalars(name)] == [(2, pytest.approx(values[0], rel=1e-6))]
+        assert ckpt["evals"][0][name] == pytest.approx(values[0])
+    assert 0.0 <= np.load(out / "knn_acc.npy")[0] <= 1.0
+
 
 def test_resume_continues_the_same_run(tmp_path, run_pretrain):
-    run_pretrain(tiny_pretrain_argv(tmp_path, name="straight"))
-    split = tiny_pretrain_argv(tmp_path, name="split")
+    run_pretrain(tiny_pretrain_argv(tmp_path, "--eval_every", "1", name="straight"))
+    split = tiny_pretrain_argv(tmp_path, "--eval_every", "1", name="split")
     run_pretrain(split + ["--stop_after", "1"])
     assert len(np.load(tmp_path / "split" / "outputs" / "losses.npy")) == 1
     run_pretrain(split + ["--resume", str(tmp_path / "split" / "mae.pt")])
@@ -59,6 +70,10 @@ def test_resume_continues_the_same_run(tmp_path, run_pretrain):
     assert resumed == pytest.approx(straight, rel=1e-5)
     records = [json.loads(line) for line in open(tmp_path / "split" / "outputs" / "log.jsonl")]
     assert [r["epoch"] for r in records] == [1, 2]
+    for name in ("eval_epochs", "knn_acc", "val_loss", "val_psnr"):
+        resumed_metric = np.load(tmp_path / "split" / "outputs" / f"{name}.npy")
+        assert resumed_metric == pytest.approx(np.load(tmp_path / "straight" / "outputs" / f"{name}.npy"), rel=1e-5)
+    assert np.load(tmp_path / "split" / "outputs" / "eval_epochs.npy").tolist() == [1, 2]
     a = torch.load(tmp_path / "straight" / "mae.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "split" / "mae.pt", weights_only=True)["model"]
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
@@ -74,6 +89,28 @@ def test_loss_falls_on_real_cifar10_images(tmp_path, run_pretrain):
     losses = np.load(out / "outputs" / "losses.npy")
     assert len(losses) == 30
     assert losses[-3:].mean() < 0.8 * losses[:2].mean()
+
+
+def test_validation_metrics_use_fixed_masks(tmp_path):
+    import data
+    import mae_pretrain
+    from model import MAE, MAEConfig
+    args = mae_pretrain.get_args_parser().parse_args(tiny_pretrain_argv(tmp_path))
+    train, val = data.load_data(args)
+    model = MAE(MAEConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+                          decoder_num_heads=2))
+    val_noise = torch.rand(len(val), 64, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    first = mae_pretrain.evaluate(model, train, val, val_noise, args, None)
+    torch.manual_seed(123)  # the global RNG must not matter
+    second = mae_pretrain.evaluate(model, train, val, val_noise, args, None)
+    assert first == second
+    # The val loss is the model's own masked loss over the val split, batch-weighted.
+    with torch.no_grad():
+        direct = model(data.normalize(val.images), noise=val_noise)[0].item()
+    assert first["val_loss"] == pytest.approx(direct, rel=1e-5)
+    # PSNR of masked pixels in [0, 1] units: the [-1, 1] loss is 4x the [0, 1] MSE (predictions unclamped).
+    assert first["val_psnr"] >= 10 * np.log10(4 / direct) - 1e-3
 
 
 @pytest.mark.parametrize("bad_flags, expected", [

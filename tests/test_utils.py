@@ -1,0 +1,78 @@
+"""Tests of utils.py: the lr schedule, weight-decay groups and the kNN classifier.
+
+Run: python -m pytest -q tests/test_utils.py
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import utils
+from model import MAE, MAEConfig
+
+
+def test_lr_warmup_then_cosine():
+    peak, total, warm = 1e-3, 100, 10
+    lrs = [utils.lr_at(s, total, warm, peak) for s in range(total)]
+    assert lrs[0] == pytest.approx(peak / warm) and lrs[warm - 1] == pytest.approx(peak)
+    assert all(a < b for a, b in zip(lrs[:warm], lrs[1:warm]))  # rising during warmup
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))  # falling after
+    assert lrs[warm + (total - warm) // 2] == pytest.approx(peak / 2, rel=1e-6)  # cosine midpoint
+    assert utils.lr_at(total, total, warm, peak, min_lr=1e-5) == pytest.approx(1e-5)
+
+
+def test_no_weight_decay_on_norms_biases_and_tokens():
+    model = MAE(MAEConfig(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+                          decoder_num_heads=2))
+    decay, no_decay = utils.weight_decay_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert {"encoder.cls_token", "decoder.mask_token", "encoder.norm.weight", "encoder.norm.bias"} <= no_decay_names
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def _longhand_knn(bank, labels, queries, num_classes, k, temperature):
+    preds = []
+    for q in queries.tolist():
+        sims = [sum(a * b for a, b in zip(q, row)) for row in bank.tolist()]
+        order = sorted(range(len(sims)), key=lambda i: -sims[i])[:k]
+        votes = [0.0] * num_classes
+        for i in order:
+            votes[labels[i]] += math.exp(sims[i] / temperature)
+        preds.append(max(range(num_classes), key=votes.__getitem__))
+    return preds
+
+
+def test_knn_vote_matches_longhand():
+    g = torch.Generator().manual_seed(0)
+    bank = F.normalize(torch.randn(40, 6, generator=g), dim=1)
+    labels = torch.randint(4, (40,), generator=g)
+    queries = F.normalize(torch.randn(25, 6, generator=g), dim=1)
+    for k, t in ((1, 0.07), (5, 0.07), (20, 0.5)):
+        got = utils.knn_predict(bank, labels, queries, 4, k=k, temperature=t, chunk=7)
+        assert got.tolist() == _longhand_knn(bank, labels.tolist(), queries, 4, k, t)
+
+
+def test_knn_is_perfect_on_separable_clusters():
+    g = torch.Generator().manual_seed(1)
+    centres = F.normalize(torch.randn(5, 32, generator=g), dim=1)
+
+    def sample(n):
+        labels = torch.randint(5, (n,), generator=g)
+        return F.normalize(centres[labels] + 0.05 * torch.randn(n, 32, generator=g), dim=1), labels
+    bank, bank_labels = sample(500)
+    queries, query_labels = sample(200)
+    pred = utils.knn_predict(bank, bank_labels, queries, 5)
+    assert (pred == query_labels).float().mean().item() == 1.0
+
+
+def test_knn_is_near_chance_on_random_labels():
+    g = torch.Generator().manual_seed(2)
+    bank = F.normalize(torch.randn(2000, 16, generator=g), dim=1)
+    queries = F.normalize(torch.randn(2000, 16, generator=g), dim=1)
+    pred = utils.knn_predict(bank, torch.randint(10, (2000,), generator=g), queries, 10)
+    acc = (pred == torch.randint(10, (2000,), generator=g)).float().mean().item()
+    assert 0.06 < acc < 0.14  # chance is 0.10; the binomial std over 2000 queries is 0.007
