@@ -173,28 +173,135 @@ def epoch_batches(num_images: int, batch_size: int, epoch_seed: int, device) -> 
     return list(perm[:num_batches * batch_size].view(num_batches, batch_size))
 
 
-def random_resized_crop(x: torch.Tensor, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+def random_resized_crop(x: torch.Tensor, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), rand=None) -> torch.Tensor:
     """Batched RandomResizedCrop back to the input size, bilinear, one crop per image, on x's device.
 
     Areas are drawn uniformly from `scale` and aspect ratios log-uniformly from `ratio` (as torchvision does);
     crops that would not fit are shrunk to fit instead of being redrawn, which keeps this branch-free.
+    rand: optional (B, 4) uniform [0, 1) numbers to draw from (area, ratio, x, y); by default torch's RNG.
     """
     B = x.shape[0]
-    area = torch.empty(B, device=x.device).uniform_(*scale)
-    log_r = torch.empty(B, device=x.device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
-    aspect = log_r.exp()
+    u = torch.rand(B, 4, device=x.device) if rand is None else rand
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    aspect = (math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]).exp()
     w = (area * aspect).sqrt().clamp(max=1.0)  # crop width and height as fractions of the image
     h = (area / aspect).sqrt().clamp(max=1.0)
-    cx = (torch.rand(B, device=x.device) * 2 - 1) * (1 - w)  # centre in [-1, 1] coordinates, crop inside
-    cy = (torch.rand(B, device=x.device) * 2 - 1) * (1 - h)
+    cx = (u[:, 2] * 2 - 1) * (1 - w)  # centre in [-1, 1] coordinates, crop inside the image
+    cy = (u[:, 3] * 2 - 1) * (1 - h)
     theta = torch.zeros(B, 2, 3, device=x.device)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def random_hflip(x: torch.Tensor) -> torch.Tensor:
-    """Flip each image left-right with probability 1/2, in batch."""
-    flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
+def random_hflip(x: torch.Tensor, rand=None) -> torch.Tensor:
+    """Flip each image left-right with probability 1/2, in batch. rand: optional (B,) uniform numbers."""
+    u = torch.rand(x.shape[0], device=x.device) if rand is None else rand
+    flip = (u < 0.5).view(-1, 1, 1, 1)
     return torch.where(flip, x.flip(-1), x)
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Classification augmentation, batched on the device: one draw per image, no per-image Python
+
+def random_crop(x: torch.Tensor, padding: int) -> torch.Tensor:
+    """Pad every side by `padding` pixels (reflected) and cut each image's own random crop back to the input
+    size, the standard CIFAR crop. Integer offsets and a gather, so pixels are copied exactly."""
+    B, C, H, W = x.shape
+    padded = F.pad(x, (padding,) * 4, mode="reflect")  # (B, C, H + 2p, W + 2p)
+    top = torch.randint(2 * padding + 1, (B, 1), device=x.device)
+    left = torch.randint(2 * padding + 1, (B, 1), device=x.device)
+    rows = top + torch.arange(H, device=x.device)  # (B, H) source row of every output row
+    cols = left + torch.arange(W, device=x.device)  # (B, W)
+    x = padded.gather(2, rows[:, None, :, None].expand(B, C, H, padded.shape[-1]))
+    return x.gather(3, cols[:, None, None, :].expand(B, C, H, W))
+
+
+# TrivialAugment (Müller & Hutter, 2021), "wide" ranges as in torchvision's TrivialAugmentWide: each image gets one
+# op, drawn uniformly, at a magnitude drawn uniformly from 31 levels, with a random sign for the signed ops.
+AUGMENT_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
+               "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
+MAGNITUDE_LEVELS = 31
+MAX_SHEAR, MAX_TRANSLATE_PX, MAX_ROTATE_DEG, MAX_ENHANCE = 0.99, 32.0, 135.0, 0.99
+
+
+def trivial_augment(x: torch.Tensor) -> torch.Tensor:
+    """Batched TrivialAugmentWide on (B, 3, H, W) images in [0, 1]."""
+    B = x.shape[0]
+    op = torch.randint(len(AUGMENT_OPS), (B,), device=x.device)
+    magnitude = torch.randint(MAGNITUDE_LEVELS, (B,), device=x.device) / (MAGNITUDE_LEVELS - 1)
+    sign = torch.randint(2, (B,), device=x.device) * 2 - 1
+    return apply_augment_ops(x, op, magnitude * sign)
+
+
+def apply_augment_ops(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """Image i gets AUGMENT_OPS[op[i]] at signed magnitude[i] in [-1, 1] (unsigned ops use its absolute value).
+
+    x: (B, 3, H, W) in [0, 1], square. Every op is computed for the whole batch and selected per image: the ops
+    are a few elementwise passes over 32x32 images, far cheaper than the model, and the shapes stay static.
+    The geometric ops share one grid_sample with per-image matrices (nearest, black fill, as torchvision).
+    """
+    import torchvision.transforms.v2.functional as TF
+
+    B, _, _, W = x.shape
+    m = magnitude.to(x.dtype)
+    is_op = {name: op == i for i, name in enumerate(AUGMENT_OPS)}
+    zero = torch.zeros_like(m)
+
+    # Geometry, in grid_sample's [-1, 1] coordinates: output pixel (u, v) reads input theta @ (u, v, 1).
+    angle = torch.where(is_op["rotate"], torch.deg2rad(MAX_ROTATE_DEG * m), zero)
+    shear_x = torch.where(is_op["shear_x"], MAX_SHEAR * m, zero)
+    shear_y = torch.where(is_op["shear_y"], MAX_SHEAR * m, zero)
+    # A positive translation moves the content right / down by MAX_TRANSLATE_PX * m pixels.
+    shift_x = torch.where(is_op["translate_x"], -2 * MAX_TRANSLATE_PX * m / W, zero)
+    shift_y = torch.where(is_op["translate_y"], -2 * MAX_TRANSLATE_PX * m / W, zero)
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.stack([torch.stack([cos, shear_x - sin, shift_x], dim=1),
+                         torch.stack([sin + shear_y, cos, shift_y], dim=1)], dim=1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    warped = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+    # Colour ops blend each image with a degenerate version of itself (torchvision's definitions: black,
+    # grayscale, mean gray, 3x3 blur) by a per-image factor 1 + 0.99 * m.
+    factor = (1 + MAX_ENHANCE * m).view(B, 1, 1, 1)
+    blends = {"brightness": torch.zeros_like(x), "color": TF.adjust_saturation(x, 0.0),
+              "contrast": TF.adjust_contrast(x, 0.0), "sharpness": TF.adjust_sharpness(x, 0.0)}
+    levels = (x * 255).round()  # the uint8 values the posterize and equalize ops are defined on
+    bits = 8 - (m.abs() * 6).round()  # 8 bits at magnitude 0 down to 2 at magnitude 1
+    step = (2 ** (8 - bits)).view(B, 1, 1, 1)
+    threshold = (1 - m.abs()).view(B, 1, 1, 1)  # solarize everything above it: 1 (nothing) down to 0 (all)
+    results = {
+        "posterize": (levels / step).floor() * step / 255,
+        "solarize": torch.where(x >= threshold, 1 - x, x),
+        "autocontrast": TF.autocontrast(x),
+        "equalize": TF.equalize(levels.to(torch.uint8)).to(x.dtype) / 255,
+    }
+    for name, degenerate in blends.items():
+        results[name] = (degenerate + factor * (x - degenerate)).clamp(0, 1)
+
+    geometric = is_op["shear_x"] | is_op["shear_y"] | is_op["translate_x"] | is_op["translate_y"] | is_op["rotate"]
+    out = torch.where(geometric.view(B, 1, 1, 1), warped, x)
+    for name, result in results.items():
+        out = torch.where(is_op[name].view(B, 1, 1, 1), result, out)
+    return out
+
+
+def random_erasing(x: torch.Tensor, prob: float, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3)) -> torch.Tensor:
+    """Random erasing (Zhong et al., 2020) as timm applies it in the MAE recipe ('pixel' mode): with probability
+    `prob` per image, one rectangle of area `scale` x the image and log-uniform aspect `ratio` is filled with
+    per-pixel normal noise. x: normalised (B, C, H, W). Rectangles that would not fit are shrunk to fit instead
+    of redrawn (timm retries up to 10 times), which keeps this branch-free."""
+    B, _, H, W = x.shape
+    area = torch.empty(B, device=x.device).uniform_(*scale) * H * W
+    aspect = torch.empty(B, device=x.device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+    h = (area * aspect).sqrt().round().clamp(1, H)
+    w = (area / aspect).sqrt().round().clamp(1, W)
+    top = (torch.rand(B, device=x.device) * (H - h + 1)).floor()
+    left = (torch.rand(B, device=x.device) * (W - w + 1)).floor()
+    rows = torch.arange(H, device=x.device).view(1, H, 1)
+    cols = torch.arange(W, device=x.device).view(1, 1, W)
+    inside = ((rows >= top.view(B, 1, 1)) & (rows < (top + h).view(B, 1, 1))
+              & (cols >= left.view(B, 1, 1)) & (cols < (left + w).view(B, 1, 1)))  # (B, H, W)
+    erase = inside & (torch.rand(B, 1, 1, device=x.device) < prob)
+    return torch.where(erase.unsqueeze(1), torch.randn_like(x), x)

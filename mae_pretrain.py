@@ -3,11 +3,15 @@
 The reference experiment (one GPU; also what `python mae_pretrain.py` runs with no flags):
     python mae_pretrain.py --batch_size 512 --max_device_batch_size 256 --total_epoch 150 \
         --model_path vit-t-mae-150ep.pt
+Several GPUs on one node, or several nodes (--batch_size stays the global batch):
+    torchrun --nproc_per_node=4 mae_pretrain.py --batch_size 512 --max_device_batch_size 128
+    torchrun --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 mae_pretrain.py
 A tiny CPU run that needs no files (seconds):
     python mae_pretrain.py --dataset fake --fake_size 256 --total_epoch 2 --batch_size 64 \
         --max_device_batch_size 32 --depth 2 --decoder_depth 1 --model_path /tmp/mae.pt \
         --output_dir /tmp/mae_out --log_dir /tmp/mae_logs
 """
+import contextlib
 import dataclasses
 import math
 import os
@@ -15,6 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -105,9 +110,13 @@ def check_args(args) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             utils.die(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.batch_size % args.max_device_batch_size:
+    world_size = utils.dist_env()[1]
+    if args.batch_size % world_size:
+        utils.die(f"--batch_size {args.batch_size} is not divisible by the {world_size} processes of this run "
+                  "(torchrun --nproc_per_node x --nnodes)")
+    if (args.batch_size // world_size) % device_chunk(args):
         utils.die(f"--batch_size {args.batch_size} is not divisible by --max_device_batch_size "
-                  f"{args.max_device_batch_size}")
+                  f"{args.max_device_batch_size}" + (f" x {world_size} processes" if world_size > 1 else ""))
     if not 0.0 <= args.mask_ratio < 1.0:
         utils.die(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
     if args.warmup_epoch < 0:
@@ -125,6 +134,12 @@ def check_args(args) -> None:
         utils.die(str(e))
 
 
+def device_chunk(args) -> int:
+    """Images per forward pass on one device: the process's share of the batch, at most max_device_batch_size
+    (as in the reference, a max_device_batch_size above the batch means no accumulation)."""
+    return min(args.max_device_batch_size, args.batch_size // utils.dist_env()[1])
+
+
 def load_resume(args) -> dict:
     ckpt = utils.load_checkpoint(args.resume, "--resume", CHECKPOINT_KEYS)
     for name in RUN_DEFINING_FLAGS:
@@ -137,51 +152,68 @@ def load_resume(args) -> dict:
     return ckpt
 
 
-def train_one_epoch(model, optimizer, scaler, train_images, args, epoch, steps_per_epoch, device, amp_dtype,
-                    writer):
+def train_one_epoch(model, optimizer, scaler, train_images, args, epoch, steps_per_epoch, amp_dtype, writer):
     """One pass over the training set. The loss stays on the device and is read only every log_interval
-    steps and at the end, so the GPU never waits for the host."""
+    steps and at the end, so the GPU never waits for the host.
+
+    Under torchrun every process draws the same permutation and the same random numbers for the whole
+    global batch, then takes its own slice: the processes see disjoint images, and each image gets the same
+    mask (and crop) whatever the number of processes and chunks, so runs agree across world sizes.
+    """
     model.train()
+    device = train_images.device
+    rank, world_size, _ = utils.dist_env()
+    mine = utils.shard(args.batch_size, rank, world_size)
+    chunk = device_chunk(args)
+    accum_steps = (args.batch_size // world_size) // chunk
+    num_patches = model_config(args).num_patches
     batches = data.epoch_batches(len(train_images), args.batch_size, args.seed * 100_003 + epoch, device)
-    accum_steps = args.batch_size // args.max_device_batch_size
     peak_lr = args.base_learning_rate * args.batch_size / 256
     total_steps, warmup_steps = args.total_epoch * steps_per_epoch, args.warmup_epoch * steps_per_epoch
     loss_sum = torch.zeros((), device=device)
     start = time.perf_counter()
-    bar = tqdm(batches, desc=f"epoch {epoch}/{args.total_epoch}", leave=False, dynamic_ncols=True)
+    bar = tqdm(batches, desc=f"epoch {epoch}/{args.total_epoch}", leave=False, dynamic_ncols=True, disable=rank > 0)
     for i, batch_idx in enumerate(bar):
         step = (epoch - 1) * steps_per_epoch + i
         lr = utils.lr_at(step, total_steps, warmup_steps, peak_lr, args.min_lr)
         utils.set_lr(optimizer, lr)
-        for chunk_idx in batch_idx.split(args.max_device_batch_size):
+        noise = torch.rand(args.batch_size, num_patches, device=device)[mine]
+        crop_rand = torch.rand(args.batch_size, 5, device=device)[mine] if args.augment else None
+        for c, chunk_idx in enumerate(batch_idx[mine].split(chunk)):
+            part = slice(c * chunk, (c + 1) * chunk)
             imgs = data.normalize(train_images[chunk_idx])
             if args.augment:
-                imgs = data.random_hflip(data.random_resized_crop(imgs, scale=(0.2, 1.0)))
-            with utils.autocast(device, amp_dtype):
-                loss, _, _ = model(imgs)
+                imgs = data.random_resized_crop(imgs, scale=(0.2, 1.0), rand=crop_rand[part, :4])
+                imgs = data.random_hflip(imgs, rand=crop_rand[part, 4])
+            # DDP averages gradients across processes only on the last chunk of the step (no_sync is DDP's;
+            # torch.compile's wrapper passes it through).
+            sync = c == accum_steps - 1 or not hasattr(model, "no_sync")
+            with (contextlib.nullcontext() if sync else model.no_sync()), utils.autocast(device, amp_dtype):
+                loss, _, _ = model(imgs, noise=noise[part])
             # Chunks are equal-sized, so dividing by their number makes the summed gradient the batch mean.
             scaler.scale(loss / accum_steps).backward()
             loss_sum += loss.detach()
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        writer.add_scalar("lr", lr, step)
-        if (i + 1) % args.log_interval == 0:
-            done = (i + 1) * args.batch_size
+        if writer:
+            writer.add_scalar("lr", lr, step)
+        if (i + 1) % args.log_interval == 0 and rank == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / ((i + 1) * accum_steps):.4f}",
-                            img_s=f"{done / (time.perf_counter() - start):,.0f}")
-    mean_loss = loss_sum.item() / (len(batches) * accum_steps)  # the epoch's one unconditional sync
+                            img_s=f"{(i + 1) * args.batch_size / (time.perf_counter() - start):,.0f}")
+    # The epoch's one unconditional sync: the mean over every chunk of every process.
+    mean_loss = utils.all_reduce_sum(loss_sum).item() / (len(batches) * accum_steps * world_size)
     seconds = time.perf_counter() - start
     return {"epoch": epoch, "loss": mean_loss, "lr": lr, "images_per_sec": len(batches) * args.batch_size / seconds,
             "seconds": seconds}
 
 
 @torch.no_grad()
-def reconstruct_val(model, val_imgs, noise, cfg, device, amp_dtype):
+def reconstruct_val(model, val_imgs, noise, cfg, amp_dtype):
     """Masked input, reconstruction and original of the fixed val images, in [0, 1] for display. The mask
     noise is fixed too, so the figures of different epochs are directly comparable."""
     model.eval()
-    with utils.autocast(device, amp_dtype):
+    with utils.autocast(val_imgs.device, amp_dtype):
         _, pred, mask = model(val_imgs, noise=noise)
     masked, recon = reconstruct(val_imgs, pred, mask, cfg.patch_size, cfg.norm_pix_loss)
     return data.denormalize(masked), data.denormalize(recon), data.denormalize(val_imgs)
@@ -202,17 +234,21 @@ def extract_features(encoder, images, batch_size, pool, amp_dtype):
 def evaluate(model, train, val, val_noise, args, amp_dtype):
     """kNN accuracy of the encoder's features (train split as the bank, val split as queries), and the val
     reconstruction under fixed masks: masked MSE (the training loss) and PSNR of the masked patches in
-    [0, 1] pixel space. Everything stays on the device until the three numbers at the end."""
+    [0, 1] pixel space. Each process takes a shard of both splits; features are gathered, sums are reduced;
+    everything stays on the device until the three numbers at the end."""
     model.eval()
+    rank, world_size, _ = utils.dist_env()
     bs = args.max_device_batch_size
-    bank = extract_features(model.encoder, train.images, bs, args.knn_feature, amp_dtype)
-    queries = extract_features(model.encoder, val.images, bs, args.knn_feature, amp_dtype)
+    train_part, val_part = utils.shard(len(train), rank, world_size), utils.shard(len(val), rank, world_size)
+    bank = utils.all_gather_cat(extract_features(model.encoder, train.images[train_part], bs, args.knn_feature,
+                                                 amp_dtype))
+    queries = extract_features(model.encoder, val.images[val_part], bs, args.knn_feature, amp_dtype)
     pred = utils.knn_predict(bank, train.labels, queries, len(train.classes), args.knn_k, args.knn_temperature)
-    knn_acc = (pred == val.labels).float().mean()
+    knn_correct = (pred == val.labels[val_part]).sum().float()
 
     zero = torch.zeros((), device=val.images.device)
     loss_sum, sq_err_sum, masked_pixels = zero, zero, zero
-    for chunk, noise in zip(val.images.split(bs), val_noise.split(bs)):
+    for chunk, noise in zip(val.images[val_part].split(bs), val_noise[val_part].split(bs)):
         imgs = data.normalize(chunk)
         with utils.autocast(imgs.device, amp_dtype):
             loss, pred_patches, mask = model(imgs, noise=noise)
@@ -221,9 +257,10 @@ def evaluate(model, train, val, val_noise, args, amp_dtype):
         # Visible patches are pasted back, so the squared error is non-zero only on masked pixels.
         sq_err_sum = sq_err_sum + (data.denormalize(recon) - data.denormalize(imgs)).pow(2).sum()
         masked_pixels = masked_pixels + mask.sum() * model.cfg.patch_size ** 2 * imgs.shape[1]
-    mse = sq_err_sum / masked_pixels.clamp(min=1)
-    return {"knn_acc": knn_acc.item(), "val_loss": (loss_sum / len(val)).item(),
-            "val_psnr": (10 * torch.log10(1 / mse.clamp(min=1e-10))).item()}
+    knn_correct, loss_sum, sq_err_sum, masked_pixels = utils.all_reduce_sum(
+        torch.stack([knn_correct, loss_sum, sq_err_sum, masked_pixels])).tolist()
+    mse = max(sq_err_sum / max(masked_pixels, 1), 1e-10)
+    return {"knn_acc": knn_correct / len(val), "val_loss": loss_sum / len(val), "val_psnr": 10 * math.log10(1 / mse)}
 
 
 def main(args):
@@ -240,14 +277,19 @@ def main(args):
     if steps_per_epoch == 0:
         utils.die(f"--batch_size {args.batch_size} is larger than the {len(train)} training images")
     amp_dtype = utils.autocast_dtype(args, device)
+    utils.init_distributed(device)
+    rank, world_size, _ = utils.dist_env()
+    main_process = rank == 0  # only it prints and writes files
+    log_print = print if main_process else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
 
-    print(f"config: {vars(args)}")
-    print(f"data: {args.dataset}, {len(train)} train / {len(val)} val images, {steps_per_epoch} steps per epoch; "
-          f"device {device}, autocast {amp_dtype}")
-    for path in (args.output_dir, args.log_dir, os.path.dirname(os.path.abspath(args.model_path))):
-        os.makedirs(path, exist_ok=True)
-    utils.save_json(os.path.join(args.output_dir, "args.json"), vars(args))
+    log_print(f"config: {vars(args)}")
+    log_print(f"data: {args.dataset}, {len(train)} train / {len(val)} val images, {steps_per_epoch} steps per "
+              f"epoch; device {device} x {world_size} process(es), autocast {amp_dtype}")
+    if main_process:
+        for path in (args.output_dir, args.log_dir, os.path.dirname(os.path.abspath(args.model_path))):
+            os.makedirs(path, exist_ok=True)
+        utils.save_json(os.path.join(args.output_dir, "args.json"), vars(args))
 
     # ---- data: the whole uint8 training set lives on the device
     train, val = train.to(device), val.to(device)
@@ -256,9 +298,9 @@ def main(args):
     vis_imgs, vis_noise = data.normalize(val.images[:NUM_VIS]), val_noise[:NUM_VIS]
 
     # ---- model and optimizer
-    model = MAE(cfg).to(device)
-    print(f"model: {count_params(model.encoder) / 1e6:.2f}M encoder + {count_params(model.decoder) / 1e6:.2f}M "
-          f"decoder parameters, {cfg.num_patches} patches, {cfg.mask_ratio:.0%} masked")
+    model = MAE(cfg).to(device)  # same initial weights on every process: same seed
+    log_print(f"model: {count_params(model.encoder) / 1e6:.2f}M encoder + {count_params(model.decoder) / 1e6:.2f}M "
+              f"decoder parameters, {cfg.num_patches} patches, {cfg.mask_ratio:.0%} masked")
     optimizer = utils.make_adamw(utils.weight_decay_groups(model, args.weight_decay),
                                  args.base_learning_rate * args.batch_size / 256, (0.9, 0.95), device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -269,16 +311,17 @@ def main(args):
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, losses, evals = ckpt["epoch"] + 1, list(ckpt["losses"]), list(ckpt["evals"])
         log = [r for r in utils.read_jsonl(os.path.join(args.output_dir, "log.jsonl")) if r["epoch"] < start_epoch]
-        print(f"resumed from {args.resume} at epoch {start_epoch}")
-    train_model = utils.maybe_compile(model, args, device)
-    writer = SummaryWriter(args.log_dir)
+        log_print(f"resumed from {args.resume} at epoch {start_epoch}")
+    train_model = DistributedDataParallel(model) if world_size > 1 else model
+    train_model = utils.maybe_compile(train_model, args, device)
+    writer = SummaryWriter(args.log_dir) if main_process else None
 
     # ---- loop
     last_epoch = min(args.total_epoch, args.stop_after or args.total_epoch)
     for epoch in range(start_epoch, last_epoch + 1):
         utils.seed_epoch(args.seed, epoch)
         stats = train_one_epoch(train_model, optimizer, scaler, train.images, args, epoch, steps_per_epoch,
-                                device, amp_dtype, writer)
+                                amp_dtype, writer)
         if not math.isfinite(stats["loss"]):
             raise SystemExit(f"epoch {epoch}: the loss is {stats['loss']}; stopping. The checkpoint at "
                              f"{args.model_path} still holds epoch {epoch - 1}. Try a lower --base_learning_rate.")
@@ -287,39 +330,49 @@ def main(args):
             metrics = evaluate(model, train, val, val_noise, args, amp_dtype)
             evals.append({"epoch": epoch, **metrics})
             stats.update(metrics)
-            for name, value in metrics.items():
-                writer.add_scalar(name, value, epoch)
-            for name in ("epoch", *EVAL_METRICS):
-                utils.save_npy(os.path.join(args.output_dir, f"{'eval_epochs' if name == 'epoch' else name}.npy"),
-                               [e[name] for e in evals])
         log.append(stats)
-
-        masked, recon, original = reconstruct_val(model, vis_imgs, vis_noise, cfg, device, amp_dtype)
-        utils.save_recon_figure(os.path.join(args.output_dir, f"recon_epoch_{epoch:03d}.png"), masked, recon,
-                                original, title=f"epoch {epoch}, train loss {stats['loss']:.4f}")
-        writer.add_scalar("mae_loss", stats["loss"], epoch)
-        writer.add_scalar("images_per_sec", stats["images_per_sec"], epoch)
-        writer.add_image("mae_image", utils.recon_grid_tensor(masked, recon, original), epoch)
-        writer.flush()
-        utils.save_npy(os.path.join(args.output_dir, "losses.npy"), losses)
-        utils.write_jsonl(os.path.join(args.output_dir, "log.jsonl"), log)
-        utils.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scaler": scaler.state_dict(), "epoch": epoch, "losses": losses, "evals": evals, "args": vars(args),
-                           "config": dataclasses.asdict(cfg)}, args.model_path)
+        if main_process:
+            save_epoch_outputs(args, model, optimizer, scaler, cfg, writer, stats, losses, evals, log,
+                               reconstruct_val(model, vis_imgs, vis_noise, cfg, amp_dtype))
         monitor = (f" | kNN {stats['knn_acc']:.2%} | val loss {stats['val_loss']:.4f} | val PSNR "
                    f"{stats['val_psnr']:.2f} dB" if "knn_acc" in stats else "")
-        print(f"epoch {epoch:3d}/{args.total_epoch} | loss {stats['loss']:.5f} | lr {stats['lr']:.2e} | "
-              f"{stats['images_per_sec']:,.0f} img/s | {stats['seconds']:.1f} s{monitor}")
+        log_print(f"epoch {epoch:3d}/{args.total_epoch} | loss {stats['loss']:.5f} | lr {stats['lr']:.2e} | "
+                  f"{stats['images_per_sec']:,.0f} img/s | {stats['seconds']:.1f} s{monitor}")
 
-    writer.close()
+    if writer:
+        writer.close()
     if losses:
         best = min(range(len(losses)), key=losses.__getitem__)
-        print(f"done: best loss {losses[best]:.5f} at epoch {best + 1}, last {losses[-1]:.5f}; "
-              f"checkpoint {args.model_path}")
+        log_print(f"done: best loss {losses[best]:.5f} at epoch {best + 1}, last {losses[-1]:.5f}; "
+                  f"checkpoint {args.model_path}")
     if evals:
         best_knn = max(evals, key=lambda e: e["knn_acc"])
-        print(f"kNN accuracy: last {evals[-1]['knn_acc']:.2%} (epoch {evals[-1]['epoch']}), best "
-              f"{best_knn['knn_acc']:.2%} (epoch {best_knn['epoch']})")
+        log_print(f"kNN accuracy: last {evals[-1]['knn_acc']:.2%} (epoch {evals[-1]['epoch']}), best "
+                  f"{best_knn['knn_acc']:.2%} (epoch {best_knn['epoch']})")
+    utils.close_distributed()
+
+
+def save_epoch_outputs(args, model, optimizer, scaler, cfg, writer, stats, losses, evals, log, figures):
+    """Everything an epoch leaves on disk (main process only): figure, TensorBoard, arrays, log, checkpoint."""
+    epoch = stats["epoch"]
+    masked, recon, original = figures
+    utils.save_recon_figure(os.path.join(args.output_dir, f"recon_epoch_{epoch:03d}.png"), masked, recon,
+                            original, title=f"epoch {epoch}, train loss {stats['loss']:.4f}")
+    writer.add_scalar("mae_loss", stats["loss"], epoch)
+    writer.add_scalar("images_per_sec", stats["images_per_sec"], epoch)
+    writer.add_image("mae_image", utils.recon_grid_tensor(masked, recon, original), epoch)
+    if evals and evals[-1]["epoch"] == epoch:
+        for name in EVAL_METRICS:
+            writer.add_scalar(name, stats[name], epoch)
+        for name in ("epoch", *EVAL_METRICS):
+            utils.save_npy(os.path.join(args.output_dir, f"{'eval_epochs' if name == 'epoch' else name}.npy"),
+                           [e[name] for e in evals])
+    writer.flush()
+    utils.save_npy(os.path.join(args.output_dir, "losses.npy"), losses)
+    utils.write_jsonl(os.path.join(args.output_dir, "log.jsonl"), log)
+    utils.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scaler": scaler.state_dict(), "epoch": epoch, "losses": losses, "evals": evals,
+                       "args": vars(args), "config": dataclasses.asdict(cfg)}, args.model_path)
 
 
 if __name__ == "__main__":

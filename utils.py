@@ -78,12 +78,16 @@ def add_runtime_args(parser) -> None:
 
 
 def resolve_device(args) -> torch.device:
+    """--device as a torch.device; under torchrun each process takes the GPU of its local rank."""
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         die(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
     try:
-        return torch.device(args.device)
+        device = torch.device(args.device)
     except RuntimeError:
         die(f"--device must be cuda, cuda:N or cpu, got {args.device!r}")
+    if device.type == "cuda" and dist_env()[1] > 1:
+        device = torch.device("cuda", dist_env()[2])
+    return device
 
 
 def autocast_dtype(args, device: torch.device):
@@ -229,3 +233,55 @@ def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Te
         votes.scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
         preds.append(votes.argmax(dim=1))
     return torch.cat(preds)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Several processes (torchrun): rank 0 writes, everyone computes
+
+def dist_env():
+    """(rank, world_size, local_rank) from torchrun's environment variables; (0, 1, 0) for a plain run."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join torchrun's process group: NCCL between GPUs, gloo on the CPU. A plain run does nothing."""
+    import torch.distributed as dist
+    if dist_env()[1] > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def close_distributed() -> None:
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all ranks (in place); identity for a single process."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's tensor along dim 0, in rank order; shards may differ in length."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return t
+    sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([t.shape[0]], device=t.device))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, *t.shape[1:], dtype=t.dtype, device=t.device)
+    padded[:t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
+
+
+def shard(n: int, rank: int, world_size: int) -> slice:
+    """This rank's contiguous share of n items; the shares are disjoint and cover all n."""
+    return slice(n * rank // world_size, n * (rank + 1) // world_size)
