@@ -16,6 +16,7 @@ import dataclasses
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -315,6 +316,10 @@ def main(args):
     train_model = DistributedDataParallel(model) if world_size > 1 else model
     train_model = utils.maybe_compile(train_model, args, device)
     writer = SummaryWriter(args.log_dir) if main_process else None
+    # Figures, logs and the checkpoint are written by one background thread from CPU copies, so the GPU goes
+    # on with the next epoch meanwhile; one worker keeps the writes in order.
+    background = ThreadPoolExecutor(max_workers=1)
+    saving = None
 
     # ---- loop
     last_epoch = min(args.total_epoch, args.stop_after or args.total_epoch)
@@ -332,13 +337,23 @@ def main(args):
             stats.update(metrics)
         log.append(stats)
         if main_process:
-            save_epoch_outputs(args, model, optimizer, scaler, cfg, writer, stats, losses, evals, log,
-                               reconstruct_val(model, vis_imgs, vis_noise, cfg, amp_dtype))
+            figures = [t.cpu() for t in reconstruct_val(model, vis_imgs, vis_noise, cfg, amp_dtype)]
+            checkpoint = utils.to_cpu({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                       "scaler": scaler.state_dict(), "epoch": epoch, "losses": list(losses),
+                                       "evals": list(evals), "args": vars(args),
+                                       "config": dataclasses.asdict(cfg)})
+            if saving is not None:
+                saving.result()  # had a whole epoch to finish; re-raises its error if writing failed
+            saving = background.submit(save_epoch_outputs, args, writer, dict(stats), list(evals), list(log),
+                                       figures, checkpoint)
         monitor = (f" | kNN {stats['knn_acc']:.2%} | val loss {stats['val_loss']:.4f} | val PSNR "
                    f"{stats['val_psnr']:.2f} dB" if "knn_acc" in stats else "")
         log_print(f"epoch {epoch:3d}/{args.total_epoch} | loss {stats['loss']:.5f} | lr {stats['lr']:.2e} | "
                   f"{stats['images_per_sec']:,.0f} img/s | {stats['seconds']:.1f} s{monitor}")
 
+    if saving is not None:
+        saving.result()
+    background.shutdown()
     if writer:
         writer.close()
     if losses:
@@ -352,8 +367,9 @@ def main(args):
     utils.close_distributed()
 
 
-def save_epoch_outputs(args, model, optimizer, scaler, cfg, writer, stats, losses, evals, log, figures):
-    """Everything an epoch leaves on disk (main process only): figure, TensorBoard, arrays, log, checkpoint."""
+def save_epoch_outputs(args, writer, stats, evals, log, figures, checkpoint):
+    """Everything an epoch leaves on disk (main process, background thread): figure, TensorBoard, arrays,
+    log, checkpoint. Takes CPU copies only, so training may go on meanwhile."""
     epoch = stats["epoch"]
     masked, recon, original = figures
     utils.save_recon_figure(os.path.join(args.output_dir, f"recon_epoch_{epoch:03d}.png"), masked, recon,
@@ -368,11 +384,9 @@ def save_epoch_outputs(args, model, optimizer, scaler, cfg, writer, stats, losse
             utils.save_npy(os.path.join(args.output_dir, f"{'eval_epochs' if name == 'epoch' else name}.npy"),
                            [e[name] for e in evals])
     writer.flush()
-    utils.save_npy(os.path.join(args.output_dir, "losses.npy"), losses)
+    utils.save_npy(os.path.join(args.output_dir, "losses.npy"), checkpoint["losses"])
     utils.write_jsonl(os.path.join(args.output_dir, "log.jsonl"), log)
-    utils.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scaler": scaler.state_dict(), "epoch": epoch, "losses": losses, "evals": evals,
-                       "args": vars(args), "config": dataclasses.asdict(cfg)}, args.model_path)
+    utils.atomic_save(checkpoint, args.model_path)
 
 
 if __name__ == "__main__":

@@ -125,6 +125,18 @@ def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Files: everything is written to a temporary name and renamed, so a kill never leaves a broken file
 
+def to_cpu(obj):
+    """A copy of a nest of dicts, lists and tensors with every tensor copied to the CPU: a snapshot that later
+    in-place updates (the next optimizer step) cannot change."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def atomic_save(obj, path: str) -> None:
     tmp = f"{path}.tmp"
     torch.save(obj, tmp)
