@@ -75,6 +75,10 @@ def add_runtime_args(parser) -> None:
                              "for GPUs without bf16")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: on for CUDA, off for CPU)")
+    parser.add_argument("--compile_mode", default="default",
+                        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                        help="torch.compile mode; reduce-overhead adds CUDA graphs, the max-autotune modes "
+                             "search kernels for minutes first")
 
 
 def resolve_device(args) -> torch.device:
@@ -105,15 +109,27 @@ def autocast(device: torch.device, dtype):
 
 
 def maybe_compile(model: torch.nn.Module, args, device: torch.device) -> torch.nn.Module:
-    """torch.compile when asked for (default on CUDA); eager with one warning when compiling is unavailable."""
+    """torch.compile when asked for (default on CUDA); eager with one warning where compiling is unavailable.
+
+    torch.compile itself is lazy and only fails at the first call, so what it needs is checked up front:
+    TorchDynamo support for this Python and platform, and Triton for CUDA kernels.
+    """
     enabled = args.compile if args.compile is not None else device.type == "cuda"
     if not enabled:
         return model
     try:
-        return torch.compile(model)
-    except Exception as e:  # e.g. no C compiler, or a platform torch.compile does not support
-        warnings.warn(f"torch.compile is unavailable ({type(e).__name__}: {e}); running eager")
-        return model
+        import torch._dynamo
+        from torch.utils._triton import has_triton
+        if not torch._dynamo.is_dynamo_supported():
+            reason = "TorchDynamo does not support this Python or platform"
+        elif device.type == "cuda" and not has_triton():
+            reason = "Triton is not installed"
+        else:
+            return torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
+    except Exception as e:  # an older torch without these helpers, or compile refusing the model
+        reason = f"{type(e).__name__}: {e}"
+    warnings.warn(f"torch.compile is unavailable ({reason}); running eager")
+    return model
 
 
 def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
@@ -195,9 +211,9 @@ def load_checkpoint(path: str, flag: str, required_keys) -> dict:
 def save_recon_figure(path: str, masked, recon, original, title: str = "", ncol: int = 8) -> None:
     """Three panels, each a grid of the same images: masked input, reconstruction (visible patches pasted
     back), original. Images are (B, 3, H, W) floats in [0, 1]."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # matplotlib's object API, not pyplot: pyplot keeps global state and this runs in a background thread.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from torchvision.utils import make_grid
 
     panels = [("masked input", masked), ("reconstruction (visible patches pasted back)", recon),
@@ -205,7 +221,9 @@ def save_recon_figure(path: str, masked, recon, original, title: str = "", ncol:
     grids = [make_grid(imgs.float().cpu(), nrow=ncol, padding=1, pad_value=1.0).permute(1, 2, 0).numpy()
              for _, imgs in panels]
     h, w = grids[0].shape[:2]
-    fig, axes = plt.subplots(3, 1, figsize=(w / 28, 3 * h / 28 + 0.9))
+    fig = Figure(figsize=(w / 28, 3 * h / 28 + 0.9))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(3, 1)
     for ax, (label, _), grid in zip(axes, panels, grids):
         ax.imshow(grid, interpolation="nearest")
         ax.set_title(label, fontsize=10)
@@ -214,8 +232,7 @@ def save_recon_figure(path: str, masked, recon, original, title: str = "", ncol:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    fig.savefig(tmp, dpi=150)
     os.replace(tmp, path)
 
 

@@ -1,0 +1,430 @@
+"""How fast one pretraining step and one fine-tuning step run, and what that makes of the reference experiment.
+
+Times the optimizer step mae_pretrain.py runs (uint8 images on the device, normalised per chunk, autocast,
+gradients accumulated over --max_device_batch_size chunks, AdamW) and a plain fine-tuning step of the
+classifier (cross-entropy on ViTClassifier logits; no mixup or augmentation), after warm-up, with CUDA events
+on a GPU. Prints images/s, ms per step, the FLOPs counted analytically, the achieved TFLOP/s as a share of a
+bf16 matrix-product peak measured in the same run, and the projected wall time of the reference experiment
+(150 pretraining epochs at batch 512, then two 50-epoch fine-tunes at batch 128, on CIFAR-10's 50,000 images).
+
+On one GPU (ViT-T, the reference batch sizes):
+    python bench.py --json bench.json
+Seconds on a CPU (a small model at batch 64 / 32 unless flags say otherwise; the numbers only show that it runs):
+    python bench.py --device cpu
+"""
+import dataclasses
+import datetime
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import data
+import utils
+from model import MAE, MAEConfig, ViTClassifier, num_masked_patches
+
+# The reference experiment whose wall time is projected (issue #5): CIFAR-10's training split, 150 epochs of
+# pretraining, then two fine-tunes (from the MAE encoder and from scratch) of 50 epochs each.
+REFERENCE_TRAIN_IMAGES = 50_000
+REFERENCE_PRETRAIN_EPOCHS = 150
+REFERENCE_FINETUNE_EPOCHS = 50
+REFERENCE_FINETUNE_RUNS = 2
+REFERENCE_BATCH_SIZES = (512, 128)  # pretraining, fine-tuning
+
+# Model sizes: ViT-T as the scripts default to, and a small model that takes milliseconds per step on a CPU.
+PRESETS = {
+    "vit-t": dict(patch_size=2, embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=192, decoder_depth=4,
+                  decoder_num_heads=3),
+    "small": dict(patch_size=4, embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=64, decoder_depth=1,
+                  decoder_num_heads=2),
+}
+# The peak is timed on a square matrix product of this side: large enough to fill an H100/H200 (and far past
+# its L2), small enough to take milliseconds on a CPU.
+PEAK_MATMUL_SIZE = {"cuda": 8192, "cpu": 1024}
+PEAK_MATMUL_ITERS = {"cuda": 20, "cpu": 3}
+TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward, the backward being two matmuls (input and weight grads) per one
+
+
+def get_args_parser():
+    parser = utils.ArgumentParser(description="Time MAE pretraining and fine-tuning steps; project the reference "
+                                              "experiment's wall time")
+    # What is timed
+    parser.add_argument("--pretrain_batch_size", type=int, default=None,
+                        help="effective pretraining batch per optimizer step (default: the reference's 512 on "
+                             "CUDA, 64 on the CPU)")
+    parser.add_argument("--finetune_batch_size", type=int, default=None,
+                        help="effective fine-tuning batch per optimizer step (default: the reference's 128 on "
+                             "CUDA, 32 on the CPU)")
+    parser.add_argument("--max_device_batch_size", type=int, default=None,
+                        help="largest chunk put through the model at once, gradients accumulated over chunks as "
+                             "in mae_pretrain.py; must divide each batch size larger than it (default: 256 on "
+                             "CUDA as in mae_pretrain.py, 32 on the CPU)")
+    parser.add_argument("--mask_ratio", type=float, default=0.75, help="share of patches masked, in [0, 1)")
+    parser.add_argument("--num_classes", type=int, default=10, help="classifier outputs (CIFAR-10: 10)")
+    # How it is timed
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps per timed repeat (default: 20 on CUDA, 2 on the CPU)")
+    parser.add_argument("--warmup_steps", type=int, default=None,
+                        help="untimed steps first, which pay for compilation and allocation (default: 5 on CUDA, "
+                             "1 on the CPU)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed repeats; the median is reported (default: 5 on CUDA, 3 on the CPU)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the model, the images and the batches")
+    # Model size: a preset, and any of its values overridden one by one
+    parser.add_argument("--preset", default=None, choices=tuple(PRESETS),
+                        help="model sizes (default: vit-t on CUDA, small on the CPU); the flags below override it")
+    parser.add_argument("--patch_size", type=int, default=None, help="patch side in pixels (ViT-T: 2)")
+    parser.add_argument("--embed_dim", type=int, default=None, help="encoder width (ViT-T: 192)")
+    parser.add_argument("--depth", type=int, default=None, help="encoder blocks (ViT-T: 12)")
+    parser.add_argument("--num_heads", type=int, default=None, help="encoder attention heads (ViT-T: 3)")
+    parser.add_argument("--decoder_embed_dim", type=int, default=None, help="decoder width (ViT-T: 192)")
+    parser.add_argument("--decoder_depth", type=int, default=None, help="decoder blocks (ViT-T: 4)")
+    parser.add_argument("--decoder_num_heads", type=int, default=None, help="decoder attention heads (ViT-T: 3)")
+    # Runtime: --device, --precision, --compile, --compile_mode exactly as the training scripts take them
+    utils.add_runtime_args(parser)
+    # Output
+    parser.add_argument("--json", default="", help="also write the results to this JSON file")
+    return parser
+
+
+def resolve_defaults(args, device: torch.device) -> None:
+    """Fill the device-dependent defaults in place, so the printed and saved config is the one that ran."""
+    on_cuda = device.type == "cuda"
+    for name, cuda_default, cpu_default in (("pretrain_batch_size", 512, 64), ("finetune_batch_size", 128, 32),
+                                            ("max_device_batch_size", 256, 32), ("steps", 20, 2),
+                                            ("warmup_steps", 5, 1), ("repeats", 5, 3)):
+        if getattr(args, name) is None:
+            setattr(args, name, cuda_default if on_cuda else cpu_default)
+    if args.compile is None:
+        args.compile = on_cuda  # utils.maybe_compile's default, made explicit
+    args.preset = args.preset or ("vit-t" if on_cuda else "small")
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def check_args(args) -> MAEConfig:
+    """Every flag checked before any work, and before --json is written."""
+    positive = ("pretrain_batch_size", "finetune_batch_size", "max_device_batch_size", "num_classes", "steps",
+                "warmup_steps", "repeats", *PRESETS["vit-t"])
+    for name in positive:
+        if getattr(args, name) < 1:
+            utils.die(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("pretrain_batch_size", "finetune_batch_size"):
+        batch = getattr(args, name)
+        if batch > REFERENCE_TRAIN_IMAGES:
+            utils.die(f"--{name} must be at most the {REFERENCE_TRAIN_IMAGES:,} images of CIFAR-10, got {batch}")
+        if batch % chunk_size(batch, args):
+            utils.die(f"--{name} {batch} is not divisible by --max_device_batch_size {args.max_device_batch_size}")
+    if not 0.0 <= args.mask_ratio < 1.0:
+        utils.die(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    if args.compile_mode != "default" and not args.compile:
+        utils.die(f"--compile_mode {args.compile_mode} needs compilation, which is off (pass --compile)")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        utils.die(f"--json {args.json!r}: its folder does not exist")
+    try:
+        return MAEConfig(mask_ratio=args.mask_ratio, **{name: getattr(args, name) for name in PRESETS["vit-t"]})
+    except ValueError as e:
+        utils.die(f"model flags (--patch_size, --embed_dim, --num_heads, ...): {e}")
+
+
+def chunk_size(batch_size: int, args) -> int:
+    return min(batch_size, args.max_device_batch_size)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FLOPs, counted analytically
+
+def block_flops(tokens: int, width: int, mlp_ratio: float) -> int:
+    """Forward FLOPs of one pre-norm transformer block on `tokens` tokens of `width` (one image).
+
+    A matrix product of (M, K) by (K, N) is 2*M*K*N FLOPs (a multiply and an add). With L tokens, width D and
+    MLP hidden width H = int(mlp_ratio * D):
+        qkv projection        2 * L * D * 3D
+        scores Q K^T          2 * L * L * D    (summed over heads: heads * head_dim = D)
+        weighted sum A V      2 * L * L * D
+        output projection     2 * L * D * D
+        MLP (two linears)     2 * L * D * H * 2
+    LayerNorms, softmax, GELU, residual adds and biases are left out: they are O(L * D) and run far below the
+    matrix units' rate, so counting them would flatter the achieved TFLOP/s rather than measure it.
+    """
+    hidden = int(width * mlp_ratio)
+    return 2 * tokens * width * (3 * width + width + 2 * hidden) + 4 * tokens * tokens * width
+
+
+def mae_forward_flops(cfg: MAEConfig) -> dict:
+    """Forward FLOPs of model.MAE per image, by part (matrix products only, as in block_flops).
+
+    The patch embedding sees all N patches (positions are added before masking), the encoder the class token
+    plus the N_visible = N - int(N * mask_ratio) kept patches, the decoder the class token plus all N positions
+    (mask tokens filled in), and the pixel head the N patch tokens (the class token is dropped before it).
+    """
+    n, patch_dim = cfg.num_patches, cfg.patch_size ** 2 * cfg.in_chans
+    visible = n - num_masked_patches(n, cfg.mask_ratio)
+    return {
+        "patch_embed": 2 * n * patch_dim * cfg.embed_dim,
+        "encoder": cfg.depth * block_flops(1 + visible, cfg.embed_dim, cfg.mlp_ratio),
+        "decoder_embed": 2 * (1 + visible) * cfg.embed_dim * cfg.decoder_embed_dim,
+        "decoder": cfg.decoder_depth * block_flops(1 + n, cfg.decoder_embed_dim, cfg.mlp_ratio),
+        "pred": 2 * n * cfg.decoder_embed_dim * patch_dim,
+    }
+
+
+def classifier_forward_flops(cfg: MAEConfig, num_classes: int) -> dict:
+    """Forward FLOPs of model.ViTClassifier per image, by part: the encoder on the class token plus all N
+    patches, and a linear head on one pooled D-vector."""
+    n, patch_dim = cfg.num_patches, cfg.patch_size ** 2 * cfg.in_chans
+    return {
+        "patch_embed": 2 * n * patch_dim * cfg.embed_dim,
+        "encoder": cfg.depth * block_flops(1 + n, cfg.embed_dim, cfg.mlp_ratio),
+        "head": 2 * cfg.embed_dim * num_classes,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Timing
+
+def timed(fn, iters: int, device: torch.device) -> float:
+    """Seconds per call of fn over `iters` back-to-back calls. On CUDA two events bracket the calls and the host
+    waits once, at the end, so the time is the device's, launch gaps included; on the CPU, perf_counter."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / iters
+    begin = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - begin) / iters
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, repeats: int) -> dict:
+    """The matrix units' achievable rate: a large square product (bf16 on CUDA, fp32 on the CPU) on random
+    data, timed like the steps, median over repeats."""
+    n, iters = PEAK_MATMUL_SIZE[device.type], PEAK_MATMUL_ITERS[device.type]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    def product():
+        torch.mm(a, b, out=out)
+    timed(product, 2, device)  # cuBLAS handle and heuristics
+    seconds = statistics.median(timed(product, iters, device) for _ in range(repeats))
+    return {"dtype": str(dtype).replace("torch.", ""), "size": n, "tflops": 2 * n ** 3 / seconds / 1e12}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The steps
+
+def train_step(model, optimizer, scaler, batch_idx, chunk: int, lr: float, loss_fn, loss_sum, device, amp_dtype,
+               noise_width: int = 0):
+    """One optimizer step over the batch `batch_idx`, as mae_pretrain.train_one_epoch takes it: the mask noise of
+    the whole batch is drawn at once (noise_width > 0), the batch is put through in equal chunks whose losses are
+    divided by their number, so the summed gradient is the batch mean, and the loss is added to a device-side
+    sum, never read here. loss_fn(model, chunk_idx, chunk_noise) -> scalar loss."""
+    utils.set_lr(optimizer, lr)
+    accum_steps = len(batch_idx) // chunk
+    noise = torch.rand(len(batch_idx), noise_width, device=device) if noise_width else None
+    for c, chunk_idx in enumerate(batch_idx.split(chunk)):
+        chunk_noise = noise[c * chunk:(c + 1) * chunk] if noise is not None else None
+        with utils.autocast(device, amp_dtype):
+            loss = loss_fn(model, chunk_idx, chunk_noise)
+        scaler.scale(loss / accum_steps).backward()
+        loss_sum += loss.detach()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@dataclasses.dataclass
+class Phase:
+    """One of the two steps the reference experiment repeats, with what its recipe sets."""
+    name: str
+    model: torch.nn.Module
+    betas: tuple  # AdamW betas of the recipe
+    base_lr: float  # the recipe's lr per 256 images
+    batch_size: int
+    loss_fn: object  # (model, chunk_idx, chunk_noise) -> scalar loss
+    noise_width: int  # mask noise drawn per image and step (pretraining: one number per patch); 0 for none
+    flops_forward: int  # analytic forward FLOPs per image
+
+
+def pretrain_phase(cfg: MAEConfig, images, args) -> Phase:
+    def loss_fn(model, idx, noise):
+        return model(data.normalize(images[idx]), noise=noise)[0]
+    return Phase("pretrain", MAE(cfg), (0.9, 0.95), 1.5e-4, args.pretrain_batch_size, loss_fn, cfg.num_patches,
+                 sum(mae_forward_flops(cfg).values()))
+
+
+def finetune_phase(cfg: MAEConfig, images, labels, args) -> Phase:
+    def loss_fn(model, idx, noise):
+        return F.cross_entropy(model(data.normalize(images[idx])), labels[idx])
+    return Phase("finetune", ViTClassifier(cfg, args.num_classes), (0.9, 0.999), 1e-3, args.finetune_batch_size,
+                 loss_fn, 0, sum(classifier_forward_flops(cfg, args.num_classes).values()))
+
+
+def bench_phase(phase: Phase, args, device: torch.device, amp_dtype, peak_tflops: float) -> dict:
+    """Warm up, then time `repeats` runs of `steps` optimizer steps each. Compilation happens in the first
+    warm-up step; its cost is estimated as the warm-up's wall time less the same number of steps at the timed
+    rate."""
+    model = phase.model.to(device)
+    peak_lr = phase.base_lr * phase.batch_size / 256
+    optimizer = utils.make_adamw(utils.weight_decay_groups(model, 0.05), peak_lr, phase.betas, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    train_model = utils.maybe_compile(model, args, device)
+    chunk = chunk_size(phase.batch_size, args)
+    total_steps = args.warmup_steps + args.repeats * args.steps
+    # Successive epochs' permutations cut into index batches, made before the clock starts as an epoch makes
+    # them before its loop.
+    batches, epoch = [], 0
+    while len(batches) < total_steps:
+        epoch += 1
+        batches += data.epoch_batches(REFERENCE_TRAIN_IMAGES, phase.batch_size, args.seed * 100_003 + epoch, device)
+    batches = iter(batches[:total_steps])
+    loss_sum = torch.zeros((), device=device)
+    step = 0
+
+    def one_step():
+        nonlocal step
+        # Warmup then cosine, so the lr changes every step as it does in training.
+        lr = utils.lr_at(step, total_steps, min(10, total_steps // 2), peak_lr)
+        train_step(train_model, optimizer, scaler, next(batches), chunk, lr, phase.loss_fn, loss_sum, device,
+                   amp_dtype, phase.noise_width)
+        step += 1
+
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    synchronize(device)
+    begin = time.perf_counter()
+    for _ in range(args.warmup_steps):
+        one_step()
+    synchronize(device)
+    warmup_s = time.perf_counter() - begin
+    step_s = [timed(one_step, args.steps, device) for _ in range(args.repeats)]
+    seconds = statistics.median(step_s)
+    train_flops = TRAIN_FLOPS_PER_FORWARD * phase.flops_forward
+    tflops = train_flops * phase.batch_size / seconds / 1e12
+    return {
+        "phase": phase.name, "batch_size": phase.batch_size, "chunk": chunk, "ms_per_step": seconds * 1e3,
+        "ms_per_step_repeats": [s * 1e3 for s in step_s], "images_per_sec": phase.batch_size / seconds,
+        "flops_per_image_forward": phase.flops_forward, "flops_per_image_train": train_flops, "tflops": tflops,
+        "percent_of_peak": 100 * tflops / peak_tflops, "warmup_s": warmup_s,
+        "compile_s": max(0.0, warmup_s - args.warmup_steps * seconds),
+        "mean_loss": loss_sum.item() / (total_steps * (phase.batch_size // chunk)),
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
+    }
+
+
+def project_reference(pretrain: dict, finetune: dict, peak_tflops: float) -> dict:
+    """Wall time of the reference experiment's optimizer steps at the measured step times, plus one compilation
+    per run (the pretraining and each fine-tune compile their own model)."""
+    pretrain_steps = REFERENCE_PRETRAIN_EPOCHS * (REFERENCE_TRAIN_IMAGES // pretrain["batch_size"])
+    finetune_steps = (REFERENCE_FINETUNE_RUNS * REFERENCE_FINETUNE_EPOCHS
+                      * (REFERENCE_TRAIN_IMAGES // finetune["batch_size"]))
+    steps_s = pretrain_steps * pretrain["ms_per_step"] / 1e3 + finetune_steps * finetune["ms_per_step"] / 1e3
+    compile_s = pretrain["compile_s"] + REFERENCE_FINETUNE_RUNS * finetune["compile_s"]
+    total_flops = (pretrain_steps * pretrain["batch_size"] * pretrain["flops_per_image_train"]
+                   + finetune_steps * finetune["batch_size"] * finetune["flops_per_image_train"])
+    return {"pretrain_steps": pretrain_steps, "finetune_steps": finetune_steps, "steps_minutes": steps_s / 60,
+            "compile_minutes": compile_s / 60, "minutes": (steps_s + compile_s) / 60, "total_pflop": total_flops / 1e15,
+            "floor_minutes_at_peak": total_flops / (peak_tflops * 1e12) / 60}
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    threads = torch.get_num_threads()
+    return f"CPU, {threads} thread{'s' if threads > 1 else ''}"
+
+
+def flops_line(parts: dict) -> str:
+    return " + ".join(f"{name} {value / 1e9:.4g}" for name, value in parts.items())
+
+
+def main(args):
+    # ---- setup: validate everything before any work or file
+    device = utils.resolve_device(args)
+    resolve_defaults(args, device)
+    cfg = check_args(args)
+    amp_dtype = utils.autocast_dtype(args, device)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = " ".join(["python", os.path.basename(sys.argv[0]) or "bench.py", *sys.argv[1:]])
+    print(f"config: {vars(args)}")
+    print(f"bench: {date}, {describe_device(device)}, torch {torch.__version__}, autocast {amp_dtype}, "
+          f"compile {'on (' + args.compile_mode + ')' if args.compile else 'off'}")
+    print(f"model: {args.preset} preset + flags: patch {cfg.patch_size} ({cfg.num_patches} tokens), encoder "
+          f"{cfg.embed_dim} x {cfg.depth} blocks ({cfg.num_heads} heads), decoder {cfg.decoder_embed_dim} x "
+          f"{cfg.decoder_depth} ({cfg.decoder_num_heads} heads), mask ratio {cfg.mask_ratio}")
+
+    # ---- the ceiling, and the FLOPs per image
+    peak = matmul_peak(device, args.repeats)
+    print(f"matmul peak: {peak['dtype']} {peak['size']}^3 product, {peak['tflops']:.3f} TFLOP/s "
+          f"(median of {args.repeats})")
+    mae_parts, cls_parts = mae_forward_flops(cfg), classifier_forward_flops(cfg, args.num_classes)
+    mae_fwd, cls_fwd = sum(mae_parts.values()), sum(cls_parts.values())
+    print(f"FLOPs per image, analytic (matrix products; a training step = {TRAIN_FLOPS_PER_FORWARD} x forward), "
+          "GFLOP:")
+    print(f"  pretrain forward {mae_fwd / 1e9:.4f} = {flops_line(mae_parts)}; training "
+          f"{TRAIN_FLOPS_PER_FORWARD * mae_fwd / 1e9:.4f}")
+    print(f"  finetune forward {cls_fwd / 1e9:.4f} = {flops_line(cls_parts)}; training "
+          f"{TRAIN_FLOPS_PER_FORWARD * cls_fwd / 1e9:.4f}")
+
+    # ---- data: uint8 images on the device, as the scripts keep CIFAR-10 (random pixels: the speed is the same)
+    g = torch.Generator().manual_seed(args.seed)
+    images = torch.randint(0, 256, (REFERENCE_TRAIN_IMAGES, cfg.in_chans, cfg.img_size, cfg.img_size),
+                           dtype=torch.uint8, generator=g).to(device)
+    labels = torch.randint(0, args.num_classes, (REFERENCE_TRAIN_IMAGES,), generator=g).to(device)
+
+    # ---- the two steps, each with its own model and optimizer, as each script builds them
+    torch.manual_seed(args.seed)
+    pretrain = bench_phase(pretrain_phase(cfg, images, args), args, device, amp_dtype, peak["tflops"])
+    finetune = bench_phase(finetune_phase(cfg, images, labels, args), args, device, amp_dtype, peak["tflops"])
+    projection = project_reference(pretrain, finetune, peak["tflops"])
+
+    # ---- report
+    print(f"{'phase':<9} {'batch':>6} {'chunk':>6} {'compile s':>10} {'ms/step':>9} {'images/s':>10} "
+          f"{'TFLOP/s':>9} {'% of peak':>10} {'GiB':>6}")
+    for r in (pretrain, finetune):
+        memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
+        print(f"{r['phase']:<9} {r['batch_size']:>6} {r['chunk']:>6} {r['compile_s']:>10.1f} "
+              f"{r['ms_per_step']:>9.2f} {r['images_per_sec']:>10,.0f} {r['tflops']:>9.3f} "
+              f"{r['percent_of_peak']:>9.1f}% {memory:>6}")
+    print(f"(ms/step: median of {args.repeats} x {args.steps} steps after {args.warmup_steps} warm-up; compile s: "
+          f"the warm-up's extra time{'' if args.compile else ', here without compilation: first-step set-up'}; "
+          "fine-tune: the plain model step, cross-entropy on the logits, without the recipe's augmentation)")
+    batches = (pretrain["batch_size"], finetune["batch_size"])
+    note = "" if batches == REFERENCE_BATCH_SIZES else (f"; NOTE: at batch sizes {batches}, the reference's are "
+                                                        f"{REFERENCE_BATCH_SIZES}")
+    print(f"projected wall time of the reference experiment: {projection['minutes']:.1f} min = "
+          f"{REFERENCE_PRETRAIN_EPOCHS} x {REFERENCE_TRAIN_IMAGES // batches[0]} pretraining steps + "
+          f"{REFERENCE_FINETUNE_RUNS} x {REFERENCE_FINETUNE_EPOCHS} x {REFERENCE_TRAIN_IMAGES // batches[1]} "
+          f"fine-tuning steps ({projection['steps_minutes']:.1f} min) + compilation "
+          f"({projection['compile_minutes']:.1f} min){note}")
+    print(f"  not included: evaluation, figures, checkpoints. Its {projection['total_pflop']:.2f} PFLOP would take "
+          f"{projection['floor_minutes_at_peak']:.1f} min at the measured matmul peak")
+
+    if args.json:
+        utils.save_json(args.json, {
+            "date": date, "command": command, "device": describe_device(device), "torch": torch.__version__,
+            "autocast": str(amp_dtype), "compile": args.compile, "config": vars(args),
+            "model": dataclasses.asdict(cfg),
+            "matmul_peak": peak, "flops_per_image_forward": {"pretrain": mae_parts, "finetune": cls_parts},
+            "pretrain": pretrain, "finetune": finetune, "projection": projection})
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

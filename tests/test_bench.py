@@ -1,0 +1,218 @@
+"""Tests of bench.py: the analytic FLOP count against torch's own counter, the timed step against plain autograd,
+the CPU command end to end, bad flags, and the bf16 fast path's loss curve against fp32 in mae_pretrain.py.
+
+Run: python -m pytest -q tests/test_bench.py
+Nothing here uses --compile: inductor's CPU compilation takes minutes, too slow for CI; the compiled path is
+timed by bench.py on a GPU.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+from conftest import ROOT, tiny_pretrain_argv
+from model import MAE, MAEConfig, ViTClassifier
+
+# ViT-T as the scripts run it, and a lopsided model in which every term of the formula has its own size
+# (mask ratio 0.6 of 64 patches is not a whole number of patches; the decoder is narrower; MLP ratio 2.5).
+CONFIGS = {
+    "vit-t": MAEConfig(),
+    "lopsided": MAEConfig(patch_size=4, embed_dim=48, depth=2, num_heads=3, decoder_embed_dim=32, decoder_depth=3,
+                          decoder_num_heads=2, mlp_ratio=2.5, mask_ratio=0.6),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on CI's few shared cores, OpenMP threads that spin-wait for each other made a CPU step
+    60x slower (5 s instead of 77 ms, measured under load on 2 cores). These tests check numbers, not speed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def counted_flops(fn) -> int:
+    """FLOPs that torch's FlopCounterMode sees while fn runs. The math attention kernel runs attention as
+    matrix products the counter knows; the CPU's fused kernel is not in its table."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_forward_flop_formulas_match_torchs_flop_counter(name):
+    cfg, batch = CONFIGS[name], 3
+    torch.manual_seed(0)
+    imgs = torch.randn(batch, 3, cfg.img_size, cfg.img_size)
+    with torch.no_grad():
+        mae_counted = counted_flops(lambda: MAE(cfg)(imgs))
+        cls_counted = counted_flops(lambda: ViTClassifier(cfg, num_classes=7)(imgs))
+    assert sum(bench.mae_forward_flops(cfg).values()) * batch == mae_counted
+    assert sum(bench.classifier_forward_flops(cfg, num_classes=7).values()) * batch == cls_counted
+
+
+def test_vit_t_numbers_match_the_issues_figures():
+    # Issue #5: 31,100 images/s at batch 4096 is "about 172 TFLOP/s" of pretraining.
+    train_flops = bench.TRAIN_FLOPS_PER_FORWARD * sum(bench.mae_forward_flops(MAEConfig()).values())
+    assert 31_100 * train_flops / 1e12 == pytest.approx(172, abs=1)
+
+
+def test_a_training_step_is_three_forwards():
+    # The backward pass is two matrix products (input and weight gradients) per forward one; only the patch
+    # embedding has no input gradient, which keeps the count a hair under 3x.
+    cfg = CONFIGS["vit-t"]
+    torch.manual_seed(0)
+    model, imgs = MAE(cfg), torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, cfg.num_patches)
+    forward = counted_flops(lambda: model(imgs, noise=noise))
+    train = counted_flops(lambda: model(imgs, noise=noise)[0].backward())
+    assert train / forward == pytest.approx(bench.TRAIN_FLOPS_PER_FORWARD, rel=2e-3)
+
+
+@pytest.mark.parametrize("phase", ["pretrain", "finetune"])
+def test_step_with_accumulation_follows_the_full_batch_gradient(phase):
+    """One train_step with chunks of 4 and of 16 moves the weights exactly as plain SGD on the mean loss of the
+    whole batch of 16, computed directly with the same mask noise."""
+    cfg = MAEConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+                    decoder_num_heads=2)
+    batch, lr = 16, 0.5
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (40,), generator=g)
+    batch_idx = torch.randperm(40, generator=g)[:batch]
+    args = SimpleNamespace(pretrain_batch_size=batch, finetune_batch_size=batch, num_classes=10)
+    make = bench.pretrain_phase if phase == "pretrain" else bench.finetune_phase
+    extra = (images, args) if phase == "pretrain" else (images, labels, args)
+
+    torch.manual_seed(1)
+    reference = make(cfg, *extra).model
+    torch.manual_seed(2)
+    noise = torch.rand(batch, cfg.num_patches)
+    imgs = (images[batch_idx].float() / 255 - 0.5) / 0.5  # data.normalize, written out
+    if phase == "pretrain":
+        loss = reference(imgs, noise=noise)[0]
+    else:
+        loss = F.cross_entropy(reference(imgs), labels[batch_idx])
+    loss.backward()
+    expected = {n: p.detach() - lr * p.grad for n, p in reference.named_parameters() if p.grad is not None}
+
+    for chunk in (4, 16):
+        torch.manual_seed(1)
+        step = make(cfg, *extra)
+        optimizer = torch.optim.SGD(step.model.parameters(), lr=lr)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        loss_sum = torch.zeros(())
+        torch.manual_seed(2)  # train_step draws the batch's noise first, as the reference did above
+        bench.train_step(step.model, optimizer, scaler, batch_idx, chunk, lr, step.loss_fn, loss_sum,
+                         torch.device("cpu"), None, step.noise_width)
+        got = dict(step.model.named_parameters())
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name].detach(), value, rtol=1e-5, atol=1e-6, msg=f"{name}, chunk {chunk}")
+        # the device-side sum holds each chunk's mean loss once
+        assert loss_sum.item() / (batch // chunk) == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_cpu_command_runs_in_seconds_and_its_numbers_agree(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--device", "cpu", "--json", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # as the one_thread fixture
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())
+    assert r["command"] == f"python bench.py --device cpu --json {out}"
+    assert r["compile"] is False and r["config"]["preset"] == "small"
+    cfg = MAEConfig(**r["model"])
+    peak = r["matmul_peak"]["tflops"]
+    assert peak > 0
+    expected_forward = {"pretrain": sum(bench.mae_forward_flops(cfg).values()),
+                        "finetune": sum(bench.classifier_forward_flops(cfg, 10).values())}
+    for name in ("pretrain", "finetune"):
+        p = r[name]
+        assert p["flops_per_image_forward"] == expected_forward[name]
+        assert p["flops_per_image_train"] == 3 * expected_forward[name]
+        assert p["ms_per_step"] > 0 and p["images_per_sec"] > 0 and np.isfinite(p["mean_loss"])
+        assert len(p["ms_per_step_repeats"]) == r["config"]["repeats"]
+        assert p["ms_per_step"] == pytest.approx(np.median(p["ms_per_step_repeats"]))
+        assert p["images_per_sec"] == pytest.approx(p["batch_size"] / (p["ms_per_step"] / 1e3))
+        assert p["tflops"] == pytest.approx(p["flops_per_image_train"] * p["images_per_sec"] / 1e12)
+        assert p["percent_of_peak"] == pytest.approx(100 * p["tflops"] / peak)
+        assert p["compile_s"] >= 0
+    assert (r["pretrain"]["batch_size"], r["pretrain"]["chunk"], r["finetune"]["batch_size"]) == (64, 32, 32)
+
+    # 150 epochs of 50,000 // 64 steps, then 2 x 50 epochs of 50,000 // 32 steps, plus three compilations.
+    proj = r["projection"]
+    assert (proj["pretrain_steps"], proj["finetune_steps"]) == (150 * 781, 100 * 1562)
+    minutes = (150 * 781 * r["pretrain"]["ms_per_step"] + 100 * 1562 * r["finetune"]["ms_per_step"]) / 1e3 / 60 \
+        + (r["pretrain"]["compile_s"] + 2 * r["finetune"]["compile_s"]) / 60
+    assert proj["minutes"] == pytest.approx(minutes) and proj["minutes"] > 0
+
+    # The printed report says the same numbers.
+    printed = re.search(r"projected wall time of the reference experiment: ([\d.]+) min", proc.stdout)
+    assert printed and float(printed.group(1)) == pytest.approx(proj["minutes"], abs=0.05)
+    row = re.search(r"^pretrain +64 +32 +[\d.]+ +([\d.]+) +([\d,]+) ", proc.stdout, re.M)
+    assert row and float(row.group(1)) == pytest.approx(r["pretrain"]["ms_per_step"], abs=0.005)
+    assert f"pretrain forward {expected_forward['pretrain'] / 1e9:.4f}" in proc.stdout
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--warmup_steps", "0"], "--warmup_steps must be >= 1"),
+    (["--pretrain_batch_size", "48", "--max_device_batch_size", "32"],
+     "--pretrain_batch_size 48 is not divisible by --max_device_batch_size 32"),
+    (["--finetune_batch_size", "60000"], "--finetune_batch_size must be at most"),
+    (["--mask_ratio", "1.0"], "--mask_ratio must be in [0, 1)"),
+    (["--embed_dim", "64", "--num_heads", "3"], "model flags"),
+    (["--compile_mode", "reduce-overhead", "--no-compile"],
+     "--compile_mode reduce-overhead needs compilation, which is off"),
+    (["--compile_mode", "max-autotune"], "--compile_mode max-autotune needs compilation"),  # off by default on CPU
+    (["--precision", "fp16"], "--precision fp16 needs --device cuda"),
+    (["--json", "/nonexistent/dir/bench.json"], "--json"),
+    pytest.param(["--device", "cuda"], "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+])
+def test_bad_flags_are_one_line_and_status_2(flags, expected, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        bench.main(bench.get_args_parser().parse_args(["--device", "cpu", "--json", "out.json", *flags]))
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    assert len(captured.err.strip().splitlines()) == 1 and expected in captured.err
+    assert captured.out == "" and os.listdir(tmp_path) == []
+
+
+# bf16 keeps 8 significant bits: rounding a number changes it by up to 2^-8 (0.4%) of itself, so a bf16 number
+# has 2 to 3 significant digits. An epoch's loss is a mean over ~300k squared errors (4 steps x 32 images x 48
+# masked patches x 48 values) whose rounding errors largely cancel. At a fixed seed the two curves should therefore
+# agree far more closely than one bf16 rounding of the loss. We ask for 2^-10 (about 1e-3), a quarter of one
+# bf16 rounding. Measured on this test's runs: at most 4.4e-5, a 20x margin. A different seed moves the first
+# epoch's loss by 1.4e-2, so the bound does tell runs apart.
+BF16_RTOL = 2 ** -10
+
+
+def test_bf16_loss_curve_stays_within_bf16_tolerance_of_fp32(tmp_path, run_pretrain):
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        run_pretrain(tiny_pretrain_argv(tmp_path, "--total_epoch", "4", "--base_learning_rate", "0.03",
+                                        "--precision", precision, name=precision))
+        curves[precision] = np.load(tmp_path / precision / "outputs" / "losses.npy")
+    fp32, bf16 = curves["fp32"], curves["bf16"]
+    assert len(fp32) == len(bf16) == 4
+    assert fp32[-1] < 0.98 * fp32[0]  # the model learns, so the curve is a trajectory and not one number
+    assert not np.array_equal(fp32, bf16)  # autocast did run in bf16
+    np.testing.assert_allclose(bf16, fp32, rtol=BF16_RTOL)
+
+    run_pretrain(tiny_pretrain_argv(tmp_path, "--total_epoch", "4", "--base_learning_rate", "0.03",
+                                    "--precision", "fp32", "--seed", "43", "--stop_after", "1", name="seed43"))
+    other_seed = np.load(tmp_path / "seed43" / "outputs" / "losses.npy")
+    assert abs(other_seed[0] - fp32[0]) > 5 * BF16_RTOL * fp32[0]
