@@ -1,0 +1,78 @@
+"""Tests of data.py's loading, splitting, batching and pretraining augmentation.
+
+Run: python -m pytest -q tests/test_data.py
+"""
+import argparse
+
+import pytest
+import torch
+
+import data
+from conftest import FIXTURE_DIR
+
+
+def data_args(**kw):
+    args = dict(dataset="fake", data_path="unused", val_split=0, fake_size=200)
+    args.update(kw)
+    return argparse.Namespace(**args)
+
+
+def test_image_folder_fixture_loads_as_uint8_with_class_names():
+    train, val = data.load_data(data_args(dataset="folder", data_path=FIXTURE_DIR, val_split=10))
+    assert train.images.dtype == torch.uint8 and train.images.shape[1:] == (3, 32, 32)
+    assert len(train) + len(val) == 60 and len(val) == 10
+    assert train.classes[:2] == ["airplane", "automobile"] and len(train.classes) == 10
+
+
+def test_val_split_is_disjoint_fixed_and_covers_the_training_set():
+    full, _ = data.load_data(data_args())
+    train, val = data.load_data(data_args(val_split=50))
+    again_train, again_val = data.load_data(data_args(val_split=50))
+    assert torch.equal(val.images, again_val.images) and torch.equal(train.images, again_train.images)
+    # Every original image lands in exactly one of the two parts.
+    key = lambda imgs: {bytes(img.flatten().tolist()) for img in imgs}  # noqa: E731
+    assert key(train.images) | key(val.images) == key(full.images)
+    assert not key(train.images) & key(val.images)
+    assert len(train) == 150 and len(val) == 50
+
+
+def test_val_split_errors_name_the_flag():
+    with pytest.raises(data.DataError, match="--val_split"):
+        data.load_data(data_args(val_split=200))
+    with pytest.raises(data.DataError, match="--data_path"):
+        data.load_data(data_args(dataset="folder", data_path="/nonexistent"))
+    with pytest.raises(data.DataError, match="--val_split N"):  # train/ but no val/ or test/
+        data.load_data(data_args(dataset="folder", data_path=FIXTURE_DIR))
+
+
+def test_epoch_batches_drop_the_partial_batch_and_reshuffle_per_epoch():
+    a = data.epoch_batches(103, 10, epoch_seed=1, device="cpu")
+    b = data.epoch_batches(103, 10, epoch_seed=2, device="cpu")
+    assert len(a) == 10 and all(len(x) == 10 for x in a)
+    flat = torch.cat(a)
+    assert len(set(flat.tolist())) == 100 and flat.max() < 103
+    assert not torch.equal(flat, torch.cat(b))
+    assert torch.equal(flat, torch.cat(data.epoch_batches(103, 10, epoch_seed=1, device="cpu")))
+
+
+def test_normalize_matches_the_reference_transform():
+    imgs = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    from torchvision.transforms import Normalize
+    expected = Normalize(0.5, 0.5)(imgs.float() / 255)
+    assert torch.allclose(data.normalize(imgs), expected)
+    assert torch.allclose(data.denormalize(data.normalize(imgs)), imgs.float() / 255)
+
+
+def test_full_centred_crop_is_the_identity_and_flip_flips():
+    x = torch.randn(3, 3, 32, 32)
+    # area 1, aspect 1 (the middle of the log-ratio range), centred: the crop is the whole image.
+    rand = torch.tensor([[1.0, 0.5, 0.5, 0.5]]).expand(3, 4)
+    assert torch.allclose(data.random_resized_crop(x, scale=(0.2, 1.0), rand=rand), x, atol=1e-5)
+    # A quarter-area crop in the top-left corner, upsampled, equals that corner resized.
+    rand = torch.tensor([[0.25, 0.5, 0.0, 0.0]]).expand(3, 4)
+    corner = data.random_resized_crop(x, scale=(0.0, 1.0), rand=rand)
+    expected = torch.nn.functional.interpolate(x[:, :, :16, :16], size=32, mode="bilinear", align_corners=False)
+    assert torch.allclose(corner[:, :, 2:-2, 2:-2], expected[:, :, 2:-2, 2:-2], atol=1e-5)
+    flipped = data.random_hflip(x, rand=torch.tensor([0.1, 0.9, 0.3]))
+    assert torch.equal(flipped[0], x[0].flip(-1)) and torch.equal(flipped[1], x[1])
+    assert torch.equal(flipped[2], x[2].flip(-1))
