@@ -86,7 +86,9 @@ def load_data(args, img_size: int = 32):
             raise DataError(f"--val_split must be smaller than the {len(train)} training images, "
                             f"got {args.val_split}")
         perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
-        held_out, kept = perm[:args.val_split].sort().values, perm[args.val_split:].sort().values
+        # The held-out images stay in random order, so the first few (the ones the figures show) mix classes
+        # even when the source is sorted by class, as an image folder is.
+        held_out, kept = perm[:args.val_split], perm[args.val_split:].sort().values
         train, val = train.subset(kept), train.subset(held_out)
     return train, val
 
@@ -274,7 +276,7 @@ def apply_augment_ops(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor
     results = {
         "posterize": (levels / step).floor() * step / 255,
         "solarize": torch.where(x >= threshold, 1 - x, x),
-        "autocontrast": TF.autocontrast(x),
+        "autocontrast": _autocontrast(x),
         "equalize": TF.equalize(levels.to(torch.uint8)).to(x.dtype) / 255,
     }
     for name, degenerate in blends.items():
@@ -285,6 +287,13 @@ def apply_augment_ops(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor
     for name, result in results.items():
         out = torch.where(is_op[name].view(B, 1, 1, 1), result, out)
     return out
+
+
+def _autocontrast(x: torch.Tensor) -> torch.Tensor:
+    # torchvision's autocontrast, with torch.where in place of its boolean-mask assignment (a host sync on CUDA).
+    low, high = x.amin(dim=(-2, -1), keepdim=True), x.amax(dim=(-2, -1), keepdim=True)
+    flat = high == low  # a constant channel is left as it is
+    return ((x - torch.where(flat, 0, low)) / torch.where(flat, 1, high - low)).clamp(0, 1)
 
 
 def random_erasing(x: torch.Tensor, prob: float, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3)) -> torch.Tensor:

@@ -265,6 +265,61 @@ def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Te
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Fine-tuning
+
+def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float, num_blocks: int) -> list:
+    """Optimizer groups with layer-wise lr decay (BEiT, MAE fine-tuning): pretrained lower layers hold general
+    features and move less. A parameter at layer id d gets lr_scale layer_decay ** (num_blocks + 1 - d), where d
+    is 0 for the patch embedding and class token, i + 1 for transformer block i (a name with 'blocks.<i>.') and
+    num_blocks + 1 for everything after the blocks (final norm, head), which keeps the full lr. Weight decay
+    follows weight_decay_groups; frozen parameters are left out."""
+    import re
+    decayed = {id(p) for p in weight_decay_groups(model, weight_decay)[0]["params"]}
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        block = re.search(r"(?:^|\.)blocks\.(\d+)\.", name)
+        if block:
+            layer_id = int(block.group(1)) + 1
+        elif any(part in name for part in ("patch_embed", "cls_token", "pos_embed")):
+            layer_id = 0
+        else:
+            layer_id = num_blocks + 1
+        decay = id(p) in decayed
+        group = groups.setdefault((layer_id, decay), {
+            "params": [], "weight_decay": weight_decay if decay else 0.0,
+            "lr_scale": layer_decay ** (num_blocks + 1 - layer_id)})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def save_prediction_grid(path: str, images, predicted, true, classes, title: str = "", ncol: int = 4) -> None:
+    """Images (B, 3, H, W) in [0, 1], each titled 'P: <predicted> / T: <true>', green when right, red when
+    wrong."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nrow = math.ceil(len(images) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.2 * ncol, 2.3 * nrow + 0.5), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= len(images):
+            continue
+        p, t = int(predicted[i]), int(true[i])
+        ax.imshow(images[i].float().cpu().permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_title(f"P: {classes[p]} / T: {classes[t]}", fontsize=8, color="green" if p == t else "red")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Several processes (torchrun): rank 0 writes, everyone computes
 
 def dist_env():

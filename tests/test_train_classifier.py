@@ -1,0 +1,525 @@
+"""Tests of train_classifier.py on tiny CPU runs (scratch, MAE-pretrained, linear probe), of its checkpoint
+loading and bad-input handling, and of the classification augmentation and layer decay it uses.
+
+Run: python -m pytest -q tests/test_train_classifier.py
+"""
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.tensorboard import SummaryWriter
+
+import data
+import train_classifier
+import utils
+from conftest import ROOT, TINY_MODEL, tiny_pretrain_argv
+from model import MAEConfig, ViTClassifier
+
+FAKE_TRAIN, FAKE_VAL, BATCH = 128, 32, 32  # --dataset fake --fake_size 128 holds out max(128 // 4, 16) val images
+STEPS = FAKE_TRAIN // BATCH
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # On a shared 2-core machine two intra-op threads per process thrash; these models are far too small to
+    # gain from them.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mae_ckpt(tmp_path_factory):
+    """A tiny mae_pretrain.py checkpoint, made once for the module."""
+    import mae_pretrain
+    argv = tiny_pretrain_argv(tmp_path_factory.mktemp("pretrain"))
+    mae_pretrain.main(mae_pretrain.get_args_parser().parse_args(argv))
+    return argv[argv.index("--model_path") + 1]
+
+
+def cls_argv(tmp_path, *extra, name="run", epochs=2):
+    """Flags for a seconds-long train_classifier.py run on --dataset fake, every output under tmp_path/name."""
+    out = tmp_path / name
+    return ["--dataset", "fake", "--fake_size", str(FAKE_TRAIN), "--batch_size", str(BATCH),
+            "--max_device_batch_size", "16", "--total_epoch", str(epochs), "--warmup_epoch", "1",
+            "--device", "cpu", "--log_interval", "1", "--output_model_path", str(out / "cls.pt"),
+            "--output_dir", str(out / "cls_outputs"), "--log_dir", str(out / "logs"), *TINY_MODEL, *extra]
+
+
+def parse(argv):
+    return train_classifier.get_args_parser().parse_args(argv)
+
+
+def run_cls(argv):
+    train_classifier.main(parse(argv))
+
+
+def mae_encoder(path):
+    state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    return {k: v for k, v in state.items() if k.startswith("encoder.")}
+
+
+def check_run_outputs(run_dir, run, epochs, argv):
+    """Every output of the contract exists, parses and agrees with the others; returns the summary."""
+    out = run_dir / "cls_outputs"
+    arrays = {name: np.load(out / f"{run}_{name}.npy") for name in ("train_loss", "train_acc", "val_loss", "val_acc")}
+    for name, values in arrays.items():
+        assert values.shape == (epochs,) and np.all(np.isfinite(values)), name
+    for name in ("train_acc", "val_acc"):
+        assert np.all((arrays[name] >= 0) & (arrays[name] <= 1))
+
+    records = [json.loads(line) for line in open(out / f"{run}_log.jsonl")]
+    assert [r["epoch"] for r in records] == list(range(1, epochs + 1))
+    assert set(records[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_sec",
+                               "seconds"}
+    for name, values in arrays.items():
+        assert [r[name] for r in records] == pytest.approx(values.tolist())
+
+    summary = json.load(open(out / f"{run}_summary.json"))
+    val_acc = arrays["val_acc"]
+    assert summary["run"] == run and summary["epochs"] == epochs
+    assert summary["best_val_acc"] == pytest.approx(val_acc.max())
+    assert summary["best_epoch"] == int(np.argmax(val_acc)) + 1
+    assert summary["final_val_acc"] == pytest.approx(val_acc[-1])
+    assert summary["classes"] == [f"class_{i}" for i in range(10)]
+    assert {"linear_probe", "pretrained_model_path", "recipe"} <= set(summary)
+
+    # The val labels are the dataset's, and the saved predictions give the last epoch's accuracy.
+    _, val = data.load_data(parse(argv))
+    preds, labels = np.load(out / f"{run}_val_preds.npy"), np.load(out / f"{run}_val_labels.npy")
+    assert preds.dtype == labels.dtype == np.int64 and preds.shape == labels.shape == (FAKE_VAL,)
+    assert np.array_equal(labels, val.labels.numpy())
+    assert (preds == labels).mean() == pytest.approx(val_acc[-1])
+
+    for epoch in (0, (epochs + 1) // 2, epochs):
+        with Image.open(out / f"{run}_preds_epoch_{epoch}.png") as im:
+            assert im.width > 300 and im.height > 300
+    assert sorted(p for p in os.listdir(out) if p.endswith(".png")) == sorted(
+        [f"{run}_preds_grid.png"] + [f"{run}_preds_epoch_{e}.png" for e in {0, (epochs + 1) // 2, epochs}])
+    assert (out / f"{run}_preds_grid.png").read_bytes() == (out / f"{run}_preds_epoch_{epochs}.png").read_bytes()
+    assert json.load(open(out / f"{run}_args.json"))["run_name"] == run
+
+    events = EventAccumulator(str(run_dir / "logs"), size_guidance={"scalars": 0}).Reload()
+    for name, values in arrays.items():
+        scalars = events.Scalars(name)
+        assert [e.step for e in scalars] == list(range(1, epochs + 1))
+        assert [e.value for e in scalars] == pytest.approx(values.tolist(), rel=1e-5)
+    assert len(events.Scalars("lr")) == epochs * STEPS
+
+    best = torch.load(run_dir / "cls.pt", map_location="cpu", weights_only=True)
+    last = torch.load(run_dir / "cls_last.pt", map_location="cpu", weights_only=True)
+    assert set(best) == {"model", "epoch", "val_acc", "args", "config", "num_classes", "classes"}
+    assert set(last) == set(best) | {"optimizer"}
+    assert (best["epoch"], best["val_acc"]) == (summary["best_epoch"], pytest.approx(summary["best_val_acc"]))
+    assert (last["epoch"], last["val_acc"]) == (epochs, pytest.approx(val_acc[-1]))
+    assert best["num_classes"] == 10 and best["classes"] == summary["classes"]
+
+    # The best checkpoint, rebuilt from what it holds and run on the val images here, has the accuracy it claims.
+    model = ViTClassifier(MAEConfig(**best["config"]), best["num_classes"], best["args"]["global_pool"],
+                          linear_probe=best["args"]["linear_probe"])
+    model.load_state_dict(best["model"])
+    with torch.no_grad():
+        predicted = model.eval()(data.normalize(val.images)).argmax(dim=-1)
+    assert (predicted == val.labels).float().mean().item() == pytest.approx(best["val_acc"])
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End-to-end runs
+
+def test_scratch_run_writes_every_output(tmp_path):
+    argv = cls_argv(tmp_path)
+    run_cls(argv)
+    summary = check_run_outputs(tmp_path / "run", "scratch", 2, argv)
+    assert summary["recipe"] == "finetune" and summary["pretrained_model_path"] is None
+    # The recipe, but for layer decay, which only applies to a pretrained encoder.
+    assert summary["recipe_settings"] == {**train_classifier.RECIPES["finetune"], "layer_decay": 1.0}
+    events = EventAccumulator(str(tmp_path / "run" / "logs"), size_guidance={"scalars": 0}).Reload()
+    # finetune: linear warmup over --warmup_epoch, then cosine to --min_lr 0, one value per optimizer step.
+    total, warmup, peak = 2 * STEPS, STEPS, 1e-3 * BATCH / 256
+    expected = [peak * (s + 1) / warmup if s < warmup else
+                peak * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))) for s in range(total)]
+    assert [e.value for e in events.Scalars("lr")] == pytest.approx(expected, rel=1e-6)
+
+
+def test_plain_run_learns_the_fake_classes_and_shows_its_predictions(tmp_path, monkeypatch):
+    shown = {}
+    save_grid = utils.save_prediction_grid
+
+    def spy(path, images, predicted, true, classes, title=""):
+        shown[os.path.basename(path)] = (images.clone(), list(map(int, predicted)), list(map(int, true)))
+        save_grid(path, images, predicted, true, classes, title=title)
+    monkeypatch.setattr(utils, "save_prediction_grid", spy)
+    # Catches what the output checks cannot: labels out of step with images, a head that does not train.
+    argv = cls_argv(tmp_path, "--recipe", "plain", "--fake_size", "256", "--base_learning_rate", "3e-3", epochs=8)
+    run_cls(argv)
+    out = tmp_path / "run" / "cls_outputs"
+    val_acc = np.load(out / "scratch_val_acc.npy")
+    assert val_acc[0] < 0.5 < val_acc[-1]  # 10 classes: chance is 0.1
+
+    # The last grid shows 16 different val images with the predictions and labels saved for them.
+    preds, labels = np.load(out / "scratch_val_preds.npy"), np.load(out / "scratch_val_labels.npy")
+    _, val = data.load_data(parse(argv))
+    images, predicted, true = shown["scratch_preds_epoch_8.png"]
+    where = [[j for j in range(len(val)) if torch.equal(images[i], val.images[j].float() / 255)]
+             for i in range(len(images))]
+    assert len(images) == 16 and all(len(w) == 1 for w in where) and len({w[0] for w in where}) == 16
+    assert predicted == [preds[w[0]] for w in where] and true == [labels[w[0]] for w in where]
+    assert len(set(predicted)) > 3
+
+
+def test_pretrained_plain_run_writes_every_output_with_the_reference_schedule(tmp_path, mae_ckpt):
+    argv = cls_argv(tmp_path, "--pretrained_model_path", mae_ckpt, "--recipe", "plain", epochs=3)
+    run_cls(argv)
+    summary = check_run_outputs(tmp_path / "run", "pretrained", 3, argv)
+    assert summary["pretrained_model_path"] == mae_ckpt and summary["recipe"] == "plain"
+    events = EventAccumulator(str(tmp_path / "run" / "logs"), size_guidance={"scalars": 0}).Reload()
+    # The reference's lr: min((e + 1) / warmup, cosine over the whole run), here per step.
+    total, warmup, peak = 3 * STEPS, STEPS, 1e-3 * BATCH / 256
+    expected = [peak * min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / total))) for s in range(total)]
+    assert [e.value for e in events.Scalars("lr")] == pytest.approx(expected, rel=1e-6)
+
+
+def test_linear_probe_trains_the_head_only(tmp_path, mae_ckpt):
+    argv = cls_argv(tmp_path, "--pretrained_model_path", mae_ckpt, "--linear_probe")
+    run_cls(argv)
+    summary = check_run_outputs(tmp_path / "run", "linprobe", 2, argv)
+    assert summary["linear_probe"] is True
+    assert summary["recipe_settings"] == {**train_classifier.PROBE_SETTINGS, "schedule": "warmup_cosine"}
+
+    pretrained = mae_encoder(mae_ckpt)
+    args = parse(argv)
+    train_classifier.check_args(args)
+    torch.manual_seed(args.seed)  # as main() does, so this is the head the probe started from
+    initial = train_classifier.build_model(args, MAEConfig(**torch.load(mae_ckpt, weights_only=True)["config"]),
+                                           10, torch.load(mae_ckpt, weights_only=True)["model"])
+    for name in ("cls.pt", "cls_last.pt"):
+        state = torch.load(tmp_path / "run" / name, weights_only=True)["model"]
+        assert all(torch.equal(state[k], v) for k, v in pretrained.items()), name  # bit-identical encoder
+        assert not torch.equal(state["head.weight"], initial.head.weight)
+        assert state["head_norm.running_var"].ne(1).all()  # BatchNorm statistics were learnt
+    optimizer = torch.load(tmp_path / "run" / "cls_last.pt", weights_only=True)["optimizer"]
+    assert sum(len(g["params"]) for g in optimizer["param_groups"]) == 2  # head.weight and head.bias
+
+
+def test_a_probe_step_on_augmented_images_leaves_the_encoder_unchanged(tmp_path, mae_ckpt):
+    # With augmentation the frozen encoder runs every step (no cached features): the path where it could drift.
+    args = parse(cls_argv(tmp_path, "--pretrained_model_path", mae_ckpt, "--linear_probe", "--hflip",
+                          "--crop_padding", "2"))
+    train_classifier.check_args(args)
+    mae_state, config = train_classifier.load_pretrained(args.pretrained_model_path)
+    model = train_classifier.build_model(args, train_classifier.model_config(args, config), 10, mae_state)
+    encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    head_before = model.head.weight.detach().clone()
+    optimizer = torch.optim.AdamW(utils.layer_decay_groups(model, 0.05, 1.0, 2), lr=1e-3)
+    images = data.fake_images(64).images
+    labels = data.fake_images(64).labels
+    stats = train_classifier.train_one_epoch(
+        model, model.encoder, optimizer, torch.amp.GradScaler("cpu", enabled=False), images, labels,
+        lambda x: train_classifier.augment(x, args), None, torch.nn.CrossEntropyLoss(), args, 1, 2,
+        torch.device("cpu"), None, SummaryWriter(str(tmp_path / "tb")))
+    assert math.isfinite(stats["train_loss"])
+    assert not model.encoder.training and model.head_norm.training
+    assert all(torch.equal(v, encoder_before[k]) for k, v in model.encoder.state_dict().items())
+    assert not torch.equal(model.head.weight, head_before)
+
+
+def test_pretrained_encoder_gets_exactly_the_checkpoints_weights_and_only_the_head_is_new(tmp_path, mae_ckpt):
+    args = parse(cls_argv(tmp_path, "--pretrained_model_path", mae_ckpt))
+    train_classifier.check_args(args)
+    mae_state, config = train_classifier.load_pretrained(mae_ckpt)
+    cfg = train_classifier.model_config(args, config)
+    assert dataclasses.asdict(cfg) == torch.load(mae_ckpt, weights_only=True)["config"]
+    heads = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = train_classifier.build_model(args, cfg, 10, mae_state)
+        state = model.state_dict()
+        expected = mae_encoder(mae_ckpt)
+        assert {k for k in state if k.startswith("encoder.")} == set(expected)
+        assert all(torch.equal(state[k], v) for k, v in expected.items())
+        assert set(state) - set(expected) == {"head.weight", "head.bias"}
+        heads.append(state["head.weight"])
+    assert not torch.equal(*heads)  # the head is the only thing the seed decides
+
+
+def test_the_reference_commands_and_the_probe_parse_as_written():
+    common = ["--total_epoch", "50", "--batch_size", "128", "--max_device_batch_size", "128"]
+    scratch = parse(common + ["--output_model_path", "vit-t-classifier-from_scratch.pt"])
+    pretrained = parse(common + ["--pretrained_model_path", "vit-t-mae-150ep.pt",
+                                 "--output_model_path", "vit-t-classifier-from_pretrained.pt"])
+    probe = parse(["--linear_probe", "--pretrained_model_path", "vit-t-mae-150ep.pt"])
+    for args in (scratch, pretrained, probe):
+        train_classifier.resolve_recipe(args)
+    assert (scratch.run_name, pretrained.run_name, probe.run_name) == ("scratch", "pretrained", "linprobe")
+    assert scratch.log_dir == os.path.join("logs", "classifier", "scratch")
+    assert (scratch.total_epoch, scratch.batch_size, scratch.base_learning_rate, scratch.weight_decay,
+            scratch.warmup_epoch, scratch.seed) == (50, 128, 1e-3, 0.05, 5, 42)
+    # Both arms get the same recipe; layer decay, which only has pretrained layers to act on, is 1 from scratch.
+    recipe = {name: getattr(scratch, name) for name in train_classifier.RECIPE_FLAGS}
+    assert recipe == {name: getattr(pretrained, name) for name in train_classifier.RECIPE_FLAGS} | {"layer_decay": 1.0}
+    assert pretrained.layer_decay == train_classifier.RECIPES["finetune"]["layer_decay"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Recipe
+
+def test_plain_recipe_is_unaugmented_and_flags_override_the_recipe():
+    args = parse(["--recipe", "plain"])
+    train_classifier.resolve_recipe(args)
+    images = data.fake_images(8).images
+    assert torch.equal(train_classifier.augment(images, args), data.normalize(images))
+    assert not train_classifier.augments_images(args) and train_classifier.make_mixup(args, 10) is None
+    assert (args.label_smoothing, args.drop_path, args.layer_decay, args.schedule) == (0, 0, 1, "reference")
+
+    args = parse(["--recipe", "plain", "--mixup", "0.2", "--no-hflip"])
+    train_classifier.resolve_recipe(args)
+    assert args.mixup == 0.2 and args.cutmix == 0 and args.hflip is False
+    args = parse(["--cutmix", "0", "--layer_decay", "0.9"])
+    train_classifier.resolve_recipe(args)
+    assert (args.cutmix, args.layer_decay, args.mixup, args.crop_padding) == (0, 0.9, 0.8, 4)
+    torch.manual_seed(0)
+    assert not torch.equal(train_classifier.augment(images, args), data.normalize(images))
+
+
+def test_recipe_layer_decay_applies_to_pretrained_runs_only():
+    scratch = parse([])
+    train_classifier.resolve_recipe(scratch)
+    pretrained = parse(["--pretrained_model_path", "mae.pt"])
+    train_classifier.resolve_recipe(pretrained)
+    assert scratch.layer_decay == 1.0 and pretrained.layer_decay == 0.75
+    # Everything else of the recipe is the same for both arms.
+    assert all(getattr(scratch, n) == getattr(pretrained, n) for n in train_classifier.RECIPE_FLAGS
+               if n != "layer_decay")
+    explicit = parse(["--layer_decay", "0.8"])
+    train_classifier.resolve_recipe(explicit)
+    assert explicit.layer_decay == 0.8
+
+
+@pytest.mark.parametrize("mixup, cutmix", [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
+def test_mixup_and_cutmix_targets_are_distributions_matching_the_mixed_images(mixup, cutmix):
+    args = parse(["--mixup", str(mixup), "--cutmix", str(cutmix), "--label_smoothing", "0.1"])
+    train_classifier.resolve_recipe(args)
+    mix = train_classifier.make_mixup(args, num_classes=10)
+    labels = torch.arange(16) % 10  # every image's partner (the reversed batch) has another class
+    off, on = 0.1 / 10, 1 - 0.1 + 0.1 / 10
+    kinds = set()
+    for seed in range(8):
+        np.random.seed(seed)
+        x = torch.rand(16, 3, 32, 32)
+        mixed, target = mix(x.clone(), labels)
+        assert target.shape == (16, 10) and target.min() >= 0
+        assert torch.allclose(target.sum(dim=1), torch.ones(16), atol=1e-6)
+        lam = ((target[0, labels[0]] - off) / (on - off)).item()
+        # Longhand: lam of the smoothed one-hot of the own label, 1 - lam of the partner's.
+        smooth = torch.full((16, 10), off).scatter_(1, labels[:, None], on)
+        assert torch.allclose(target, lam * smooth + (1 - lam) * smooth.flip(0), atol=1e-6)
+        from_partner = mixed == x.flip(0)
+        if torch.equal(from_partner | (mixed == x), torch.ones_like(from_partner)) and lam < 1 - 1e-6:
+            kinds.add("cutmix")  # every pixel is its own or its partner's, the partner's on a 1 - lam share
+            assert from_partner.float().mean().item() == pytest.approx(1 - lam, abs=1e-6)
+        else:
+            kinds.add("mixup")
+            assert torch.allclose(mixed, lam * x + (1 - lam) * x.flip(0), atol=1e-6)
+    assert kinds == {"mixup"} if not cutmix else {"cutmix"} if not mixup else {"mixup", "cutmix"}
+
+
+def test_layer_decay_gives_each_block_its_lr_scale():
+    depth, decay = 3, 0.75
+    model = ViTClassifier(MAEConfig(embed_dim=32, depth=depth, num_heads=2, patch_size=4), num_classes=10)
+    groups = utils.layer_decay_groups(model, weight_decay=0.05, layer_decay=decay, num_blocks=depth)
+    optimizer = torch.optim.AdamW(groups, lr=1.0)
+    utils.set_lr(optimizer, 2e-3)
+    where = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    assert len(where) == sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    for name, p in model.named_parameters():
+        if name.startswith(("encoder.patch_embed", "encoder.cls_token")):
+            layer = 0
+        elif name.startswith("encoder.blocks."):
+            layer = int(name.split(".")[2]) + 1
+        else:  # encoder.norm, head
+            layer = depth + 1
+        group = where[id(p)]
+        assert group["lr"] == pytest.approx(2e-3 * decay ** (depth + 1 - layer)), name
+        assert group["weight_decay"] == (0.0 if p.ndim == 1 or name.endswith("cls_token") else 0.05), name
+    assert where[id(model.encoder.blocks[0].attn.qkv.weight)]["lr"] == pytest.approx(2e-3 * 0.75 ** 3)
+    assert where[id(model.head.weight)]["lr"] == pytest.approx(2e-3)
+
+    model.encoder.requires_grad_(False)  # the probe: frozen parameters are left out
+    groups = utils.layer_decay_groups(model, 0.05, decay, depth)
+    assert sum(len(g["params"]) for g in groups) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batched augmentation (data.py)
+
+def test_random_crop_copies_a_padded_window_per_image():
+    x = torch.rand(600, 3, 8, 8)
+    torch.manual_seed(0)
+    out = data.random_crop(x, 2)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    offsets = set()
+    for b in range(len(x)):
+        found = [(t, l) for t in range(5) for l in range(5) if torch.equal(out[b], padded[b, :, t:t + 8, l:l + 8])]
+        assert found, b
+        offsets.add(found[0])
+    assert len(offsets) == 25  # every offset is drawn
+
+
+def _apply(x, name, magnitudes):
+    op = torch.full((len(x),), data.AUGMENT_OPS.index(name))
+    return data.apply_augment_ops(x, op, torch.tensor(magnitudes))
+
+
+def test_augment_ops_match_torchvision_per_image():
+    u8 = data.fake_images(4, seed=3).images
+    u8[0, :, :4] = 255  # saturated pixels, so solarize and the blends clamp somewhere
+    x = u8.float() / 255
+    m = [-1.0, -0.3, 0.4, 1.0]
+    for name, reference in {
+        "brightness": lambda img, v: TF.adjust_brightness(img, 1 + 0.99 * v),
+        "color": lambda img, v: TF.adjust_saturation(img, 1 + 0.99 * v),
+        "contrast": lambda img, v: TF.adjust_contrast(img, 1 + 0.99 * v),
+        "sharpness": lambda img, v: TF.adjust_sharpness(img, 1 + 0.99 * v),
+        "solarize": lambda img, v: TF.solarize(img, 1 - abs(v)),
+        "rotate": lambda img, v: TF.rotate(img, 135 * v),
+        "autocontrast": lambda img, v: TF.autocontrast(img),
+        "identity": lambda img, v: img,
+    }.items():
+        out = _apply(x, name, m)
+        for i, v in enumerate(m):
+            assert torch.allclose(out[i], reference(x[i:i + 1], v)[0], atol=1e-6), (name, v)
+    # Ops defined on uint8 values: compare with torchvision on the uint8 images.
+    for i, v in enumerate(m):
+        bits = 8 - round(abs(v) * 6)
+        assert torch.equal(_apply(x, "posterize", m)[i] * 255, TF.posterize(u8[i], bits).float())
+    assert torch.equal(_apply(x, "equalize", m) * 255, TF.equalize(u8).float())
+
+
+def test_geometric_ops_translate_exactly_and_mix_per_image():
+    x = torch.rand(3, 3, 32, 32)
+    shifted = _apply(x, "translate_x", [4 / 32, -8 / 32, 0.0])  # +4 px right, 8 px left, none
+    assert torch.equal(shifted[0, ..., 4:], x[0, ..., :-4]) and shifted[0, ..., :4].eq(0).all()
+    assert torch.equal(shifted[1, ..., :-8], x[1, ..., 8:]) and shifted[1, ..., -8:].eq(0).all()
+    assert torch.equal(shifted[2], x[2])
+    down = _apply(x, "translate_y", [3 / 32] * 3)
+    assert torch.equal(down[:, :, 3:], x[:, :, :-3])
+    # Shear about the centre agrees with torchvision's affine (also about the centre) up to nearest-pixel ties.
+    sheared = _apply(x, "shear_x", [0.3 / 0.99] * 3)
+    reference = TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=[math.degrees(math.atan(0.3)), 0.0])
+    assert (sheared != reference).float().mean() < 0.01
+    # One batch, a different op per image: each image is exactly what its op alone gives.
+    names = ["rotate", "equalize", "translate_y"]
+    op = torch.tensor([data.AUGMENT_OPS.index(n) for n in names])
+    mixed = data.apply_augment_ops(x, op, torch.tensor([0.5, 0.0, -0.25]))
+    for i, (name, v) in enumerate(zip(names, [0.5, 0.0, -0.25])):
+        assert torch.equal(mixed[i], _apply(x[i:i + 1], name, [v])[0])
+
+
+def test_trivial_augment_draws_one_op_per_image():
+    x = data.fake_images(512, seed=4).images.float() / 255
+    torch.manual_seed(0)
+    out = data.trivial_augment(x)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    changed = (out != x).flatten(1).any(dim=1).float().mean().item()
+    assert 0.75 < changed < 0.99  # identity and zero magnitudes leave about 1/14 + a little unchanged
+    torch.manual_seed(0)
+    assert torch.equal(data.trivial_augment(x), out)  # seeded by torch's RNG
+
+
+def test_random_erasing_fills_one_rectangle_per_erased_image():
+    x = torch.zeros(2000, 3, 16, 16)
+    torch.manual_seed(0)
+    out = data.random_erasing(x, prob=1.0)
+    erased = out != 0  # noise is never exactly 0
+    assert torch.equal(erased, erased[:, :1].expand_as(erased))  # all channels, same pixels
+    area = erased[:, 0].flatten(1).sum(dim=1).float()
+    rows, cols = erased[:, 0].any(dim=2), erased[:, 0].any(dim=1)
+    assert torch.equal(erased[:, 0], rows[:, :, None] & cols[:, None, :])  # exactly one axis-aligned rectangle
+    assert area.min() >= 1 and area.max() <= 256 / 3 * 1.5 and area.mean() > 0.05 * 256
+    assert torch.equal(data.random_erasing(x, prob=0.0), x)
+    share = (data.random_erasing(x, prob=0.25) != 0).flatten(1).any(dim=1).float().mean().item()
+    assert 0.21 < share < 0.29
+
+
+def test_prediction_grid_colours_right_green_and_wrong_red(tmp_path):
+    images = torch.full((2, 3, 32, 32), 0.5)
+
+    def colour_pixels(predicted):
+        path = str(tmp_path / "grid.png")
+        utils.save_prediction_grid(path, images, predicted, [0, 1], ["cat", "dog"])
+        rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+        return ((g > 100) & (r < 60) & (b < 60)).sum(), ((r > 200) & (g < 60) & (b < 60)).sum()
+
+    green, red = colour_pixels([0, 1])
+    assert green > 20 and red == 0
+    green, red = colour_pixels([1, 1])
+    assert green > 20 and red > 20
+    green, red = colour_pixels([1, 0])
+    assert green == 0 and red > 20
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input: one line, status 2, nothing written
+
+def _make_bad_checkpoints(tmp_path, mae_ckpt):
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    (folder / "text.pt").write_bytes(b"this is not a checkpoint")
+    torch.save({"model": {}}, folder / "no_config.pt")
+    good = torch.load(mae_ckpt, weights_only=True)
+    cfg = MAEConfig(**good["config"])
+    torch.save({"model": ViTClassifier(cfg, 10).state_dict(), "config": good["config"]}, folder / "classifier.pt")
+    torch.save({**good, "config": {**good["config"], "embed_dim": 64}}, folder / "other_size.pt")
+    return folder
+
+
+@pytest.mark.parametrize("bad_flags, expected", [
+    (["--batch_size", "30", "--max_device_batch_size", "16"], "--batch_size 30 is not divisible"),
+    (["--batch_size", "30", "--max_device_batch_size", "15"], "--max_device_batch_size 15 must be even"),
+    (["--pretrained_model_path", "/nonexistent/mae.pt"], "no such file"),
+    (["--pretrained_model_path", "{ckpts}/text.pt"], "not a readable checkpoint"),
+    (["--pretrained_model_path", "{ckpts}/no_config.pt"], "missing config"),
+    (["--pretrained_model_path", "{ckpts}/classifier.pt"], "not an MAE checkpoint of its config"),
+    (["--pretrained_model_path", "{ckpts}/other_size.pt"], "weights do not match its config (size mismatch"),
+    (["--pretrained_model_path", "{mae}", "--embed_dim", "64"], "--embed_dim 64 does not match"),
+    (["--label_smoothing", "1.0"], "--label_smoothing must be in [0, 1)"),
+    (["--layer_decay", "0"], "--layer_decay must be in (0, 1]"),
+    (["--crop_padding", "32"], "--crop_padding must be in [0, 32)"),
+    (["--linear_probe", "--drop_path", "0.1"], "--drop_path and --layer_decay do not apply"),
+    (["--run_name", "a/b"], "--run_name"),
+    (["--recipe", "fancy"], "--recipe"),
+    (["--total_epoch", "0"], "--total_epoch"),
+])
+def test_bad_input_is_one_line_and_status_2(tmp_path, mae_ckpt, capsys, bad_flags, expected):
+    ckpts = _make_bad_checkpoints(tmp_path, mae_ckpt)
+    before = {p: p.read_bytes() for p in ckpts.iterdir()}
+    flags = [f.format(ckpts=ckpts, mae=mae_ckpt) for f in bad_flags]
+    with pytest.raises(SystemExit) as exc:
+        run_cls(cls_argv(tmp_path, *flags))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+    assert not (tmp_path / "run").exists()  # nothing was created
+    assert {p: p.read_bytes() for p in ckpts.iterdir()} == before
+
+
+def test_command_line_error_has_no_traceback(tmp_path):
+    argv = cls_argv(tmp_path, "--pretrained_model_path", str(tmp_path / "missing.pt"))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_classifier.py"), *argv],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"train_classifier.py: error: --pretrained_model_path '{tmp_path / 'missing.pt'}': no such file"]
+    assert proc.stdout == "" and not (tmp_path / "run").exists()
