@@ -1,0 +1,661 @@
+"""The report's figures and numbers, rebuilt from the files mae_pretrain.py and train_classifier.py wrote.
+
+After the runs (the defaults are the scripts' defaults; CPU only, no display, a few seconds):
+    python plot_results.py
+writes outputs/{loss_curve, best_recon, last_recon, pretrain_monitor}.png,
+cls_outputs/{cls_train_loss_compare, cls_val_acc_compare, confusion_matrix}.png and results.md, and prints the
+numbers. It plots whatever exists and names what is missing in one line.
+On other folders, e.g. the tiny CPU run of mae_pretrain.py's docstring:
+    python plot_results.py --pretrain_dir /tmp/mae_out --cls_dir /tmp/cls_out --report /tmp/results.md
+"""
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed, none opened
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.legend_handler import HandlerTuple  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
+
+import utils  # noqa: E402
+
+# Okabe-Ito colours (distinguishable with every common colour-vision deficiency), plus a line style per role so
+# the figures also survive a greyscale print.
+BLUE, ORANGE, GREEN, VERMILLION, PURPLE = "#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7"
+ROLES = {  # classifier run role -> (legend label, colour, line style)
+    "scratch": ("from scratch", ORANGE, "--"),
+    "pretrained": ("MAE-pretrained, fine-tuned", BLUE, "-"),
+    "linprobe": ("MAE-pretrained, linear probe", GREEN, "-."),
+}
+STYLE = {
+    "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8.5, "xtick.labelsize": 9,
+    "ytick.labelsize": 9, "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
+    "grid.alpha": 0.3, "grid.linewidth": 0.6, "lines.linewidth": 1.6, "legend.frameon": False,
+    "figure.constrained_layout.use": True, "savefig.bbox": "tight", "savefig.pad_inches": 0.04,
+}
+MONITOR_FILES = ("eval_epochs", "knn_acc", "val_loss", "val_psnr")
+RUN_CURVES = ("train_loss", "train_acc", "val_loss", "val_acc")
+
+
+def get_args_parser():
+    parser = utils.ArgumentParser(description="Rebuild the report's figures and results.md from the run outputs")
+    # Inputs (the scripts' --output_dir defaults) and run names (train_classifier.py's --run_name values)
+    parser.add_argument("--pretrain_dir", default="outputs",
+                        help="mae_pretrain.py --output_dir: losses.npy, log.jsonl, args.json, recon_epoch_NNN.png")
+    parser.add_argument("--cls_dir", default="cls_outputs",
+                        help="train_classifier.py output folder: <run>_*.npy, <run>_summary.json, ...")
+    parser.add_argument("--scratch_run", default="scratch", help="run name of the classifier trained from scratch "
+                                                                 "('' to leave it out)")
+    parser.add_argument("--pretrained_run", default="pretrained",
+                        help="run name of the classifier fine-tuned from the MAE encoder ('' to leave it out); "
+                             "its predictions give the confusion matrix")
+    parser.add_argument("--linprobe_run", default="linprobe",
+                        help="run name of the linear probe on the frozen MAE encoder ('' to leave it out)")
+    # Outputs: figures go next to their inputs, the report wherever asked
+    parser.add_argument("--report", default="results.md",
+                        help="markdown report with the numbers and the figures (embedded by relative path)")
+    parser.add_argument("--log_scale", action="store_true", help="logarithmic y axis for the loss curves")
+    parser.add_argument("--dpi", type=int, default=200, help="resolution of the figures (>= 72; 200 for print)")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading the runs: everything is read and checked before anything is written
+
+@dataclass
+class Pretraining:
+    folder: str
+    losses: np.ndarray  # (E,) mean train loss of epochs 1..E
+    args: dict  # args.json, {} when absent
+    log: list  # log.jsonl records
+    eval_epochs: np.ndarray = None  # (K,) 1-based epochs of the encoder evaluations
+    evals: dict = field(default_factory=dict)  # knn_acc / val_loss / val_psnr -> (K,)
+
+    @property
+    def best_epoch(self) -> int:
+        return int(np.nanargmin(self.losses)) + 1
+
+
+@dataclass
+class ClassifierRun:
+    name: str
+    role: str  # scratch, pretrained or linprobe: which flag named it
+    curves: dict  # train_loss / train_acc / val_loss / val_acc -> (E,), only those that exist
+    summary: dict  # <run>_summary.json, {} when absent
+    args: dict = field(default_factory=dict)  # <run>_args.json, {} when absent
+    preds: np.ndarray = None  # (N,) int, last epoch, every val image
+    labels: np.ndarray = None
+    classes: list = None
+    preds_grid: str = None  # path of <run>_preds_grid.png when it exists
+
+    @property
+    def linear_probe(self) -> bool:
+        return bool(self.summary.get("linear_probe", self.role == "linprobe"))
+
+
+def load_vector(path: str, flag: str) -> np.ndarray:
+    try:
+        values = np.load(path, allow_pickle=False)
+    except Exception as e:  # truncated, not .npy, pickled objects
+        utils.die(f"{flag}: {path!r} is not a readable .npy file ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
+    if values.ndim != 1 or len(values) == 0 or not np.issubdtype(values.dtype, np.number):
+        utils.die(f"{flag}: {path!r} should hold a non-empty 1-D array of numbers, found {values.dtype} "
+                  f"{values.shape}")
+    return values
+
+
+def load_json(path: str, flag: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        utils.die(f"{flag}: {path!r} is not readable JSON ({type(e).__name__}: {e})")
+
+
+def load_jsonl(path: str, flag: str) -> list:
+    try:
+        return utils.read_jsonl(path)
+    except (OSError, ValueError) as e:
+        utils.die(f"{flag}: {path!r} is not readable JSON lines ({type(e).__name__}: {e})")
+
+
+def load_pretraining(folder: str, missing: list, notes: list):
+    losses_path = os.path.join(folder, "losses.npy")
+    if not os.path.isfile(losses_path):
+        missing.append(f"{losses_path} (no pretraining figures)")
+        return None
+    pre = Pretraining(folder, load_vector(losses_path, "--pretrain_dir").astype(np.float64),
+                      load_json(os.path.join(folder, "args.json"), "--pretrain_dir"),
+                      load_jsonl(os.path.join(folder, "log.jsonl"), "--pretrain_dir"))
+    present = [n for n in MONITOR_FILES if os.path.isfile(os.path.join(folder, f"{n}.npy"))]
+    if "eval_epochs" not in present or len(present) == 1:
+        missing.append(f"{folder}/{{{','.join(MONITOR_FILES)}}}.npy (no pretrain_monitor.png)")
+        return pre
+    epochs = load_vector(os.path.join(folder, "eval_epochs.npy"), "--pretrain_dir")
+    pre.eval_epochs = np.rint(epochs).astype(np.int64)
+    for name in present[1:]:
+        values = load_vector(os.path.join(folder, f"{name}.npy"), "--pretrain_dir").astype(np.float64)
+        if len(values) != len(pre.eval_epochs):  # a run killed between two file writes
+            notes.append(f"{folder}/{name}.npy has {len(values)} values for {len(pre.eval_epochs)} evaluated "
+                         "epochs: left out")
+            continue
+        pre.evals[name] = values
+    return pre
+
+
+def load_classifier_run(folder: str, name: str, role: str, missing: list, notes: list):
+    prefix = os.path.join(folder, f"{name}_")
+    curves = {c: load_vector(f"{prefix}{c}.npy", "--cls_dir").astype(np.float64)
+              for c in RUN_CURVES if os.path.isfile(f"{prefix}{c}.npy")}
+    if not curves:
+        missing.append(f"{prefix}*.npy (no '{name}' run)")
+        return None
+    absent = [f"{name}_{c}.npy" for c in RUN_CURVES if c not in curves]
+    if absent:
+        missing.append(f"{folder}/{{{','.join(absent)}}}")
+    run = ClassifierRun(name, role, curves, load_json(f"{prefix}summary.json", "--cls_dir"),
+                        load_json(f"{prefix}args.json", "--cls_dir"))
+    run.classes = run.summary.get("classes")
+    if os.path.isfile(f"{prefix}preds_grid.png"):
+        run.preds_grid = f"{prefix}preds_grid.png"
+    elif role == "pretrained":
+        missing.append(f"{prefix}preds_grid.png")
+    if os.path.isfile(f"{prefix}val_preds.npy") and os.path.isfile(f"{prefix}val_labels.npy"):
+        run.preds = load_vector(f"{prefix}val_preds.npy", "--cls_dir")
+        run.labels = load_vector(f"{prefix}val_labels.npy", "--cls_dir")
+        num_classes = len(run.classes) if run.classes else int(max(run.preds.max(), run.labels.max())) + 1
+        if len(run.preds) != len(run.labels):
+            utils.die(f"--cls_dir: {prefix}val_preds.npy has {len(run.preds)} predictions for "
+                      f"{len(run.labels)} labels in {prefix}val_labels.npy")
+        for path, v in ((f"{prefix}val_preds.npy", run.preds), (f"{prefix}val_labels.npy", run.labels)):
+            if not np.issubdtype(v.dtype, np.integer) or v.min() < 0 or v.max() >= num_classes:
+                utils.die(f"--cls_dir: {path!r} should hold class indices in [0, {num_classes}), found "
+                          f"{v.dtype} values in [{v.min()}, {v.max()}]")
+        run.classes = list(run.classes or [str(i) for i in range(num_classes)])
+    elif role == "pretrained":
+        missing.append(f"{prefix}val_{{preds,labels}}.npy (no confusion matrix)")
+    check_summary(run, notes)
+    return run
+
+
+def check_summary(run: ClassifierRun, notes: list) -> None:
+    """The summary is a convenience written alongside the arrays; a disagreement means a stale file."""
+    if not run.summary or "val_acc" not in run.curves:
+        return
+    n = run_numbers(run)
+    for key, value, close in (("best_val_acc", n["best_val_acc"], np.isclose),
+                              ("best_epoch", n["best_epoch"], np.equal),
+                              ("final_val_acc", n["final_val_acc"], np.isclose),
+                              ("epochs", n["epochs"], np.equal)):
+        if key in run.summary and not close(run.summary[key], value):
+            notes.append(f"{run.name}_summary.json says {key} {run.summary[key]}, the .npy arrays give {value}: "
+                         "the numbers come from the arrays")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Numbers: computed from the .npy arrays only
+
+def first_argmax(values: np.ndarray) -> int:
+    """Index of the best accuracy; the earliest epoch on ties, as a run keeping its best checkpoint would."""
+    return int(np.nanargmax(values))
+
+
+def pretrain_numbers(pre: Pretraining) -> dict:
+    losses = pre.losses
+    out = {"epochs": len(losses), "first5": losses[:5], "last5": losses[-5:], "best_loss": losses[pre.best_epoch - 1],
+           "best_epoch": pre.best_epoch, "final_loss": losses[-1]}
+    for name, values in pre.evals.items():
+        best = int(np.nanargmin(values)) if name == "val_loss" else first_argmax(values)
+        out[name] = {"final": values[-1], "final_epoch": int(pre.eval_epochs[-1]), "best": values[best],
+                     "best_epoch": int(pre.eval_epochs[best])}
+    return out
+
+
+def run_numbers(run: ClassifierRun) -> dict:
+    out = {}
+    if "val_acc" in run.curves:
+        acc = run.curves["val_acc"]
+        best = first_argmax(acc)
+        out.update(epochs=len(acc), best_val_acc=float(acc[best]), best_epoch=best + 1, final_val_acc=float(acc[-1]))
+    if "train_loss" in run.curves:
+        out["final_train_loss"] = float(run.curves["train_loss"][-1])
+    return out
+
+
+def confusion_counts(preds: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K, K) counts: row = true class, column = predicted class."""
+    return np.bincount(labels * num_classes + preds, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def per_class_accuracy(counts: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.diag(counts) / counts.sum(axis=1)  # NaN for a class with no val images
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Figures
+
+def loss_label(args: dict) -> str:
+    target = "per-patch normalised pixels" if args.get("norm_pix_loss") else "pixels scaled to [-1, 1]"
+    return f"MSE on masked patches\n({target})"
+
+
+def epoch_axis(ax) -> None:
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def log_y_axis(ax) -> None:
+    """Log y axis labelled with plain numbers (0.05, 0.1, 0.2), not 5 x 10^-2; within a decade or two the powers
+    of ten alone would leave the axis nearly unlabelled, so some minor ticks get a label too."""
+    ax.set_yscale("log")
+
+    def minor(value, _):
+        lo, hi = ax.get_ylim()  # at draw time, after every limit change
+        decades = np.log10(hi / lo)
+        mantissas = range(2, 10) if decades <= 1.2 else (2, 5) if decades <= 2.5 else ()
+        mantissa = value / 10 ** np.floor(np.log10(value) + 1e-9)
+        return f"{value:g}" if any(np.isclose(mantissa, m) for m in mantissas) else ""
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
+
+
+def curve_style(n: int) -> dict:
+    # Markers only while they stay readable; a 150-epoch curve is a line.
+    return {"marker": "o", "markersize": 3} if n <= 30 else {}
+
+
+def annotate_best(ax, x, y, text: str, color: str, lowest: bool) -> None:
+    """Star the best point and label it on the side where the curve cannot be: below a minimum, above a
+    maximum, shifted towards the middle of the plot. Call after the axes limits are final."""
+    ax.plot([x], [y], marker="*", markersize=11, color=color, markeredgecolor="black", markeredgewidth=0.5,
+            zorder=5, linestyle="none")
+    left, right = ax.get_xlim()
+    to_left = x > left + 0.6 * (right - left)
+    ax.annotate(text, xy=(x, y), xytext=(-8 if to_left else 8, -10 if lowest else 10), textcoords="offset points",
+                ha="right" if to_left else "left", va="top" if lowest else "bottom", fontsize=8.5,
+                bbox={"boxstyle": "round,pad=0.25", "fc": "white", "ec": color, "lw": 0.7, "alpha": 0.9})
+
+
+def make_room(ax, y, lowest: bool, share: float = 0.17) -> None:
+    """Widen the y limits so the best point y sits at least `share` of the height from the bottom (a minimum)
+    or the top (a maximum), which leaves room for its label. A non-negative quantity keeps 0 as the floor."""
+    log = ax.get_yscale() == "log"
+    to_axis = np.log10 if log else (lambda v: v)
+    from_axis = (lambda v: 10 ** v) if log else (lambda v: v)
+    lo, hi = (to_axis(v) for v in ax.get_ylim())
+    y = to_axis(y)
+    if lowest and y - lo < share * (hi - lo):
+        new_lo = (y - share * hi) / (1 - share)
+        ax.set_ylim(from_axis(new_lo if log or new_lo >= 0 or lo < 0 else 0.0), from_axis(hi))
+    elif not lowest and hi - y < share * (hi - lo):
+        ax.set_ylim(from_axis(lo), from_axis((y - share * lo) / (1 - share)))
+
+
+def plot_loss_curve(pre: Pretraining, log_scale: bool):
+    losses = pre.losses
+    epochs = np.arange(1, len(losses) + 1)
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    ax.plot(epochs, losses, color=BLUE, **curve_style(len(losses)))
+    if log_scale:
+        log_y_axis(ax)
+    epoch_axis(ax)
+    ax.set_xlim(0.5 if len(losses) <= 30 else 0, len(losses) + (0.5 if len(losses) <= 30 else 1))
+    best = pre.best_epoch
+    make_room(ax, losses[best - 1], lowest=True)
+    annotate_best(ax, best, losses[best - 1], f"best {losses[best - 1]:.5f} (epoch {best})", BLUE, lowest=True)
+    ax.set_ylabel(loss_label(pre.args))
+    ax.set_title(f"MAE pretraining: training loss per epoch ({len(losses)} epochs)")
+    return fig
+
+
+def plot_monitor(pre: Pretraining, log_scale: bool):
+    """Training loss (with the val loss under fixed masks), val PSNR and kNN accuracy against epoch."""
+    panels = ["loss"] + [n for n in ("val_psnr", "knn_acc") if n in pre.evals]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.5), squeeze=False, sharex=True)
+    axes = axes[0]
+    epochs = np.arange(1, len(pre.losses) + 1)
+    ax = axes[0]
+    ax.plot(epochs, pre.losses, color=BLUE, label="train (mean over the epoch)", **curve_style(len(epochs)))
+    if "val_loss" in pre.evals:
+        ax.plot(pre.eval_epochs, pre.evals["val_loss"], color=VERMILLION, linestyle="--", marker="o",
+                markersize=4, label="val (fixed masks)")
+    if log_scale:
+        log_y_axis(ax)
+    epoch_axis(ax)
+    ax.set_ylabel(loss_label(pre.args))
+    ax.set_title("reconstruction loss")
+    ax.set_xlim(0, 1.04 * max(len(pre.losses), int(pre.eval_epochs.max())) + 0.5)
+    ax.legend(loc="best")
+    for ax, name in zip(axes[1:], panels[1:]):
+        scale, color, ylabel, title, unit = {
+            "val_psnr": (1.0, VERMILLION, "PSNR of masked patches (dB)", "val reconstruction", " dB"),
+            "knn_acc": (100.0, PURPLE, "top-1 accuracy (%)",
+                        "weighted kNN on val" + (f" ({pre.args['knn_k']}-NN)" if "knn_k" in pre.args else ""), "%"),
+        }[name]
+        values = pre.evals[name] * scale
+        ax.plot(pre.eval_epochs, values, color=color, marker="o", markersize=4)
+        epoch_axis(ax)
+        ax.tick_params(labelbottom=True)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        best = first_argmax(values)
+        make_room(ax, values[best], lowest=False)
+        annotate_best(ax, pre.eval_epochs[best], values[best],
+                      f"best {values[best]:.2f}{unit} (epoch {pre.eval_epochs[best]})", color, lowest=False)
+    fig.suptitle("MAE pretraining monitor", fontsize=11)
+    return fig
+
+
+def plot_run_comparison(runs: list, curve: str, log_scale: bool):
+    """One curve of every classifier run on one axes; the best epoch of each is starred and named in the legend."""
+    accuracy = curve.endswith("acc")
+    scale = 100.0 if accuracy else 1.0
+    fig, ax = plt.subplots(figsize=(8.0, 3.8))
+    longest, handles, labels = 1, [], []
+    for run in runs:
+        if curve not in run.curves:
+            continue
+        label, color, linestyle = ROLES[run.role]
+        label = label if run.name == run.role else f"{label} ({run.name})"
+        values = run.curves[curve] * scale
+        epochs = np.arange(1, len(values) + 1)
+        longest = max(longest, len(values))
+        line, = ax.plot(epochs, values, color=color, linestyle=linestyle, **curve_style(len(values)))
+        best = first_argmax(values) if accuracy else int(np.nanargmin(values))
+        star, = ax.plot([best + 1], [values[best]], marker="*", markersize=11, color=color, markeredgecolor="black",
+                        markeredgewidth=0.5, linestyle="none", zorder=5)
+        text = f"{values[best]:.2f}%" if accuracy else f"{values[best]:.4f}"
+        handles.append((line, star))
+        labels.append(f"{label}\nbest {text} at epoch {best + 1}")
+    if log_scale and not accuracy:
+        log_y_axis(ax)
+    epoch_axis(ax)
+    ax.set_xlim(0.5 if longest <= 30 else 0, longest + (0.5 if longest <= 30 else 1))
+    if accuracy:
+        ax.set_ylabel("validation top-1 accuracy (%)")
+        ax.set_title("Validation accuracy: from scratch vs MAE-pretrained")
+    else:
+        ax.set_ylabel("training loss (cross-entropy)")
+        ax.set_title("Training loss: from scratch vs MAE-pretrained")
+    # The legend goes beside the axes: curves of any shape stay uncovered.
+    ax.legend(handles, labels, handler_map={tuple: HandlerTuple(ndivide=None, pad=0.6)}, handlelength=3.2,
+              loc="upper left", bbox_to_anchor=(1.02, 1.0), labelspacing=1.0, borderaxespad=0)
+    return fig
+
+
+def plot_confusion(run: ClassifierRun):
+    counts = confusion_counts(run.preds, run.labels, len(run.classes))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = counts / counts.sum(axis=1, keepdims=True) * 100  # % of each true class
+    k = len(run.classes)
+    size = max(5.2, min(0.55 * k + 1.8, 9.0))
+    fig, ax = plt.subplots(figsize=(size + 0.9, size))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=100)
+    cbar = fig.colorbar(image, ax=ax, shrink=0.8, pad=0.02)
+    cbar.set_label("share of the true class (%)")
+    ax.grid(False)
+    ax.spines[:].set_visible(False)
+    if k <= 20:  # class names and a percentage in every cell stay legible up to about 20 classes
+        ax.set_xticks(range(k), run.classes, rotation=45, ha="right", rotation_mode="anchor")
+        ax.set_yticks(range(k), run.classes)
+        for i in range(k):
+            for j in range(k):
+                if counts[i, j]:
+                    ax.text(j, i, f"{share[i, j]:.0f}" if share[i, j] >= 9.5 else f"{share[i, j]:.1f}",
+                            ha="center", va="center", fontsize=8 if k <= 12 else 6.5,
+                            color="white" if share[i, j] > 55 else "black")
+    ax.tick_params(length=0)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    accuracy = np.trace(counts) / counts.sum() * 100
+    label = ROLES[run.role][0]
+    ax.set_title(f"Confusion matrix, {label}\n{len(run.labels)} val images, last epoch, top-1 {accuracy:.2f}% "
+                 "(row-normalised, %)")
+    return fig
+
+
+def save_figure(fig, path: str, dpi: int) -> None:
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def copy_file(src: str, dst: str) -> None:
+    tmp = f"{dst}.tmp.png"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report
+
+def fmt_losses(values) -> str:
+    return ", ".join(f"{v:.5f}" for v in values)
+
+
+def pct(value: float) -> str:
+    return f"{100 * value:.2f}%" if np.isfinite(value) else "n/a"  # n/a: a class with no val images
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else \
+        f"{seconds / 3600:.2f} h"
+
+
+def val_split(args: dict) -> str:
+    """Which images the val numbers come from, as the run's data flags chose them."""
+    if not args:
+        return ""
+    if args.get("val_split"):
+        return f"{args['val_split']} held-out train images"
+    return {"cifar10": "test set", "cifar100": "test set", "fake": "synthetic val set"}.get(
+        args.get("dataset"), "val/ or test/ folder")
+
+
+def pretrain_config(pre: Pretraining) -> str:
+    a = pre.args
+    if not a:
+        return "no args.json"
+    return (f"--dataset {a.get('dataset')}, --total_epoch {a.get('total_epoch')}, --batch_size "
+            f"{a.get('batch_size')}, --mask_ratio {a.get('mask_ratio')}, --device {a.get('device')}; val numbers "
+            f"on the {val_split(a)}")
+
+
+def command_line(args) -> str:
+    """The command that regenerates this report: the flags that differ from their defaults."""
+    defaults = vars(get_args_parser().parse_args([]))
+    flags = [f"--{k} {v!r}" if isinstance(v, str) and (not v or " " in v) else f"--{k} {v}"
+             for k, v in vars(args).items() if v != defaults[k] and not isinstance(v, bool)]
+    flags += [f"--{k}" for k, v in vars(args).items() if v is True and v != defaults[k]]
+    return " ".join(["python plot_results.py", *flags])
+
+
+def report_pretraining(pre: Pretraining, n: dict, figures: dict, rel) -> list:
+    lines = ["## MAE pretraining", "", f"From `{pre.folder}` ({pretrain_config(pre)}).", "",
+             "| quantity | value |", "| --- | --- |",
+             f"| epochs | {n['epochs']} |",
+             f"| first 5 losses | {fmt_losses(n['first5'])} |",
+             f"| last 5 losses | {fmt_losses(n['last5'])} |",
+             f"| best loss (epoch) | {n['best_loss']:.5f} ({n['best_epoch']}) |",
+             f"| final loss | {n['final_loss']:.5f} |"]
+    seconds = [r["seconds"] for r in pre.log if "seconds" in r and r.get("epoch", 0) <= n["epochs"]]
+    if len(seconds) == n["epochs"]:
+        lines.append(f"| training time (sum of epochs, log.jsonl) | {duration(sum(seconds))} |")
+    for name, label, show in (("knn_acc", "kNN top-1 on val", pct),
+                              ("val_loss", "val masked MSE (fixed masks)", lambda v: f"{v:.5f}"),
+                              ("val_psnr", "val PSNR of masked patches", lambda v: f"{v:.2f} dB")):
+        if name in n:
+            e = n[name]
+            lines.append(f"| {label}, final (epoch) | {show(e['final'])} ({e['final_epoch']}) |")
+            lines.append(f"| {label}, best (epoch) | {show(e['best'])} ({e['best_epoch']}) |")
+    lines.append("")
+    for key, caption in (("loss_curve", "MAE loss per epoch"), ("pretrain_monitor", "pretraining monitor"),
+                         ("best_recon", f"reconstructions at the lowest-loss epoch ({n['best_epoch']})"),
+                         ("last_recon", f"reconstructions at the last epoch ({n['epochs']})")):
+        if key in figures:
+            lines += [f"![{caption}]({rel(figures[key])})", ""]
+    return lines
+
+
+def report_classifiers(runs: list, figures: dict, rel) -> list:
+    lines = ["## Classification", "",
+             "| run | init | recipe | data (val split) | epochs | best val acc (epoch) | final val acc | "
+             "final train loss |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for run in runs:
+        n = run_numbers(run)
+        best = f"{pct(n['best_val_acc'])} ({n['best_epoch']})" if "best_val_acc" in n else ""
+        final = pct(n["final_val_acc"]) if "final_val_acc" in n else ""
+        loss = f"{n['final_train_loss']:.4f}" if "final_train_loss" in n else ""
+        recipe = run.summary.get("recipe", "")
+        split = f"{run.args.get('dataset')} ({val_split(run.args)})" if run.args else ""
+        lines.append(f"| {run.name} | {ROLES[run.role][0]} | {recipe} | {split} | {n.get('epochs', '')} | {best} | "
+                     f"{final} | {loss} |")
+    lines.append("")
+    for run in runs:
+        n = run_numbers(run)
+        if run.linear_probe and "best_val_acc" in n:
+            lines += [f"Linear-probe accuracy (`{run.name}`): {pct(n['best_val_acc'])} best (epoch "
+                      f"{n['best_epoch']}), {pct(n['final_val_acc'])} final.", ""]
+    with_preds = [r for r in runs if r.preds is not None]
+    if with_preds:
+        classes = with_preds[0].classes
+        acc = {r.name: per_class_accuracy(confusion_counts(r.preds, r.labels, len(r.classes))) for r in with_preds}
+        same = [r for r in with_preds if r.classes == classes]
+        lines += ["Per-class val accuracy (last epoch):", "",
+                  "| class | " + " | ".join(r.name for r in same) + " |",
+                  "| --- |" + " --- |" * len(same)]
+        for i, name in enumerate(classes):
+            lines.append(f"| {name} | " + " | ".join(pct(acc[r.name][i]) for r in same) + " |")
+        lines.append("")
+        focus = next((r for r in with_preds if r.role == "pretrained"), with_preds[0])
+        lines += [f"Most frequent confusions of `{focus.name}` (share of the true class):", ""]
+        lines += [f"- {t} -> {p}: {s:.1f}% ({c} images)" for t, p, s, c in top_confusions(focus)] + [""]
+    for key, caption in (("cls_train_loss_compare", "training loss"), ("cls_val_acc_compare", "validation accuracy"),
+                         ("preds_grid", "predictions (P) vs true labels (T)"),
+                         ("confusion_matrix", "confusion matrix")):
+        if key in figures:
+            lines += [f"![{caption}]({rel(figures[key])})", ""]
+    return lines
+
+
+def top_confusions(run: ClassifierRun, count: int = 5) -> list:
+    counts = confusion_counts(run.preds, run.labels, len(run.classes))
+    off = counts.astype(np.float64)
+    np.fill_diagonal(off, 0)
+    rows = counts.sum(axis=1, keepdims=True)
+    share = np.divide(off, rows, out=np.zeros_like(off), where=rows > 0) * 100
+    order = np.argsort(-share, axis=None, kind="stable")[:count]
+    return [(run.classes[i], run.classes[j], share[i, j], int(counts[i, j]))
+            for i, j in zip(*np.unravel_index(order, share.shape)) if counts[i, j]]
+
+
+def summary_lines(pre, runs) -> list:
+    lines = []
+    if pre is not None:
+        n = pretrain_numbers(pre)
+        lines += [f"pretraining ({pre.folder}): {n['epochs']} epochs, best loss {n['best_loss']:.5f} at epoch "
+                  f"{n['best_epoch']}, final {n['final_loss']:.5f}",
+                  f"  first 5: {fmt_losses(n['first5'])}", f"  last 5:  {fmt_losses(n['last5'])}"]
+        if "knn_acc" in n:
+            k = n["knn_acc"]
+            lines.append(f"  kNN top-1: final {pct(k['final'])} (epoch {k['final_epoch']}), best {pct(k['best'])} "
+                         f"(epoch {k['best_epoch']})")
+    for run in runs:
+        n = run_numbers(run)
+        if "best_val_acc" in n:
+            lines.append(f"{run.name} ({ROLES[run.role][0]}): best val acc {pct(n['best_val_acc'])} at epoch "
+                         f"{n['best_epoch']}, final {pct(n['final_val_acc'])} ({n['epochs']} epochs)")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def main(args):
+    # ---- read and check every input before writing anything
+    if args.dpi < 72:
+        utils.die(f"--dpi must be >= 72, got {args.dpi}")
+    named = [n for n in (args.scratch_run, args.pretrained_run, args.linprobe_run) if n]
+    if len(set(named)) < len(named):
+        utils.die(f"--scratch_run, --pretrained_run and --linprobe_run must differ, got {named}")
+    report_dir = os.path.dirname(os.path.abspath(args.report))
+    if not os.path.isdir(report_dir):
+        utils.die(f"--report {args.report!r}: folder {report_dir!r} does not exist")
+    missing, notes = [], []
+    pre = load_pretraining(args.pretrain_dir, missing, notes)
+    names = [(args.scratch_run, "scratch"), (args.pretrained_run, "pretrained"), (args.linprobe_run, "linprobe")]
+    runs = []
+    for name, role in names:
+        if name:
+            run = load_classifier_run(args.cls_dir, name, role, missing, notes)
+            runs += [run] if run else []
+    if pre is None and not runs:
+        run_names = ", ".join(n for n, _ in names if n) or "none"
+        utils.die(f"nothing to plot: no {os.path.join(args.pretrain_dir, 'losses.npy')} (--pretrain_dir) and no "
+                  f"classifier run ({run_names}) in --cls_dir {args.cls_dir!r}")
+
+    # ---- figures
+    figures = {}
+    with plt.rc_context(STYLE):
+        if pre is not None:
+            figures["loss_curve"] = os.path.join(pre.folder, "loss_curve.png")
+            save_figure(plot_loss_curve(pre, args.log_scale), figures["loss_curve"], args.dpi)
+            if pre.evals:
+                figures["pretrain_monitor"] = os.path.join(pre.folder, "pretrain_monitor.png")
+                save_figure(plot_monitor(pre, args.log_scale), figures["pretrain_monitor"], args.dpi)
+            for key, epoch in (("best_recon", pre.best_epoch), ("last_recon", len(pre.losses))):
+                src = os.path.join(pre.folder, f"recon_epoch_{epoch:03d}.png")
+                if os.path.isfile(src):
+                    figures[key] = os.path.join(pre.folder, f"{key}.png")
+                    copy_file(src, figures[key])
+                else:
+                    missing.append(f"{src} (no {key}.png)")
+        if runs:
+            for key, curve in (("cls_train_loss_compare", "train_loss"), ("cls_val_acc_compare", "val_acc")):
+                if any(curve in r.curves for r in runs):
+                    figures[key] = os.path.join(args.cls_dir, f"{key}.png")
+                    save_figure(plot_run_comparison(runs, curve, args.log_scale), figures[key], args.dpi)
+            pretrained = next((r for r in runs if r.role == "pretrained"), None)
+            if pretrained is not None and pretrained.preds_grid:
+                figures["preds_grid"] = pretrained.preds_grid
+            if pretrained is not None and pretrained.preds is not None:
+                figures["confusion_matrix"] = os.path.join(args.cls_dir, "confusion_matrix.png")
+                save_figure(plot_confusion(pretrained), figures["confusion_matrix"], args.dpi)
+
+    # ---- numbers: printed and written to the report
+    def rel(path):
+        return os.path.relpath(os.path.abspath(path), report_dir).replace(os.sep, "/")
+
+    lines = ["# Results", "",
+             f"Regenerated by `{command_line(args)}` from `{args.pretrain_dir}` and `{args.cls_dir}`. Every "
+             "number is computed from the .npy files the runs wrote.", ""]
+    if pre is not None:
+        lines += report_pretraining(pre, pretrain_numbers(pre), figures, rel)
+    if runs:
+        lines += report_classifiers(runs, figures, rel)
+    if missing or notes:
+        lines += ["## Missing inputs", ""] + [f"- `{m}`" for m in missing] + [f"- {n}" for n in notes] + [""]
+    tmp = f"{args.report}.tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines))
+    os.replace(tmp, args.report)
+
+    print("\n".join(summary_lines(pre, runs)))
+    for note in notes:
+        print(f"note: {note}")
+    if missing:
+        print(f"missing: {'; '.join(missing)}")
+    print(f"wrote {args.report} and {len([k for k in figures if k != 'preds_grid'])} figures: "
+          + ", ".join(v for k, v in figures.items() if k != "preds_grid"))
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,328 @@
+"""Tests of plot_results.py on the outputs of tiny --dataset fake runs: figures, numbers, missing inputs.
+
+Run: python -m pytest -q tests/test_plot_results.py
+"""
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mae_pretrain
+import plot_results
+import train_classifier
+from conftest import ROOT, TINY_MODEL, tiny_pretrain_argv
+
+RUNS = ("scratch", "pretrained", "linprobe")
+PRETRAIN_FIGURES = ("loss_curve.png", "pretrain_monitor.png", "best_recon.png", "last_recon.png")
+CLS_FIGURES = ("cls_train_loss_compare.png", "cls_val_acc_compare.png", "confusion_matrix.png")
+
+
+def classifier_argv(root, run, epochs, *extra):
+    """Flags for a seconds-long train_classifier.py run on --dataset fake, writing into root/cls_outputs."""
+    return ["--dataset", "fake", "--fake_size", "128", "--batch_size", "32", "--max_device_batch_size", "16",
+            "--total_epoch", str(epochs), "--warmup_epoch", "1", "--device", "cpu", "--log_interval", "1",
+            "--output_model_path", str(root / f"{run}.pt"), "--output_dir", str(root / "cls_outputs"),
+            "--log_dir", str(root / "logs" / run), *TINY_MODEL, *extra]
+
+
+@pytest.fixture(scope="module")
+def run_outputs(tmp_path_factory):
+    """Tiny real runs of both scripts: a 2-epoch MAE pretraining evaluated every epoch, then the classifier from
+    scratch, fine-tuned from that checkpoint, and a linear probe of it (a different length, on purpose)."""
+    root = tmp_path_factory.mktemp("runs")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # these models are far too small to gain from threads on a shared 2-core machine
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            argv = tiny_pretrain_argv(root, "--eval_every", "1", name="mae")
+            mae_pretrain.main(mae_pretrain.get_args_parser().parse_args(argv))
+            ckpt = str(root / "mae" / "mae.pt")
+            for run, epochs, extra in (("scratch", 3, []), ("pretrained", 3, ["--pretrained_model_path", ckpt]),
+                                       ("linprobe", 2, ["--pretrained_model_path", ckpt, "--linear_probe"])):
+                argv = classifier_argv(root, run, epochs, *extra)
+                train_classifier.main(train_classifier.get_args_parser().parse_args(argv))
+    finally:
+        torch.set_num_threads(threads)
+    return root / "mae" / "outputs", root / "cls_outputs"
+
+
+def plot(*argv):
+    """Run plot_results.py's main in-process; -> its stdout."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        plot_results.main(plot_results.get_args_parser().parse_args([str(a) for a in argv]))
+    return out.getvalue()
+
+
+def copy_outputs(run_outputs, dst):
+    """A private copy of the run outputs, so a test's figures never leak into another test."""
+    pre, cls = run_outputs
+    shutil.copytree(pre, dst / "outputs")
+    shutil.copytree(cls, dst / "cls_outputs")
+    return dst / "outputs", dst / "cls_outputs"
+
+
+@pytest.fixture(scope="module")
+def full_report(run_outputs, tmp_path_factory):
+    """plot_results.py run from the command line (a subprocess: no display, the real CLI) on all the outputs."""
+    root = tmp_path_factory.mktemp("full")
+    pre, cls = copy_outputs(run_outputs, root)
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "MPLBACKEND")}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "plot_results.py"), "--pretrain_dir", pre,
+                           "--cls_dir", cls, "--report", root / "results.md"],
+                          capture_output=True, text=True, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    return pre, cls, root / "results.md", proc.stdout
+
+
+def table_value(report: str, quantity: str) -> str:
+    """The value cell of a `| quantity | value |` row of the report."""
+    rows = [line for line in report.splitlines() if line.startswith(f"| {quantity} |")]
+    assert len(rows) == 1, f"no single row {quantity!r}"
+    return rows[0].split("|")[2].strip()
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def test_every_figure_is_a_valid_png_of_sensible_size(full_report):
+    pre, cls, _, _ = full_report
+    for path in [pre / f for f in PRETRAIN_FIGURES] + [cls / f for f in CLS_FIGURES]:
+        with Image.open(path) as im:
+            im.verify()  # checks the PNG structure and CRCs
+        with Image.open(path) as im:
+            assert im.format == "PNG"
+            assert 400 <= im.width <= 4000 and 300 <= im.height <= 4000, (path, im.size)
+            if path.name not in ("best_recon.png", "last_recon.png"):  # those are the run's own figures, copied
+                assert im.info["dpi"][0] == pytest.approx(200, abs=1)
+    assert not list(pre.glob("*.tmp*")) and not list(cls.glob("*.tmp*"))
+
+
+def test_best_and_last_recon_are_the_figures_of_those_epochs(full_report):
+    pre, *_ = full_report
+    losses = np.load(pre / "losses.npy").tolist()
+    best = losses.index(min(losses)) + 1
+    assert (pre / "best_recon.png").read_bytes() == (pre / f"recon_epoch_{best:03d}.png").read_bytes()
+    assert (pre / "last_recon.png").read_bytes() == (pre / f"recon_epoch_{len(losses):03d}.png").read_bytes()
+
+
+def test_pretraining_numbers_equal_those_of_the_npy_files(full_report):
+    pre, _, report_path, stdout = full_report
+    report = report_path.read_text()
+    losses = np.load(pre / "losses.npy").tolist()
+    best = losses.index(min(losses))
+    assert table_value(report, "epochs") == str(len(losses))
+    assert table_value(report, "first 5 losses") == ", ".join(f"{v:.5f}" for v in losses[:5])
+    assert table_value(report, "last 5 losses") == ", ".join(f"{v:.5f}" for v in losses[-5:])
+    assert table_value(report, "best loss (epoch)") == f"{losses[best]:.5f} ({best + 1})"
+    assert table_value(report, "final loss") == f"{losses[-1]:.5f}"
+    assert f"best loss {losses[best]:.5f} at epoch {best + 1}" in stdout
+
+    epochs = [int(e) for e in np.load(pre / "eval_epochs.npy")]
+    knn = np.load(pre / "knn_acc.npy").tolist()
+    assert len(epochs) == len(knn) == 2
+    b = knn.index(max(knn))
+    assert table_value(report, "kNN top-1 on val, final (epoch)") == f"{100 * knn[-1]:.2f}% ({epochs[-1]})"
+    assert table_value(report, "kNN top-1 on val, best (epoch)") == f"{100 * knn[b]:.2f}% ({epochs[b]})"
+    psnr = np.load(pre / "val_psnr.npy").tolist()
+    b = psnr.index(max(psnr))
+    assert table_value(report, "val PSNR of masked patches, best (epoch)") == f"{psnr[b]:.2f} dB ({epochs[b]})"
+
+
+def test_classifier_numbers_equal_those_of_the_npy_files(full_report):
+    _, cls, report_path, stdout = full_report
+    report = report_path.read_text()
+    for run in RUNS:
+        acc = np.load(cls / f"{run}_val_acc.npy").tolist()
+        best = acc.index(max(acc))  # the earliest of equal bests
+        row = [line for line in report.splitlines() if line.startswith(f"| {run} |")]
+        assert len(row) == 1
+        cells = [c.strip() for c in row[0].split("|")[1:-1]]
+        assert cells[3] == "fake (synthetic val set)"
+        assert cells[4] == str(len(acc))
+        assert cells[5] == f"{100 * acc[best]:.2f}% ({best + 1})"
+        assert cells[6] == f"{100 * acc[-1]:.2f}%"
+        assert cells[7] == f"{np.load(cls / f'{run}_train_loss.npy')[-1]:.4f}"
+        assert f"best val acc {100 * acc[best]:.2f}% at epoch {best + 1}" in stdout
+        # The summary json (a convenience) agrees with the arrays the numbers come from.
+        summary = json.load(open(cls / f"{run}_summary.json"))
+        assert summary["best_val_acc"] == pytest.approx(acc[best]) and summary["best_epoch"] == best + 1
+        assert summary["final_val_acc"] == pytest.approx(acc[-1]) and summary["epochs"] == len(acc)
+    probe = np.load(cls / "linprobe_val_acc.npy").tolist()
+    best = probe.index(max(probe))
+    assert (f"Linear-probe accuracy (`linprobe`): {100 * probe[best]:.2f}% best (epoch {best + 1}), "
+            f"{100 * probe[-1]:.2f}% final.") in report
+
+
+def test_per_class_accuracy_is_counted_from_the_predictions(full_report):
+    _, cls, report_path, _ = full_report
+    report = report_path.read_text()
+    classes = json.load(open(cls / "pretrained_summary.json"))["classes"]
+    for column, run in enumerate(RUNS, start=1):
+        preds, labels = np.load(cls / f"{run}_val_preds.npy"), np.load(cls / f"{run}_val_labels.npy")
+        for c, name in enumerate(classes):
+            total = sum(1 for t in labels if t == c)
+            right = sum(1 for p, t in zip(preds, labels) if t == c and p == t)
+            cell = [line for line in report.splitlines() if line.startswith(f"| {name} |")][0].split("|")[1 + column]
+            assert cell.strip() == (f"{100 * right / total:.2f}%" if total else "n/a")
+
+
+def test_report_embeds_every_figure_by_relative_path(full_report):
+    pre, cls, report_path, stdout = full_report
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report_path.read_text())
+    assert all(not os.path.isabs(link) for link in links)
+    resolved = {os.path.realpath(report_path.parent / link) for link in links}
+    expected = [pre / f for f in PRETRAIN_FIGURES] + [cls / f for f in (*CLS_FIGURES, "pretrained_preds_grid.png")]
+    assert resolved == {os.path.realpath(p) for p in expected}
+    assert "missing" not in stdout.lower() and "## Missing inputs" not in report_path.read_text()
+
+
+def test_the_best_epoch_is_the_earliest_of_equal_bests():
+    run = plot_results.ClassifierRun("r", "scratch", {"val_acc": np.array([0.1, 0.3, 0.3, 0.2])}, {})
+    assert plot_results.run_numbers(run) == {"epochs": 4, "best_val_acc": 0.3, "best_epoch": 2, "final_val_acc": 0.2}
+
+
+def test_confusion_matrix_is_normalised_per_true_class_with_named_axes(run_outputs):
+    _, cls = run_outputs
+    run = plot_results.load_classifier_run(str(cls), "pretrained", "pretrained", [], [])
+    fig = plot_results.plot_confusion(run)
+    ax = fig.axes[0]
+    share = np.asarray(ax.images[0].get_array())
+    counts = np.zeros((10, 10))
+    for p, t in zip(run.preds, run.labels):
+        counts[t, p] += 1
+    present = counts.sum(axis=1) > 0
+    assert share[present] == pytest.approx(100 * counts[present] / counts[present].sum(axis=1, keepdims=True))
+    assert [t.get_text() for t in ax.get_yticklabels()] == run.classes
+    assert ax.get_xlabel() == "predicted class" and ax.get_ylabel() == "true class"
+
+
+def test_best_points_are_annotated_and_log_scale_is_an_option(run_outputs):
+    pre_dir, cls = run_outputs
+    pre = plot_results.load_pretraining(str(pre_dir), [], [])
+    losses = pre.losses.tolist()
+    best = losses.index(min(losses))
+    for log_scale in (False, True):
+        fig = plot_results.plot_loss_curve(pre, log_scale)
+        ax = fig.axes[0]
+        assert ax.get_yscale() == ("log" if log_scale else "linear")
+        assert [t.get_text() for t in ax.texts] == [f"best {losses[best]:.5f} (epoch {best + 1})"]
+        assert ax.get_xlabel() == "epoch" and ax.get_ylabel() and ax.get_title()
+    runs = [plot_results.load_classifier_run(str(cls), r, r, [], []) for r in RUNS]
+    fig = plot_results.plot_run_comparison(runs, "val_acc", log_scale=True)
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "linear"  # --log_scale is for losses only
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    for run, text in zip(runs, legend):
+        acc = run.curves["val_acc"].tolist()
+        assert text.endswith(f"best {100 * max(acc):.2f}% at epoch {acc.index(max(acc)) + 1}")
+
+
+def test_best_recon_follows_the_lowest_loss_and_a_missing_epoch_is_named(tmp_path):
+    pre = tmp_path / "outputs"
+    pre.mkdir()
+    np.save(pre / "losses.npy", np.array([0.5, 0.3, 0.4, 0.35]))
+    for epoch, colour in ((2, (255, 0, 0)), (3, (0, 255, 0))):
+        Image.new("RGB", (300, 300), colour).save(pre / f"recon_epoch_{epoch:03d}.png")
+    stdout = plot("--pretrain_dir", pre, "--cls_dir", tmp_path / "none", "--report", tmp_path / "r.md")
+    assert (pre / "best_recon.png").read_bytes() == (pre / "recon_epoch_002.png").read_bytes()
+    assert not (pre / "last_recon.png").exists()
+    missing = [line for line in stdout.splitlines() if line.startswith("missing:")]
+    assert len(missing) == 1 and "recon_epoch_004.png (no last_recon.png)" in missing[0]
+    assert "pretrain_monitor" in missing[0]  # no eval_*.npy in this folder
+    assert "![reconstructions at the lowest-loss epoch (2)](outputs/best_recon.png)" in (tmp_path / "r.md").read_text()
+
+
+def test_only_pretraining_plots_it_and_names_the_missing_runs(run_outputs, tmp_path):
+    pre, _ = copy_outputs(run_outputs, tmp_path)
+    shutil.rmtree(tmp_path / "cls_outputs")
+    stdout = plot("--pretrain_dir", pre, "--cls_dir", tmp_path / "cls_outputs", "--report", tmp_path / "r.md")
+    assert all((pre / f).is_file() for f in PRETRAIN_FIGURES)
+    assert not (tmp_path / "cls_outputs").exists()
+    missing = [line for line in stdout.splitlines() if "missing" in line]
+    assert len(missing) == 1 and missing[0].startswith("missing:")
+    assert all(f"no '{run}' run" in missing[0] for run in RUNS)
+    assert "## Classification" not in (tmp_path / "r.md").read_text()
+
+
+def test_only_one_classifier_run_plots_it_and_names_what_is_missing(run_outputs, tmp_path):
+    _, cls = copy_outputs(run_outputs, tmp_path)
+    for path in cls.iterdir():
+        if not path.name.startswith("scratch_"):
+            path.unlink()
+    stdout = plot("--pretrain_dir", tmp_path / "nowhere", "--cls_dir", cls, "--report", tmp_path / "r.md")
+    assert (cls / "cls_train_loss_compare.png").is_file() and (cls / "cls_val_acc_compare.png").is_file()
+    assert not (cls / "confusion_matrix.png").exists()  # drawn for the pretrained run only
+    missing = [line for line in stdout.splitlines() if "missing" in line]
+    assert len(missing) == 1 and missing[0].startswith("missing:")
+    assert "losses.npy" in missing[0] and "no 'pretrained' run" in missing[0] and "no 'linprobe' run" in missing[0]
+    report = (tmp_path / "r.md").read_text()
+    assert "| scratch |" in report and "## MAE pretraining" not in report
+
+
+def test_run_names_are_flags(run_outputs, tmp_path):
+    _, cls = copy_outputs(run_outputs, tmp_path)
+    for path in cls.glob("pretrained_*"):
+        path.rename(cls / path.name.replace("pretrained_", "ft_long_"))
+    stdout = plot("--pretrain_dir", tmp_path / "outputs", "--cls_dir", cls, "--pretrained_run", "ft_long",
+                  "--linprobe_run", "", "--report", tmp_path / "r.md")
+    assert (cls / "confusion_matrix.png").is_file()
+    assert "| ft_long |" in (tmp_path / "r.md").read_text() and "| linprobe |" not in (tmp_path / "r.md").read_text()
+    assert "missing" not in stdout
+
+
+def test_a_stale_summary_is_reported_and_the_arrays_win(run_outputs, tmp_path):
+    _, cls = copy_outputs(run_outputs, tmp_path)
+    summary = json.load(open(cls / "scratch_summary.json"))
+    summary["best_val_acc"] = 0.999
+    json.dump(summary, open(cls / "scratch_summary.json", "w"))
+    stdout = plot("--pretrain_dir", tmp_path / "outputs", "--cls_dir", cls, "--report", tmp_path / "r.md")
+    notes = [line for line in stdout.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "scratch_summary.json says best_val_acc 0.999" in notes[0]
+    assert "99.90%" not in (tmp_path / "r.md").read_text()
+
+
+def test_no_input_at_all_is_one_line_with_status_2_and_writes_nothing(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "plot_results.py")], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("plot_results.py: error: nothing to plot: no outputs/losses.npy")
+    assert proc.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("losses", "--pretrain_dir"),
+    ("preds", "--cls_dir"),
+    ("dpi", "--dpi must be >= 72"),
+    ("report", "--report"),
+    ("names", "--scratch_run, --pretrained_run and --linprobe_run must differ"),
+])
+def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, capsys, damage, expected):
+    pre, cls = copy_outputs(run_outputs, tmp_path)
+    extra = []
+    if damage == "losses":
+        (pre / "losses.npy").write_bytes(b"not a numpy file")
+    elif damage == "preds":
+        np.save(cls / "pretrained_val_preds.npy", np.full(32, 10, dtype=np.int64))  # class 10 of 10
+    elif damage == "dpi":
+        extra = ["--dpi", "10"]
+    elif damage == "report":
+        extra = ["--report", tmp_path / "no" / "such" / "folder" / "r.md"]
+    else:
+        extra = ["--linprobe_run", "scratch"]
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    with pytest.raises(SystemExit) as exc:
+        plot("--pretrain_dir", pre, "--cls_dir", cls, "--report", tmp_path / "r.md", *extra)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
