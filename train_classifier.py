@@ -9,12 +9,16 @@ Both run the MAE fine-tuning recipe by default; add `--recipe plain` to both for
 augmentation). Representation quality without fine-tuning (frozen encoder, linear head on the class token):
     python train_classifier.py --linear_probe --pretrained_model_path vit-t-mae-150ep.pt \
         --output_model_path vit-t-linprobe.pt
+Several GPUs or nodes (--batch_size stays the global batch), e.g.:
+    torchrun --nproc_per_node=4 train_classifier.py --total_epoch 50 --batch_size 128 --max_device_batch_size 32 \
+        --pretrained_model_path vit-t-mae-150ep.pt --output_model_path vit-t-classifier-from_pretrained.pt
 A tiny CPU run that needs no files (seconds):
     python train_classifier.py --dataset fake --fake_size 256 --total_epoch 2 --batch_size 64 \
         --max_device_batch_size 32 --depth 2 --embed_dim 64 --num_heads 2 --patch_size 4 \
         --output_model_path /tmp/cls.pt --output_dir /tmp/cls_out --log_dir /tmp/cls_logs
 """
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -27,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -155,9 +160,13 @@ def check_args(args) -> None:
     for name in MODEL_FLAGS:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             utils.die(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.batch_size % args.max_device_batch_size:
+    world_size = utils.dist_env()[1]
+    if args.batch_size % world_size:
+        utils.die(f"--batch_size {args.batch_size} is not divisible by the {world_size} processes of this run "
+                  "(torchrun --nproc_per_node x --nnodes)")
+    if (args.batch_size // world_size) % device_chunk(args):
         utils.die(f"--batch_size {args.batch_size} is not divisible by --max_device_batch_size "
-                  f"{args.max_device_batch_size}")
+                  f"{args.max_device_batch_size}" + (f" x {world_size} processes" if world_size > 1 else ""))
     if args.warmup_epoch < 0:
         utils.die(f"--warmup_epoch must be >= 0, got {args.warmup_epoch}")
     if args.base_learning_rate <= 0 or args.weight_decay < 0 or args.min_lr < 0:
@@ -169,9 +178,9 @@ def check_args(args) -> None:
     for name, (ok, allowed_text) in allowed.items():
         if not ok(getattr(args, name)):
             utils.die(f"--{name} must be {allowed_text}, got {getattr(args, name)}")
-    if (args.mixup or args.cutmix) and args.max_device_batch_size % 2:
+    if (args.mixup or args.cutmix) and device_chunk(args) % 2:
         utils.die(f"--max_device_batch_size {args.max_device_batch_size} must be even with --mixup/--cutmix "
-                  "(each chunk is mixed with its own reverse)")
+                  f"(each chunk, here {device_chunk(args)} images, is mixed with its own reverse)")
     if args.linear_probe and (args.drop_path or args.layer_decay != 1):
         utils.die("--drop_path and --layer_decay do not apply with --linear_probe (the encoder is frozen)")
     if not args.run_name or args.run_name in (".", "..") or "/" in args.run_name or os.sep in args.run_name:
@@ -180,6 +189,11 @@ def check_args(args) -> None:
         data.check_data_args(args)
     except data.DataError as e:
         utils.die(str(e))
+
+
+def device_chunk(args) -> int:
+    """Images per forward pass on one device: the process's share of the batch, at most max_device_batch_size."""
+    return min(args.max_device_batch_size, args.batch_size // utils.dist_env()[1])
 
 
 def load_pretrained(path: str):
@@ -299,25 +313,31 @@ def make_mixup(args, num_classes: int):
 def train_one_epoch(net, frozen, optimizer, scaler, inputs, labels, prepare, mixup, criterion, args, epoch,
                     steps_per_epoch, device, amp_dtype, writer):
     """One pass over the training set. Loss and correct counts stay on the device and are read only every
-    log_interval steps and at the end. Accuracy is against the unmixed labels."""
+    log_interval steps and at the end. Accuracy is against the unmixed labels. Under torchrun every process
+    cuts the same permutation and trains on its own slice of each global batch."""
     net.train()
     if frozen is not None:
         frozen.eval()  # the probed encoder stays exactly as pretrained
+    rank, world_size, _ = utils.dist_env()
+    mine = utils.shard(args.batch_size, rank, world_size)
+    chunk = device_chunk(args)
+    accum_steps = (args.batch_size // world_size) // chunk
     batches = data.epoch_batches(len(labels), args.batch_size, args.seed * 100_003 + epoch, device)
-    accum_steps = args.batch_size // args.max_device_batch_size
     peak_lr = args.base_learning_rate * args.batch_size / 256
     total_steps, warmup_steps = args.total_epoch * steps_per_epoch, args.warmup_epoch * steps_per_epoch
-    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), dtype=torch.int64, device=device)
+    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
     start = time.perf_counter()
-    bar = tqdm(batches, desc=f"epoch {epoch}/{args.total_epoch}", leave=False, dynamic_ncols=True)
+    bar = tqdm(batches, desc=f"epoch {epoch}/{args.total_epoch}", leave=False, dynamic_ncols=True, disable=rank > 0)
     for i, batch_idx in enumerate(bar):
         step = (epoch - 1) * steps_per_epoch + i
         lr = lr_at_step(step, total_steps, warmup_steps, peak_lr, args)
         utils.set_lr(optimizer, lr)
-        for chunk_idx in batch_idx.split(args.max_device_batch_size):
+        for c, chunk_idx in enumerate(batch_idx[mine].split(chunk)):
             x, y = prepare(inputs[chunk_idx]), labels[chunk_idx]
             x, target = mixup(x, y) if mixup is not None else (x, y)
-            with utils.autocast(device, amp_dtype):
+            # DDP averages gradients across processes only on the last chunk of the step.
+            sync = c == accum_steps - 1 or not hasattr(net, "no_sync")
+            with (contextlib.nullcontext() if sync else net.no_sync()), utils.autocast(device, amp_dtype):
                 logits = net(x)
             loss = criterion(logits.float(), target)
             # Chunks are equal-sized, so dividing by their number makes the summed gradient the batch mean.
@@ -327,41 +347,46 @@ def train_one_epoch(net, frozen, optimizer, scaler, inputs, labels, prepare, mix
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        writer.add_scalar("lr", lr, step)
-        if (i + 1) % args.log_interval == 0:
+        if writer:
+            writer.add_scalar("lr", lr, step)
+        if (i + 1) % args.log_interval == 0 and rank == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / ((i + 1) * accum_steps):.4f}",
-                            acc=f"{correct.item() / ((i + 1) * args.batch_size):.4f}")
+                            acc=f"{correct.item() * world_size / ((i + 1) * args.batch_size):.4f}")
     seconds = time.perf_counter() - start
     num_seen = len(batches) * args.batch_size
-    return {"train_loss": loss_sum.item() / (len(batches) * accum_steps), "train_acc": correct.item() / num_seen,
+    loss_sum, correct = utils.all_reduce_sum(torch.stack([loss_sum, correct])).tolist()
+    return {"train_loss": loss_sum / (len(batches) * accum_steps * world_size), "train_acc": correct / num_seen,
             "lr": lr, "images_per_sec": num_seen / seconds, "seconds": seconds}
 
 
 @torch.no_grad()
 def evaluate(net, inputs, labels, prepare, batch_size, device, amp_dtype):
-    """Cross-entropy (no smoothing) and accuracy over the whole split, in order, nothing dropped.
-    -> (mean loss, accuracy, predicted labels on the host)."""
+    """Cross-entropy (no smoothing) and accuracy over the whole split, in order, nothing dropped; each process
+    takes a shard. -> (mean loss, accuracy, predicted labels of the whole split on the host)."""
     net.eval()
+    part = utils.shard(len(labels), *utils.dist_env()[:2])
     loss_sum, predicted = torch.zeros((), device=device), []
-    for start in range(0, len(labels), batch_size):
+    for chunk, chunk_labels in zip(inputs[part].split(batch_size), labels[part].split(batch_size)):
         with utils.autocast(device, amp_dtype):
-            logits = net(prepare(inputs[start:start + batch_size]))
-        loss_sum += F.cross_entropy(logits.float(), labels[start:start + batch_size], reduction="sum")
+            logits = net(prepare(chunk))
+        loss_sum += F.cross_entropy(logits.float(), chunk_labels, reduction="sum")
         predicted.append(logits.argmax(dim=-1))
-    predicted = torch.cat(predicted)
+    predicted = utils.all_gather_cat(torch.cat(predicted))
     accuracy = (predicted == labels).sum() / len(labels)
-    return loss_sum.item() / len(labels), accuracy.item(), predicted.cpu()
+    return utils.all_reduce_sum(loss_sum).item() / len(labels), accuracy.item(), predicted.cpu()
 
 
 @torch.no_grad()
 def extract_features(model: ViTClassifier, images, batch_size, device, amp_dtype) -> torch.Tensor:
-    """Pooled features of the frozen encoder for every image, (N, D) float32 on the device."""
+    """Pooled features of the frozen encoder for every image, (N, D) float32 on the device; each process
+    embeds a shard and the shards are gathered."""
     model.eval()
+    part = utils.shard(len(images), *utils.dist_env()[:2])
     chunks = []
-    for start in range(0, len(images), batch_size):
+    for chunk in images[part].split(batch_size):
         with utils.autocast(device, amp_dtype):
-            chunks.append(model.features(data.normalize(images[start:start + batch_size])).float())
-    return torch.cat(chunks)
+            chunks.append(model.features(data.normalize(chunk)).float())
+    return utils.all_gather_cat(torch.cat(chunks))
 
 
 def save_labels(path: str, labels) -> None:
@@ -388,7 +413,11 @@ def main(args):
     if steps_per_epoch == 0:
         utils.die(f"--batch_size {args.batch_size} is larger than the {len(train)} training images")
     classes, num_classes = list(train.classes), len(train.classes)
-    torch.manual_seed(args.seed)
+    utils.init_distributed(device)
+    rank, world_size, _ = utils.dist_env()
+    main_process = rank == 0  # only it prints and writes files
+    log_print = print if main_process else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)  # the same initial weights on every process
     model = build_model(args, cfg, num_classes, mae_state).to(device)
 
     run, out = args.run_name, args.output_dir
@@ -396,16 +425,17 @@ def main(args):
         "train_loss.npy", "train_acc.npy", "val_loss.npy", "val_acc.npy", "log.jsonl", "summary.json",
         "val_preds.npy", "val_labels.npy", "args.json", "preds_grid.png")}
     last_model_path = f"{os.path.splitext(args.output_model_path)[0]}_last.pt"
-    print(f"config: {vars(args)}")
-    print(f"data: {args.dataset}, {len(train)} train / {len(val)} val images, {num_classes} classes, "
-          f"{steps_per_epoch} steps per epoch; device {device}, autocast {amp_dtype}")
-    print(f"model: {count_params(model) / 1e6:.2f}M parameters, "
+    log_print(f"config: {vars(args)}")
+    log_print(f"data: {args.dataset}, {len(train)} train / {len(val)} val images, {num_classes} classes, "
+              f"{steps_per_epoch} steps per epoch; device {device} x {world_size} process(es), autocast {amp_dtype}")
+    log_print(f"model: {count_params(model) / 1e6:.2f}M parameters, "
           f"{'encoder from ' + args.pretrained_model_path if args.pretrained_model_path else 'from scratch'}"
           f"{', linear probe' if args.linear_probe else ''}; recipe {args.recipe}: "
           f"{ {name: getattr(args, name) for name in RECIPE_FLAGS} }")
-    for folder in (out, args.log_dir, os.path.dirname(os.path.abspath(args.output_model_path))):
-        os.makedirs(folder, exist_ok=True)
-    utils.save_json(path["args.json"], vars(args))
+    if main_process:
+        for folder in (out, args.log_dir, os.path.dirname(os.path.abspath(args.output_model_path))):
+            os.makedirs(folder, exist_ok=True)
+        utils.save_json(path["args.json"], vars(args))
 
     # ---- data: the whole uint8 dataset lives on the device
     train_images, train_labels = train.images.to(device), train.labels.to(device)
@@ -413,7 +443,8 @@ def main(args):
     # Evenly spaced through the val split: a folder's images come sorted by class.
     vis_idx = torch.linspace(0, len(val) - 1, min(NUM_VIS, len(val))).round().long()
     vis_images, vis_labels = val.images[vis_idx], val.labels[vis_idx]
-    save_labels(path["val_labels.npy"], val.labels)
+    if main_process:
+        save_labels(path["val_labels.npy"], val.labels)
 
     # ---- what trains on what
     frozen = model.encoder if args.linear_probe else None
@@ -426,8 +457,15 @@ def main(args):
         prepare_train = prepare_eval = nn.Identity()
     else:
         train_inputs, val_inputs = train_images, val_images
-        net = utils.maybe_compile(model, args, device)
+        net = model
         prepare_train, prepare_eval = (lambda images: augment(images, args)), data.normalize
+    compile_net = net is model  # the probe on precomputed features trains a tiny head: nothing to compile
+    if world_size > 1:
+        # With several processes each BatchNorm (the probe's head_norm) normalises with its own shard's
+        # statistics; DDP keeps the running statistics of rank 0.
+        net = DistributedDataParallel(net)
+    if compile_net:
+        net = utils.maybe_compile(net, args, device)
 
     # ---- optimizer and loss
     param_groups = utils.layer_decay_groups(model, args.weight_decay, args.layer_decay, cfg.depth)
@@ -436,23 +474,25 @@ def main(args):
     mixup = make_mixup(args, num_classes)
     criterion = SoftTargetCrossEntropy() if mixup is not None else nn.CrossEntropyLoss(
         label_smoothing=args.label_smoothing)
-    writer = SummaryWriter(args.log_dir)
+    writer = SummaryWriter(args.log_dir) if main_process else None
 
     def save_grid(epoch, predicted, note):
         utils.save_prediction_grid(os.path.join(out, f"{run}_preds_epoch_{epoch}.png"), vis_images.float() / 255,
                                    predicted, vis_labels, classes, title=f"{run}, epoch {epoch}{note}")
 
-    with torch.no_grad(), utils.autocast(device, amp_dtype):
-        initial = model.eval()(data.normalize(vis_images.to(device))).argmax(dim=-1).cpu()
-    save_grid(0, initial, " (before training)")
+    if main_process:
+        with torch.no_grad(), utils.autocast(device, amp_dtype):
+            initial = model.eval()(data.normalize(vis_images.to(device))).argmax(dim=-1).cpu()
+        save_grid(0, initial, " (before training)")
 
     # ---- loop
     grid_epochs = {(args.total_epoch + 1) // 2, args.total_epoch}
     history = {name: [] for name in ("train_loss", "train_acc", "val_loss", "val_acc")}
     log, best_acc, best_epoch = [], -1.0, 0
     for epoch in range(1, args.total_epoch + 1):
-        utils.seed_epoch(args.seed, epoch)
-        np.random.seed((args.seed * 1_000_003 + epoch * 1009) % 2 ** 32)  # timm's Mixup draws from numpy
+        # Augmentation and mixup differ across processes (their images differ too); timm's Mixup draws from numpy.
+        utils.seed_epoch(args.seed, epoch, rank)
+        np.random.seed((args.seed * 1_000_003 + epoch * 1009 + rank) % 2 ** 32)
         stats = train_one_epoch(net, frozen, optimizer, scaler, train_inputs, train_labels, prepare_train, mixup,
                                 criterion, args, epoch, steps_per_epoch, device, amp_dtype, writer)
         if not math.isfinite(stats["train_loss"]):
@@ -465,35 +505,40 @@ def main(args):
         log.append({"epoch": epoch, **stats})
         for name in history:
             history[name].append(stats[name])
-            utils.save_npy(path[f"{name}.npy"], history[name])
-            writer.add_scalar(name, stats[name], epoch)
-        writer.flush()
-        utils.write_jsonl(path["log.jsonl"], log)
-        save_labels(path["val_preds.npy"], val_predicted)
-
-        ckpt = {"model": model.state_dict(), "epoch": epoch, "val_acc": val_acc, "args": vars(args),
-                "config": dataclasses.asdict(cfg), "num_classes": num_classes, "classes": classes}
-        if val_acc > best_acc:
+        improved = val_acc > best_acc
+        if improved:
             best_acc, best_epoch = val_acc, epoch
-            utils.atomic_save(ckpt, args.output_model_path)
-        utils.atomic_save({**ckpt, "optimizer": optimizer.state_dict()}, last_model_path)
-        utils.save_json(path["summary.json"], {
-            "run": run, "best_val_acc": best_acc, "best_epoch": best_epoch, "final_val_acc": val_acc,
-            "epochs": epoch, "total_epoch": args.total_epoch, "linear_probe": args.linear_probe,
-            "pretrained_model_path": args.pretrained_model_path, "recipe": args.recipe,
-            "recipe_settings": {name: getattr(args, name) for name in RECIPE_FLAGS}, "classes": classes})
-        if epoch in grid_epochs:
-            save_grid(epoch, val_predicted[vis_idx], f", val acc {val_acc:.4f}")
-        print(f"epoch {epoch:3d}/{args.total_epoch} | train loss {stats['train_loss']:.4f} acc "
-              f"{stats['train_acc']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} | lr {stats['lr']:.2e} | "
-              f"{stats['images_per_sec']:,.0f} img/s | {stats['seconds']:.1f} s")
+        if main_process:
+            for name in history:
+                utils.save_npy(path[f"{name}.npy"], history[name])
+                writer.add_scalar(name, stats[name], epoch)
+            writer.flush()
+            utils.write_jsonl(path["log.jsonl"], log)
+            save_labels(path["val_preds.npy"], val_predicted)
+            ckpt = {"model": model.state_dict(), "epoch": epoch, "val_acc": val_acc, "args": vars(args),
+                    "config": dataclasses.asdict(cfg), "num_classes": num_classes, "classes": classes}
+            if improved:
+                utils.atomic_save(ckpt, args.output_model_path)
+            utils.atomic_save({**ckpt, "optimizer": optimizer.state_dict()}, last_model_path)
+            utils.save_json(path["summary.json"], {
+                "run": run, "best_val_acc": best_acc, "best_epoch": best_epoch, "final_val_acc": val_acc,
+                "epochs": epoch, "total_epoch": args.total_epoch, "linear_probe": args.linear_probe,
+                "pretrained_model_path": args.pretrained_model_path, "recipe": args.recipe,
+                "recipe_settings": {name: getattr(args, name) for name in RECIPE_FLAGS}, "classes": classes})
+            if epoch in grid_epochs:
+                save_grid(epoch, val_predicted[vis_idx], f", val acc {val_acc:.4f}")
+        log_print(f"epoch {epoch:3d}/{args.total_epoch} | train loss {stats['train_loss']:.4f} acc "
+                  f"{stats['train_acc']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} | lr {stats['lr']:.2e} | "
+                  f"{stats['images_per_sec']:,.0f} img/s | {stats['seconds']:.1f} s")
 
-    writer.close()
-    final_grid = os.path.join(out, f"{run}_preds_epoch_{args.total_epoch}.png")
-    shutil.copyfile(final_grid, f"{path['preds_grid.png']}.tmp.png")
-    os.replace(f"{path['preds_grid.png']}.tmp.png", path["preds_grid.png"])
-    print(f"done ({run}): best val acc {best_acc:.4f} at epoch {best_epoch}, final {history['val_acc'][-1]:.4f}; "
-          f"best checkpoint {args.output_model_path}, last {last_model_path}")
+    if main_process:
+        writer.close()
+        final_grid = os.path.join(out, f"{run}_preds_epoch_{args.total_epoch}.png")
+        shutil.copyfile(final_grid, f"{path['preds_grid.png']}.tmp.png")
+        os.replace(f"{path['preds_grid.png']}.tmp.png", path["preds_grid.png"])
+    log_print(f"done ({run}): best val acc {best_acc:.4f} at epoch {best_epoch}, final "
+              f"{history['val_acc'][-1]:.4f}; best checkpoint {args.output_model_path}, last {last_model_path}")
+    utils.close_distributed()
 
 
 if __name__ == "__main__":

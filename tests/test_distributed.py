@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_pretrain_argv
+from conftest import ROOT, TINY_MODEL, tiny_pretrain_argv
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 TIMEOUT = 300  # generous for a loaded 2-core machine; a hang would exceed it and fail the test
@@ -79,3 +79,47 @@ def test_a_failing_rank_ends_the_whole_run(tmp_path):
     losses = tmp_path / "crash" / "outputs" / "losses.npy"
     assert not losses.exists() or len(np.load(losses)) == 1
     assert not (tmp_path / "crash" / "outputs" / "recon_epoch_002.png").exists()
+
+
+def classifier_cmd(launcher, tmp_path, *extra, name):
+    out = tmp_path / name
+    return [*launcher, os.path.join(ROOT, "train_classifier.py"), "--dataset", "fake", "--fake_size", "128",
+            "--batch_size", "32", "--max_device_batch_size", "16", "--total_epoch", "2", "--warmup_epoch", "1",
+            "--device", "cpu", "--log_interval", "1", "--output_model_path", str(out / "cls.pt"),
+            "--output_dir", str(out / "cls_outputs"), "--log_dir", str(out / "logs"), *TINY_MODEL, *extra]
+
+
+def test_classifier_on_two_processes_matches_one_process(tmp_path):
+    # The plain recipe has no random augmentation, so the only difference is the order of floating-point sums.
+    single = run(classifier_cmd([sys.executable], tmp_path, "--recipe", "plain", name="single"), tmp_path)
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = run(classifier_cmd(TORCHRUN, tmp_path, "--recipe", "plain", name="double"), tmp_path)
+    assert double.returncode == 0, double.stderr[-2000:]
+    for name in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        one = np.load(tmp_path / "single" / "cls_outputs" / f"scratch_{name}.npy")
+        two = np.load(tmp_path / "double" / "cls_outputs" / f"scratch_{name}.npy")
+        assert two == pytest.approx(one, rel=1e-4, abs=1e-6), name
+    assert np.array_equal(np.load(tmp_path / "double" / "cls_outputs" / "scratch_val_preds.npy"),
+                          np.load(tmp_path / "single" / "cls_outputs" / "scratch_val_preds.npy"))
+    assert len(os.listdir(tmp_path / "double" / "logs")) == 1
+    assert double.stdout.count("epoch   2/2 |") == 1
+
+
+def test_linear_probe_and_finetune_recipe_run_under_torchrun(tmp_path):
+    pretrain = run(pretrain_cmd([sys.executable], tmp_path, "--eval_every", "0", name="mae"), tmp_path)
+    assert pretrain.returncode == 0, pretrain.stderr[-2000:]
+    ckpt = str(tmp_path / "mae" / "mae.pt")
+    for extra, run_name in ((["--linear_probe"], "linprobe"), ([], "pretrained")):
+        proc = run(classifier_cmd(TORCHRUN, tmp_path, "--pretrained_model_path", ckpt, *extra, name=run_name),
+                   tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        acc = np.load(tmp_path / run_name / "cls_outputs" / f"{run_name}_val_acc.npy")
+        assert acc.shape == (2,) and np.all((0 <= acc) & (acc <= 1))
+
+
+def test_classifier_world_size_that_does_not_divide_the_batch_fails(tmp_path):
+    proc = run(classifier_cmd(TORCHRUN, tmp_path, "--batch_size", "31", "--max_device_batch_size", "31",
+                              name="bad"), tmp_path)
+    assert proc.returncode != 0
+    assert sum("not divisible by the 2 processes" in line for line in proc.stderr.splitlines()) == 2
+    assert not (tmp_path / "bad").exists()

@@ -76,3 +76,11 @@ def test_knn_is_near_chance_on_random_labels():
     pred = utils.knn_predict(bank, torch.randint(10, (2000,), generator=g), queries, 10)
     acc = (pred == torch.randint(10, (2000,), generator=g)).float().mean().item()
     assert 0.06 < acc < 0.14  # chance is 0.10; the binomial std over 2000 queries is 0.007
+
+
+@pytest.mark.parametrize("n, world_size", [(512, 4), (10, 3), (5, 8), (50_000, 7)])
+def test_shards_are_disjoint_and_cover_everything(n, world_size):
+    covered = []
+    for rank in range(world_size):
+        covered += list(range(n))[utils.shard(n, rank, world_size)]
+    assert covered == list(range(n))  # in order, each item once
