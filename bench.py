@@ -1,8 +1,8 @@
 """How fast one pretraining step and one fine-tuning step run, and what that makes of the reference experiment.
 
-Times the optimizer step mae_pretrain.py runs (uint8 images on the device, normalised per chunk, autocast,
-gradients accumulated over --max_device_batch_size chunks, AdamW) and a plain fine-tuning step of the
-classifier (cross-entropy on ViTClassifier logits; no mixup or augmentation), after warm-up, with CUDA events
+Times the scripts' own optimizer steps, mae_pretrain.train_step and train_classifier.train_step (uint8 images on
+the device, normalised and, for fine-tuning, augmented and mixed per the recipe in batch, autocast, gradients
+accumulated over --max_device_batch_size chunks, fused AdamW), after warm-up, with CUDA events
 on a GPU. Prints images/s, ms per step, the FLOPs counted analytically, the achieved TFLOP/s as a share of a
 bf16 matrix-product peak measured in the same run, and the projected wall time of the reference experiment
 (150 pretraining epochs at batch 512, then two 50-epoch fine-tunes at batch 128, on CIFAR-10's 50,000 images).
@@ -20,9 +20,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import data
+import mae_pretrain
+import train_classifier
 import utils
 from model import MAE, MAEConfig, ViTClassifier, num_masked_patches
 
@@ -64,6 +65,8 @@ def get_args_parser():
                              "CUDA as in mae_pretrain.py, 32 on the CPU)")
     parser.add_argument("--mask_ratio", type=float, default=0.75, help="share of patches masked, in [0, 1)")
     parser.add_argument("--num_classes", type=int, default=10, help="classifier outputs (CIFAR-10: 10)")
+    parser.add_argument("--finetune_recipe", default="finetune", choices=tuple(train_classifier.RECIPES),
+                        help="train_classifier.py recipe whose step is timed (augmentation, mixup, loss)")
     # How it is timed
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps per timed repeat (default: 20 on CUDA, 2 on the CPU)")
@@ -226,51 +229,49 @@ def matmul_peak(device: torch.device, repeats: int) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # The steps
 
-def train_step(model, optimizer, scaler, batch_idx, chunk: int, lr: float, loss_fn, loss_sum, device, amp_dtype,
-               noise_width: int = 0):
-    """One optimizer step over the batch `batch_idx`, as mae_pretrain.train_one_epoch takes it: the mask noise of
-    the whole batch is drawn at once (noise_width > 0), the batch is put through in equal chunks whose losses are
-    divided by their number, so the summed gradient is the batch mean, and the loss is added to a device-side
-    sum, never read here. loss_fn(model, chunk_idx, chunk_noise) -> scalar loss."""
-    utils.set_lr(optimizer, lr)
-    accum_steps = len(batch_idx) // chunk
-    noise = torch.rand(len(batch_idx), noise_width, device=device) if noise_width else None
-    for c, chunk_idx in enumerate(batch_idx.split(chunk)):
-        chunk_noise = noise[c * chunk:(c + 1) * chunk] if noise is not None else None
-        with utils.autocast(device, amp_dtype):
-            loss = loss_fn(model, chunk_idx, chunk_noise)
-        scaler.scale(loss / accum_steps).backward()
-        loss_sum += loss.detach()
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-
-
 @dataclasses.dataclass
 class Phase:
-    """One of the two steps the reference experiment repeats, with what its recipe sets."""
+    """One of the two steps the reference experiment repeats, run by the training script's own train_step."""
     name: str
     model: torch.nn.Module
     betas: tuple  # AdamW betas of the recipe
     base_lr: float  # the recipe's lr per 256 images
     batch_size: int
-    loss_fn: object  # (model, chunk_idx, chunk_noise) -> scalar loss
-    noise_width: int  # mask noise drawn per image and step (pretraining: one number per patch); 0 for none
+    step: object  # (model, optimizer, scaler, batch_idx, lr, loss_sum, amp_dtype) -> None: one optimizer step
     flops_forward: int  # analytic forward FLOPs per image
 
 
 def pretrain_phase(cfg: MAEConfig, images, args) -> Phase:
-    def loss_fn(model, idx, noise):
-        return model(data.normalize(images[idx]), noise=noise)[0]
-    return Phase("pretrain", MAE(cfg), (0.9, 0.95), 1.5e-4, args.pretrain_batch_size, loss_fn, cfg.num_patches,
+    """mae_pretrain.train_step with the script's own flags at this batch size."""
+    script_args = mae_pretrain.get_args_parser().parse_args([
+        "--batch_size", str(args.pretrain_batch_size), "--max_device_batch_size", str(args.max_device_batch_size),
+        "--patch_size", str(cfg.patch_size)])
+
+    def step(model, optimizer, scaler, batch_idx, lr, loss_sum, amp_dtype):
+        mae_pretrain.train_step(model, optimizer, scaler, images, batch_idx, lr, script_args, amp_dtype, loss_sum)
+    return Phase("pretrain", MAE(cfg), (0.9, 0.95), script_args.base_learning_rate, args.pretrain_batch_size, step,
                  sum(mae_forward_flops(cfg).values()))
 
 
 def finetune_phase(cfg: MAEConfig, images, labels, args) -> Phase:
-    def loss_fn(model, idx, noise):
-        return F.cross_entropy(model(data.normalize(images[idx])), labels[idx])
-    return Phase("finetune", ViTClassifier(cfg, args.num_classes), (0.9, 0.999), 1e-3, args.finetune_batch_size,
-                 loss_fn, 0, sum(classifier_forward_flops(cfg, args.num_classes).values()))
+    """train_classifier.train_step with the --finetune_recipe's augmentation, mixup and loss."""
+    script_args = train_classifier.get_args_parser().parse_args([
+        "--recipe", args.finetune_recipe, "--batch_size", str(args.finetune_batch_size),
+        "--max_device_batch_size", str(args.max_device_batch_size), "--pretrained_model_path", "(timing only)"])
+    train_classifier.resolve_recipe(script_args)
+    mixup = train_classifier.make_mixup(script_args, args.num_classes)
+    criterion = train_classifier.make_criterion(script_args, mixup)
+    augmented = train_classifier.augments_images(script_args)
+
+    def prepare(images_u8):
+        return train_classifier.augment(images_u8, script_args) if augmented else data.normalize(images_u8)
+
+    def step(model, optimizer, scaler, batch_idx, lr, loss_sum, amp_dtype):
+        train_classifier.train_step(model, optimizer, scaler, images, labels, batch_idx, lr, prepare, mixup,
+                                    criterion, script_args, amp_dtype, loss_sum, torch.zeros_like(loss_sum))
+    model = ViTClassifier(cfg, args.num_classes, script_args.global_pool, script_args.drop_path)
+    return Phase("finetune", model, (0.9, 0.999), script_args.base_learning_rate, args.finetune_batch_size, step,
+                 sum(classifier_forward_flops(cfg, args.num_classes).values()))
 
 
 def bench_phase(phase: Phase, args, device: torch.device, amp_dtype, peak_tflops: float) -> dict:
@@ -298,8 +299,7 @@ def bench_phase(phase: Phase, args, device: torch.device, amp_dtype, peak_tflops
         nonlocal step
         # Warmup then cosine, so the lr changes every step as it does in training.
         lr = utils.lr_at(step, total_steps, min(10, total_steps // 2), peak_lr)
-        train_step(train_model, optimizer, scaler, next(batches), chunk, lr, phase.loss_fn, loss_sum, device,
-                   amp_dtype, phase.noise_width)
+        phase.step(train_model, optimizer, scaler, next(batches), lr, loss_sum, amp_dtype)
         step += 1
 
     model.train()
@@ -404,7 +404,7 @@ def main(args):
               f"{r['percent_of_peak']:>9.1f}% {memory:>6}")
     print(f"(ms/step: median of {args.repeats} x {args.steps} steps after {args.warmup_steps} warm-up; compile s: "
           f"the warm-up's extra time{'' if args.compile else ', here without compilation: first-step set-up'}; "
-          "fine-tune: the plain model step, cross-entropy on the logits, without the recipe's augmentation)")
+          f"fine-tune: train_classifier.py's step with --recipe {args.finetune_recipe})")
     batches = (pretrain["batch_size"], finetune["batch_size"])
     note = "" if batches == REFERENCE_BATCH_SIZES else (f"; NOTE: at batch sizes {batches}, the reference's are "
                                                         f"{REFERENCE_BATCH_SIZES}")

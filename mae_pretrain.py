@@ -153,57 +153,65 @@ def load_resume(args) -> dict:
     return ckpt
 
 
-def train_one_epoch(model, optimizer, scaler, train_images, args, epoch, steps_per_epoch, amp_dtype, writer):
-    """One pass over the training set. The loss stays on the device and is read only every log_interval
-    steps and at the end, so the GPU never waits for the host.
+def train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, amp_dtype, loss_sum):
+    """One optimizer step on the global batch `batch_idx`; adds each chunk's loss to the device-side loss_sum.
 
-    Under torchrun every process draws the same permutation and the same random numbers for the whole
-    global batch, then takes its own slice: the processes see disjoint images, and each image gets the same
-    mask (and crop) whatever the number of processes and chunks, so runs agree across world sizes.
+    Under torchrun every process draws the same random numbers for the whole global batch, then takes its own
+    slice: the processes see disjoint images, and each image gets the same mask (and crop) whatever the number
+    of processes and chunks, so runs agree across world sizes.
     """
-    model.train()
-    device = train_images.device
     rank, world_size, _ = utils.dist_env()
     mine = utils.shard(args.batch_size, rank, world_size)
     chunk = device_chunk(args)
     accum_steps = (args.batch_size // world_size) // chunk
-    num_patches = model_config(args).num_patches
-    batches = data.epoch_batches(len(train_images), args.batch_size, args.seed * 100_003 + epoch, device)
+    num_patches = (train_images.shape[-1] // args.patch_size) ** 2
+    device = train_images.device
+    utils.set_lr(optimizer, lr)
+    noise = torch.rand(args.batch_size, num_patches, device=device)[mine]
+    crop_rand = torch.rand(args.batch_size, 5, device=device)[mine] if args.augment else None
+    for c, chunk_idx in enumerate(batch_idx[mine].split(chunk)):
+        part = slice(c * chunk, (c + 1) * chunk)
+        imgs = data.normalize(train_images[chunk_idx])
+        if args.augment:
+            imgs = data.random_resized_crop(imgs, scale=(0.2, 1.0), rand=crop_rand[part, :4])
+            imgs = data.random_hflip(imgs, rand=crop_rand[part, 4])
+        # DDP averages gradients across processes only on the last chunk of the step (no_sync is DDP's;
+        # torch.compile's wrapper passes it through).
+        sync = c == accum_steps - 1 or not hasattr(model, "no_sync")
+        with (contextlib.nullcontext() if sync else model.no_sync()), utils.autocast(device, amp_dtype):
+            loss, _, _ = model(imgs, noise=noise[part])
+        # Chunks are equal-sized, so dividing by their number makes the summed gradient the batch mean.
+        scaler.scale(loss / accum_steps).backward()
+        loss_sum += loss.detach()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def train_one_epoch(model, optimizer, scaler, train_images, args, epoch, steps_per_epoch, amp_dtype, writer):
+    """One pass over the training set, every process cutting the same permutation. The loss stays on the
+    device and is read only every log_interval steps and at the end, so the GPU never waits for the host."""
+    model.train()
+    rank, world_size, _ = utils.dist_env()
+    chunks_per_step = (args.batch_size // world_size) // device_chunk(args)
+    batches = data.epoch_batches(len(train_images), args.batch_size, args.seed * 100_003 + epoch,
+                                 train_images.device)
     peak_lr = args.base_learning_rate * args.batch_size / 256
     total_steps, warmup_steps = args.total_epoch * steps_per_epoch, args.warmup_epoch * steps_per_epoch
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=train_images.device)
     start = time.perf_counter()
     bar = tqdm(batches, desc=f"epoch {epoch}/{args.total_epoch}", leave=False, dynamic_ncols=True, disable=rank > 0)
     for i, batch_idx in enumerate(bar):
         step = (epoch - 1) * steps_per_epoch + i
         lr = utils.lr_at(step, total_steps, warmup_steps, peak_lr, args.min_lr)
-        utils.set_lr(optimizer, lr)
-        noise = torch.rand(args.batch_size, num_patches, device=device)[mine]
-        crop_rand = torch.rand(args.batch_size, 5, device=device)[mine] if args.augment else None
-        for c, chunk_idx in enumerate(batch_idx[mine].split(chunk)):
-            part = slice(c * chunk, (c + 1) * chunk)
-            imgs = data.normalize(train_images[chunk_idx])
-            if args.augment:
-                imgs = data.random_resized_crop(imgs, scale=(0.2, 1.0), rand=crop_rand[part, :4])
-                imgs = data.random_hflip(imgs, rand=crop_rand[part, 4])
-            # DDP averages gradients across processes only on the last chunk of the step (no_sync is DDP's;
-            # torch.compile's wrapper passes it through).
-            sync = c == accum_steps - 1 or not hasattr(model, "no_sync")
-            with (contextlib.nullcontext() if sync else model.no_sync()), utils.autocast(device, amp_dtype):
-                loss, _, _ = model(imgs, noise=noise[part])
-            # Chunks are equal-sized, so dividing by their number makes the summed gradient the batch mean.
-            scaler.scale(loss / accum_steps).backward()
-            loss_sum += loss.detach()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, amp_dtype, loss_sum)
         if writer:
             writer.add_scalar("lr", lr, step)
         if (i + 1) % args.log_interval == 0 and rank == 0:
-            bar.set_postfix(loss=f"{loss_sum.item() / ((i + 1) * accum_steps):.4f}",
+            bar.set_postfix(loss=f"{loss_sum.item() / ((i + 1) * chunks_per_step):.4f}",
                             img_s=f"{(i + 1) * args.batch_size / (time.perf_counter() - start):,.0f}")
     # The epoch's one unconditional sync: the mean over every chunk of every process.
-    mean_loss = utils.all_reduce_sum(loss_sum).item() / (len(batches) * accum_steps * world_size)
+    mean_loss = utils.all_reduce_sum(loss_sum).item() / (len(batches) * chunks_per_step * world_size)
     seconds = time.perf_counter() - start
     return {"epoch": epoch, "loss": mean_loss, "lr": lr, "images_per_sec": len(batches) * args.batch_size / seconds,
             "seconds": seconds}

@@ -298,6 +298,11 @@ def augment(images_u8: torch.Tensor, args) -> torch.Tensor:
     return x
 
 
+def make_criterion(args, mixup):
+    """timm's soft-target cross-entropy for mixed targets (Mixup has smoothed them), else cross-entropy."""
+    return SoftTargetCrossEntropy() if mixup is not None else nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+
+
 def make_mixup(args, num_classes: int):
     """timm's Mixup in 'batch' mode (one lam and box per chunk, batched on the device), which also applies the
     label smoothing to the mixed targets; None when both mixup and cutmix are off."""
@@ -310,18 +315,40 @@ def make_mixup(args, num_classes: int):
 # ----------------------------------------------------------------------------------------------------------
 # Training and evaluation
 
+def train_step(net, optimizer, scaler, inputs, labels, batch_idx, lr, prepare, mixup, criterion, args, amp_dtype,
+               loss_sum, correct):
+    """One optimizer step on this process's slice of the global batch `batch_idx`; adds each chunk's loss and
+    correct count (against the unmixed labels) to the device-side sums."""
+    rank, world_size, _ = utils.dist_env()
+    chunk = device_chunk(args)
+    accum_steps = (args.batch_size // world_size) // chunk
+    utils.set_lr(optimizer, lr)
+    for c, chunk_idx in enumerate(batch_idx[utils.shard(args.batch_size, rank, world_size)].split(chunk)):
+        x, y = prepare(inputs[chunk_idx]), labels[chunk_idx]
+        x, target = mixup(x, y) if mixup is not None else (x, y)
+        # DDP averages gradients across processes only on the last chunk of the step.
+        sync = c == accum_steps - 1 or not hasattr(net, "no_sync")
+        with (contextlib.nullcontext() if sync else net.no_sync()), utils.autocast(inputs.device, amp_dtype):
+            logits = net(x)
+        loss = criterion(logits.float(), target)
+        # Chunks are equal-sized, so dividing by their number makes the summed gradient the batch mean.
+        scaler.scale(loss / accum_steps).backward()
+        loss_sum += loss.detach()
+        correct += (logits.argmax(dim=-1) == y).sum()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_one_epoch(net, frozen, optimizer, scaler, inputs, labels, prepare, mixup, criterion, args, epoch,
                     steps_per_epoch, device, amp_dtype, writer):
-    """One pass over the training set. Loss and correct counts stay on the device and are read only every
-    log_interval steps and at the end. Accuracy is against the unmixed labels. Under torchrun every process
-    cuts the same permutation and trains on its own slice of each global batch."""
+    """One pass over the training set, every process cutting the same permutation. Loss and correct counts stay
+    on the device and are read only every log_interval steps and at the end."""
     net.train()
     if frozen is not None:
         frozen.eval()  # the probed encoder stays exactly as pretrained
     rank, world_size, _ = utils.dist_env()
-    mine = utils.shard(args.batch_size, rank, world_size)
-    chunk = device_chunk(args)
-    accum_steps = (args.batch_size // world_size) // chunk
+    chunks_per_step = (args.batch_size // world_size) // device_chunk(args)
     batches = data.epoch_batches(len(labels), args.batch_size, args.seed * 100_003 + epoch, device)
     peak_lr = args.base_learning_rate * args.batch_size / 256
     total_steps, warmup_steps = args.total_epoch * steps_per_epoch, args.warmup_epoch * steps_per_epoch
@@ -331,31 +358,17 @@ def train_one_epoch(net, frozen, optimizer, scaler, inputs, labels, prepare, mix
     for i, batch_idx in enumerate(bar):
         step = (epoch - 1) * steps_per_epoch + i
         lr = lr_at_step(step, total_steps, warmup_steps, peak_lr, args)
-        utils.set_lr(optimizer, lr)
-        for c, chunk_idx in enumerate(batch_idx[mine].split(chunk)):
-            x, y = prepare(inputs[chunk_idx]), labels[chunk_idx]
-            x, target = mixup(x, y) if mixup is not None else (x, y)
-            # DDP averages gradients across processes only on the last chunk of the step.
-            sync = c == accum_steps - 1 or not hasattr(net, "no_sync")
-            with (contextlib.nullcontext() if sync else net.no_sync()), utils.autocast(device, amp_dtype):
-                logits = net(x)
-            loss = criterion(logits.float(), target)
-            # Chunks are equal-sized, so dividing by their number makes the summed gradient the batch mean.
-            scaler.scale(loss / accum_steps).backward()
-            loss_sum += loss.detach()
-            correct += (logits.argmax(dim=-1) == y).sum()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(net, optimizer, scaler, inputs, labels, batch_idx, lr, prepare, mixup, criterion, args, amp_dtype,
+                   loss_sum, correct)
         if writer:
             writer.add_scalar("lr", lr, step)
         if (i + 1) % args.log_interval == 0 and rank == 0:
-            bar.set_postfix(loss=f"{loss_sum.item() / ((i + 1) * accum_steps):.4f}",
+            bar.set_postfix(loss=f"{loss_sum.item() / ((i + 1) * chunks_per_step):.4f}",
                             acc=f"{correct.item() * world_size / ((i + 1) * args.batch_size):.4f}")
     seconds = time.perf_counter() - start
     num_seen = len(batches) * args.batch_size
     loss_sum, correct = utils.all_reduce_sum(torch.stack([loss_sum, correct])).tolist()
-    return {"train_loss": loss_sum / (len(batches) * accum_steps * world_size), "train_acc": correct / num_seen,
+    return {"train_loss": loss_sum / (len(batches) * chunks_per_step * world_size), "train_acc": correct / num_seen,
             "lr": lr, "images_per_sec": num_seen / seconds, "seconds": seconds}
 
 
@@ -472,8 +485,7 @@ def main(args):
     optimizer = utils.make_adamw(param_groups, args.base_learning_rate * args.batch_size / 256, (0.9, 0.999), device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     mixup = make_mixup(args, num_classes)
-    criterion = SoftTargetCrossEntropy() if mixup is not None else nn.CrossEntropyLoss(
-        label_smoothing=args.label_smoothing)
+    criterion = make_criterion(args, mixup)
     writer = SummaryWriter(args.log_dir) if main_process else None
 
     def save_grid(epoch, predicted, note):

@@ -82,8 +82,9 @@ def test_a_training_step_is_three_forwards():
 
 @pytest.mark.parametrize("phase", ["pretrain", "finetune"])
 def test_step_with_accumulation_follows_the_full_batch_gradient(phase):
-    """One train_step with chunks of 4 and of 16 moves the weights exactly as plain SGD on the mean loss of the
-    whole batch of 16, computed directly with the same mask noise."""
+    """One step of the scripts' train_step (mae_pretrain's; train_classifier's with the plain recipe) with chunks of
+    4 and of 16 moves the weights exactly as plain SGD on the mean loss of the whole batch of 16, computed directly
+    with the same mask noise."""
     cfg = MAEConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
                     decoder_num_heads=2)
     batch, lr = 16, 0.5
@@ -91,7 +92,8 @@ def test_step_with_accumulation_follows_the_full_batch_gradient(phase):
     images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (40,), generator=g)
     batch_idx = torch.randperm(40, generator=g)[:batch]
-    args = SimpleNamespace(pretrain_batch_size=batch, finetune_batch_size=batch, num_classes=10)
+    args = SimpleNamespace(pretrain_batch_size=batch, finetune_batch_size=batch, num_classes=10,
+                           finetune_recipe="plain", max_device_batch_size=batch)
     make = bench.pretrain_phase if phase == "pretrain" else bench.finetune_phase
     extra = (images, args) if phase == "pretrain" else (images, labels, args)
 
@@ -108,14 +110,14 @@ def test_step_with_accumulation_follows_the_full_batch_gradient(phase):
     expected = {n: p.detach() - lr * p.grad for n, p in reference.named_parameters() if p.grad is not None}
 
     for chunk in (4, 16):
+        args.max_device_batch_size = chunk  # read by the script's flags the phase builds
         torch.manual_seed(1)
         step = make(cfg, *extra)
         optimizer = torch.optim.SGD(step.model.parameters(), lr=lr)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         loss_sum = torch.zeros(())
-        torch.manual_seed(2)  # train_step draws the batch's noise first, as the reference did above
-        bench.train_step(step.model, optimizer, scaler, batch_idx, chunk, lr, step.loss_fn, loss_sum,
-                         torch.device("cpu"), None, step.noise_width)
+        torch.manual_seed(2)  # the scripts' train_step draws the batch's noise first, as the reference did above
+        step.step(step.model, optimizer, scaler, batch_idx, lr, loss_sum, None)
         got = dict(step.model.named_parameters())
         for name, value in expected.items():
             torch.testing.assert_close(got[name].detach(), value, rtol=1e-5, atol=1e-6, msg=f"{name}, chunk {chunk}")
