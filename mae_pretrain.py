@@ -42,17 +42,8 @@ NUM_VIS = 16  # val images in the per-epoch reconstruction figure (2 rows of 8)
 def get_args_parser():
     parser = utils.ArgumentParser(description="MAE pretraining of a ViT on CIFAR-10")
     # Schedule and optimisation (the reference's flags, same names and meaning)
-    parser.add_argument("--seed", type=int, default=42, help="seeds the masks, shuffling and initialisation")
-    parser.add_argument("--batch_size", type=int, default=512,
-                        help="effective batch per optimizer step (gradients accumulated over device chunks)")
-    parser.add_argument("--max_device_batch_size", type=int, default=256,
-                        help="largest chunk put through the model at once; must divide --batch_size")
-    parser.add_argument("--base_learning_rate", type=float, default=1.5e-4,
-                        help="peak lr is base_learning_rate * batch_size / 256")
-    parser.add_argument("--weight_decay", type=float, default=0.05, help="AdamW decoupled weight decay")
-    parser.add_argument("--min_lr", type=float, default=0.0, help="lr at the end of the cosine")
-    parser.add_argument("--total_epoch", type=int, default=150, help="epochs of pretraining")
-    parser.add_argument("--warmup_epoch", type=int, default=10, help="epochs of linear lr warmup")
+    utils.add_schedule_args(parser, batch_size=512, max_device_batch_size=256, base_learning_rate=1.5e-4,
+                            total_epoch=150, warmup_epoch=10)
     # MAE
     parser.add_argument("--mask_ratio", type=float, default=0.75, help="share of patches masked, in [0, 1)")
     parser.add_argument("--norm_pix_loss", action="store_true",
@@ -106,24 +97,14 @@ def model_config(args) -> MAEConfig:
 
 def check_args(args) -> None:
     """Every flag checked before anything is read or written, so bad input costs nothing."""
-    positive = ("batch_size", "max_device_batch_size", "total_epoch", "log_interval", "knn_k", "patch_size",
-                "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+    utils.check_schedule_args(args)
+    positive = ("log_interval", "knn_k", "patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
+                "decoder_depth", "decoder_num_heads")
     for name in positive:
         if getattr(args, name) < 1:
             utils.die(f"--{name} must be >= 1, got {getattr(args, name)}")
-    world_size = utils.dist_env()[1]
-    if args.batch_size % world_size:
-        utils.die(f"--batch_size {args.batch_size} is not divisible by the {world_size} processes of this run "
-                  "(torchrun --nproc_per_node x --nnodes)")
-    if (args.batch_size // world_size) % device_chunk(args):
-        utils.die(f"--batch_size {args.batch_size} is not divisible by --max_device_batch_size "
-                  f"{args.max_device_batch_size}" + (f" x {world_size} processes" if world_size > 1 else ""))
     if not 0.0 <= args.mask_ratio < 1.0:
         utils.die(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
-    if args.warmup_epoch < 0:
-        utils.die(f"--warmup_epoch must be >= 0, got {args.warmup_epoch}")
-    if args.base_learning_rate <= 0 or args.weight_decay < 0 or args.min_lr < 0:
-        utils.die("--base_learning_rate must be > 0, --weight_decay and --min_lr >= 0")
     if args.eval_every < 0 or args.knn_temperature <= 0:
         utils.die(f"--eval_every must be >= 0 and --knn_temperature > 0, got {args.eval_every} and "
                   f"{args.knn_temperature}")
@@ -133,12 +114,6 @@ def check_args(args) -> None:
         data.check_data_args(args)
     except data.DataError as e:
         utils.die(str(e))
-
-
-def device_chunk(args) -> int:
-    """Images per forward pass on one device: the process's share of the batch, at most max_device_batch_size
-    (as in the reference, a max_device_batch_size above the batch means no accumulation)."""
-    return min(args.max_device_batch_size, args.batch_size // utils.dist_env()[1])
 
 
 def load_resume(args) -> dict:
@@ -162,7 +137,7 @@ def train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, amp_
     """
     rank, world_size, _ = utils.dist_env()
     mine = utils.shard(args.batch_size, rank, world_size)
-    chunk = device_chunk(args)
+    chunk = utils.device_chunk(args)
     accum_steps = (args.batch_size // world_size) // chunk
     num_patches = (train_images.shape[-1] // args.patch_size) ** 2
     device = train_images.device
@@ -193,7 +168,7 @@ def train_one_epoch(model, optimizer, scaler, train_images, args, epoch, steps_p
     device and is read only every log_interval steps and at the end, so the GPU never waits for the host."""
     model.train()
     rank, world_size, _ = utils.dist_env()
-    chunks_per_step = (args.batch_size // world_size) // device_chunk(args)
+    chunks_per_step = (args.batch_size // world_size) // utils.device_chunk(args)
     batches = data.epoch_batches(len(train_images), args.batch_size, args.seed * 100_003 + epoch,
                                  train_images.device)
     peak_lr = args.base_learning_rate * args.batch_size / 256

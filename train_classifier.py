@@ -65,19 +65,10 @@ NUM_VIS = 16  # val images in the prediction grids (4 x 4)
 
 def get_args_parser():
     parser = utils.ArgumentParser(description="ViT classifier on CIFAR-10: from scratch, from MAE, or linear probe")
-    # Schedule and optimisation (the reference's flags, same names and meaning)
-    parser.add_argument("--seed", type=int, default=42, help="seeds shuffling, augmentation and initialisation")
-    parser.add_argument("--batch_size", type=int, default=128,
-                        help="effective batch per optimizer step (gradients accumulated over device chunks)")
-    parser.add_argument("--max_device_batch_size", type=int, default=128,
-                        help="largest chunk put through the model at once; must divide --batch_size")
-    parser.add_argument("--base_learning_rate", type=float, default=1e-3,
-                        help="peak lr is base_learning_rate * batch_size / 256")
-    parser.add_argument("--weight_decay", type=float, default=0.05, help="AdamW decoupled weight decay")
-    parser.add_argument("--min_lr", type=float, default=0.0,
-                        help="lr at the end of the cosine (warmup_cosine schedule; the reference's goes to 0)")
-    parser.add_argument("--total_epoch", type=int, default=100, help="epochs of training")
-    parser.add_argument("--warmup_epoch", type=int, default=5, help="epochs of linear lr warmup")
+    # Schedule and optimisation (the reference's flags, same names and meaning; --min_lr only with the
+    # warmup_cosine schedule, the reference's goes to 0)
+    utils.add_schedule_args(parser, batch_size=128, max_device_batch_size=128, base_learning_rate=1e-3,
+                            total_epoch=100, warmup_epoch=5)
     # Starting point
     parser.add_argument("--pretrained_model_path", default=None,
                         help="mae_pretrain.py checkpoint whose encoder starts the classifier (default: from scratch)")
@@ -154,23 +145,12 @@ def resolve_recipe(args) -> None:
 def check_args(args) -> None:
     """Every flag checked before anything is read or written, so bad input costs nothing."""
     resolve_recipe(args)
-    for name in ("batch_size", "max_device_batch_size", "total_epoch", "log_interval"):
-        if getattr(args, name) < 1:
-            utils.die(f"--{name} must be >= 1, got {getattr(args, name)}")
+    utils.check_schedule_args(args)
+    if args.log_interval < 1:
+        utils.die(f"--log_interval must be >= 1, got {args.log_interval}")
     for name in MODEL_FLAGS:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             utils.die(f"--{name} must be >= 1, got {getattr(args, name)}")
-    world_size = utils.dist_env()[1]
-    if args.batch_size % world_size:
-        utils.die(f"--batch_size {args.batch_size} is not divisible by the {world_size} processes of this run "
-                  "(torchrun --nproc_per_node x --nnodes)")
-    if (args.batch_size // world_size) % device_chunk(args):
-        utils.die(f"--batch_size {args.batch_size} is not divisible by --max_device_batch_size "
-                  f"{args.max_device_batch_size}" + (f" x {world_size} processes" if world_size > 1 else ""))
-    if args.warmup_epoch < 0:
-        utils.die(f"--warmup_epoch must be >= 0, got {args.warmup_epoch}")
-    if args.base_learning_rate <= 0 or args.weight_decay < 0 or args.min_lr < 0:
-        utils.die("--base_learning_rate must be > 0, --weight_decay and --min_lr >= 0")
     allowed = {"crop_padding": (lambda v: v >= 0, ">= 0"), "mixup": (lambda v: v >= 0, ">= 0"),
                "cutmix": (lambda v: v >= 0, ">= 0"), "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
                "drop_path": (lambda v: 0 <= v < 1, "in [0, 1)"), "layer_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -178,9 +158,9 @@ def check_args(args) -> None:
     for name, (ok, allowed_text) in allowed.items():
         if not ok(getattr(args, name)):
             utils.die(f"--{name} must be {allowed_text}, got {getattr(args, name)}")
-    if (args.mixup or args.cutmix) and device_chunk(args) % 2:
+    if (args.mixup or args.cutmix) and utils.device_chunk(args) % 2:
         utils.die(f"--max_device_batch_size {args.max_device_batch_size} must be even with --mixup/--cutmix "
-                  f"(each chunk, here {device_chunk(args)} images, is mixed with its own reverse)")
+                  f"(each chunk, here {utils.device_chunk(args)} images, is mixed with its own reverse)")
     if args.linear_probe and (args.drop_path or args.layer_decay != 1):
         utils.die("--drop_path and --layer_decay do not apply with --linear_probe (the encoder is frozen)")
     if not args.run_name or args.run_name in (".", "..") or "/" in args.run_name or os.sep in args.run_name:
@@ -189,11 +169,6 @@ def check_args(args) -> None:
         data.check_data_args(args)
     except data.DataError as e:
         utils.die(str(e))
-
-
-def device_chunk(args) -> int:
-    """Images per forward pass on one device: the process's share of the batch, at most max_device_batch_size."""
-    return min(args.max_device_batch_size, args.batch_size // utils.dist_env()[1])
 
 
 def load_pretrained(path: str):
@@ -320,7 +295,7 @@ def train_step(net, optimizer, scaler, inputs, labels, batch_idx, lr, prepare, m
     """One optimizer step on this process's slice of the global batch `batch_idx`; adds each chunk's loss and
     correct count (against the unmixed labels) to the device-side sums."""
     rank, world_size, _ = utils.dist_env()
-    chunk = device_chunk(args)
+    chunk = utils.device_chunk(args)
     accum_steps = (args.batch_size // world_size) // chunk
     utils.set_lr(optimizer, lr)
     for c, chunk_idx in enumerate(batch_idx[utils.shard(args.batch_size, rank, world_size)].split(chunk)):
@@ -348,7 +323,7 @@ def train_one_epoch(net, frozen, optimizer, scaler, inputs, labels, prepare, mix
     if frozen is not None:
         frozen.eval()  # the probed encoder stays exactly as pretrained
     rank, world_size, _ = utils.dist_env()
-    chunks_per_step = (args.batch_size // world_size) // device_chunk(args)
+    chunks_per_step = (args.batch_size // world_size) // utils.device_chunk(args)
     batches = data.epoch_batches(len(labels), args.batch_size, args.seed * 100_003 + epoch, device)
     peak_lr = args.base_learning_rate * args.batch_size / 256
     total_steps, warmup_steps = args.total_epoch * steps_per_epoch, args.warmup_epoch * steps_per_epoch

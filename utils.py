@@ -31,6 +31,46 @@ class ArgumentParser(argparse.ArgumentParser):
 # ----------------------------------------------------------------------------------------------------------
 # Schedule and optimizer
 
+def add_schedule_args(parser, batch_size: int, max_device_batch_size: int, base_learning_rate: float,
+                      total_epoch: int, warmup_epoch: int) -> None:
+    """The optimisation flags both training scripts share: the reference's names and meanings, their defaults."""
+    parser.add_argument("--seed", type=int, default=42, help="seeds initialisation, shuffling, masks, augmentation")
+    parser.add_argument("--batch_size", type=int, default=batch_size,
+                        help="effective (global) batch per optimizer step, gradients accumulated over chunks")
+    parser.add_argument("--max_device_batch_size", type=int, default=max_device_batch_size,
+                        help="largest chunk put through the model at once; must divide each process's batch")
+    parser.add_argument("--base_learning_rate", type=float, default=base_learning_rate,
+                        help="peak lr is base_learning_rate * batch_size / 256")
+    parser.add_argument("--weight_decay", type=float, default=0.05, help="AdamW decoupled weight decay")
+    parser.add_argument("--min_lr", type=float, default=0.0, help="lr at the end of the cosine")
+    parser.add_argument("--total_epoch", type=int, default=total_epoch, help="epochs of training")
+    parser.add_argument("--warmup_epoch", type=int, default=warmup_epoch, help="epochs of linear lr warmup")
+
+
+def device_chunk(args) -> int:
+    """Images per forward pass on one device: the process's share of the batch, at most max_device_batch_size
+    (as in the reference, a max_device_batch_size above the batch means no accumulation)."""
+    return min(args.max_device_batch_size, args.batch_size // dist_env()[1])
+
+
+def check_schedule_args(args) -> None:
+    """The shared flags' checks, including the split of the global batch over processes and chunks."""
+    for name in ("batch_size", "max_device_batch_size", "total_epoch"):
+        if getattr(args, name) < 1:
+            die(f"--{name} must be >= 1, got {getattr(args, name)}")
+    world_size = dist_env()[1]
+    if args.batch_size % world_size:
+        die(f"--batch_size {args.batch_size} is not divisible by the {world_size} processes of this run "
+            "(torchrun --nproc_per_node x --nnodes)")
+    if (args.batch_size // world_size) % device_chunk(args):
+        die(f"--batch_size {args.batch_size} is not divisible by --max_device_batch_size "
+            f"{args.max_device_batch_size}" + (f" x {world_size} processes" if world_size > 1 else ""))
+    if args.warmup_epoch < 0:
+        die(f"--warmup_epoch must be >= 0, got {args.warmup_epoch}")
+    if args.base_learning_rate <= 0 or args.weight_decay < 0 or args.min_lr < 0:
+        die("--base_learning_rate must be > 0, --weight_decay and --min_lr >= 0")
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:
     """Linear warmup from 0 to peak_lr over warmup_steps, then half-cosine down to min_lr at total_steps."""
     if step < warmup_steps:
