@@ -253,13 +253,7 @@ def main(args):
     cfg = model_config(args)
     device = utils.resolve_device(args)
     ckpt = load_resume(args) if args.resume else None
-    try:
-        train, val = data.load_data(args, cfg.img_size)
-    except data.DataError as e:
-        utils.die(str(e))
-    steps_per_epoch = len(train) // args.batch_size
-    if steps_per_epoch == 0:
-        utils.die(f"--batch_size {args.batch_size} is larger than the {len(train)} training images")
+    train, val, steps_per_epoch = utils.load_training_data(args, cfg.img_size)
     amp_dtype = utils.autocast_dtype(args, device)
     utils.init_distributed(device)
     rank, world_size, _ = utils.dist_env()

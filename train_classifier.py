@@ -393,13 +393,7 @@ def main(args):
     cfg = model_config(args, pretrained_config)
     device = utils.resolve_device(args)
     amp_dtype = utils.autocast_dtype(args, device)
-    try:
-        train, val = data.load_data(args, cfg.img_size)
-    except data.DataError as e:
-        utils.die(str(e))
-    steps_per_epoch = len(train) // args.batch_size
-    if steps_per_epoch == 0:
-        utils.die(f"--batch_size {args.batch_size} is larger than the {len(train)} training images")
+    train, val, steps_per_epoch = utils.load_training_data(args, cfg.img_size)
     classes, num_classes = list(train.classes), len(train.classes)
     utils.init_distributed(device)
     rank, world_size, _ = utils.dist_env()

@@ -53,6 +53,19 @@ def device_chunk(args) -> int:
     return min(args.max_device_batch_size, args.batch_size // dist_env()[1])
 
 
+def load_training_data(args, img_size: int):
+    """-> (train, val, steps_per_epoch) following the dataset flags, or one-line death on bad data flags."""
+    import data
+    try:
+        train, val = data.load_data(args, img_size)
+    except data.DataError as e:
+        die(str(e))
+    steps_per_epoch = len(train) // args.batch_size
+    if steps_per_epoch == 0:
+        die(f"--batch_size {args.batch_size} is larger than the {len(train)} training images")
+    return train, val, steps_per_epoch
+
+
 def check_schedule_args(args) -> None:
     """The shared flags' checks, including the split of the global batch over processes and chunks."""
     for name in ("batch_size", "max_device_batch_size", "total_epoch"):
