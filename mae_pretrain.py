@@ -61,7 +61,7 @@ def get_args_parser():
     # Monitoring the encoder while it trains
     parser.add_argument("--eval_every", type=int, default=25,
                         help="epochs between kNN / val-reconstruction evaluations, plus one at the end; each "
-                             "costs about one epoch, so 25 keeps them under 5%% of the run (0: never)")
+                             "costs under one epoch's FLOPs, so 25 keeps them under 5%% of the run (0: never)")
     parser.add_argument("--knn_k", type=int, default=20, help="neighbours in the weighted kNN vote")
     parser.add_argument("--knn_temperature", type=float, default=0.07, help="temperature of the kNN vote")
     parser.add_argument("--knn_feature", default="mean", choices=("mean", "cls"),
