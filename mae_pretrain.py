@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import data
 import utils
-from model import MAE, MAEConfig, count_params, reconstruct
+from model import MAE, MAEConfig, count_params, pool_tokens, reconstruct
 
 # Flags that define the run: a checkpoint only resumes under the same values (the schedule and the model
 # must be the ones it was trained with). max_device_batch_size, devices and output paths may change.
@@ -64,9 +64,9 @@ def get_args_parser():
                              "costs under one epoch's FLOPs, so 25 keeps them under 5%% of the run (0: never)")
     parser.add_argument("--knn_k", type=int, default=20, help="neighbours in the weighted kNN vote")
     parser.add_argument("--knn_temperature", type=float, default=0.07, help="temperature of the kNN vote")
-    parser.add_argument("--knn_feature", default="mean", choices=("mean", "cls"),
-                        help="kNN feature: mean of the patch tokens (default; MAE's class token gets no loss "
-                             "of its own in pretraining) or the class token")
+    parser.add_argument("--knn_feature", default="avg", choices=("avg", "token"),
+                        help="kNN feature, named as train_classifier.py's --global_pool: mean patch token "
+                             "(default; MAE's class token gets no loss of its own in pretraining) or class token")
     # Data
     data.add_data_args(parser)
     # Runtime
@@ -204,31 +204,22 @@ def reconstruct_val(model, val_imgs, noise, cfg, amp_dtype):
 
 
 @torch.no_grad()
-def extract_features(encoder, images, batch_size, pool, amp_dtype):
-    """L2-normalised features of full, unmasked images: (N, D) float32."""
-    feats = []
-    for chunk in images.split(batch_size):
-        with utils.autocast(images.device, amp_dtype):
-            tokens = encoder(data.normalize(chunk))
-        feats.append(F.normalize((tokens[:, 1:].mean(dim=1) if pool == "mean" else tokens[:, 0]).float(), dim=1))
-    return torch.cat(feats)
-
-
-@torch.no_grad()
 def evaluate(model, train, val, val_noise, args, amp_dtype):
     """kNN accuracy of the encoder's features (train split as the bank, val split as queries), and the val
     reconstruction under fixed masks: masked MSE (the training loss) and PSNR of the masked patches in
-    [0, 1] pixel space. Each process takes a shard of both splits; features are gathered, sums are reduced;
-    everything stays on the device until the three numbers at the end."""
+    [0, 1] pixel space. Each process embeds and reconstructs a shard of both splits; features are gathered,
+    sums are reduced; everything stays on the device until the three numbers at the end."""
     model.eval()
-    rank, world_size, _ = utils.dist_env()
     bs = args.max_device_batch_size
-    train_part, val_part = utils.shard(len(train), rank, world_size), utils.shard(len(val), rank, world_size)
-    bank = utils.all_gather_cat(extract_features(model.encoder, train.images[train_part], bs, args.knn_feature,
-                                                 amp_dtype))
-    queries = extract_features(model.encoder, val.images[val_part], bs, args.knn_feature, amp_dtype)
+
+    def features(imgs):  # L2-normalised: the kNN's dot products are cosine similarities
+        return F.normalize(pool_tokens(model.encoder(imgs).float(), args.knn_feature), dim=1)
+    bank = utils.embed_all(features, train.images, bs, amp_dtype)
+    queries = utils.embed_all(features, val.images, bs, amp_dtype)
     pred = utils.knn_predict(bank, train.labels, queries, len(train.classes), args.knn_k, args.knn_temperature)
-    knn_correct = (pred == val.labels[val_part]).sum().float()
+    knn_acc = (pred == val.labels).float().mean().item()
+
+    val_part = utils.shard(len(val), *utils.dist_env()[:2])
 
     zero = torch.zeros((), device=val.images.device)
     loss_sum, sq_err_sum, masked_pixels = zero, zero, zero
@@ -241,10 +232,10 @@ def evaluate(model, train, val, val_noise, args, amp_dtype):
         # Visible patches are pasted back, so the squared error is non-zero only on masked pixels.
         sq_err_sum = sq_err_sum + (data.denormalize(recon) - data.denormalize(imgs)).pow(2).sum()
         masked_pixels = masked_pixels + mask.sum() * model.cfg.patch_size ** 2 * imgs.shape[1]
-    knn_correct, loss_sum, sq_err_sum, masked_pixels = utils.all_reduce_sum(
-        torch.stack([knn_correct, loss_sum, sq_err_sum, masked_pixels])).tolist()
+    loss_sum, sq_err_sum, masked_pixels = utils.all_reduce_sum(
+        torch.stack([loss_sum, sq_err_sum, masked_pixels])).tolist()
     mse = max(sq_err_sum / max(masked_pixels, 1), 1e-10)
-    return {"knn_acc": knn_correct / len(val), "val_loss": loss_sum / len(val), "val_psnr": 10 * math.log10(1 / mse)}
+    return {"knn_acc": knn_acc, "val_loss": loss_sum / len(val), "val_psnr": 10 * math.log10(1 / mse)}
 
 
 def main(args):

@@ -130,6 +130,11 @@ def reconstruct(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patc
 # ----------------------------------------------------------------------------------------------------------
 # Modules
 
+def pool_tokens(tokens: torch.Tensor, global_pool: str) -> torch.Tensor:
+    """(B, 1 + N, D) encoder output -> (B, D): the class token ('token') or the mean patch token ('avg')."""
+    return tokens[:, 0] if global_pool == "token" else tokens[:, 1:].mean(dim=1)
+
+
 def _sincos_pos_embed(grid_size: int, dim: int) -> torch.Tensor:
     # Fixed 2-D sin-cos position embedding (MAE paper): no parameters to learn, (1, N, dim).
     return build_sincos2d_pos_embed([grid_size, grid_size], dim).unsqueeze(0)
@@ -265,8 +270,7 @@ class ViTClassifier(nn.Module):
 
     def features(self, imgs: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, D) pooled representation."""
-        x = self.encoder(imgs)
-        return x[:, 0] if self.global_pool == "token" else x[:, 1:].mean(dim=1)
+        return pool_tokens(self.encoder(imgs), self.global_pool)
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_norm(self.features(imgs)))

@@ -364,25 +364,6 @@ def evaluate(net, inputs, labels, prepare, batch_size, device, amp_dtype):
     return utils.all_reduce_sum(loss_sum).item() / len(labels), accuracy.item(), predicted.cpu()
 
 
-@torch.no_grad()
-def extract_features(model: ViTClassifier, images, batch_size, device, amp_dtype) -> torch.Tensor:
-    """Pooled features of the frozen encoder for every image, (N, D) float32 on the device; each process
-    embeds a shard and the shards are gathered."""
-    model.eval()
-    part = utils.shard(len(images), *utils.dist_env()[:2])
-    chunks = []
-    for chunk in images[part].split(batch_size):
-        with utils.autocast(device, amp_dtype):
-            chunks.append(model.features(data.normalize(chunk)).float())
-    return utils.all_gather_cat(torch.cat(chunks))
-
-
-def save_labels(path: str, labels) -> None:
-    tmp = f"{path}.tmp.npy"
-    np.save(tmp, np.asarray(labels, dtype=np.int64))
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------------------
 
 def main(args):
@@ -426,15 +407,16 @@ def main(args):
     vis_idx = torch.linspace(0, len(val) - 1, min(NUM_VIS, len(val))).round().long()
     vis_images, vis_labels = val.images[vis_idx], val.labels[vis_idx]
     if main_process:
-        save_labels(path["val_labels.npy"], val.labels)
+        utils.save_npy(path["val_labels.npy"], val.labels, dtype=np.int64)
 
     # ---- what trains on what
     frozen = model.encoder if args.linear_probe else None
     if args.linear_probe and not augments_images(args):
         # A frozen encoder on unaugmented images gives the same features every epoch: compute them once, and an
         # epoch is a pass of the head over (N, D) floats.
-        train_inputs = extract_features(model, train_images, args.max_device_batch_size, device, amp_dtype)
-        val_inputs = extract_features(model, val_images, args.max_device_batch_size, device, amp_dtype)
+        model.eval()
+        train_inputs = utils.embed_all(model.features, train_images, args.max_device_batch_size, amp_dtype)
+        val_inputs = utils.embed_all(model.features, val_images, args.max_device_batch_size, amp_dtype)
         net, frozen = nn.Sequential(model.head_norm, model.head), None
         prepare_train = prepare_eval = nn.Identity()
     else:
@@ -495,7 +477,7 @@ def main(args):
                 writer.add_scalar(name, stats[name], epoch)
             writer.flush()
             utils.write_jsonl(path["log.jsonl"], log)
-            save_labels(path["val_preds.npy"], val_predicted)
+            utils.save_npy(path["val_preds.npy"], val_predicted, dtype=np.int64)
             ckpt = {"model": model.state_dict(), "epoch": epoch, "val_acc": val_acc, "args": vars(args),
                     "config": dataclasses.asdict(cfg), "num_classes": num_classes, "classes": classes}
             if improved:

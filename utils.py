@@ -9,6 +9,9 @@ import warnings
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+import data
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -55,7 +58,6 @@ def device_chunk(args) -> int:
 
 def load_training_data(args, img_size: int):
     """-> (train, val, steps_per_epoch) following the dataset flags, or one-line death on bad data flags."""
-    import data
     try:
         train, val = data.load_data(args, img_size)
     except data.DataError as e:
@@ -212,9 +214,9 @@ def atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-def save_npy(path: str, values) -> None:
+def save_npy(path: str, values, dtype=np.float64) -> None:
     tmp = f"{path}.tmp.npy"
-    np.save(tmp, np.asarray(values, dtype=np.float64))
+    np.save(tmp, np.asarray(values, dtype=dtype))
     os.replace(tmp, path)
 
 
@@ -383,7 +385,6 @@ def dist_env():
 
 def init_distributed(device: torch.device) -> None:
     """Join torchrun's process group: NCCL between GPUs, gloo on the CPU. A plain run does nothing."""
-    import torch.distributed as dist
     if dist_env()[1] > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -391,14 +392,12 @@ def init_distributed(device: torch.device) -> None:
 
 
 def close_distributed() -> None:
-    import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over all ranks (in place); identity for a single process."""
-    import torch.distributed as dist
     if dist.is_initialized():
         dist.all_reduce(t)
     return t
@@ -406,7 +405,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's tensor along dim 0, in rank order; shards may differ in length."""
-    import torch.distributed as dist
     if not dist.is_initialized():
         return t
     sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(dist.get_world_size())]
@@ -422,3 +420,15 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 def shard(n: int, rank: int, world_size: int) -> slice:
     """This rank's contiguous share of n items; the shares are disjoint and cover all n."""
     return slice(n * rank // world_size, n * (rank + 1) // world_size)
+
+
+@torch.no_grad()
+def embed_all(fn, images: torch.Tensor, batch_size: int, amp_dtype) -> torch.Tensor:
+    """fn (normalised images -> (B, D) features) over every uint8 image, in batches, as float32 on the images'
+    device. Each process embeds its shard and the shards are gathered, so every process gets all N rows."""
+    part = shard(len(images), *dist_env()[:2])
+    feats = []
+    for chunk in images[part].split(batch_size):
+        with autocast(images.device, amp_dtype):
+            feats.append(fn(data.normalize(chunk)).float())
+    return all_gather_cat(torch.cat(feats))
