@@ -203,7 +203,6 @@ def random_hflip(x: torch.Tensor, rand=None) -> torch.Tensor:
     return torch.where(flip, x.flip(-1), x)
 
 
-
 # ----------------------------------------------------------------------------------------------------------
 # Classification augmentation, batched on the device: one draw per image, no per-image Python
 

@@ -16,7 +16,6 @@ import dataclasses
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -284,10 +283,7 @@ def main(args):
     train_model = DistributedDataParallel(model) if world_size > 1 else model
     train_model = utils.maybe_compile(train_model, args, device)
     writer = SummaryWriter(args.log_dir) if main_process else None
-    # Figures, logs and the checkpoint are written by one background thread from CPU copies, so the GPU goes
-    # on with the next epoch meanwhile; one worker keeps the writes in order.
-    background = ThreadPoolExecutor(max_workers=1)
-    saving = None
+    background = utils.BackgroundWriter()  # figures, logs and checkpoints, written while the next epoch trains
 
     # ---- loop
     last_epoch = min(args.total_epoch, args.stop_after or args.total_epoch)
@@ -310,18 +306,14 @@ def main(args):
                                        "scaler": scaler.state_dict(), "epoch": epoch, "losses": list(losses),
                                        "evals": list(evals), "args": vars(args),
                                        "config": dataclasses.asdict(cfg)})
-            if saving is not None:
-                saving.result()  # had a whole epoch to finish; re-raises its error if writing failed
-            saving = background.submit(save_epoch_outputs, args, writer, dict(stats), list(evals), list(log),
-                                       figures, checkpoint)
+            background.submit(save_epoch_outputs, args, writer, dict(stats), list(evals), list(log), figures,
+                              checkpoint)
         monitor = (f" | kNN {stats['knn_acc']:.2%} | val loss {stats['val_loss']:.4f} | val PSNR "
                    f"{stats['val_psnr']:.2f} dB" if "knn_acc" in stats else "")
         log_print(f"epoch {epoch:3d}/{args.total_epoch} | loss {stats['loss']:.5f} | lr {stats['lr']:.2e} | "
                   f"{stats['images_per_sec']:,.0f} img/s | {stats['seconds']:.1f} s{monitor}")
 
-    if saving is not None:
-        saving.result()
-    background.shutdown()
+    background.close()
     if writer:
         writer.close()
     if losses:

@@ -61,6 +61,7 @@ RECIPE_FLAGS = tuple(RECIPES["plain"])
 MODEL_FLAGS = ("patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
                "decoder_num_heads")
 NUM_VIS = 16  # val images in the prediction grids (4 x 4)
+CURVES = ("train_loss", "train_acc", "val_loss", "val_acc")  # one value per epoch, each to <run>_<name>.npy
 
 
 def get_args_parser():
@@ -392,9 +393,9 @@ def main(args):
     log_print(f"data: {args.dataset}, {len(train)} train / {len(val)} val images, {num_classes} classes, "
               f"{steps_per_epoch} steps per epoch; device {device} x {world_size} process(es), autocast {amp_dtype}")
     log_print(f"model: {count_params(model) / 1e6:.2f}M parameters, "
-          f"{'encoder from ' + args.pretrained_model_path if args.pretrained_model_path else 'from scratch'}"
-          f"{', linear probe' if args.linear_probe else ''}; recipe {args.recipe}: "
-          f"{ {name: getattr(args, name) for name in RECIPE_FLAGS} }")
+              f"{'encoder from ' + args.pretrained_model_path if args.pretrained_model_path else 'from scratch'}"
+              f"{', linear probe' if args.linear_probe else ''}; recipe {args.recipe}: "
+              f"{ {name: getattr(args, name) for name in RECIPE_FLAGS} }")
     if main_process:
         for folder in (out, args.log_dir, os.path.dirname(os.path.abspath(args.output_model_path))):
             os.makedirs(folder, exist_ok=True)
@@ -438,19 +439,35 @@ def main(args):
     mixup = make_mixup(args, num_classes)
     criterion = make_criterion(args, mixup)
     writer = SummaryWriter(args.log_dir) if main_process else None
+    background = utils.BackgroundWriter()  # arrays, logs, checkpoints and grids, written while training goes on
+    grid_epochs = {(args.total_epoch + 1) // 2, args.total_epoch}  # and epoch 0, before training
 
     def save_grid(epoch, predicted, note):
         utils.save_prediction_grid(os.path.join(out, f"{run}_preds_epoch_{epoch}.png"), vis_images.float() / 255,
                                    predicted, vis_labels, classes, title=f"{run}, epoch {epoch}{note}")
 
+    def save_epoch(log, val_predicted, snapshot, improved, summary):
+        """Everything an epoch leaves on disk (main process, background thread, CPU snapshots only)."""
+        stats = log[-1]
+        for name in CURVES:
+            utils.save_npy(path[f"{name}.npy"], [r[name] for r in log])
+            writer.add_scalar(name, stats[name], stats["epoch"])
+        writer.flush()
+        utils.write_jsonl(path["log.jsonl"], log)
+        utils.save_npy(path["val_preds.npy"], val_predicted, dtype=np.int64)
+        if improved:
+            utils.atomic_save({k: v for k, v in snapshot.items() if k != "optimizer"}, args.output_model_path)
+        utils.atomic_save(snapshot, last_model_path)
+        utils.save_json(path["summary.json"], summary)
+        if stats["epoch"] in grid_epochs:
+            save_grid(stats["epoch"], val_predicted[vis_idx], f", val acc {stats['val_acc']:.4f}")
+
     if main_process:
         with torch.no_grad(), utils.autocast(device, amp_dtype):
             initial = model.eval()(data.normalize(vis_images.to(device))).argmax(dim=-1).cpu()
-        save_grid(0, initial, " (before training)")
+        background.submit(save_grid, 0, initial, " (before training)")
 
     # ---- loop
-    grid_epochs = {(args.total_epoch + 1) // 2, args.total_epoch}
-    history = {name: [] for name in ("train_loss", "train_acc", "val_loss", "val_acc")}
     log, best_acc, best_epoch = [], -1.0, 0
     for epoch in range(1, args.total_epoch + 1):
         # Augmentation and mixup differ across processes (their images differ too); timm's Mixup draws from numpy.
@@ -466,41 +483,31 @@ def main(args):
                                                     args.max_device_batch_size, device, amp_dtype)
         stats.update(val_loss=val_loss, val_acc=val_acc)
         log.append({"epoch": epoch, **stats})
-        for name in history:
-            history[name].append(stats[name])
         improved = val_acc > best_acc
         if improved:
             best_acc, best_epoch = val_acc, epoch
         if main_process:
-            for name in history:
-                utils.save_npy(path[f"{name}.npy"], history[name])
-                writer.add_scalar(name, stats[name], epoch)
-            writer.flush()
-            utils.write_jsonl(path["log.jsonl"], log)
-            utils.save_npy(path["val_preds.npy"], val_predicted, dtype=np.int64)
-            ckpt = {"model": model.state_dict(), "epoch": epoch, "val_acc": val_acc, "args": vars(args),
-                    "config": dataclasses.asdict(cfg), "num_classes": num_classes, "classes": classes}
-            if improved:
-                utils.atomic_save(ckpt, args.output_model_path)
-            utils.atomic_save({**ckpt, "optimizer": optimizer.state_dict()}, last_model_path)
-            utils.save_json(path["summary.json"], {
+            snapshot = utils.to_cpu({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "val_acc": val_acc,
+                "args": vars(args), "config": dataclasses.asdict(cfg), "num_classes": num_classes, "classes": classes})
+            summary = {
                 "run": run, "best_val_acc": best_acc, "best_epoch": best_epoch, "final_val_acc": val_acc,
                 "epochs": epoch, "total_epoch": args.total_epoch, "linear_probe": args.linear_probe,
                 "pretrained_model_path": args.pretrained_model_path, "recipe": args.recipe,
-                "recipe_settings": {name: getattr(args, name) for name in RECIPE_FLAGS}, "classes": classes})
-            if epoch in grid_epochs:
-                save_grid(epoch, val_predicted[vis_idx], f", val acc {val_acc:.4f}")
+                "recipe_settings": {name: getattr(args, name) for name in RECIPE_FLAGS}, "classes": classes}
+            background.submit(save_epoch, list(log), val_predicted, snapshot, improved, summary)
         log_print(f"epoch {epoch:3d}/{args.total_epoch} | train loss {stats['train_loss']:.4f} acc "
                   f"{stats['train_acc']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} | lr {stats['lr']:.2e} | "
                   f"{stats['images_per_sec']:,.0f} img/s | {stats['seconds']:.1f} s")
 
+    background.close()
     if main_process:
         writer.close()
         final_grid = os.path.join(out, f"{run}_preds_epoch_{args.total_epoch}.png")
         shutil.copyfile(final_grid, f"{path['preds_grid.png']}.tmp.png")
         os.replace(f"{path['preds_grid.png']}.tmp.png", path["preds_grid.png"])
-    log_print(f"done ({run}): best val acc {best_acc:.4f} at epoch {best_epoch}, final "
-              f"{history['val_acc'][-1]:.4f}; best checkpoint {args.output_model_path}, last {last_model_path}")
+    log_print(f"done ({run}): best val acc {best_acc:.4f} at epoch {best_epoch}, final {log[-1]['val_acc']:.4f}; "
+              f"best checkpoint {args.output_model_path}, last {last_model_path}")
     utils.close_distributed()
 
 

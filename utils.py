@@ -6,6 +6,7 @@ import math
 import os
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -208,6 +209,29 @@ def to_cpu(obj):
     return obj
 
 
+class BackgroundWriter:
+    """Runs the per-epoch file writing (figures, logs, checkpoints) on one thread, in order, so the GPU goes on
+    with the next epoch meanwhile. Jobs must get CPU snapshots only (to_cpu). submit() first waits for the
+    previous job, which has had a whole epoch to finish, and re-raises its error; close() waits for the last."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending = None
+
+    def submit(self, fn, *args) -> None:
+        self.wait()
+        self._pending = self._pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def close(self) -> None:
+        self.wait()
+        self._pool.shutdown()
+
+
 def atomic_save(obj, path: str) -> None:
     tmp = f"{path}.tmp"
     torch.save(obj, tmp)
@@ -352,12 +376,14 @@ def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay:
 def save_prediction_grid(path: str, images, predicted, true, classes, title: str = "", ncol: int = 4) -> None:
     """Images (B, 3, H, W) in [0, 1], each titled 'P: <predicted> / T: <true>', green when right, red when
     wrong."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # matplotlib's object API, not pyplot: pyplot keeps global state and this runs in a background thread.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     nrow = math.ceil(len(images) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(2.2 * ncol, 2.3 * nrow + 0.5), squeeze=False)
+    fig = Figure(figsize=(2.2 * ncol, 2.3 * nrow + 0.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrow, ncol, squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= len(images):
@@ -369,8 +395,7 @@ def save_prediction_grid(path: str, images, predicted, true, classes, title: str
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    fig.savefig(tmp, dpi=150)
     os.replace(tmp, path)
 
 
