@@ -10,7 +10,6 @@ On other folders, e.g. the tiny CPU run of mae_pretrain.py's docstring:
 """
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 
 import matplotlib
@@ -428,12 +427,6 @@ def save_figure(fig, path: str, dpi: int) -> None:
     os.replace(tmp, path)
 
 
-def copy_file(src: str, dst: str) -> None:
-    tmp = f"{dst}.tmp.png"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Report
 
@@ -615,7 +608,7 @@ def main(args):
                 src = os.path.join(pre.folder, f"recon_epoch_{epoch:03d}.png")
                 if os.path.isfile(src):
                     figures[key] = os.path.join(pre.folder, f"{key}.png")
-                    copy_file(src, figures[key])
+                    utils.atomic_copy(src, figures[key])
                 else:
                     missing.append(f"{src} (no {key}.png)")
         if runs:

@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import shutil
 import time
 
 import numpy as np
@@ -503,9 +502,7 @@ def main(args):
     background.close()
     if main_process:
         writer.close()
-        final_grid = os.path.join(out, f"{run}_preds_epoch_{args.total_epoch}.png")
-        shutil.copyfile(final_grid, f"{path['preds_grid.png']}.tmp.png")
-        os.replace(f"{path['preds_grid.png']}.tmp.png", path["preds_grid.png"])
+        utils.atomic_copy(os.path.join(out, f"{run}_preds_epoch_{args.total_epoch}.png"), path["preds_grid.png"])
     log_print(f"done ({run}): best val acc {best_acc:.4f} at epoch {best_epoch}, final {log[-1]['val_acc']:.4f}; "
               f"best checkpoint {args.output_model_path}, last {last_model_path}")
     utils.close_distributed()

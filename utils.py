@@ -4,6 +4,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -236,6 +237,12 @@ def atomic_save(obj, path: str) -> None:
     tmp = f"{path}.tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def atomic_copy(src: str, dst: str) -> None:
+    tmp = f"{dst}.tmp{os.path.splitext(dst)[1]}"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def save_npy(path: str, values, dtype=np.float64) -> None:
