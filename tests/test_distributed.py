@@ -58,15 +58,30 @@ def test_resume_on_another_number_of_processes(tmp_path):
     assert resumed == pytest.approx(np.load(tmp_path / "straight" / "outputs" / "losses.npy"), rel=1e-4)
 
 
-def test_world_size_that_does_not_divide_the_batch_fails_on_every_rank(tmp_path):
-    proc = run(pretrain_cmd(TORCHRUN, tmp_path, "--batch_size", "31", "--max_device_batch_size", "31",
-                            name="bad"), tmp_path)
+def check_world_size_error(script_cmd, script, tmp_path):
+    """A world size that does not divide --batch_size: under torchrun the run ends non-zero without a hang and
+    without writing anything; and each rank, whichever it is, stops by itself with status 2 and one line. The
+    per-rank half sets torchrun's variables by hand: the check runs before any process group exists, and under
+    torchrun the first rank to fail may get the others killed before they print."""
+    bad = ["--batch_size", "31", "--max_device_batch_size", "31"]
+    proc = run(script_cmd(TORCHRUN, tmp_path, *bad, name="bad"), tmp_path)
     assert proc.returncode != 0
-    lines = [line for line in proc.stderr.splitlines() if "error: --batch_size 31" in line]
-    assert len(lines) == 2 and all("not divisible by the 2 processes" in line for line in lines)
+    assert "not divisible by the 2 processes" in proc.stderr
     # torchrun reports the failed children with a traceback of its own; none comes from our script.
-    assert 'mae_pretrain.py", line' not in proc.stderr
+    assert f'{script}", line' not in proc.stderr
+    for rank in ("0", "1"):
+        env = {**os.environ, "RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+        alone = subprocess.run(script_cmd([sys.executable], tmp_path, *bad, name="bad"), capture_output=True,
+                               text=True, cwd=tmp_path, env=env, timeout=TIMEOUT)
+        assert alone.returncode == 2
+        assert alone.stderr.strip().splitlines() == [
+            f"{script}: error: --batch_size 31 is not divisible by the 2 processes of this run "
+            "(torchrun --nproc_per_node x --nnodes)"]
     assert not (tmp_path / "bad").exists()
+
+
+def test_world_size_that_does_not_divide_the_batch_fails_on_every_rank(tmp_path):
+    check_world_size_error(pretrain_cmd, "mae_pretrain.py", tmp_path)
 
 
 def test_a_failing_rank_ends_the_whole_run(tmp_path):
@@ -118,8 +133,4 @@ def test_linear_probe_and_finetune_recipe_run_under_torchrun(tmp_path):
 
 
 def test_classifier_world_size_that_does_not_divide_the_batch_fails(tmp_path):
-    proc = run(classifier_cmd(TORCHRUN, tmp_path, "--batch_size", "31", "--max_device_batch_size", "31",
-                              name="bad"), tmp_path)
-    assert proc.returncode != 0
-    assert sum("not divisible by the 2 processes" in line for line in proc.stderr.splitlines()) == 2
-    assert not (tmp_path / "bad").exists()
+    check_world_size_error(classifier_cmd, "train_classifier.py", tmp_path)
