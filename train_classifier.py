@@ -428,6 +428,9 @@ def main(args):
         # With several processes each BatchNorm (the probe's head_norm) normalises with its own shard's
         # statistics; DDP keeps the running statistics of rank 0.
         net = DistributedDataParallel(net)
+    # Evaluation runs eager: a compiled module would compile twice more (under no_grad, and for the val split's
+    # last partial batch), each compile costing more than eager evaluation's launch overhead in a whole run.
+    eval_net = net
     if compile_net:
         net = utils.maybe_compile(net, args, device)
 
@@ -478,7 +481,7 @@ def main(args):
             raise SystemExit(f"epoch {epoch}: the training loss is {stats['train_loss']}; stopping. "
                              f"{args.output_model_path} and {last_model_path} still hold earlier epochs. "
                              "Try a lower --base_learning_rate.")
-        val_loss, val_acc, val_predicted = evaluate(net, val_inputs, val_labels, prepare_eval,
+        val_loss, val_acc, val_predicted = evaluate(eval_net, val_inputs, val_labels, prepare_eval,
                                                     args.max_device_batch_size, device, amp_dtype)
         stats.update(val_loss=val_loss, val_acc=val_acc)
         log.append({"epoch": epoch, **stats})

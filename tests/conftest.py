@@ -30,3 +30,20 @@ def run_pretrain():
     def run(argv):
         return mae_pretrain.main(mae_pretrain.get_args_parser().parse_args(argv))
     return run
+
+
+@pytest.fixture
+def compile_counter(monkeypatch):
+    """torch.compile with Dynamo's counting backend instead of inductor: the model is traced exactly as for
+    real (seconds, no code generation) and every graph handed to the backend is counted. One graph over a
+    whole run means no graph break (each would split it, and host syncs such as .item() or data-dependent
+    shapes are breaks) and no recompilation (each would hand over another)."""
+    import torch
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    counter, real_compile = CompileCounter(), torch.compile
+    torch._dynamo.reset()  # cached graphs of an earlier test would not be counted again
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: real_compile(model, backend=counter))
+    yield counter
+    torch._dynamo.reset()

@@ -176,3 +176,11 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "mae_pretrain.py: error: --batch_size 30 is not divisible by --max_device_batch_size 16"]
     assert proc.stdout == ""
+
+
+def test_compiled_run_is_one_graph_with_no_recompilation(tmp_path, run_pretrain, compile_counter):
+    # Accumulation (two chunks per step), augmentation, the per-epoch evaluation and reconstruction figure,
+    # two epochs: none of it may break the compiled training graph or compile another.
+    run_pretrain(tiny_pretrain_argv(tmp_path, "--compile", "--augment", "--eval_every", "1"))
+    assert compile_counter.frame_count == 1
+    assert compile_counter.op_count > 0

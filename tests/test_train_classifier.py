@@ -523,3 +523,15 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"train_classifier.py: error: --pretrained_model_path '{tmp_path / 'missing.pt'}': no such file"]
     assert proc.stdout == "" and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra", [["--recipe", "finetune"], ["--recipe", "plain", "--linear_probe", "--hflip"]])
+def test_compiled_run_is_one_graph_with_no_recompilation(tmp_path, mae_ckpt, compile_counter, extra):
+    # 96 fake images hold out 24 for validation: a partial last val chunk of 8, and evaluation under no_grad.
+    # Neither may compile a second graph, and mixup, drop path, augmentation or the frozen encoder of an
+    # augmented probe may not break the one there is.
+    argv = cls_argv(tmp_path, "--compile", "--pretrained_model_path", mae_ckpt, *extra)
+    argv[argv.index("--fake_size") + 1] = "96"
+    train_classifier.main(parse(argv))
+    assert compile_counter.frame_count == 1
+    assert compile_counter.op_count > 0
