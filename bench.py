@@ -20,6 +20,7 @@ import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import mae_pretrain
@@ -227,6 +228,42 @@ def matmul_peak(device: torch.device, repeats: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Host syncs: operators that make the host wait for the GPU
+
+# Their result (a Python number, or a shape that depends on the data) exists only once the GPU has computed it,
+# so the host stops queueing work until then.
+SYNCING_OPS = {"_local_scalar_dense",  # .item(), float(t), bool(t), `if t:`
+               "nonzero", "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive",
+               "unique_dim_consecutive", "bincount", "equal", "is_nonzero"}
+
+
+class HostSyncRecorder(TorchDispatchMode):
+    """Records every operator run under it that would make the host wait for a GPU: SYNCING_OPS, boolean-mask
+    indexing (its output size is a count of the mask) and copies from the GPU to the host. Operators are what
+    it sees, so it finds them on a CPU run too, where nothing waits, except the copies, which need a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in SYNCING_OPS or (name == "repeat_interleave" and func._overloadname != "self_int"
+                                   and kwargs.get("output_size") is None and len(args) < 4):
+            self.syncs.append(name)
+        elif name in ("index", "index_put", "index_put_") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+            self.syncs.append(f"{name} (boolean mask)")
+        out = func(*args, **kwargs)
+        if name in ("_to_copy", "copy_") and isinstance(out, torch.Tensor):
+            source = args[1] if name == "copy_" else args[0]
+            if out.device.type == "cpu" and isinstance(source, torch.Tensor) and source.device.type != "cpu":
+                self.syncs.append(f"{name} to the host")
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The steps
 
 @dataclasses.dataclass
@@ -284,7 +321,7 @@ def bench_phase(phase: Phase, args, device: torch.device, amp_dtype, peak_tflops
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     train_model = utils.maybe_compile(model, args, device)
     chunk = chunk_size(phase.batch_size, args)
-    total_steps = args.warmup_steps + args.repeats * args.steps
+    total_steps = args.warmup_steps + args.repeats * args.steps + 1  # the last: the host-sync check
     # Successive epochs' permutations cut into index batches, made before the clock starts as an epoch makes
     # them before its loop.
     batches, epoch = [], 0
@@ -295,11 +332,11 @@ def bench_phase(phase: Phase, args, device: torch.device, amp_dtype, peak_tflops
     loss_sum = torch.zeros((), device=device)
     step = 0
 
-    def one_step():
+    def one_step(step_model=train_model):
         nonlocal step
         # Warmup then cosine, so the lr changes every step as it does in training.
         lr = utils.lr_at(step, total_steps, min(10, total_steps // 2), peak_lr)
-        phase.step(train_model, optimizer, scaler, next(batches), lr, loss_sum, amp_dtype)
+        phase.step(step_model, optimizer, scaler, next(batches), lr, loss_sum, amp_dtype)
         step += 1
 
     model.train()
@@ -313,6 +350,11 @@ def bench_phase(phase: Phase, args, device: torch.device, amp_dtype, peak_tflops
     warmup_s = time.perf_counter() - begin
     step_s = [timed(one_step, args.steps, device) for _ in range(args.repeats)]
     seconds = statistics.median(step_s)
+    # One more step, eager (a compiled graph is checked by Dynamo itself: a sync inside would break it), with
+    # every operator recorded: the step must queue its whole work without waiting for the device.
+    with HostSyncRecorder() as recorder:
+        one_step(model)
+    synchronize(device)
     train_flops = TRAIN_FLOPS_PER_FORWARD * phase.flops_forward
     tflops = train_flops * phase.batch_size / seconds / 1e12
     return {
@@ -323,6 +365,7 @@ def bench_phase(phase: Phase, args, device: torch.device, amp_dtype, peak_tflops
         "compile_s": max(0.0, warmup_s - args.warmup_steps * seconds),
         "mean_loss": loss_sum.item() / (total_steps * (phase.batch_size // chunk)),
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
+        "host_syncs": sorted(set(recorder.syncs)),
     }
 
 
@@ -405,6 +448,9 @@ def main(args):
     print(f"(ms/step: median of {args.repeats} x {args.steps} steps after {args.warmup_steps} warm-up; compile s: "
           f"the warm-up's extra time{'' if args.compile else ', here without compilation: first-step set-up'}; "
           f"fine-tune: train_classifier.py's step with --recipe {args.finetune_recipe})")
+    for r in (pretrain, finetune):
+        print(f"host syncs in one {r['phase']} step (eager, every operator recorded): "
+              f"{', '.join(r['host_syncs']) or 'none'}")
     batches = (pretrain["batch_size"], finetune["batch_size"])
     note = "" if batches == REFERENCE_BATCH_SIZES else (f"; NOTE: at batch sizes {batches}, the reference's are "
                                                         f"{REFERENCE_BATCH_SIZES}")

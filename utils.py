@@ -117,8 +117,10 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list:
 
 
 def make_adamw(param_groups, lr: float, betas, device: torch.device):
-    # The fused CUDA kernel updates all parameters in a few launches instead of several per tensor.
-    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=device.type == "cuda")
+    # The fused kernel updates all parameters in a few launches instead of several per tensor, and keeps the
+    # step count on the device (the unfused path reads it back with .item() every step). CPU runs use it too,
+    # so they take the same path the GPU does.
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=device.type in ("cuda", "cpu"))
 
 
 # ----------------------------------------------------------------------------------------------------------

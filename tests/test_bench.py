@@ -1,5 +1,6 @@
 """Tests of bench.py: the analytic FLOP count against torch's own counter, the timed step against plain autograd,
-the CPU command end to end, bad flags, and the bf16 fast path's loss curve against fp32 in mae_pretrain.py.
+the CPU command end to end (no host syncs in either step), the host-sync recorder, bad flags, and the bf16 fast
+path's loss curve against fp32 in mae_pretrain.py.
 
 Run: python -m pytest -q tests/test_bench.py
 Nothing here uses --compile: inductor's CPU compilation takes minutes, too slow for CI; the compiled path is
@@ -150,6 +151,9 @@ def test_cpu_command_runs_in_seconds_and_its_numbers_agree(tmp_path):
         assert p["tflops"] == pytest.approx(p["flops_per_image_train"] * p["images_per_sec"] / 1e12)
         assert p["percent_of_peak"] == pytest.approx(100 * p["tflops"] / peak)
         assert p["compile_s"] >= 0
+        # The recipe's augmentation, mixup, accumulation and fused AdamW queue a whole step without reading
+        # anything back (HostSyncRecorder is tested below).
+        assert p["host_syncs"] == []
     assert (r["pretrain"]["batch_size"], r["pretrain"]["chunk"], r["finetune"]["batch_size"]) == (64, 32, 32)
 
     # 150 epochs of 50,000 // 64 steps, then 2 x 50 epochs of 50,000 // 32 steps, plus three compilations.
@@ -165,6 +169,32 @@ def test_cpu_command_runs_in_seconds_and_its_numbers_agree(tmp_path):
     row = re.search(r"^pretrain +64 +32 +[\d.]+ +([\d.]+) +([\d,]+) ", proc.stdout, re.M)
     assert row and float(row.group(1)) == pytest.approx(r["pretrain"]["ms_per_step"], abs=0.005)
     assert f"pretrain forward {expected_forward['pretrain'] / 1e9:.4f}" in proc.stdout
+
+
+def test_host_sync_recorder_flags_what_makes_the_host_wait_and_nothing_else():
+    x, idx = torch.randn(8, 4), torch.tensor([0, 2, 5])
+    syncing = [
+        ("_local_scalar_dense", lambda: x.sum().item()),
+        ("_local_scalar_dense", lambda: bool(x[0, 0] > 0)),  # as `if tensor:` does
+        ("nonzero", lambda: torch.nonzero(x > 0)),
+        ("masked_select", lambda: torch.masked_select(x, x > 0)),
+        ("index (boolean mask)", lambda: x[x[:, 0] > 0]),
+        ("index_put_ (boolean mask)", lambda: x.clone().index_put_((x > 0,), torch.tensor(0.0))),
+        ("repeat_interleave", lambda: torch.arange(3).repeat_interleave(torch.tensor([1, 2, 3]))),
+        ("_unique2", lambda: torch.unique(idx, return_inverse=True)),
+    ]
+    for expected, fn in syncing:
+        with bench.HostSyncRecorder() as recorder:
+            fn()
+        assert expected in recorder.syncs, (expected, recorder.syncs)
+    with bench.HostSyncRecorder() as recorder:  # the sync-free forms of the same operations
+        torch.where(x > 0, x, 0.0)
+        x[idx]
+        x.masked_fill(x > 0, 0.0)
+        torch.arange(3).repeat_interleave(2)
+        torch.arange(3).repeat_interleave(torch.tensor([1, 2, 3]), output_size=6)
+        x.argsort(dim=1).gather(1, torch.zeros(8, 1, dtype=torch.long))
+    assert recorder.syncs == []
 
 
 @pytest.mark.parametrize("flags, expected", [
