@@ -4,8 +4,9 @@ Times the scripts' own optimizer steps, mae_pretrain.train_step and train_classi
 the device, normalised and, for fine-tuning, augmented and mixed per the recipe in batch, autocast, gradients
 accumulated over --max_device_batch_size chunks, fused AdamW), after warm-up, with CUDA events
 on a GPU. Prints images/s, ms per step, the FLOPs counted analytically, the achieved TFLOP/s as a share of a
-bf16 matrix-product peak measured in the same run, and the projected wall time of the reference experiment
-(150 pretraining epochs at batch 512, then two 50-epoch fine-tunes at batch 128, on CIFAR-10's 50,000 images).
+bf16 matrix-product peak measured in the same run, the host syncs of one step, the time of each script's
+evaluation, and the projected wall time of the reference experiment (150 pretraining epochs at batch 512, then
+two 50-epoch fine-tunes at batch 128, on CIFAR-10's 50,000 images; compilation and evaluation included).
 
 On one GPU (ViT-T, the reference batch sizes):
     python bench.py --json bench.json
@@ -35,6 +36,15 @@ REFERENCE_PRETRAIN_EPOCHS = 150
 REFERENCE_FINETUNE_EPOCHS = 50
 REFERENCE_FINETUNE_RUNS = 2
 REFERENCE_BATCH_SIZES = (512, 128)  # pretraining, fine-tuning
+# Its evaluations, as the scripts run them by default: mae_pretrain.py's monitor every --eval_every epochs and
+# after the last (kNN with the 50,000 training images as the bank and CIFAR-10's 10,000 test images as queries,
+# plus the val reconstruction), and train_classifier.py's pass over the 10,000 val images after every epoch.
+REFERENCE_VAL_IMAGES = 10_000
+_EVAL_EVERY = mae_pretrain.get_args_parser().get_default("eval_every")
+REFERENCE_PRETRAIN_EVALS = len(set(range(_EVAL_EVERY, REFERENCE_PRETRAIN_EPOCHS + 1, _EVAL_EVERY))
+                               | {REFERENCE_PRETRAIN_EPOCHS})
+REFERENCE_FINETUNE_EVALS = REFERENCE_FINETUNE_RUNS * REFERENCE_FINETUNE_EPOCHS
+KNN_BANK_PER_VAL_IMAGE = REFERENCE_TRAIN_IMAGES // REFERENCE_VAL_IMAGES  # 5: CIFAR-10's train / test ratio
 
 # Model sizes: ViT-T as the scripts default to, and a small model that takes milliseconds per step on a CPU.
 PRESETS = {
@@ -68,6 +78,9 @@ def get_args_parser():
     parser.add_argument("--num_classes", type=int, default=10, help="classifier outputs (CIFAR-10: 10)")
     parser.add_argument("--finetune_recipe", default="finetune", choices=tuple(train_classifier.RECIPES),
                         help="train_classifier.py recipe whose step is timed (augmentation, mixup, loss)")
+    parser.add_argument("--eval_images", type=int, default=None,
+                        help="val images of each timed evaluation, with 5x as many as the kNN bank; the times are "
+                             "scaled to the reference's 10,000 (default: 10,000 on CUDA, 64 on the CPU)")
     # How it is timed
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps per timed repeat (default: 20 on CUDA, 2 on the CPU)")
@@ -99,7 +112,8 @@ def resolve_defaults(args, device: torch.device) -> None:
     on_cuda = device.type == "cuda"
     for name, cuda_default, cpu_default in (("pretrain_batch_size", 512, 64), ("finetune_batch_size", 128, 32),
                                             ("max_device_batch_size", 256, 32), ("steps", 20, 2),
-                                            ("warmup_steps", 5, 1), ("repeats", 5, 3)):
+                                            ("warmup_steps", 5, 1), ("repeats", 5, 3),
+                                            ("eval_images", REFERENCE_VAL_IMAGES, 64)):
         if getattr(args, name) is None:
             setattr(args, name, cuda_default if on_cuda else cpu_default)
     if args.compile is None:
@@ -113,10 +127,12 @@ def resolve_defaults(args, device: torch.device) -> None:
 def check_args(args) -> MAEConfig:
     """Every flag checked before any work, and before --json is written."""
     positive = ("pretrain_batch_size", "finetune_batch_size", "max_device_batch_size", "num_classes", "steps",
-                "warmup_steps", "repeats", *PRESETS["vit-t"])
+                "warmup_steps", "repeats", "eval_images", *PRESETS["vit-t"])
     for name in positive:
         if getattr(args, name) < 1:
             utils.die(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.eval_images > REFERENCE_VAL_IMAGES:
+        utils.die(f"--eval_images must be at most the reference's {REFERENCE_VAL_IMAGES:,}, got {args.eval_images}")
     for name in ("pretrain_batch_size", "finetune_batch_size"):
         batch = getattr(args, name)
         if batch > REFERENCE_TRAIN_IMAGES:
@@ -369,9 +385,47 @@ def bench_phase(phase: Phase, args, device: torch.device, amp_dtype, peak_tflops
     }
 
 
-def project_reference(pretrain: dict, finetune: dict, peak_tflops: float) -> dict:
+def bench_evaluation(cfg: MAEConfig, images, labels, args, device: torch.device, amp_dtype) -> dict:
+    """Seconds of one mae_pretrain.evaluate (kNN over 5x --eval_images bank images, val reconstruction) and one
+    train_classifier.evaluate (val pass), eager as the scripts run them, median of up to 3 after one untimed
+    call. Both are forward passes over their images, so the seconds scale linearly to the reference's 10,000
+    val images (the kNN's similarity product, 2 x bank x queries x width FLOPs, is under 1% of the passes)."""
+    num_val = args.eval_images
+    num_bank = KNN_BANK_PER_VAL_IMAGE * num_val
+    classes = [str(c) for c in range(args.num_classes)]
+    g = torch.Generator().manual_seed(args.seed + 1)
+    val = data.ImageSet(torch.randint(0, 256, (num_val, *images.shape[1:]), dtype=torch.uint8, generator=g),
+                        torch.randint(0, args.num_classes, (num_val,), generator=g), classes).to(device)
+    bank = data.ImageSet(images[:num_bank], labels[:num_bank], classes)
+    val_noise = torch.rand(num_val, cfg.num_patches, generator=g).to(device)
+    script_args = mae_pretrain.get_args_parser().parse_args(["--max_device_batch_size",
+                                                             str(args.max_device_batch_size)])
+    mae = MAE(cfg).to(device)
+    classifier = ViTClassifier(cfg, args.num_classes).to(device).eval()
+
+    def seconds(fn) -> float:
+        fn()
+        times = []
+        for _ in range(min(args.repeats, 3)):
+            synchronize(device)
+            begin = time.perf_counter()
+            fn()  # ends by reading its numbers back to the host, as in the scripts
+            synchronize(device)
+            times.append(time.perf_counter() - begin)
+        return statistics.median(times)
+
+    pretrain_s = seconds(lambda: mae_pretrain.evaluate(mae, bank, val, val_noise, script_args, amp_dtype))
+    finetune_s = seconds(lambda: train_classifier.evaluate(classifier, val.images, val.labels, data.normalize,
+                                                           args.max_device_batch_size, device, amp_dtype))
+    scale = REFERENCE_VAL_IMAGES / num_val
+    return {"val_images": num_val, "bank_images": num_bank, "pretrain_eval_s": pretrain_s,
+            "finetune_eval_s": finetune_s, "scale_to_reference": scale,
+            "reference_seconds": scale * (REFERENCE_PRETRAIN_EVALS * pretrain_s + REFERENCE_FINETUNE_EVALS * finetune_s)}
+
+
+def project_reference(pretrain: dict, finetune: dict, evaluation: dict, peak_tflops: float) -> dict:
     """Wall time of the reference experiment's optimizer steps at the measured step times, plus one compilation
-    per run (the pretraining and each fine-tune compile their own model)."""
+    per run (the pretraining and each fine-tune compile their own model), plus its evaluations."""
     pretrain_steps = REFERENCE_PRETRAIN_EPOCHS * (REFERENCE_TRAIN_IMAGES // pretrain["batch_size"])
     finetune_steps = (REFERENCE_FINETUNE_RUNS * REFERENCE_FINETUNE_EPOCHS
                       * (REFERENCE_TRAIN_IMAGES // finetune["batch_size"]))
@@ -379,8 +433,10 @@ def project_reference(pretrain: dict, finetune: dict, peak_tflops: float) -> dic
     compile_s = pretrain["compile_s"] + REFERENCE_FINETUNE_RUNS * finetune["compile_s"]
     total_flops = (pretrain_steps * pretrain["batch_size"] * pretrain["flops_per_image_train"]
                    + finetune_steps * finetune["batch_size"] * finetune["flops_per_image_train"])
+    eval_s = evaluation["reference_seconds"]
     return {"pretrain_steps": pretrain_steps, "finetune_steps": finetune_steps, "steps_minutes": steps_s / 60,
-            "compile_minutes": compile_s / 60, "minutes": (steps_s + compile_s) / 60, "total_pflop": total_flops / 1e15,
+            "compile_minutes": compile_s / 60, "evaluation_minutes": eval_s / 60,
+            "minutes": (steps_s + compile_s + eval_s) / 60, "total_pflop": total_flops / 1e15,
             "floor_minutes_at_peak": total_flops / (peak_tflops * 1e12) / 60}
 
 
@@ -435,7 +491,8 @@ def main(args):
     torch.manual_seed(args.seed)
     pretrain = bench_phase(pretrain_phase(cfg, images, args), args, device, amp_dtype, peak["tflops"])
     finetune = bench_phase(finetune_phase(cfg, images, labels, args), args, device, amp_dtype, peak["tflops"])
-    projection = project_reference(pretrain, finetune, peak["tflops"])
+    evaluation = bench_evaluation(cfg, images, labels, args, device, amp_dtype)
+    projection = project_reference(pretrain, finetune, evaluation, peak["tflops"])
 
     # ---- report
     print(f"{'phase':<9} {'batch':>6} {'chunk':>6} {'compile s':>10} {'ms/step':>9} {'images/s':>10} "
@@ -454,13 +511,20 @@ def main(args):
     batches = (pretrain["batch_size"], finetune["batch_size"])
     note = "" if batches == REFERENCE_BATCH_SIZES else (f"; NOTE: at batch sizes {batches}, the reference's are "
                                                         f"{REFERENCE_BATCH_SIZES}")
+    print(f"evaluation (eager, median of {min(args.repeats, 3)}): mae_pretrain.py's monitor {evaluation['pretrain_eval_s']:.3f} s "
+          f"(kNN over {evaluation['bank_images']:,} bank + {evaluation['val_images']:,} val images, val "
+          f"reconstruction), train_classifier.py's val pass {evaluation['finetune_eval_s']:.3f} s "
+          f"({evaluation['val_images']:,} images)")
     print(f"projected wall time of the reference experiment: {projection['minutes']:.1f} min = "
           f"{REFERENCE_PRETRAIN_EPOCHS} x {REFERENCE_TRAIN_IMAGES // batches[0]} pretraining steps + "
           f"{REFERENCE_FINETUNE_RUNS} x {REFERENCE_FINETUNE_EPOCHS} x {REFERENCE_TRAIN_IMAGES // batches[1]} "
           f"fine-tuning steps ({projection['steps_minutes']:.1f} min) + compilation "
-          f"({projection['compile_minutes']:.1f} min){note}")
-    print(f"  not included: evaluation, figures, checkpoints. Its {projection['total_pflop']:.2f} PFLOP would take "
-          f"{projection['floor_minutes_at_peak']:.1f} min at the measured matmul peak")
+          f"({projection['compile_minutes']:.1f} min) + {REFERENCE_PRETRAIN_EVALS} monitor evaluations and "
+          f"{REFERENCE_FINETUNE_EVALS} val passes at {REFERENCE_VAL_IMAGES:,} val images "
+          f"({projection['evaluation_minutes']:.1f} min){note}")
+    print(f"  not included: start-up (data loading), figures and checkpoints (written by a background thread). Its "
+          f"{projection['total_pflop']:.2f} PFLOP of training would take {projection['floor_minutes_at_peak']:.1f} "
+          "min at the measured matmul peak")
 
     if args.json:
         utils.save_json(args.json, {
@@ -468,7 +532,7 @@ def main(args):
             "autocast": str(amp_dtype), "compile": args.compile, "config": vars(args),
             "model": dataclasses.asdict(cfg),
             "matmul_peak": peak, "flops_per_image_forward": {"pretrain": mae_parts, "finetune": cls_parts},
-            "pretrain": pretrain, "finetune": finetune, "projection": projection})
+            "pretrain": pretrain, "finetune": finetune, "evaluation": evaluation, "projection": projection})
         print(f"wrote {args.json}")
 
 

@@ -156,11 +156,20 @@ def test_cpu_command_runs_in_seconds_and_its_numbers_agree(tmp_path):
         assert p["host_syncs"] == []
     assert (r["pretrain"]["batch_size"], r["pretrain"]["chunk"], r["finetune"]["batch_size"]) == (64, 32, 32)
 
-    # 150 epochs of 50,000 // 64 steps, then 2 x 50 epochs of 50,000 // 32 steps, plus three compilations.
+    # Evaluations timed on 64 val images (and a 320-image kNN bank), scaled to 10,000: mae_pretrain.py's monitor
+    # at epochs 25, 50, ..., 150 and a val pass after each of the 2 x 50 fine-tuning epochs.
+    e = r["evaluation"]
+    assert (e["val_images"], e["bank_images"], e["scale_to_reference"]) == (64, 320, 10_000 / 64)
+    assert e["pretrain_eval_s"] > 0 and e["finetune_eval_s"] > 0
+    eval_s = 10_000 / 64 * (6 * e["pretrain_eval_s"] + 100 * e["finetune_eval_s"])
+
+    # 150 epochs of 50,000 // 64 steps, then 2 x 50 epochs of 50,000 // 32 steps, plus three compilations and
+    # the evaluations.
     proj = r["projection"]
     assert (proj["pretrain_steps"], proj["finetune_steps"]) == (150 * 781, 100 * 1562)
     minutes = (150 * 781 * r["pretrain"]["ms_per_step"] + 100 * 1562 * r["finetune"]["ms_per_step"]) / 1e3 / 60 \
-        + (r["pretrain"]["compile_s"] + 2 * r["finetune"]["compile_s"]) / 60
+        + (r["pretrain"]["compile_s"] + 2 * r["finetune"]["compile_s"]) / 60 + eval_s / 60
+    assert proj["evaluation_minutes"] == pytest.approx(eval_s / 60)
     assert proj["minutes"] == pytest.approx(minutes) and proj["minutes"] > 0
 
     # The printed report says the same numbers.
@@ -204,6 +213,8 @@ def test_host_sync_recorder_flags_what_makes_the_host_wait_and_nothing_else():
      "--pretrain_batch_size 48 is not divisible by --max_device_batch_size 32"),
     (["--finetune_batch_size", "60000"], "--finetune_batch_size must be at most"),
     (["--mask_ratio", "1.0"], "--mask_ratio must be in [0, 1)"),
+    (["--eval_images", "0"], "--eval_images must be >= 1"),
+    (["--eval_images", "10001"], "--eval_images must be at most the reference's 10,000"),
     (["--embed_dim", "64", "--num_heads", "3"], "model flags"),
     (["--compile_mode", "reduce-overhead", "--no-compile"],
      "--compile_mode reduce-overhead needs compilation, which is off"),
