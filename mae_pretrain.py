@@ -350,4 +350,5 @@ def save_epoch_outputs(args, writer, stats, evals, log, figures, checkpoint):
 
 
 if __name__ == "__main__":
+    utils.exit_on_sigterm()
     main(get_args_parser().parse_args())

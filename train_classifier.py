@@ -512,4 +512,5 @@ def main(args):
 
 
 if __name__ == "__main__":
+    utils.exit_on_sigterm()
     main(get_args_parser().parse_args())

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -233,6 +234,14 @@ class BackgroundWriter:
     def close(self) -> None:
         self.wait()
         self._pool.shutdown()
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (a scheduler's time limit, torchrun stopping its workers) end the script as an exception
+    does: the interpreter exits normally, so the BackgroundWriter's thread finishes the epoch outputs it holds
+    (the default handler kills the process mid-job and the last finished epoch would be lost). Exit status
+    128 + 15, as a shell reports a process ended by SIGTERM."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def atomic_save(obj, path: str) -> None:

@@ -1,14 +1,20 @@
-"""Tests of utils.py: the lr schedule, weight-decay groups and the kNN classifier.
+"""Tests of utils.py: the lr schedule, weight-decay groups, the kNN classifier, and SIGTERM with a pending
+background write.
 
 Run: python -m pytest -q tests/test_utils.py
 """
 import math
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import utils
+from conftest import ROOT
 from model import MAE, MAEConfig
 
 
@@ -84,3 +90,36 @@ def test_shards_are_disjoint_and_cover_everything(n, world_size):
     for rank in range(world_size):
         covered += list(range(n))[utils.shard(n, rank, world_size)]
     assert covered == list(range(n))  # in order, each item once
+
+
+# A script's last moments: an epoch's outputs handed to the background writer, the next epoch under way, and then
+# SIGTERM, while the write is still going.
+SIGTERM_SCRIPT = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import utils
+if sys.argv[3] == "handler":
+    utils.exit_on_sigterm()
+def write_epoch_outputs(path):
+    time.sleep(1.0)
+    with open(path, "w") as f:
+        f.write("epoch 1")
+writer = utils.BackgroundWriter()
+writer.submit(write_epoch_outputs, sys.argv[2])
+print("submitted", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("handler", [True, False])
+def test_sigterm_lets_the_background_writer_finish_its_job(tmp_path, handler):
+    out = tmp_path / "outputs.txt"
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_SCRIPT, ROOT, str(out), "handler" if handler else "none"],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "submitted"
+    proc.send_signal(signal.SIGTERM)
+    returncode = proc.wait(timeout=30)
+    if handler:
+        assert returncode == 128 + signal.SIGTERM and out.read_text() == "epoch 1"
+    else:  # the default handler: killed mid-write, the epoch's outputs lost (what the handler is for)
+        assert returncode == -signal.SIGTERM and not os.path.exists(out)
