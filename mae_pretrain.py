@@ -244,6 +244,7 @@ def main(args):
     device = utils.resolve_device(args)
     ckpt = load_resume(args) if args.resume else None
     train, val, steps_per_epoch = utils.load_training_data(args, cfg.img_size)
+    utils.check_data_fits(train, val, device, args)
     amp_dtype = utils.autocast_dtype(args, device)
     utils.init_distributed(device)
     rank, world_size, _ = utils.dist_env()

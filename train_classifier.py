@@ -375,6 +375,7 @@ def main(args):
     device = utils.resolve_device(args)
     amp_dtype = utils.autocast_dtype(args, device)
     train, val, steps_per_epoch = utils.load_training_data(args, cfg.img_size)
+    utils.check_data_fits(train, val, device, args)
     classes, num_classes = list(train.classes), len(train.classes)
     utils.init_distributed(device)
     rank, world_size, _ = utils.dist_env()

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -123,3 +124,22 @@ def test_sigterm_lets_the_background_writer_finish_its_job(tmp_path, handler):
         assert returncode == 128 + signal.SIGTERM and out.read_text() == "epoch 1"
     else:  # the default handler: killed mid-write, the epoch's outputs lost (what the handler is for)
         assert returncode == -signal.SIGTERM and not os.path.exists(out)
+
+
+def test_a_dataset_too_large_for_the_gpu_is_one_line_and_status_2(monkeypatch, capsys):
+    import data
+    train = data.fake_images(100, seed=1)  # 100 x 3 KB
+    val = data.fake_images(20, seed=2)
+    args = SimpleNamespace(dataset="fake")
+    needed = 120 * 3 * 32 * 32
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (needed, 80 * 2 ** 30))
+    with pytest.raises(SystemExit) as exc:  # all of the free memory would leave none for training
+        utils.check_data_fits(train, val, torch.device("cuda"), args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--dataset fake: its 120 images take" in err
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * needed, 80 * 2 ** 30))
+    utils.check_data_fits(train, val, torch.device("cuda"), args)  # 50% of the free memory: fine
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: pytest.fail("asked on the CPU"))
+    utils.check_data_fits(train, val, torch.device("cpu"), args)
