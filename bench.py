@@ -48,8 +48,7 @@ KNN_BANK_PER_VAL_IMAGE = REFERENCE_TRAIN_IMAGES // REFERENCE_VAL_IMAGES  # 5: CI
 
 # Model sizes: ViT-T as the scripts default to, and a small model that takes milliseconds per step on a CPU.
 PRESETS = {
-    "vit-t": dict(patch_size=2, embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=192, decoder_depth=4,
-                  decoder_num_heads=3),
+    "vit-t": {name: getattr(MAEConfig(), name) for name in utils.MODEL_SIZE_FLAGS},
     "small": dict(patch_size=4, embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=64, decoder_depth=1,
                   decoder_num_heads=2),
 }
@@ -93,13 +92,7 @@ def get_args_parser():
     # Model size: a preset, and any of its values overridden one by one
     parser.add_argument("--preset", default=None, choices=tuple(PRESETS),
                         help="model sizes (default: vit-t on CUDA, small on the CPU); the flags below override it")
-    parser.add_argument("--patch_size", type=int, default=None, help="patch side in pixels (ViT-T: 2)")
-    parser.add_argument("--embed_dim", type=int, default=None, help="encoder width (ViT-T: 192)")
-    parser.add_argument("--depth", type=int, default=None, help="encoder blocks (ViT-T: 12)")
-    parser.add_argument("--num_heads", type=int, default=None, help="encoder attention heads (ViT-T: 3)")
-    parser.add_argument("--decoder_embed_dim", type=int, default=None, help="decoder width (ViT-T: 192)")
-    parser.add_argument("--decoder_depth", type=int, default=None, help="decoder blocks (ViT-T: 4)")
-    parser.add_argument("--decoder_num_heads", type=int, default=None, help="decoder attention heads (ViT-T: 3)")
+    utils.add_model_size_args(parser, vit_t_defaults=False)
     # Runtime: --device, --precision, --compile, --compile_mode exactly as the training scripts take them
     utils.add_runtime_args(parser)
     # Output

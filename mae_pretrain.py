@@ -50,13 +50,7 @@ def get_args_parser():
     parser.add_argument("--augment", action="store_true",
                         help="random resized crop (scale 0.2-1) + horizontal flip; off in the reference")
     # Model size (ViT-Tiny by default; ViT-Small: --embed_dim 384 --num_heads 6)
-    parser.add_argument("--patch_size", type=int, default=2, help="patch side in pixels")
-    parser.add_argument("--embed_dim", type=int, default=192, help="encoder width")
-    parser.add_argument("--depth", type=int, default=12, help="encoder blocks")
-    parser.add_argument("--num_heads", type=int, default=3, help="encoder attention heads")
-    parser.add_argument("--decoder_embed_dim", type=int, default=192, help="decoder width")
-    parser.add_argument("--decoder_depth", type=int, default=4, help="decoder blocks")
-    parser.add_argument("--decoder_num_heads", type=int, default=3, help="decoder attention heads")
+    utils.add_model_size_args(parser, vit_t_defaults=True)
     # Monitoring the encoder while it trains
     parser.add_argument("--eval_every", type=int, default=25,
                         help="epochs between kNN / val-reconstruction evaluations, plus one at the end; each "

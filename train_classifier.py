@@ -57,8 +57,7 @@ RECIPES = {
 PROBE_SETTINGS = dict(crop_padding=0, hflip=False, auto_augment="none", mixup=0.0, cutmix=0.0, label_smoothing=0.0,
                       drop_path=0.0, layer_decay=1.0, random_erase=0.0)
 RECIPE_FLAGS = tuple(RECIPES["plain"])
-MODEL_FLAGS = ("patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
-               "decoder_num_heads")
+MODEL_FLAGS = tuple(utils.MODEL_SIZE_FLAGS)
 NUM_VIS = 16  # val images in the prediction grids (4 x 4)
 CURVES = ("train_loss", "train_acc", "val_loss", "val_acc")  # one value per epoch, each to <run>_<name>.npy
 
@@ -98,13 +97,8 @@ def get_args_parser():
                              "cosine over the whole run), the reference's schedule (per step here, per epoch there)")
     # Model size from scratch (ViT-Tiny by default); with --pretrained_model_path the checkpoint's, and a flag
     # given must agree with it. The decoder flags are accepted so that mae_pretrain.py's flags work here too.
-    parser.add_argument("--patch_size", type=int, default=None, help="patch side in pixels (default 2)")
-    parser.add_argument("--embed_dim", type=int, default=None, help="encoder width (default 192)")
-    parser.add_argument("--depth", type=int, default=None, help="encoder blocks (default 12)")
-    parser.add_argument("--num_heads", type=int, default=None, help="encoder attention heads (default 3)")
-    parser.add_argument("--decoder_embed_dim", type=int, default=None, help="unused by the classifier")
-    parser.add_argument("--decoder_depth", type=int, default=None, help="unused by the classifier")
-    parser.add_argument("--decoder_num_heads", type=int, default=None, help="unused by the classifier")
+    utils.add_model_size_args(parser, vit_t_defaults=False,
+                              unused=("decoder_embed_dim", "decoder_depth", "decoder_num_heads"))
     # Data
     data.add_data_args(parser)
     # Runtime

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 import data
+from model import MAEConfig
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -57,6 +58,23 @@ def device_chunk(args) -> int:
     """Images per forward pass on one device: the process's share of the batch, at most max_device_batch_size
     (as in the reference, a max_device_batch_size above the batch means no accumulation)."""
     return min(args.max_device_batch_size, args.batch_size // dist_env()[1])
+
+
+# The model-size flags of all three scripts, named as MAEConfig's fields (whose defaults are ViT-T's).
+MODEL_SIZE_FLAGS = {"patch_size": "patch side in pixels", "embed_dim": "encoder width", "depth": "encoder blocks",
+                    "num_heads": "encoder attention heads", "decoder_embed_dim": "decoder width",
+                    "decoder_depth": "decoder blocks", "decoder_num_heads": "decoder attention heads"}
+
+
+def add_model_size_args(parser, vit_t_defaults: bool, unused=()) -> None:
+    """--patch_size ... --decoder_num_heads. They default to ViT-T's values, or with vit_t_defaults=False to None
+    for a script that fills them in from elsewhere (a checkpoint, a preset); `unused` flags are accepted so
+    that another script's command line works, and say so."""
+    vit_t = MAEConfig()
+    for name, text in MODEL_SIZE_FLAGS.items():
+        value = getattr(vit_t, name)
+        help_text = "unused by this script" if name in unused else text if vit_t_defaults else f"{text} (ViT-T: {value})"
+        parser.add_argument(f"--{name}", type=int, default=value if vit_t_defaults else None, help=help_text)
 
 
 def load_training_data(args, img_size: int):
