@@ -238,8 +238,8 @@ def test_bad_flags_are_one_line_and_status_2(flags, expected, capsys, tmp_path, 
 # has 2 to 3 significant digits. An epoch's loss is a mean over ~300k squared errors (4 steps x 32 images x 48
 # masked patches x 48 values) whose rounding errors largely cancel. At a fixed seed the two curves should therefore
 # agree far more closely than one bf16 rounding of the loss. We ask for 2^-10 (about 1e-3), a quarter of one
-# bf16 rounding. Measured on this test's runs (2026-11-28): at most 4.2e-5 eager, 3.2e-5 compiled, a 20x margin. A different seed moves the first
-# epoch's loss by 1.4e-2, so the bound does tell runs apart.
+# bf16 rounding. Measured on this test's runs (2026-11-28): at most 4.2e-5 eager, 3.2e-5 compiled, a 20x margin.
+# A different seed moves the first epoch's loss by 1.4e-2, so the bound does tell runs apart.
 BF16_RTOL = 2 ** -10
 
 
