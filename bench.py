@@ -413,7 +413,8 @@ def bench_evaluation(cfg: MAEConfig, images, labels, args, device: torch.device,
     scale = REFERENCE_VAL_IMAGES / num_val
     return {"val_images": num_val, "bank_images": num_bank, "pretrain_eval_s": pretrain_s,
             "finetune_eval_s": finetune_s, "scale_to_reference": scale,
-            "reference_seconds": scale * (REFERENCE_PRETRAIN_EVALS * pretrain_s + REFERENCE_FINETUNE_EVALS * finetune_s)}
+            "reference_seconds": scale * (REFERENCE_PRETRAIN_EVALS * pretrain_s
+                                          + REFERENCE_FINETUNE_EVALS * finetune_s)}
 
 
 def project_reference(pretrain: dict, finetune: dict, evaluation: dict, peak_tflops: float) -> dict:
@@ -504,7 +505,8 @@ def main(args):
     batches = (pretrain["batch_size"], finetune["batch_size"])
     note = "" if batches == REFERENCE_BATCH_SIZES else (f"; NOTE: at batch sizes {batches}, the reference's are "
                                                         f"{REFERENCE_BATCH_SIZES}")
-    print(f"evaluation (eager, median of {min(args.repeats, 3)}): mae_pretrain.py's monitor {evaluation['pretrain_eval_s']:.3f} s "
+    print(f"evaluation (eager, median of {min(args.repeats, 3)}): mae_pretrain.py's monitor "
+          f"{evaluation['pretrain_eval_s']:.3f} s "
           f"(kNN over {evaluation['bank_images']:,} bank + {evaluation['val_images']:,} val images, val "
           f"reconstruction), train_classifier.py's val pass {evaluation['finetune_eval_s']:.3f} s "
           f"({evaluation['val_images']:,} images)")

@@ -73,7 +73,10 @@ def add_model_size_args(parser, vit_t_defaults: bool, unused=()) -> None:
     vit_t = MAEConfig()
     for name, text in MODEL_SIZE_FLAGS.items():
         value = getattr(vit_t, name)
-        help_text = "unused by this script" if name in unused else text if vit_t_defaults else f"{text} (ViT-T: {value})"
+        if name in unused:
+            help_text = "unused by this script"
+        else:
+            help_text = text if vit_t_defaults else f"{text} (ViT-T: {value})"
         parser.add_argument(f"--{name}", type=int, default=value if vit_t_defaults else None, help=help_text)
 
 
