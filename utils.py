@@ -361,6 +361,11 @@ def save_recon_figure(path: str, masked, recon, original, title: str = "", ncol:
         ax.imshow(grid, interpolation="nearest")
         ax.set_title(label, fontsize=10)
         ax.axis("off")
+    save_figure(fig, path, title)
+
+
+def save_figure(fig, path: str, title: str = "") -> None:
+    """Title, tight layout, and a PNG at 150 dpi written under a temporary name and renamed."""
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
@@ -445,12 +450,7 @@ def save_prediction_grid(path: str, images, predicted, true, classes, title: str
         p, t = int(predicted[i]), int(true[i])
         ax.imshow(images[i].float().cpu().permute(1, 2, 0).numpy(), interpolation="nearest")
         ax.set_title(f"P: {classes[p]} / T: {classes[t]}", fontsize=8, color="green" if p == t else "red")
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=150)
-    os.replace(tmp, path)
+    save_figure(fig, path, title)
 
 
 # ----------------------------------------------------------------------------------------------------------
