@@ -220,12 +220,23 @@ def maybe_compile(model: torch.nn.Module, args, device: torch.device) -> torch.n
             reason = "TorchDynamo does not support this Python or platform"
         elif device.type == "cuda" and not has_triton():
             reason = "Triton is not installed"
+        elif device.type == "cpu" and not _has_cpp_compiler():
+            reason = "inductor finds no C++ compiler for CPU code"
         else:
             return torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
     except Exception as e:  # an older torch without these helpers, or compile refusing the model
         reason = f"{type(e).__name__}: {e}"
     warnings.warn(f"torch.compile is unavailable ({reason}); running eager")
     return model
+
+
+def _has_cpp_compiler() -> bool:
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    try:
+        get_cpp_compiler()  # raises when none of the compilers it searches for is installed
+        return True
+    except Exception:
+        return False
 
 
 def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:

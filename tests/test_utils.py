@@ -143,3 +143,17 @@ def test_a_dataset_too_large_for_the_gpu_is_one_line_and_status_2(monkeypatch, c
     utils.check_data_fits(train, val, torch.device("cuda"), args)  # 50% of the free memory: fine
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: pytest.fail("asked on the CPU"))
     utils.check_data_fits(train, val, torch.device("cpu"), args)
+
+
+def test_compile_falls_back_to_eager_with_one_warning_where_it_cannot_work():
+    import torch._inductor.config as inductor_config
+    model = torch.nn.Linear(4, 2)
+    args = SimpleNamespace(compile=True, compile_mode="default")
+    with inductor_config.patch({"cpp.cxx": ("no-such-c++-compiler",)}), \
+            pytest.warns(UserWarning, match="no C.. compiler") as record:
+        assert utils.maybe_compile(model, args, torch.device("cpu")) is model
+    assert len(record) == 1
+    compiled = utils.maybe_compile(model, args, torch.device("cpu"))  # a compiler is there: compiled, lazily
+    assert compiled is not model and compiled._orig_mod is model
+    assert utils.maybe_compile(model, SimpleNamespace(compile=None, compile_mode="default"),
+                               torch.device("cpu")) is model  # off by default on the CPU
