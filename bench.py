@@ -93,7 +93,7 @@ def get_args_parser():
     parser.add_argument("--preset", default=None, choices=tuple(PRESETS),
                         help="model sizes (default: vit-t on CUDA, small on the CPU); the flags below override it")
     utils.add_model_size_args(parser, vit_t_defaults=False)
-    # Runtime: --device, --precision, --compile, --compile_mode exactly as the training scripts take them
+    # Runtime: --device, --precision, --compile, --compile_mode, --compile_scope as the training scripts take them
     utils.add_runtime_args(parser)
     # Output
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
@@ -136,6 +136,8 @@ def check_args(args) -> MAEConfig:
         utils.die(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
     if args.compile_mode != "default" and not args.compile:
         utils.die(f"--compile_mode {args.compile_mode} needs compilation, which is off (pass --compile)")
+    if args.compile_scope != "model" and not args.compile:
+        utils.die(f"--compile_scope {args.compile_scope} needs compilation, which is off (pass --compile)")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         utils.die(f"--json {args.json!r}: its folder does not exist")
     try:
@@ -361,7 +363,7 @@ def bench_phase(phase: Phase, args, device: torch.device, amp_dtype, peak_tflops
     seconds = statistics.median(step_s)
     # One more step, eager (a compiled graph is checked by Dynamo itself: a sync inside would break it), with
     # every operator recorded: the step must queue its whole work without waiting for the device.
-    with HostSyncRecorder() as recorder:
+    with utils.eager(), HostSyncRecorder() as recorder:
         one_step(model)
     synchronize(device)
     train_flops = TRAIN_FLOPS_PER_FORWARD * phase.flops_forward
@@ -457,7 +459,7 @@ def main(args):
     command = " ".join(["python", os.path.basename(sys.argv[0]) or "bench.py", *sys.argv[1:]])
     print(f"config: {vars(args)}")
     print(f"bench: {date}, {describe_device(device)}, torch {torch.__version__}, autocast {amp_dtype}, "
-          f"compile {'on (' + args.compile_mode + ')' if args.compile else 'off'}")
+          f"compile {f'on ({args.compile_mode}, scope {args.compile_scope})' if args.compile else 'off'}")
     print(f"model: {args.preset} preset + flags: patch {cfg.patch_size} ({cfg.num_patches} tokens), encoder "
           f"{cfg.embed_dim} x {cfg.depth} blocks ({cfg.num_heads} heads), decoder {cfg.decoder_embed_dim} x "
           f"{cfg.decoder_depth} ({cfg.decoder_num_heads} heads), mask ratio {cfg.mask_ratio}")

@@ -186,6 +186,7 @@ def train_one_epoch(model, optimizer, scaler, train_images, args, epoch, steps_p
 
 
 @torch.no_grad()
+@utils.eager()
 def reconstruct_val(model, val_imgs, noise, cfg, amp_dtype):
     """Masked input, reconstruction and original of the fixed val images, in [0, 1] for display. The mask
     noise is fixed too, so the figures of different epochs are directly comparable."""
@@ -197,6 +198,7 @@ def reconstruct_val(model, val_imgs, noise, cfg, amp_dtype):
 
 
 @torch.no_grad()
+@utils.eager()
 def evaluate(model, train, val, val_noise, args, amp_dtype):
     """kNN accuracy of the encoder's features (train split as the bank, val split as queries), and the val
     reconstruction under fixed masks: masked MSE (the training loss) and PSNR of the masked patches in

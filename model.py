@@ -151,6 +151,24 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+class DropPath(nn.Module):
+    """Stochastic depth: in training, each sample's residual branch is zeroed with probability drop_prob and
+    scaled by 1 / (1 - drop_prob) otherwise (timm's DropPath). The rate is a buffer rather than a Python float
+    so that blocks of different rates are one program to torch.compile (--compile_scope blocks compiles a
+    block once for all of them); a rate of 0 keeps every sample."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.register_buffer("drop_prob", torch.tensor(float(drop_prob)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep_prob = 1 - self.drop_prob
+        keep = torch.rand(x.shape[0], *(1,) * (x.dim() - 1), device=x.device) < keep_prob  # (B, 1, 1)
+        return x * (keep / keep_prob).to(x.dtype)
+
+
 class MAEEncoder(nn.Module):
     """ViT encoder: patch embedding + fixed sin-cos positions + class token + transformer blocks."""
 
@@ -160,10 +178,13 @@ class MAEEncoder(nn.Module):
         self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.register_buffer("pos_embed", _sincos_pos_embed(cfg.grid_size, cfg.embed_dim), persistent=False)
-        # Stochastic depth grows linearly with depth, as in DeiT and the MAE fine-tuning recipe.
-        drop_path = torch.linspace(0, drop_path_rate, cfg.depth).tolist()
         self.blocks = nn.ModuleList(
-            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, qkv_bias=True, drop_path=dp) for dp in drop_path)
+            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, qkv_bias=True) for _ in range(cfg.depth))
+        if drop_path_rate > 0:
+            # Stochastic depth grows linearly with depth, as in DeiT and the MAE fine-tuning recipe; every block
+            # gets a DropPath (the first one at rate 0) so that all blocks have the same structure.
+            for block, rate in zip(self.blocks, torch.linspace(0, drop_path_rate, cfg.depth).tolist()):
+                block.drop_path1, block.drop_path2 = DropPath(rate), DropPath(rate)
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
 
         self.apply(_init_weights)

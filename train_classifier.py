@@ -342,6 +342,7 @@ def train_one_epoch(net, frozen, optimizer, scaler, inputs, labels, prepare, mix
 
 
 @torch.no_grad()
+@utils.eager()
 def evaluate(net, inputs, labels, prepare, batch_size, device, amp_dtype):
     """Cross-entropy (no smoothing) and accuracy over the whole split, in order, nothing dropped; each process
     takes a shard. -> (mean loss, accuracy, predicted labels of the whole split on the host)."""
@@ -423,9 +424,7 @@ def main(args):
         # With several processes each BatchNorm (the probe's head_norm) normalises with its own shard's
         # statistics; DDP keeps the running statistics of rank 0.
         net = DistributedDataParallel(net)
-    # Evaluation runs eager: a compiled module would compile twice more (under no_grad, and for the val split's
-    # last partial batch), each compile costing more than eager evaluation's launch overhead in a whole run.
-    eval_net = net
+    eval_net = net  # evaluation runs eager (utils.eager)
     if compile_net:
         net = utils.maybe_compile(net, args, device)
 
@@ -460,7 +459,7 @@ def main(args):
             save_grid(stats["epoch"], val_predicted[vis_idx], f", val acc {stats['val_acc']:.4f}")
 
     if main_process:
-        with torch.no_grad(), utils.autocast(device, amp_dtype):
+        with torch.no_grad(), utils.eager(), utils.autocast(device, amp_dtype):
             initial = model.eval()(data.normalize(vis_images.to(device))).argmax(dim=-1).cpu()
         background.submit(save_grid, 0, initial, " (before training)")
 

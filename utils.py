@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.models.vision_transformer import Block
 
 import data
 from model import MAEConfig
@@ -175,6 +176,10 @@ def add_runtime_args(parser) -> None:
                         choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                         help="torch.compile mode; reduce-overhead adds CUDA graphs, the max-autotune modes "
                              "search kernels for minutes first")
+    parser.add_argument("--compile_scope", default="model", choices=("model", "blocks"),
+                        help="what torch.compile compiles: the whole training model as one graph, or each "
+                             "transformer block on its own (one graph per block shape, shared by all the blocks "
+                             "of that shape: a fraction of the compile time; the rest runs eager)")
 
 
 def resolve_device(args) -> torch.device:
@@ -223,11 +228,26 @@ def maybe_compile(model: torch.nn.Module, args, device: torch.device) -> torch.n
         elif device.type == "cpu" and not _has_cpp_compiler():
             reason = "inductor finds no C++ compiler for CPU code"
         else:
-            return torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
+            mode = None if args.compile_mode == "default" else args.compile_mode
+            if args.compile_scope == "model":
+                return torch.compile(model, mode=mode)
+            # Regional compilation: each block compiled in place (its state_dict keys unchanged). All blocks of
+            # one shape share a graph (model.DropPath keeps the drop rates out of it); dynamic=False gives the
+            # encoder and the decoder, whose token counts differ, a static graph each.
+            for block in (m for m in model.modules() if isinstance(m, Block)):
+                block.compile(mode=mode, dynamic=False)
+            return model
     except Exception as e:  # an older torch without these helpers, or compile refusing the model
         reason = f"{type(e).__name__}: {e}"
     warnings.warn(f"torch.compile is unavailable ({reason}); running eager")
     return model
+
+
+def eager():
+    """A context in which compiled code runs eagerly. Evaluation runs in it: compiled, it would compile again (for
+    no_grad, and for a last partial batch) at a cost far above what it saves, and with --compile_scope blocks
+    the evaluated model's blocks are the compiled ones."""
+    return torch.compiler.set_stance("force_eager")
 
 
 def _has_cpp_compiler() -> bool:

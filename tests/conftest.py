@@ -44,6 +44,7 @@ def compile_counter(monkeypatch):
 
     counter, real_compile = CompileCounter(), torch.compile
     torch._dynamo.reset()  # cached graphs of an earlier test would not be counted again
-    monkeypatch.setattr(torch, "compile", lambda model, mode=None: real_compile(model, backend=counter))
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, **kwargs: real_compile(model, backend=counter,
+                                                                                          **kwargs))
     yield counter
     torch._dynamo.reset()

@@ -219,6 +219,7 @@ def test_host_sync_recorder_flags_what_makes_the_host_wait_and_nothing_else():
     (["--compile_mode", "reduce-overhead", "--no-compile"],
      "--compile_mode reduce-overhead needs compilation, which is off"),
     (["--compile_mode", "max-autotune"], "--compile_mode max-autotune needs compilation"),  # off by default on CPU
+    (["--compile_scope", "blocks"], "--compile_scope blocks needs compilation"),
     (["--precision", "fp16"], "--precision fp16 needs --device cuda"),
     (["--json", "/nonexistent/dir/bench.json"], "--json"),
     pytest.param(["--device", "cuda"], "CUDA is not available",

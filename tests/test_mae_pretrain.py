@@ -178,9 +178,12 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert proc.stdout == ""
 
 
-def test_compiled_run_is_one_graph_with_no_recompilation(tmp_path, run_pretrain, compile_counter):
+@pytest.mark.parametrize("scope, graphs", [("model", 1), ("blocks", 2)])
+def test_compiled_run_has_one_graph_per_program_and_no_recompilation(tmp_path, run_pretrain, compile_counter,
+                                                                     scope, graphs):
     # Accumulation (two chunks per step), augmentation, the per-epoch evaluation and reconstruction figure,
-    # two epochs: none of it may break the compiled training graph or compile another.
-    run_pretrain(tiny_pretrain_argv(tmp_path, "--compile", "--augment", "--eval_every", "1"))
-    assert compile_counter.frame_count == 1
+    # two epochs: none of it may break a compiled graph or compile another. The whole model is one graph; with
+    # --compile_scope blocks the encoder's blocks (17 tokens) share one, the decoder's (65 tokens) another.
+    run_pretrain(tiny_pretrain_argv(tmp_path, "--compile", "--compile_scope", scope, "--augment", "--eval_every", "1"))
+    assert compile_counter.frame_count == graphs
     assert compile_counter.op_count > 0

@@ -5,8 +5,8 @@ Run: python -m pytest -q tests/test_model.py
 import pytest
 import torch
 
-from model import (MAE, MAEConfig, ViTClassifier, encoder_state_from_mae, masked_mse, normalize_patches, patchify,
-                   random_masking, reconstruct, unpatchify)
+from model import (MAE, DropPath, MAEConfig, ViTClassifier, encoder_state_from_mae, masked_mse, normalize_patches,
+                   patchify, random_masking, reconstruct, unpatchify)
 
 SMALL = dict(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=24, decoder_depth=1, decoder_num_heads=2)
 
@@ -158,3 +158,24 @@ def test_classifier_takes_the_encoder_weights():
     assert not result.missing_keys and not result.unexpected_keys
     for name, p in mae.encoder.state_dict().items():
         assert torch.equal(clf.encoder.state_dict()[name], p)
+
+
+def test_drop_path_zeroes_whole_samples_and_keeps_the_expectation():
+    torch.manual_seed(0)
+    x = torch.ones(4000, 3, 2)
+    y = DropPath(0.25).train()(x)
+    per_sample = y.flatten(1)
+    zeroed = (per_sample == 0).all(dim=1)
+    assert (zeroed | (per_sample == 1 / 0.75).all(dim=1)).all()  # each sample dropped or scaled as a whole
+    assert abs(zeroed.float().mean().item() - 0.25) < 0.03  # 4.4 standard deviations of a binomial share
+    assert torch.equal(DropPath(0.25).eval()(x), x)
+    assert torch.equal(DropPath(0.0).train()(x), x)
+
+
+def test_drop_path_rates_grow_with_depth_and_are_not_saved():
+    cfg = MAEConfig(**{**SMALL, "depth": 5})
+    model = ViTClassifier(cfg, 10, drop_path_rate=0.2)
+    for block, rate in zip(model.encoder.blocks, (0.0, 0.05, 0.1, 0.15, 0.2)):
+        assert block.drop_path1.drop_prob.item() == block.drop_path2.drop_prob.item() == pytest.approx(rate)
+    # Non-persistent: checkpoints with and without drop path have the same keys.
+    assert model.state_dict().keys() == ViTClassifier(cfg, 10).state_dict().keys()

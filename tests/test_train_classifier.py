@@ -525,12 +525,14 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert proc.stdout == "" and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("scope", ["model", "blocks"])
 @pytest.mark.parametrize("extra", [["--recipe", "finetune"], ["--recipe", "plain", "--linear_probe", "--hflip"]])
-def test_compiled_run_is_one_graph_with_no_recompilation(tmp_path, mae_ckpt, compile_counter, extra):
+def test_compiled_run_is_one_graph_with_no_recompilation(tmp_path, mae_ckpt, compile_counter, extra, scope):
     # 96 fake images hold out 24 for validation: a partial last val chunk of 8, and evaluation under no_grad.
     # Neither may compile a second graph, and mixup, drop path, augmentation or the frozen encoder of an
-    # augmented probe may not break the one there is.
-    argv = cls_argv(tmp_path, "--compile", "--pretrained_model_path", mae_ckpt, *extra)
+    # augmented probe may not break the one there is. With --compile_scope blocks the blocks share one graph,
+    # whatever their drop-path rates.
+    argv = cls_argv(tmp_path, "--compile", "--compile_scope", scope, "--pretrained_model_path", mae_ckpt, *extra)
     argv[argv.index("--fake_size") + 1] = "96"
     train_classifier.main(parse(argv))
     assert compile_counter.frame_count == 1

@@ -148,12 +148,24 @@ def test_a_dataset_too_large_for_the_gpu_is_one_line_and_status_2(monkeypatch, c
 def test_compile_falls_back_to_eager_with_one_warning_where_it_cannot_work():
     import torch._inductor.config as inductor_config
     model = torch.nn.Linear(4, 2)
-    args = SimpleNamespace(compile=True, compile_mode="default")
+    args = SimpleNamespace(compile=True, compile_mode="default", compile_scope="model")
     with inductor_config.patch({"cpp.cxx": ("no-such-c++-compiler",)}), \
             pytest.warns(UserWarning, match="no C.. compiler") as record:
         assert utils.maybe_compile(model, args, torch.device("cpu")) is model
     assert len(record) == 1
     compiled = utils.maybe_compile(model, args, torch.device("cpu"))  # a compiler is there: compiled, lazily
     assert compiled is not model and compiled._orig_mod is model
-    assert utils.maybe_compile(model, SimpleNamespace(compile=None, compile_mode="default"),
+    assert utils.maybe_compile(model, SimpleNamespace(compile=None, compile_mode="default", compile_scope="model"),
                                torch.device("cpu")) is model  # off by default on the CPU
+
+
+def test_compile_scope_blocks_compiles_every_block_in_place():
+    model = MAE(MAEConfig(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+                          decoder_num_heads=2))
+    keys = list(model.state_dict())
+    args = SimpleNamespace(compile=True, compile_mode="default", compile_scope="blocks")
+    assert utils.maybe_compile(model, args, torch.device("cpu")) is model
+    blocks = [*model.encoder.blocks, *model.decoder.blocks]
+    assert len(blocks) == 3 and all(b._compiled_call_impl is not None for b in blocks)
+    assert model.encoder.patch_embed._compiled_call_impl is None  # only the blocks
+    assert list(model.state_dict()) == keys  # checkpoints keep their keys
