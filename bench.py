@@ -410,8 +410,11 @@ def bench_evaluation(cfg: MAEConfig, images, labels, args, device: torch.device,
         return statistics.median(times)
 
     pretrain_s = seconds(lambda: mae_pretrain.evaluate(mae, bank, val, val_noise, script_args, amp_dtype))
+    # train_classifier.py evaluates in chunks of its --max_device_batch_size: the fine-tuning chunk here (128 in
+    # the reference's fine-tuning commands).
+    finetune_chunk = chunk_size(args.finetune_batch_size, args)
     finetune_s = seconds(lambda: train_classifier.evaluate(classifier, val.images, val.labels, data.normalize,
-                                                           args.max_device_batch_size, device, amp_dtype))
+                                                           finetune_chunk, device, amp_dtype))
     scale = REFERENCE_VAL_IMAGES / num_val
     return {"val_images": num_val, "bank_images": num_bank, "pretrain_eval_s": pretrain_s,
             "finetune_eval_s": finetune_s, "scale_to_reference": scale,
