@@ -26,14 +26,18 @@ def pretrain_cmd(launcher, tmp_path, *extra, name):
             *tiny_pretrain_argv(tmp_path, "--eval_every", "1", *extra, name=name)]
 
 
-def test_two_processes_match_one_process_and_write_one_set_of_outputs(tmp_path):
+# The second: each process compiles its blocks inside DistributedDataParallel (inductor's C++ backend, about
+# 20 s), against the same eager one-process run.
+@pytest.mark.parametrize("double_flags", [[], ["--compile", "--compile_scope", "blocks"]])
+def test_two_processes_match_one_process_and_write_one_set_of_outputs(tmp_path, double_flags):
     single = run(pretrain_cmd([sys.executable], tmp_path, name="single"), tmp_path)
     assert single.returncode == 0, single.stderr[-2000:]
-    double = run(pretrain_cmd(TORCHRUN, tmp_path, name="double"), tmp_path)
+    double = run(pretrain_cmd(TORCHRUN, tmp_path, *double_flags, name="double"), tmp_path)
     assert double.returncode == 0, double.stderr[-2000:]
 
     # Same global batch, same seed, same per-image masks: only the order of floating-point sums differs
-    # (two half-batch gradients averaged by all-reduce vs two accumulated chunks), hence a tolerance.
+    # (two half-batch gradients averaged by all-reduce vs two accumulated chunks, and compiled kernels), hence a
+    # tolerance.
     for name in ("losses", "knn_acc", "val_loss", "val_psnr"):
         one = np.load(tmp_path / "single" / "outputs" / f"{name}.npy")
         two = np.load(tmp_path / "double" / "outputs" / f"{name}.npy")
