@@ -120,7 +120,7 @@ def resolve_defaults(args, device: torch.device) -> None:
 def check_args(args) -> MAEConfig:
     """Every flag checked before any work, and before --json is written."""
     positive = ("pretrain_batch_size", "finetune_batch_size", "max_device_batch_size", "num_classes", "steps",
-                "warmup_steps", "repeats", "eval_images", *PRESETS["vit-t"])
+                "warmup_steps", "repeats", "eval_images", *utils.MODEL_SIZE_FLAGS)
     for name in positive:
         if getattr(args, name) < 1:
             utils.die(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -141,7 +141,7 @@ def check_args(args) -> MAEConfig:
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         utils.die(f"--json {args.json!r}: its folder does not exist")
     try:
-        return MAEConfig(mask_ratio=args.mask_ratio, **{name: getattr(args, name) for name in PRESETS["vit-t"]})
+        return MAEConfig(mask_ratio=args.mask_ratio, **{name: getattr(args, name) for name in utils.MODEL_SIZE_FLAGS})
     except ValueError as e:
         utils.die(f"model flags (--patch_size, --embed_dim, --num_heads, ...): {e}")
 
@@ -245,7 +245,7 @@ def matmul_peak(device: torch.device, repeats: int) -> dict:
 # so the host stops queueing work until then.
 SYNCING_OPS = {"_local_scalar_dense",  # .item(), float(t), bool(t), `if t:`
                "nonzero", "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive",
-               "unique_dim_consecutive", "bincount", "equal", "is_nonzero"}
+               "unique_dim_consecutive", "bincount", "equal"}
 
 
 class HostSyncRecorder(TorchDispatchMode):

@@ -31,8 +31,7 @@ from model import MAE, MAEConfig, count_params, pool_tokens, reconstruct
 # must be the ones it was trained with). max_device_batch_size, devices and output paths may change.
 RUN_DEFINING_FLAGS = ("seed", "batch_size", "base_learning_rate", "weight_decay", "min_lr", "mask_ratio",
                       "total_epoch", "warmup_epoch", "norm_pix_loss", "augment", "dataset", "val_split",
-                      "fake_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
-                      "decoder_depth", "decoder_num_heads")
+                      "fake_size", *utils.MODEL_SIZE_FLAGS)
 CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "epoch", "losses", "evals", "args", "config")
 EVAL_METRICS = ("knn_acc", "val_loss", "val_psnr")
 NUM_VIS = 16  # val images in the per-epoch reconstruction figure (2 rows of 8)
@@ -80,10 +79,8 @@ def get_args_parser():
 
 def model_config(args) -> MAEConfig:
     try:
-        return MAEConfig(patch_size=args.patch_size, embed_dim=args.embed_dim, depth=args.depth,
-                         num_heads=args.num_heads, decoder_embed_dim=args.decoder_embed_dim,
-                         decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_num_heads,
-                         mask_ratio=args.mask_ratio, norm_pix_loss=args.norm_pix_loss)
+        return MAEConfig(mask_ratio=args.mask_ratio, norm_pix_loss=args.norm_pix_loss,
+                         **{name: getattr(args, name) for name in utils.MODEL_SIZE_FLAGS})
     except ValueError as e:
         utils.die(f"model flags (--patch_size, --embed_dim, --num_heads, ...): {e}")
 
@@ -91,8 +88,7 @@ def model_config(args) -> MAEConfig:
 def check_args(args) -> None:
     """Every flag checked before anything is read or written, so bad input costs nothing."""
     utils.check_schedule_args(args)
-    positive = ("log_interval", "knn_k", "patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
-                "decoder_depth", "decoder_num_heads")
+    positive = ("log_interval", "knn_k", *utils.MODEL_SIZE_FLAGS)
     for name in positive:
         if getattr(args, name) < 1:
             utils.die(f"--{name} must be >= 1, got {getattr(args, name)}")

@@ -57,7 +57,6 @@ RECIPES = {
 PROBE_SETTINGS = dict(crop_padding=0, hflip=False, auto_augment="none", mixup=0.0, cutmix=0.0, label_smoothing=0.0,
                       drop_path=0.0, layer_decay=1.0, random_erase=0.0)
 RECIPE_FLAGS = tuple(RECIPES["plain"])
-MODEL_FLAGS = tuple(utils.MODEL_SIZE_FLAGS)
 NUM_VIS = 16  # val images in the prediction grids (4 x 4)
 CURVES = ("train_loss", "train_acc", "val_loss", "val_acc")  # one value per epoch, each to <run>_<name>.npy
 
@@ -142,7 +141,7 @@ def check_args(args) -> None:
     utils.check_schedule_args(args)
     if args.log_interval < 1:
         utils.die(f"--log_interval must be >= 1, got {args.log_interval}")
-    for name in MODEL_FLAGS:
+    for name in utils.MODEL_SIZE_FLAGS:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             utils.die(f"--{name} must be >= 1, got {getattr(args, name)}")
     allowed = {"crop_padding": (lambda v: v >= 0, ">= 0"), "mixup": (lambda v: v >= 0, ">= 0"),
@@ -203,19 +202,20 @@ def model_config(args, pretrained_config: dict | None) -> MAEConfig:
     """The checkpoint's config when fine-tuning from one (model flags given must agree), else the flags'."""
     if pretrained_config is not None:
         cfg = MAEConfig(**pretrained_config)
-        for name in MODEL_FLAGS:
+        for name in utils.MODEL_SIZE_FLAGS:
             given, saved = getattr(args, name), getattr(cfg, name)
             if given is not None and given != saved:
                 utils.die(f"--{name} {given} does not match --pretrained_model_path's {saved} "
                           "(leave it out to use the checkpoint's)")
     else:
         try:
-            cfg = MAEConfig(**{name: getattr(args, name) for name in MODEL_FLAGS if getattr(args, name) is not None})
+            given = {name: getattr(args, name) for name in utils.MODEL_SIZE_FLAGS}
+            cfg = MAEConfig(**{name: value for name, value in given.items() if value is not None})
         except ValueError as e:
             utils.die(f"model flags (--patch_size, --embed_dim, --num_heads, ...): {e}")
     if args.crop_padding >= cfg.img_size:
         utils.die(f"--crop_padding must be in [0, {cfg.img_size}), got {args.crop_padding}")
-    for name in MODEL_FLAGS:  # args.json then records the model that was actually trained
+    for name in utils.MODEL_SIZE_FLAGS:  # args.json then records the model that was actually trained
         setattr(args, name, getattr(cfg, name))
     return cfg
 
@@ -354,7 +354,7 @@ def evaluate(net, inputs, labels, prepare, batch_size, device, amp_dtype):
             logits = net(prepare(chunk))
         loss_sum += F.cross_entropy(logits.float(), chunk_labels, reduction="sum")
         predicted.append(logits.argmax(dim=-1))
-    predicted = utils.all_gather_cat(torch.cat(predicted))
+    predicted = utils.all_gather_cat(torch.cat(predicted), len(labels))
     accuracy = (predicted == labels).sum() / len(labels)
     return utils.all_reduce_sum(loss_sum).item() / len(labels), accuracy.item(), predicted.cpu()
 

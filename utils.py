@@ -513,18 +513,18 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's tensor along dim 0, in rank order; shards may differ in length."""
+def all_gather_cat(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Concatenate every rank's shard (t holds this rank's shard(n, rank, world_size) rows) along dim 0, in
+    rank order, back into all n rows. The shard sizes follow from n, so nothing is read back to the host."""
     if not dist.is_initialized():
         return t
-    sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([t.shape[0]], device=t.device))
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros(longest, *t.shape[1:], dtype=t.dtype, device=t.device)
-    padded[:t.shape[0]] = t
+    world_size = dist.get_world_size()
+    sizes = [len(range(n)[shard(n, rank, world_size)]) for rank in range(world_size)]
+    padded = torch.zeros(max(sizes), *t.shape[1:], dtype=t.dtype, device=t.device)
+    padded[:t.shape[0]] = t  # all_gather needs equal shapes
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
-    return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
 
 def shard(n: int, rank: int, world_size: int) -> slice:
@@ -541,4 +541,4 @@ def embed_all(fn, images: torch.Tensor, batch_size: int, amp_dtype) -> torch.Ten
     for chunk in images[part].split(batch_size):
         with autocast(images.device, amp_dtype):
             feats.append(fn(data.normalize(chunk)).float())
-    return all_gather_cat(torch.cat(feats))
+    return all_gather_cat(torch.cat(feats), len(images))
