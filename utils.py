@@ -94,7 +94,7 @@ def load_training_data(args, img_size: int):
 
 
 def check_data_fits(train, val, device: torch.device, args) -> None:
-    """Both splits live on the device as uint8 (3 KB per 32x32 image: CIFAR-10 is 180 MB with its test split),
+    """Both splits live on the device as uint8 (3 KB per 32x32 image: CIFAR-10 is 184 MB with its test split),
     so there is no DataLoader path. A dataset too large for the GPU stops here, before any file is written,
     rather than as an out-of-memory traceback. Training ViT-T at batch 256 needs a few GiB next to the data,
     hence the 80% share."""
