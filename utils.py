@@ -213,34 +213,38 @@ def maybe_compile(model: torch.nn.Module, args, device: torch.device) -> torch.n
     """torch.compile when asked for (default on CUDA); eager with one warning where compiling is unavailable.
 
     torch.compile itself is lazy and only fails at the first call, so what it needs is checked up front:
-    TorchDynamo support for this Python and platform, and Triton for CUDA kernels.
+    TorchDynamo support for this Python and platform, Triton for CUDA kernels, a C++ compiler for CPU ones.
     """
     enabled = args.compile if args.compile is not None else device.type == "cuda"
     if not enabled:
         return model
-    try:
-        import torch._dynamo
-        from torch.utils._triton import has_triton
-        if not torch._dynamo.is_dynamo_supported():
-            reason = "TorchDynamo does not support this Python or platform"
-        elif device.type == "cuda" and not has_triton():
-            reason = "Triton is not installed"
-        elif device.type == "cpu" and not _has_cpp_compiler():
-            reason = "inductor finds no C++ compiler for CPU code"
-        else:
-            mode = None if args.compile_mode == "default" else args.compile_mode
-            if args.compile_scope == "model":
-                return torch.compile(model, mode=mode)
-            # Regional compilation: each block compiled in place (its state_dict keys unchanged). All blocks of
-            # one shape share a graph (model.DropPath keeps the drop rates out of it); dynamic=False gives the
-            # encoder and the decoder, whose token counts differ, a static graph each.
-            for block in (m for m in model.modules() if isinstance(m, Block)):
-                block.compile(mode=mode, dynamic=False)
-            return model
-    except Exception as e:  # an older torch without these helpers, or compile refusing the model
-        reason = f"{type(e).__name__}: {e}"
-    warnings.warn(f"torch.compile is unavailable ({reason}); running eager")
+    reason = _compile_unavailable(device)
+    if reason:
+        warnings.warn(f"torch.compile is unavailable ({reason}); running eager")
+        return model
+    mode = None if args.compile_mode == "default" else args.compile_mode
+    if args.compile_scope == "model":
+        return torch.compile(model, mode=mode)
+    # Regional compilation: each block compiled in place (its state_dict keys unchanged). All blocks of one shape
+    # share a graph (model.DropPath keeps the drop rates out of it); dynamic=False gives the encoder and the
+    # decoder, whose token counts differ, a static graph each.
+    for block in (m for m in model.modules() if isinstance(m, Block)):
+        block.compile(mode=mode, dynamic=False)
     return model
+
+
+def _compile_unavailable(device: torch.device):
+    """Why torch.compile cannot work here, or None. Only these known causes fall back to eager: any other error
+    (a bug of ours, or the compiler rejecting the model) should surface as one, not as a warning."""
+    import torch._dynamo
+    from torch.utils._triton import has_triton
+    if not torch._dynamo.is_dynamo_supported():
+        return "TorchDynamo does not support this Python or platform"
+    if device.type == "cuda" and not has_triton():
+        return "Triton is not installed"
+    if device.type == "cpu" and not _has_cpp_compiler():
+        return "inductor finds no C++ compiler for CPU code"
+    return None
 
 
 def eager():

@@ -159,6 +159,15 @@ def test_compile_falls_back_to_eager_with_one_warning_where_it_cannot_work():
                                torch.device("cpu")) is model  # off by default on the CPU
 
 
+
+def test_compile_errors_other_than_a_missing_compiler_are_raised_not_warned(monkeypatch):
+    def broken_compile(*args, **kwargs):
+        raise TypeError("a bug in the call")
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    args = SimpleNamespace(compile=True, compile_mode="default", compile_scope="model")
+    with pytest.raises(TypeError, match="a bug in the call"):
+        utils.maybe_compile(torch.nn.Linear(4, 2), args, torch.device("cpu"))
+
 def test_compile_scope_blocks_compiles_every_block_in_place():
     model = MAE(MAEConfig(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
                           decoder_num_heads=2))
