@@ -73,7 +73,8 @@ def get_args_parser():
                         help="largest chunk put through the model at once, gradients accumulated over chunks as "
                              "in mae_pretrain.py; must divide each batch size larger than it (default: 256 on "
                              "CUDA as in mae_pretrain.py, 32 on the CPU)")
-    parser.add_argument("--mask_ratio", type=float, default=0.75, help="share of patches masked, in [0, 1)")
+    parser.add_argument("--mask_ratio", type=utils.finite_float, default=0.75,
+                        help="share of patches masked, in [0, 1)")
     parser.add_argument("--num_classes", type=int, default=10, help="classifier outputs (CIFAR-10: 10)")
     parser.add_argument("--finetune_recipe", default="finetune", choices=tuple(train_classifier.RECIPES),
                         help="train_classifier.py recipe whose step is timed (augmentation, mixup, loss)")
@@ -140,6 +141,14 @@ def check_args(args) -> MAEConfig:
         utils.die(f"--compile_scope {args.compile_scope} needs compilation, which is off (pass --compile)")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         utils.die(f"--json {args.json!r}: its folder does not exist")
+    if args.json:  # checked now, not after minutes of timing
+        utils.check_output_file("--json", args.json, (".json",), create_folder=False)
+    recipe = train_classifier.RECIPES[args.finetune_recipe]
+    if (recipe["mixup"] or recipe["cutmix"]) and chunk_size(args.finetune_batch_size, args) % 2:
+        utils.die(f"--finetune_batch_size {args.finetune_batch_size} gives chunks of "
+                  f"{chunk_size(args.finetune_batch_size, args)} images, which must be even with the "
+                  f"{args.finetune_recipe} recipe's mixup/CutMix (each chunk is mixed with its own reverse)")
+    utils.check_seed(args.seed)
     try:
         return MAEConfig(mask_ratio=args.mask_ratio, **{name: getattr(args, name) for name in utils.MODEL_SIZE_FLAGS})
     except ValueError as e:

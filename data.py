@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 DATASETS = ("cifar10", "cifar100", "folder", "fake")
+MAX_FAKE_SIZE = 1_000_000  # 3 GB of uint8 images, generated one by one at start-up
 # The reference normalises every channel with mean 0.5 and std 0.5, i.e. pixels in [-1, 1]. Keeping it makes
 # our MAE loss directly comparable with the reference's numbers.
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.5
@@ -60,8 +61,8 @@ def add_data_args(parser) -> None:
 def check_data_args(args) -> None:
     if args.val_split < 0:
         raise DataError(f"--val_split must be >= 0, got {args.val_split}")
-    if args.fake_size < 1:
-        raise DataError(f"--fake_size must be >= 1, got {args.fake_size}")
+    if not 1 <= args.fake_size <= MAX_FAKE_SIZE:
+        raise DataError(f"--fake_size must be in [1, {MAX_FAKE_SIZE:,}], got {args.fake_size}")
     if args.dataset == "folder":
         if not os.path.isdir(os.path.join(args.data_path, "train")):
             raise DataError(f"--data_path {args.data_path!r} has no train/ folder (--dataset folder needs "
@@ -83,6 +84,10 @@ def load_data(args, img_size: int = 32):
         train = _image_folder(os.path.join(args.data_path, "train"), img_size)
         val_dir = _folder_val_dir(args.data_path)
         val = _image_folder(val_dir, img_size) if args.val_split == 0 else None
+        if val is not None and val.classes != train.classes:  # labels are class indices: they must mean the same
+            only_one = sorted(set(val.classes) ^ set(train.classes))
+            raise DataError(f"--data_path {args.data_path!r}: train/ and {os.path.basename(val_dir)}/ need the same "
+                            f"class folders (in only one of them: {', '.join(only_one[:5])})")
     if args.val_split:
         if args.val_split >= len(train):
             raise DataError(f"--val_split must be smaller than the {len(train)} training images, "
@@ -123,11 +128,14 @@ def _image_folder(root: str, img_size: int) -> ImageSet:
         raise DataError(f"--data_path: cannot read image folder {root!r} ({e})") from None
 
     def load(path):
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (img_size, img_size):
-                im = im.resize((img_size, img_size), Image.BICUBIC)
-            return np.asarray(im)
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                if im.size != (img_size, img_size):
+                    im = im.resize((img_size, img_size), Image.BICUBIC)
+                return np.asarray(im)
+        except OSError as e:  # PIL's UnidentifiedImageError for a file that is not an image, a truncated one, ...
+            raise DataError(f"--data_path: cannot read image {path!r} ({type(e).__name__})") from None
 
     # PIL releases the GIL while decoding, so threads decode tens of thousands of small files in seconds.
     with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 2)) as pool:

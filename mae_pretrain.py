@@ -6,7 +6,7 @@ The reference experiment (one GPU; also what `python mae_pretrain.py` runs with 
 Several GPUs on one node, or several nodes (--batch_size stays the global batch):
     torchrun --nproc_per_node=4 mae_pretrain.py --batch_size 512 --max_device_batch_size 128
     torchrun --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 mae_pretrain.py
-A tiny CPU run that needs no files (seconds):
+A tiny CPU run that needs no files (under a minute on 2 cores):
     python mae_pretrain.py --dataset fake --fake_size 256 --total_epoch 2 --batch_size 64 \
         --max_device_batch_size 32 --depth 2 --decoder_depth 1 --model_path /tmp/mae.pt \
         --output_dir /tmp/mae_out --log_dir /tmp/mae_logs
@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import data
 import utils
-from model import MAE, MAEConfig, count_params, pool_tokens, reconstruct
+from model import MAE, MAEConfig, count_params, num_masked_patches, pool_tokens, reconstruct
 
 # Flags that define the run: a checkpoint only resumes under the same values (the schedule and the model
 # must be the ones it was trained with). max_device_batch_size, devices and output paths may change.
@@ -43,7 +43,8 @@ def get_args_parser():
     utils.add_schedule_args(parser, batch_size=512, max_device_batch_size=256, base_learning_rate=1.5e-4,
                             total_epoch=150, warmup_epoch=10)
     # MAE
-    parser.add_argument("--mask_ratio", type=float, default=0.75, help="share of patches masked, in [0, 1)")
+    parser.add_argument("--mask_ratio", type=utils.finite_float, default=0.75,
+                        help="share of patches masked, in [0, 1)")
     parser.add_argument("--norm_pix_loss", action="store_true",
                         help="regress per-patch normalised pixels (MAE paper); figures are de-normalised")
     parser.add_argument("--augment", action="store_true",
@@ -55,7 +56,7 @@ def get_args_parser():
                         help="epochs between kNN / val-reconstruction evaluations, plus one at the end; each "
                              "costs under one epoch's FLOPs, so 25 keeps them under 5%% of the run (0: never)")
     parser.add_argument("--knn_k", type=int, default=20, help="neighbours in the weighted kNN vote")
-    parser.add_argument("--knn_temperature", type=float, default=0.07, help="temperature of the kNN vote")
+    parser.add_argument("--knn_temperature", type=utils.finite_float, default=0.07, help="temperature of the kNN vote")
     parser.add_argument("--knn_feature", default="avg", choices=("avg", "token"),
                         help="kNN feature, named as train_classifier.py's --global_pool: mean patch token "
                              "(default; MAE's class token gets no loss of its own in pretraining) or class token")
@@ -79,10 +80,14 @@ def get_args_parser():
 
 def model_config(args) -> MAEConfig:
     try:
-        return MAEConfig(mask_ratio=args.mask_ratio, norm_pix_loss=args.norm_pix_loss,
-                         **{name: getattr(args, name) for name in utils.MODEL_SIZE_FLAGS})
+        cfg = MAEConfig(mask_ratio=args.mask_ratio, norm_pix_loss=args.norm_pix_loss,
+                        **{name: getattr(args, name) for name in utils.MODEL_SIZE_FLAGS})
     except ValueError as e:
         utils.die(f"model flags (--patch_size, --embed_dim, --num_heads, ...): {e}")
+    if num_masked_patches(cfg.num_patches, cfg.mask_ratio) == 0:  # the loss is a mean over the masked patches
+        utils.die(f"--mask_ratio {args.mask_ratio} masks none of the {cfg.num_patches} patches (--patch_size "
+                  f"{args.patch_size}): at least one must be masked, i.e. mask_ratio >= 1/{cfg.num_patches}")
+    return cfg
 
 
 def check_args(args) -> None:
@@ -99,13 +104,17 @@ def check_args(args) -> None:
                   f"{args.knn_temperature}")
     if args.stop_after < 0:
         utils.die(f"--stop_after must be >= 0, got {args.stop_after}")
+    utils.check_output_file("--model_path", args.model_path, (".pt", ".pth"))
+    utils.check_output_folder("--output_dir", args.output_dir)
+    utils.check_output_folder("--log_dir", args.log_dir)
     try:
         data.check_data_args(args)
     except data.DataError as e:
         utils.die(str(e))
 
 
-def load_resume(args) -> dict:
+def load_resume(args):
+    """-> (checkpoint, the log records of its epochs), or one-line death; read before anything is written."""
     ckpt = utils.load_checkpoint(args.resume, "--resume", CHECKPOINT_KEYS)
     for name in RUN_DEFINING_FLAGS:
         saved, given = ckpt["args"].get(name), getattr(args, name)
@@ -114,7 +123,8 @@ def load_resume(args) -> dict:
                       "pass the same value to continue its schedule")
     if ckpt["epoch"] >= args.total_epoch:
         utils.die(f"--resume {args.resume!r} has already finished all {args.total_epoch} epochs")
-    return ckpt
+    log = utils.read_jsonl(os.path.join(args.output_dir, "log.jsonl"), "--output_dir")
+    return ckpt, [r for r in log if r["epoch"] <= ckpt["epoch"]]
 
 
 def train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, amp_dtype, loss_sum):
@@ -234,7 +244,7 @@ def main(args):
     check_args(args)
     cfg = model_config(args)
     device = utils.resolve_device(args)
-    ckpt = load_resume(args) if args.resume else None
+    ckpt, resumed_log = load_resume(args) if args.resume else (None, [])
     train, val, steps_per_epoch = utils.load_training_data(args, cfg.img_size)
     utils.check_data_fits(train, val, device, args)
     amp_dtype = utils.autocast_dtype(args, device)
@@ -265,13 +275,12 @@ def main(args):
     optimizer = utils.make_adamw(utils.weight_decay_groups(model, args.weight_decay),
                                  args.base_learning_rate * args.batch_size / 256, (0.9, 0.95), device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    start_epoch, losses, evals, log = 1, [], [], []
+    start_epoch, losses, evals, log = 1, [], [], resumed_log
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, losses, evals = ckpt["epoch"] + 1, list(ckpt["losses"]), list(ckpt["evals"])
-        log = [r for r in utils.read_jsonl(os.path.join(args.output_dir, "log.jsonl")) if r["epoch"] < start_epoch]
         log_print(f"resumed from {args.resume} at epoch {start_epoch}")
     train_model = DistributedDataParallel(model) if world_size > 1 else model
     train_model = utils.maybe_compile(train_model, args, device)

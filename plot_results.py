@@ -58,7 +58,7 @@ def get_args_parser():
     parser.add_argument("--report", default="results.md",
                         help="markdown report with the numbers and the figures (embedded by relative path)")
     parser.add_argument("--log_scale", action="store_true", help="logarithmic y axis for the loss curves")
-    parser.add_argument("--dpi", type=int, default=200, help="resolution of the figures (>= 72; 200 for print)")
+    parser.add_argument("--dpi", type=int, default=200, help="resolution of the figures, in [72, 600] (200 for print)")
     return parser
 
 
@@ -112,16 +112,12 @@ def load_json(path: str, flag: str) -> dict:
         return {}
     try:
         with open(path) as f:
-            return json.load(f)
+            obj = json.load(f)
     except (OSError, ValueError) as e:
         utils.die(f"{flag}: {path!r} is not readable JSON ({type(e).__name__}: {e})")
-
-
-def load_jsonl(path: str, flag: str) -> list:
-    try:
-        return utils.read_jsonl(path)
-    except (OSError, ValueError) as e:
-        utils.die(f"{flag}: {path!r} is not readable JSON lines ({type(e).__name__}: {e})")
+    if not isinstance(obj, dict):
+        utils.die(f"{flag}: {path!r} should hold a JSON object, found a {type(obj).__name__}")
+    return obj
 
 
 def load_pretraining(folder: str, missing: list, notes: list):
@@ -131,7 +127,7 @@ def load_pretraining(folder: str, missing: list, notes: list):
         return None
     pre = Pretraining(folder, load_vector(losses_path, "--pretrain_dir").astype(np.float64),
                       load_json(os.path.join(folder, "args.json"), "--pretrain_dir"),
-                      load_jsonl(os.path.join(folder, "log.jsonl"), "--pretrain_dir"))
+                      utils.read_jsonl(os.path.join(folder, "log.jsonl"), "--pretrain_dir"))
     present = [n for n in MONITOR_FILES if os.path.isfile(os.path.join(folder, f"{n}.npy"))]
     if "eval_epochs" not in present or len(present) == 1:
         missing.append(f"{folder}/{{{','.join(MONITOR_FILES)}}}.npy (no pretrain_monitor.png)")
@@ -574,14 +570,16 @@ def summary_lines(pre, runs) -> list:
 
 def main(args):
     # ---- read and check every input before writing anything
-    if args.dpi < 72:
-        utils.die(f"--dpi must be >= 72, got {args.dpi}")
+    if not 72 <= args.dpi <= 600:  # a 10-inch figure at 600 dpi is already 6,000 pixels wide
+        utils.die(f"--dpi must be in [72, 600], got {args.dpi}")
     named = [n for n in (args.scratch_run, args.pretrained_run, args.linprobe_run) if n]
     if len(set(named)) < len(named):
         utils.die(f"--scratch_run, --pretrained_run and --linprobe_run must differ, got {named}")
     report_dir = os.path.dirname(os.path.abspath(args.report))
     if not os.path.isdir(report_dir):
         utils.die(f"--report {args.report!r}: folder {report_dir!r} does not exist")
+    # .md only: the report then cannot replace one of the inputs it is made from (.npy, .json, .jsonl).
+    utils.check_output_file("--report", args.report, (".md",), create_folder=False)
     missing, notes = [], []
     pre = load_pretraining(args.pretrain_dir, missing, notes)
     names = [(args.scratch_run, "scratch"), (args.pretrained_run, "pretrained"), (args.linprobe_run, "linprobe")]

@@ -83,14 +83,16 @@ def get_args_parser():
                         help="random horizontal flip")
     parser.add_argument("--auto_augment", default=None, choices=("trivial", "none"),
                         help="TrivialAugmentWide, one random op per image, batched on the device")
-    parser.add_argument("--mixup", type=float, default=None, help="mixup alpha (0: off)")
-    parser.add_argument("--cutmix", type=float, default=None,
+    parser.add_argument("--mixup", type=utils.finite_float, default=None, help="mixup alpha (0: off)")
+    parser.add_argument("--cutmix", type=utils.finite_float, default=None,
                         help="cutmix alpha (0: off); with mixup too, each chunk uses one of them at random")
-    parser.add_argument("--label_smoothing", type=float, default=None, help="label smoothing, in [0, 1)")
-    parser.add_argument("--drop_path", type=float, default=None, help="stochastic depth rate of the last block")
-    parser.add_argument("--layer_decay", type=float, default=None,
+    parser.add_argument("--label_smoothing", type=utils.finite_float, default=None, help="label smoothing, in [0, 1)")
+    parser.add_argument("--drop_path", type=utils.finite_float, default=None,
+                        help="stochastic depth rate of the last block")
+    parser.add_argument("--layer_decay", type=utils.finite_float, default=None,
                         help="layer-wise lr decay in (0, 1] (1: off): block i's lr scales by decay**(depth - i)")
-    parser.add_argument("--random_erase", type=float, default=None, help="random erasing probability per image")
+    parser.add_argument("--random_erase", type=utils.finite_float, default=None,
+                        help="random erasing probability per image")
     parser.add_argument("--schedule", default=None, choices=("warmup_cosine", "reference"),
                         help="warmup_cosine: linear warmup then cosine to --min_lr; reference: min(warmup, "
                              "cosine over the whole run), the reference's schedule (per step here, per epoch there)")
@@ -158,10 +160,25 @@ def check_args(args) -> None:
         utils.die("--drop_path and --layer_decay do not apply with --linear_probe (the encoder is frozen)")
     if not args.run_name or args.run_name in (".", "..") or "/" in args.run_name or os.sep in args.run_name:
         utils.die(f"--run_name must be a plain file-name prefix, got {args.run_name!r}")
+    if args.pretrained_model_path == "":
+        utils.die("--pretrained_model_path must name a file (leave the flag out to train from scratch)")
+    utils.check_output_file("--output_model_path", args.output_model_path, (".pt", ".pth"))
+    if args.pretrained_model_path:
+        pretrained = os.path.realpath(args.pretrained_model_path)
+        if pretrained in (os.path.realpath(args.output_model_path), os.path.realpath(last_path(args))):
+            utils.die(f"--output_model_path {args.output_model_path!r} would overwrite --pretrained_model_path "
+                      f"{args.pretrained_model_path!r} (it or its _last.pt): choose another name")
+    utils.check_output_folder("--output_dir", args.output_dir)
+    utils.check_output_folder("--log_dir", args.log_dir)
     try:
         data.check_data_args(args)
     except data.DataError as e:
         utils.die(str(e))
+
+
+def last_path(args) -> str:
+    """Where the last epoch's checkpoint goes: <stem>_last.pt beside --output_model_path (the best epoch's)."""
+    return f"{os.path.splitext(args.output_model_path)[0]}_last.pt"
 
 
 def load_pretrained(path: str):
@@ -383,7 +400,7 @@ def main(args):
     path = {name: os.path.join(out, f"{run}_{name}") for name in (
         "train_loss.npy", "train_acc.npy", "val_loss.npy", "val_acc.npy", "log.jsonl", "summary.json",
         "val_preds.npy", "val_labels.npy", "args.json", "preds_grid.png")}
-    last_model_path = f"{os.path.splitext(args.output_model_path)[0]}_last.pt"
+    last_model_path = last_path(args)
     log_print(f"config: {vars(args)}")
     log_print(f"data: {args.dataset}, {len(train)} train / {len(val)} val images, {num_classes} classes, "
               f"{steps_per_epoch} steps per epoch; device {device} x {world_size} process(es), autocast {amp_dtype}")

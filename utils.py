@@ -36,6 +36,50 @@ class ArgumentParser(argparse.ArgumentParser):
         die(message)
 
 
+def finite_float(text: str) -> float:
+    """argparse type of every float flag: nan and inf would pass every range check (each comparison with nan is
+    False) and only show an epoch later, as a non-finite loss."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def check_output_file(flag: str, path: str, suffixes: tuple, create_folder: bool = True) -> None:
+    """An output file that can be written: with one of `suffixes` (so it cannot replace another output or input,
+    such as args.json or a log), not a folder, in a writable folder that exists or can be made. Checked before
+    anything is written: found at the first save, a bad path would cost an epoch and the last run's logs."""
+    if not path.endswith(suffixes):
+        die(f"{flag} must name a {' or '.join(suffixes)} file, got {path!r}")
+    if os.path.isdir(path):
+        die(f"{flag} {path!r} is a folder, not a file")
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isfile(folder):
+        die(f"{flag} {path!r}: {folder!r} is a file, not a folder")
+    check_output_folder(flag, folder, create=create_folder)
+
+
+def check_output_folder(flag: str, folder: str, create: bool = True) -> None:
+    """An output folder that exists and is writable, or (with create) can be made inside a writable folder."""
+    if not folder:
+        die(f"{flag} must name a folder, got ''")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        die(f"{flag} {folder!r} is a file, not a folder")
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):  # the nearest ancestor that exists: where the folder would be made
+        existing = os.path.dirname(existing)
+    if existing != os.path.abspath(folder):
+        if not create:
+            die(f"{flag}: folder {folder!r} does not exist")
+        if not os.path.isdir(existing):
+            die(f"{flag}: {existing!r} is a file, so folder {folder!r} cannot be made")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        die(f"{flag}: cannot write in {existing!r} (no permission, or a read-only file system)")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Schedule and optimizer
 
@@ -47,10 +91,10 @@ def add_schedule_args(parser, batch_size: int, max_device_batch_size: int, base_
                         help="effective (global) batch per optimizer step, gradients accumulated over chunks")
     parser.add_argument("--max_device_batch_size", type=int, default=max_device_batch_size,
                         help="largest chunk put through the model at once; must divide each process's batch")
-    parser.add_argument("--base_learning_rate", type=float, default=base_learning_rate,
+    parser.add_argument("--base_learning_rate", type=finite_float, default=base_learning_rate,
                         help="peak lr is base_learning_rate * batch_size / 256")
-    parser.add_argument("--weight_decay", type=float, default=0.05, help="AdamW decoupled weight decay")
-    parser.add_argument("--min_lr", type=float, default=0.0, help="lr at the end of the cosine")
+    parser.add_argument("--weight_decay", type=finite_float, default=0.05, help="AdamW decoupled weight decay")
+    parser.add_argument("--min_lr", type=finite_float, default=0.0, help="lr at the end of the cosine")
     parser.add_argument("--total_epoch", type=int, default=total_epoch, help="epochs of training")
     parser.add_argument("--warmup_epoch", type=int, default=warmup_epoch, help="epochs of linear lr warmup")
 
@@ -123,7 +167,15 @@ def check_schedule_args(args) -> None:
     if args.warmup_epoch < 0:
         die(f"--warmup_epoch must be >= 0, got {args.warmup_epoch}")
     if args.base_learning_rate <= 0 or args.weight_decay < 0 or args.min_lr < 0:
-        die("--base_learning_rate must be > 0, --weight_decay and --min_lr >= 0")
+        die(f"--base_learning_rate must be > 0, --weight_decay and --min_lr >= 0, got {args.base_learning_rate}, "
+            f"{args.weight_decay} and {args.min_lr}")
+    check_seed(args.seed)
+
+
+def check_seed(seed: int) -> None:
+    # Seeds are mixed with the epoch and rank (seed_epoch) into torch's 64-bit seed: 31 bits leave room for that.
+    if not 0 <= seed < 2 ** 31:
+        die(f"--seed must be in [0, 2^31), got {seed}")
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:
@@ -189,6 +241,8 @@ def resolve_device(args) -> torch.device:
     try:
         device = torch.device(args.device)
     except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cuda", "cpu"):
         die(f"--device must be cuda, cuda:N or cpu, got {args.device!r}")
     if device.type == "cuda" and dist_env()[1] > 1:
         device = torch.device("cuda", dist_env()[2])
@@ -349,11 +403,19 @@ def write_jsonl(path: str, records: list) -> None:
     os.replace(tmp, path)
 
 
-def read_jsonl(path: str) -> list:
+def read_jsonl(path: str, flag: str) -> list:
+    """The records of a per-epoch log (each a dict with an int "epoch"); [] if there is none; one-line death,
+    naming the flag, if it is not such a log."""
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    try:
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as e:  # unreadable, not JSON, not text
+        die(f"{flag}: {path!r} is not a readable JSON-lines log ({type(e).__name__}: {str(e)[:80]})")
+    if not all(isinstance(r, dict) and isinstance(r.get("epoch"), int) for r in records):
+        die(f"{flag}: {path!r} is not a per-epoch log (every line must be an object with an integer 'epoch')")
+    return records
 
 
 def load_checkpoint(path: str, flag: str, required_keys) -> dict:

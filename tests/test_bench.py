@@ -222,6 +222,11 @@ def test_host_sync_recorder_flags_what_makes_the_host_wait_and_nothing_else():
     (["--compile_scope", "blocks"], "--compile_scope blocks needs compilation"),
     (["--precision", "fp16"], "--precision fp16 needs --device cuda"),
     (["--json", "/nonexistent/dir/bench.json"], "--json"),
+    (["--json", "bench.txt"], "--json must name a .json file, got 'bench.txt'"),
+    (["--mask_ratio", "nan"], "argument --mask_ratio: must be a finite number, got 'nan'"),
+    (["--seed", "99999999999999999999"], "--seed must be in [0, 2^31)"),
+    (["--finetune_batch_size", "31"], "--finetune_batch_size 31 gives chunks of 31"),
+    (["--device", "meta"], "--device must be cuda, cuda:N or cpu, got 'meta'"),
     pytest.param(["--device", "cuda"], "CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])

@@ -1,8 +1,10 @@
-"""Tests of data.py's loading, splitting, batching and pretraining augmentation.
+"""Tests of data.py's loading (and its errors), splitting, batching and pretraining augmentation.
 
 Run: python -m pytest -q tests/test_data.py
 """
 import argparse
+import pathlib
+import shutil
 
 import pytest
 import torch
@@ -76,3 +78,30 @@ def test_full_centred_crop_is_the_identity_and_flip_flips():
     flipped = data.random_hflip(x, rand=torch.tensor([0.1, 0.9, 0.3]))
     assert torch.equal(flipped[0], x[0].flip(-1)) and torch.equal(flipped[1], x[1])
     assert torch.equal(flipped[2], x[2].flip(-1))
+
+
+def _folder_dataset(root, splits):
+    """An image folder under root: splits maps 'train'/'val' to {class: number of images}, copied from the fixture."""
+    source = sorted(pathlib.Path(FIXTURE_DIR, "train", "cat").iterdir())[0]
+    for split, classes in splits.items():
+        for name, count in classes.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                shutil.copy(source, root / split / name / f"{i}{source.suffix}")
+    return root
+
+
+def test_a_file_that_is_not_an_image_is_named_in_one_line(tmp_path):
+    root = _folder_dataset(tmp_path, {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
+    bad = root / "train" / "b" / "9.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(data.DataError, match=f"--data_path: cannot read image '{bad}' \\(UnidentifiedImageError\\)"):
+        data.load_data(data_args(dataset="folder", data_path=str(root)))
+
+
+def test_val_folder_with_other_classes_is_refused(tmp_path):
+    # Labels are indices into the sorted class folders: with other folders, val label 1 would be another class.
+    root = _folder_dataset(tmp_path, {"train": {"a": 2, "b": 2}, "val": {"a": 1, "c": 1}})
+    expected = r"train/ and val/ need the same class folders \(in only one of them: b, c\)"
+    with pytest.raises(data.DataError, match=expected):
+        data.load_data(data_args(dataset="folder", data_path=str(root)))

@@ -121,16 +121,73 @@ def test_validation_metrics_use_fixed_masks(tmp_path):
     (["--resume", "/nonexistent/ckpt.pt"], "--resume"),
     (["--total_epoch", "0"], "--total_epoch"),
     (["--dataset", "imagenet"], "--dataset"),
+    (["--base_learning_rate", "nan"], "argument --base_learning_rate: must be a finite number, got 'nan'"),
+    (["--knn_temperature", "inf"], "argument --knn_temperature: must be a finite number, got 'inf'"),
+    (["--weight_decay", "x"], "argument --weight_decay: must be a number, got 'x'"),
+    (["--base_learning_rate", "-1"], "--base_learning_rate must be > 0, --weight_decay and --min_lr >= 0, got -1.0"),
+    (["--mask_ratio", "0.01"], "--mask_ratio 0.01 masks none of the 64 patches"),
+    (["--seed", "-1"], "--seed must be in [0, 2^31), got -1"),
+    (["--device", "mps"], "--device must be cuda, cuda:N or cpu, got 'mps'"),
+    (["--fake_size", "2000000"], "--fake_size must be in [1, 1,000,000]"),
+    (["--model_path", "{tmp}/run/outputs/args.json"], "--model_path must name a .pt or .pth file"),
+    (["--model_path", ""], "--model_path must name a .pt or .pth file, got ''"),
+    (["--output_dir", ""], "--output_dir must name a folder, got ''"),
+    (["--log_dir", "{tmp}/a_file/logs"], "--log_dir: '{tmp}/a_file' is a file, so folder"),
+    (["--model_path", "{tmp}/a_file/mae.pt"], "--model_path '{tmp}/a_file/mae.pt': '{tmp}/a_file' is a file, not"),
+    (["--output_dir", "{tmp}/a_file"], "--output_dir '{tmp}/a_file' is a file, not a folder"),
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, run_pretrain, capsys, bad_flags, expected):
-    argv = tiny_pretrain_argv(tmp_path, *bad_flags)
+    (tmp_path / "a_file").write_text("in the way")
+    argv = tiny_pretrain_argv(tmp_path, *[f.format(tmp=tmp_path) for f in bad_flags])
     with pytest.raises(SystemExit) as exc:
         run_pretrain(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and expected in err
-    assert not (tmp_path / "run").exists()  # nothing was created
+    assert len(err.splitlines()) == 1 and expected.format(tmp=tmp_path) in err, err
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]  # nothing was created
+    assert (tmp_path / "a_file").read_text() == "in the way"
 
+
+
+def files_under(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_unwritable_outputs_are_refused_before_the_last_runs_files_change(tmp_path, run_pretrain, capsys,
+                                                                          monkeypatch):
+    run_pretrain(tiny_pretrain_argv(tmp_path, "--total_epoch", "1"))
+    capsys.readouterr()
+    run_dir = tmp_path / "run"
+    (run_dir / "folder.pt").mkdir()
+    (run_dir / "read_only").mkdir()
+    before = files_under(run_dir)
+    # Root writes through file permissions, so a read-only folder is simulated the way the check sees one:
+    # os.access says no (as it does on a read-only file system).
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: not str(path).startswith(str(run_dir / "read_only"))
+                        and real_access(path, mode))
+    for flags, expected in ((["--model_path", str(run_dir / "folder.pt")], "is a folder, not a file"),
+                            (["--model_path", str(run_dir / "read_only" / "mae.pt")], "cannot write in"),
+                            (["--log_dir", str(run_dir / "read_only" / "logs")], "cannot write in")):
+        with pytest.raises(SystemExit) as exc:
+            run_pretrain(tiny_pretrain_argv(tmp_path, "--total_epoch", "1", *flags))
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+        assert files_under(run_dir) == before
+
+
+def test_resume_with_a_damaged_log_is_refused_before_anything_changes(tmp_path, run_pretrain, capsys):
+    run_pretrain(tiny_pretrain_argv(tmp_path, "--stop_after", "1"))
+    capsys.readouterr()
+    (tmp_path / "run" / "outputs" / "log.jsonl").write_text('{"epoch": 1, "loss": 0.2}\n{"epoch": 2, "lo\n')
+    before = files_under(tmp_path / "run")
+    with pytest.raises(SystemExit) as exc:
+        run_pretrain(tiny_pretrain_argv(tmp_path, "--resume", str(tmp_path / "run" / "mae.pt")))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--output_dir: " in err and "not a readable JSON-lines log" in err
+    assert files_under(tmp_path / "run") == before
 
 def test_resume_of_a_non_checkpoint_leaves_files_untouched(tmp_path, run_pretrain, capsys):
     run_dir = tmp_path / "run"

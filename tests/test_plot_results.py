@@ -302,8 +302,9 @@ def test_no_input_at_all_is_one_line_with_status_2_and_writes_nothing(tmp_path):
 @pytest.mark.parametrize("damage, expected", [
     ("losses", "--pretrain_dir"),
     ("preds", "--cls_dir"),
-    ("dpi", "--dpi must be >= 72"),
+    ("dpi", "--dpi must be in [72, 600], got 10"),
     ("report", "--report"),
+    ("report_replaces_input", "--report must name a .md file"),
     ("names", "--scratch_run, --pretrained_run and --linprobe_run must differ"),
 ])
 def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, capsys, damage, expected):
@@ -317,6 +318,8 @@ def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, cap
         extra = ["--dpi", "10"]
     elif damage == "report":
         extra = ["--report", tmp_path / "no" / "such" / "folder" / "r.md"]
+    elif damage == "report_replaces_input":
+        extra = ["--report", pre / "args.json"]
     else:
         extra = ["--linprobe_run", "scratch"]
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}

@@ -502,6 +502,12 @@ def _make_bad_checkpoints(tmp_path, mae_ckpt):
     (["--run_name", "a/b"], "--run_name"),
     (["--recipe", "fancy"], "--recipe"),
     (["--total_epoch", "0"], "--total_epoch"),
+    (["--mixup", "inf"], "argument --mixup: must be a finite number, got 'inf'"),
+    (["--pretrained_model_path", ""], "--pretrained_model_path must name a file"),
+    (["--pretrained_model_path", "{mae}", "--output_model_path", "{mae}"], "would overwrite --pretrained_model_path"),
+    (["--output_model_path", "{ckpts}/cls.json"], "--output_model_path must name a .pt or .pth file"),
+    (["--output_dir", "{ckpts}/text.pt"], "is a file, not a folder"),
+    (["--device", "meta"], "--device must be cuda, cuda:N or cpu"),
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, mae_ckpt, capsys, bad_flags, expected):
     ckpts = _make_bad_checkpoints(tmp_path, mae_ckpt)
