@@ -494,7 +494,9 @@ def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Te
     for q in queries.split(chunk):
         sim, idx = (q @ bank.T).topk(k, dim=1)  # (q, k)
         votes = torch.zeros(q.shape[0], num_classes, device=q.device, dtype=sim.dtype)
-        votes.scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
+        # Weights relative to the nearest neighbour's (topk sorts): the vote is unchanged, and exp cannot overflow
+        # at a small temperature (exp(1 / 0.01) already does in fp32).
+        votes.scatter_add_(1, bank_labels[idx], ((sim - sim[:, :1]) / temperature).exp())
         preds.append(votes.argmax(dim=1))
     return torch.cat(preds)
 
