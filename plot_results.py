@@ -104,6 +104,8 @@ def load_vector(path: str, flag: str) -> np.ndarray:
     if values.ndim != 1 or len(values) == 0 or not np.issubdtype(values.dtype, np.number):
         utils.die(f"{flag}: {path!r} should hold a non-empty 1-D array of numbers, found {values.dtype} "
                   f"{values.shape}")
+    if not np.isfinite(values).any():  # a nan here and there is drawn as a gap; with nothing else, nothing to draw
+        utils.die(f"{flag}: {path!r} holds no finite value (all {len(values)} are nan or inf)")
     return values
 
 

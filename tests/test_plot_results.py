@@ -301,6 +301,7 @@ def test_no_input_at_all_is_one_line_with_status_2_and_writes_nothing(tmp_path):
 
 @pytest.mark.parametrize("damage, expected", [
     ("losses", "--pretrain_dir"),
+    ("nan_accuracy", "scratch_val_acc.npy' holds no finite value (all 3 are nan or inf)"),
     ("preds", "--cls_dir"),
     ("dpi", "--dpi must be in [72, 600], got 10"),
     ("report", "--report"),
@@ -312,6 +313,8 @@ def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, cap
     extra = []
     if damage == "losses":
         (pre / "losses.npy").write_bytes(b"not a numpy file")
+    elif damage == "nan_accuracy":
+        np.save(cls / "scratch_val_acc.npy", np.full(3, np.nan))
     elif damage == "preds":
         np.save(cls / "pretrained_val_preds.npy", np.full(32, 10, dtype=np.int64))  # class 10 of 10
     elif damage == "dpi":
