@@ -29,6 +29,11 @@ class MAEConfig:
     norm_pix_loss: bool = False  # regress per-patch normalised pixels (MAE paper) instead of raw ones
 
     def __post_init__(self):
+        sizes = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
+                 "decoder_depth", "decoder_num_heads")
+        small = [f"{name} {getattr(self, name)}" for name in sizes if getattr(self, name) < 1]
+        if small:
+            raise ValueError(f"sizes must be >= 1, got {', '.join(small)}")
         if self.img_size % self.patch_size:
             raise ValueError(f"patch_size {self.patch_size} must divide img_size {self.img_size}")
         if self.embed_dim % self.num_heads or self.decoder_embed_dim % self.decoder_num_heads:

@@ -483,6 +483,7 @@ def _make_bad_checkpoints(tmp_path, mae_ckpt):
     cfg = MAEConfig(**good["config"])
     torch.save({"model": ViTClassifier(cfg, 10).state_dict(), "config": good["config"]}, folder / "classifier.pt")
     torch.save({**good, "config": {**good["config"], "embed_dim": 64}}, folder / "other_size.pt")
+    torch.save({**good, "config": {**good["config"], "patch_size": 0}}, folder / "zero_patch.pt")
     return folder
 
 
@@ -494,6 +495,8 @@ def _make_bad_checkpoints(tmp_path, mae_ckpt):
     (["--pretrained_model_path", "{ckpts}/no_config.pt"], "missing config"),
     (["--pretrained_model_path", "{ckpts}/classifier.pt"], "not an MAE checkpoint of its config"),
     (["--pretrained_model_path", "{ckpts}/other_size.pt"], "weights do not match its config (size mismatch"),
+    (["--pretrained_model_path", "{ckpts}/zero_patch.pt"], "its config is not an MAEConfig (sizes must be >= 1, got "
+                                                            "patch_size 0)"),
     (["--pretrained_model_path", "{mae}", "--embed_dim", "64"], "--embed_dim 64 does not match"),
     (["--label_smoothing", "1.0"], "--label_smoothing must be in [0, 1)"),
     (["--layer_decay", "0"], "--layer_decay must be in (0, 1]"),
