@@ -71,7 +71,8 @@ def get_args_parser():
     parser.add_argument("--pretrained_model_path", default=None,
                         help="mae_pretrain.py checkpoint whose encoder starts the classifier (default: from scratch)")
     parser.add_argument("--linear_probe", action="store_true",
-                        help="freeze the encoder and train only BatchNorm (no affine) + a linear head")
+                        help="freeze the encoder and train only BatchNorm (no affine) + a linear head (without "
+                             "--pretrained_model_path: a random encoder, the probe's baseline)")
     parser.add_argument("--global_pool", default="token", choices=("token", "avg"),
                         help="classify the class token (as the reference) or the mean patch token")
     # Recipe: each part below defaults to the recipe's value, or the probe's (no augmentation) with --linear_probe
