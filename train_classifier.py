@@ -58,6 +58,7 @@ PROBE_SETTINGS = dict(crop_padding=0, hflip=False, auto_augment="none", mixup=0.
                       drop_path=0.0, layer_decay=1.0, random_erase=0.0)
 RECIPE_FLAGS = tuple(RECIPES["plain"])
 NUM_VIS = 16  # val images in the prediction grids (4 x 4)
+DECODER_FLAGS = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")  # accepted, unused: no decoder here
 CURVES = ("train_loss", "train_acc", "val_loss", "val_acc")  # one value per epoch, each to <run>_<name>.npy
 
 
@@ -99,8 +100,7 @@ def get_args_parser():
                              "cosine over the whole run), the reference's schedule (per step here, per epoch there)")
     # Model size from scratch (ViT-Tiny by default); with --pretrained_model_path the checkpoint's, and a flag
     # given must agree with it. The decoder flags are accepted so that mae_pretrain.py's flags work here too.
-    utils.add_model_size_args(parser, vit_t_defaults=False,
-                              unused=("decoder_embed_dim", "decoder_depth", "decoder_num_heads"))
+    utils.add_model_size_args(parser, vit_t_defaults=False, unused=DECODER_FLAGS)
     # Data
     data.add_data_args(parser)
     # Runtime
@@ -227,7 +227,8 @@ def model_config(args, pretrained_config: dict | None) -> MAEConfig:
                           "(leave it out to use the checkpoint's)")
     else:
         try:
-            given = {name: getattr(args, name) for name in utils.MODEL_SIZE_FLAGS}
+            # The decoder flags build nothing here, so they are left out rather than checked against each other.
+            given = {name: getattr(args, name) for name in utils.MODEL_SIZE_FLAGS if name not in DECODER_FLAGS}
             cfg = MAEConfig(**{name: value for name, value in given.items() if value is not None})
         except ValueError as e:
             utils.die(f"model flags (--patch_size, --embed_dim, --num_heads, ...): {e}")

@@ -254,6 +254,14 @@ def test_pretrained_encoder_gets_exactly_the_checkpoints_weights_and_only_the_he
     assert not torch.equal(*heads)  # the head is the only thing the seed decides
 
 
+def test_decoder_flags_are_accepted_and_unused_from_scratch(tmp_path):
+    # mae_pretrain.py's model flags work here; a decoder whose widths would not split into its heads builds
+    # nothing in a classifier, so it is not an error.
+    args = parse(cls_argv(tmp_path, "--decoder_embed_dim", "32", "--decoder_num_heads", "5"))
+    train_classifier.check_args(args)
+    cfg = train_classifier.model_config(args, None)
+    assert (cfg.embed_dim, cfg.depth, cfg.patch_size) == (32, 2, 4)  # the encoder flags are used
+
 def test_the_reference_commands_and_the_probe_parse_as_written():
     common = ["--total_epoch", "50", "--batch_size", "128", "--max_device_batch_size", "128"]
     scratch = parse(common + ["--output_model_path", "vit-t-classifier-from_scratch.pt"])
