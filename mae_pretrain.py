@@ -104,7 +104,7 @@ def check_args(args) -> None:
                   f"{args.knn_temperature}")
     if args.stop_after < 0:
         utils.die(f"--stop_after must be >= 0, got {args.stop_after}")
-    utils.check_output_file("--model_path", args.model_path, (".pt", ".pth"))
+    utils.check_output_file("--model_path", args.model_path, utils.CHECKPOINT_SUFFIXES)
     utils.check_output_folder("--output_dir", args.output_dir)
     utils.check_output_folder("--log_dir", args.log_dir)
     try:

@@ -163,7 +163,7 @@ def check_args(args) -> None:
         utils.die(f"--run_name must be a plain file-name prefix, got {args.run_name!r}")
     if args.pretrained_model_path == "":
         utils.die("--pretrained_model_path must name a file (leave the flag out to train from scratch)")
-    utils.check_output_file("--output_model_path", args.output_model_path, (".pt", ".pth"))
+    utils.check_output_file("--output_model_path", args.output_model_path, utils.CHECKPOINT_SUFFIXES)
     if args.pretrained_model_path:
         pretrained = os.path.realpath(args.pretrained_model_path)
         if pretrained in (os.path.realpath(args.output_model_path), os.path.realpath(last_path(args))):

@@ -48,6 +48,9 @@ def finite_float(text: str) -> float:
     return value
 
 
+CHECKPOINT_SUFFIXES = (".pt", ".pth")
+
+
 def check_output_file(flag: str, path: str, suffixes: tuple, create_folder: bool = True) -> None:
     """An output file that can be written: with one of `suffixes` (so it cannot replace another output or input,
     such as args.json or a log), not a folder, in a writable folder that exists or can be made. Checked before
