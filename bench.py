@@ -139,8 +139,6 @@ def check_args(args) -> MAEConfig:
         utils.die(f"--compile_mode {args.compile_mode} needs compilation, which is off (pass --compile)")
     if args.compile_scope != "model" and not args.compile:
         utils.die(f"--compile_scope {args.compile_scope} needs compilation, which is off (pass --compile)")
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        utils.die(f"--json {args.json!r}: its folder does not exist")
     if args.json:  # checked now, not after minutes of timing
         utils.check_output_file("--json", args.json, (".json",), create_folder=False)
     recipe = train_classifier.RECIPES[args.finetune_recipe]

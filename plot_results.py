@@ -577,9 +577,6 @@ def main(args):
     named = [n for n in (args.scratch_run, args.pretrained_run, args.linprobe_run) if n]
     if len(set(named)) < len(named):
         utils.die(f"--scratch_run, --pretrained_run and --linprobe_run must differ, got {named}")
-    report_dir = os.path.dirname(os.path.abspath(args.report))
-    if not os.path.isdir(report_dir):
-        utils.die(f"--report {args.report!r}: folder {report_dir!r} does not exist")
     # .md only: the report then cannot replace one of the inputs it is made from (.npy, .json, .jsonl).
     utils.check_output_file("--report", args.report, (".md",), create_folder=False)
     missing, notes = [], []
@@ -594,6 +591,12 @@ def main(args):
         run_names = ", ".join(n for n, _ in names if n) or "none"
         utils.die(f"nothing to plot: no {os.path.join(args.pretrain_dir, 'losses.npy')} (--pretrain_dir) and no "
                   f"classifier run ({run_names}) in --cls_dir {args.cls_dir!r}")
+    # The figures go beside the runs' files: those folders must take them, checked before the first is drawn.
+    for flag, folder, used in (("--pretrain_dir", args.pretrain_dir, pre is not None),
+                               ("--cls_dir", args.cls_dir, bool(runs))):
+        if used:
+            utils.check_output_folder(flag, folder, create=False)
+    report_dir = os.path.dirname(os.path.abspath(args.report))
 
     # ---- figures
     figures = {}

@@ -306,9 +306,10 @@ def test_no_input_at_all_is_one_line_with_status_2_and_writes_nothing(tmp_path):
     ("dpi", "--dpi must be in [72, 600], got 10"),
     ("report", "--report"),
     ("report_replaces_input", "--report must name a .md file"),
+    ("read_only_cls_dir", "--cls_dir: cannot write in"),
     ("names", "--scratch_run, --pretrained_run and --linprobe_run must differ"),
 ])
-def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, capsys, damage, expected):
+def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, capsys, monkeypatch, damage, expected):
     pre, cls = copy_outputs(run_outputs, tmp_path)
     extra = []
     if damage == "losses":
@@ -321,6 +322,11 @@ def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, cap
         extra = ["--dpi", "10"]
     elif damage == "report":
         extra = ["--report", tmp_path / "no" / "such" / "folder" / "r.md"]
+    elif damage == "read_only_cls_dir":
+        # Root writes through permissions: the folder is made read-only the way the check sees it.
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: os.path.abspath(path) != str(cls) and
+                            real_access(path, mode))
     elif damage == "report_replaces_input":
         extra = ["--report", pre / "args.json"]
     else:
