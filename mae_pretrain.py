@@ -104,13 +104,8 @@ def check_args(args) -> None:
                   f"{args.knn_temperature}")
     if args.stop_after < 0:
         utils.die(f"--stop_after must be >= 0, got {args.stop_after}")
-    utils.check_output_file("--model_path", args.model_path, utils.CHECKPOINT_SUFFIXES)
-    utils.check_output_folder("--output_dir", args.output_dir)
-    utils.check_output_folder("--log_dir", args.log_dir)
-    try:
-        data.check_data_args(args)
-    except data.DataError as e:
-        utils.die(str(e))
+    utils.check_run_outputs(args, "--model_path")
+    utils.check_data_args(args)
 
 
 def load_resume(args):

@@ -163,18 +163,13 @@ def check_args(args) -> None:
         utils.die(f"--run_name must be a plain file-name prefix, got {args.run_name!r}")
     if args.pretrained_model_path == "":
         utils.die("--pretrained_model_path must name a file (leave the flag out to train from scratch)")
-    utils.check_output_file("--output_model_path", args.output_model_path, utils.CHECKPOINT_SUFFIXES)
+    utils.check_run_outputs(args, "--output_model_path")
     if args.pretrained_model_path:
         pretrained = os.path.realpath(args.pretrained_model_path)
         if pretrained in (os.path.realpath(args.output_model_path), os.path.realpath(last_path(args))):
             utils.die(f"--output_model_path {args.output_model_path!r} would overwrite --pretrained_model_path "
                       f"{args.pretrained_model_path!r} (it or its _last.pt): choose another name")
-    utils.check_output_folder("--output_dir", args.output_dir)
-    utils.check_output_folder("--log_dir", args.log_dir)
-    try:
-        data.check_data_args(args)
-    except data.DataError as e:
-        utils.die(str(e))
+    utils.check_data_args(args)
 
 
 def last_path(args) -> str:

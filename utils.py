@@ -65,6 +65,13 @@ def check_output_file(flag: str, path: str, suffixes: tuple, create_folder: bool
     check_output_folder(flag, folder, create=create_folder)
 
 
+def check_run_outputs(args, checkpoint_flag: str) -> None:
+    """A training script's outputs: its checkpoint (named by checkpoint_flag), --output_dir and --log_dir."""
+    check_output_file(checkpoint_flag, getattr(args, checkpoint_flag.lstrip("-")), CHECKPOINT_SUFFIXES)
+    check_output_folder("--output_dir", args.output_dir)
+    check_output_folder("--log_dir", args.log_dir)
+
+
 def check_output_folder(flag: str, folder: str, create: bool = True) -> None:
     """An output folder that exists and is writable, or (with create) can be made inside a writable folder."""
     if not folder:
@@ -126,6 +133,14 @@ def add_model_size_args(parser, vit_t_defaults: bool, unused=()) -> None:
         else:
             help_text = text if vit_t_defaults else f"{text} (ViT-T: {value})"
         parser.add_argument(f"--{name}", type=int, default=value if vit_t_defaults else None, help=help_text)
+
+
+def check_data_args(args) -> None:
+    """data.check_data_args, with its error as one-line death."""
+    try:
+        data.check_data_args(args)
+    except data.DataError as e:
+        die(str(e))
 
 
 def load_training_data(args, img_size: int):
