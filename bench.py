@@ -1,7 +1,7 @@
 """How fast one pretraining step and one fine-tuning step run, and what that makes of the reference experiment.
 
 Times the scripts' own optimizer steps, mae_pretrain.train_step and train_classifier.train_step (uint8 images on
-the device, normalised and, for fine-tuning, augmented and mixed per the recipe in batch, autocast, gradients
+the device, or in host memory with --data_on host, normalised and, for fine-tuning, augmented and mixed per the recipe in batch, autocast, gradients
 accumulated over --max_device_batch_size chunks, fused AdamW), after warm-up, with CUDA events
 on a GPU. Prints images/s, ms per step, the FLOPs counted analytically, the achieved TFLOP/s as a share of a
 bf16 matrix-product peak measured in the same run, the host syncs of one step, the time of each script's
@@ -90,6 +90,9 @@ def get_args_parser():
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed repeats; the median is reported (default: 5 on CUDA, 3 on the CPU)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the model, the images and the batches")
+    parser.add_argument("--data_on", default="device", choices=("device", "host"),
+                        help="where the images live, as the training scripts' --data_on: device (the GPU), or host "
+                             "(CPU memory, each batch copied over: the path for datasets the GPU cannot hold)")
     # Model size: a preset, and any of its values overridden one by one
     parser.add_argument("--preset", default=None, choices=tuple(PRESETS),
                         help="model sizes (default: vit-t on CUDA, small on the CPU); the flags below override it")
@@ -257,8 +260,9 @@ SYNCING_OPS = {"_local_scalar_dense",  # .item(), float(t), bool(t), `if t:`
 
 class HostSyncRecorder(TorchDispatchMode):
     """Records every operator run under it that would make the host wait for a GPU: SYNCING_OPS, boolean-mask
-    indexing (its output size is a count of the mask) and copies from the GPU to the host. Operators are what
-    it sees, so it finds them on a CPU run too, where nothing waits, except the copies, which need a GPU."""
+    indexing (its output size is a count of the mask), copies from the GPU to the host and copies of more than one
+    number from unpinned host memory. Operators are what it sees, so it finds them on a CPU run too, where nothing
+    waits, except the copies, which need a GPU."""
 
     def __init__(self):
         super().__init__()
@@ -278,6 +282,9 @@ class HostSyncRecorder(TorchDispatchMode):
             source = args[1] if name == "copy_" else args[0]
             if out.device.type == "cpu" and isinstance(source, torch.Tensor) and source.device.type != "cpu":
                 self.syncs.append(f"{name} to the host")
+            elif (out.device.type != "cpu" and isinstance(source, torch.Tensor) and source.device.type == "cpu"
+                  and source.numel() > 1 and not source.is_pinned()):  # a pageable copy waits for the transfer
+                self.syncs.append(f"{name} from unpinned host memory")
         return out
 
 
@@ -296,19 +303,20 @@ class Phase:
     flops_forward: int  # analytic forward FLOPs per image
 
 
-def pretrain_phase(cfg: MAEConfig, images, args) -> Phase:
+def pretrain_phase(cfg: MAEConfig, images, args, device: torch.device) -> Phase:
     """mae_pretrain.train_step with the script's own flags at this batch size."""
     script_args = mae_pretrain.get_args_parser().parse_args([
         "--batch_size", str(args.pretrain_batch_size), "--max_device_batch_size", str(args.max_device_batch_size),
         "--patch_size", str(cfg.patch_size)])
 
     def step(model, optimizer, scaler, batch_idx, lr, loss_sum, amp_dtype):
-        mae_pretrain.train_step(model, optimizer, scaler, images, batch_idx, lr, script_args, amp_dtype, loss_sum)
+        mae_pretrain.train_step(model, optimizer, scaler, images, batch_idx, lr, script_args, device, amp_dtype,
+                                loss_sum)
     return Phase("pretrain", MAE(cfg), (0.9, 0.95), script_args.base_learning_rate, args.pretrain_batch_size, step,
                  sum(mae_forward_flops(cfg).values()))
 
 
-def finetune_phase(cfg: MAEConfig, images, labels, args) -> Phase:
+def finetune_phase(cfg: MAEConfig, images, labels, args, device: torch.device) -> Phase:
     """train_classifier.train_step with the --finetune_recipe's augmentation, mixup and loss."""
     script_args = train_classifier.get_args_parser().parse_args([
         "--recipe", args.finetune_recipe, "--batch_size", str(args.finetune_batch_size),
@@ -323,13 +331,14 @@ def finetune_phase(cfg: MAEConfig, images, labels, args) -> Phase:
 
     def step(model, optimizer, scaler, batch_idx, lr, loss_sum, amp_dtype):
         train_classifier.train_step(model, optimizer, scaler, images, labels, batch_idx, lr, prepare, mixup,
-                                    criterion, script_args, amp_dtype, loss_sum, torch.zeros_like(loss_sum))
+                                    criterion, script_args, device, amp_dtype, loss_sum, torch.zeros_like(loss_sum))
     model = ViTClassifier(cfg, args.num_classes, script_args.global_pool, script_args.drop_path)
     return Phase("finetune", model, (0.9, 0.999), script_args.base_learning_rate, args.finetune_batch_size, step,
                  sum(classifier_forward_flops(cfg, args.num_classes).values()))
 
 
-def bench_phase(phase: Phase, args, device: torch.device, amp_dtype, peak_tflops: float) -> dict:
+def bench_phase(phase: Phase, args, device: torch.device, data_device: torch.device, amp_dtype,
+                peak_tflops: float) -> dict:
     """Warm up, then time `repeats` runs of `steps` optimizer steps each. Compilation happens in the first
     warm-up step; its cost is estimated as the warm-up's wall time less the same number of steps at the timed
     rate."""
@@ -345,7 +354,8 @@ def bench_phase(phase: Phase, args, device: torch.device, amp_dtype, peak_tflops
     batches, epoch = [], 0
     while len(batches) < total_steps:
         epoch += 1
-        batches += data.epoch_batches(REFERENCE_TRAIN_IMAGES, phase.batch_size, args.seed * 100_003 + epoch, device)
+        batches += data.epoch_batches(REFERENCE_TRAIN_IMAGES, phase.batch_size, args.seed * 100_003 + epoch,
+                                      data_device)
     batches = iter(batches[:total_steps])
     loss_sum = torch.zeros((), device=device)
     step = 0
@@ -387,7 +397,8 @@ def bench_phase(phase: Phase, args, device: torch.device, amp_dtype, peak_tflops
     }
 
 
-def bench_evaluation(cfg: MAEConfig, images, labels, args, device: torch.device, amp_dtype) -> dict:
+def bench_evaluation(cfg: MAEConfig, images, labels, args, device: torch.device, data_device: torch.device,
+                     amp_dtype) -> dict:
     """Seconds of one mae_pretrain.evaluate (kNN over 5x --eval_images bank images, val reconstruction) and one
     train_classifier.evaluate (val pass), eager as the scripts run them, median of up to 3 after one untimed
     call. Both are forward passes over their images, so the seconds scale linearly to the reference's 10,000
@@ -397,7 +408,7 @@ def bench_evaluation(cfg: MAEConfig, images, labels, args, device: torch.device,
     classes = [str(c) for c in range(args.num_classes)]
     g = torch.Generator().manual_seed(args.seed + 1)
     val = data.ImageSet(torch.randint(0, 256, (num_val, *images.shape[1:]), dtype=torch.uint8, generator=g),
-                        torch.randint(0, args.num_classes, (num_val,), generator=g), classes).to(device)
+                        torch.randint(0, args.num_classes, (num_val,), generator=g), classes).to(data_device)
     bank = data.ImageSet(images[:num_bank], labels[:num_bank], classes)
     val_noise = torch.rand(num_val, cfg.num_patches, generator=g).to(device)
     script_args = mae_pretrain.get_args_parser().parse_args(["--max_device_batch_size",
@@ -416,7 +427,7 @@ def bench_evaluation(cfg: MAEConfig, images, labels, args, device: torch.device,
             times.append(time.perf_counter() - begin)
         return statistics.median(times)
 
-    pretrain_s = seconds(lambda: mae_pretrain.evaluate(mae, bank, val, val_noise, script_args, amp_dtype))
+    pretrain_s = seconds(lambda: mae_pretrain.evaluate(mae, bank, val, val_noise, script_args, device, amp_dtype))
     # train_classifier.py evaluates in chunks of its --max_device_batch_size: the fine-tuning chunk here (128 in
     # the reference's fine-tuning commands).
     finetune_chunk = chunk_size(args.finetune_batch_size, args)
@@ -469,7 +480,8 @@ def main(args):
     command = " ".join(["python", os.path.basename(sys.argv[0]) or "bench.py", *sys.argv[1:]])
     print(f"config: {vars(args)}")
     print(f"bench: {date}, {describe_device(device)}, torch {torch.__version__}, autocast {amp_dtype}, "
-          f"compile {f'on ({args.compile_mode}, scope {args.compile_scope})' if args.compile else 'off'}")
+          f"compile {f'on ({args.compile_mode}, scope {args.compile_scope})' if args.compile else 'off'}, data on "
+          f"{args.data_on}")
     print(f"model: {args.preset} preset + flags: patch {cfg.patch_size} ({cfg.num_patches} tokens), encoder "
           f"{cfg.embed_dim} x {cfg.depth} blocks ({cfg.num_heads} heads), decoder {cfg.decoder_embed_dim} x "
           f"{cfg.decoder_depth} ({cfg.decoder_num_heads} heads), mask ratio {cfg.mask_ratio}")
@@ -487,17 +499,21 @@ def main(args):
     print(f"  finetune forward {cls_fwd / 1e9:.4f} = {flops_line(cls_parts)}; training "
           f"{TRAIN_FLOPS_PER_FORWARD * cls_fwd / 1e9:.4f}")
 
-    # ---- data: uint8 images on the device, as the scripts keep CIFAR-10 (random pixels: the speed is the same)
+    # ---- data: uint8 images where --data_on puts them, as the scripts keep CIFAR-10 (random pixels: the speed is
+    # the same)
+    data_device = torch.device("cpu") if args.data_on == "host" else device
     g = torch.Generator().manual_seed(args.seed)
     images = torch.randint(0, 256, (REFERENCE_TRAIN_IMAGES, cfg.in_chans, cfg.img_size, cfg.img_size),
-                           dtype=torch.uint8, generator=g).to(device)
-    labels = torch.randint(0, args.num_classes, (REFERENCE_TRAIN_IMAGES,), generator=g).to(device)
+                           dtype=torch.uint8, generator=g).to(data_device)
+    labels = torch.randint(0, args.num_classes, (REFERENCE_TRAIN_IMAGES,), generator=g).to(data_device)
 
     # ---- the two steps, each with its own model and optimizer, as each script builds them
     torch.manual_seed(args.seed)
-    pretrain = bench_phase(pretrain_phase(cfg, images, args), args, device, amp_dtype, peak["tflops"])
-    finetune = bench_phase(finetune_phase(cfg, images, labels, args), args, device, amp_dtype, peak["tflops"])
-    evaluation = bench_evaluation(cfg, images, labels, args, device, amp_dtype)
+    pretrain = bench_phase(pretrain_phase(cfg, images, args, device), args, device, data_device, amp_dtype,
+                           peak["tflops"])
+    finetune = bench_phase(finetune_phase(cfg, images, labels, args, device), args, device, data_device, amp_dtype,
+                           peak["tflops"])
+    evaluation = bench_evaluation(cfg, images, labels, args, device, data_device, amp_dtype)
     projection = project_reference(pretrain, finetune, evaluation, peak["tflops"])
 
     # ---- report

@@ -2,9 +2,11 @@
 
 CIFAR-sized data is small (CIFAR-10's train split is 150 MB as uint8), so every split is decoded once into a
 (N, 3, H, W) uint8 tensor. Shuffling is a randperm, batches are an index_select, and augmentation runs in batch
-on the same device: no DataLoader workers, no per-image Python on the training path. Every supported dataset is
-decoded at the model's 32x32 (3 KB per image), so a million images take 3 GB: there is no DataLoader path, and
-a dataset too large for the GPU is refused with one line before training starts (utils.check_data_fits).
+on the device: no DataLoader workers, no per-image Python on the training path. Every supported dataset is
+decoded at the model's 32x32 (3 KB per image), so a million images take 3 GB and usually live on the GPU. One
+that does not fit there (--data_on, utils.data_device) stays in host memory instead: each batch is gathered into
+pinned memory and copied to the GPU asynchronously (take), which is what a DataLoader would do for data already
+decoded, minus the worker processes.
 """
 import math
 import os
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 DATASETS = ("cifar10", "cifar100", "folder", "fake")
+DATA_ON = ("auto", "device", "host")
 MAX_FAKE_SIZE = 1_000_000  # 3 GB of uint8 images, generated one by one at start-up
 # The reference normalises every channel with mean 0.5 and std 0.5, i.e. pixels in [-1, 1]. Keeping it makes
 # our MAE loss directly comparable with the reference's numbers.
@@ -56,6 +59,11 @@ def add_data_args(parser) -> None:
                              "own val/test split)")
     parser.add_argument("--fake_size", type=int, default=2000,
                         help="number of training images for --dataset fake (the val split is a quarter of it)")
+    parser.add_argument("--data_on", default="auto", choices=DATA_ON,
+                        help="where the uint8 images live while training: device (on the GPU, the fastest), host "
+                             "(CPU memory, each batch gathered there and copied to the GPU asynchronously; for "
+                             "datasets the GPU cannot hold), auto (device when both splits take at most 80%% "
+                             "of the GPU's free memory, else host)")
 
 
 def check_data_args(args) -> None:
@@ -183,6 +191,17 @@ def epoch_batches(num_images: int, batch_size: int, epoch_seed: int, device) -> 
     perm = torch.randperm(num_images, generator=torch.Generator().manual_seed(epoch_seed)).to(device)
     num_batches = num_images // batch_size
     return list(perm[:num_batches * batch_size].view(num_batches, batch_size))
+
+
+def take(source: torch.Tensor, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """source[idx] on `device`; idx lives on source's device (epoch_batches cuts the batches there).
+
+    Host-resident data is gathered into pinned memory and copied with non_blocking: the copy is queued behind the
+    previous step's kernels and the host goes on to gather the next batch, so the GPU does not wait for it."""
+    if source.device.type == "cpu" and device.type == "cuda":
+        rows = torch.empty((len(idx), *source.shape[1:]), dtype=source.dtype, pin_memory=True)
+        return torch.index_select(source, 0, idx, out=rows).to(device, non_blocking=True)
+    return source[idx]
 
 
 def random_resized_crop(x: torch.Tensor, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), rand=None) -> torch.Tensor:

@@ -122,7 +122,7 @@ def load_resume(args):
     return ckpt, [r for r in log if r["epoch"] <= ckpt["epoch"]]
 
 
-def train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, amp_dtype, loss_sum):
+def train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, device, amp_dtype, loss_sum):
     """One optimizer step on the global batch `batch_idx`; adds each chunk's loss to the device-side loss_sum.
 
     Under torchrun every process draws the same random numbers for the whole global batch, then takes its own
@@ -134,13 +134,12 @@ def train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, amp_
     chunk = utils.device_chunk(args)
     accum_steps = (args.batch_size // world_size) // chunk
     num_patches = (train_images.shape[-1] // args.patch_size) ** 2
-    device = train_images.device
     utils.set_lr(optimizer, lr)
     noise = torch.rand(args.batch_size, num_patches, device=device)[mine]
     crop_rand = torch.rand(args.batch_size, 5, device=device)[mine] if args.augment else None
     for c, chunk_idx in enumerate(batch_idx[mine].split(chunk)):
         part = slice(c * chunk, (c + 1) * chunk)
-        imgs = data.normalize(train_images[chunk_idx])
+        imgs = data.normalize(data.take(train_images, chunk_idx, device))
         if args.augment:
             imgs = data.random_resized_crop(imgs, scale=(0.2, 1.0), rand=crop_rand[part, :4])
             imgs = data.random_hflip(imgs, rand=crop_rand[part, 4])
@@ -157,7 +156,7 @@ def train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, amp_
     optimizer.zero_grad(set_to_none=True)
 
 
-def train_one_epoch(model, optimizer, scaler, train_images, args, epoch, steps_per_epoch, amp_dtype, writer):
+def train_one_epoch(model, optimizer, scaler, train_images, args, epoch, steps_per_epoch, device, amp_dtype, writer):
     """One pass over the training set, every process cutting the same permutation. The loss stays on the
     device and is read only every log_interval steps and at the end, so the GPU never waits for the host."""
     model.train()
@@ -167,13 +166,13 @@ def train_one_epoch(model, optimizer, scaler, train_images, args, epoch, steps_p
                                  train_images.device)
     peak_lr = args.base_learning_rate * args.batch_size / 256
     total_steps, warmup_steps = args.total_epoch * steps_per_epoch, args.warmup_epoch * steps_per_epoch
-    loss_sum = torch.zeros((), device=train_images.device)
+    loss_sum = torch.zeros((), device=device)
     start = time.perf_counter()
     bar = tqdm(batches, desc=f"epoch {epoch}/{args.total_epoch}", leave=False, dynamic_ncols=True, disable=rank > 0)
     for i, batch_idx in enumerate(bar):
         step = (epoch - 1) * steps_per_epoch + i
         lr = utils.lr_at(step, total_steps, warmup_steps, peak_lr, args.min_lr)
-        train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, amp_dtype, loss_sum)
+        train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, device, amp_dtype, loss_sum)
         if writer:
             writer.add_scalar("lr", lr, step)
         if (i + 1) % args.log_interval == 0 and rank == 0:
@@ -200,7 +199,7 @@ def reconstruct_val(model, val_imgs, noise, cfg, amp_dtype):
 
 @torch.no_grad()
 @utils.eager()
-def evaluate(model, train, val, val_noise, args, amp_dtype):
+def evaluate(model, train, val, val_noise, args, device, amp_dtype):
     """kNN accuracy of the encoder's features (train split as the bank, val split as queries), and the val
     reconstruction under fixed masks: masked MSE (the training loss) and PSNR of the masked patches in
     [0, 1] pixel space. Each process embeds and reconstructs a shard of both splits; features are gathered,
@@ -210,20 +209,21 @@ def evaluate(model, train, val, val_noise, args, amp_dtype):
 
     def features(imgs):  # L2-normalised: the kNN's dot products are cosine similarities
         return F.normalize(pool_tokens(model.encoder(imgs).float(), args.knn_feature), dim=1)
-    bank = utils.embed_all(features, train.images, bs, amp_dtype)
-    queries = utils.embed_all(features, val.images, bs, amp_dtype)
-    pred = utils.knn_predict(bank, train.labels, queries, len(train.classes), args.knn_k, args.knn_temperature)
-    knn_acc = (pred == val.labels).float().mean().item()
+    bank = utils.embed_all(features, train.images, bs, amp_dtype, device)
+    queries = utils.embed_all(features, val.images, bs, amp_dtype, device)
+    pred = utils.knn_predict(bank, train.labels.to(device), queries, len(train.classes), args.knn_k,
+                             args.knn_temperature)
+    knn_acc = (pred == val.labels.to(device)).float().mean().item()
 
     val_part = utils.shard(len(val), *utils.dist_env()[:2])
-
-    zero = torch.zeros((), device=val.images.device)
+    val_idx = torch.arange(len(val), device=val.images.device)[val_part]
+    zero = torch.zeros((), device=device)
     loss_sum, sq_err_sum, masked_pixels = zero, zero, zero
-    for chunk, noise in zip(val.images[val_part].split(bs), val_noise[val_part].split(bs)):
-        imgs = data.normalize(chunk)
+    for chunk_idx, noise in zip(val_idx.split(bs), val_noise[val_part].split(bs)):
+        imgs = data.normalize(data.take(val.images, chunk_idx, device))
         with utils.autocast(imgs.device, amp_dtype):
             loss, pred_patches, mask = model(imgs, noise=noise)
-        loss_sum = loss_sum + loss.float() * len(chunk)
+        loss_sum = loss_sum + loss.float() * len(chunk_idx)
         _, recon = reconstruct(imgs, pred_patches, mask, model.cfg.patch_size, model.cfg.norm_pix_loss)
         # Visible patches are pasted back, so the squared error is non-zero only on masked pixels.
         sq_err_sum = sq_err_sum + (data.denormalize(recon) - data.denormalize(imgs)).pow(2).sum()
@@ -241,7 +241,7 @@ def main(args):
     device = utils.resolve_device(args)
     ckpt, resumed_log = load_resume(args) if args.resume else (None, [])
     train, val, steps_per_epoch = utils.load_training_data(args, cfg.img_size)
-    utils.check_data_fits(train, val, device, args)
+    data_device = utils.data_device(train, val, device, args)
     amp_dtype = utils.autocast_dtype(args, device)
     utils.init_distributed(device)
     rank, world_size, _ = utils.dist_env()
@@ -257,11 +257,11 @@ def main(args):
             os.makedirs(path, exist_ok=True)
         utils.save_json(os.path.join(args.output_dir, "args.json"), vars(args))
 
-    # ---- data: the whole uint8 training set lives on the device
-    train, val = train.to(device), val.to(device)
+    # ---- data: the whole uint8 dataset lives on the device (or, when it does not fit there, on the host)
+    train, val = train.to(data_device), val.to(data_device)
     # Fixed mask noise for the validation images: figures and val losses of different epochs see the same masks.
     val_noise = torch.rand(len(val), cfg.num_patches, generator=torch.Generator().manual_seed(0)).to(device)
-    vis_imgs, vis_noise = data.normalize(val.images[:NUM_VIS]), val_noise[:NUM_VIS]
+    vis_imgs, vis_noise = data.normalize(val.images[:NUM_VIS].to(device)), val_noise[:NUM_VIS]
 
     # ---- model and optimizer
     model = MAE(cfg).to(device)  # same initial weights on every process: same seed
@@ -286,14 +286,14 @@ def main(args):
     last_epoch = min(args.total_epoch, args.stop_after or args.total_epoch)
     for epoch in range(start_epoch, last_epoch + 1):
         utils.seed_epoch(args.seed, epoch)
-        stats = train_one_epoch(train_model, optimizer, scaler, train.images, args, epoch, steps_per_epoch,
+        stats = train_one_epoch(train_model, optimizer, scaler, train.images, args, epoch, steps_per_epoch, device,
                                 amp_dtype, writer)
         if not math.isfinite(stats["loss"]):
             raise SystemExit(f"epoch {epoch}: the loss is {stats['loss']}; stopping. The checkpoint at "
                              f"{args.model_path} still holds epoch {epoch - 1}. Try a lower --base_learning_rate.")
         losses.append(stats["loss"])
         if args.eval_every and (epoch % args.eval_every == 0 or epoch == args.total_epoch):
-            metrics = evaluate(model, train, val, val_noise, args, amp_dtype)
+            metrics = evaluate(model, train, val, val_noise, args, device, amp_dtype)
             evals.append({"epoch": epoch, **metrics})
             stats.update(metrics)
         log.append(stats)

@@ -298,8 +298,8 @@ def make_mixup(args, num_classes: int):
 # ----------------------------------------------------------------------------------------------------------
 # Training and evaluation
 
-def train_step(net, optimizer, scaler, inputs, labels, batch_idx, lr, prepare, mixup, criterion, args, amp_dtype,
-               loss_sum, correct):
+def train_step(net, optimizer, scaler, inputs, labels, batch_idx, lr, prepare, mixup, criterion, args, device,
+               amp_dtype, loss_sum, correct):
     """One optimizer step on this process's slice of the global batch `batch_idx`; adds each chunk's loss and
     correct count (against the unmixed labels) to the device-side sums."""
     rank, world_size, _ = utils.dist_env()
@@ -307,11 +307,11 @@ def train_step(net, optimizer, scaler, inputs, labels, batch_idx, lr, prepare, m
     accum_steps = (args.batch_size // world_size) // chunk
     utils.set_lr(optimizer, lr)
     for c, chunk_idx in enumerate(batch_idx[utils.shard(args.batch_size, rank, world_size)].split(chunk)):
-        x, y = prepare(inputs[chunk_idx]), labels[chunk_idx]
+        x, y = prepare(data.take(inputs, chunk_idx, device)), data.take(labels, chunk_idx, device)
         x, target = mixup(x, y) if mixup is not None else (x, y)
         # DDP averages gradients across processes only on the last chunk of the step.
         sync = c == accum_steps - 1 or not hasattr(net, "no_sync")
-        with (contextlib.nullcontext() if sync else net.no_sync()), utils.autocast(inputs.device, amp_dtype):
+        with (contextlib.nullcontext() if sync else net.no_sync()), utils.autocast(device, amp_dtype):
             logits = net(x)
         loss = criterion(logits.float(), target)
         # Chunks are equal-sized, so dividing by their number makes the summed gradient the batch mean.
@@ -332,7 +332,7 @@ def train_one_epoch(net, frozen, optimizer, scaler, inputs, labels, prepare, mix
         frozen.eval()  # the probed encoder stays exactly as pretrained
     rank, world_size, _ = utils.dist_env()
     chunks_per_step = (args.batch_size // world_size) // utils.device_chunk(args)
-    batches = data.epoch_batches(len(labels), args.batch_size, args.seed * 100_003 + epoch, device)
+    batches = data.epoch_batches(len(labels), args.batch_size, args.seed * 100_003 + epoch, inputs.device)
     peak_lr = args.base_learning_rate * args.batch_size / 256
     total_steps, warmup_steps = args.total_epoch * steps_per_epoch, args.warmup_epoch * steps_per_epoch
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -341,8 +341,8 @@ def train_one_epoch(net, frozen, optimizer, scaler, inputs, labels, prepare, mix
     for i, batch_idx in enumerate(bar):
         step = (epoch - 1) * steps_per_epoch + i
         lr = lr_at_step(step, total_steps, warmup_steps, peak_lr, args)
-        train_step(net, optimizer, scaler, inputs, labels, batch_idx, lr, prepare, mixup, criterion, args, amp_dtype,
-                   loss_sum, correct)
+        train_step(net, optimizer, scaler, inputs, labels, batch_idx, lr, prepare, mixup, criterion, args, device,
+                   amp_dtype, loss_sum, correct)
         if writer:
             writer.add_scalar("lr", lr, step)
         if (i + 1) % args.log_interval == 0 and rank == 0:
@@ -361,11 +361,13 @@ def evaluate(net, inputs, labels, prepare, batch_size, device, amp_dtype):
     """Cross-entropy (no smoothing) and accuracy over the whole split, in order, nothing dropped; each process
     takes a shard. -> (mean loss, accuracy, predicted labels of the whole split on the host)."""
     net.eval()
+    labels = labels.to(device)
     part = utils.shard(len(labels), *utils.dist_env()[:2])
+    idx = torch.arange(len(labels), device=inputs.device)[part]
     loss_sum, predicted = torch.zeros((), device=device), []
-    for chunk, chunk_labels in zip(inputs[part].split(batch_size), labels[part].split(batch_size)):
+    for chunk_idx, chunk_labels in zip(idx.split(batch_size), labels[part].split(batch_size)):
         with utils.autocast(device, amp_dtype):
-            logits = net(prepare(chunk))
+            logits = net(prepare(data.take(inputs, chunk_idx, device)))
         loss_sum += F.cross_entropy(logits.float(), chunk_labels, reduction="sum")
         predicted.append(logits.argmax(dim=-1))
     predicted = utils.all_gather_cat(torch.cat(predicted), len(labels))
@@ -384,7 +386,7 @@ def main(args):
     device = utils.resolve_device(args)
     amp_dtype = utils.autocast_dtype(args, device)
     train, val, steps_per_epoch = utils.load_training_data(args, cfg.img_size)
-    utils.check_data_fits(train, val, device, args)
+    data_device = utils.data_device(train, val, device, args)
     classes, num_classes = list(train.classes), len(train.classes)
     utils.init_distributed(device)
     rank, world_size, _ = utils.dist_env()
@@ -410,9 +412,8 @@ def main(args):
             os.makedirs(folder, exist_ok=True)
         utils.save_json(path["args.json"], vars(args))
 
-    # ---- data: the whole uint8 dataset lives on the device
-    train_images, train_labels = train.images.to(device), train.labels.to(device)
-    val_images, val_labels = val.images.to(device), val.labels.to(device)
+    # ---- data: the whole uint8 dataset lives on the device (or, when it does not fit there, on the host)
+    train_images, val_images = train.images.to(data_device), val.images.to(data_device)
     # Evenly spaced through the val split: a folder's images come sorted by class.
     vis_idx = torch.linspace(0, len(val) - 1, min(NUM_VIS, len(val))).round().long()
     vis_images, vis_labels = val.images[vis_idx], val.labels[vis_idx]
@@ -425,14 +426,16 @@ def main(args):
         # A frozen encoder on unaugmented images gives the same features every epoch: compute them once, and an
         # epoch is a pass of the head over (N, D) floats.
         model.eval()
-        train_inputs = utils.embed_all(model.features, train_images, args.max_device_batch_size, amp_dtype)
-        val_inputs = utils.embed_all(model.features, val_images, args.max_device_batch_size, amp_dtype)
+        train_inputs = utils.embed_all(model.features, train_images, args.max_device_batch_size, amp_dtype, device)
+        val_inputs = utils.embed_all(model.features, val_images, args.max_device_batch_size, amp_dtype, device)
         net, frozen = nn.Sequential(model.head_norm, model.head), None
         prepare_train = prepare_eval = nn.Identity()
     else:
         train_inputs, val_inputs = train_images, val_images
         net = model
         prepare_train, prepare_eval = (lambda images: augment(images, args)), data.normalize
+    # Batches are cut where the inputs live: the labels go there too.
+    train_labels, val_labels = train.labels.to(train_inputs.device), val.labels.to(val_inputs.device)
     compile_net = net is model  # the probe on precomputed features trains a tiny head: nothing to compile
     if world_size > 1:
         # With several processes each BatchNorm (the probe's head_norm) normalises with its own shard's

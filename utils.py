@@ -155,19 +155,27 @@ def load_training_data(args, img_size: int):
     return train, val, steps_per_epoch
 
 
-def check_data_fits(train, val, device: torch.device, args) -> None:
-    """Both splits live on the device as uint8 (3 KB per 32x32 image: CIFAR-10 is 184 MB with its test split),
-    so there is no DataLoader path. A dataset too large for the GPU stops here, before any file is written,
-    rather than as an out-of-memory traceback. Training ViT-T at batch 256 needs a few GiB next to the data,
-    hence the 80% share."""
+def data_device(train, val, device: torch.device, args) -> torch.device:
+    """Where the uint8 images live while training (--data_on): on the GPU when they fit, else in host memory
+    (data.take copies each batch over). At 3 KB per 32x32 image CIFAR-10 takes 184 MB with its test split, so
+    host memory is for large image folders or small GPUs. Training ViT-T at batch 256 needs a few GiB next to the
+    data, hence the 80% share. Decided before any file is written, so --data_on device on a GPU too small stops
+    with one line rather than an out-of-memory traceback."""
     if device.type != "cuda":
-        return
+        return torch.device("cpu") if args.data_on == "host" else device
+    if args.data_on == "host":
+        return torch.device("cpu")
     needed = train.images.nbytes + val.images.nbytes
     free = torch.cuda.mem_get_info(device)[0]
-    if needed > 0.8 * free:
-        die(f"--dataset {args.dataset}: its {len(train) + len(val):,} images take {needed / 2 ** 30:.2f} GiB on the "
-            f"GPU, more than 80% of the {free / 2 ** 30:.2f} GiB free on {device}; use a GPU with more free memory "
-            "or a smaller dataset")
+    if needed <= 0.8 * free:
+        return device
+    message = (f"--dataset {args.dataset}: its {len(train) + len(val):,} images take {needed / 2 ** 30:.2f} GiB, more "
+               f"than 80% of the {free / 2 ** 30:.2f} GiB free on {device}")
+    if args.data_on == "device":
+        die(f"--data_on device: {message}; use --data_on host or auto")
+    if dist_env()[0] == 0:
+        print(f"{message}: they stay in host memory and each batch is copied over (--data_on host)")
+    return torch.device("cpu")
 
 
 def check_schedule_args(args) -> None:
@@ -619,12 +627,14 @@ def shard(n: int, rank: int, world_size: int) -> slice:
 
 
 @torch.no_grad()
-def embed_all(fn, images: torch.Tensor, batch_size: int, amp_dtype) -> torch.Tensor:
-    """fn (normalised images -> (B, D) features) over every uint8 image, in batches, as float32 on the images'
-    device. Each process embeds its shard and the shards are gathered, so every process gets all N rows."""
+def embed_all(fn, images: torch.Tensor, batch_size: int, amp_dtype, device: torch.device) -> torch.Tensor:
+    """fn (normalised images -> (B, D) features) over every uint8 image, in batches, as float32 on `device`
+    (the images may live on the host). Each process embeds its shard and the shards are gathered, so every
+    process gets all N rows."""
     part = shard(len(images), *dist_env()[:2])
+    idx = torch.arange(len(images), device=images.device)[part]
     feats = []
-    for chunk in images[part].split(batch_size):
-        with autocast(images.device, amp_dtype):
-            feats.append(fn(data.normalize(chunk)).float())
+    for chunk_idx in idx.split(batch_size):
+        with autocast(device, amp_dtype):
+            feats.append(fn(data.normalize(data.take(images, chunk_idx, device))).float())
     return all_gather_cat(torch.cat(feats), len(images))

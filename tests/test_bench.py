@@ -96,7 +96,8 @@ def test_step_with_accumulation_follows_the_full_batch_gradient(phase):
     args = SimpleNamespace(pretrain_batch_size=batch, finetune_batch_size=batch, num_classes=10,
                            finetune_recipe="plain", max_device_batch_size=batch)
     make = bench.pretrain_phase if phase == "pretrain" else bench.finetune_phase
-    extra = (images, args) if phase == "pretrain" else (images, labels, args)
+    cpu = torch.device("cpu")
+    extra = (images, args, cpu) if phase == "pretrain" else (images, labels, args, cpu)
 
     torch.manual_seed(1)
     reference = make(cfg, *extra).model

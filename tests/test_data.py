@@ -57,6 +57,13 @@ def test_epoch_batches_drop_the_partial_batch_and_reshuffle_per_epoch():
     assert torch.equal(flat, torch.cat(data.epoch_batches(103, 10, epoch_seed=1, device="cpu")))
 
 
+def test_take_gathers_the_rows_of_a_batch():
+    images = data.fake_images(20).images
+    idx = torch.tensor([7, 3, 3, 19])
+    batch = data.take(images, idx, torch.device("cpu"))
+    assert batch.shape == (4, 3, 32, 32) and torch.equal(batch, torch.stack([images[i] for i in (7, 3, 3, 19)]))
+
+
 def test_normalize_matches_the_reference_transform():
     imgs = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     from torchvision.transforms import Normalize

@@ -101,9 +101,9 @@ def test_validation_metrics_use_fixed_masks(tmp_path):
                           decoder_num_heads=2))
     val_noise = torch.rand(len(val), 64, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    first = mae_pretrain.evaluate(model, train, val, val_noise, args, None)
+    first = mae_pretrain.evaluate(model, train, val, val_noise, args, torch.device("cpu"), None)
     torch.manual_seed(123)  # the global RNG must not matter
-    second = mae_pretrain.evaluate(model, train, val, val_noise, args, None)
+    second = mae_pretrain.evaluate(model, train, val, val_noise, args, torch.device("cpu"), None)
     assert first == second
     # The val loss is the model's own masked loss over the val split, batch-weighted.
     with torch.no_grad():

@@ -126,23 +126,44 @@ def test_sigterm_lets_the_background_writer_finish_its_job(tmp_path, handler):
         assert returncode == -signal.SIGTERM and not os.path.exists(out)
 
 
-def test_a_dataset_too_large_for_the_gpu_is_one_line_and_status_2(monkeypatch, capsys):
+def test_the_data_lives_on_the_gpu_when_it_fits_else_on_the_host(monkeypatch, capsys):
     import data
     train = data.fake_images(100, seed=1)  # 100 x 3 KB
     val = data.fake_images(20, seed=2)
-    args = SimpleNamespace(dataset="fake")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
     needed = 120 * 3 * 32 * 32
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (needed, 80 * 2 ** 30))
-    with pytest.raises(SystemExit) as exc:  # all of the free memory would leave none for training
-        utils.check_data_fits(train, val, torch.device("cuda"), args)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--dataset fake: its 120 images take" in err
+
+    def args(data_on):
+        return SimpleNamespace(dataset="fake", data_on=data_on)
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * needed, 80 * 2 ** 30))
-    utils.check_data_fits(train, val, torch.device("cuda"), args)  # 50% of the free memory: fine
+    assert utils.data_device(train, val, cuda, args("auto")) == cuda  # 50% of the free memory: it fits
+    assert utils.data_device(train, val, cuda, args("device")) == cuda
+    assert utils.data_device(train, val, cuda, args("host")) == cpu
+    assert capsys.readouterr().out == ""
+
+    # All of the free memory would leave none for training: auto keeps the data on the host and says so...
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (needed, 80 * 2 ** 30))
+    assert utils.data_device(train, val, cuda, args("auto")) == cpu
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1 and "its 120 images take" in out and "--data_on host" in out
+    # ... and --data_on device is refused in one line.
+    with pytest.raises(SystemExit) as exc:
+        utils.data_device(train, val, cuda, args("device"))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--data_on device: --dataset fake: its 120 images take" in err
+
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: pytest.fail("asked on the CPU"))
-    utils.check_data_fits(train, val, torch.device("cpu"), args)
+    assert all(utils.data_device(train, val, cpu, args(where)) == cpu for where in data.DATA_ON)
+
+
+def test_embed_all_embeds_every_image_in_order_onto_the_given_device():
+    import data
+    images = torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8)
+    feats = utils.embed_all(lambda x: x.flatten(1)[:, :2] * 2, images, 3, None, torch.device("cpu"))
+    assert feats.dtype == torch.float32 and feats.shape == (10, 2)
+    torch.testing.assert_close(feats, 2 * data.normalize(images).flatten(1)[:, :2])
 
 
 def test_compile_falls_back_to_eager_with_one_warning_where_it_cannot_work():
