@@ -109,7 +109,28 @@ def load_vector(path: str, flag: str) -> np.ndarray:
     return values
 
 
-def load_json(path: str, flag: str) -> dict:
+# The fields of the scripts' JSON files that this script reads, and what each must be. A hand-edited file with
+# another type stops here with one line, not with a traceback from deep inside a figure.
+NUMBER, INTEGER, TEXT, FLAG = "a number", "an integer", "a string", "true or false"
+ARGS_FIELDS = {"norm_pix_loss": FLAG, "knn_k": INTEGER, "val_split": INTEGER, "dataset": TEXT}
+SUMMARY_FIELDS = {"classes": "a list of class names", "linear_probe": FLAG, "recipe": TEXT,
+                  "best_val_acc": NUMBER, "final_val_acc": NUMBER, "best_epoch": INTEGER, "epochs": INTEGER}
+
+
+def is_kind(value, kind: str) -> bool:
+    if kind == FLAG:
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # JSON's true is not 1 here
+        return False
+    if kind in (NUMBER, INTEGER):
+        return isinstance(value, int) or (kind == NUMBER and isinstance(value, float))
+    if kind == TEXT:
+        return isinstance(value, str)
+    return isinstance(value, list) and len(value) > 0 and all(isinstance(v, str) for v in value)
+
+
+def load_json(path: str, flag: str, fields: dict) -> dict:
+    """The JSON object at path ({} when there is none), its `fields` checked: {name: kind}."""
     if not os.path.isfile(path):
         return {}
     try:
@@ -119,6 +140,9 @@ def load_json(path: str, flag: str) -> dict:
         utils.die(f"{flag}: {path!r} is not readable JSON ({type(e).__name__}: {e})")
     if not isinstance(obj, dict):
         utils.die(f"{flag}: {path!r} should hold a JSON object, found a {type(obj).__name__}")
+    for name, kind in fields.items():
+        if name in obj and obj[name] is not None and not is_kind(obj[name], kind):
+            utils.die(f"{flag}: {path!r} has {name} = {json.dumps(obj[name])[:40]}, which should be {kind}")
     return obj
 
 
@@ -128,7 +152,7 @@ def load_pretraining(folder: str, missing: list, notes: list):
         missing.append(f"{losses_path} (no pretraining figures)")
         return None
     pre = Pretraining(folder, load_vector(losses_path, "--pretrain_dir").astype(np.float64),
-                      load_json(os.path.join(folder, "args.json"), "--pretrain_dir"),
+                      load_json(os.path.join(folder, "args.json"), "--pretrain_dir", ARGS_FIELDS),
                       utils.read_jsonl(os.path.join(folder, "log.jsonl"), "--pretrain_dir"))
     present = [n for n in MONITOR_FILES if os.path.isfile(os.path.join(folder, f"{n}.npy"))]
     if "eval_epochs" not in present or len(present) == 1:
@@ -156,8 +180,8 @@ def load_classifier_run(folder: str, name: str, role: str, missing: list, notes:
     absent = [f"{name}_{c}.npy" for c in RUN_CURVES if c not in curves]
     if absent:
         missing.append(f"{folder}/{{{','.join(absent)}}}")
-    run = ClassifierRun(name, role, curves, load_json(f"{prefix}summary.json", "--cls_dir"),
-                        load_json(f"{prefix}args.json", "--cls_dir"))
+    run = ClassifierRun(name, role, curves, load_json(f"{prefix}summary.json", "--cls_dir", SUMMARY_FIELDS),
+                        load_json(f"{prefix}args.json", "--cls_dir", ARGS_FIELDS))
     run.classes = run.summary.get("classes")
     if os.path.isfile(f"{prefix}preds_grid.png"):
         run.preds_grid = f"{prefix}preds_grid.png"

@@ -308,6 +308,8 @@ def test_no_input_at_all_is_one_line_with_status_2_and_writes_nothing(tmp_path):
     ("report_replaces_input", "--report must name a .md file"),
     ("read_only_cls_dir", "--cls_dir: cannot write in"),
     ("names", "--scratch_run, --pretrained_run and --linprobe_run must differ"),
+    ("summary_type", "pretrained_summary.json' has classes = 5, which should be a list of class names"),
+    ("args_type", "args.json' has knn_k = \"ten\", which should be an integer"),
 ])
 def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, capsys, monkeypatch, damage, expected):
     pre, cls = copy_outputs(run_outputs, tmp_path)
@@ -327,6 +329,12 @@ def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, cap
         real_access = os.access
         monkeypatch.setattr(os, "access", lambda path, mode: os.path.abspath(path) != str(cls) and
                             real_access(path, mode))
+    elif damage in ("summary_type", "args_type"):  # hand-edited files
+        path, key, value = ((cls / "pretrained_summary.json", "classes", 5) if damage == "summary_type"
+                            else (pre / "args.json", "knn_k", "ten"))
+        obj = json.loads(path.read_text())
+        obj[key] = value
+        path.write_text(json.dumps(obj))
     elif damage == "report_replaces_input":
         extra = ["--report", pre / "args.json"]
     else:
