@@ -230,7 +230,10 @@ def model_config(args, pretrained_config: dict | None) -> MAEConfig:
     if args.crop_padding >= cfg.img_size:
         utils.die(f"--crop_padding must be in [0, {cfg.img_size}), got {args.crop_padding}")
     for name in utils.MODEL_SIZE_FLAGS:  # args.json then records the model that was actually trained
-        setattr(args, name, getattr(cfg, name))
+        # From scratch no decoder exists: null rather than sizes nothing was built with. From a checkpoint they
+        # are the sizes of the MAE the encoder came from.
+        built = pretrained_config is not None or name not in DECODER_FLAGS
+        setattr(args, name, getattr(cfg, name) if built else None)
     return cfg
 
 

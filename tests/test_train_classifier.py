@@ -261,6 +261,10 @@ def test_decoder_flags_are_accepted_and_unused_from_scratch(tmp_path):
     train_classifier.check_args(args)
     cfg = train_classifier.model_config(args, None)
     assert (cfg.embed_dim, cfg.depth, cfg.patch_size) == (32, 2, 4)  # the encoder flags are used
+    # args.json records the model that was trained: an encoder of those sizes, and no decoder.
+    assert (args.embed_dim, args.depth, args.patch_size) == (32, 2, 4)
+    assert (args.decoder_embed_dim, args.decoder_depth, args.decoder_num_heads) == (None, None, None)
+
 
 def test_the_reference_commands_and_the_probe_parse_as_written():
     common = ["--total_epoch", "50", "--batch_size", "128", "--max_device_batch_size", "128"]
