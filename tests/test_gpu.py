@@ -22,17 +22,22 @@ def close(a, b, rel):
     return abs(a - b) <= rel * max(abs(a), abs(b))
 
 
+# --fake_size 128 holds out 32 val images: an accuracy may move by one of them, when the last bits of a score differ.
+ONE_VAL_IMAGE = 1 / 32 + 1e-9
+
+
 def test_pretraining_from_host_memory_follows_the_run_with_the_data_on_the_gpu(tmp_path, run_pretrain):
     """Same seed, same batches, same masks: only where the uint8 images are gathered differs, so the curves agree
-    up to the GPU's non-deterministic atomics (the gather's backward)."""
+    up to the GPU's non-deterministic atomics (the gather's backward) and their rare effect on one prediction."""
     logs = {}
     for where in ("device", "host"):
         run_pretrain(tiny_pretrain_argv(tmp_path, "--device", "cuda", "--data_on", where, "--precision", "fp32",
                                         "--no-compile", "--eval_every", "1", name=where))
         logs[where] = read_log(tmp_path / where / "outputs" / "log.jsonl")
     for on_gpu, on_host in zip(logs["device"], logs["host"]):
-        for key in ("loss", "val_loss", "knn_acc"):
+        for key in ("loss", "val_loss"):
             assert close(on_gpu[key], on_host[key], 1e-4), (key, on_gpu, on_host)
+        assert abs(on_gpu["knn_acc"] - on_host["knn_acc"]) <= ONE_VAL_IMAGE, (on_gpu, on_host)
 
 
 def test_fine_tuning_from_host_memory_follows_the_run_with_the_data_on_the_gpu(tmp_path):
@@ -48,8 +53,9 @@ def test_fine_tuning_from_host_memory_follows_the_run_with_the_data_on_the_gpu(t
             *TINY_MODEL]))
         logs[where] = read_log(out / "run_log.jsonl")
     for on_gpu, on_host in zip(logs["device"], logs["host"]):
-        for key in ("train_loss", "val_loss", "val_acc"):
+        for key in ("train_loss", "val_loss"):
             assert close(on_gpu[key], on_host[key], 1e-4), (key, on_gpu, on_host)
+        assert abs(on_gpu["val_acc"] - on_host["val_acc"]) <= ONE_VAL_IMAGE, (on_gpu, on_host)
 
 
 def test_fast_path_on_the_gpu_learns_as_fp32_does(tmp_path, run_pretrain):
