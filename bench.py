@@ -1,12 +1,12 @@
 """How fast one pretraining step and one fine-tuning step run, and what that makes of the reference experiment.
 
 Times the scripts' own optimizer steps, mae_pretrain.train_step and train_classifier.train_step (uint8 images on
-the device, or in host memory with --data_on host, normalised and, for fine-tuning, augmented and mixed per the recipe in batch, autocast, gradients
-accumulated over --max_device_batch_size chunks, fused AdamW), after warm-up, with CUDA events
-on a GPU. Prints images/s, ms per step, the FLOPs counted analytically, the achieved TFLOP/s as a share of a
-bf16 matrix-product peak measured in the same run, the host syncs of one step, the time of each script's
-evaluation, and the projected wall time of the reference experiment (150 pretraining epochs at batch 512, then
-two 50-epoch fine-tunes at batch 128, on CIFAR-10's 50,000 images; compilation and evaluation included).
+the device, or in host memory with --data_on host, normalised and, for fine-tuning, augmented and mixed per the
+recipe in batch, autocast, gradients accumulated over --max_device_batch_size chunks, fused AdamW), after warm-up,
+with CUDA events on a GPU. Prints images/s, ms per step, the FLOPs counted analytically, the achieved TFLOP/s as a
+share of a bf16 matrix-product peak measured in the same run, the host syncs of one step, the time of each
+script's evaluation, and the projected wall time of the reference experiment (150 pretraining epochs at batch 512,
+then two 50-epoch fine-tunes at batch 128, on CIFAR-10's 50,000 images; compilation and evaluation included).
 
 On one GPU (ViT-T, the reference batch sizes):
     python bench.py --json bench.json
@@ -260,8 +260,8 @@ SYNCING_OPS = {"_local_scalar_dense",  # .item(), float(t), bool(t), `if t:`
 
 class HostSyncRecorder(TorchDispatchMode):
     """Records every operator run under it that would make the host wait for a GPU: SYNCING_OPS, boolean-mask
-    indexing (its output size is a count of the mask), copies from the GPU to the host and copies of more than one
-    number from unpinned host memory. Operators are what it sees, so it finds them on a CPU run too, where nothing
+    indexing (its output size is a count of the mask), copies from the GPU to the host, and copies to the GPU
+    that are blocking or from unpinned host memory. Operators are what it sees, so it finds them on a CPU run too, where nothing
     waits, except the copies, which need a GPU."""
 
     def __init__(self):
@@ -282,9 +282,12 @@ class HostSyncRecorder(TorchDispatchMode):
             source = args[1] if name == "copy_" else args[0]
             if out.device.type == "cpu" and isinstance(source, torch.Tensor) and source.device.type != "cpu":
                 self.syncs.append(f"{name} to the host")
-            elif (out.device.type != "cpu" and isinstance(source, torch.Tensor) and source.device.type == "cpu"
-                  and source.numel() > 1 and not source.is_pinned()):  # a pageable copy waits for the transfer
-                self.syncs.append(f"{name} from unpinned host memory")
+            elif out.device.type != "cpu" and isinstance(source, torch.Tensor) and source.device.type == "cpu":
+                non_blocking = kwargs.get("non_blocking", False) or (name == "copy_" and len(args) > 2 and args[2])
+                if not non_blocking:  # a blocking copy waits for the stream to drain
+                    self.syncs.append(f"{name} to the device, blocking")
+                elif not source.is_pinned():  # a pageable one waits for its transfer
+                    self.syncs.append(f"{name} from unpinned host memory")
         return out
 
 

@@ -192,8 +192,12 @@ def test_host_sync_recorder_flags_what_makes_the_host_wait_and_nothing_else():
         ("index_put_ (boolean mask)", lambda: x.clone().index_put_((x > 0,), torch.tensor(0.0))),
         ("repeat_interleave", lambda: torch.arange(3).repeat_interleave(torch.tensor([1, 2, 3]))),
         ("_unique2", lambda: torch.unique(idx, return_inverse=True)),
-        # The meta device stands in for a GPU: a copy to it from pageable memory is flagged.
-        ("_to_copy from unpinned host memory", lambda: x.to("meta")),
+        # The meta device stands in for a GPU: a blocking copy to it, or one from pageable memory, is flagged.
+        ("_to_copy to the device, blocking", lambda: x.to("meta")),
+        ("_to_copy to the device, blocking", lambda: torch.tensor(0.5).to("meta")),
+        ("_to_copy from unpinned host memory", lambda: x.to("meta", non_blocking=True)),
+        ("copy_ to the device, blocking", lambda: torch.empty(8, 4, device="meta").copy_(x)),
+        ("copy_ from unpinned host memory", lambda: torch.empty(8, 4, device="meta").copy_(x, non_blocking=True)),
     ]
     for expected, fn in syncing:
         with bench.HostSyncRecorder() as recorder:
@@ -206,7 +210,6 @@ def test_host_sync_recorder_flags_what_makes_the_host_wait_and_nothing_else():
         torch.arange(3).repeat_interleave(2)
         torch.arange(3).repeat_interleave(torch.tensor([1, 2, 3]), output_size=6)
         x.argsort(dim=1).gather(1, torch.zeros(8, 1, dtype=torch.long))
-        torch.tensor(0.5).to("meta")  # one number: a scalar argument, not a transfer worth flagging
     assert recorder.syncs == []
 
 
