@@ -241,9 +241,9 @@ def main(args):
     device = utils.resolve_device(args)
     ckpt, resumed_log = load_resume(args) if args.resume else (None, [])
     train, val, steps_per_epoch = utils.load_training_data(args, cfg.img_size)
-    data_device = utils.data_device(train, val, device, args)
     amp_dtype = utils.autocast_dtype(args, device)
     utils.init_distributed(device)
+    data_device = utils.data_device(train, val, device, args)  # after init: the processes decide together
     rank, world_size, _ = utils.dist_env()
     main_process = rank == 0  # only it prints and writes files
     log_print = print if main_process else (lambda *a, **k: None)

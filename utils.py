@@ -160,17 +160,20 @@ def data_device(train, val, device: torch.device, args) -> torch.device:
     (data.take copies each batch over). At 3 KB per 32x32 image CIFAR-10 takes 184 MB with its test split, so
     host memory is for large image folders or small GPUs. Training ViT-T at batch 256 needs a few GiB next to the
     data, hence the 80% share. Decided before any file is written, so --data_on device on a GPU too small stops
-    with one line rather than an out-of-memory traceback."""
+    with one line rather than an out-of-memory traceback. Under torchrun (called after init_distributed) the
+    processes decide together: one training from host memory alone would hold the others back unannounced."""
     if device.type != "cuda":
         return torch.device("cpu") if args.data_on == "host" else device
     if args.data_on == "host":
         return torch.device("cpu")
     needed = train.images.nbytes + val.images.nbytes
     free = torch.cuda.mem_get_info(device)[0]
-    if needed <= 0.8 * free:
+    fits_here = needed <= 0.8 * free
+    if all_processes(fits_here, device):
         return device
+    where = f"the {free / 2 ** 30:.2f} GiB free on {device}" if not fits_here else "another process's free GPU memory"
     message = (f"--dataset {args.dataset}: its {len(train) + len(val):,} images take {needed / 2 ** 30:.2f} GiB, more "
-               f"than 80% of the {free / 2 ** 30:.2f} GiB free on {device}")
+               f"than 80% of {where}")
     if args.data_on == "device":
         die(f"--data_on device: {message}; use --data_on host or auto")
     if dist_env()[0] == 0:
@@ -605,6 +608,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t)
     return t
+
+
+def all_processes(ok: bool, device: torch.device) -> bool:
+    """Whether `ok` holds on every process (ok itself for a single process). Reads the result back: for start-up
+    decisions, not for the training loop."""
+    if not dist.is_initialized():
+        return ok
+    return all_reduce_sum(torch.tensor(float(not ok), device=device)).item() == 0
 
 
 def all_gather_cat(t: torch.Tensor, n: int) -> torch.Tensor:

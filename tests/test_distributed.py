@@ -100,6 +100,14 @@ def test_a_failing_rank_ends_the_whole_run(tmp_path):
     assert not (tmp_path / "crash" / "outputs" / "recon_epoch_002.png").exists()
 
 
+def test_a_start_up_decision_holds_only_if_it_holds_on_every_process(tmp_path):
+    # utils.data_device's --data_on auto: one process short of GPU memory puts every process's data in host memory.
+    proc = run([*TORCHRUN, os.path.join(ROOT, "tests", "helpers", "all_processes.py")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("rank")) == [
+        "rank 0: False True", "rank 1: False True"]
+
+
 def classifier_cmd(launcher, tmp_path, *extra, name):
     out = tmp_path / name
     return [*launcher, os.path.join(ROOT, "train_classifier.py"), "--dataset", "fake", "--fake_size", "128",

@@ -154,6 +154,14 @@ def test_the_data_lives_on_the_gpu_when_it_fits_else_on_the_host(monkeypatch, ca
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--data_on device: --dataset fake: its 120 images take" in err
 
+    # Under torchrun the processes decide together: it fits on this GPU but not on another process's.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * needed, 80 * 2 ** 30))
+    monkeypatch.setattr(utils, "all_processes", lambda ok, device: False)
+    assert utils.data_device(train, val, cuda, args("auto")) == cpu
+    assert "more than 80% of another process's free GPU memory" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        utils.data_device(train, val, cuda, args("device"))
+
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: pytest.fail("asked on the CPU"))
     assert all(utils.data_device(train, val, cpu, args(where)) == cpu for where in data.DATA_ON)
 
