@@ -40,17 +40,24 @@ def test_pretraining_from_host_memory_follows_the_run_with_the_data_on_the_gpu(t
         assert abs(on_gpu["knn_acc"] - on_host["knn_acc"]) <= ONE_VAL_IMAGE, (on_gpu, on_host)
 
 
-def test_fine_tuning_from_host_memory_follows_the_run_with_the_data_on_the_gpu(tmp_path):
+@pytest.mark.parametrize("mode", ["scratch", "probe"])
+def test_fine_tuning_from_host_memory_follows_the_run_with_the_data_on_the_gpu(tmp_path, run_pretrain, mode):
+    """From scratch (augmented batches taken from host memory) and the linear probe from an MAE checkpoint (the
+    frozen encoder's features computed once from host memory, then kept on the GPU)."""
     import train_classifier
+    extra = ["--recipe", "plain"]
+    if mode == "probe":
+        run_pretrain(tiny_pretrain_argv(tmp_path, "--device", "cuda", "--total_epoch", "1", name="mae"))
+        extra = ["--linear_probe", "--pretrained_model_path", str(tmp_path / "mae" / "mae.pt")]
     logs = {}
     for where in ("device", "host"):
         out = tmp_path / where
         train_classifier.main(train_classifier.get_args_parser().parse_args([
             "--dataset", "fake", "--fake_size", "128", "--batch_size", "32", "--max_device_batch_size", "16",
             "--total_epoch", "2", "--warmup_epoch", "1", "--device", "cuda", "--data_on", where, "--precision",
-            "fp32", "--no-compile", "--recipe", "plain", "--run_name", "run", "--output_dir", str(out),
-            "--output_model_path", str(out / "cls.pt"), "--log_dir", str(out / "logs"),
-            *TINY_MODEL]))
+            "fp32", "--no-compile", "--run_name", "run", "--output_dir", str(out),
+            "--output_model_path", str(out / "cls.pt"), "--log_dir", str(out / "logs"), *extra,
+            *(TINY_MODEL if mode == "scratch" else [])]))
         logs[where] = read_log(out / "run_log.jsonl")
     for on_gpu, on_host in zip(logs["device"], logs["host"]):
         for key in ("train_loss", "val_loss"):
