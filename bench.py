@@ -261,8 +261,8 @@ SYNCING_OPS = {"_local_scalar_dense",  # .item(), float(t), bool(t), `if t:`
 class HostSyncRecorder(TorchDispatchMode):
     """Records every operator run under it that would make the host wait for a GPU: SYNCING_OPS, boolean-mask
     indexing (its output size is a count of the mask), copies from the GPU to the host, and copies to the GPU
-    that are blocking or from unpinned host memory. Operators are what it sees, so it finds them on a CPU run too, where nothing
-    waits, except the copies, which need a GPU."""
+    that are blocking or from unpinned host memory. Operators are what it sees, so it finds them on a CPU run too,
+    where nothing waits, except the copies, which need a GPU (or the meta device standing in for one)."""
 
     def __init__(self):
         super().__init__()
