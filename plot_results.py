@@ -98,8 +98,12 @@ class ClassifierRun:
 
 def load_vector(path: str, flag: str) -> np.ndarray:
     try:
+        with open(path, "rb") as f:
+            # np.load takes anything without the .npy magic for a pickle and says so, which misleads for text.
+            if f.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
+                utils.die(f"{flag}: {path!r} is not a .npy file (it does not start with the .npy header)")
         values = np.load(path, allow_pickle=False)
-    except Exception as e:  # truncated, not .npy, pickled objects
+    except Exception as e:  # truncated, pickled objects, unreadable
         utils.die(f"{flag}: {path!r} is not a readable .npy file ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
     if values.ndim != 1 or len(values) == 0 or not np.issubdtype(values.dtype, np.number):
         utils.die(f"{flag}: {path!r} should hold a non-empty 1-D array of numbers, found {values.dtype} "

@@ -300,7 +300,7 @@ def test_no_input_at_all_is_one_line_with_status_2_and_writes_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("damage, expected", [
-    ("losses", "--pretrain_dir"),
+    ("losses", "--pretrain_dir: '{pre}/losses.npy' is not a .npy file (it does not start with the .npy header)"),
     ("nan_accuracy", "scratch_val_acc.npy' holds no finite value (all 3 are nan or inf)"),
     ("preds", "--cls_dir"),
     ("dpi", "--dpi must be in [72, 600], got 10"),
@@ -344,5 +344,5 @@ def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, cap
         plot("--pretrain_dir", pre, "--cls_dir", cls, "--report", tmp_path / "r.md", *extra)
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and expected in err
+    assert len(err.splitlines()) == 1 and expected.format(pre=pre) in err
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
