@@ -162,9 +162,7 @@ def data_device(train, val, device: torch.device, args) -> torch.device:
     data, hence the 80% share. Decided before any file is written, so --data_on device on a GPU too small stops
     with one line rather than an out-of-memory traceback. Under torchrun (called after init_distributed) the
     processes decide together: one training from host memory alone would hold the others back unannounced."""
-    if device.type != "cuda":
-        return torch.device("cpu") if args.data_on == "host" else device
-    if args.data_on == "host":
+    if device.type != "cuda" or args.data_on == "host":  # resolve_device allows cuda or cpu: the rest is the CPU
         return torch.device("cpu")
     needed = train.images.nbytes + val.images.nbytes
     free = torch.cuda.mem_get_info(device)[0]
