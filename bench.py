@@ -4,9 +4,10 @@ Times the scripts' own optimizer steps, mae_pretrain.train_step and train_classi
 the device, or in host memory with --data_on host, normalised and, for fine-tuning, augmented and mixed per the
 recipe in batch, autocast, gradients accumulated over --max_device_batch_size chunks, fused AdamW), after warm-up,
 with CUDA events on a GPU. Prints images/s, ms per step, the FLOPs counted analytically, the achieved TFLOP/s as a
-share of a bf16 matrix-product peak measured in the same run, the host syncs of one step, the time of each
-script's evaluation, and the projected wall time of the reference experiment (150 pretraining epochs at batch 512,
-then two 50-epoch fine-tunes at batch 128, on CIFAR-10's 50,000 images; compilation and evaluation included).
+share of a bf16 matrix-product peak measured in the same run, the host syncs of one step, the fine-tuning step's
+input work (augmentation, mixup) alone, the time of each script's evaluation, and the projected wall time of the
+reference experiment (150 pretraining epochs at batch 512, then two 50-epoch fine-tunes at batch 128, on CIFAR-10's
+50,000 images; compilation and evaluation included).
 
 On one GPU (ViT-T, the reference batch sizes):
     python bench.py --json bench.json
@@ -304,6 +305,7 @@ class Phase:
     batch_size: int
     step: object  # (model, optimizer, scaler, batch_idx, lr, loss_sum, amp_dtype) -> None: one optimizer step
     flops_forward: int  # analytic forward FLOPs per image
+    inputs: object = None  # (batch_idx) -> None: the step's input work alone, as the step does it; None: not timed
 
 
 def pretrain_phase(cfg: MAEConfig, images, args, device: torch.device) -> Phase:
@@ -335,9 +337,17 @@ def finetune_phase(cfg: MAEConfig, images, labels, args, device: torch.device) -
     def step(model, optimizer, scaler, batch_idx, lr, loss_sum, amp_dtype):
         train_classifier.train_step(model, optimizer, scaler, images, labels, batch_idx, lr, prepare, mixup,
                                     criterion, script_args, device, amp_dtype, loss_sum, torch.zeros_like(loss_sum))
+    def inputs(batch_idx):
+        # train_step's input work, chunk by chunk, without the model: hundreds of small eager operators per chunk
+        # (about 250 for the finetune recipe, views included), the one part of the step torch.compile leaves alone.
+        for chunk_idx in batch_idx.split(chunk_size(args.finetune_batch_size, args)):
+            x, y = prepare(data.take(images, chunk_idx, device)), data.take(labels, chunk_idx, device)
+            if mixup is not None:
+                mixup(x, y)
+
     model = ViTClassifier(cfg, args.num_classes, script_args.global_pool, script_args.drop_path)
     return Phase("finetune", model, (0.9, 0.999), script_args.base_learning_rate, args.finetune_batch_size, step,
-                 sum(classifier_forward_flops(cfg, args.num_classes).values()))
+                 sum(classifier_forward_flops(cfg, args.num_classes).values()), inputs)
 
 
 def bench_phase(phase: Phase, args, device: torch.device, data_device: torch.device, amp_dtype,
@@ -386,6 +396,15 @@ def bench_phase(phase: Phase, args, device: torch.device, data_device: torch.dev
     with utils.eager(), HostSyncRecorder() as recorder:
         one_step(model)
     synchronize(device)
+    # The input work alone, timed like the steps: on a GPU with the same stream and launch gaps, so within the
+    # step it costs at most this (less where the device runs it while the host is still queueing). It says what
+    # compiling the augmentation could save, at most.
+    input_ms = None
+    if phase.inputs is not None:
+        input_idx = data.epoch_batches(REFERENCE_TRAIN_IMAGES, phase.batch_size, args.seed, data_device)[0]
+        phase.inputs(input_idx)  # untimed, as the steps' warm-up
+        input_ms = 1e3 * statistics.median(timed(lambda: phase.inputs(input_idx), args.steps, device)
+                                           for _ in range(args.repeats))
     train_flops = TRAIN_FLOPS_PER_FORWARD * phase.flops_forward
     tflops = train_flops * phase.batch_size / seconds / 1e12
     return {
@@ -396,7 +415,7 @@ def bench_phase(phase: Phase, args, device: torch.device, data_device: torch.dev
         "compile_s": max(0.0, warmup_s - args.warmup_steps * seconds),
         "mean_loss": loss_sum.item() / (total_steps * (phase.batch_size // chunk)),
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
-        "host_syncs": sorted(set(recorder.syncs)),
+        "host_syncs": sorted(set(recorder.syncs)), "input_ms_per_step": input_ms,
     }
 
 
@@ -454,7 +473,9 @@ def project_reference(pretrain: dict, finetune: dict, evaluation: dict, peak_tfl
     total_flops = (pretrain_steps * pretrain["batch_size"] * pretrain["flops_per_image_train"]
                    + finetune_steps * finetune["batch_size"] * finetune["flops_per_image_train"])
     eval_s = evaluation["reference_seconds"]
+    input_ms = finetune["input_ms_per_step"]
     return {"pretrain_steps": pretrain_steps, "finetune_steps": finetune_steps, "steps_minutes": steps_s / 60,
+            "finetune_input_minutes_at_most": None if input_ms is None else finetune_steps * input_ms / 1e3 / 60,
             "compile_minutes": compile_s / 60, "evaluation_minutes": eval_s / 60,
             "minutes": (steps_s + compile_s + eval_s) / 60, "total_pflop": total_flops / 1e15,
             "floor_minutes_at_peak": total_flops / (peak_tflops * 1e12) / 60}
@@ -533,6 +554,10 @@ def main(args):
     for r in (pretrain, finetune):
         print(f"host syncs in one {r['phase']} step (eager, every operator recorded): "
               f"{', '.join(r['host_syncs']) or 'none'}")
+    print(f"fine-tuning input work alone (each chunk taken, augmented and mixed, eager as the step runs it): "
+          f"{finetune['input_ms_per_step']:.2f} ms per step, "
+          f"{100 * finetune['input_ms_per_step'] / finetune['ms_per_step']:.0f}% of the step; within the step it "
+          f"costs at most that, {projection['finetune_input_minutes_at_most']:.1f} min of the projection below")
     batches = (pretrain["batch_size"], finetune["batch_size"])
     note = "" if batches == REFERENCE_BATCH_SIZES else (f"; NOTE: at batch sizes {batches}, the reference's are "
                                                         f"{REFERENCE_BATCH_SIZES}")

@@ -156,6 +156,8 @@ def test_cpu_command_runs_in_seconds_and_its_numbers_agree(tmp_path):
         # anything back (HostSyncRecorder is tested below).
         assert p["host_syncs"] == []
     assert (r["pretrain"]["batch_size"], r["pretrain"]["chunk"], r["finetune"]["batch_size"]) == (64, 32, 32)
+    # The fine-tuning step's input work (take, augment, mix) is timed on its own; the pretraining's is not.
+    assert r["pretrain"]["input_ms_per_step"] is None and r["finetune"]["input_ms_per_step"] > 0
 
     # Evaluations timed on 64 val images (and a 320-image kNN bank), scaled to 10,000: mae_pretrain.py's monitor
     # at epochs 25, 50, ..., 150 and a val pass after each of the 2 x 50 fine-tuning epochs.
@@ -172,6 +174,8 @@ def test_cpu_command_runs_in_seconds_and_its_numbers_agree(tmp_path):
         + (r["pretrain"]["compile_s"] + 2 * r["finetune"]["compile_s"]) / 60 + eval_s / 60
     assert proj["evaluation_minutes"] == pytest.approx(eval_s / 60)
     assert proj["minutes"] == pytest.approx(minutes) and proj["minutes"] > 0
+    assert proj["finetune_input_minutes_at_most"] == pytest.approx(
+        100 * 1562 * r["finetune"]["input_ms_per_step"] / 1e3 / 60)
 
     # The printed report says the same numbers.
     printed = re.search(r"projected wall time of the reference experiment: ([\d.]+) min", proc.stdout)
@@ -179,6 +183,8 @@ def test_cpu_command_runs_in_seconds_and_its_numbers_agree(tmp_path):
     row = re.search(r"^pretrain +64 +32 +[\d.]+ +([\d.]+) +([\d,]+) ", proc.stdout, re.M)
     assert row and float(row.group(1)) == pytest.approx(r["pretrain"]["ms_per_step"], abs=0.005)
     assert f"pretrain forward {expected_forward['pretrain'] / 1e9:.4f}" in proc.stdout
+    printed = re.search(r"fine-tuning input work alone .*: ([\d.]+) ms per step", proc.stdout)
+    assert printed and float(printed.group(1)) == pytest.approx(r["finetune"]["input_ms_per_step"], abs=0.005)
 
 
 def test_host_sync_recorder_flags_what_makes_the_host_wait_and_nothing_else():
