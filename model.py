@@ -80,7 +80,7 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
 
     x: (B, N, D). noise: optional (B, N) uniform noise; by default drawn from torch's RNG on x's device,
     so --seed reproduces the masks and no host round-trip is needed.
-    Returns x_visible (B, N_visible, D), mask (B, N) with 1 = masked, ids_restore (B, N).
+    Returns x_visible (B, N_visible, D), mask (B, N) float32 with 1 = masked, ids_restore (B, N).
     """
     B, N, D = x.shape
     num_visible = N - num_masked_patches(N, mask_ratio)
@@ -90,8 +90,10 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     ids_restore = ids_shuffle.argsort(dim=1)  # position of each original token in the shuffled order
     ids_keep = ids_shuffle[:, :num_visible]
     x_visible = x.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
-    # A token is masked exactly when its rank in the shuffle falls past the visible ones.
-    mask = (ids_restore >= num_visible).to(x.dtype)
+    # A token is masked exactly when its rank in the shuffle falls past the visible ones. float32 whatever the
+    # autocast dtype: the loss and the val PSNR divide by mask sums, which bf16 rounds above 256 and fp16 turns
+    # to inf above 65,504 (342 images of 192 masked patches).
+    mask = (ids_restore >= num_visible).float()
     return x_visible, mask, ids_restore
 
 

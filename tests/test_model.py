@@ -116,6 +116,20 @@ def test_loss_equals_reference_formula_longhand(mask_ratio):
     assert loss.item() == pytest.approx(total / count, rel=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mask_counts_stay_exact_under_low_precision_autocast(dtype):
+    # 343 images x 192 masked patches = 65,856 masked patches: past fp16's largest number (65,504), and with 11
+    # significant bits, more than bf16 holds. The loss divides by that count, the val PSNR by a multiple of it.
+    cfg = MAEConfig(embed_dim=16, depth=1, num_heads=1, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=1)
+    torch.manual_seed(0)
+    model, imgs, noise = MAE(cfg), torch.randn(343, 3, 32, 32), torch.rand(343, 256)
+    with torch.autocast("cpu", dtype=dtype):
+        loss, pred, mask = model(imgs, noise=noise)
+    assert mask.dtype == torch.float32 and mask.sum().item() == 343 * 192
+    expected = masked_mse(pred.float(), patchify(imgs, 2), mask.bool().double()).item()
+    assert loss.item() == pytest.approx(expected, rel=1e-5) and loss.item() > 0
+
+
 def test_norm_pix_loss_target_and_reconstruction():
     cfg = MAEConfig(**SMALL, norm_pix_loss=True)
     imgs = torch.randn(2, 3, 32, 32)
