@@ -153,7 +153,7 @@ def train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, devi
         loss_sum += loss.detach()
     scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=False)  # in place: the .grad buffers stay (utils.make_adamw says why)
 
 
 def train_one_epoch(model, optimizer, scaler, train_images, args, epoch, steps_per_epoch, device, amp_dtype, writer):
@@ -275,7 +275,8 @@ def main(args):
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when the checkpoint's run was not fp16; a new fp16 scale settles within steps
+            scaler.load_state_dict(ckpt["scaler"])
         start_epoch, losses, evals = ckpt["epoch"] + 1, list(ckpt["losses"]), list(ckpt["evals"])
         log_print(f"resumed from {args.resume} at epoch {start_epoch}")
     train_model = DistributedDataParallel(model) if world_size > 1 else model

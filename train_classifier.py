@@ -323,7 +323,7 @@ def train_step(net, optimizer, scaler, inputs, labels, batch_idx, lr, prepare, m
         correct += (logits.argmax(dim=-1) == y).sum()
     scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=False)  # in place: the .grad buffers stay (utils.make_adamw says why)
 
 
 def train_one_epoch(net, frozen, optimizer, scaler, inputs, labels, prepare, mixup, criterion, args, epoch,

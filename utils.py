@@ -234,10 +234,20 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list:
 
 
 def make_adamw(param_groups, lr: float, betas, device: torch.device):
+    """Fused AdamW; every parameter it updates gets its .grad here, zeroed, for good: the training steps add into
+    these buffers chunk after chunk and zero them in place (zero_grad(set_to_none=False))."""
     # The fused kernel updates all parameters in a few launches instead of several per tensor, and keeps the
     # step count on the device (the unfused path reads it back with .item() every step). CPU runs use it too,
     # so they take the same path the GPU does.
-    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=device.type in ("cuda", "cpu"))
+    optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=device.type in ("cuda", "cpu"))
+    # Left to autograd, a step's first gradient would become the .grad itself. Under CUDA graphs (--compile_mode
+    # reduce-overhead) that tensor lives in the graphs' memory, which the next chunk's forward reuses, so the
+    # next chunk's backward would add into overwritten memory: torch.compile stops with "accessing gradient
+    # tensor output of CUDAGraphs that has been overwritten by a subsequent run".
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    return optimizer
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import utils
 from conftest import ROOT, tiny_pretrain_argv
 from model import MAE, MAEConfig, ViTClassifier
 
@@ -125,6 +126,32 @@ def test_step_with_accumulation_follows_the_full_batch_gradient(phase):
             torch.testing.assert_close(got[name].detach(), value, rtol=1e-5, atol=1e-6, msg=f"{name}, chunk {chunk}")
         # the device-side sum holds each chunk's mean loss once
         assert loss_sum.item() / (batch // chunk) == pytest.approx(loss.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("phase", ["pretrain", "finetune"])
+def test_steps_accumulate_into_the_grad_buffers_the_optimizer_allocated(phase):
+    """utils.make_adamw gives every trainable parameter a zeroed .grad; the scripts' steps add each chunk's gradient
+    into those very tensors and zero them in place. Under CUDA graphs a .grad that autograd allocated would live in
+    the graphs' memory, overwritten by the next chunk's replay (tests/test_gpu.py runs that case)."""
+    cfg = MAEConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+                    decoder_num_heads=2)
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (40,))
+    args = SimpleNamespace(pretrain_batch_size=16, finetune_batch_size=16, num_classes=10, finetune_recipe="plain",
+                           max_device_batch_size=8)  # two chunks per step
+    cpu = torch.device("cpu")
+    step = bench.pretrain_phase(cfg, images, args, cpu) if phase == "pretrain" else \
+        bench.finetune_phase(cfg, images, labels, args, cpu)
+    optimizer = utils.make_adamw(utils.weight_decay_groups(step.model, 0.05), 1e-3, step.betas, cpu)
+    params = [p for p in step.model.parameters() if p.requires_grad]
+    buffers = [p.grad for p in params]
+    assert all(g is not None and not g.any() for g in buffers)
+    before = [p.detach().clone() for p in params]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for _ in range(2):
+        step.step(step.model, optimizer, scaler, torch.randperm(40)[:16], 1e-3, torch.zeros(()), None)
+    assert all(p.grad is g and not g.any() for p, g in zip(params, buffers))
+    assert all(not torch.equal(p, b) for p, b in zip(params, before))  # every parameter was trained
 
 
 def test_cpu_command_runs_in_seconds_and_its_numbers_agree(tmp_path):
