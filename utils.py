@@ -283,6 +283,12 @@ def resolve_device(args) -> torch.device:
         die(f"--device must be cuda, cuda:N or cpu, got {args.device!r}")
     if device.type == "cuda" and dist_env()[1] > 1:
         device = torch.device("cuda", dist_env()[2])
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            die(f"--device {args.device}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+        # The current device too: what names no device (CUDA events, streams, bench.py's timing) follows it.
+        torch.cuda.set_device(device)
     return device
 
 

@@ -126,6 +126,25 @@ def test_sigterm_lets_the_background_writer_finish_its_job(tmp_path, handler):
         assert returncode == -signal.SIGTERM and not os.path.exists(out)
 
 
+def test_a_numbered_gpu_becomes_the_current_device_and_a_missing_one_is_refused(monkeypatch, capsys):
+    # CUDA events and streams that name no device go to the current one: bench.py's timing of --device cuda:1
+    # would otherwise bracket GPU 0's stream.
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert utils.resolve_device(SimpleNamespace(device="cuda:1")) == torch.device("cuda", 1)
+    assert utils.resolve_device(SimpleNamespace(device="cuda")) == torch.device("cuda")  # the current one, as is
+    assert current == [torch.device("cuda", 1)]
+    with pytest.raises(SystemExit) as exc:
+        utils.resolve_device(SimpleNamespace(device="cuda:2"))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.endswith("error: --device cuda:2: this machine has 2 GPU(s), cuda:0 to cuda:1")
+    assert current == [torch.device("cuda", 1)]
+
+
 def test_the_data_lives_on_the_gpu_when_it_fits_else_on_the_host(monkeypatch, capsys):
     import data
     train = data.fake_images(100, seed=1)  # 100 x 3 KB
