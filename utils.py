@@ -255,7 +255,7 @@ def make_adamw(param_groups, lr: float, betas, device: torch.device):
 
 def add_runtime_args(parser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cuda or cpu (default: cuda when available)")
+                        help="cuda, cuda:N or cpu (default: cuda when available)")
     parser.add_argument("--precision", default=None, choices=("bf16", "fp16", "fp32"),
                         help="autocast dtype (default: bf16 on CUDA, fp32 on the CPU); fp16 uses a grad scaler, "
                              "for GPUs without bf16")
