@@ -242,8 +242,9 @@ def make_adamw(param_groups, lr: float, betas, device: torch.device):
     optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=device.type in ("cuda", "cpu"))
     # Left to autograd, a step's first gradient would become the .grad itself. Under CUDA graphs (--compile_mode
     # reduce-overhead) that tensor lives in the graphs' memory, which the next chunk's forward reuses, so the
-    # next chunk's backward would add into overwritten memory: torch.compile stops with "accessing gradient
-    # tensor output of CUDAGraphs that has been overwritten by a subsequent run".
+    # next chunk's backward would add into overwritten memory: torch.compile stops with "accessing [gradient]
+    # tensor output of CUDAGraphs that has been overwritten by a subsequent run" (torch 2.14; 2.11 omits
+    # "gradient"). Preallocated buffers are the remedy torch's own message proposes.
     for group in optimizer.param_groups:
         for p in group["params"]:
             p.grad = torch.zeros_like(p)
