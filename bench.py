@@ -337,6 +337,7 @@ def finetune_phase(cfg: MAEConfig, images, labels, args, device: torch.device) -
     def step(model, optimizer, scaler, batch_idx, lr, loss_sum, amp_dtype):
         train_classifier.train_step(model, optimizer, scaler, images, labels, batch_idx, lr, prepare, mixup,
                                     criterion, script_args, device, amp_dtype, loss_sum, torch.zeros_like(loss_sum))
+
     def inputs(batch_idx):
         # train_step's input work, chunk by chunk, without the model: hundreds of small eager operators per chunk
         # (about 250 for the finetune recipe, views included), the one part of the step torch.compile leaves alone.
