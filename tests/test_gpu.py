@@ -1,6 +1,6 @@
-"""What only a GPU can check: the host-resident data path (--data_on host) against data on the GPU, the
-scripts' fast path (bf16, torch.compile, CUDA graphs with gradient accumulation) on CUDA, and fp16. Skipped on a machine without CUDA, such as CI's; every other
-test file runs on the CPU.
+"""What only a GPU can check: the host-resident data path (--data_on host) against data on the GPU, the scripts' fast
+path (bf16, torch.compile, CUDA graphs with gradient accumulation) on CUDA, and fp16. Skipped on a machine without
+CUDA, such as CI's; every other test file runs on the CPU.
 
 Run (on a machine with a GPU): python -m pytest -q tests/test_gpu.py
 """
