@@ -115,7 +115,7 @@ def resolve_defaults(args, device: torch.device) -> None:
         if getattr(args, name) is None:
             setattr(args, name, cuda_default if on_cuda else cpu_default)
     if args.compile is None:
-        args.compile = on_cuda  # utils.maybe_compile's default, made explicit
+        args.compile = on_cuda  # utils.compile_enabled's default, made explicit
     args.preset = args.preset or ("vit-t" if on_cuda else "small")
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
@@ -306,6 +306,7 @@ class Phase:
     step: object  # (model, optimizer, scaler, batch_idx, lr, loss_sum, amp_dtype) -> None: one optimizer step
     flops_forward: int  # analytic forward FLOPs per image
     inputs: object = None  # (batch_idx) -> None: the step's input work alone, as the step does it; None: not timed
+    inputs_eager: object = None  # the same, eager, where the step runs it compiled; else None
 
 
 def pretrain_phase(cfg: MAEConfig, images, args, device: torch.device) -> Phase:
@@ -329,26 +330,27 @@ def finetune_phase(cfg: MAEConfig, images, labels, args, device: torch.device) -
     train_classifier.resolve_recipe(script_args)
     mixup = train_classifier.make_mixup(script_args, args.num_classes)
     criterion = train_classifier.make_criterion(script_args, mixup)
-    augmented = train_classifier.augments_images(script_args)
-
-    def prepare(images_u8):
-        return train_classifier.augment(images_u8, script_args) if augmented else data.normalize(images_u8)
+    prepare = train_classifier.augmentation(script_args, args.compile)
+    eager_prepare = train_classifier.augmentation(script_args, compiled=False)
 
     def step(model, optimizer, scaler, batch_idx, lr, loss_sum, amp_dtype):
         train_classifier.train_step(model, optimizer, scaler, images, labels, batch_idx, lr, prepare, mixup,
                                     criterion, script_args, device, amp_dtype, loss_sum, torch.zeros_like(loss_sum))
 
-    def inputs(batch_idx):
-        # train_step's input work, chunk by chunk, without the model: hundreds of small eager operators per chunk
-        # (about 250 for the finetune recipe, views included), the one part of the step torch.compile leaves alone.
-        for chunk_idx in batch_idx.split(chunk_size(args.finetune_batch_size, args)):
-            x, y = prepare(data.take(images, chunk_idx, device)), data.take(labels, chunk_idx, device)
-            if mixup is not None:
-                mixup(x, y)
+    def input_work(view):
+        # train_step's input work, chunk by chunk, without the model: eager, hundreds of small operators per chunk
+        # (about 250 for the finetune recipe, views included); compiled, a few fused kernels and mixup's dozen.
+        def inputs(batch_idx):
+            for chunk_idx in batch_idx.split(chunk_size(args.finetune_batch_size, args)):
+                x, y = view(data.take(images, chunk_idx, device)), data.take(labels, chunk_idx, device)
+                if mixup is not None:
+                    mixup(x, y)
+        return inputs
 
     model = ViTClassifier(cfg, args.num_classes, script_args.global_pool, script_args.drop_path)
     return Phase("finetune", model, (0.9, 0.999), script_args.base_learning_rate, args.finetune_batch_size, step,
-                 sum(classifier_forward_flops(cfg, args.num_classes).values()), inputs)
+                 sum(classifier_forward_flops(cfg, args.num_classes).values()), input_work(prepare),
+                 input_work(eager_prepare) if args.compile else None)
 
 
 def bench_phase(phase: Phase, args, device: torch.device, data_device: torch.device, amp_dtype,
@@ -360,7 +362,7 @@ def bench_phase(phase: Phase, args, device: torch.device, data_device: torch.dev
     peak_lr = phase.base_lr * phase.batch_size / 256
     optimizer = utils.make_adamw(utils.weight_decay_groups(model, 0.05), peak_lr, phase.betas, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    train_model = utils.maybe_compile(model, args, device)
+    train_model = utils.compile_model(model, args) if args.compile else model
     chunk = chunk_size(phase.batch_size, args)
     total_steps = args.warmup_steps + args.repeats * args.steps + 1  # the last: the host-sync check
     # Successive epochs' permutations cut into index batches, made before the clock starts as an epoch makes
@@ -398,14 +400,16 @@ def bench_phase(phase: Phase, args, device: torch.device, data_device: torch.dev
         one_step(model)
     synchronize(device)
     # The input work alone, timed like the steps: on a GPU with the same stream and launch gaps, so within the
-    # step it costs at most this (less where the device runs it while the host is still queueing). It says what
-    # compiling the augmentation could save, at most.
-    input_ms = None
-    if phase.inputs is not None:
-        input_idx = data.epoch_batches(REFERENCE_TRAIN_IMAGES, phase.batch_size, args.seed, data_device)[0]
-        phase.inputs(input_idx)  # untimed, as the steps' warm-up
-        input_ms = 1e3 * statistics.median(timed(lambda: phase.inputs(input_idx), args.steps, device)
-                                           for _ in range(args.repeats))
+    # step it costs at most this (less where the device runs it while the host is still queueing). Where the step
+    # compiles it, the eager time beside it says what the compilation saves.
+    input_idx = data.epoch_batches(REFERENCE_TRAIN_IMAGES, phase.batch_size, args.seed, data_device)[0]
+
+    def input_ms(inputs):
+        if inputs is None:
+            return None
+        inputs(input_idx)  # untimed, as the steps' warm-up
+        return 1e3 * statistics.median(timed(lambda: inputs(input_idx), args.steps, device)
+                                       for _ in range(args.repeats))
     train_flops = TRAIN_FLOPS_PER_FORWARD * phase.flops_forward
     tflops = train_flops * phase.batch_size / seconds / 1e12
     return {
@@ -416,7 +420,8 @@ def bench_phase(phase: Phase, args, device: torch.device, data_device: torch.dev
         "compile_s": max(0.0, warmup_s - args.warmup_steps * seconds),
         "mean_loss": loss_sum.item() / (total_steps * (phase.batch_size // chunk)),
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
-        "host_syncs": sorted(set(recorder.syncs)), "input_ms_per_step": input_ms,
+        "host_syncs": sorted(set(recorder.syncs)), "input_ms_per_step": input_ms(phase.inputs),
+        "input_ms_per_step_eager": input_ms(phase.inputs_eager),
     }
 
 
@@ -500,6 +505,7 @@ def main(args):
     device = utils.resolve_device(args)
     resolve_defaults(args, device)
     cfg = check_args(args)
+    args.compile = utils.compile_enabled(args, device)  # what runs: False, with one warning, where it cannot work
     amp_dtype = utils.autocast_dtype(args, device)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = " ".join(["python", os.path.basename(sys.argv[0]) or "bench.py", *sys.argv[1:]])
@@ -555,8 +561,10 @@ def main(args):
     for r in (pretrain, finetune):
         print(f"host syncs in one {r['phase']} step (eager, every operator recorded): "
               f"{', '.join(r['host_syncs']) or 'none'}")
-    print(f"fine-tuning input work alone (each chunk taken, augmented and mixed, eager as the step runs it): "
-          f"{finetune['input_ms_per_step']:.2f} ms per step, "
+    eager_ms = finetune["input_ms_per_step_eager"]
+    print(f"fine-tuning input work alone (each chunk taken, augmented and mixed as the step does it, augmentation "
+          f"{'compiled' if args.compile else 'eager'}): {finetune['input_ms_per_step']:.2f} ms per step"
+          f"{'' if eager_ms is None else f' (eager: {eager_ms:.2f})'}, "
           f"{100 * finetune['input_ms_per_step'] / finetune['ms_per_step']:.0f}% of the step; within the step it "
           f"costs at most that, {projection['finetune_input_minutes_at_most']:.1f} min of the projection below")
     batches = (pretrain["batch_size"], finetune["batch_size"])

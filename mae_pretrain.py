@@ -280,7 +280,8 @@ def main(args):
         start_epoch, losses, evals = ckpt["epoch"] + 1, list(ckpt["losses"]), list(ckpt["evals"])
         log_print(f"resumed from {args.resume} at epoch {start_epoch}")
     train_model = DistributedDataParallel(model) if world_size > 1 else model
-    train_model = utils.maybe_compile(train_model, args, device)
+    if utils.compile_enabled(args, device):
+        train_model = utils.compile_model(train_model, args)
     writer = SummaryWriter(args.log_dir) if main_process else None
     background = utils.BackgroundWriter()  # figures, logs and checkpoints, written while the next epoch trains
 

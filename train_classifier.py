@@ -284,6 +284,17 @@ def augment(images_u8: torch.Tensor, args) -> torch.Tensor:
     return x
 
 
+def augmentation(args, compiled: bool):
+    """augment(., args) as a function of uint8 chunks, compiled when the model is. The finetune recipe's view is
+    about 250 small eager operators per chunk (crop, flip, TrivialAugment's 14 ops, random erasing), each a kernel
+    launch on a GPU; compiled, they are one graph of a few fused kernels. Its random draws then come from
+    inductor's generator, seeded from torch's: other numbers than eager's, from the same distributions. Compiled in
+    torch.compile's default mode whatever --compile_mode says: elementwise kernels gain nothing from autotuning."""
+    def view(images_u8):
+        return augment(images_u8, args)
+    return torch.compile(view, dynamic=False) if compiled else view
+
+
 def make_criterion(args, mixup):
     """timm's soft-target cross-entropy for mixed targets (Mixup has smoothed them), else cross-entropy."""
     return SoftTargetCrossEntropy() if mixup is not None else nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
@@ -426,7 +437,9 @@ def main(args):
 
     # ---- what trains on what
     frozen = model.encoder if args.linear_probe else None
-    if args.linear_probe and not augments_images(args):
+    precomputed = args.linear_probe and not augments_images(args)
+    compiled = not precomputed and utils.compile_enabled(args, device)  # a probe's head alone: nothing to compile
+    if precomputed:
         # A frozen encoder on unaugmented images gives the same features every epoch: compute them once, and an
         # epoch is a pass of the head over (N, D) floats.
         model.eval()
@@ -437,17 +450,16 @@ def main(args):
     else:
         train_inputs, val_inputs = train_images, val_images
         net = model
-        prepare_train, prepare_eval = (lambda images: augment(images, args)), data.normalize
+        prepare_train, prepare_eval = augmentation(args, compiled), data.normalize
     # Batches are cut where the inputs live: the labels go there too.
     train_labels, val_labels = train.labels.to(train_inputs.device), val.labels.to(val_inputs.device)
-    compile_net = net is model  # the probe on precomputed features trains a tiny head: nothing to compile
     if world_size > 1:
         # With several processes each BatchNorm (the probe's head_norm) normalises with its own shard's
         # statistics; DDP keeps the running statistics of rank 0.
         net = DistributedDataParallel(net)
     eval_net = net  # evaluation runs eager (utils.eager)
-    if compile_net:
-        net = utils.maybe_compile(net, args, device)
+    if compiled:
+        net = utils.compile_model(net, args)
 
     # ---- optimizer and loss
     param_groups = utils.layer_decay_groups(model, args.weight_decay, args.layer_decay, cfg.depth)

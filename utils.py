@@ -307,19 +307,24 @@ def autocast(device: torch.device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def maybe_compile(model: torch.nn.Module, args, device: torch.device) -> torch.nn.Module:
-    """torch.compile when asked for (default on CUDA); eager with one warning where compiling is unavailable.
+def compile_enabled(args, device: torch.device) -> bool:
+    """Whether to torch.compile: --compile (default on CUDA) where it can work; one warning, and eager, where not.
 
     torch.compile itself is lazy and only fails at the first call, so what it needs is checked up front:
     TorchDynamo support for this Python and platform, Triton for CUDA kernels, a C++ compiler for CPU ones.
     """
     enabled = args.compile if args.compile is not None else device.type == "cuda"
     if not enabled:
-        return model
+        return False
     reason = _compile_unavailable(device)
     if reason:
         warnings.warn(f"torch.compile is unavailable ({reason}); running eager")
-        return model
+        return False
+    return True
+
+
+def compile_model(model: torch.nn.Module, args) -> torch.nn.Module:
+    """torch.compile the model per --compile_mode and --compile_scope (call where compile_enabled says so)."""
     mode = None if args.compile_mode == "default" else args.compile_mode
     if args.compile_scope == "model":
         return torch.compile(model, mode=mode)

@@ -95,7 +95,7 @@ def test_step_with_accumulation_follows_the_full_batch_gradient(phase):
     labels = torch.randint(0, 10, (40,), generator=g)
     batch_idx = torch.randperm(40, generator=g)[:batch]
     args = SimpleNamespace(pretrain_batch_size=batch, finetune_batch_size=batch, num_classes=10,
-                           finetune_recipe="plain", max_device_batch_size=batch)
+                           finetune_recipe="plain", max_device_batch_size=batch, compile=False)
     make = bench.pretrain_phase if phase == "pretrain" else bench.finetune_phase
     cpu = torch.device("cpu")
     extra = (images, args, cpu) if phase == "pretrain" else (images, labels, args, cpu)
@@ -138,7 +138,7 @@ def test_steps_accumulate_into_the_grad_buffers_the_optimizer_allocated(phase):
     images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (40,))
     args = SimpleNamespace(pretrain_batch_size=16, finetune_batch_size=16, num_classes=10, finetune_recipe="plain",
-                           max_device_batch_size=8)  # two chunks per step
+                           max_device_batch_size=8, compile=False)  # two chunks per step
     cpu = torch.device("cpu")
     step = bench.pretrain_phase(cfg, images, args, cpu) if phase == "pretrain" else \
         bench.finetune_phase(cfg, images, labels, args, cpu)
@@ -152,6 +152,25 @@ def test_steps_accumulate_into_the_grad_buffers_the_optimizer_allocated(phase):
         step.step(step.model, optimizer, scaler, torch.randperm(40)[:16], 1e-3, torch.zeros(()), None)
     assert all(p.grad is g and not g.any() for p, g in zip(params, buffers))
     assert all(not torch.equal(p, b) for p, b in zip(params, before))  # every parameter was trained
+
+
+def test_compiled_fine_tuning_times_its_input_work_compiled_and_eager(compile_counter):
+    """With compilation on, the fine-tuning phase runs its augmentation compiled, as train_classifier.py does, and
+    also times it eager: the difference is what compiling it saves. Dynamo's counting backend traces it (one graph,
+    the recipe's crop, flip, TrivialAugment and random erasing) without generating code."""
+    cfg = MAEConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+                    decoder_num_heads=2)
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (40,))
+    args = SimpleNamespace(finetune_batch_size=16, num_classes=10, finetune_recipe="finetune",
+                           max_device_batch_size=8, compile=True)
+    phase = bench.finetune_phase(cfg, images, labels, args, torch.device("cpu"))
+    phase.inputs_eager(torch.arange(16))
+    assert compile_counter.frame_count == 0
+    phase.inputs(torch.arange(16))  # two chunks of 8, one graph
+    assert compile_counter.frame_count == 1 and compile_counter.op_count > 100
+    args.compile = False
+    assert bench.finetune_phase(cfg, images, labels, args, torch.device("cpu")).inputs_eager is None
 
 
 def test_cpu_command_runs_in_seconds_and_its_numbers_agree(tmp_path):
@@ -183,8 +202,10 @@ def test_cpu_command_runs_in_seconds_and_its_numbers_agree(tmp_path):
         # anything back (HostSyncRecorder is tested below).
         assert p["host_syncs"] == []
     assert (r["pretrain"]["batch_size"], r["pretrain"]["chunk"], r["finetune"]["batch_size"]) == (64, 32, 32)
-    # The fine-tuning step's input work (take, augment, mix) is timed on its own; the pretraining's is not.
+    # The fine-tuning step's input work (take, augment, mix) is timed on its own; the pretraining's is not. Nothing
+    # is compiled, so there is no eager time to set beside it.
     assert r["pretrain"]["input_ms_per_step"] is None and r["finetune"]["input_ms_per_step"] > 0
+    assert r["pretrain"]["input_ms_per_step_eager"] is None and r["finetune"]["input_ms_per_step_eager"] is None
 
     # Evaluations timed on 64 val images (and a 320-image kNN bank), scaled to 10,000: mae_pretrain.py's monitor
     # at epochs 25, 50, ..., 150 and a val pass after each of the 2 x 50 fine-tuning epochs.

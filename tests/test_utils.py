@@ -195,17 +195,17 @@ def test_embed_all_embeds_every_image_in_order_onto_the_given_device():
 
 def test_compile_falls_back_to_eager_with_one_warning_where_it_cannot_work():
     import torch._inductor.config as inductor_config
-    model = torch.nn.Linear(4, 2)
     args = SimpleNamespace(compile=True, compile_mode="default", compile_scope="model")
+    cpu = torch.device("cpu")
     with inductor_config.patch({"cpp.cxx": ("no-such-c++-compiler",)}), \
             pytest.warns(UserWarning, match="no C.. compiler") as record:
-        assert utils.maybe_compile(model, args, torch.device("cpu")) is model
+        assert not utils.compile_enabled(args, cpu)
     assert len(record) == 1
-    compiled = utils.maybe_compile(model, args, torch.device("cpu"))  # a compiler is there: compiled, lazily
+    assert utils.compile_enabled(args, cpu)  # a compiler is there
+    model = torch.nn.Linear(4, 2)
+    compiled = utils.compile_model(model, args)  # compiled lazily
     assert compiled is not model and compiled._orig_mod is model
-    assert utils.maybe_compile(model, SimpleNamespace(compile=None, compile_mode="default", compile_scope="model"),
-                               torch.device("cpu")) is model  # off by default on the CPU
-
+    assert not utils.compile_enabled(SimpleNamespace(compile=None), cpu)  # off by default on the CPU
 
 
 def test_compile_errors_other_than_a_missing_compiler_are_raised_not_warned(monkeypatch):
@@ -213,15 +213,17 @@ def test_compile_errors_other_than_a_missing_compiler_are_raised_not_warned(monk
         raise TypeError("a bug in the call")
     monkeypatch.setattr(torch, "compile", broken_compile)
     args = SimpleNamespace(compile=True, compile_mode="default", compile_scope="model")
+    assert utils.compile_enabled(args, torch.device("cpu"))
     with pytest.raises(TypeError, match="a bug in the call"):
-        utils.maybe_compile(torch.nn.Linear(4, 2), args, torch.device("cpu"))
+        utils.compile_model(torch.nn.Linear(4, 2), args)
+
 
 def test_compile_scope_blocks_compiles_every_block_in_place():
     model = MAE(MAEConfig(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
                           decoder_num_heads=2))
     keys = list(model.state_dict())
-    args = SimpleNamespace(compile=True, compile_mode="default", compile_scope="blocks")
-    assert utils.maybe_compile(model, args, torch.device("cpu")) is model
+    args = SimpleNamespace(compile_mode="default", compile_scope="blocks")
+    assert utils.compile_model(model, args) is model
     blocks = [*model.encoder.blocks, *model.decoder.blocks]
     assert len(blocks) == 3 and all(b._compiled_call_impl is not None for b in blocks)
     assert model.encoder.patch_embed._compiled_call_impl is None  # only the blocks
