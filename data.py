@@ -234,17 +234,25 @@ def random_hflip(x: torch.Tensor, rand=None) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Classification augmentation, batched on the device: one draw per image, no per-image Python
+# Classification augmentation, batched on the device: one draw per image, no per-image Python. Each random op
+# takes its random numbers as an optional argument, made by its *_draws function: train_classifier.py draws them
+# eagerly and compiles the rest, which then holds no random op (the same numbers compiled or eager, whatever
+# inductor does with random ops).
 
-def random_crop(x: torch.Tensor, padding: int) -> torch.Tensor:
+def crop_draws(batch: int, padding: int, device) -> torch.Tensor:
+    """Each image's random (top, left) offset into the padded image, in [0, 2 * padding]: (B, 2) int64."""
+    return torch.cat([torch.randint(2 * padding + 1, (batch, 1), device=device) for _ in ("top", "left")], dim=1)
+
+
+def random_crop(x: torch.Tensor, padding: int, offsets=None) -> torch.Tensor:
     """Pad every side by `padding` pixels (reflected) and cut each image's own random crop back to the input
-    size, the standard CIFAR crop. Integer offsets and a gather, so pixels are copied exactly."""
+    size, the standard CIFAR crop. Integer offsets and a gather, so pixels are copied exactly.
+    offsets: optional crop_draws(B, padding, ...); drawn here by default."""
     B, C, H, W = x.shape
+    offsets = crop_draws(B, padding, x.device) if offsets is None else offsets
     padded = F.pad(x, (padding,) * 4, mode="reflect")  # (B, C, H + 2p, W + 2p)
-    top = torch.randint(2 * padding + 1, (B, 1), device=x.device)
-    left = torch.randint(2 * padding + 1, (B, 1), device=x.device)
-    rows = top + torch.arange(H, device=x.device)  # (B, H) source row of every output row
-    cols = left + torch.arange(W, device=x.device)  # (B, W)
+    rows = offsets[:, :1] + torch.arange(H, device=x.device)  # (B, H) source row of every output row
+    cols = offsets[:, 1:] + torch.arange(W, device=x.device)  # (B, W)
     x = padded.gather(2, rows[:, None, :, None].expand(B, C, H, padded.shape[-1]))
     return x.gather(3, cols[:, None, None, :].expand(B, C, H, W))
 
@@ -257,13 +265,19 @@ MAGNITUDE_LEVELS = 31
 MAX_SHEAR, MAX_TRANSLATE_PX, MAX_ROTATE_DEG, MAX_ENHANCE = 0.99, 32.0, 135.0, 0.99
 
 
-def trivial_augment(x: torch.Tensor) -> torch.Tensor:
-    """Batched TrivialAugmentWide on (B, 3, H, W) images in [0, 1]."""
-    B = x.shape[0]
-    op = torch.randint(len(AUGMENT_OPS), (B,), device=x.device)
-    magnitude = torch.randint(MAGNITUDE_LEVELS, (B,), device=x.device) / (MAGNITUDE_LEVELS - 1)
-    sign = torch.randint(2, (B,), device=x.device) * 2 - 1
-    return apply_augment_ops(x, op, magnitude * sign)
+def trivial_augment_draws(batch: int, device) -> tuple:
+    """Each image's op (an index into AUGMENT_OPS) and signed magnitude in [-1, 1]: two (B,) tensors."""
+    op = torch.randint(len(AUGMENT_OPS), (batch,), device=device)
+    magnitude = torch.randint(MAGNITUDE_LEVELS, (batch,), device=device) / (MAGNITUDE_LEVELS - 1)
+    sign = torch.randint(2, (batch,), device=device) * 2 - 1
+    return op, magnitude * sign
+
+
+def trivial_augment(x: torch.Tensor, draws=None) -> torch.Tensor:
+    """Batched TrivialAugmentWide on (B, 3, H, W) images in [0, 1]. draws: optional trivial_augment_draws(B, ...);
+    drawn here by default."""
+    op, magnitude = trivial_augment_draws(x.shape[0], x.device) if draws is None else draws
+    return apply_augment_ops(x, op, magnitude)
 
 
 def apply_augment_ops(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
@@ -325,21 +339,34 @@ def _autocontrast(x: torch.Tensor) -> torch.Tensor:
     return ((x - torch.where(flat, 0, low)) / torch.where(flat, 1, high - low)).clamp(0, 1)
 
 
-def random_erasing(x: torch.Tensor, prob: float, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3)) -> torch.Tensor:
+def erasing_draws(shape, device, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3)) -> dict:
+    """Random erasing's numbers for images of `shape` (B, C, H, W): each rectangle's area as a share of the image,
+    drawn uniformly from `scale`, its log-uniform aspect ratio from `ratio`, uniform numbers placing it and
+    deciding whether it is erased at all, and the normal noise it is filled with."""
+    B = shape[0]
+    share = torch.empty(B, device=device).uniform_(*scale)
+    aspect = torch.empty(B, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+    top, left = torch.rand(B, device=device), torch.rand(B, device=device)
+    return dict(share=share, aspect=aspect, top=top, left=left, erase=torch.rand(B, 1, 1, device=device),
+                noise=torch.randn(shape, device=device))
+
+
+def random_erasing(x: torch.Tensor, prob: float, draws=None) -> torch.Tensor:
     """Random erasing (Zhong et al., 2020) as timm applies it in the MAE recipe ('pixel' mode): with probability
-    `prob` per image, one rectangle of area `scale` x the image and log-uniform aspect `ratio` is filled with
-    per-pixel normal noise. x: normalised (B, C, H, W). Rectangles that would not fit are shrunk to fit instead
-    of redrawn (timm retries up to 10 times), which keeps this branch-free."""
+    `prob` per image, one rectangle of area 0.02 to 1/3 of the image and log-uniform aspect ratio 0.3 to 1/0.3 is
+    filled with per-pixel normal noise. x: normalised (B, C, H, W). Rectangles that would not fit are shrunk to fit
+    instead of redrawn (timm retries up to 10 times), which keeps this branch-free. draws: optional
+    erasing_draws(x.shape, ...); drawn here by default."""
     B, _, H, W = x.shape
-    area = torch.empty(B, device=x.device).uniform_(*scale) * H * W
-    aspect = torch.empty(B, device=x.device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
-    h = (area * aspect).sqrt().round().clamp(1, H)
-    w = (area / aspect).sqrt().round().clamp(1, W)
-    top = (torch.rand(B, device=x.device) * (H - h + 1)).floor()
-    left = (torch.rand(B, device=x.device) * (W - w + 1)).floor()
+    d = erasing_draws(x.shape, x.device) if draws is None else draws
+    area = d["share"] * H * W
+    h = (area * d["aspect"]).sqrt().round().clamp(1, H)
+    w = (area / d["aspect"]).sqrt().round().clamp(1, W)
+    top = (d["top"] * (H - h + 1)).floor()
+    left = (d["left"] * (W - w + 1)).floor()
     rows = torch.arange(H, device=x.device).view(1, H, 1)
     cols = torch.arange(W, device=x.device).view(1, 1, W)
     inside = ((rows >= top.view(B, 1, 1)) & (rows < (top + h).view(B, 1, 1))
               & (cols >= left.view(B, 1, 1)) & (cols < (left + w).view(B, 1, 1)))  # (B, H, W)
-    erase = inside & (torch.rand(B, 1, 1, device=x.device) < prob)
-    return torch.where(erase.unsqueeze(1), torch.randn_like(x), x)
+    erase = inside & (d["erase"] < prob)
+    return torch.where(erase.unsqueeze(1), d["noise"], x)

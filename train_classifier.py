@@ -268,31 +268,50 @@ def augments_images(args) -> bool:
                 or args.random_erase)
 
 
-def augment(images_u8: torch.Tensor, args) -> torch.Tensor:
+def augment_draws(shape, args, device) -> dict:
+    """Every random number augment uses for a chunk of `shape` (B, C, H, W), drawn eagerly, in the order (and so
+    with the values) augment would draw them itself."""
+    batch, draws = shape[0], {}
+    if args.crop_padding:
+        draws["crop"] = data.crop_draws(batch, args.crop_padding, device)
+    if args.hflip:
+        draws["flip"] = torch.rand(batch, device=device)
+    if args.auto_augment == "trivial":
+        draws["trivial"] = data.trivial_augment_draws(batch, device)
+    if args.random_erase:
+        draws["erase"] = data.erasing_draws(shape, device)
+    return draws
+
+
+def augment(images_u8: torch.Tensor, args, draws=None) -> torch.Tensor:
     """The training view of a batch, on its device: uint8 (B, C, H, W) -> normalised float. With no augmentation
-    these are exactly data.normalize's operations."""
+    these are exactly data.normalize's operations. draws: augment_draws' numbers; drawn here by default."""
+    d = augment_draws(images_u8.shape, args, images_u8.device) if draws is None else draws
     x = images_u8.float() / 255  # the photometric ops are defined on [0, 1]
     if args.crop_padding:
-        x = data.random_crop(x, args.crop_padding)
+        x = data.random_crop(x, args.crop_padding, d["crop"])
     if args.hflip:
-        x = data.random_hflip(x)
+        x = data.random_hflip(x, d["flip"])
     if args.auto_augment == "trivial":
-        x = data.trivial_augment(x)
+        x = data.trivial_augment(x, d["trivial"])
     x = (x - data.PIXEL_MEAN) / data.PIXEL_STD
     if args.random_erase:  # after normalisation: the noise it fills in is N(0, 1) in normalised units
-        x = data.random_erasing(x, args.random_erase)
+        x = data.random_erasing(x, args.random_erase, d["erase"])
     return x
 
 
 def augmentation(args, compiled: bool):
     """augment(., args) as a function of uint8 chunks, compiled when the model is. The finetune recipe's view is
     about 250 small eager operators per chunk (crop, flip, TrivialAugment's 14 ops, random erasing), each a kernel
-    launch on a GPU; compiled, they are one graph of a few fused kernels. Its random draws then come from
-    inductor's generator, seeded from torch's: other numbers than eager's, from the same distributions. Compiled in
-    torch.compile's default mode whatever --compile_mode says: elementwise kernels gain nothing from autotuning."""
+    launch on a GPU; compiled, they are one graph of a few fused kernels. Its random numbers are drawn eagerly
+    beforehand (a dozen operators), so the graph holds no random op: compiled or eager, a seed gives the same
+    views. Compiled in torch.compile's default mode whatever --compile_mode says: elementwise kernels gain nothing
+    from autotuning."""
+    apply = torch.compile(augment, dynamic=False) if compiled else augment
+
     def view(images_u8):
-        return augment(images_u8, args)
-    return torch.compile(view, dynamic=False) if compiled else view
+        return apply(images_u8, args, augment_draws(images_u8.shape, args, images_u8.device))
+    return view
 
 
 def make_criterion(args, mixup):
