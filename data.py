@@ -354,9 +354,9 @@ def erasing_draws(shape, device, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3)) -> d
 def random_erasing(x: torch.Tensor, prob: float, draws=None) -> torch.Tensor:
     """Random erasing (Zhong et al., 2020) as timm applies it in the MAE recipe ('pixel' mode): with probability
     `prob` per image, one rectangle (by erasing_draws' defaults, of area 0.02 to 1/3 of the image and log-uniform
-    aspect ratio 0.3 to 1/0.3) is filled with per-pixel normal noise. x: normalised (B, C, H, W). Rectangles that would not fit are shrunk to fit
-    instead of redrawn (timm retries up to 10 times), which keeps this branch-free. draws: optional
-    erasing_draws(x.shape, ...); drawn here by default."""
+    aspect ratio 0.3 to 1/0.3) is filled with per-pixel normal noise. x: normalised (B, C, H, W). Rectangles that
+    would not fit are shrunk to fit instead of redrawn (timm retries up to 10 times), which keeps this branch-free.
+    draws: optional erasing_draws(x.shape, ...); drawn here by default."""
     B, _, H, W = x.shape
     d = erasing_draws(x.shape, x.device) if draws is None else draws
     area = d["share"] * H * W
