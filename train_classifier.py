@@ -304,7 +304,7 @@ def augmentation(args, compiled: bool):
     """augment(., args) as a function of uint8 chunks, compiled when the model is. The finetune recipe's view is
     about 250 small eager operators per chunk (crop, flip, TrivialAugment's 14 ops, random erasing), each a kernel
     launch on a GPU; compiled, they are one graph of a few fused kernels. Its random numbers are drawn eagerly
-    beforehand (a dozen operators), so the graph holds no random op: compiled or eager, a seed gives the same
+    beforehand (about 20 operators), so the graph holds no random op: compiled or eager, a seed gives the same
     views. Compiled in torch.compile's default mode whatever --compile_mode says: elementwise kernels gain nothing
     from autotuning."""
     apply = torch.compile(augment, dynamic=False) if compiled else augment

@@ -37,12 +37,22 @@ def compile_counter(monkeypatch):
     """torch.compile with Dynamo's counting backend instead of inductor: the model is traced exactly as for
     real (seconds, no code generation) and every graph handed to the backend is counted. One graph over a
     whole run means no graph break (each would split it, and host syncs such as .item() or data-dependent
-    shapes are breaks) and no recompilation (each would hand over another)."""
+    shapes are breaks) and no recompilation (each would hand over another). counter.graph_inputs lists each
+    graph's input names, to tell which function a graph came from."""
     import torch
     import torch._dynamo
     from torch._dynamo.testing import CompileCounter
 
-    counter, real_compile = CompileCounter(), torch.compile
+    class InputRecordingCounter(CompileCounter):
+        def __init__(self):
+            super().__init__()
+            self.graph_inputs = []
+
+        def __call__(self, gm, example_inputs):
+            self.graph_inputs.append([node.name for node in gm.graph.nodes if node.op == "placeholder"])
+            return super().__call__(gm, example_inputs)
+
+    counter, real_compile = InputRecordingCounter(), torch.compile
     torch._dynamo.reset()  # cached graphs of an earlier test would not be counted again
     monkeypatch.setattr(torch, "compile", lambda model, mode=None, **kwargs: real_compile(model, backend=counter,
                                                                                           **kwargs))

@@ -558,6 +558,9 @@ def test_compiled_run_is_one_graph_with_no_recompilation(tmp_path, mae_ckpt, com
     argv[argv.index("--fake_size") + 1] = "96"
     train_classifier.main(parse(argv))
     assert compile_counter.frame_count == 2
+    # one of them train_classifier.augment's (its input: the uint8 chunk), the other the model's
+    augment_graph = ["images_u8" in " ".join(names) for names in compile_counter.graph_inputs]
+    assert sorted(augment_graph) == [False, True], compile_counter.graph_inputs
     assert compile_counter.op_count > 0
 
 
@@ -568,11 +571,13 @@ def test_compiled_augmentation_gives_eager_views_at_the_same_seed():
     args = parse(["--pretrained_model_path", "(unused)"])
     train_classifier.resolve_recipe(args)
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    torch._dynamo.reset()  # no cache of an earlier test's compilations, full or not
     views = []
     for compiled in (True, False):
         torch.manual_seed(0)
         views.append(train_classifier.augmentation(args, compiled)(images))
     assert (views[0] - data.normalize(images)).abs().mean() > 0.1  # augmented, not just normalised
+    assert not torch.equal(views[0], views[1])  # inductor's kernels, not eager's, ran
     torch.testing.assert_close(views[0], views[1], rtol=0, atol=1e-6)
 
 
