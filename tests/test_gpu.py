@@ -86,6 +86,7 @@ def test_compiled_augmentation_on_the_gpu_matches_eager():
     args = train_classifier.get_args_parser().parse_args(["--pretrained_model_path", "(unused)"])
     train_classifier.resolve_recipe(args)
     images = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    torch._dynamo.reset()  # no cache of an earlier test's compilations, full or not
     views = {}
     for compiled in (True, False):
         torch.manual_seed(0)
