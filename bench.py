@@ -116,6 +116,7 @@ def resolve_defaults(args, device: torch.device) -> None:
             setattr(args, name, cuda_default if on_cuda else cpu_default)
     if args.compile is None:
         args.compile = on_cuda  # utils.compile_enabled's default, made explicit
+    utils.resolve_compile_mode(args, device)
     args.preset = args.preset or ("vit-t" if on_cuda else "small")
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:

@@ -417,6 +417,7 @@ def main(args):
         else (None, None)
     cfg = model_config(args, pretrained_config)
     device = utils.resolve_device(args)
+    utils.resolve_compile_mode(args, device)
     amp_dtype = utils.autocast_dtype(args, device)
     train, val, steps_per_epoch = utils.load_training_data(args, cfg.img_size)
     classes, num_classes = list(train.classes), len(train.classes)

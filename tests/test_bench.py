@@ -181,7 +181,7 @@ def test_cpu_command_runs_in_seconds_and_its_numbers_agree(tmp_path):
     assert proc.returncode == 0, proc.stderr
     r = json.loads(out.read_text())
     assert r["command"] == f"python bench.py --device cpu --json {out}"
-    assert r["compile"] is False and r["config"]["preset"] == "small"
+    assert r["compile"] is False and r["config"]["preset"] == "small" and r["config"]["compile_mode"] == "default"
     cfg = MAEConfig(**r["model"])
     peak = r["matmul_peak"]["tflops"]
     assert peak > 0

@@ -108,7 +108,8 @@ def check_run_outputs(run_dir, run, epochs, argv):
     assert sorted(p for p in os.listdir(out) if p.endswith(".png")) == sorted(
         [f"{run}_preds_grid.png"] + [f"{run}_preds_epoch_{e}.png" for e in {0, (epochs + 1) // 2, epochs}])
     assert (out / f"{run}_preds_grid.png").read_bytes() == (out / f"{run}_preds_epoch_{epochs}.png").read_bytes()
-    assert json.load(open(out / f"{run}_args.json"))["run_name"] == run
+    saved = json.load(open(out / f"{run}_args.json"))
+    assert saved["run_name"] == run and saved["compile_mode"] == "default"  # resolved, not the flag's None
 
     events = EventAccumulator(str(run_dir / "logs"), size_guidance={"scalars": 0}).Reload()
     for name, values in arrays.items():

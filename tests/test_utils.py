@@ -208,6 +208,24 @@ def test_compile_falls_back_to_eager_with_one_warning_where_it_cannot_work():
     assert not utils.compile_enabled(SimpleNamespace(compile=None), cpu)  # off by default on the CPU
 
 
+@pytest.mark.parametrize("device, compile, world_size, expected", [
+    ("cuda", None, "1", "reduce-overhead"),  # compiled by default on CUDA: CUDA graphs
+    ("cuda", True, "1", "reduce-overhead"),
+    ("cuda", False, "1", "default"),  # nothing compiled: no mode that needs compilation
+    ("cuda", None, "2", "default"),  # under torchrun: CUDA graphs only when asked for
+    ("cpu", None, "1", "default"),
+    ("cpu", True, "1", "default"),  # CUDA graphs need CUDA
+])
+def test_compile_mode_defaults_to_cuda_graphs_on_one_gpu(monkeypatch, device, compile, world_size, expected):
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    args = SimpleNamespace(compile=compile, compile_mode=None)
+    utils.resolve_compile_mode(args, torch.device(device))  # needs no GPU: it only reads the device's type
+    assert args.compile_mode == expected
+    args.compile_mode = "max-autotune"
+    utils.resolve_compile_mode(args, torch.device(device))
+    assert args.compile_mode == "max-autotune"  # a mode asked for is kept
+
+
 def test_compile_errors_other_than_a_missing_compiler_are_raised_not_warned(monkeypatch):
     def broken_compile(*args, **kwargs):
         raise TypeError("a bug in the call")
