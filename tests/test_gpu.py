@@ -66,12 +66,13 @@ def test_fine_tuning_from_host_memory_follows_the_run_with_the_data_on_the_gpu(t
 
 
 def test_fast_path_on_the_gpu_learns_as_fp32_does(tmp_path, run_pretrain):
-    """bf16 autocast and torch.compile (inductor, Triton) on CUDA: the 2-epoch loss curve stays close to plain fp32
-    eager. On the CPU the same comparison stays within 2^-10 (tests/test_mae_pretrain.py); 2^-8, one bf16 rounding,
-    leaves room for the GPU's other kernels."""
+    """bf16 autocast and torch.compile (inductor, Triton) on CUDA in torch.compile's default mode (CUDA graphs,
+    the default on one GPU, are the next test's): the 2-epoch loss curve stays close to plain fp32 eager. On the
+    CPU the same comparison stays within 2^-10 (tests/test_mae_pretrain.py); 2^-8, one bf16 rounding, leaves room
+    for the GPU's other kernels."""
     losses = {}
     for name, flags in (("plain", ["--precision", "fp32", "--no-compile"]),
-                        ("fast", ["--precision", "bf16", "--compile"])):
+                        ("fast", ["--precision", "bf16", "--compile", "--compile_mode", "default"])):
         run_pretrain(tiny_pretrain_argv(tmp_path, "--device", "cuda", *flags, name=name))
         losses[name] = [r["loss"] for r in read_log(tmp_path / name / "outputs" / "log.jsonl")]
     assert all(close(a, b, 2 ** -8) for a, b in zip(losses["plain"], losses["fast"])), losses
@@ -97,9 +98,10 @@ def test_compiled_augmentation_on_the_gpu_matches_eager():
 
 @pytest.mark.parametrize("script", ["pretrain", "finetune"])
 def test_cuda_graphs_with_gradient_accumulation_learn_as_fp32_does(tmp_path, run_pretrain, script):
-    """--compile_mode reduce-overhead with two chunks per step (batch 32, chunks of 16): each chunk's backward adds
-    into the .grad buffers utils.make_adamw allocated, outside the graphs' memory, which the next chunk's replay
-    reuses. The curve stays as close to fp32 eager as the default compile mode's (above)."""
+    """--compile_mode reduce-overhead (the default when compiling on one GPU) with two chunks per step (batch 32,
+    chunks of 16): each chunk's backward adds into the .grad buffers utils.make_adamw allocated, outside the graphs'
+    memory, which the next chunk's replay reuses. The curve stays as close to fp32 eager as torch.compile's default
+    mode's (above)."""
     import train_classifier
     losses = {}
     for name, flags in (("plain", ["--precision", "fp32", "--no-compile"]),
