@@ -331,7 +331,9 @@ def resolve_compile_mode(args, device: torch.device) -> None:
     the host launching its kernels one by one (bench.py on an H200, 2026-11-28: 80.4 ms per pretraining step at
     batch 512 in the default mode, 21.6 ms with CUDA graphs; 26.8 ms and 9.6 ms per fine-tuning step at 128).
     Under torchrun the default mode stays: CUDA graphs with DDP's gradient all-reduce have not been run on
-    several GPUs here, so a multi-GPU run asks for them with --compile_mode reduce-overhead."""
+    several GPUs here, and torch's tracker holds reports of that pair crashing (pytorch/pytorch#128218) and of it
+    skipping the graphs for BatchNorm, the linear probe's (#139207). A multi-GPU run asks for them with
+    --compile_mode reduce-overhead."""
     if args.compile_mode is None:
         compiling = args.compile if args.compile is not None else device.type == "cuda"
         one_gpu = device.type == "cuda" and dist_env()[1] == 1
