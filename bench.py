@@ -101,6 +101,9 @@ def get_args_parser():
     # Runtime: --device, --precision, --compile, --compile_mode, --compile_scope as the training scripts take them
     utils.add_runtime_args(parser)
     # Output
+    parser.add_argument("--profile", action="store_true",
+                        help="also run --steps more steps of each phase under torch.profiler and print where the "
+                             "device's time goes: the kernels (CPU: operators) with the most self time per step")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     return parser
 
@@ -229,6 +232,26 @@ def timed(fn, iters: int, device: torch.device) -> float:
     for _ in range(iters):
         fn()
     return (time.perf_counter() - begin) / iters
+
+
+PROFILE_TOP = 12  # kernels listed per phase by --profile
+PROFILE_NAME_CHARS = 90  # CUTLASS and Triton kernel names run to hundreds of characters
+
+
+def device_time_profile(run_steps, steps: int, device: torch.device) -> dict:
+    """Self time per step of each kernel (CPU: operator) over `steps` steps run by run_steps() under torch.profiler,
+    the largest first, and their sum: the device's busy time per step. On a GPU the kernels of one stream run one
+    after another, so a step's time minus its busy time is the device waiting, for the host or for nothing."""
+    from torch.profiler import ProfilerActivity, profile
+    on_cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU]) as prof:
+        run_steps()
+        synchronize(device)
+    ms = [(e.key, (e.self_device_time_total if on_cuda else e.self_cpu_time_total) / 1e3 / steps)
+          for e in prof.key_averages()]  # the profiler counts microseconds
+    ms = sorted((item for item in ms if item[1] > 0), key=lambda item: -item[1])
+    return {"what": "CUDA kernels" if on_cuda else "CPU operators", "busy_ms_per_step": sum(t for _, t in ms),
+            "top": [[name[:PROFILE_NAME_CHARS], t] for name, t in ms[:PROFILE_TOP]]}
 
 
 def synchronize(device: torch.device) -> None:
@@ -364,7 +387,8 @@ def bench_phase(phase: Phase, args, device: torch.device, data_device: torch.dev
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     train_model = utils.compile_model(model, args) if args.compile else model
     chunk = chunk_size(phase.batch_size, args)
-    total_steps = args.warmup_steps + args.repeats * args.steps + 1  # the last: the host-sync check
+    # The last: the host-sync check; then --profile's.
+    total_steps = args.warmup_steps + args.repeats * args.steps + 1 + (args.steps if args.profile else 0)
     # Successive epochs' permutations cut into index batches, made before the clock starts as an epoch makes
     # them before its loop.
     batches, epoch = [], 0
@@ -411,6 +435,8 @@ def bench_phase(phase: Phase, args, device: torch.device, data_device: torch.dev
         inputs(input_idx)  # untimed, as the steps' warm-up
         return 1e3 * statistics.median(timed(lambda: inputs(input_idx), args.steps, device)
                                        for _ in range(args.repeats))
+    profiled = device_time_profile(lambda: [one_step() for _ in range(args.steps)], args.steps, device) \
+        if args.profile else None
     train_flops = TRAIN_FLOPS_PER_FORWARD * phase.flops_forward
     tflops = train_flops * phase.batch_size / seconds / 1e12
     return {
@@ -422,7 +448,7 @@ def bench_phase(phase: Phase, args, device: torch.device, data_device: torch.dev
         "mean_loss": loss_sum.item() / (total_steps * (phase.batch_size // chunk)),
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
         "host_syncs": sorted(set(recorder.syncs)), "input_ms_per_step": input_ms(phase.inputs),
-        "input_ms_per_step_eager": input_ms(phase.inputs_eager),
+        "input_ms_per_step_eager": input_ms(phase.inputs_eager), "profile": profiled,
     }
 
 
@@ -568,6 +594,12 @@ def main(args):
           f"{'' if eager_ms is None else f' (eager: {eager_ms:.2f})'}, "
           f"{100 * finetune['input_ms_per_step'] / finetune['ms_per_step']:.0f}% of the step; within the step it "
           f"costs at most that, {projection['finetune_input_minutes_at_most']:.1f} min of the projection below")
+    for r in (pretrain, finetune) if args.profile else ():
+        prof = r["profile"]
+        print(f"where a {r['phase']} step's time goes (torch.profiler, {args.steps} steps; self time per step): "
+              f"{prof['busy_ms_per_step']:.2f} ms in {prof['what']}, against {r['ms_per_step']:.2f} ms per timed step")
+        for name, ms in prof["top"]:
+            print(f"  {ms:8.3f} ms {100 * ms / prof['busy_ms_per_step']:5.1f}%  {name}")
     batches = (pretrain["batch_size"], finetune["batch_size"])
     note = "" if batches == REFERENCE_BATCH_SIZES else (f"; NOTE: at batch sizes {batches}, the reference's are "
                                                         f"{REFERENCE_BATCH_SIZES}")

@@ -173,6 +173,24 @@ def test_compiled_fine_tuning_times_its_input_work_compiled_and_eager(compile_co
     assert bench.finetune_phase(cfg, images, labels, args, torch.device("cpu")).inputs_eager is None
 
 
+def test_profile_lists_where_each_steps_time_goes(tmp_path, capsys):
+    """--profile runs --steps more steps of each phase under torch.profiler and lists the kernels (on the CPU, the
+    operators) with the most self time per step, largest first, with their sum."""
+    out = tmp_path / "bench.json"
+    bench.main(bench.get_args_parser().parse_args(["--device", "cpu", "--profile", "--steps", "1", "--repeats", "1",
+                                                   "--eval_images", "8", "--json", str(out)]))
+    printed = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    for name in ("pretrain", "finetune"):
+        prof = r[name]["profile"]
+        assert prof["what"] == "CPU operators"
+        names, times = zip(*prof["top"])
+        assert len(times) == bench.PROFILE_TOP and list(times) == sorted(times, reverse=True) and times[-1] > 0
+        assert sum(times) < prof["busy_ms_per_step"]  # the sum is over every operator, the list its largest
+        assert {"aten::mm", "aten::addmm"} & set(names)  # the matrix products, where a step's arithmetic is
+        assert f"where a {name} step's time goes" in printed and f"%  {names[0]}\n" in printed
+
+
 def test_cpu_command_runs_in_seconds_and_its_numbers_agree(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--device", "cpu", "--json", str(out)],
@@ -201,6 +219,7 @@ def test_cpu_command_runs_in_seconds_and_its_numbers_agree(tmp_path):
         # The recipe's augmentation, mixup, accumulation and fused AdamW queue a whole step without reading
         # anything back (HostSyncRecorder is tested below).
         assert p["host_syncs"] == []
+        assert p["profile"] is None  # --profile only
     assert (r["pretrain"]["batch_size"], r["pretrain"]["chunk"], r["finetune"]["batch_size"]) == (64, 32, 32)
     # The fine-tuning step's input work (take, augment, mix) is timed on its own; the pretraining's is not. Nothing
     # is compiled, so there is no eager time to set beside it.
