@@ -117,8 +117,7 @@ def resolve_defaults(args, device: torch.device) -> None:
                                             ("eval_images", REFERENCE_VAL_IMAGES, 64)):
         if getattr(args, name) is None:
             setattr(args, name, cuda_default if on_cuda else cpu_default)
-    if args.compile is None:
-        args.compile = on_cuda  # utils.compile_enabled's default, made explicit
+    args.compile = utils.compile_requested(args, device)  # the default made explicit
     utils.resolve_compile_mode(args, device)
     args.preset = args.preset or ("vit-t" if on_cuda else "small")
     for name, value in PRESETS[args.preset].items():

@@ -314,14 +314,18 @@ def compile_enabled(args, device: torch.device) -> bool:
     torch.compile itself is lazy and only fails at the first call, so what it needs is checked up front:
     TorchDynamo support for this Python and platform, Triton for CUDA kernels, a C++ compiler for CPU ones.
     """
-    enabled = args.compile if args.compile is not None else device.type == "cuda"
-    if not enabled:
+    if not compile_requested(args, device):
         return False
     reason = _compile_unavailable(device)
     if reason:
         warnings.warn(f"torch.compile is unavailable ({reason}); running eager")
         return False
     return True
+
+
+def compile_requested(args, device: torch.device) -> bool:
+    """--compile, or its default: on for CUDA, off for the CPU."""
+    return args.compile if args.compile is not None else device.type == "cuda"
 
 
 def resolve_compile_mode(args, device: torch.device) -> None:
@@ -335,9 +339,8 @@ def resolve_compile_mode(args, device: torch.device) -> None:
     skipping the graphs for BatchNorm, the linear probe's (#139207). A multi-GPU run asks for them with
     --compile_mode reduce-overhead."""
     if args.compile_mode is None:
-        compiling = args.compile if args.compile is not None else device.type == "cuda"
         one_gpu = device.type == "cuda" and dist_env()[1] == 1
-        args.compile_mode = "reduce-overhead" if compiling and one_gpu else "default"
+        args.compile_mode = "reduce-overhead" if compile_requested(args, device) and one_gpu else "default"
 
 
 def compile_model(model: torch.nn.Module, args) -> torch.nn.Module:
