@@ -205,7 +205,7 @@ def evaluate(model, train, val, val_noise, args, device, amp_dtype):
     [0, 1] pixel space. Each process embeds and reconstructs a shard of both splits; features are gathered,
     sums are reduced; everything stays on the device until the three numbers at the end."""
     model.eval()
-    bs = args.max_device_batch_size
+    bs = utils.eval_chunk(args)
 
     def features(imgs):  # L2-normalised: the kNN's dot products are cosine similarities
         return F.normalize(pool_tokens(model.encoder(imgs).float(), args.knn_feature), dim=1)
@@ -215,12 +215,11 @@ def evaluate(model, train, val, val_noise, args, device, amp_dtype):
                              args.knn_temperature)
     knn_acc = (pred == val.labels.to(device)).float().mean().item()
 
-    val_part = utils.shard(len(val), *utils.dist_env()[:2])
-    val_idx = torch.arange(len(val), device=val.images.device)[val_part]
     zero = torch.zeros((), device=device)
     loss_sum, sq_err_sum, masked_pixels = zero, zero, zero
-    for chunk_idx, noise in zip(val_idx.split(bs), val_noise[val_part].split(bs)):
+    for chunk_idx in utils.shard_chunks(len(val), bs, val.images.device):
         imgs = data.normalize(data.take(val.images, chunk_idx, device))
+        noise = val_noise[chunk_idx.to(device)]  # the images may live in host memory, the noise is on the device
         with utils.autocast(imgs.device, amp_dtype):
             loss, pred_patches, mask = model(imgs, noise=noise)
         loss_sum = loss_sum + loss.float() * len(chunk_idx)

@@ -395,13 +395,11 @@ def evaluate(net, inputs, labels, prepare, batch_size, device, amp_dtype):
     takes a shard. -> (mean loss, accuracy, predicted labels of the whole split on the host)."""
     net.eval()
     labels = labels.to(device)
-    part = utils.shard(len(labels), *utils.dist_env()[:2])
-    idx = torch.arange(len(labels), device=inputs.device)[part]
     loss_sum, predicted = torch.zeros((), device=device), []
-    for chunk_idx, chunk_labels in zip(idx.split(batch_size), labels[part].split(batch_size)):
+    for chunk_idx in utils.shard_chunks(len(labels), batch_size, inputs.device):
         with utils.autocast(device, amp_dtype):
             logits = net(prepare(data.take(inputs, chunk_idx, device)))
-        loss_sum += F.cross_entropy(logits.float(), chunk_labels, reduction="sum")
+        loss_sum += F.cross_entropy(logits.float(), labels[chunk_idx.to(device)], reduction="sum")
         predicted.append(logits.argmax(dim=-1))
     predicted = utils.all_gather_cat(torch.cat(predicted), len(labels))
     accuracy = (predicted == labels).sum() / len(labels)
@@ -463,8 +461,8 @@ def main(args):
         # A frozen encoder on unaugmented images gives the same features every epoch: compute them once, and an
         # epoch is a pass of the head over (N, D) floats.
         model.eval()
-        train_inputs = utils.embed_all(model.features, train_images, args.max_device_batch_size, amp_dtype, device)
-        val_inputs = utils.embed_all(model.features, val_images, args.max_device_batch_size, amp_dtype, device)
+        train_inputs = utils.embed_all(model.features, train_images, utils.eval_chunk(args), amp_dtype, device)
+        val_inputs = utils.embed_all(model.features, val_images, utils.eval_chunk(args), amp_dtype, device)
         net, frozen = nn.Sequential(model.head_norm, model.head), None
         prepare_train = prepare_eval = nn.Identity()
     else:
@@ -529,7 +527,7 @@ def main(args):
                              f"{args.output_model_path} and {last_model_path} still hold earlier epochs. "
                              "Try a lower --base_learning_rate.")
         val_loss, val_acc, val_predicted = evaluate(eval_net, val_inputs, val_labels, prepare_eval,
-                                                    args.max_device_batch_size, device, amp_dtype)
+                                                    utils.eval_chunk(args), device, amp_dtype)
         stats.update(val_loss=val_loss, val_acc=val_acc)
         log.append({"epoch": epoch, **stats})
         improved = val_acc > best_acc

@@ -100,7 +100,8 @@ def add_schedule_args(parser, batch_size: int, max_device_batch_size: int, base_
     parser.add_argument("--batch_size", type=int, default=batch_size,
                         help="effective (global) batch per optimizer step, gradients accumulated over chunks")
     parser.add_argument("--max_device_batch_size", type=int, default=max_device_batch_size,
-                        help="largest chunk put through the model at once; must divide each process's batch")
+                        help="largest chunk put through the model at once in training (evaluation, without gradients, "
+                             f"takes {EVAL_CHUNK_FACTOR}x as many); must divide each process's batch")
     parser.add_argument("--base_learning_rate", type=finite_float, default=base_learning_rate,
                         help="peak lr is base_learning_rate * batch_size / 256")
     parser.add_argument("--weight_decay", type=finite_float, default=0.05, help="AdamW decoupled weight decay")
@@ -113,6 +114,19 @@ def device_chunk(args) -> int:
     """Images per forward pass on one device: the process's share of the batch, at most max_device_batch_size
     (as in the reference, a max_device_batch_size above the batch means no accumulation)."""
     return min(args.max_device_batch_size, args.batch_size // dist_env()[1])
+
+
+# Evaluation's chunks are this many times --max_device_batch_size. Without gradients a forward pass holds one
+# block's activations at a time, where a training chunk keeps every block's for the backward, so four times the
+# images still take less memory than a training chunk (ViT-T, 257 tokens: about 2 MB an image at the widest point
+# against about 19 MB). And evaluation runs eager, where at 128 images a chunk ViT-T's kernels are short enough
+# for the host's launches to set the pace: a quarter of the chunks is a quarter of the launches.
+EVAL_CHUNK_FACTOR = 4
+
+
+def eval_chunk(args) -> int:
+    """Images per forward pass in evaluation (kNN features, val reconstruction, val pass, a probe's features)."""
+    return EVAL_CHUNK_FACTOR * args.max_device_batch_size
 
 
 # The model-size flags of all three scripts, named as MAEConfig's fields (whose defaults are ViT-T's).
@@ -681,15 +695,19 @@ def shard(n: int, rank: int, world_size: int) -> slice:
     return slice(n * rank // world_size, n * (rank + 1) // world_size)
 
 
+def shard_chunks(n: int, chunk: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """This process's shard of range(n), in order, as index tensors on `device` of at most `chunk` items each:
+    how every evaluation walks a split, so that gathering the shards in rank order restores the split's order."""
+    return torch.arange(n, device=device)[shard(n, *dist_env()[:2])].split(chunk)
+
+
 @torch.no_grad()
 def embed_all(fn, images: torch.Tensor, batch_size: int, amp_dtype, device: torch.device) -> torch.Tensor:
     """fn (normalised images -> (B, D) features) over every uint8 image, in batches, as float32 on `device`
     (the images may live on the host). Each process embeds its shard and the shards are gathered, so every
     process gets all N rows."""
-    part = shard(len(images), *dist_env()[:2])
-    idx = torch.arange(len(images), device=images.device)[part]
     feats = []
-    for chunk_idx in idx.split(batch_size):
+    for chunk_idx in shard_chunks(len(images), batch_size, images.device):
         with autocast(device, amp_dtype):
             feats.append(fn(data.normalize(data.take(images, chunk_idx, device))).float())
     return all_gather_cat(torch.cat(feats), len(images))

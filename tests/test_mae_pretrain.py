@@ -98,6 +98,7 @@ def test_validation_metrics_use_fixed_masks(tmp_path):
     import mae_pretrain
     from model import MAE, MAEConfig
     args = mae_pretrain.get_args_parser().parse_args(tiny_pretrain_argv(tmp_path))
+    args.max_device_batch_size = 3  # evaluation's chunks of 4 x 3: the 32 val images in 12, 12 and 8
     train, val = data.load_data(args)
     model = MAE(MAEConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
                           decoder_num_heads=2))
@@ -107,7 +108,7 @@ def test_validation_metrics_use_fixed_masks(tmp_path):
     torch.manual_seed(123)  # the global RNG must not matter
     second = mae_pretrain.evaluate(model, train, val, val_noise, args, torch.device("cpu"), None)
     assert first == second
-    # The val loss is the model's own masked loss over the val split, batch-weighted.
+    # The val loss is the model's own masked loss over the whole val split: the uneven chunks are weighted by size.
     with torch.no_grad():
         direct = model(data.normalize(val.images), noise=val_noise)[0].item()
     assert first["val_loss"] == pytest.approx(direct, rel=1e-5)

@@ -255,6 +255,21 @@ def test_pretrained_encoder_gets_exactly_the_checkpoints_weights_and_only_the_he
     assert not torch.equal(*heads)  # the head is the only thing the seed decides
 
 
+def test_evaluate_scores_the_whole_split_in_order_whatever_the_chunk():
+    torch.manual_seed(0)
+    net = ViTClassifier(MAEConfig(patch_size=8, embed_dim=32, depth=1, num_heads=2), num_classes=10).eval()
+    images = torch.randint(0, 256, (11, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (11,))
+    with torch.no_grad():
+        logits = net(data.normalize(images))  # one pass over all 11, the independent reference
+    for chunk in (4, 64):  # chunks of 4, 4 and 3; one chunk
+        loss, acc, predicted = train_classifier.evaluate(net, images, labels, data.normalize, chunk,
+                                                         torch.device("cpu"), None)
+        assert torch.equal(predicted, logits.argmax(dim=-1))
+        assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+        assert acc == pytest.approx((predicted == labels).float().mean().item())
+
+
 def test_decoder_flags_are_accepted_and_unused_from_scratch(tmp_path):
     # mae_pretrain.py's model flags work here; a decoder whose widths would not split into its heads builds
     # nothing in a classifier, so it is not an error.

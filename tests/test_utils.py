@@ -93,6 +93,14 @@ def test_shards_are_disjoint_and_cover_everything(n, world_size):
     assert covered == list(range(n))  # in order, each item once
 
 
+def test_shard_chunks_walk_this_process_shard_in_order(monkeypatch):
+    cpu = torch.device("cpu")
+    assert [c.tolist() for c in utils.shard_chunks(7, 3, cpu)] == [[0, 1, 2], [3, 4, 5], [6]]
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert [c.tolist() for c in utils.shard_chunks(7, 2, cpu)] == [[3, 4], [5, 6]]  # shard(7, 1, 2) is 3..6
+
+
 # A script's last moments: an epoch's outputs handed to the background writer, the next epoch under way, and then
 # SIGTERM, while the write is still going.
 SIGTERM_SCRIPT = """
