@@ -251,8 +251,8 @@ def main(args):
 
     log_print(f"config: {vars(args)}")
     log_print(f"data: {args.dataset}, {len(train)} train / {len(val)} val images, {steps_per_epoch} steps per "
-              f"epoch; device {device} x {world_size} process(es), autocast {amp_dtype}; images in "
-              f"{'host memory' if data_device.type == 'cpu' else 'GPU memory'}")
+              f"epoch; device {device} x {world_size} process(es), autocast {amp_dtype}; "
+              f"images in {utils.memory_name(data_device)}")
     if main_process:
         for path in (args.output_dir, args.log_dir, os.path.dirname(os.path.abspath(args.model_path))):
             os.makedirs(path, exist_ok=True)

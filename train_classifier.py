@@ -435,7 +435,7 @@ def main(args):
     log_print(f"config: {vars(args)}")
     log_print(f"data: {args.dataset}, {len(train)} train / {len(val)} val images, {num_classes} classes, "
               f"{steps_per_epoch} steps per epoch; device {device} x {world_size} process(es), autocast {amp_dtype}; "
-              f"images in {'host memory' if data_device.type == 'cpu' else 'GPU memory'}")
+              f"images in {utils.memory_name(data_device)}")
     log_print(f"model: {count_params(model) / 1e6:.2f}M parameters, "
               f"{'encoder from ' + args.pretrained_model_path if args.pretrained_model_path else 'from scratch'}"
               f"{', linear probe' if args.linear_probe else ''}; recipe {args.recipe}: "

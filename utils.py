@@ -169,6 +169,11 @@ def load_training_data(args, img_size: int):
     return train, val, steps_per_epoch
 
 
+def memory_name(data_device: torch.device) -> str:
+    """Where data_device put the images, as the scripts' start-up line says it."""
+    return "host memory" if data_device.type == "cpu" else "GPU memory"
+
+
 def data_device(train, val, device: torch.device, args) -> torch.device:
     """Where the uint8 images live while training (--data_on): on the GPU when they fit, else in host memory
     (data.take copies each batch over). At 3 KB per 32x32 image CIFAR-10 takes 184 MB with its test split, so
