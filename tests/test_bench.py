@@ -173,6 +173,26 @@ def test_compiled_fine_tuning_times_its_input_work_compiled_and_eager(compile_co
     assert bench.finetune_phase(cfg, images, labels, args, torch.device("cpu")).inputs_eager is None
 
 
+def test_fresh_compile_cache_is_empty_used_and_removed_after(tmp_path, monkeypatch):
+    """--compile_cache fresh compiles into an empty folder of its own, so the compile seconds are a first run's; the
+    cache the user had is left as it was. One small function compiled with inductor's C++ backend (seconds)."""
+    user_cache = tmp_path / "user_cache"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(user_cache))
+    args = SimpleNamespace(compile=True, compile_cache="fresh")
+    with bench.compile_cache(args):
+        folder = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        assert folder != str(user_cache) and os.listdir(folder) == []
+        x = torch.arange(5.0)
+        torch.testing.assert_close(torch.compile(lambda t: t.sin() * 3 + 1)(x), x.sin() * 3 + 1)
+        assert os.listdir(folder)  # inductor wrote its code there
+    assert not os.path.exists(folder) and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(user_cache)
+    assert not user_cache.exists()
+    for shared in (SimpleNamespace(compile=True, compile_cache="shared"),
+                   SimpleNamespace(compile=False, compile_cache="fresh")):
+        with bench.compile_cache(shared):
+            assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(user_cache)
+
+
 def test_profile_lists_where_each_steps_time_goes(tmp_path, capsys):
     """--profile runs --steps more steps of each phase under torch.profiler and lists the kernels (on the CPU, the
     operators) with the most self time per step, largest first, with their sum."""
