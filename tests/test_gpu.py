@@ -96,16 +96,19 @@ def test_compiled_augmentation_on_the_gpu_matches_eager():
     assert differs.float().mean() < 0.01, f"{differs.float().mean():.2%} of the values differ"
 
 
+@pytest.mark.parametrize("scope", ["model", "blocks"])
 @pytest.mark.parametrize("script", ["pretrain", "finetune"])
-def test_cuda_graphs_with_gradient_accumulation_learn_as_fp32_does(tmp_path, run_pretrain, script):
+def test_cuda_graphs_with_gradient_accumulation_learn_as_fp32_does(tmp_path, run_pretrain, script, scope):
     """--compile_mode reduce-overhead (the default when compiling on one GPU) with two chunks per step (batch 32,
     chunks of 16): each chunk's backward adds into the .grad buffers utils.make_adamw allocated, outside the graphs'
     memory, which the next chunk's replay reuses. The curve stays as close to fp32 eager as torch.compile's default
-    mode's (above)."""
+    mode's (above). With --compile_scope blocks, one graph serves every block of a shape, replayed block after block
+    with eager work between them."""
     import train_classifier
     losses = {}
     for name, flags in (("plain", ["--precision", "fp32", "--no-compile"]),
-                        ("graphs", ["--precision", "bf16", "--compile", "--compile_mode", "reduce-overhead"])):
+                        ("graphs", ["--precision", "bf16", "--compile", "--compile_mode", "reduce-overhead",
+                                    "--compile_scope", scope])):
         if script == "pretrain":
             run_pretrain(tiny_pretrain_argv(tmp_path, "--device", "cuda", *flags, name=name))
             losses[name] = [r["loss"] for r in read_log(tmp_path / name / "outputs" / "log.jsonl")]
