@@ -23,6 +23,7 @@ import sys
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
@@ -59,6 +60,9 @@ PRESETS = {
 PEAK_MATMUL_SIZE = {"cuda": 8192, "cpu": 1024}
 PEAK_MATMUL_ITERS = {"cuda": 20, "cpu": 3}
 TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward, the backward being two matmuls (input and weight grads) per one
+# --attention's kernels of F.scaled_dot_product_attention, which timm's blocks call.
+ATTENTION_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                      "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
 
 def get_args_parser():
@@ -101,6 +105,10 @@ def get_args_parser():
     utils.add_model_size_args(parser, vit_t_defaults=False)
     # Runtime: --device, --precision, --compile, --compile_mode, --compile_scope as the training scripts take them
     utils.add_runtime_args(parser)
+    parser.add_argument("--attention", default="auto", choices=("auto", *ATTENTION_BACKENDS),
+                        help="the kernel every attention runs with: auto lets torch choose per shape, as the training "
+                             "scripts do; a name restricts it to that kernel, to compare them (cudnn and efficient "
+                             "need CUDA)")
     parser.add_argument("--compile_cache", default="fresh", choices=("fresh", "shared"),
                         help="fresh: compile into an empty temporary inductor cache, removed at the end, so the "
                              "compile seconds are a first run's on this machine; shared: inductor's usual on-disk "
@@ -348,6 +356,25 @@ def compile_cache(args):
     return contextlib.nullcontext()
 
 
+def attention_kernel(args):
+    """--attention as a context around the timed work. Under torch.compile the kernel is chosen when the graph is
+    traced, which happens inside it."""
+    return contextlib.nullcontext() if args.attention == "auto" else sdpa_kernel(ATTENTION_BACKENDS[args.attention])
+
+
+def attention_choice(cfg: MAEConfig, args, device: torch.device, amp_dtype) -> str:
+    """The kernel attention runs with at fine-tuning's shapes (1 + N tokens, with gradients) under --attention, as
+    torch's dispatcher picks it; one-line death when the named kernel cannot run them here."""
+    q = torch.zeros(1, cfg.num_heads, 1 + cfg.num_patches, cfg.embed_dim // cfg.num_heads, device=device,
+                    dtype=amp_dtype or torch.float32, requires_grad=True)
+    try:
+        with attention_kernel(args):
+            return SDPBackend(torch._fused_sdp_choice(q, q, q)).name.lower()
+    except RuntimeError as e:  # none of the allowed kernels fits these shapes, dtype and device
+        utils.die(f"--attention {args.attention} cannot run on {device} at head dim {q.shape[-1]} in {q.dtype} "
+                  f"({str(e).splitlines()[0]}); choose auto or another kernel")
+
+
 def pretrain_phase(cfg: MAEConfig, images, args, device: torch.device) -> Phase:
     """mae_pretrain.train_step with the script's own flags at this batch size."""
     script_args = mae_pretrain.get_args_parser().parse_args([
@@ -551,12 +578,14 @@ def main(args):
     cfg = check_args(args)
     args.compile = utils.compile_enabled(args, device)  # what runs: False, with one warning, where it cannot work
     amp_dtype = utils.autocast_dtype(args, device)
+    attention = attention_choice(cfg, args, device, amp_dtype)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = " ".join(["python", os.path.basename(sys.argv[0]) or "bench.py", *sys.argv[1:]])
     print(f"config: {vars(args)}")
     compiled = f"on ({args.compile_mode}, scope {args.compile_scope}, {args.compile_cache} cache)"
     print(f"bench: {date}, {describe_device(device)}, torch {torch.__version__}, autocast {amp_dtype}, "
-          f"compile {compiled if args.compile else 'off'}, data on {args.data_on}")
+          f"compile {compiled if args.compile else 'off'}, data on {args.data_on}, attention {args.attention}"
+          f"{f' ({attention})' if args.attention == 'auto' else ''}")
     print(f"model: {args.preset} preset + flags: patch {cfg.patch_size} ({cfg.num_patches} tokens), encoder "
           f"{cfg.embed_dim} x {cfg.depth} blocks ({cfg.num_heads} heads), decoder {cfg.decoder_embed_dim} x "
           f"{cfg.decoder_depth} ({cfg.decoder_num_heads} heads), mask ratio {cfg.mask_ratio}")
@@ -584,12 +613,13 @@ def main(args):
 
     # ---- the two steps, each with its own model and optimizer, as each script builds them
     torch.manual_seed(args.seed)
-    with compile_cache(args):
-        pretrain = bench_phase(pretrain_phase(cfg, images, args, device), args, device, data_device, amp_dtype,
-                               peak["tflops"])
-        finetune = bench_phase(finetune_phase(cfg, images, labels, args, device), args, device, data_device,
-                               amp_dtype, peak["tflops"])
-    evaluation = bench_evaluation(cfg, images, labels, args, device, data_device, amp_dtype)
+    with attention_kernel(args):
+        with compile_cache(args):
+            pretrain = bench_phase(pretrain_phase(cfg, images, args, device), args, device, data_device, amp_dtype,
+                                   peak["tflops"])
+            finetune = bench_phase(finetune_phase(cfg, images, labels, args, device), args, device, data_device,
+                                   amp_dtype, peak["tflops"])
+        evaluation = bench_evaluation(cfg, images, labels, args, device, data_device, amp_dtype)
     projection = project_reference(pretrain, finetune, evaluation, peak["tflops"])
 
     # ---- report
@@ -642,7 +672,7 @@ def main(args):
     if args.json:
         utils.save_json(args.json, {
             "date": date, "command": command, "device": describe_device(device), "torch": torch.__version__,
-            "autocast": str(amp_dtype), "compile": args.compile, "config": vars(args),
+            "autocast": str(amp_dtype), "compile": args.compile, "attention_kernel": attention, "config": vars(args),
             "model": dataclasses.asdict(cfg),
             "matmul_peak": peak, "flops_per_image_forward": {"pretrain": mae_parts, "finetune": cls_parts},
             "pretrain": pretrain, "finetune": finetune, "evaluation": evaluation, "projection": projection})

@@ -173,6 +173,24 @@ def test_compiled_fine_tuning_times_its_input_work_compiled_and_eager(compile_co
     assert bench.finetune_phase(cfg, images, labels, args, torch.device("cpu")).inputs_eager is None
 
 
+@pytest.mark.parametrize("attention, kernel", [("math", "aten::_scaled_dot_product_attention_math"),
+                                               ("flash", "aten::_scaled_dot_product_flash_attention_for_cpu")])
+def test_attention_flag_runs_every_attention_with_that_kernel(attention, kernel):
+    """--attention names the kernel behind F.scaled_dot_product_attention in the timed work: the operators a
+    classifier's training step records are that kernel's, and attention_choice reports it."""
+    cfg = MAEConfig(patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    args = SimpleNamespace(attention=attention)
+    assert bench.attention_choice(cfg, args, torch.device("cpu"), None) == \
+        {"math": "math", "flash": "flash_attention"}[attention]
+    model = ViTClassifier(cfg, num_classes=10)
+    with bench.attention_kernel(args), torch.profiler.profile() as prof:
+        model(torch.randn(4, 3, 32, 32)).sum().backward()
+    names = {event.key for event in prof.key_averages()}
+    assert kernel in names
+    other = {"aten::_scaled_dot_product_attention_math", "aten::_scaled_dot_product_flash_attention_for_cpu"} - {kernel}
+    assert not other & names
+
+
 def test_fresh_compile_cache_is_empty_used_and_removed_after(tmp_path, monkeypatch):
     """--compile_cache fresh compiles into an empty folder of its own, so the compile seconds are a first run's; the
     cache the user had is left as it was. One small function compiled with inductor's C++ backend (seconds)."""
@@ -327,6 +345,7 @@ def test_host_sync_recorder_flags_what_makes_the_host_wait_and_nothing_else():
     (["--seed", "99999999999999999999"], "--seed must be in [0, 2^31)"),
     (["--finetune_batch_size", "31"], "--finetune_batch_size 31 gives chunks of 31"),
     (["--device", "meta"], "--device must be cuda, cuda:N or cpu, got 'meta'"),
+    (["--attention", "cudnn"], "--attention cudnn cannot run on cpu"),  # a CUDA kernel
     pytest.param(["--device", "cuda"], "CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
