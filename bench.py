@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import datetime
 import os
+import re
 import statistics
 import sys
 import time
@@ -248,6 +249,22 @@ def timed(fn, iters: int, device: torch.device) -> float:
 
 PROFILE_TOP = 12  # kernels listed per phase by --profile
 PROFILE_NAME_CHARS = 90  # CUTLASS and Triton kernel names run to hundreds of characters
+# What --profile sums each kernel (CPU: operator) under, by its name: the first pattern that matches wins.
+# Inductor names a fused kernel after the operators it fuses, which may include attention's or a matmul's
+# (triton_poi_fused__scaled_dot_product_..., a layout copy): its names are read first, its GEMM templates (with
+# max-autotune) being matrix products. Attention comes before the products: the names of cuDNN's and CUTLASS's
+# attention kernels may mention GEMMs. On a CPU the fused C++ kernels run inside one record per compiled graph.
+KERNEL_KINDS = (
+    ("matrix products", re.compile(r"^triton_tem_")),
+    ("inductor's fused kernels", re.compile(r"^triton_|^## Call CompiledFxGraph")),
+    ("attention", re.compile(r"flash|fmha|sdpa|scaled_dot_product|attention", re.IGNORECASE)),
+    ("matrix products", re.compile(r"gemm|nvjet|xmma|cublas|aten::(mm|addmm|bmm|baddbmm|matmul|linear|convolution|"
+                                   r"_convolution|mkldnn_convolution|convolution_backward)$", re.IGNORECASE)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(name)), "other")
 
 
 def device_time_profile(run_steps, steps: int, device: torch.device) -> dict:
@@ -262,8 +279,11 @@ def device_time_profile(run_steps, steps: int, device: torch.device) -> dict:
     ms = [(e.key, (e.self_device_time_total if on_cuda else e.self_cpu_time_total) / 1e3 / steps)
           for e in prof.key_averages()]  # the profiler counts microseconds
     ms = sorted((item for item in ms if item[1] > 0), key=lambda item: -item[1])
+    kinds = dict.fromkeys([*(kind for kind, _ in KERNEL_KINDS), "other"], 0.0)
+    for name, t in ms:
+        kinds[kernel_kind(name)] += t
     return {"what": "CUDA kernels" if on_cuda else "CPU operators", "busy_ms_per_step": sum(t for _, t in ms),
-            "top": [[name[:PROFILE_NAME_CHARS], t] for name, t in ms[:PROFILE_TOP]]}
+            "kinds_ms_per_step": kinds, "top": [[name[:PROFILE_NAME_CHARS], t] for name, t in ms[:PROFILE_TOP]]}
 
 
 def synchronize(device: torch.device) -> None:
@@ -646,6 +666,7 @@ def main(args):
         prof = r["profile"]
         print(f"where a {r['phase']} step's time goes (torch.profiler, {args.steps} steps; self time per step): "
               f"{prof['busy_ms_per_step']:.2f} ms in {prof['what']}, against {r['ms_per_step']:.2f} ms per timed step")
+        print("  by kind: " + ", ".join(f"{kind} {ms:.3f} ms" for kind, ms in prof["kinds_ms_per_step"].items()))
         for name, ms in prof["top"]:
             print(f"  {ms:8.3f} ms {100 * ms / prof['busy_ms_per_step']:5.1f}%  {name}")
     batches = (pretrain["batch_size"], finetune["batch_size"])

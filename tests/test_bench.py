@@ -226,7 +226,33 @@ def test_profile_lists_where_each_steps_time_goes(tmp_path, capsys):
         assert len(times) == bench.PROFILE_TOP and list(times) == sorted(times, reverse=True) and times[-1] > 0
         assert sum(times) < prof["busy_ms_per_step"]  # the sum is over every operator, the list its largest
         assert {"aten::mm", "aten::addmm"} & set(names)  # the matrix products, where a step's arithmetic is
+        kinds = prof["kinds_ms_per_step"]
+        assert sum(kinds.values()) == pytest.approx(prof["busy_ms_per_step"])  # every operator in one kind
+        assert kinds["matrix products"] > 0 and kinds["attention"] > 0 and kinds["other"] > 0
         assert f"where a {name} step's time goes" in printed and f"%  {names[0]}\n" in printed
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_"
+     "cublas", "matrix products"),
+    ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNN", "matrix products"),
+    ("triton_tem_fused_addmm_gelu_0", "matrix products"),  # max-autotune's GEMM template, its epilogue fused
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false, false, cutlass::bfloat16_t"
+     ">>(pytorch_flash::Flash_fwd_params)", "attention"),
+    ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80(PyTorchMemEffAttention::AttentionBackwardKernel<cutlass::arch::Sm80, "
+     "cutlass::gemm::GemmShape<64, 64, 32>>::Params)", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x128_4x1x1_kernel0_0", "attention"),
+    ("triton_per_fused__scaled_dot_product_flash_attention_native_layer_norm_0", "inductor's fused kernels"),
+    ("## Call CompiledFxGraph fqjo67qi3ibfo3hrfqvgs7zrbgcbkybeddoghzk4hp56xmpdrvcq ##", "inductor's fused kernels"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>", "other"),
+    ("aten::addmm", "matrix products"),
+    ("aten::convolution_backward", "matrix products"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", "attention"),
+    ("aten::gelu", "other"),
+    ("aten::mm_like_op_that_is_not_mm", "other"),
+])
+def test_profile_sorts_kernels_into_kinds_by_name(name, kind):
+    assert bench.kernel_kind(name) == kind
 
 
 def test_cpu_command_runs_in_seconds_and_its_numbers_agree(tmp_path):
