@@ -527,7 +527,7 @@ def bench_evaluation(cfg: MAEConfig, images, labels, args, device: torch.device,
     val = data.ImageSet(torch.randint(0, 256, (num_val, *images.shape[1:]), dtype=torch.uint8, generator=g),
                         torch.randint(0, args.num_classes, (num_val,), generator=g), classes).to(data_device)
     bank = data.ImageSet(images[:num_bank], labels[:num_bank], classes)
-    val_noise = torch.rand(num_val, cfg.num_patches, generator=g).to(device)
+    val_noise = torch.rand(num_val, cfg.num_patches, generator=g).to(data_device)  # with the images, as the script
     script_args = mae_pretrain.get_args_parser().parse_args(["--max_device_batch_size",
                                                              str(args.max_device_batch_size)])
     mae = MAE(cfg).to(device)

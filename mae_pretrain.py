@@ -219,9 +219,8 @@ def evaluate(model, train, val, val_noise, args, device, amp_dtype):
     loss_sum, sq_err_sum, masked_pixels = zero, zero, zero
     for chunk_idx in utils.shard_chunks(len(val), bs, val.images.device):
         imgs = data.normalize(data.take(val.images, chunk_idx, device))
-        noise = val_noise[chunk_idx.to(device)]  # the images may live in host memory, the noise is on the device
         with utils.autocast(imgs.device, amp_dtype):
-            loss, pred_patches, mask = model(imgs, noise=noise)
+            loss, pred_patches, mask = model(imgs, noise=data.take(val_noise, chunk_idx, device))
         loss_sum = loss_sum + loss.float() * len(chunk_idx)
         _, recon = reconstruct(imgs, pred_patches, mask, model.cfg.patch_size, model.cfg.norm_pix_loss)
         # Visible patches are pasted back, so the squared error is non-zero only on masked pixels.
@@ -261,8 +260,9 @@ def main(args):
     # ---- data: the whole uint8 dataset lives on the device (or, when it does not fit there, on the host)
     train, val = train.to(data_device), val.to(data_device)
     # Fixed mask noise for the validation images: figures and val losses of different epochs see the same masks.
-    val_noise = torch.rand(len(val), cfg.num_patches, generator=torch.Generator().manual_seed(0)).to(device)
-    vis_imgs, vis_noise = data.normalize(val.images[:NUM_VIS].to(device)), val_noise[:NUM_VIS]
+    # It lives with the images, so evaluation takes both the same way.
+    val_noise = torch.rand(len(val), cfg.num_patches, generator=torch.Generator().manual_seed(0)).to(data_device)
+    vis_imgs, vis_noise = data.normalize(val.images[:NUM_VIS].to(device)), val_noise[:NUM_VIS].to(device)
 
     # ---- model and optimizer
     model = MAE(cfg).to(device)  # same initial weights on every process: same seed

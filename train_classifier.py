@@ -392,15 +392,16 @@ def train_one_epoch(net, frozen, optimizer, scaler, inputs, labels, prepare, mix
 @utils.eager()
 def evaluate(net, inputs, labels, prepare, batch_size, device, amp_dtype):
     """Cross-entropy (no smoothing) and accuracy over the whole split, in order, nothing dropped; each process
-    takes a shard. -> (mean loss, accuracy, predicted labels of the whole split on the host)."""
+    takes a shard. The labels live where the inputs do (host or device memory).
+    -> (mean loss, accuracy, predicted labels of the whole split on the host)."""
     net.eval()
-    labels = labels.to(device)
     loss_sum, predicted = torch.zeros((), device=device), []
-    for chunk_idx in utils.shard_chunks(len(labels), batch_size, inputs.device):
+    for chunk_idx in utils.shard_chunks(len(labels), batch_size, inputs.device):  # labels live with the inputs
         with utils.autocast(device, amp_dtype):
             logits = net(prepare(data.take(inputs, chunk_idx, device)))
-        loss_sum += F.cross_entropy(logits.float(), labels[chunk_idx.to(device)], reduction="sum")
+        loss_sum += F.cross_entropy(logits.float(), data.take(labels, chunk_idx, device), reduction="sum")
         predicted.append(logits.argmax(dim=-1))
+    labels = labels.to(device)
     predicted = utils.all_gather_cat(torch.cat(predicted), len(labels))
     accuracy = (predicted == labels).sum() / len(labels)
     return utils.all_reduce_sum(loss_sum).item() / len(labels), accuracy.item(), predicted.cpu()
