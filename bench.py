@@ -599,6 +599,8 @@ def main(args):
     args.compile = utils.compile_enabled(args, device)  # what runs: False, with one warning, where it cannot work
     amp_dtype = utils.autocast_dtype(args, device)
     attention = attention_choice(cfg, args, device, amp_dtype)
+    for build in (lambda: MAE(cfg), lambda: ViTClassifier(cfg, args.num_classes)):
+        utils.check_model_fits(build, device)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = " ".join(["python", os.path.basename(sys.argv[0]) or "bench.py", *sys.argv[1:]])
     print(f"config: {vars(args)}")

@@ -237,6 +237,7 @@ def main(args):
     check_args(args)
     cfg = model_config(args)
     device = utils.resolve_device(args)
+    utils.check_model_fits(lambda: MAE(cfg), device)
     utils.resolve_compile_mode(args, device)
     ckpt, resumed_log = load_resume(args) if args.resume else (None, [])
     train, val, steps_per_epoch = utils.load_training_data(args, cfg.img_size)

@@ -190,7 +190,10 @@ class MAEEncoder(nn.Module):
         if drop_path_rate > 0:
             # Stochastic depth grows linearly with depth, as in DeiT and the MAE fine-tuning recipe; every block
             # gets a DropPath (the first one at rate 0) so that all blocks have the same structure.
-            for block, rate in zip(self.blocks, torch.linspace(0, drop_path_rate, cfg.depth).tolist()):
+            # On the CPU whatever the default device: the rates are read back as Python floats, which a module
+            # built on the meta device (utils.check_model_fits) could not do.
+            rates = torch.linspace(0, drop_path_rate, cfg.depth, device="cpu").tolist()
+            for block, rate in zip(self.blocks, rates):
                 block.drop_path1, block.drop_path2 = DropPath(rate), DropPath(rate)
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
 

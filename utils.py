@@ -169,6 +169,25 @@ def load_training_data(args, img_size: int):
     return train, val, steps_per_epoch
 
 
+# Bytes a parameter takes in training: its fp32 weight and gradient, and AdamW's two fp32 moments.
+TRAINING_BYTES_PER_PARAMETER = 16
+
+
+def check_model_fits(build, device: torch.device) -> None:
+    """One-line death when the model-size flags ask for a model whose weights, gradients and AdamW moments alone
+    exceed all of the device's memory (--embed_dim 100000, say), which would otherwise end in an allocation error's
+    traceback. build() runs on the meta device, allocating nothing. The device's total, not what is free now, is
+    the bound: no model that could run is refused."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build().parameters())
+    need = TRAINING_BYTES_PER_PARAMETER * params
+    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if need > total:
+        die(f"model-size flags (--embed_dim, --depth, ...): {params:,} parameters need {need / 2 ** 30:,.1f} GiB for "
+            f"weights, gradients and AdamW's moments, more than the {total / 2 ** 30:,.1f} GiB of {device.type}")
+
+
 def memory_name(data_device: torch.device) -> str:
     """Where data_device put the images, as the scripts' start-up line says it."""
     return "host memory" if data_device.type == "cpu" else "GPU memory"

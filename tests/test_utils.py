@@ -193,6 +193,26 @@ def test_the_data_lives_on_the_gpu_when_it_fits_else_on_the_host(monkeypatch, ca
     assert all(utils.data_device(train, val, cpu, args(where)) == cpu for where in data.DATA_ON)
 
 
+def test_check_model_fits_counts_16_bytes_a_parameter_against_all_of_the_memory(monkeypatch, capsys):
+    page, built_on = 4096, []
+
+    def build():
+        layer = torch.nn.Linear(1000, 1000)  # 1,001,000 parameters: 16,016,000 bytes in training
+        built_on.append(layer.weight.device.type)
+        return layer
+    for pages, fits in ((16_016_000 // page + 1, True), (16_016_000 // page, False)):
+        sizes = {"SC_PAGE_SIZE": page, "SC_PHYS_PAGES": pages}
+        monkeypatch.setattr(os, "sysconf", lambda name, sizes=sizes: sizes[name])
+        if fits:
+            utils.check_model_fits(build, torch.device("cpu"))
+            continue
+        with pytest.raises(SystemExit) as exc:
+            utils.check_model_fits(build, torch.device("cpu"))
+        assert exc.value.code == 2
+        assert "1,001,000 parameters need" in capsys.readouterr().err
+    assert built_on == ["meta", "meta"]  # counted without allocating
+
+
 def test_embed_all_embeds_every_image_in_order_onto_the_given_device():
     import data
     images = torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8)
