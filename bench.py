@@ -21,11 +21,13 @@ import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.tensorboard import SummaryWriter
 
 import data
 import mae_pretrain
@@ -85,6 +87,10 @@ def get_args_parser():
     parser.add_argument("--num_classes", type=int, default=10, help="classifier outputs (CIFAR-10: 10)")
     parser.add_argument("--finetune_recipe", default="finetune", choices=tuple(train_classifier.RECIPES),
                         help="train_classifier.py recipe whose step is timed (augmentation, mixup, loss)")
+    parser.add_argument("--epoch_images", type=int, default=None,
+                        help="images of one epoch run by each script's own train_one_epoch after the timed steps, "
+                             "whose time per step the projection uses (default: CIFAR-10's 50,000 on CUDA; on the "
+                             "CPU four of the larger batch, 256)")
     parser.add_argument("--eval_images", type=int, default=None,
                         help="val images of each timed evaluation, with 5x as many as the kNN bank; the times are "
                              "scaled to the reference's 10,000 (default: 10,000 on CUDA, 64 on the CPU)")
@@ -131,6 +137,9 @@ def resolve_defaults(args, device: torch.device) -> None:
                                             ("eval_images", REFERENCE_VAL_IMAGES, 64)):
         if getattr(args, name) is None:
             setattr(args, name, cuda_default if on_cuda else cpu_default)
+    if args.epoch_images is None:  # on the CPU, 4 steps of the larger batch
+        largest = max(args.pretrain_batch_size, args.finetune_batch_size)
+        args.epoch_images = REFERENCE_TRAIN_IMAGES if on_cuda else min(4 * largest, REFERENCE_TRAIN_IMAGES)
     args.compile = utils.compile_requested(args, device)  # the default made explicit
     utils.resolve_compile_mode(args, device)
     args.preset = args.preset or ("vit-t" if on_cuda else "small")
@@ -142,7 +151,7 @@ def resolve_defaults(args, device: torch.device) -> None:
 def check_args(args) -> MAEConfig:
     """Every flag checked before any work, and before --json is written."""
     positive = ("pretrain_batch_size", "finetune_batch_size", "max_device_batch_size", "num_classes", "steps",
-                "warmup_steps", "repeats", "eval_images", *utils.MODEL_SIZE_FLAGS)
+                "warmup_steps", "repeats", "eval_images", "epoch_images", *utils.MODEL_SIZE_FLAGS)
     for name in positive:
         if getattr(args, name) < 1:
             utils.die(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -154,6 +163,10 @@ def check_args(args) -> MAEConfig:
             utils.die(f"--{name} must be at most the {REFERENCE_TRAIN_IMAGES:,} images of CIFAR-10, got {batch}")
         if batch % chunk_size(batch, args):
             utils.die(f"--{name} {batch} is not divisible by --max_device_batch_size {args.max_device_batch_size}")
+    if not max(args.pretrain_batch_size, args.finetune_batch_size) <= args.epoch_images <= REFERENCE_TRAIN_IMAGES:
+        utils.die(f"--epoch_images must be in [{max(args.pretrain_batch_size, args.finetune_batch_size)}, "
+                  f"{REFERENCE_TRAIN_IMAGES:,}] (a batch of each phase at least, CIFAR-10's images at most), got "
+                  f"{args.epoch_images}")
     if not 0.0 <= args.mask_ratio < 1.0:
         utils.die(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
     if args.compile_mode != "default" and not args.compile:
@@ -363,6 +376,7 @@ class Phase:
     flops_forward: int  # analytic forward FLOPs per image
     inputs: object = None  # (batch_idx) -> None: the step's input work alone, as the step does it; None: not timed
     inputs_eager: object = None  # the same, eager, where the step runs it compiled; else None
+    epoch: object = None  # (model, optimizer, scaler, amp_dtype, writer) -> None: train_one_epoch, --epoch_images
 
 
 def compile_cache(args):
@@ -399,20 +413,25 @@ def pretrain_phase(cfg: MAEConfig, images, args, device: torch.device) -> Phase:
     """mae_pretrain.train_step with the script's own flags at this batch size."""
     script_args = mae_pretrain.get_args_parser().parse_args([
         "--batch_size", str(args.pretrain_batch_size), "--max_device_batch_size", str(args.max_device_batch_size),
-        "--patch_size", str(cfg.patch_size)])
+        "--patch_size", str(cfg.patch_size), "--total_epoch", str(REFERENCE_PRETRAIN_EPOCHS)])
 
     def step(model, optimizer, scaler, batch_idx, lr, loss_sum, amp_dtype):
         mae_pretrain.train_step(model, optimizer, scaler, images, batch_idx, lr, script_args, device, amp_dtype,
                                 loss_sum)
+
+    def epoch(model, optimizer, scaler, amp_dtype, writer):
+        mae_pretrain.train_one_epoch(model, optimizer, scaler, images[:args.epoch_images], script_args, 1,
+                                     args.epoch_images // args.pretrain_batch_size, device, amp_dtype, writer)
     return Phase("pretrain", MAE(cfg), (0.9, 0.95), script_args.base_learning_rate, args.pretrain_batch_size, step,
-                 sum(mae_forward_flops(cfg).values()))
+                 sum(mae_forward_flops(cfg).values()), epoch=epoch)
 
 
 def finetune_phase(cfg: MAEConfig, images, labels, args, device: torch.device) -> Phase:
     """train_classifier.train_step with the --finetune_recipe's augmentation, mixup and loss."""
     script_args = train_classifier.get_args_parser().parse_args([
         "--recipe", args.finetune_recipe, "--batch_size", str(args.finetune_batch_size),
-        "--max_device_batch_size", str(args.max_device_batch_size), "--pretrained_model_path", "(timing only)"])
+        "--max_device_batch_size", str(args.max_device_batch_size), "--pretrained_model_path", "(timing only)",
+        "--total_epoch", str(REFERENCE_FINETUNE_EPOCHS)])
     train_classifier.resolve_recipe(script_args)
     mixup = train_classifier.make_mixup(script_args, args.num_classes)
     criterion = train_classifier.make_criterion(script_args, mixup)
@@ -432,10 +451,16 @@ def finetune_phase(cfg: MAEConfig, images, labels, args, device: torch.device) -
                     mixup(x, y)
         return inputs
 
+    def epoch(model, optimizer, scaler, amp_dtype, writer):
+        train_classifier.train_one_epoch(model, None, optimizer, scaler, images[:args.epoch_images],
+                                         labels[:args.epoch_images], prepare, mixup, criterion, script_args, 1,
+                                         args.epoch_images // args.finetune_batch_size, device, amp_dtype, writer)
+
     model = ViTClassifier(cfg, args.num_classes, script_args.global_pool, script_args.drop_path)
     return Phase("finetune", model, (0.9, 0.999), script_args.base_learning_rate, args.finetune_batch_size, step,
                  sum(classifier_forward_flops(cfg, args.num_classes).values()), input_work(prepare),
-                 input_work(train_classifier.augmentation(script_args, compiled=False)) if args.compile else None)
+                 input_work(train_classifier.augmentation(script_args, compiled=False)) if args.compile else None,
+                 epoch)
 
 
 def bench_phase(phase: Phase, args, device: torch.device, data_device: torch.device, amp_dtype,
@@ -480,6 +505,17 @@ def bench_phase(phase: Phase, args, device: torch.device, data_device: torch.dev
     warmup_s = time.perf_counter() - begin
     step_s = [timed(one_step, args.steps, device) for _ in range(args.repeats)]
     seconds = statistics.median(step_s)
+    # One epoch as the script runs it: its train_one_epoch, with the lr set (and logged to TensorBoard, here in a
+    # temporary folder) every step, the progress bar, and the loss read every --log_interval steps and at the end.
+    # The experiment repeats that, so the projection takes its time per step; the difference from the bare steps
+    # above is the loop's own cost.
+    with tempfile.TemporaryDirectory() as logs, SummaryWriter(logs) as writer:
+        synchronize(device)
+        begin = time.perf_counter()
+        phase.epoch(train_model, optimizer, scaler, amp_dtype, writer)
+        synchronize(device)
+        epoch_s = time.perf_counter() - begin
+    epoch_steps = args.epoch_images // phase.batch_size
     # One more step, eager (a compiled graph is checked by Dynamo itself: a sync inside would break it), with
     # every operator recorded: the step must queue its whole work without waiting for the device.
     with utils.eager(), HostSyncRecorder() as recorder:
@@ -503,6 +539,7 @@ def bench_phase(phase: Phase, args, device: torch.device, data_device: torch.dev
     tflops = train_flops * phase.batch_size / seconds / 1e12
     return {
         "phase": phase.name, "batch_size": phase.batch_size, "chunk": chunk, "ms_per_step": seconds * 1e3,
+        "epoch_steps": epoch_steps, "epoch_s": epoch_s, "epoch_ms_per_step": epoch_s / epoch_steps * 1e3,
         "ms_per_step_repeats": [s * 1e3 for s in step_s], "images_per_sec": phase.batch_size / seconds,
         "flops_per_image_forward": phase.flops_forward, "flops_per_image_train": train_flops, "tflops": tflops,
         "percent_of_peak": 100 * tflops / peak_tflops, "warmup_s": warmup_s,
@@ -558,14 +595,15 @@ def bench_evaluation(cfg: MAEConfig, images, labels, args, device: torch.device,
 
 
 def project_reference(pretrain: dict, finetune: dict, evaluation: dict, peak_tflops: float) -> dict:
-    """Wall time of the reference experiment's optimizer steps at the measured step times, plus one compilation
-    per run (the pretraining and each fine-tune compile their own model), plus its evaluations. With
-    --compile_cache fresh the second fine-tune's compilation is an upper bound: in the experiment it finds the
-    first's in inductor's cache."""
+    """Wall time of the reference experiment's optimizer steps at the step times of the timed epochs (the scripts'
+    loops, not the bare steps), plus one compilation per run (the pretraining and each fine-tune compile their own
+    model), plus its evaluations. With --compile_cache fresh the second fine-tune's compilation is an upper bound:
+    in the experiment it finds the first's in inductor's cache."""
     pretrain_steps = REFERENCE_PRETRAIN_EPOCHS * (REFERENCE_TRAIN_IMAGES // pretrain["batch_size"])
     finetune_steps = (REFERENCE_FINETUNE_RUNS * REFERENCE_FINETUNE_EPOCHS
                       * (REFERENCE_TRAIN_IMAGES // finetune["batch_size"]))
-    steps_s = pretrain_steps * pretrain["ms_per_step"] / 1e3 + finetune_steps * finetune["ms_per_step"] / 1e3
+    steps_s = (pretrain_steps * pretrain["epoch_ms_per_step"] / 1e3
+               + finetune_steps * finetune["epoch_ms_per_step"] / 1e3)
     compile_s = pretrain["compile_s"] + REFERENCE_FINETUNE_RUNS * finetune["compile_s"]
     total_flops = (pretrain_steps * pretrain["batch_size"] * pretrain["flops_per_image_train"]
                    + finetune_steps * finetune["batch_size"] * finetune["flops_per_image_train"])
@@ -646,15 +684,16 @@ def main(args):
 
     # ---- report
     print(f"{'phase':<9} {'batch':>6} {'chunk':>6} {'compile s':>10} {'ms/step':>9} {'images/s':>10} "
-          f"{'TFLOP/s':>9} {'% of peak':>10} {'GiB':>6}")
+          f"{'TFLOP/s':>9} {'% of peak':>10} {'GiB':>6} {'in epoch':>9}")
     for r in (pretrain, finetune):
         memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
         print(f"{r['phase']:<9} {r['batch_size']:>6} {r['chunk']:>6} {r['compile_s']:>10.1f} "
               f"{r['ms_per_step']:>9.2f} {r['images_per_sec']:>10,.0f} {r['tflops']:>9.3f} "
-              f"{r['percent_of_peak']:>9.1f}% {memory:>6}")
+              f"{r['percent_of_peak']:>9.1f}% {memory:>6} {r['epoch_ms_per_step']:>9.2f}")
     print(f"(ms/step: median of {args.repeats} x {args.steps} steps after {args.warmup_steps} warm-up; compile s: "
           f"the warm-up's extra time{'' if args.compile else ', here without compilation: first-step set-up'}; "
-          f"fine-tune: train_classifier.py's step with --recipe {args.finetune_recipe})")
+          f"in epoch: ms per step of one epoch of {args.epoch_images:,} images run by the script's train_one_epoch, "
+          f"which the projection uses; fine-tune: train_classifier.py's step with --recipe {args.finetune_recipe})")
     for r in (pretrain, finetune):
         print(f"host syncs in one {r['phase']} step (eager, every operator recorded): "
               f"{', '.join(r['host_syncs']) or 'none'}")

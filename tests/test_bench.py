@@ -284,6 +284,9 @@ def test_cpu_command_runs_in_seconds_and_its_numbers_agree(tmp_path):
         # anything back (HostSyncRecorder is tested below).
         assert p["host_syncs"] == []
         assert p["profile"] is None  # --profile only
+        # One epoch of the script's own loop over the first 256 images: 4 steps of 64, 8 of 32.
+        assert p["epoch_steps"] == 256 // p["batch_size"] and p["epoch_s"] > 0
+        assert p["epoch_ms_per_step"] == pytest.approx(p["epoch_s"] / p["epoch_steps"] * 1e3)
     assert (r["pretrain"]["batch_size"], r["pretrain"]["chunk"], r["finetune"]["batch_size"]) == (64, 32, 32)
     # The fine-tuning step's input work (take, augment, mix) is timed on its own; the pretraining's is not. Nothing
     # is compiled, so there is no eager time to set beside it.
@@ -297,11 +300,12 @@ def test_cpu_command_runs_in_seconds_and_its_numbers_agree(tmp_path):
     assert e["pretrain_eval_s"] > 0 and e["finetune_eval_s"] > 0
     eval_s = 10_000 / 64 * (6 * e["pretrain_eval_s"] + 100 * e["finetune_eval_s"])
 
-    # 150 epochs of 50,000 // 64 steps, then 2 x 50 epochs of 50,000 // 32 steps, plus three compilations and
-    # the evaluations.
+    # 150 epochs of 50,000 // 64 steps, then 2 x 50 epochs of 50,000 // 32 steps, each at the step time of the
+    # scripts' loops, plus three compilations and the evaluations.
     proj = r["projection"]
     assert (proj["pretrain_steps"], proj["finetune_steps"]) == (150 * 781, 100 * 1562)
-    minutes = (150 * 781 * r["pretrain"]["ms_per_step"] + 100 * 1562 * r["finetune"]["ms_per_step"]) / 1e3 / 60 \
+    minutes = (150 * 781 * r["pretrain"]["epoch_ms_per_step"]
+               + 100 * 1562 * r["finetune"]["epoch_ms_per_step"]) / 1e3 / 60 \
         + (r["pretrain"]["compile_s"] + 2 * r["finetune"]["compile_s"]) / 60 + eval_s / 60
     assert proj["evaluation_minutes"] == pytest.approx(eval_s / 60)
     assert proj["minutes"] == pytest.approx(minutes) and proj["minutes"] > 0
@@ -311,8 +315,9 @@ def test_cpu_command_runs_in_seconds_and_its_numbers_agree(tmp_path):
     # The printed report says the same numbers.
     printed = re.search(r"projected wall time of the reference experiment: ([\d.]+) min", proc.stdout)
     assert printed and float(printed.group(1)) == pytest.approx(proj["minutes"], abs=0.05)
-    row = re.search(r"^pretrain +64 +32 +[\d.]+ +([\d.]+) +([\d,]+) ", proc.stdout, re.M)
+    row = re.search(r"^pretrain +64 +32 +[\d.]+ +([\d.]+) +([\d,]+) .* ([\d.]+)$", proc.stdout, re.M)
     assert row and float(row.group(1)) == pytest.approx(r["pretrain"]["ms_per_step"], abs=0.005)
+    assert float(row.group(3)) == pytest.approx(r["pretrain"]["epoch_ms_per_step"], abs=0.005)
     assert f"pretrain forward {expected_forward['pretrain'] / 1e9:.4f}" in proc.stdout
     printed = re.search(r"fine-tuning input work alone .*: ([\d.]+) ms per step", proc.stdout)
     assert printed and float(printed.group(1)) == pytest.approx(r["finetune"]["input_ms_per_step"], abs=0.005)
@@ -358,6 +363,7 @@ def test_host_sync_recorder_flags_what_makes_the_host_wait_and_nothing_else():
     (["--finetune_batch_size", "60000"], "--finetune_batch_size must be at most"),
     (["--mask_ratio", "1.0"], "--mask_ratio must be in [0, 1)"),
     (["--eval_images", "0"], "--eval_images must be >= 1"),
+    (["--epoch_images", "32"], "--epoch_images must be in [64, 50,000]"),  # less than a pretraining batch
     (["--eval_images", "10001"], "--eval_images must be at most the reference's 10,000"),
     (["--embed_dim", "64", "--num_heads", "3"], "model flags"),
     (["--embed_dim", "400000"], "parameters need"),  # terabytes: more than any machine's memory
