@@ -154,6 +154,27 @@ def test_steps_accumulate_into_the_grad_buffers_the_optimizer_allocated(phase):
     assert all(not torch.equal(p, b) for p, b in zip(params, before))  # every parameter was trained
 
 
+@pytest.mark.parametrize("phase, expected_reads", [("pretrain", 3), ("finetune", 4)])
+def test_a_scripts_epoch_reads_values_back_only_every_log_interval_steps(phase, expected_reads):
+    """The epoch bench.py times is the script's own train_one_epoch: 52 steps of 2 images with the default
+    --log_interval 25 read the running loss back at steps 25 and 50 (fine-tuning: the loss and the correct count)
+    and pretraining its mean at the end (fine-tuning's final .tolist() reads without an operator the recorder
+    sees), and nothing else: no step waits for the device."""
+    cfg = MAEConfig(patch_size=8, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+                    decoder_num_heads=2)
+    images = torch.randint(0, 256, (104, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (104,))
+    args = SimpleNamespace(pretrain_batch_size=2, finetune_batch_size=2, num_classes=10, finetune_recipe="plain",
+                           max_device_batch_size=2, compile=False, epoch_images=104)
+    cpu = torch.device("cpu")
+    timed = bench.pretrain_phase(cfg, images, args, cpu) if phase == "pretrain" else \
+        bench.finetune_phase(cfg, images, labels, args, cpu)
+    optimizer = utils.make_adamw(utils.weight_decay_groups(timed.model, 0.05), 1e-3, timed.betas, cpu)
+    with bench.HostSyncRecorder() as recorder:
+        timed.epoch(timed.model, optimizer, torch.amp.GradScaler("cpu", enabled=False), None, None)
+    assert recorder.syncs == ["_local_scalar_dense"] * expected_reads
+
+
 def test_compiled_fine_tuning_times_its_input_work_compiled_and_eager(compile_counter):
     """With compilation on, the fine-tuning phase runs its augmentation compiled, as train_classifier.py does, and
     also times it eager: the difference is what compiling it saves. Dynamo's counting backend traces it (one graph,
