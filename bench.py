@@ -3,11 +3,12 @@
 Times the scripts' own optimizer steps, mae_pretrain.train_step and train_classifier.train_step (uint8 images on
 the device, or in host memory with --data_on host, normalised and, for fine-tuning, augmented and mixed per the
 recipe in batch, autocast, gradients accumulated over --max_device_batch_size chunks, fused AdamW), after warm-up,
-with CUDA events on a GPU. Prints images/s, ms per step, the FLOPs counted analytically, the achieved TFLOP/s as a
-share of a bf16 matrix-product peak measured in the same run, the host syncs of one step, the fine-tuning step's
-input work (augmentation, mixup) alone, the time of each script's evaluation, and the projected wall time of the
-reference experiment (150 pretraining epochs at batch 512, then two 50-epoch fine-tunes at batch 128, on CIFAR-10's
-50,000 images; compilation and evaluation included).
+with CUDA events on a GPU, then one epoch of each script's own loop, train_one_epoch. Prints images/s, ms per step
+(bare, and within the epoch), the FLOPs counted analytically, the achieved TFLOP/s as a share of a bf16
+matrix-product peak measured in the same run, the host syncs of one step, the fine-tuning step's input work
+(augmentation, mixup) alone, the time of each script's evaluation, and the projected wall time of the reference
+experiment (150 pretraining epochs at batch 512, then two 50-epoch fine-tunes at batch 128, on CIFAR-10's 50,000
+images, at the epochs' step times; compilation from an empty cache and evaluation included).
 
 On one GPU (ViT-T, the reference batch sizes):
     python bench.py --json bench.json
