@@ -117,6 +117,9 @@ def get_args_parser():
                         help="the kernel every attention runs with: auto lets torch choose per shape, as the training "
                              "scripts do; a name restricts it to that kernel, to compare them (cudnn and efficient "
                              "need CUDA)")
+    parser.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="torch._inductor.config settings for the timed phases' compilation, to try them (e.g. "
+                             "coordinate_descent_tuning=true); each value is read as its setting's type")
     parser.add_argument("--compile_cache", default="fresh", choices=("fresh", "shared"),
                         help="fresh: compile into an empty temporary inductor cache, removed at the end, so the "
                              "compile seconds are a first run's on this machine; shared: inductor's usual on-disk "
@@ -174,6 +177,8 @@ def check_args(args) -> MAEConfig:
         utils.die(f"--compile_mode {args.compile_mode} needs compilation, which is off (pass --compile)")
     if args.compile_scope != "model" and not args.compile:
         utils.die(f"--compile_scope {args.compile_scope} needs compilation, which is off (pass --compile)")
+    if args.inductor and not args.compile:
+        utils.die("--inductor needs compilation, which is off (pass --compile)")
     if args.json:  # checked now, not after minutes of timing
         utils.check_output_file("--json", args.json, (".json",), create_folder=False)
     recipe = train_classifier.RECIPES[args.finetune_recipe]
@@ -389,6 +394,32 @@ def compile_cache(args):
         from torch._inductor.utils import fresh_inductor_cache
         return fresh_inductor_cache()
     return contextlib.nullcontext()
+
+
+def inductor_settings(args) -> dict:
+    """--inductor's KEY=VALUE pairs as a dict for torch._inductor.config.patch, each value of its setting's type;
+    one-line death for an unknown setting or a value its type cannot take."""
+    import torch._inductor.config as inductor_config
+    known, settings = inductor_config.get_config_copy(), {}
+    for pair in args.inductor:
+        key, _, text = pair.partition("=")
+        if key not in known:
+            utils.die(f"--inductor {pair}: torch._inductor.config has no setting {key!r} (KEY=VALUE, e.g. "
+                      "coordinate_descent_tuning=true)")
+        current = known[key]
+        try:
+            if isinstance(current, bool):
+                value = {"true": True, "false": False, "1": True, "0": False}[text.lower()]
+            elif isinstance(current, (int, float)):
+                value = type(current)(text)
+            elif current is None or isinstance(current, str):
+                value = text
+            else:
+                raise ValueError
+        except (KeyError, ValueError):
+            utils.die(f"--inductor {pair}: {key} takes {type(current).__name__} values, not {text!r}")
+        settings[key] = value
+    return settings
 
 
 def attention_kernel(args):
@@ -638,12 +669,14 @@ def main(args):
     args.compile = utils.compile_enabled(args, device)  # what runs: False, with one warning, where it cannot work
     amp_dtype = utils.autocast_dtype(args, device)
     attention = attention_choice(cfg, args, device, amp_dtype)
+    inductor = inductor_settings(args)
     for build in (lambda: MAE(cfg), lambda: ViTClassifier(cfg, args.num_classes)):
         utils.check_model_fits(build, device)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = " ".join(["python", os.path.basename(sys.argv[0]) or "bench.py", *sys.argv[1:]])
     print(f"config: {vars(args)}")
-    compiled = f"on ({args.compile_mode}, scope {args.compile_scope}, {args.compile_cache} cache)"
+    compiled = (f"on ({args.compile_mode}, scope {args.compile_scope}, {args.compile_cache} cache"
+                f"{''.join(f', {key}={value}' for key, value in inductor.items())})")
     print(f"bench: {date}, {describe_device(device)}, torch {torch.__version__}, autocast {amp_dtype}, "
           f"compile {compiled if args.compile else 'off'}, data on {args.data_on}, attention {args.attention}"
           f"{f' ({attention})' if args.attention == 'auto' else ''}")
@@ -674,8 +707,9 @@ def main(args):
 
     # ---- the two steps, each with its own model and optimizer, as each script builds them
     torch.manual_seed(args.seed)
+    import torch._inductor.config as inductor_config
     with attention_kernel(args):
-        with compile_cache(args):
+        with compile_cache(args), inductor_config.patch(inductor):
             pretrain = bench_phase(pretrain_phase(cfg, images, args, device), args, device, data_device, amp_dtype,
                                    peak["tflops"])
             finetune = bench_phase(finetune_phase(cfg, images, labels, args, device), args, device, data_device,

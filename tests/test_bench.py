@@ -194,6 +194,18 @@ def test_compiled_fine_tuning_times_its_input_work_compiled_and_eager(compile_co
     assert bench.finetune_phase(cfg, images, labels, args, torch.device("cpu")).inputs_eager is None
 
 
+def test_inductor_settings_take_each_value_as_their_settings_type():
+    args = SimpleNamespace(inductor=["coordinate_descent_tuning=true", "triton.cudagraph_trees=0",
+                                     "unroll_reductions_threshold=4", "max_autotune_gemm_backends=ATEN"])
+    settings = bench.inductor_settings(args)
+    assert settings == {"coordinate_descent_tuning": True, "triton.cudagraph_trees": False,
+                        "unroll_reductions_threshold": 4, "max_autotune_gemm_backends": "ATEN"}
+    import torch._inductor.config as inductor_config
+    with inductor_config.patch(settings):  # as main applies them around the timed phases
+        assert inductor_config.coordinate_descent_tuning is True and inductor_config.triton.cudagraph_trees is False
+    assert bench.inductor_settings(SimpleNamespace(inductor=[])) == {}
+
+
 @pytest.mark.parametrize("attention, kernel", [("math", "aten::_scaled_dot_product_attention_math"),
                                                ("flash", "aten::_scaled_dot_product_flash_attention_for_cpu")])
 def test_attention_flag_runs_every_attention_with_that_kernel(attention, kernel):
@@ -392,6 +404,10 @@ def test_host_sync_recorder_flags_what_makes_the_host_wait_and_nothing_else():
      "--compile_mode reduce-overhead needs compilation, which is off"),
     (["--compile_mode", "max-autotune"], "--compile_mode max-autotune needs compilation"),  # off by default on CPU
     (["--compile_scope", "blocks"], "--compile_scope blocks needs compilation"),
+    (["--inductor", "coordinate_descent_tuning=true"], "--inductor needs compilation"),
+    (["--compile", "--inductor", "nope=1"], "torch._inductor.config has no setting 'nope'"),
+    (["--compile", "--inductor", "coordinate_descent_tuning=maybe"], "coordinate_descent_tuning takes bool values, not 'maybe'"),
+    (["--compile", "--inductor", "unroll_reductions_threshold=2.5"], "unroll_reductions_threshold takes int values, not '2.5'"),
     (["--precision", "fp16"], "--precision fp16 needs --device cuda"),
     (["--json", "/nonexistent/dir/bench.json"], "--json"),
     (["--json", "bench.txt"], "--json must name a .json file, got 'bench.txt'"),
