@@ -614,9 +614,9 @@ def bench_evaluation(cfg: MAEConfig, images, labels, args, device: torch.device,
         return statistics.median(times)
 
     pretrain_s = seconds(lambda: mae_pretrain.evaluate(mae, bank, val, val_noise, script_args, device, amp_dtype))
-    # train_classifier.py evaluates in chunks of utils.EVAL_CHUNK_FACTOR x its --max_device_batch_size, which is
-    # the fine-tuning chunk here (128 in the reference's fine-tuning commands).
-    finetune_chunk = utils.EVAL_CHUNK_FACTOR * chunk_size(args.finetune_batch_size, args)
+    # train_classifier.py's --max_device_batch_size is the fine-tuning chunk here (128 in the reference's
+    # fine-tuning commands).
+    finetune_chunk = utils.eval_chunk(chunk_size(args.finetune_batch_size, args))
     finetune_s = seconds(lambda: train_classifier.evaluate(classifier, val.images, val.labels, data.normalize,
                                                            finetune_chunk, device, amp_dtype))
     scale = REFERENCE_VAL_IMAGES / num_val

@@ -205,7 +205,7 @@ def evaluate(model, train, val, val_noise, args, device, amp_dtype):
     [0, 1] pixel space. Each process embeds and reconstructs a shard of both splits; features are gathered,
     sums are reduced; everything stays on the device until the three numbers at the end."""
     model.eval()
-    bs = utils.eval_chunk(args)
+    bs = utils.eval_chunk(args.max_device_batch_size)
 
     def features(imgs):  # L2-normalised: the kNN's dot products are cosine similarities
         return F.normalize(pool_tokens(model.encoder(imgs).float(), args.knn_feature), dim=1)

@@ -460,12 +460,13 @@ def main(args):
     frozen = model.encoder if args.linear_probe else None
     precomputed = args.linear_probe and not augments_images(args)
     compiled = not precomputed and utils.compile_enabled(args, device)  # a probe's head alone: nothing to compile
+    eval_chunk = utils.eval_chunk(args.max_device_batch_size)  # no gradients: larger chunks than training's
     if precomputed:
         # A frozen encoder on unaugmented images gives the same features every epoch: compute them once, and an
         # epoch is a pass of the head over (N, D) floats.
         model.eval()
-        train_inputs = utils.embed_all(model.features, train_images, utils.eval_chunk(args), amp_dtype, device)
-        val_inputs = utils.embed_all(model.features, val_images, utils.eval_chunk(args), amp_dtype, device)
+        train_inputs = utils.embed_all(model.features, train_images, eval_chunk, amp_dtype, device)
+        val_inputs = utils.embed_all(model.features, val_images, eval_chunk, amp_dtype, device)
         net, frozen = nn.Sequential(model.head_norm, model.head), None
         prepare_train = prepare_eval = nn.Identity()
     else:
@@ -529,8 +530,8 @@ def main(args):
             raise SystemExit(f"epoch {epoch}: the training loss is {stats['train_loss']}; stopping. "
                              f"{args.output_model_path} and {last_model_path} still hold earlier epochs. "
                              "Try a lower --base_learning_rate.")
-        val_loss, val_acc, val_predicted = evaluate(eval_net, val_inputs, val_labels, prepare_eval,
-                                                    utils.eval_chunk(args), device, amp_dtype)
+        val_loss, val_acc, val_predicted = evaluate(eval_net, val_inputs, val_labels, prepare_eval, eval_chunk, device,
+                                                    amp_dtype)
         stats.update(val_loss=val_loss, val_acc=val_acc)
         log.append({"epoch": epoch, **stats})
         improved = val_acc > best_acc

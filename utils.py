@@ -118,15 +118,16 @@ def device_chunk(args) -> int:
 
 # Evaluation's chunks are this many times --max_device_batch_size. Without gradients a forward pass holds one
 # block's activations at a time, where a training chunk keeps every block's for the backward, so four times the
-# images still take less memory than a training chunk (ViT-T, 257 tokens: about 2 MB an image at the widest point
-# against about 19 MB). And evaluation runs eager, where at 128 images a chunk ViT-T's kernels are short enough
-# for the host's launches to set the pace: a quarter of the chunks is a quarter of the launches.
+# images still take less memory than a training chunk (the ViT-T classifier under bf16 autocast, by peak memory on
+# a CPU: 1.5 to 2.1 MB an image for a no-grad forward, 21 MB for a training forward and backward). And evaluation
+# runs eager, where at 128 images a chunk ViT-T's kernels are short enough for the host's launches to set the
+# pace: a quarter of the chunks is a quarter of the launches.
 EVAL_CHUNK_FACTOR = 4
 
 
-def eval_chunk(args) -> int:
+def eval_chunk(max_device_batch_size: int) -> int:
     """Images per forward pass in evaluation (kNN features, val reconstruction, val pass, a probe's features)."""
-    return EVAL_CHUNK_FACTOR * args.max_device_batch_size
+    return EVAL_CHUNK_FACTOR * max_device_batch_size
 
 
 # The model-size flags of all three scripts, named as MAEConfig's fields (whose defaults are ViT-T's).
