@@ -420,8 +420,7 @@ def main(args):
     amp_dtype = utils.autocast_dtype(args, device)
     train, val, steps_per_epoch = utils.load_training_data(args, cfg.img_size)
     classes, num_classes = list(train.classes), len(train.classes)
-    utils.check_model_fits(lambda: ViTClassifier(cfg, num_classes, args.global_pool, args.drop_path,
-                                                 linear_probe=args.linear_probe), device)
+    utils.check_model_fits(lambda: build_model(args, cfg, num_classes, None), device)
     utils.init_distributed(device)
     data_device = utils.data_device(train, val, device, args)  # after init: the processes decide together
     rank, world_size, _ = utils.dist_env()
