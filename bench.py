@@ -26,7 +26,6 @@ import tempfile
 import time
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.tensorboard import SummaryWriter
 
@@ -64,9 +63,7 @@ PRESETS = {
 PEAK_MATMUL_SIZE = {"cuda": 8192, "cpu": 1024}
 PEAK_MATMUL_ITERS = {"cuda": 20, "cpu": 3}
 TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward, the backward being two matmuls (input and weight grads) per one
-# --attention's kernels of F.scaled_dot_product_attention, which timm's blocks call.
-ATTENTION_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                      "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
 
 
 def get_args_parser():
@@ -111,12 +108,9 @@ def get_args_parser():
     parser.add_argument("--preset", default=None, choices=tuple(PRESETS),
                         help="model sizes (default: vit-t on CUDA, small on the CPU); the flags below override it")
     utils.add_model_size_args(parser, vit_t_defaults=False)
-    # Runtime: --device, --precision, --compile, --compile_mode, --compile_scope as the training scripts take them
+    # Runtime: --device, --precision, --compile, --compile_mode, --compile_scope, --attention as the training
+    # scripts take them
     utils.add_runtime_args(parser)
-    parser.add_argument("--attention", default="auto", choices=("auto", *ATTENTION_BACKENDS),
-                        help="the kernel every attention runs with: auto lets torch choose per shape, as the training "
-                             "scripts do; a name restricts it to that kernel, to compare them (cudnn and efficient "
-                             "need CUDA)")
     parser.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
                         help="torch._inductor.config settings for the timed phases' compilation, to try them (e.g. "
                              "coordinate_descent_tuning=true); each value is read as its setting's type")
@@ -422,25 +416,6 @@ def inductor_settings(args) -> dict:
     return settings
 
 
-def attention_kernel(args):
-    """--attention as a context around the timed work. Under torch.compile the kernel is chosen when the graph is
-    traced, which happens inside it."""
-    return contextlib.nullcontext() if args.attention == "auto" else sdpa_kernel(ATTENTION_BACKENDS[args.attention])
-
-
-def attention_choice(cfg: MAEConfig, args, device: torch.device, amp_dtype) -> str:
-    """The kernel attention runs with at fine-tuning's shapes (1 + N tokens, with gradients) under --attention, as
-    torch's dispatcher picks it; one-line death when the named kernel cannot run them here."""
-    q = torch.zeros(1, cfg.num_heads, 1 + cfg.num_patches, cfg.embed_dim // cfg.num_heads, device=device,
-                    dtype=amp_dtype or torch.float32, requires_grad=True)
-    try:
-        with attention_kernel(args):
-            return SDPBackend(torch._fused_sdp_choice(q, q, q)).name.lower()
-    except RuntimeError as e:  # none of the allowed kernels fits these shapes, dtype and device
-        utils.die(f"--attention {args.attention} cannot run on {device} at head dim {q.shape[-1]} in {q.dtype} "
-                  f"({str(e).splitlines()[0]}); choose auto or another kernel")
-
-
 def pretrain_phase(cfg: MAEConfig, images, args, device: torch.device) -> Phase:
     """mae_pretrain.train_step with the script's own flags at this batch size."""
     script_args = mae_pretrain.get_args_parser().parse_args([
@@ -668,7 +643,7 @@ def main(args):
     cfg = check_args(args)
     args.compile = utils.compile_enabled(args, device)  # what runs: False, with one warning, where it cannot work
     amp_dtype = utils.autocast_dtype(args, device)
-    attention = attention_choice(cfg, args, device, amp_dtype)
+    attention = utils.attention_choice(cfg, args.attention, device, amp_dtype)
     inductor = inductor_settings(args)
     for build in (lambda: MAE(cfg), lambda: ViTClassifier(cfg, args.num_classes)):
         utils.check_model_fits(build, device)
@@ -708,7 +683,7 @@ def main(args):
     # ---- the two steps, each with its own model and optimizer, as each script builds them
     torch.manual_seed(args.seed)
     import torch._inductor.config as inductor_config
-    with attention_kernel(args):
+    with utils.attention_kernel(args.attention):
         with compile_cache(args), inductor_config.patch(inductor):
             pretrain = bench_phase(pretrain_phase(cfg, images, args, device), args, device, data_device, amp_dtype,
                                    peak["tflops"])

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from timm.models.vision_transformer import Block
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
 from model import MAEConfig
@@ -310,6 +311,33 @@ def add_runtime_args(parser) -> None:
                         help="what torch.compile compiles: the whole training model as one graph, or each "
                              "transformer block on its own (one graph per block shape, shared by all the blocks "
                              "of that shape: a fraction of the compile time; the rest runs eager)")
+    parser.add_argument("--attention", default="auto", choices=("auto", *ATTENTION_BACKENDS),
+                        help="the kernel every attention runs with: auto lets torch choose per shape; a name "
+                             "restricts it to that kernel (cudnn and efficient need CUDA)")
+
+
+# --attention's kernels of F.scaled_dot_product_attention, which timm's blocks call.
+ATTENTION_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                      "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+
+def attention_kernel(name: str):
+    """--attention as a context around the training and evaluation. Under torch.compile the kernel is chosen when
+    the graph is traced, which happens inside it, at the first step."""
+    return contextlib.nullcontext() if name == "auto" else sdpa_kernel(ATTENTION_BACKENDS[name])
+
+
+def attention_choice(cfg: MAEConfig, name: str, device: torch.device, amp_dtype) -> str:
+    """The kernel attention runs with at the encoder's full shapes (1 + N tokens, with gradients) under
+    --attention `name`, as torch's dispatcher picks it; one-line death when the named kernel cannot run them."""
+    q = torch.zeros(1, cfg.num_heads, 1 + cfg.num_patches, cfg.embed_dim // cfg.num_heads, device=device,
+                    dtype=amp_dtype or torch.float32, requires_grad=True)
+    try:
+        with attention_kernel(name):
+            return SDPBackend(torch._fused_sdp_choice(q, q, q)).name.lower()
+    except RuntimeError as e:  # none of the allowed kernels fits these shapes, dtype and device
+        die(f"--attention {name} cannot run on {device} at head dim {q.shape[-1]} in {q.dtype} "
+            f"({str(e).splitlines()[0]}); choose auto or another kernel")
 
 
 def resolve_device(args) -> torch.device:

@@ -212,11 +212,10 @@ def test_attention_flag_runs_every_attention_with_that_kernel(attention, kernel)
     """--attention names the kernel behind F.scaled_dot_product_attention in the timed work: the operators a
     classifier's training step records are that kernel's, and attention_choice reports it."""
     cfg = MAEConfig(patch_size=8, embed_dim=32, depth=2, num_heads=2)
-    args = SimpleNamespace(attention=attention)
-    assert bench.attention_choice(cfg, args, torch.device("cpu"), None) == \
+    assert utils.attention_choice(cfg, attention, torch.device("cpu"), None) == \
         {"math": "math", "flash": "flash_attention"}[attention]
     model = ViTClassifier(cfg, num_classes=10)
-    with bench.attention_kernel(args), torch.profiler.profile() as prof:
+    with utils.attention_kernel(attention), torch.profiler.profile() as prof:
         model(torch.randn(4, 3, 32, 32)).sum().backward()
     names = {event.key for event in prof.key_averages()}
     assert kernel in names

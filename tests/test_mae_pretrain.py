@@ -116,6 +116,16 @@ def test_validation_metrics_use_fixed_masks(tmp_path):
     assert first["val_psnr"] >= 10 * np.log10(4 / direct) - 1e-3
 
 
+def test_attention_flag_sets_the_kernel_of_training_and_evaluation(tmp_path, run_pretrain):
+    """--attention math: every attention of the run (training steps, the kNN and val evaluation, the figures) is
+    the math kernel, none the CPU flash kernel torch picks by itself."""
+    with torch.profiler.profile() as prof:
+        run_pretrain(tiny_pretrain_argv(tmp_path, "--total_epoch", "1", "--attention", "math"))
+    names = {event.key for event in prof.key_averages()}
+    assert "aten::_scaled_dot_product_attention_math" in names
+    assert not any("flash" in name for name in names), sorted(n for n in names if "flash" in n)
+
+
 @pytest.mark.parametrize("bad_flags, expected", [
     (["--batch_size", "30", "--max_device_batch_size", "16"], "--batch_size 30 is not divisible"),
     (["--mask_ratio", "1.0"], "--mask_ratio must be in [0, 1)"),
@@ -132,6 +142,7 @@ def test_validation_metrics_use_fixed_masks(tmp_path):
     (["--mask_ratio", "0.01"], "--mask_ratio 0.01 masks none of the 64 patches"),
     (["--seed", "-1"], "--seed must be in [0, 2^31), got -1"),
     (["--device", "mps"], "--device must be cuda, cuda:N or cpu, got 'mps'"),
+    (["--attention", "cudnn"], "--attention cudnn cannot run on cpu"),  # a CUDA kernel
     (["--fake_size", "2000000"], "--fake_size must be in [1, 1,000,000]"),
     (["--model_path", "{tmp}/run/outputs/args.json"], "--model_path must name a .pt or .pth file"),
     (["--model_path", ""], "--model_path must name a .pt or .pth file, got ''"),

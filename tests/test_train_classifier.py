@@ -540,6 +540,7 @@ def _make_bad_checkpoints(tmp_path, mae_ckpt):
     (["--output_model_path", "{ckpts}/cls.json"], "--output_model_path must name a .pt or .pth file"),
     (["--output_dir", "{ckpts}/text.pt"], "is a file, not a folder"),
     (["--device", "meta"], "--device must be cuda, cuda:N or cpu"),
+    (["--attention", "cudnn"], "--attention cudnn cannot run on cpu"),  # a CUDA kernel
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, mae_ckpt, capsys, bad_flags, expected):
     ckpts = _make_bad_checkpoints(tmp_path, mae_ckpt)
@@ -552,6 +553,18 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, mae_ckpt, capsys, bad_flag
     assert len(err.splitlines()) == 1 and expected in err, err
     assert not (tmp_path / "run").exists()  # nothing was created
     assert {p: p.read_bytes() for p in ckpts.iterdir()} == before
+
+
+@pytest.mark.parametrize("extra", [[], ["--linear_probe"]])  # the probe's features are computed before the loop
+def test_attention_flag_sets_the_kernel_of_the_whole_run(tmp_path, mae_ckpt, extra):
+    """--attention math: every attention of the run (training, validation, the probe's precomputed features, the
+    prediction grids) is the math kernel, none the CPU flash kernel torch picks by itself."""
+    with torch.profiler.profile() as prof:
+        run_cls(cls_argv(tmp_path, "--pretrained_model_path", str(mae_ckpt), "--attention", "math", *extra,
+                         epochs=1))
+    names = {event.key for event in prof.key_averages()}
+    assert "aten::_scaled_dot_product_attention_math" in names
+    assert not any("flash" in name for name in names), sorted(n for n in names if "flash" in n)
 
 
 def test_command_line_error_has_no_traceback(tmp_path):
