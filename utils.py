@@ -645,7 +645,10 @@ def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay:
     features and move less. A parameter at layer id d gets lr_scale layer_decay ** (num_blocks + 1 - d), where d
     is 0 for the patch embedding and class token, i + 1 for transformer block i (a name with 'blocks.<i>.') and
     num_blocks + 1 for everything after the blocks (final norm, head), which keeps the full lr. Weight decay
-    follows weight_decay_groups; frozen parameters are left out."""
+    follows weight_decay_groups; frozen parameters are left out. Parameters with the same lr scale and weight
+    decay share a group: the fused AdamW runs once per group, and each group costs host Python and launches every
+    step (ViT-T's tensors at a tiny width on a 2-core CPU, so that the arithmetic is negligible: 1.6 ms per
+    step and zeroing in 28 groups, 0.95 ms in 2), so layer_decay 1 gives two groups, not one per layer and decay."""
     import re
     decayed = {id(p) for p in weight_decay_groups(model, weight_decay)[0]["params"]}
     groups = {}
@@ -659,11 +662,10 @@ def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay:
             layer_id = 0
         else:
             layer_id = num_blocks + 1
-        decay = id(p) in decayed
-        group = groups.setdefault((layer_id, decay), {
-            "params": [], "weight_decay": weight_decay if decay else 0.0,
-            "lr_scale": layer_decay ** (num_blocks + 1 - layer_id)})
-        group["params"].append(p)
+        lr_scale = layer_decay ** (num_blocks + 1 - layer_id)
+        decay = weight_decay if id(p) in decayed else 0.0
+        groups.setdefault((lr_scale, decay), {"params": [], "weight_decay": decay, "lr_scale": lr_scale})
+        groups[(lr_scale, decay)]["params"].append(p)
     return list(groups.values())
 
 

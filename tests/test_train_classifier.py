@@ -383,6 +383,14 @@ def test_layer_decay_gives_each_block_its_lr_scale():
         assert group["weight_decay"] == (0.0 if p.ndim == 1 or name.endswith("cls_token") else 0.05), name
     assert where[id(model.encoder.blocks[0].attn.qkv.weight)]["lr"] == pytest.approx(2e-3 * 0.75 ** 3)
     assert where[id(model.head.weight)]["lr"] == pytest.approx(2e-3)
+    assert len(groups) == 2 * (depth + 2)  # a group per layer id and decay: each lr scale differs
+
+    # layer_decay 1: one lr scale, so only the weight decay splits the parameters, as weight_decay_groups does.
+    groups = utils.layer_decay_groups(model, 0.05, 1.0, depth)
+    assert [(g["weight_decay"], g["lr_scale"]) for g in groups] == [(0.0, 1.0), (0.05, 1.0)]
+    plain = utils.weight_decay_groups(model, 0.05)
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in plain[0]["params"]}
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in plain[1]["params"]}
 
     model.encoder.requires_grad_(False)  # the probe: frozen parameters are left out
     groups = utils.layer_decay_groups(model, 0.05, decay, depth)
