@@ -274,3 +274,26 @@ def test_compile_scope_blocks_compiles_every_block_in_place():
     assert len(blocks) == 3 and all(b._compiled_call_impl is not None for b in blocks)
     assert model.encoder.patch_embed._compiled_call_impl is None  # only the blocks
     assert list(model.state_dict()) == keys  # checkpoints keep their keys
+
+
+def test_recon_figure_stacks_title_masked_reconstruction_original(tmp_path):
+    """The per-epoch figure: the title on top, then the three panels in order (black, red and green images here,
+    so each panel's rows can be found by colour), each image enlarged 3 times; written under its final name only."""
+    import numpy as np
+    from PIL import Image
+    black, red, green = (torch.zeros(16, 3, 8, 8) for _ in range(3))
+    red[:, 0], green[:, 1] = 1.0, 1.0
+    path = tmp_path / "recon.png"
+    utils.save_recon_figure(str(path), black, red, green, title="epoch 7, train loss 0.1234", ncol=8)
+    assert os.listdir(tmp_path) == ["recon.png"]
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+
+    def rows(mask):  # rows mostly of that colour: a panel's image rows, not a line of text
+        return np.flatnonzero(mask.sum(axis=1) > mask.shape[1] // 2)
+    black_rows = rows((r + g + b) == 0)
+    red_rows, green_rows = rows((r == 255) & (g == 0) & (b == 0)), rows((g == 255) & (r == 0) & (b == 0))
+    assert black_rows.max() < red_rows.min() and red_rows.max() < green_rows.min()
+    # Each panel: 2 rows of 8-pixel images, 3 times enlarged (the white gaps between them are not counted).
+    assert len(black_rows) == len(red_rows) == len(green_rows) == 2 * 8 * 3
+    assert ((r[:black_rows.min()] + g[:black_rows.min()] + b[:black_rows.min()]) < 300).any()  # the title's text
