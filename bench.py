@@ -65,7 +65,6 @@ PEAK_MATMUL_ITERS = {"cuda": 20, "cpu": 3}
 TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward, the backward being two matmuls (input and weight grads) per one
 
 
-
 def get_args_parser():
     parser = utils.ArgumentParser(description="Time MAE pretraining and fine-tuning steps; project the reference "
                                               "experiment's wall time")
