@@ -82,6 +82,9 @@ def get_args_parser():
     parser.add_argument("--mask_ratio", type=utils.finite_float, default=0.75,
                         help="share of patches masked, in [0, 1)")
     parser.add_argument("--num_classes", type=int, default=10, help="classifier outputs (CIFAR-10: 10)")
+    parser.add_argument("--phases", default="both", choices=("both", "pretrain", "finetune"),
+                        help="which steps to time: both, which the projection needs, or one alone, in about half "
+                             "the time, to compare variants of that phase (no evaluation timing, no projection)")
     parser.add_argument("--finetune_recipe", default="finetune", choices=tuple(train_classifier.RECIPES),
                         help="train_classifier.py recipe whose step is timed (augmentation, mixup, loss)")
     parser.add_argument("--epoch_images", type=int, default=None,
@@ -175,7 +178,8 @@ def check_args(args) -> MAEConfig:
     if args.json:  # checked now, not after minutes of timing
         utils.check_output_file("--json", args.json, (".json",), create_folder=False)
     recipe = train_classifier.RECIPES[args.finetune_recipe]
-    if (recipe["mixup"] or recipe["cutmix"]) and chunk_size(args.finetune_batch_size, args) % 2:
+    if args.phases != "pretrain" and (recipe["mixup"] or recipe["cutmix"]) \
+            and chunk_size(args.finetune_batch_size, args) % 2:
         utils.die(f"--finetune_batch_size {args.finetune_batch_size} gives chunks of "
                   f"{chunk_size(args.finetune_batch_size, args)} images, which must be even with the "
                   f"{args.finetune_recipe} recipe's mixup/CutMix (each chunk is mixed with its own reverse)")
@@ -682,19 +686,26 @@ def main(args):
     # ---- the two steps, each with its own model and optimizer, as each script builds them
     torch.manual_seed(args.seed)
     import torch._inductor.config as inductor_config
+    both = args.phases == "both"
+    pretrain = finetune = evaluation = projection = None
     with utils.attention_kernel(args.attention):
         with compile_cache(args), inductor_config.patch(inductor):
-            pretrain = bench_phase(pretrain_phase(cfg, images, args, device), args, device, data_device, amp_dtype,
-                                   peak["tflops"])
-            finetune = bench_phase(finetune_phase(cfg, images, labels, args, device), args, device, data_device,
-                                   amp_dtype, peak["tflops"])
-        evaluation = bench_evaluation(cfg, images, labels, args, device, data_device, amp_dtype)
-    projection = project_reference(pretrain, finetune, evaluation, peak["tflops"])
+            if args.phases in ("both", "pretrain"):
+                pretrain = bench_phase(pretrain_phase(cfg, images, args, device), args, device, data_device,
+                                       amp_dtype, peak["tflops"])
+            if args.phases in ("both", "finetune"):
+                finetune = bench_phase(finetune_phase(cfg, images, labels, args, device), args, device, data_device,
+                                       amp_dtype, peak["tflops"])
+        if both:
+            evaluation = bench_evaluation(cfg, images, labels, args, device, data_device, amp_dtype)
+    if both:
+        projection = project_reference(pretrain, finetune, evaluation, peak["tflops"])
+    timed = [r for r in (pretrain, finetune) if r is not None]
 
     # ---- report
     print(f"{'phase':<9} {'batch':>6} {'chunk':>6} {'compile s':>10} {'ms/step':>9} {'images/s':>10} "
           f"{'TFLOP/s':>9} {'% of peak':>10} {'GiB':>6} {'in epoch':>9}")
-    for r in (pretrain, finetune):
+    for r in timed:
         memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
         print(f"{r['phase']:<9} {r['batch_size']:>6} {r['chunk']:>6} {r['compile_s']:>10.1f} "
               f"{r['ms_per_step']:>9.2f} {r['images_per_sec']:>10,.0f} {r['tflops']:>9.3f} "
@@ -703,43 +714,47 @@ def main(args):
           f"the warm-up's extra time{'' if args.compile else ', here without compilation: first-step set-up'}; "
           f"in epoch: ms per step of one epoch of {args.epoch_images:,} images run by the script's train_one_epoch, "
           f"which the projection uses; fine-tune: train_classifier.py's step with --recipe {args.finetune_recipe})")
-    for r in (pretrain, finetune):
+    for r in timed:
         print(f"host syncs in one {r['phase']} step (eager, every operator recorded): "
               f"{', '.join(r['host_syncs']) or 'none'}")
-    eager_ms = finetune["input_ms_per_step_eager"]
-    print(f"fine-tuning input work alone (each chunk taken, augmented and mixed as the step does it, augmentation "
-          f"{'compiled' if args.compile else 'eager'}): {finetune['input_ms_per_step']:.2f} ms per step"
-          f"{'' if eager_ms is None else f' (eager: {eager_ms:.2f})'}, "
-          f"{100 * finetune['input_ms_per_step'] / finetune['ms_per_step']:.0f}% of the step; within the step it "
-          f"costs at most that, {projection['finetune_input_minutes_at_most']:.1f} min of the projection below")
-    for r in (pretrain, finetune) if args.profile else ():
+    if finetune is not None:
+        eager_ms = finetune["input_ms_per_step_eager"]
+        share = (f"; within the step it costs at most that, {projection['finetune_input_minutes_at_most']:.1f} min "
+                 "of the projection below") if both else ""
+        print(f"fine-tuning input work alone (each chunk taken, augmented and mixed as the step does it, "
+              f"augmentation {'compiled' if args.compile else 'eager'}): {finetune['input_ms_per_step']:.2f} ms per "
+              f"step{'' if eager_ms is None else f' (eager: {eager_ms:.2f})'}, "
+              f"{100 * finetune['input_ms_per_step'] / finetune['ms_per_step']:.0f}% of the step{share}")
+    for r in timed if args.profile else ():
         prof = r["profile"]
         print(f"where a {r['phase']} step's time goes (torch.profiler, {args.steps} steps; self time per step): "
               f"{prof['busy_ms_per_step']:.2f} ms in {prof['what']}, against {r['ms_per_step']:.2f} ms per timed step")
         print("  by kind: " + ", ".join(f"{kind} {ms:.3f} ms" for kind, ms in prof["kinds_ms_per_step"].items()))
         for name, ms in prof["top"]:
             print(f"  {ms:8.3f} ms {100 * ms / prof['busy_ms_per_step']:5.1f}%  {name}")
-    batches = (pretrain["batch_size"], finetune["batch_size"])
-    note = "" if batches == REFERENCE_BATCH_SIZES else (f"; NOTE: at batch sizes {batches}, the reference's are "
-                                                        f"{REFERENCE_BATCH_SIZES}")
-    print(f"evaluation (eager, median of {min(args.repeats, 3)}): mae_pretrain.py's monitor "
-          f"{evaluation['pretrain_eval_s']:.3f} s "
-          f"(kNN over {evaluation['bank_images']:,} bank + {evaluation['val_images']:,} val images, val "
-          f"reconstruction), train_classifier.py's val pass {evaluation['finetune_eval_s']:.3f} s "
-          f"({evaluation['val_images']:,} images)")
-    cache_note = ", from an empty cache; the second fine-tune's counted as the first's" \
-        if args.compile and args.compile_cache == "fresh" else ""
-    print(f"projected wall time of the reference experiment: {projection['minutes']:.1f} min = "
-          f"{REFERENCE_PRETRAIN_EPOCHS} x {REFERENCE_TRAIN_IMAGES // batches[0]} pretraining steps + "
-          f"{REFERENCE_FINETUNE_RUNS} x {REFERENCE_FINETUNE_EPOCHS} x {REFERENCE_TRAIN_IMAGES // batches[1]} "
-          f"fine-tuning steps ({projection['steps_minutes']:.1f} min) + compilation "
-          f"({projection['compile_minutes']:.1f} min{cache_note}) + {REFERENCE_PRETRAIN_EVALS} monitor evaluations and "
-          f"{REFERENCE_FINETUNE_EVALS} val passes at {REFERENCE_VAL_IMAGES:,} val images "
-          f"({projection['evaluation_minutes']:.1f} min){note}")
-    print(f"  not included: start-up (data loading), figures and checkpoints (written by a background thread). Its "
-          f"{projection['total_pflop']:.2f} PFLOP of training would take {projection['floor_minutes_at_peak']:.1f} "
-          "min at the measured matmul peak")
-
+    if not both:
+        print(f"evaluation and projection: left out (--phases {args.phases}; they need both phases)")
+    else:
+        batches = (pretrain["batch_size"], finetune["batch_size"])
+        note = "" if batches == REFERENCE_BATCH_SIZES else (f"; NOTE: at batch sizes {batches}, the reference's are "
+                                                            f"{REFERENCE_BATCH_SIZES}")
+        print(f"evaluation (eager, median of {min(args.repeats, 3)}): mae_pretrain.py's monitor "
+              f"{evaluation['pretrain_eval_s']:.3f} s "
+              f"(kNN over {evaluation['bank_images']:,} bank + {evaluation['val_images']:,} val images, val "
+              f"reconstruction), train_classifier.py's val pass {evaluation['finetune_eval_s']:.3f} s "
+              f"({evaluation['val_images']:,} images)")
+        cache_note = ", from an empty cache; the second fine-tune's counted as the first's" \
+            if args.compile and args.compile_cache == "fresh" else ""
+        print(f"projected wall time of the reference experiment: {projection['minutes']:.1f} min = "
+              f"{REFERENCE_PRETRAIN_EPOCHS} x {REFERENCE_TRAIN_IMAGES // batches[0]} pretraining steps + "
+              f"{REFERENCE_FINETUNE_RUNS} x {REFERENCE_FINETUNE_EPOCHS} x {REFERENCE_TRAIN_IMAGES // batches[1]} "
+              f"fine-tuning steps ({projection['steps_minutes']:.1f} min) + compilation "
+              f"({projection['compile_minutes']:.1f} min{cache_note}) + {REFERENCE_PRETRAIN_EVALS} monitor "
+              f"evaluations and {REFERENCE_FINETUNE_EVALS} val passes at {REFERENCE_VAL_IMAGES:,} val images "
+              f"({projection['evaluation_minutes']:.1f} min){note}")
+        print(f"  not included: start-up (data loading), figures and checkpoints (written by a background thread). Its "
+              f"{projection['total_pflop']:.2f} PFLOP of training would take {projection['floor_minutes_at_peak']:.1f} "
+              "min at the measured matmul peak")
     if args.json:
         utils.save_json(args.json, {
             "date": date, "command": command, "device": describe_device(device), "torch": torch.__version__,

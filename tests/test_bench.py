@@ -264,6 +264,24 @@ def test_profile_lists_where_each_steps_time_goes(tmp_path, capsys):
         assert f"where a {name} step's time goes" in printed and f"%  {names[0]}\n" in printed
 
 
+@pytest.mark.parametrize("phase, other", [("pretrain", "finetune"), ("finetune", "pretrain")])
+def test_one_phase_alone_times_that_phase_and_projects_nothing(tmp_path, capsys, phase, other):
+    """--phases pretrain|finetune times that step alone (its row, its epoch), and leaves out what needs both: the
+    evaluations and the projection. The fine-tuning rule on odd chunks binds only when fine-tuning is timed."""
+    out = tmp_path / "bench.json"
+    odd = ["--finetune_batch_size", "31"] if phase == "pretrain" else []  # chunks of 31: odd
+    bench.main(bench.get_args_parser().parse_args(["--device", "cpu", "--phases", phase, "--steps", "1",
+                                                   "--repeats", "1", "--json", str(out), *odd]))
+    printed = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    assert r[other] is None and r["evaluation"] is None and r["projection"] is None
+    assert r[phase]["ms_per_step"] > 0 and r[phase]["epoch_ms_per_step"] > 0
+    assert re.search(rf"^{phase} +\d+", printed, re.M) and not re.search(rf"^{other} +\d+", printed, re.M)
+    assert f"evaluation and projection: left out (--phases {phase}" in printed
+    assert "projected wall time" not in printed
+    assert ("fine-tuning input work alone" in printed) == (phase == "finetune")
+
+
 @pytest.mark.parametrize("name, kind", [
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_"
      "cublas", "matrix products"),
