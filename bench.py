@@ -639,6 +639,7 @@ def flops_line(parts: dict) -> str:
     return " + ".join(f"{name} {value / 1e9:.4g}" for name, value in parts.items())
 
 
+@utils.with_attention_kernel
 def main(args):
     # ---- setup: validate everything before any work or file
     device = utils.resolve_device(args)
@@ -688,17 +689,15 @@ def main(args):
     import torch._inductor.config as inductor_config
     both = args.phases == "both"
     pretrain = finetune = evaluation = projection = None
-    with utils.attention_kernel(args.attention):
-        with compile_cache(args), inductor_config.patch(inductor):
-            if args.phases in ("both", "pretrain"):
-                pretrain = bench_phase(pretrain_phase(cfg, images, args, device), args, device, data_device,
-                                       amp_dtype, peak["tflops"])
-            if args.phases in ("both", "finetune"):
-                finetune = bench_phase(finetune_phase(cfg, images, labels, args, device), args, device, data_device,
-                                       amp_dtype, peak["tflops"])
-        if both:
-            evaluation = bench_evaluation(cfg, images, labels, args, device, data_device, amp_dtype)
+    with compile_cache(args), inductor_config.patch(inductor):
+        if args.phases in ("both", "pretrain"):
+            pretrain = bench_phase(pretrain_phase(cfg, images, args, device), args, device, data_device, amp_dtype,
+                                   peak["tflops"])
+        if args.phases in ("both", "finetune"):
+            finetune = bench_phase(finetune_phase(cfg, images, labels, args, device), args, device, data_device,
+                                   amp_dtype, peak["tflops"])
     if both:
+        evaluation = bench_evaluation(cfg, images, labels, args, device, data_device, amp_dtype)
         projection = project_reference(pretrain, finetune, evaluation, peak["tflops"])
     timed = [r for r in (pretrain, finetune) if r is not None]
 

@@ -232,6 +232,7 @@ def evaluate(model, train, val, val_noise, args, device, amp_dtype):
     return {"knn_acc": knn_acc, "val_loss": loss_sum / len(val), "val_psnr": 10 * math.log10(1 / mse)}
 
 
+@utils.with_attention_kernel
 def main(args):
     # ---- setup: validate everything before touching the disk
     check_args(args)
@@ -288,33 +289,32 @@ def main(args):
     background = utils.BackgroundWriter()  # figures, logs and checkpoints, written while the next epoch trains
 
     # ---- loop
-    with utils.attention_kernel(args.attention):  # traced into the compiled graphs at the first step
-        last_epoch = min(args.total_epoch, args.stop_after or args.total_epoch)
-        for epoch in range(start_epoch, last_epoch + 1):
-            utils.seed_epoch(args.seed, epoch)
-            stats = train_one_epoch(train_model, optimizer, scaler, train.images, args, epoch, steps_per_epoch, device,
-                                    amp_dtype, writer)
-            if not math.isfinite(stats["loss"]):
-                raise SystemExit(f"epoch {epoch}: the loss is {stats['loss']}; stopping. The checkpoint at "
-                                 f"{args.model_path} still holds epoch {epoch - 1}. Try a lower --base_learning_rate.")
-            losses.append(stats["loss"])
-            if args.eval_every and (epoch % args.eval_every == 0 or epoch == args.total_epoch):
-                metrics = evaluate(model, train, val, val_noise, args, device, amp_dtype)
-                evals.append({"epoch": epoch, **metrics})
-                stats.update(metrics)
-            log.append(stats)
-            if main_process:
-                figures = [t.cpu() for t in reconstruct_val(model, vis_imgs, vis_noise, cfg, amp_dtype)]
-                checkpoint = utils.to_cpu({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                           "scaler": scaler.state_dict(), "epoch": epoch, "losses": list(losses),
-                                           "evals": list(evals), "args": vars(args),
-                                           "config": dataclasses.asdict(cfg)})
-                background.submit(save_epoch_outputs, args, writer, dict(stats), list(evals), list(log), figures,
-                                  checkpoint)
-            monitor = (f" | kNN {stats['knn_acc']:.2%} | val loss {stats['val_loss']:.4f} | val PSNR "
-                       f"{stats['val_psnr']:.2f} dB" if "knn_acc" in stats else "")
-            log_print(f"epoch {epoch:3d}/{args.total_epoch} | loss {stats['loss']:.5f} | lr {stats['lr']:.2e} | "
-                      f"{stats['images_per_sec']:,.0f} img/s | {stats['seconds']:.1f} s{monitor}")
+    last_epoch = min(args.total_epoch, args.stop_after or args.total_epoch)
+    for epoch in range(start_epoch, last_epoch + 1):
+        utils.seed_epoch(args.seed, epoch)
+        stats = train_one_epoch(train_model, optimizer, scaler, train.images, args, epoch, steps_per_epoch, device,
+                                amp_dtype, writer)
+        if not math.isfinite(stats["loss"]):
+            raise SystemExit(f"epoch {epoch}: the loss is {stats['loss']}; stopping. The checkpoint at "
+                             f"{args.model_path} still holds epoch {epoch - 1}. Try a lower --base_learning_rate.")
+        losses.append(stats["loss"])
+        if args.eval_every and (epoch % args.eval_every == 0 or epoch == args.total_epoch):
+            metrics = evaluate(model, train, val, val_noise, args, device, amp_dtype)
+            evals.append({"epoch": epoch, **metrics})
+            stats.update(metrics)
+        log.append(stats)
+        if main_process:
+            figures = [t.cpu() for t in reconstruct_val(model, vis_imgs, vis_noise, cfg, amp_dtype)]
+            checkpoint = utils.to_cpu({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                       "scaler": scaler.state_dict(), "epoch": epoch, "losses": list(losses),
+                                       "evals": list(evals), "args": vars(args),
+                                       "config": dataclasses.asdict(cfg)})
+            background.submit(save_epoch_outputs, args, writer, dict(stats), list(evals), list(log), figures,
+                              checkpoint)
+        monitor = (f" | kNN {stats['knn_acc']:.2%} | val loss {stats['val_loss']:.4f} | val PSNR "
+                   f"{stats['val_psnr']:.2f} dB" if "knn_acc" in stats else "")
+        log_print(f"epoch {epoch:3d}/{args.total_epoch} | loss {stats['loss']:.5f} | lr {stats['lr']:.2e} | "
+                  f"{stats['images_per_sec']:,.0f} img/s | {stats['seconds']:.1f} s{monitor}")
 
     background.close()
     if writer:

@@ -409,6 +409,7 @@ def evaluate(net, inputs, labels, prepare, batch_size, device, amp_dtype):
 
 # ----------------------------------------------------------------------------------------------------------
 
+@utils.with_attention_kernel
 def main(args):
     # ---- setup: validate everything before touching the disk
     check_args(args)
@@ -438,8 +439,7 @@ def main(args):
     log_print(f"config: {vars(args)}")
     log_print(f"data: {args.dataset}, {len(train)} train / {len(val)} val images, {num_classes} classes, "
               f"{steps_per_epoch} steps per epoch; device {device} x {world_size} process(es), autocast {amp_dtype}, "
-              f"attention {attention}; "
-              f"images in {utils.memory_name(data_device)}")
+              f"attention {attention}; images in {utils.memory_name(data_device)}")
     log_print(f"model: {count_params(model) / 1e6:.2f}M parameters, "
               f"{'encoder from ' + args.pretrained_model_path if args.pretrained_model_path else 'from scratch'}"
               f"{', linear probe' if args.linear_probe else ''}; recipe {args.recipe}: "
@@ -466,9 +466,8 @@ def main(args):
         # A frozen encoder on unaugmented images gives the same features every epoch: compute them once, and an
         # epoch is a pass of the head over (N, D) floats.
         model.eval()
-        with utils.attention_kernel(args.attention):
-            train_inputs = utils.embed_all(model.features, train_images, eval_chunk, amp_dtype, device)
-            val_inputs = utils.embed_all(model.features, val_images, eval_chunk, amp_dtype, device)
+        train_inputs = utils.embed_all(model.features, train_images, eval_chunk, amp_dtype, device)
+        val_inputs = utils.embed_all(model.features, val_images, eval_chunk, amp_dtype, device)
         net, frozen = nn.Sequential(model.head_norm, model.head), None
         prepare_train = prepare_eval = nn.Identity()
     else:
@@ -516,44 +515,42 @@ def main(args):
             save_grid(stats["epoch"], val_predicted[vis_idx], f", val acc {stats['val_acc']:.4f}")
 
     if main_process:
-        with torch.no_grad(), utils.eager(), utils.autocast(device, amp_dtype), utils.attention_kernel(args.attention):
+        with torch.no_grad(), utils.eager(), utils.autocast(device, amp_dtype):
             initial = model.eval()(data.normalize(vis_images.to(device))).argmax(dim=-1).cpu()
         background.submit(save_grid, 0, initial, " (before training)")
 
     # ---- loop
-    with utils.attention_kernel(args.attention):  # traced into the compiled graphs at the first step
-        log, best_acc, best_epoch = [], -1.0, 0
-        for epoch in range(1, args.total_epoch + 1):
-            # Augmentation and mixup differ across processes (their images differ too); timm's Mixup draws from numpy.
-            utils.seed_epoch(args.seed, epoch, rank)
-            np.random.seed((args.seed * 1_000_003 + epoch * 1009 + rank) % 2 ** 32)
-            stats = train_one_epoch(net, frozen, optimizer, scaler, train_inputs, train_labels, prepare_train, mixup,
-                                    criterion, args, epoch, steps_per_epoch, device, amp_dtype, writer)
-            if not math.isfinite(stats["train_loss"]):
-                raise SystemExit(f"epoch {epoch}: the training loss is {stats['train_loss']}; stopping. "
-                                 f"{args.output_model_path} and {last_model_path} still hold earlier epochs. "
-                                 "Try a lower --base_learning_rate.")
-            val_loss, val_acc, val_predicted = evaluate(eval_net, val_inputs, val_labels, prepare_eval, eval_chunk,
-                                                        device, amp_dtype)
-            stats.update(val_loss=val_loss, val_acc=val_acc)
-            log.append({"epoch": epoch, **stats})
-            improved = val_acc > best_acc
-            if improved:
-                best_acc, best_epoch = val_acc, epoch
-            if main_process:
-                snapshot = utils.to_cpu({
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                    "val_acc": val_acc, "args": vars(args), "config": dataclasses.asdict(cfg),
-                    "num_classes": num_classes, "classes": classes})
-                summary = {
-                    "run": run, "best_val_acc": best_acc, "best_epoch": best_epoch, "final_val_acc": val_acc,
-                    "epochs": epoch, "total_epoch": args.total_epoch, "linear_probe": args.linear_probe,
-                    "pretrained_model_path": args.pretrained_model_path, "recipe": args.recipe,
-                    "recipe_settings": {name: getattr(args, name) for name in RECIPE_FLAGS}, "classes": classes}
-                background.submit(save_epoch, list(log), val_predicted, snapshot, improved, summary)
-            log_print(f"epoch {epoch:3d}/{args.total_epoch} | train loss {stats['train_loss']:.4f} acc "
-                      f"{stats['train_acc']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} | lr {stats['lr']:.2e} | "
-                      f"{stats['images_per_sec']:,.0f} img/s | {stats['seconds']:.1f} s")
+    log, best_acc, best_epoch = [], -1.0, 0
+    for epoch in range(1, args.total_epoch + 1):
+        # Augmentation and mixup differ across processes (their images differ too); timm's Mixup draws from numpy.
+        utils.seed_epoch(args.seed, epoch, rank)
+        np.random.seed((args.seed * 1_000_003 + epoch * 1009 + rank) % 2 ** 32)
+        stats = train_one_epoch(net, frozen, optimizer, scaler, train_inputs, train_labels, prepare_train, mixup,
+                                criterion, args, epoch, steps_per_epoch, device, amp_dtype, writer)
+        if not math.isfinite(stats["train_loss"]):
+            raise SystemExit(f"epoch {epoch}: the training loss is {stats['train_loss']}; stopping. "
+                             f"{args.output_model_path} and {last_model_path} still hold earlier epochs. "
+                             "Try a lower --base_learning_rate.")
+        val_loss, val_acc, val_predicted = evaluate(eval_net, val_inputs, val_labels, prepare_eval, eval_chunk,
+                                                    device, amp_dtype)
+        stats.update(val_loss=val_loss, val_acc=val_acc)
+        log.append({"epoch": epoch, **stats})
+        improved = val_acc > best_acc
+        if improved:
+            best_acc, best_epoch = val_acc, epoch
+        if main_process:
+            snapshot = utils.to_cpu({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "val_acc": val_acc,
+                "args": vars(args), "config": dataclasses.asdict(cfg), "num_classes": num_classes, "classes": classes})
+            summary = {
+                "run": run, "best_val_acc": best_acc, "best_epoch": best_epoch, "final_val_acc": val_acc,
+                "epochs": epoch, "total_epoch": args.total_epoch, "linear_probe": args.linear_probe,
+                "pretrained_model_path": args.pretrained_model_path, "recipe": args.recipe,
+                "recipe_settings": {name: getattr(args, name) for name in RECIPE_FLAGS}, "classes": classes}
+            background.submit(save_epoch, list(log), val_predicted, snapshot, improved, summary)
+        log_print(f"epoch {epoch:3d}/{args.total_epoch} | train loss {stats['train_loss']:.4f} acc "
+                  f"{stats['train_acc']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} | lr {stats['lr']:.2e} | "
+                  f"{stats['images_per_sec']:,.0f} img/s | {stats['seconds']:.1f} s")
 
     background.close()
     if main_process:

@@ -1,6 +1,7 @@
 """What the scripts share: argument errors, the lr schedule, optimizer groups, checkpoints, logs, figures."""
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -322,9 +323,20 @@ def add_runtime_args(parser) -> None:
 
 
 def attention_kernel(name: str):
-    """--attention as a context around the training and evaluation. Under torch.compile the kernel is chosen when
-    the graph is traced, which happens inside it, at the first step."""
+    """--attention `name` as a context: F.scaled_dot_product_attention inside it runs that kernel. Under
+    torch.compile the kernel is chosen when a graph is traced, which happens inside it, at the first call."""
     return contextlib.nullcontext() if name == "auto" else sdpa_kernel(ATTENTION_BACKENDS[name])
+
+
+def with_attention_kernel(main):
+    """Decorates a script's main(args): the whole run (training, evaluation, figures, a probe's features) computes
+    attention with --attention's kernel, so no call site can miss it. main checks the choice with
+    attention_choice, which stops with one line when the kernel cannot run here."""
+    @functools.wraps(main)
+    def run(args):
+        with attention_kernel(args.attention):
+            return main(args)
+    return run
 
 
 def attention_choice(cfg: MAEConfig, name: str, device: torch.device, amp_dtype) -> str:
