@@ -149,7 +149,7 @@ def train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, devi
         with (contextlib.nullcontext() if sync else model.no_sync()), utils.autocast(device, amp_dtype):
             loss, _, _ = model(imgs, noise=noise[part])
         # Chunks are equal-sized, so dividing by their number makes the summed gradient the batch mean.
-        scaler.scale(loss / accum_steps).backward()
+        utils.backward(scaler.scale(loss / accum_steps), optimizer)
         loss_sum += loss.detach()
     scaler.step(optimizer)
     scaler.update()

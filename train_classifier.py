@@ -348,7 +348,7 @@ def train_step(net, optimizer, scaler, inputs, labels, batch_idx, lr, prepare, m
             logits = net(x)
         loss = criterion(logits.float(), target)
         # Chunks are equal-sized, so dividing by their number makes the summed gradient the batch mean.
-        scaler.scale(loss / accum_steps).backward()
+        utils.backward(scaler.scale(loss / accum_steps), optimizer)
         loss_sum += loss.detach()
         correct += (logits.argmax(dim=-1) == y).sum()
     scaler.step(optimizer)

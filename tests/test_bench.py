@@ -117,6 +117,7 @@ def test_step_with_accumulation_follows_the_full_batch_gradient(phase):
         torch.manual_seed(1)
         step = make(cfg, *extra)
         optimizer = torch.optim.SGD(step.model.parameters(), lr=lr)
+        utils.allocate_grads(optimizer)  # the .grad buffers the steps add into, as utils.make_adamw's
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         loss_sum = torch.zeros(())
         torch.manual_seed(2)  # the scripts' train_step draws the batch's noise first, as the reference did above

@@ -223,7 +223,7 @@ def test_a_probe_step_on_augmented_images_leaves_the_encoder_unchanged(tmp_path,
     model = train_classifier.build_model(args, train_classifier.model_config(args, config), 10, mae_state)
     encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     head_before = model.head.weight.detach().clone()
-    optimizer = torch.optim.AdamW(utils.layer_decay_groups(model, 0.05, 1.0, 2), lr=1e-3)
+    optimizer = utils.make_adamw(utils.layer_decay_groups(model, 0.05, 1.0, 2), 1e-3, (0.9, 0.999), torch.device("cpu"))
     images = data.fake_images(64).images
     labels = data.fake_images(64).labels
     stats = train_classifier.train_one_epoch(

@@ -8,11 +8,13 @@ import os
 import signal
 import subprocess
 import sys
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import utils
 from conftest import ROOT
@@ -39,6 +41,46 @@ def test_no_weight_decay_on_norms_biases_and_tokens():
     assert {"encoder.cls_token", "decoder.mask_token", "encoder.norm.weight", "encoder.norm.bias"} <= no_decay_names
     assert all(p.ndim >= 2 for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every aten operator that runs under it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_backward_adds_each_chunk_into_the_buffers_in_one_multi_tensor_add():
+    """Two chunks through utils.backward leave in the .grad buffers exactly what two loss.backward() calls do, in
+    the same tensors, with one _foreach_add_ per chunk where autograd runs an add_ per parameter (on a GPU, a
+    kernel launch each)."""
+    cfg = MAEConfig(patch_size=8, embed_dim=16, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+                    decoder_num_heads=2)
+    torch.manual_seed(0)
+    models = {"autograd": MAE(cfg), "utils": MAE(cfg)}
+    models["utils"].load_state_dict(models["autograd"].state_dict())
+    optimizers = {name: utils.make_adamw(utils.weight_decay_groups(m, 0.05), 1e-3, (0.9, 0.95), torch.device("cpu"))
+                  for name, m in models.items()}
+    buffers = [p.grad for p in models["utils"].parameters()]
+    imgs, noise = torch.randn(2, 4, 3, 32, 32), torch.rand(2, 4, cfg.num_patches)
+    counts = {}
+    for chunk in range(2):
+        for name, model in models.items():
+            loss = model(imgs[chunk], noise=noise[chunk])[0] / 2
+            with OpCounter() as counter:
+                loss.backward() if name == "autograd" else utils.backward(loss, optimizers[name])
+            counts[name] = counter.ops
+    num_params = len(buffers)
+    assert counts["autograd"]["aten.add_.Tensor"] == num_params and "aten._foreach_add_.List" not in counts["autograd"]
+    assert counts["utils"]["aten._foreach_add_.List"] == 1 and "aten.add_.Tensor" not in counts["utils"]
+    for (name, p), ref, buffer in zip(models["utils"].named_parameters(), models["autograd"].parameters(), buffers):
+        assert p.grad is buffer and torch.equal(p.grad, ref.grad), name
+        assert p.grad.any(), name  # both chunks reached every parameter
 
 
 def _longhand_knn(bank, labels, queries, num_classes, k, temperature):
