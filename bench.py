@@ -292,14 +292,19 @@ def device_time_profile(run_steps, steps: int, device: torch.device) -> dict:
     with profile(activities=[ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU]) as prof:
         run_steps()
         synchronize(device)
-    ms = [(e.key, (e.self_device_time_total if on_cuda else e.self_cpu_time_total) / 1e3 / steps)
-          for e in prof.key_averages()]  # the profiler counts microseconds
+    # (name, ms per step, launches per step); the profiler counts microseconds
+    ms = [(e.key, (e.self_device_time_total if on_cuda else e.self_cpu_time_total) / 1e3 / steps, e.count / steps)
+          for e in prof.key_averages()]
     ms = sorted((item for item in ms if item[1] > 0), key=lambda item: -item[1])
     kinds = dict.fromkeys([*(kind for kind, _ in KERNEL_KINDS), "other"], 0.0)
-    for name, t in ms:
+    for name, t, _ in ms:
         kinds[kernel_kind(name)] += t
-    return {"what": "CUDA kernels" if on_cuda else "CPU operators", "busy_ms_per_step": sum(t for _, t in ms),
-            "kinds_ms_per_step": kinds, "top": [[name[:PROFILE_NAME_CHARS], t] for name, t in ms[:PROFILE_TOP]]}
+    # "all" keeps every kernel, whole names and launch counts, so that a card's run can be read apart afterwards
+    # (what a kind holds, a kernel launched once per parameter, ...) without another lease.
+    return {"what": "CUDA kernels" if on_cuda else "CPU operators", "busy_ms_per_step": sum(t for _, t, _ in ms),
+            "kinds_ms_per_step": kinds, "top": [[name[:PROFILE_NAME_CHARS], t] for name, t, _ in ms[:PROFILE_TOP]],
+            "all": [{"name": name, "kind": kernel_kind(name), "ms_per_step": t, "calls_per_step": calls}
+                    for name, t, calls in ms]}
 
 
 def synchronize(device: torch.device) -> None:

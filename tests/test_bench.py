@@ -261,6 +261,16 @@ def test_profile_lists_where_each_steps_time_goes(tmp_path, capsys):
         assert {"aten::mm", "aten::addmm"} & set(names)  # the matrix products, where a step's arithmetic is
         kinds = prof["kinds_ms_per_step"]
         assert sum(kinds.values()) == pytest.approx(prof["busy_ms_per_step"])  # every operator in one kind
+        # the JSON keeps all of them, whole names, kinds and launches per step (one step here)
+        every = prof["all"]
+        assert [e["name"][:bench.PROFILE_NAME_CHARS] for e in every[:bench.PROFILE_TOP]] == list(names)
+        assert sum(e["ms_per_step"] for e in every) == pytest.approx(prof["busy_ms_per_step"])
+        for kind in kinds:
+            assert sum(e["ms_per_step"] for e in every if e["kind"] == kind) == pytest.approx(kinds[kind])
+        assert all(e["calls_per_step"] >= 1 for e in every)
+        assert next(e for e in every if e["name"] == "aten::_foreach_add_")["calls_per_step"] == \
+            (2 if name == "pretrain" else 1) + 2  # utils.backward's, one per chunk (2 and 1 here); fused AdamW's
+        # step counts, one per parameter group (2)
         assert kinds["matrix products"] > 0 and kinds["attention"] > 0 and kinds["other"] > 0
         assert f"where a {name} step's time goes" in printed and f"%  {names[0]}\n" in printed
 
