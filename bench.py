@@ -249,18 +249,33 @@ def classifier_forward_flops(cfg: MAEConfig, num_classes: int) -> dict:
 def timed(fn, iters: int, device: torch.device) -> float:
     """Seconds per call of fn over `iters` back-to-back calls. On CUDA two events bracket the calls and the host
     waits once, at the end, so the time is the device's, launch gaps included; on the CPU, perf_counter."""
+    return timed_with_host(fn, iters, device)[0]
+
+
+HOST_TIMED_CALLS = 4  # calls whose queueing timed_with_host times: few enough not to fill CUDA's launch queue
+
+
+def timed_with_host(fn, iters: int, device: torch.device) -> tuple:
+    """(timed's seconds per call, the host's seconds per call to queue one). The host's time is that of the first
+    HOST_TIMED_CALLS calls: later ones may wait for room in CUDA's launch queue (about a thousand launches), which
+    would count the device's pace as the host's. On a GPU, a host far faster than the device means the device sets
+    the pace; one about as slow means the host does, and taking work off it (launches, Python operations) would
+    shorten the step. On the CPU both are the same."""
+    stamps = []
+    begin = time.perf_counter()
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / iters
-    begin = time.perf_counter()
     for _ in range(iters):
         fn()
-    return (time.perf_counter() - begin) / iters
+        stamps.append(time.perf_counter())
+    host = (stamps[min(iters, HOST_TIMED_CALLS) - 1] - begin) / min(iters, HOST_TIMED_CALLS)
+    if device.type != "cuda":
+        seconds = (stamps[-1] - begin) / iters
+        return seconds, seconds
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters, host
 
 
 PROFILE_TOP = 12  # kernels listed per phase by --profile
@@ -518,7 +533,7 @@ def bench_phase(phase: Phase, args, device: torch.device, data_device: torch.dev
         one_step()
     synchronize(device)
     warmup_s = time.perf_counter() - begin
-    step_s = [timed(one_step, args.steps, device) for _ in range(args.repeats)]
+    step_s, host_s = zip(*(timed_with_host(one_step, args.steps, device) for _ in range(args.repeats)))
     seconds = statistics.median(step_s)
     # One epoch as the script runs it: its train_one_epoch, with the lr set (and logged to TensorBoard, here in a
     # temporary folder) every step, the progress bar, and the loss read every --log_interval steps and at the end.
@@ -555,7 +570,8 @@ def bench_phase(phase: Phase, args, device: torch.device, data_device: torch.dev
     return {
         "phase": phase.name, "batch_size": phase.batch_size, "chunk": chunk, "ms_per_step": seconds * 1e3,
         "epoch_steps": epoch_steps, "epoch_s": epoch_s, "epoch_ms_per_step": epoch_s / epoch_steps * 1e3,
-        "ms_per_step_repeats": [s * 1e3 for s in step_s], "images_per_sec": phase.batch_size / seconds,
+        "ms_per_step_repeats": [s * 1e3 for s in step_s], "host_ms_per_step": statistics.median(host_s) * 1e3,
+        "images_per_sec": phase.batch_size / seconds,
         "flops_per_image_forward": phase.flops_forward, "flops_per_image_train": train_flops, "tflops": tflops,
         "percent_of_peak": 100 * tflops / peak_tflops, "warmup_s": warmup_s,
         "compile_s": max(0.0, warmup_s - args.warmup_steps * seconds),
@@ -721,6 +737,10 @@ def main(args):
     for r in timed:
         print(f"host syncs in one {r['phase']} step (eager, every operator recorded): "
               f"{', '.join(r['host_syncs']) or 'none'}")
+    if device.type == "cuda":
+        print("host's time to queue a step (the first {} of each repeat): ".format(HOST_TIMED_CALLS)
+              + ", ".join(f"{r['phase']} {r['host_ms_per_step']:.2f} ms of {r['ms_per_step']:.2f}" for r in timed)
+              + " (well under: the GPU sets the pace; close: the host does)")
     if finetune is not None:
         eager_ms = finetune["input_ms_per_step_eager"]
         share = (f"; within the step it costs at most that, {projection['finetune_input_minutes_at_most']:.1f} min "

@@ -316,6 +316,39 @@ def test_profile_sorts_kernels_into_kinds_by_name(name, kind):
     assert bench.kernel_kind(name) == kind
 
 
+def test_timed_with_host_times_the_queueing_of_the_first_calls_only(monkeypatch):
+    """On a GPU the host's time per step is that of the first HOST_TIMED_CALLS calls: later ones may wait for room
+    in CUDA's launch queue, the device's pace. Here CUDA events are stand-ins on the host's clock and a call takes
+    2 ms while the queue has room, then 30 ms, as if waiting for it."""
+    import time as clock
+
+    class Event:  # torch.cuda.Event's interface, on the host's clock
+        def __init__(self, enable_timing):
+            self.t = None
+
+        def record(self):
+            self.t = clock.perf_counter()
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    calls = []
+
+    def step():
+        clock.sleep(0.002 if len(calls) < bench.HOST_TIMED_CALLS else 0.030)
+        calls.append(1)
+    seconds, host = bench.timed_with_host(step, 10, torch.device("cuda"))
+    assert len(calls) == 10
+    assert 0.002 <= host < 0.010  # the first 4 calls' 2 ms each (and the loop's own microseconds)
+    assert seconds >= (4 * 0.002 + 6 * 0.030) / 10  # the events bracket all 10
+    cpu_seconds, cpu_host = bench.timed_with_host(step, 2, torch.device("cpu"))
+    assert cpu_seconds == cpu_host >= 0.030
+
+
 def test_cpu_command_runs_in_seconds_and_its_numbers_agree(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--device", "cpu", "--json", str(out)],
@@ -337,6 +370,7 @@ def test_cpu_command_runs_in_seconds_and_its_numbers_agree(tmp_path):
         assert p["ms_per_step"] > 0 and p["images_per_sec"] > 0 and np.isfinite(p["mean_loss"])
         assert len(p["ms_per_step_repeats"]) == r["config"]["repeats"]
         assert p["ms_per_step"] == pytest.approx(np.median(p["ms_per_step_repeats"]))
+        assert 0 < p["host_ms_per_step"]  # on the CPU the host runs the step: its median time, taken apart
         assert p["images_per_sec"] == pytest.approx(p["batch_size"] / (p["ms_per_step"] / 1e3))
         assert p["tflops"] == pytest.approx(p["flops_per_image_train"] * p["images_per_sec"] / 1e12)
         assert p["percent_of_peak"] == pytest.approx(100 * p["tflops"] / peak)
