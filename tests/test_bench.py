@@ -293,6 +293,60 @@ def test_one_phase_alone_times_that_phase_and_projects_nothing(tmp_path, capsys,
     assert ("fine-tuning input work alone" in printed) == (phase == "finetune")
 
 
+def test_command_line_gives_back_the_resolved_flags():
+    """bench.command_line(args) parses back to the same namespace (defaults made explicit, --no-compile, lists),
+    and with overrides to those values instead."""
+    parser = bench.get_args_parser()
+    args = parser.parse_args(["--device", "cpu", "--no-compile", "--inductor", "a=1", "b=2", "--profile"])
+    bench.resolve_defaults(args, torch.device("cpu"))
+    assert vars(parser.parse_args(bench.command_line(args))) == vars(args)
+    changed = parser.parse_args(bench.command_line(args, phases="finetune", profile=False, compile=True,
+                                                   inductor=[], repeats=1))
+    assert vars(changed) == {**vars(args), "phases": "finetune", "profile": False, "compile": True, "inductor": [],
+                             "repeats": 1}
+
+
+@pytest.mark.parametrize("child_fails", [False, True])
+def test_the_second_fine_tunes_compilation_is_measured_in_a_new_process(tmp_path, capsys, monkeypatch,
+                                                                        compile_counter, child_fails):
+    """With compilation on, the projection counts the second fine-tune's compile seconds as a new bench.py process
+    measures them, timing the fine-tuning phase alone from the cache this one filled (its environment, so a fresh
+    cache's folder, is inherited). Here that process is a stand-in that checks its flags and reports 2.5 s; if it
+    fails, the projection counts the first fine-tune's seconds again, and says so. (Compiled with Dynamo's counting
+    backend: the plumbing, not inductor, is under test.)"""
+    children, real_run = [], subprocess.run
+
+    def child(argv, **kwargs):
+        if argv[:2] != [sys.executable, os.path.join(ROOT, "bench.py")]:
+            return real_run(argv, **kwargs)  # e.g. inductor asking the C++ compiler its version
+        flags = bench.get_args_parser().parse_args(argv[2:])
+        children.append(flags)
+        if not child_fails:
+            with open(flags.json, "w") as f:
+                json.dump({"finetune": {"compile_s": 2.5}}, f)
+        return subprocess.CompletedProcess(argv, 1 if child_fails else 0, "", "RuntimeError: no room\n")
+    monkeypatch.setattr(bench.subprocess, "run", child)
+    out = tmp_path / "bench.json"
+    bench.main(bench.get_args_parser().parse_args(["--device", "cpu", "--compile", "--steps", "1", "--repeats", "2",
+                                                   "--eval_images", "8", "--json", str(out)]))
+    printed = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    (flags,) = children
+    assert (flags.phases, flags.compile_cache, flags.profile, flags.repeats, flags.compile) == \
+        ("finetune", "shared", False, 1, True)
+    assert (flags.finetune_batch_size, flags.preset, flags.device) == (32, "small", "cpu")  # as this run's
+    second = None if child_fails else 2.5
+    assert r["projection"]["second_finetune_compile_s"] == second
+    first = r["finetune"]["compile_s"]
+    expected = r["pretrain"]["compile_s"] + first + (first if child_fails else 2.5)
+    assert r["projection"]["compile_minutes"] == pytest.approx(expected / 60)
+    if child_fails:
+        assert "second fine-tune's compilation: not measured, its process failed (RuntimeError: no room)" in printed
+        assert "the second fine-tune as much (not measured)" in printed
+    else:
+        assert "the second fine-tune 2.5 s from the cache the first filled" in printed
+
+
 @pytest.mark.parametrize("name, kind", [
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_"
      "cublas", "matrix products"),
