@@ -264,21 +264,21 @@ def timed_with_host(fn, iters: int, device: torch.device) -> tuple:
     would count the device's pace as the host's. On a GPU, a host far faster than the device means the device sets
     the pace; one about as slow means the host does, and taking work off it (launches, Python operations) would
     shorten the step. On the CPU both are the same."""
-    stamps = []
+    on_cuda, stamps = device.type == "cuda", []
     begin = time.perf_counter()
-    if device.type == "cuda":
+    if on_cuda:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
     for _ in range(iters):
         fn()
         stamps.append(time.perf_counter())
-    host = (stamps[min(iters, HOST_TIMED_CALLS) - 1] - begin) / min(iters, HOST_TIMED_CALLS)
-    if device.type != "cuda":
+    if not on_cuda:
         seconds = (stamps[-1] - begin) / iters
         return seconds, seconds
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / 1e3 / iters, host
+    queued = min(iters, HOST_TIMED_CALLS)
+    return start.elapsed_time(end) / 1e3 / iters, (stamps[queued - 1] - begin) / queued
 
 
 PROFILE_TOP = 12  # kernels listed per phase by --profile
