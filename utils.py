@@ -303,13 +303,14 @@ def backward(loss: torch.Tensor, optimizer) -> None:
     autograd adds each parameter's gradient into its .grad with its own kernel, launched eagerly after the
     compiled backward: on an H200 those fp32 additions took 0.58 ms of a 20.5 ms pretraining step's kernels
     (bench.py --profile, 2026-11-28), besides a launch per parameter and chunk on the host. Here autograd hands
-    the gradients over and one multi-tensor add takes them all. The sums are the same, bit for bit.
+    the gradients over and one multi-tensor add takes them all. The sums are the same, bit for bit. (Eager, a chunk's
+    gradients are then all held until the add, one gradient-sized buffer more at the end of its backward.)
     Under DDP, autograd's own accumulation stays: DDP starts its all-reduce from hooks on it."""
     if dist_env()[1] > 1:
         loss.backward()
         return
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    # materialize_grads: a parameter the loss does not reach (e.g. a mask token at mask ratio 0) gets zeros.
+    # materialize_grads: a parameter the loss does not reach gets zeros, as its .grad would stay under backward().
     grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
     torch._foreach_add_([p.grad for p in params], grads)
 
