@@ -96,6 +96,40 @@ def test_compiled_augmentation_on_the_gpu_matches_eager():
     assert differs.float().mean() < 0.01, f"{differs.float().mean():.2%} of the values differ"
 
 
+def accumulated_grads_match_autograd(device, mode, monkeypatch):
+    """Three steps of two chunks each through utils.backward on the model compiled in `mode`, the .grad buffers
+    zeroed in place between steps as the scripts do, against loss.backward() on an eager copy: in fp32 (TF32 off)
+    only the kernels' summation order differs. A chunk adding graph memory that a later replay had overwritten
+    would be off by whole gradients (and torch.compile raises when it notices)."""
+    import copy
+
+    import utils
+    from model import MAE, MAEConfig
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the patch embedding's convolution
+    torch.manual_seed(0)
+    cfg = MAEConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+                    decoder_num_heads=2)
+    models = {"compiled": MAE(cfg).to(device)}
+    models["eager"] = copy.deepcopy(models["compiled"])
+    optimizers = {name: utils.make_adamw(utils.weight_decay_groups(m, 0.05), 1e-3, (0.9, 0.95), device)
+                  for name, m in models.items()}
+    compiled = torch.compile(models["compiled"], mode=mode)
+    for step in range(3):
+        imgs = torch.randn(2, 8, 3, 32, 32, device=device)
+        noise = torch.rand(2, 8, cfg.num_patches, device=device)
+        for chunk in range(2):
+            utils.backward(compiled(imgs[chunk], noise=noise[chunk])[0] / 2, optimizers["compiled"])
+            (models["eager"](imgs[chunk], noise=noise[chunk])[0] / 2).backward()
+        for (name, p), ref in zip(models["compiled"].named_parameters(), models["eager"].parameters()):
+            torch.testing.assert_close(p.grad, ref.grad, rtol=1e-3, atol=1e-6,
+                                       msg=lambda m: f"{name}, step {step}: {m}")
+        for optimizer in optimizers.values():
+            optimizer.zero_grad(set_to_none=False)
+
+
+def test_utils_backward_under_cuda_graphs_accumulates_what_autograd_does(monkeypatch):
+    accumulated_grads_match_autograd(torch.device("cuda"), "reduce-overhead", monkeypatch)
+
 @pytest.mark.parametrize("scope", ["model", "blocks"])
 @pytest.mark.parametrize("script", ["pretrain", "finetune"])
 def test_cuda_graphs_with_gradient_accumulation_learn_as_fp32_does(tmp_path, run_pretrain, script, scope):
