@@ -306,14 +306,15 @@ def test_command_line_gives_back_the_resolved_flags():
                              "repeats": 1}
 
 
-@pytest.mark.parametrize("child_fails", [False, True])
+@pytest.mark.parametrize("case", ["measured", "child fails", "shared cache"])
 def test_the_second_fine_tunes_compilation_is_measured_in_a_new_process(tmp_path, capsys, monkeypatch,
-                                                                        compile_counter, child_fails):
+                                                                        compile_counter, case):
     """With compilation on, the projection counts the second fine-tune's compile seconds as a new bench.py process
     measures them, timing the fine-tuning phase alone from the cache this one filled (its environment, so a fresh
     cache's folder, is inherited). Here that process is a stand-in that checks its flags and reports 2.5 s; if it
-    fails, the projection counts the first fine-tune's seconds again, and says so. (Compiled with Dynamo's counting
-    backend: the plumbing, not inductor, is under test.)"""
+    fails, the projection counts the first fine-tune's seconds again, and says so. With --compile_cache shared (runs
+    that compare step times) no such process starts. (Compiled with Dynamo's counting backend: the plumbing, not
+    inductor, is under test.)"""
     children, real_run = [], subprocess.run
 
     def child(argv, **kwargs):
@@ -321,26 +322,30 @@ def test_the_second_fine_tunes_compilation_is_measured_in_a_new_process(tmp_path
             return real_run(argv, **kwargs)  # e.g. inductor asking the C++ compiler its version
         flags = bench.get_args_parser().parse_args(argv[2:])
         children.append(flags)
-        if not child_fails:
+        if case == "measured":
             with open(flags.json, "w") as f:
                 json.dump({"finetune": {"compile_s": 2.5}}, f)
-        return subprocess.CompletedProcess(argv, 1 if child_fails else 0, "", "RuntimeError: no room\n")
+        return subprocess.CompletedProcess(argv, 0 if case == "measured" else 1, "", "RuntimeError: no room\n")
     monkeypatch.setattr(bench.subprocess, "run", child)
     out = tmp_path / "bench.json"
+    cache = ["--compile_cache", "shared"] if case == "shared cache" else []
     bench.main(bench.get_args_parser().parse_args(["--device", "cpu", "--compile", "--steps", "1", "--repeats", "2",
-                                                   "--eval_images", "8", "--json", str(out)]))
+                                                   "--eval_images", "8", "--json", str(out), *cache]))
     printed = capsys.readouterr().out
     r = json.loads(out.read_text())
+    first = r["finetune"]["compile_s"]
+    second = 2.5 if case == "measured" else None
+    assert r["projection"]["second_finetune_compile_s"] == second
+    expected = r["pretrain"]["compile_s"] + first + (first if second is None else second)
+    assert r["projection"]["compile_minutes"] == pytest.approx(expected / 60)
+    if case == "shared cache":
+        assert children == [] and "the second fine-tune as much (not measured)" in printed
+        return
     (flags,) = children
     assert (flags.phases, flags.compile_cache, flags.profile, flags.repeats, flags.compile) == \
         ("finetune", "shared", False, 1, True)
     assert (flags.finetune_batch_size, flags.preset, flags.device) == (32, "small", "cpu")  # as this run's
-    second = None if child_fails else 2.5
-    assert r["projection"]["second_finetune_compile_s"] == second
-    first = r["finetune"]["compile_s"]
-    expected = r["pretrain"]["compile_s"] + first + (first if child_fails else 2.5)
-    assert r["projection"]["compile_minutes"] == pytest.approx(expected / 60)
-    if child_fails:
+    if case == "child fails":
         assert "second fine-tune's compilation: not measured, its process failed (RuntimeError: no room)" in printed
         assert "the second fine-tune as much (not measured)" in printed
     else:
