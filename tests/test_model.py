@@ -72,6 +72,20 @@ def test_encoder_sees_only_the_visible_patches():
         assert torch.allclose(got[(got @ key).argsort()], expected[(expected @ key).argsort()], atol=1e-6)
 
 
+@pytest.mark.parametrize("patch_size", [2, 4])
+def test_patch_embedding_is_the_convolution_of_its_weights_with_positions_added(patch_size):
+    # embed applies the Conv2d's parameters as a linear map on flattened patches; torch's own convolution with the
+    # same parameters is the reference, token n being grid cell n in row-major order.
+    torch.manual_seed(0)
+    encoder = MAE(MAEConfig(**SMALL, patch_size=patch_size)).encoder
+    imgs = torch.randn(3, 3, 32, 32)
+    conv = torch.nn.functional.conv2d(imgs, encoder.patch_embed.weight, encoder.patch_embed.bias, stride=patch_size)
+    expected = conv.flatten(2).transpose(1, 2) + encoder.pos_embed
+    torch.testing.assert_close(encoder.embed(imgs), expected, rtol=1e-5, atol=1e-5)
+    assert list(encoder.patch_embed.state_dict()) == ["weight", "bias"]
+    assert encoder.patch_embed.weight.shape == (32, 3, patch_size, patch_size)  # checkpoints keep the conv's shape
+
+
 def test_patchify_roundtrip_and_layout():
     x = torch.randn(2, 3, 32, 32)
     for p in (2, 4, 8):
