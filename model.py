@@ -207,9 +207,9 @@ class MAEEncoder(nn.Module):
         """(B, C, H, W) -> (B, N, D) patch tokens with positions added."""
         # Kernel = stride: the conv is a linear map on each patch flattened as (c p1 p2), its weight's own order,
         # and is applied as one. As a conv its backward is ATen's, which sums the bias gradient in a reduction of its
-        # own, slow on the classifier's gradient (a strided slice past the class token): an H200 profile of a
-        # fine-tuning step (bench.py --profile) had one such reduction, 0.42 of its 9.6 ms. As a linear, the bias
-        # gradient is fused into the compiled backward. The parameters stay the conv's: checkpoints do not change.
+        # own, slow on the classifier's gradient (a strided slice past the class token): an ATen sum of 0.42 of the
+        # 9.6 ms of an H200 fine-tuning step (bench.py --profile) matches it. As a linear, torch.compile fuses the
+        # bias gradient into its own kernels. The parameters stay the conv's: checkpoints do not change.
         p = self.cfg.patch_size
         patches = rearrange(imgs, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)
         x = F.linear(patches, self.patch_embed.weight.flatten(1), self.patch_embed.bias)  # (B, N, D)
