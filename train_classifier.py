@@ -344,6 +344,7 @@ def train_step(net, optimizer, scaler, inputs, labels, batch_idx, lr, prepare, m
         x, target = mixup(x, y) if mixup is not None else (x, y)
         # DDP averages gradients across processes only on the last chunk of the step.
         sync = c == accum_steps - 1 or not hasattr(net, "no_sync")
+        utils.mark_chunk_begin()
         with (contextlib.nullcontext() if sync else net.no_sync()), utils.autocast(device, amp_dtype):
             logits = net(x)
         loss = criterion(logits.float(), target)

@@ -297,6 +297,16 @@ def allocate_grads(optimizer) -> None:
             p.grad = torch.zeros_like(p)
 
 
+def mark_chunk_begin() -> None:
+    """Tell torch's CUDA-graph trees (--compile_mode reduce-overhead) that a chunk's forward starts, so that they
+    replay each chunk's graphs from their root. Left to guess where a step starts, they left their fast path with
+    --compile_scope blocks, where one graph runs once per block (H200, torch 2.11: "Unable to hit fast path of
+    CUDAGraphs because of pending, uninvoked backwards. Consider ... using torch.compiler.cudagraph_mark_step_begin()
+    before each model invocation"). The outputs of the chunk before are consumed by then: its loss is queued into a
+    device-side sum, its gradients added into the .grad buffers. Without CUDA graphs this does nothing."""
+    torch.compiler.cudagraph_mark_step_begin()
+
+
 def backward(loss: torch.Tensor, optimizer) -> None:
     """loss.backward() for a chunk: its gradients are added into the optimizer's .grad buffers (allocate_grads').
 

@@ -155,6 +155,29 @@ def test_steps_accumulate_into_the_grad_buffers_the_optimizer_allocated(phase):
     assert all(not torch.equal(p, b) for p, b in zip(params, before))  # every parameter was trained
 
 
+@pytest.mark.parametrize("phase", ["pretrain", "finetune"])
+def test_each_chunk_marks_a_new_cuda_graph_step_between_the_last_backward_and_its_forward(phase, monkeypatch):
+    """utils.mark_chunk_begin (torch.compiler.cudagraph_mark_step_begin) once per chunk, after the chunk before has
+    been through backward and before the chunk's forward: CUDA-graph trees may then reuse the memory of the chunk
+    before's outputs. tests/test_gpu.py runs both compile scopes under CUDA graphs."""
+    cfg = MAEConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+                    decoder_num_heads=2)
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    args = SimpleNamespace(pretrain_batch_size=16, finetune_batch_size=16, num_classes=10, finetune_recipe="plain",
+                           max_device_batch_size=8, compile=False)  # two chunks per step
+    cpu = torch.device("cpu")
+    step = bench.pretrain_phase(cfg, images, args, cpu) if phase == "pretrain" else \
+        bench.finetune_phase(cfg, images, torch.randint(0, 10, (40,)), args, cpu)
+    optimizer = utils.make_adamw(utils.weight_decay_groups(step.model, 0.05), 1e-3, step.betas, cpu)
+    events, backward = [], utils.backward
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: events.append("mark"))
+    monkeypatch.setattr(utils, "backward", lambda *a: (events.append("backward"), backward(*a)))
+    step.model.register_forward_pre_hook(lambda *_: events.append("forward"))
+    step.step(step.model, optimizer, torch.amp.GradScaler("cpu", enabled=False), torch.randperm(40)[:16], 1e-3,
+              torch.zeros(()), None)
+    assert events == ["mark", "forward", "backward"] * 2
+
+
 @pytest.mark.parametrize("phase, expected_reads", [("pretrain", 3), ("finetune", 4)])
 def test_a_scripts_epoch_reads_values_back_only_every_log_interval_steps(phase, expected_reads):
     """The epoch bench.py times is the script's own train_one_epoch: 52 steps of 2 images with the default
