@@ -138,6 +138,7 @@ def train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, devi
     noise = torch.rand(args.batch_size, num_patches, device=device)[mine]
     crop_rand = torch.rand(args.batch_size, 5, device=device)[mine] if args.augment else None
     for c, chunk_idx in enumerate(batch_idx[mine].split(chunk)):
+        utils.mark_chunk_begin()
         part = slice(c * chunk, (c + 1) * chunk)
         imgs = data.normalize(data.take(train_images, chunk_idx, device))
         if args.augment:
@@ -146,7 +147,6 @@ def train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, devi
         # DDP averages gradients across processes only on the last chunk of the step (no_sync is DDP's;
         # torch.compile's wrapper passes it through).
         sync = c == accum_steps - 1 or not hasattr(model, "no_sync")
-        utils.mark_chunk_begin()
         with (contextlib.nullcontext() if sync else model.no_sync()), utils.autocast(device, amp_dtype):
             loss, _, _ = model(imgs, noise=noise[part])
         # Chunks are equal-sized, so dividing by their number makes the summed gradient the batch mean.

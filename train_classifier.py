@@ -340,11 +340,11 @@ def train_step(net, optimizer, scaler, inputs, labels, batch_idx, lr, prepare, m
     accum_steps = (args.batch_size // world_size) // chunk
     utils.set_lr(optimizer, lr)
     for c, chunk_idx in enumerate(batch_idx[utils.shard(args.batch_size, rank, world_size)].split(chunk)):
+        utils.mark_chunk_begin()
         x, y = prepare(data.take(inputs, chunk_idx, device)), data.take(labels, chunk_idx, device)
         x, target = mixup(x, y) if mixup is not None else (x, y)
         # DDP averages gradients across processes only on the last chunk of the step.
         sync = c == accum_steps - 1 or not hasattr(net, "no_sync")
-        utils.mark_chunk_begin()
         with (contextlib.nullcontext() if sync else net.no_sync()), utils.autocast(device, amp_dtype):
             logits = net(x)
         loss = criterion(logits.float(), target)
