@@ -770,12 +770,12 @@ def main(args):
     if both:
         evaluation = bench_evaluation(cfg, images, labels, args, device, data_device, amp_dtype)
         projection = project_reference(pretrain, finetune, evaluation, peak["tflops"], second_compile_s)
-    timed = [r for r in (pretrain, finetune) if r is not None]
+    results = [r for r in (pretrain, finetune) if r is not None]  # the phases timed
 
     # ---- report
     print(f"{'phase':<9} {'batch':>6} {'chunk':>6} {'compile s':>10} {'ms/step':>9} {'images/s':>10} "
           f"{'TFLOP/s':>9} {'% of peak':>10} {'GiB':>6} {'in epoch':>9}")
-    for r in timed:
+    for r in results:
         memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
         print(f"{r['phase']:<9} {r['batch_size']:>6} {r['chunk']:>6} {r['compile_s']:>10.1f} "
               f"{r['ms_per_step']:>9.2f} {r['images_per_sec']:>10,.0f} {r['tflops']:>9.3f} "
@@ -784,12 +784,12 @@ def main(args):
           f"the warm-up's extra time{'' if args.compile else ', here without compilation: first-step set-up'}; "
           f"in epoch: ms per step of one epoch of {args.epoch_images:,} images run by the script's train_one_epoch, "
           f"which the projection uses; fine-tune: train_classifier.py's step with --recipe {args.finetune_recipe})")
-    for r in timed:
+    for r in results:
         print(f"host syncs in one {r['phase']} step (eager, every operator recorded): "
               f"{', '.join(r['host_syncs']) or 'none'}")
     if device.type == "cuda":
-        print("host's time to queue a step (the first {} of each repeat): ".format(HOST_TIMED_CALLS)
-              + ", ".join(f"{r['phase']} {r['host_ms_per_step']:.2f} ms of {r['ms_per_step']:.2f}" for r in timed)
+        print(f"host's time to queue a step (the first {HOST_TIMED_CALLS} of each repeat): "
+              + ", ".join(f"{r['phase']} {r['host_ms_per_step']:.2f} ms of {r['ms_per_step']:.2f}" for r in results)
               + " (well under: the GPU sets the pace; close: the host does)")
     if finetune is not None:
         eager_ms = finetune["input_ms_per_step_eager"]
@@ -799,7 +799,7 @@ def main(args):
               f"augmentation {'compiled' if args.compile else 'eager'}): {finetune['input_ms_per_step']:.2f} ms per "
               f"step{'' if eager_ms is None else f' (eager: {eager_ms:.2f})'}, "
               f"{100 * finetune['input_ms_per_step'] / finetune['ms_per_step']:.0f}% of the step{share}")
-    for r in timed if args.profile else ():
+    for r in results if args.profile else ():
         prof = r["profile"]
         print(f"where a {r['phase']} step's time goes (torch.profiler, {args.steps} steps; self time per step): "
               f"{prof['busy_ms_per_step']:.2f} ms in {prof['what']}, against {r['ms_per_step']:.2f} ms per timed step")
