@@ -298,12 +298,13 @@ def allocate_grads(optimizer) -> None:
 
 
 def mark_chunk_begin() -> None:
-    """Tell torch's CUDA-graph trees (--compile_mode reduce-overhead) that a chunk starts (call it before the chunk's
-    input work and forward), so that they replay each chunk's graphs from their root. Left to guess where a step starts, they left their fast path with
-    --compile_scope blocks, where one graph runs once per block (H200, torch 2.11: "Unable to hit fast path of
-    CUDAGraphs because of pending, uninvoked backwards. Consider ... using torch.compiler.cudagraph_mark_step_begin()
-    before each model invocation"). The outputs of the chunk before are consumed by then: its loss is queued into a
-    device-side sum, its gradients added into the .grad buffers. Without CUDA graphs this does nothing."""
+    """Tell torch's CUDA-graph trees (--compile_mode reduce-overhead) that a chunk starts (call it before the
+    chunk's input work and forward), so that they replay each chunk's graphs from their root. Left to guess where a
+    step starts, they left their fast path with --compile_scope blocks, where one graph runs once per block (H200,
+    torch 2.11: "Unable to hit fast path of CUDAGraphs because of pending, uninvoked backwards. Consider ... using
+    torch.compiler.cudagraph_mark_step_begin() before each model invocation"). The outputs of the chunk before are
+    consumed by then: its loss is queued into a device-side sum, its gradients added into the .grad buffers. Without
+    CUDA graphs this does nothing."""
     torch.compiler.cudagraph_mark_step_begin()
 
 
