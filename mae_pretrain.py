@@ -11,7 +11,6 @@ A tiny CPU run that needs no files (under a minute on 2 cores):
         --max_device_batch_size 32 --depth 2 --decoder_depth 1 --model_path /tmp/mae.pt \
         --output_dir /tmp/mae_out --log_dir /tmp/mae_logs
 """
-import contextlib
 import dataclasses
 import math
 import os
@@ -19,7 +18,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -144,14 +142,12 @@ def train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, devi
         if args.augment:
             imgs = data.random_resized_crop(imgs, scale=(0.2, 1.0), rand=crop_rand[part, :4])
             imgs = data.random_hflip(imgs, rand=crop_rand[part, 4])
-        # DDP averages gradients across processes only on the last chunk of the step (no_sync is DDP's;
-        # torch.compile's wrapper passes it through).
-        sync = c == accum_steps - 1 or not hasattr(model, "no_sync")
-        with (contextlib.nullcontext() if sync else model.no_sync()), utils.autocast(device, amp_dtype):
+        with utils.autocast(device, amp_dtype):
             loss, _, _ = model(imgs, noise=noise[part])
         # Chunks are equal-sized, so dividing by their number makes the summed gradient the batch mean.
         utils.backward(scaler.scale(loss / accum_steps), optimizer)
         loss_sum += loss.detach()
+    utils.average_gradients(optimizer)  # over the processes, under torchrun
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=False)  # in place: the .grad buffers stay (utils.make_adamw says why)
@@ -283,9 +279,8 @@ def main(args):
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, losses, evals = ckpt["epoch"] + 1, list(ckpt["losses"]), list(ckpt["evals"])
         log_print(f"resumed from {args.resume} at epoch {start_epoch}")
-    train_model = DistributedDataParallel(model) if world_size > 1 else model
-    if utils.compile_enabled(args, device):
-        train_model = utils.compile_model(train_model, args)
+    utils.broadcast_state(model)
+    train_model = utils.compile_model(model, args) if utils.compile_enabled(args, device) else model
     writer = SummaryWriter(args.log_dir) if main_process else None
     background = utils.BackgroundWriter()  # figures, logs and checkpoints, written while the next epoch trains
 

@@ -18,7 +18,6 @@ A tiny CPU run that needs no files (seconds):
         --output_model_path /tmp/cls.pt --output_dir /tmp/cls_out --log_dir /tmp/cls_logs
 """
 import argparse
-import contextlib
 import dataclasses
 import math
 import os
@@ -30,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
-from torch.nn.parallel import DistributedDataParallel
+from timm.utils import distribute_bn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -339,19 +338,18 @@ def train_step(net, optimizer, scaler, inputs, labels, batch_idx, lr, prepare, m
     chunk = utils.device_chunk(args)
     accum_steps = (args.batch_size // world_size) // chunk
     utils.set_lr(optimizer, lr)
-    for c, chunk_idx in enumerate(batch_idx[utils.shard(args.batch_size, rank, world_size)].split(chunk)):
+    for chunk_idx in batch_idx[utils.shard(args.batch_size, rank, world_size)].split(chunk):
         utils.mark_chunk_begin()
         x, y = prepare(data.take(inputs, chunk_idx, device)), data.take(labels, chunk_idx, device)
         x, target = mixup(x, y) if mixup is not None else (x, y)
-        # DDP averages gradients across processes only on the last chunk of the step.
-        sync = c == accum_steps - 1 or not hasattr(net, "no_sync")
-        with (contextlib.nullcontext() if sync else net.no_sync()), utils.autocast(device, amp_dtype):
+        with utils.autocast(device, amp_dtype):
             logits = net(x)
         loss = criterion(logits.float(), target)
         # Chunks are equal-sized, so dividing by their number makes the summed gradient the batch mean.
         utils.backward(scaler.scale(loss / accum_steps), optimizer)
         loss_sum += loss.detach()
         correct += (logits.argmax(dim=-1) == y).sum()
+    utils.average_gradients(optimizer)  # over the processes, under torchrun
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=False)  # in place: the .grad buffers stay (utils.make_adamw says why)
@@ -431,6 +429,7 @@ def main(args):
     log_print = print if main_process else (lambda *a, **k: None)
     torch.manual_seed(args.seed)  # the same initial weights on every process
     model = build_model(args, cfg, num_classes, mae_state).to(device)
+    utils.broadcast_state(model)
 
     run, out = args.run_name, args.output_dir
     path = {name: os.path.join(out, f"{run}_{name}") for name in (
@@ -477,10 +476,6 @@ def main(args):
         prepare_train, prepare_eval = augmentation(args, compiled), data.normalize
     # Batches are cut where the inputs live: the labels go there too.
     train_labels, val_labels = train.labels.to(train_inputs.device), val.labels.to(val_inputs.device)
-    if world_size > 1:
-        # With several processes each BatchNorm (the probe's head_norm) normalises with its own shard's
-        # statistics; DDP keeps the running statistics of rank 0.
-        net = DistributedDataParallel(net)
     eval_net = net  # evaluation runs eager (utils.eager)
     if compiled:
         net = utils.compile_model(net, args)
@@ -532,6 +527,10 @@ def main(args):
             raise SystemExit(f"epoch {epoch}: the training loss is {stats['train_loss']}; stopping. "
                              f"{args.output_model_path} and {last_model_path} still hold earlier epochs. "
                              "Try a lower --base_learning_rate.")
+        if world_size > 1:
+            # Each process's BatchNorm (the probe's head_norm) tracked its own shard's statistics: evaluate and
+            # save their mean. Training normalises each chunk with its own statistics, on one GPU as on several.
+            distribute_bn(model, world_size, reduce=True)
         val_loss, val_acc, val_predicted = evaluate(eval_net, val_inputs, val_labels, prepare_eval, eval_chunk,
                                                     device, amp_dtype)
         stats.update(val_loss=val_loss, val_acc=val_acc)

@@ -315,15 +315,38 @@ def backward(loss: torch.Tensor, optimizer) -> None:
     compiled backward: on an H200 those fp32 additions took 0.58 ms of a 20.5 ms pretraining step's kernels
     (bench.py --profile, 2026-11-28), besides a launch per parameter and chunk on the host. Here autograd hands
     the gradients over and one multi-tensor add takes them all. The sums are the same, bit for bit. (Eager, a chunk's
-    gradients are then all held until the add, one gradient-sized buffer more at the end of its backward.)
-    Under DDP, autograd's own accumulation stays: DDP starts its all-reduce from hooks on it."""
-    if dist_env()[1] > 1:
-        loss.backward()
-        return
+    gradients are then all held until the add, one gradient-sized buffer more at the end of its backward.)"""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     # materialize_grads: a parameter the loss does not reach gets zeros, as its .grad would stay under backward().
     grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
     torch._foreach_add_([p.grad for p in params], grads)
+
+
+def average_gradients(optimizer) -> None:
+    """Under torchrun: replace every process's accumulated .grad by the mean over the processes, once per
+    optimizer step, after its last chunk. A single process does nothing.
+
+    This is the all-reduce DistributedDataParallel would do, without wrapping the model: the model every process
+    compiles is then the one-GPU program (one graph, CUDA graphs by default), where DDP splits the compiled graph
+    at its gradient buckets and hooks its all-reduce into the backward. The price: the all-reduce no longer overlaps
+    the backward; for the ViT-T MAE's 7.2M parameters it is one 29 MB all-reduce per step (one flat buffer, so one
+    collective rather than one per parameter)."""
+    world_size = dist_env()[1]
+    if world_size == 1:
+        return
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)  # a sum: gloo, the CPU's backend, has no average
+    flat /= world_size
+    torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+
+def broadcast_state(model: torch.nn.Module) -> None:
+    """Under torchrun: every process starts from rank 0's parameters and buffers. The processes build them from the
+    same seed and files already; this makes it so whatever the machines, as DDP does at its construction."""
+    if dist.is_initialized():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, 0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -444,16 +467,14 @@ def compile_requested(args, device: torch.device) -> bool:
 def resolve_compile_mode(args, device: torch.device) -> None:
     """Fill --compile_mode's default in place, so that args.json and the printed config name the mode that ran.
 
-    reduce-overhead (CUDA graphs) when compiling in a single CUDA process: without them a ViT-T step is bound by
-    the host launching its kernels one by one (bench.py on an H200, 2026-11-28: 80.4 ms per pretraining step at
-    batch 512 in the default mode, 21.6 ms with CUDA graphs; 26.8 ms and 9.6 ms per fine-tuning step at 128).
-    Under torchrun the default mode stays: CUDA graphs with DDP's gradient all-reduce have not been run on
-    several GPUs here, and torch's tracker holds reports of that pair crashing (pytorch/pytorch#128218) and of it
-    skipping the graphs for BatchNorm, the linear probe's (#139207). A multi-GPU run asks for them with
-    --compile_mode reduce-overhead."""
+    reduce-overhead (CUDA graphs) when compiling on CUDA: without them a ViT-T step is bound by the host launching
+    its kernels one by one (bench.py on an H200, 2026-11-28: 80.4 ms per pretraining step at batch 512 in the
+    default mode, 21.6 ms with CUDA graphs; 26.8 ms and 9.6 ms per fine-tuning step at 128). Under torchrun too:
+    each process compiles the one-GPU model and averages the gradients itself (average_gradients), so no
+    DistributedDataParallel comes between the graphs and the all-reduce."""
     if args.compile_mode is None:
-        one_gpu = device.type == "cuda" and dist_env()[1] == 1
-        args.compile_mode = "reduce-overhead" if compile_requested(args, device) and one_gpu else "default"
+        on_cuda = device.type == "cuda" and compile_requested(args, device)
+        args.compile_mode = "reduce-overhead" if on_cuda else "default"
 
 
 def compile_model(model: torch.nn.Module, args) -> torch.nn.Module:

@@ -1,5 +1,4 @@
-"""torchrun (DistributedDataParallel over gloo on the CPU): sharding, outputs, resume across world sizes,
-failures.
+"""torchrun (gloo on the CPU): sharding, one-process results, outputs, resume across world sizes, failures.
 
 Run: python -m pytest -q tests/test_distributed.py
 """
@@ -9,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import ROOT, TINY_MODEL, tiny_pretrain_argv
 
@@ -26,8 +26,8 @@ def pretrain_cmd(launcher, tmp_path, *extra, name):
             *tiny_pretrain_argv(tmp_path, "--eval_every", "1", *extra, name=name)]
 
 
-# The second: each process compiles its blocks inside DistributedDataParallel (inductor's C++ backend, about
-# 20 s), against the same eager one-process run.
+# The second: each process compiles its model and averages the gradients outside the graphs (the blocks scope,
+# which compiles fastest: inductor's C++ backend, about 20 s), against the same eager one-process run.
 @pytest.mark.parametrize("double_flags", [[], ["--compile", "--compile_scope", "blocks"]])
 def test_two_processes_match_one_process_and_write_one_set_of_outputs(tmp_path, double_flags):
     single = run(pretrain_cmd([sys.executable], tmp_path, name="single"), tmp_path)
@@ -105,6 +105,20 @@ def test_a_start_up_decision_holds_only_if_it_holds_on_every_process(tmp_path):
     proc = run([*TORCHRUN, os.path.join(ROOT, "tests", "helpers", "all_processes.py")], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)] == ["False True", "False True"]
+
+
+def test_processes_start_from_rank_0s_state_and_step_with_the_mean_gradient(tmp_path):
+    # What DistributedDataParallel would guarantee, done by utils.broadcast_state and utils.average_gradients.
+    proc = run([*TORCHRUN, os.path.join(ROOT, "tests", "helpers", "gradients.py")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert not torch.equal(ranks[0]["built"]["0.weight"], ranks[1]["built"]["0.weight"])  # different seeds
+    for r in ranks:
+        for name, tensor in ranks[0]["built"].items():
+            assert torch.equal(r["state"][name], tensor), name  # parameters and buffers: rank 0's
+    for own0, own1, avg0, avg1 in zip(ranks[0]["own"], ranks[1]["own"], ranks[0]["averaged"], ranks[1]["averaged"]):
+        assert torch.equal(avg0, avg1)
+        torch.testing.assert_close(avg0, (own0 + own1) / 2)
 
 
 def classifier_cmd(launcher, tmp_path, *extra, name):

@@ -282,11 +282,11 @@ def test_compile_falls_back_to_eager_with_one_warning_where_it_cannot_work():
     ("cuda", None, "1", "reduce-overhead"),  # compiled by default on CUDA: CUDA graphs
     ("cuda", True, "1", "reduce-overhead"),
     ("cuda", False, "1", "default"),  # nothing compiled: no mode that needs compilation
-    ("cuda", None, "2", "default"),  # under torchrun: CUDA graphs only when asked for
+    ("cuda", None, "2", "reduce-overhead"),  # under torchrun too: no DDP comes between graphs and all-reduce
     ("cpu", None, "1", "default"),
     ("cpu", True, "1", "default"),  # CUDA graphs need CUDA
 ])
-def test_compile_mode_defaults_to_cuda_graphs_on_one_gpu(monkeypatch, device, compile, world_size, expected):
+def test_compile_mode_defaults_to_cuda_graphs_on_cuda(monkeypatch, device, compile, world_size, expected):
     monkeypatch.setenv("WORLD_SIZE", world_size)
     args = SimpleNamespace(compile=compile, compile_mode=None)
     utils.resolve_compile_mode(args, torch.device(device))  # needs no GPU: it only reads the device's type

@@ -1,0 +1,29 @@
+"""utils.broadcast_state and utils.average_gradients under torchrun (gloo on the CPU). Each rank builds a small
+model from a seed of its own, makes its state rank 0's, then fills its .grad buffers with its own numbers and
+averages them; it saves what it started from and ends with to rank<N>.pt in the working folder. Run by
+tests/test_distributed.py."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import torch  # noqa: E402
+
+import utils  # noqa: E402
+
+cpu = torch.device("cpu")
+utils.init_distributed(cpu)
+rank = utils.dist_env()[0]
+torch.manual_seed(rank)
+model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+model[1].running_mean.normal_()  # a buffer that differs between the ranks too
+built = {k: v.clone() for k, v in model.state_dict().items()}
+utils.broadcast_state(model)
+optimizer = utils.make_adamw(utils.weight_decay_groups(model, 0.05), 1e-3, (0.9, 0.95), cpu)
+params = [p for group in optimizer.param_groups for p in group["params"]]
+own = [torch.randn_like(p) for p in params]
+for p, grad in zip(params, own):
+    p.grad.copy_(grad)
+utils.average_gradients(optimizer)
+averaged = [p.grad.clone() for p in params]
+torch.save({"built": built, "state": model.state_dict(), "own": own, "averaged": averaged}, f"rank{rank}.pt")
+utils.close_distributed()
