@@ -1,15 +1,19 @@
 """What only a GPU can check: the host-resident data path (--data_on host) against data on the GPU, the scripts' fast
-path (bf16, torch.compile of the model and of the augmentation, CUDA graphs with gradient accumulation) on CUDA,
-and fp16. Skipped on a machine without CUDA, such as CI's; every other test file runs on the CPU.
+path (bf16, torch.compile of the model and of the augmentation, CUDA graphs with gradient accumulation, and with
+two processes) on CUDA, and fp16. Skipped on a machine without CUDA, such as CI's; every other test file runs on the
+CPU.
 
 Run (on a machine with a GPU): python -m pytest -q tests/test_gpu.py
 """
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import TINY_MODEL, tiny_pretrain_argv
+from conftest import ROOT, TINY_MODEL, tiny_pretrain_argv
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -157,6 +161,26 @@ def test_cuda_graphs_with_gradient_accumulation_learn_as_fp32_does(tmp_path, run
         losses[name] = [r["train_loss"] for r in read_log(out / "run_log.jsonl")]
     assert len(losses["graphs"]) == 2 and all(close(a, b, 2 ** -8) for a, b in zip(losses["plain"],
                                                                                   losses["graphs"])), losses
+
+
+def test_two_processes_with_cuda_graphs_learn_as_one_fp32_process_does(tmp_path, run_pretrain):
+    """torchrun's path with the scripts' defaults (bf16, compiled, CUDA graphs under torchrun too): each process
+    replays the one-GPU graphs and averages the gradients outside them (utils.average_gradients). Two processes
+    share the one GPU over gloo (tests/helpers/shared_gpu.py; NCCL refuses two ranks on one device). Each takes
+    half of the batch of 32, one chunk of 16, so the curve is compared with one fp32 eager process as the other
+    CUDA-graph tests compare theirs."""
+    run_pretrain(tiny_pretrain_argv(tmp_path, "--device", "cuda", "--precision", "fp32", "--no-compile",
+                                    name="plain"))
+    helper = os.path.join(ROOT, "tests", "helpers", "shared_gpu.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           helper, *tiny_pretrain_argv(tmp_path, "--device", "cuda", name="double")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x 2 process(es)" in proc.stdout
+    assert json.loads((tmp_path / "double" / "outputs" / "args.json").read_text())["compile_mode"] == "reduce-overhead"
+    losses = {name: [r["loss"] for r in read_log(tmp_path / name / "outputs" / "log.jsonl")]
+              for name in ("plain", "double")}
+    assert len(losses["double"]) == 2 and all(close(a, b, 2 ** -8) for a, b in zip(*losses.values())), losses
 
 
 def test_fp16_resumes_a_bf16_checkpoint_and_keeps_its_losses_finite(tmp_path, run_pretrain):
