@@ -8,6 +8,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 FIXTURE_DIR = os.path.join(ROOT, "tests", "fixtures", "cifar10_tiny")
 
+# torchrun with two processes on this machine (gloo on the CPU; tests/helpers/shared_gpu.py shares one GPU).
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
 # A model small enough that a CPU epoch over a few hundred images takes about a second.
 TINY_MODEL = ["--embed_dim", "32", "--depth", "2", "--num_heads", "2", "--decoder_embed_dim", "32",
               "--decoder_depth", "1", "--decoder_num_heads", "2", "--patch_size", "4"]

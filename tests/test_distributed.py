@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_MODEL, tiny_pretrain_argv
+from conftest import ROOT, TINY_MODEL, TORCHRUN, tiny_pretrain_argv
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 TIMEOUT = 300  # generous for a loaded 2-core machine; a hang would exceed it and fail the test
 
 

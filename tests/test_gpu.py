@@ -8,12 +8,11 @@ Run (on a machine with a GPU): python -m pytest -q tests/test_gpu.py
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY_MODEL, tiny_pretrain_argv
+from conftest import ROOT, TINY_MODEL, TORCHRUN, tiny_pretrain_argv
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -172,8 +171,7 @@ def test_two_processes_with_cuda_graphs_learn_as_one_fp32_process_does(tmp_path,
     run_pretrain(tiny_pretrain_argv(tmp_path, "--device", "cuda", "--precision", "fp32", "--no-compile",
                                     name="plain"))
     helper = os.path.join(ROOT, "tests", "helpers", "shared_gpu.py")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           helper, *tiny_pretrain_argv(tmp_path, "--device", "cuda", name="double")],
+    proc = subprocess.run([*TORCHRUN, helper, *tiny_pretrain_argv(tmp_path, "--device", "cuda", name="double")],
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x 2 process(es)" in proc.stdout
