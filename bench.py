@@ -395,8 +395,8 @@ class Phase:
     """One of the two steps the reference experiment repeats, run by the training script's own train_step."""
     name: str
     model: torch.nn.Module
-    betas: tuple  # AdamW betas of the recipe
-    base_lr: float  # the recipe's lr per 256 images
+    make_optimizer: object  # (model) -> the script's optimizer for it: its groups, lr, betas
+    peak_lr: float  # the script's lr at the end of warm-up (a group's lr_scale multiplies it)
     batch_size: int
     step: object  # (model, optimizer, scaler, batch_idx, lr, loss_sum, amp_dtype) -> None: one optimizer step
     flops_forward: int  # analytic forward FLOPs per image
@@ -482,6 +482,10 @@ def inductor_settings(args) -> dict:
     return settings
 
 
+def peak_lr(script_args) -> float:
+    return script_args.base_learning_rate * script_args.batch_size / 256
+
+
 def pretrain_phase(cfg: MAEConfig, images, args, device: torch.device) -> Phase:
     """mae_pretrain.train_step with the script's own flags at this batch size."""
     script_args = mae_pretrain.get_args_parser().parse_args([
@@ -495,8 +499,9 @@ def pretrain_phase(cfg: MAEConfig, images, args, device: torch.device) -> Phase:
     def epoch(model, optimizer, scaler, amp_dtype, writer):
         mae_pretrain.train_one_epoch(model, optimizer, scaler, images[:args.epoch_images], script_args, 1,
                                      args.epoch_images // args.pretrain_batch_size, device, amp_dtype, writer)
-    return Phase("pretrain", MAE(cfg), (0.9, 0.95), script_args.base_learning_rate, args.pretrain_batch_size, step,
-                 sum(mae_forward_flops(cfg).values()), epoch=epoch)
+    return Phase("pretrain", MAE(cfg), lambda net: mae_pretrain.make_optimizer(net, script_args, device),
+                 peak_lr(script_args), args.pretrain_batch_size, step, sum(mae_forward_flops(cfg).values()),
+                 epoch=epoch)
 
 
 def finetune_phase(cfg: MAEConfig, images, labels, args, device: torch.device) -> Phase:
@@ -530,7 +535,11 @@ def finetune_phase(cfg: MAEConfig, images, labels, args, device: torch.device) -
                                          args.epoch_images // args.finetune_batch_size, device, amp_dtype, writer)
 
     model = ViTClassifier(cfg, args.num_classes, script_args.global_pool, script_args.drop_path)
-    return Phase("finetune", model, (0.9, 0.999), script_args.base_learning_rate, args.finetune_batch_size, step,
+    # The pretrained fine-tune's optimizer: with the recipe's layer decay, one group per layer and weight decay,
+    # each a launch and host work every step (the scratch fine-tune's two groups cost less).
+    return Phase("finetune", model,
+                 lambda net: train_classifier.make_optimizer(net, script_args, cfg.depth, device),
+                 peak_lr(script_args), args.finetune_batch_size, step,
                  sum(classifier_forward_flops(cfg, args.num_classes).values()), input_work(prepare),
                  input_work(train_classifier.augmentation(script_args, compiled=False)) if args.compile else None,
                  epoch)
@@ -542,8 +551,7 @@ def bench_phase(phase: Phase, args, device: torch.device, data_device: torch.dev
     warm-up step; its cost is estimated as the warm-up's wall time less the same number of steps at the timed
     rate."""
     model = phase.model.to(device)
-    peak_lr = phase.base_lr * phase.batch_size / 256
-    optimizer = utils.make_adamw(utils.weight_decay_groups(model, 0.05), peak_lr, phase.betas, device)
+    optimizer = phase.make_optimizer(model)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     train_model = utils.compile_model(model, args) if args.compile else model
     chunk = chunk_size(phase.batch_size, args)
@@ -563,7 +571,7 @@ def bench_phase(phase: Phase, args, device: torch.device, data_device: torch.dev
     def one_step(step_model=train_model):
         nonlocal step
         # Warmup then cosine, so the lr changes every step as it does in training.
-        lr = utils.lr_at(step, total_steps, min(10, total_steps // 2), peak_lr)
+        lr = utils.lr_at(step, total_steps, min(10, total_steps // 2), phase.peak_lr)
         phase.step(step_model, optimizer, scaler, next(batches), lr, loss_sum, amp_dtype)
         step += 1
 

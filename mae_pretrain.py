@@ -120,6 +120,12 @@ def load_resume(args):
     return ckpt, [r for r in log if r["epoch"] <= ckpt["epoch"]]
 
 
+def make_optimizer(model, args, device):
+    """The MAE recipe's AdamW: lr scaled by batch / 256, betas (0.9, 0.95), no decay on norms, biases and tokens."""
+    return utils.make_adamw(utils.weight_decay_groups(model, args.weight_decay),
+                            args.base_learning_rate * args.batch_size / 256, (0.9, 0.95), device)
+
+
 def train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, device, amp_dtype, loss_sum):
     """One optimizer step on the global batch `batch_idx`; adds each chunk's loss to the device-side loss_sum.
 
@@ -268,8 +274,7 @@ def main(args):
     model = MAE(cfg).to(device)  # same initial weights on every process: same seed
     log_print(f"model: {count_params(model.encoder) / 1e6:.2f}M encoder + {count_params(model.decoder) / 1e6:.2f}M "
               f"decoder parameters, {cfg.num_patches} patches, {cfg.mask_ratio:.0%} masked")
-    optimizer = utils.make_adamw(utils.weight_decay_groups(model, args.weight_decay),
-                                 args.base_learning_rate * args.batch_size / 256, (0.9, 0.95), device)
+    optimizer = make_optimizer(model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start_epoch, losses, evals, log = 1, [], [], resumed_log
     if ckpt is not None:

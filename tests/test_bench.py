@@ -143,7 +143,7 @@ def test_steps_accumulate_into_the_grad_buffers_the_optimizer_allocated(phase):
     cpu = torch.device("cpu")
     step = bench.pretrain_phase(cfg, images, args, cpu) if phase == "pretrain" else \
         bench.finetune_phase(cfg, images, labels, args, cpu)
-    optimizer = utils.make_adamw(utils.weight_decay_groups(step.model, 0.05), 1e-3, step.betas, cpu)
+    optimizer = step.make_optimizer(step.model)
     params = [p for p in step.model.parameters() if p.requires_grad]
     buffers = [p.grad for p in params]
     assert all(g is not None and not g.any() for g in buffers)
@@ -153,6 +153,35 @@ def test_steps_accumulate_into_the_grad_buffers_the_optimizer_allocated(phase):
         step.step(step.model, optimizer, scaler, torch.randperm(40)[:16], 1e-3, torch.zeros(()), None)
     assert all(p.grad is g and not g.any() for p, g in zip(params, buffers))
     assert all(not torch.equal(p, b) for p, b in zip(params, before))  # every parameter was trained
+
+
+def test_phases_step_the_optimizers_the_scripts_build():
+    """Pretraining: the MAE recipe's AdamW. Fine-tuning: the pretrained fine-tune's, whose layer decay gives a group
+    per layer and weight decay, each a launch and host work every step; bench.py once timed two groups instead."""
+    cfg = MAEConfig(patch_size=4, embed_dim=32, depth=3, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+                    decoder_num_heads=2)
+    images, labels = torch.zeros(8, 3, 32, 32, dtype=torch.uint8), torch.zeros(8, dtype=torch.long)
+    args = SimpleNamespace(pretrain_batch_size=512, finetune_batch_size=128, num_classes=10,
+                           finetune_recipe="finetune", max_device_batch_size=128, compile=False)
+    cpu = torch.device("cpu")
+
+    pretrain = bench.pretrain_phase(cfg, images, args, cpu)
+    optimizer = pretrain.make_optimizer(pretrain.model)
+    assert pretrain.peak_lr == pytest.approx(1.5e-4 * 512 / 256)  # mae_pretrain.py's defaults
+    assert [(g["lr"], g["betas"], g["weight_decay"]) for g in optimizer.param_groups] == [
+        (pretrain.peak_lr, (0.9, 0.95), 0.05), (pretrain.peak_lr, (0.9, 0.95), 0.0)]
+
+    finetune = bench.finetune_phase(cfg, images, labels, args, cpu)
+    optimizer = finetune.make_optimizer(finetune.model)
+    assert finetune.peak_lr == pytest.approx(1e-3 * 128 / 256)  # train_classifier.py's defaults
+    scale = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(finetune.model.named_parameters())
+    # 0.75 ** (depth + 1 - layer): the patch embedding at layer 0, block i at i + 1, the head at depth + 1
+    assert scale[id(named["encoder.patch_embed.weight"])] == pytest.approx(0.75 ** 4)
+    assert scale[id(named["encoder.blocks.1.attn.qkv.weight"])] == pytest.approx(0.75 ** 2)
+    assert scale[id(named["head.weight"])] == 1.0
+    assert len(optimizer.param_groups) == 2 * (cfg.depth + 2)  # each layer has decayed and undecayed tensors
+    assert {g["betas"] for g in optimizer.param_groups} == {(0.9, 0.999)}
 
 
 @pytest.mark.parametrize("phase", ["pretrain", "finetune"])
@@ -168,7 +197,7 @@ def test_each_chunk_marks_a_new_cuda_graph_step_between_the_last_backward_and_it
     cpu = torch.device("cpu")
     step = bench.pretrain_phase(cfg, images, args, cpu) if phase == "pretrain" else \
         bench.finetune_phase(cfg, images, torch.randint(0, 10, (40,)), args, cpu)
-    optimizer = utils.make_adamw(utils.weight_decay_groups(step.model, 0.05), 1e-3, step.betas, cpu)
+    optimizer = step.make_optimizer(step.model)
     events, backward = [], utils.backward
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: events.append("mark"))
     monkeypatch.setattr(utils, "backward", lambda *a: (events.append("backward"), backward(*a)))
@@ -193,7 +222,7 @@ def test_a_scripts_epoch_reads_values_back_only_every_log_interval_steps(phase, 
     cpu = torch.device("cpu")
     timed = bench.pretrain_phase(cfg, images, args, cpu) if phase == "pretrain" else \
         bench.finetune_phase(cfg, images, labels, args, cpu)
-    optimizer = utils.make_adamw(utils.weight_decay_groups(timed.model, 0.05), 1e-3, timed.betas, cpu)
+    optimizer = timed.make_optimizer(timed.model)
     with bench.HostSyncRecorder() as recorder:
         timed.epoch(timed.model, optimizer, torch.amp.GradScaler("cpu", enabled=False), None, None)
     assert recorder.syncs == ["_local_scalar_dense"] * expected_reads
@@ -291,9 +320,11 @@ def test_profile_lists_where_each_steps_time_goes(tmp_path, capsys):
         for kind in kinds:
             assert sum(e["ms_per_step"] for e in every if e["kind"] == kind) == pytest.approx(kinds[kind])
         assert all(e["calls_per_step"] >= 1 for e in every)
+        # utils.backward's, one per chunk (2 and 1 here); fused AdamW's step counts, one per parameter group: 2 in
+        # pretraining, a decayed and an undecayed one per layer in the (pretrained) fine-tuning's layer decay
+        groups = 2 if name == "pretrain" else 2 * (bench.PRESETS["small"]["depth"] + 2)
         assert next(e for e in every if e["name"] == "aten::_foreach_add_")["calls_per_step"] == \
-            (2 if name == "pretrain" else 1) + 2  # utils.backward's, one per chunk (2 and 1 here); fused AdamW's
-        # step counts, one per parameter group (2)
+            (2 if name == "pretrain" else 1) + groups
         assert kinds["matrix products"] > 0 and kinds["attention"] > 0 and kinds["other"] > 0
         assert f"where a {name} step's time goes" in printed and f"%  {names[0]}\n" in printed
 
