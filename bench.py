@@ -482,10 +482,6 @@ def inductor_settings(args) -> dict:
     return settings
 
 
-def peak_lr(script_args) -> float:
-    return script_args.base_learning_rate * script_args.batch_size / 256
-
-
 def pretrain_phase(cfg: MAEConfig, images, args, device: torch.device) -> Phase:
     """mae_pretrain.train_step with the script's own flags at this batch size."""
     script_args = mae_pretrain.get_args_parser().parse_args([
@@ -500,7 +496,7 @@ def pretrain_phase(cfg: MAEConfig, images, args, device: torch.device) -> Phase:
         mae_pretrain.train_one_epoch(model, optimizer, scaler, images[:args.epoch_images], script_args, 1,
                                      args.epoch_images // args.pretrain_batch_size, device, amp_dtype, writer)
     return Phase("pretrain", MAE(cfg), lambda net: mae_pretrain.make_optimizer(net, script_args, device),
-                 peak_lr(script_args), args.pretrain_batch_size, step, sum(mae_forward_flops(cfg).values()),
+                 utils.peak_lr(script_args), args.pretrain_batch_size, step, sum(mae_forward_flops(cfg).values()),
                  epoch=epoch)
 
 
@@ -539,7 +535,7 @@ def finetune_phase(cfg: MAEConfig, images, labels, args, device: torch.device) -
     # each a launch and host work every step (the scratch fine-tune's two groups cost less).
     return Phase("finetune", model,
                  lambda net: train_classifier.make_optimizer(net, script_args, cfg.depth, device),
-                 peak_lr(script_args), args.finetune_batch_size, step,
+                 utils.peak_lr(script_args), args.finetune_batch_size, step,
                  sum(classifier_forward_flops(cfg, args.num_classes).values()), input_work(prepare),
                  input_work(train_classifier.augmentation(script_args, compiled=False)) if args.compile else None,
                  epoch)

@@ -121,9 +121,9 @@ def load_resume(args):
 
 
 def make_optimizer(model, args, device):
-    """The MAE recipe's AdamW: lr scaled by batch / 256, betas (0.9, 0.95), no decay on norms, biases and tokens."""
-    return utils.make_adamw(utils.weight_decay_groups(model, args.weight_decay),
-                            args.base_learning_rate * args.batch_size / 256, (0.9, 0.95), device)
+    """The MAE recipe's AdamW: betas (0.9, 0.95), no decay on norms, biases and tokens."""
+    return utils.make_adamw(utils.weight_decay_groups(model, args.weight_decay), utils.peak_lr(args), (0.9, 0.95),
+                            device)
 
 
 def train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, device, amp_dtype, loss_sum):
@@ -167,7 +167,7 @@ def train_one_epoch(model, optimizer, scaler, train_images, args, epoch, steps_p
     chunks_per_step = (args.batch_size // world_size) // utils.device_chunk(args)
     batches = data.epoch_batches(len(train_images), args.batch_size, args.seed * 100_003 + epoch,
                                  train_images.device)
-    peak_lr = args.base_learning_rate * args.batch_size / 256
+    peak_lr = utils.peak_lr(args)
     total_steps, warmup_steps = args.total_epoch * steps_per_epoch, args.warmup_epoch * steps_per_epoch
     loss_sum = torch.zeros((), device=device)
     start = time.perf_counter()

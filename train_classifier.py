@@ -314,10 +314,10 @@ def augmentation(args, compiled: bool):
 
 
 def make_optimizer(model, args, depth: int, device):
-    """AdamW with lr scaled by batch / 256 and layer-wise lr decay (a group per lr scale and weight decay: 2 with
-    --layer_decay 1, 2 × (depth + 2) with the recipe's 0.75 on a pretrained encoder)."""
+    """AdamW with layer-wise lr decay: a group per lr scale and weight decay, 2 with --layer_decay 1, 2 × (depth +
+    2) with the recipe's 0.75 on a pretrained encoder."""
     return utils.make_adamw(utils.layer_decay_groups(model, args.weight_decay, args.layer_decay, depth),
-                            args.base_learning_rate * args.batch_size / 256, (0.9, 0.999), device)
+                            utils.peak_lr(args), (0.9, 0.999), device)
 
 
 def make_criterion(args, mixup):
@@ -372,7 +372,7 @@ def train_one_epoch(net, frozen, optimizer, scaler, inputs, labels, prepare, mix
     rank, world_size, _ = utils.dist_env()
     chunks_per_step = (args.batch_size // world_size) // utils.device_chunk(args)
     batches = data.epoch_batches(len(labels), args.batch_size, args.seed * 100_003 + epoch, inputs.device)
-    peak_lr = args.base_learning_rate * args.batch_size / 256
+    peak_lr = utils.peak_lr(args)
     total_steps, warmup_steps = args.total_epoch * steps_per_epoch, args.warmup_epoch * steps_per_epoch
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
     start = time.perf_counter()

@@ -247,6 +247,12 @@ def check_seed(seed: int) -> None:
         die(f"--seed must be in [0, 2^31), got {seed}")
 
 
+def peak_lr(args) -> float:
+    """The lr at the end of warmup: --base_learning_rate scaled by the global batch, batch_size / 256 (the
+    reference's rule, MAE's linear scaling)."""
+    return args.base_learning_rate * args.batch_size / 256
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:
     """Linear warmup from 0 to peak_lr over warmup_steps, then half-cosine down to min_lr at total_steps."""
     if step < warmup_steps:
