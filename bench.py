@@ -200,21 +200,23 @@ def chunk_size(batch_size: int, args) -> int:
 # ----------------------------------------------------------------------------------------------------------
 # FLOPs, counted analytically
 
-def block_flops(tokens: int, width: int, mlp_ratio: float) -> int:
-    """Forward FLOPs of one pre-norm transformer block on `tokens` tokens of `width` (one image).
+def block_flops(tokens: int, width: int, mlp_ratio: float, queries: int | None = None) -> int:
+    """Forward FLOPs of one pre-norm transformer block on `tokens` tokens of `width` (one image), its output
+    computed for the first `queries` of them (model.Block's num_queries; default all).
 
-    A matrix product of (M, K) by (K, N) is 2*M*K*N FLOPs (a multiply and an add). With L tokens, width D and
-    MLP hidden width H = int(mlp_ratio * D):
-        qkv projection        2 * L * D * 3D
-        scores Q K^T          2 * L * L * D    (summed over heads: heads * head_dim = D)
-        weighted sum A V      2 * L * L * D
-        output projection     2 * L * D * D
-        MLP (two linears)     2 * L * D * H * 2
+    A matrix product of (M, K) by (K, N) is 2*M*K*N FLOPs (a multiply and an add). With L tokens, Q queries,
+    width D and MLP hidden width H = int(mlp_ratio * D):
+        qkv projection        2 * L * D * 3D   (for every token: the keys and values need all of them)
+        scores Q K^T          2 * Q * L * D    (summed over heads: heads * head_dim = D)
+        weighted sum A V      2 * Q * L * D
+        output projection     2 * Q * D * D
+        MLP (two linears)     2 * Q * D * H * 2
     LayerNorms, softmax, GELU, residual adds and biases are left out: they are O(L * D) and run far below the
     matrix units' rate, so counting them would flatter the achieved TFLOP/s rather than measure it.
     """
+    queries = tokens if queries is None else queries
     hidden = int(width * mlp_ratio)
-    return 2 * tokens * width * (3 * width + width + 2 * hidden) + 4 * tokens * tokens * width
+    return 2 * width * (3 * tokens * width + queries * (width + 2 * hidden)) + 4 * queries * tokens * width
 
 
 def mae_forward_flops(cfg: MAEConfig) -> dict:
@@ -235,13 +237,16 @@ def mae_forward_flops(cfg: MAEConfig) -> dict:
     }
 
 
-def classifier_forward_flops(cfg: MAEConfig, num_classes: int) -> dict:
+def classifier_forward_flops(cfg: MAEConfig, num_classes: int, global_pool: str = "token") -> dict:
     """Forward FLOPs of model.ViTClassifier per image, by part: the encoder on the class token plus all N
-    patches, and a linear head on one pooled D-vector."""
+    patches (pooled on the class token, its last block computes that token's output alone), and a linear head
+    on one pooled D-vector."""
     n, patch_dim = cfg.num_patches, cfg.patch_size ** 2 * cfg.in_chans
+    last_queries = 1 if global_pool == "token" else None
     return {
         "patch_embed": 2 * n * patch_dim * cfg.embed_dim,
-        "encoder": cfg.depth * block_flops(1 + n, cfg.embed_dim, cfg.mlp_ratio),
+        "encoder": (cfg.depth - 1) * block_flops(1 + n, cfg.embed_dim, cfg.mlp_ratio)
+        + block_flops(1 + n, cfg.embed_dim, cfg.mlp_ratio, last_queries),
         "head": 2 * cfg.embed_dim * num_classes,
     }
 
@@ -536,7 +541,8 @@ def finetune_phase(cfg: MAEConfig, images, labels, args, device: torch.device) -
     return Phase("finetune", model,
                  lambda net: train_classifier.make_optimizer(net, script_args, cfg.depth, device),
                  utils.peak_lr(script_args), args.finetune_batch_size, step,
-                 sum(classifier_forward_flops(cfg, args.num_classes).values()), input_work(prepare),
+                 sum(classifier_forward_flops(cfg, args.num_classes, script_args.global_pool).values()),
+                 input_work(prepare),
                  input_work(train_classifier.augmentation(script_args, compiled=False)) if args.compile else None,
                  epoch)
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import data
 import utils
-from model import MAE, MAEConfig, count_params, num_masked_patches, pool_tokens, reconstruct
+from model import MAE, MAEConfig, count_params, num_masked_patches, reconstruct
 
 # Flags that define the run: a checkpoint only resumes under the same values (the schedule and the model
 # must be the ones it was trained with). max_device_batch_size, devices and output paths may change.
@@ -211,7 +211,7 @@ def evaluate(model, train, val, val_noise, args, device, amp_dtype):
     bs = utils.eval_chunk(args.max_device_batch_size)
 
     def features(imgs):  # L2-normalised: the kNN's dot products are cosine similarities
-        return F.normalize(pool_tokens(model.encoder(imgs).float(), args.knn_feature), dim=1)
+        return F.normalize(model.encoder.pooled(imgs, args.knn_feature).float(), dim=1)
     bank = utils.embed_all(features, train.images, bs, amp_dtype, device)
     queries = utils.embed_all(features, val.images, bs, amp_dtype, device)
     pred = utils.knn_predict(bank, train.labels.to(device), queries, len(train.classes), args.knn_k,

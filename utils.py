@@ -15,11 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.distributed as dist
-from timm.models.vision_transformer import Block
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
-from model import MAEConfig
+from model import Block, MAEConfig
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -359,7 +358,7 @@ def broadcast_state(model: torch.nn.Module) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Device, precision, compilation
 
-# --attention's kernels of F.scaled_dot_product_attention, which timm's blocks call.
+# --attention's kernels of F.scaled_dot_product_attention, which model.Attention calls.
 ATTENTION_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                       "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 

@@ -59,9 +59,13 @@ def test_forward_flop_formulas_match_torchs_flop_counter(name):
     imgs = torch.randn(batch, 3, cfg.img_size, cfg.img_size)
     with torch.no_grad():
         mae_counted = counted_flops(lambda: MAE(cfg)(imgs))
-        cls_counted = counted_flops(lambda: ViTClassifier(cfg, num_classes=7)(imgs))
+        cls_counted = {pool: counted_flops(lambda: ViTClassifier(cfg, num_classes=7, global_pool=pool)(imgs))
+                       for pool in ("token", "avg")}
     assert sum(bench.mae_forward_flops(cfg).values()) * batch == mae_counted
-    assert sum(bench.classifier_forward_flops(cfg, num_classes=7).values()) * batch == cls_counted
+    for pool, counted in cls_counted.items():
+        assert sum(bench.classifier_forward_flops(cfg, num_classes=7, global_pool=pool).values()) * batch == counted
+    # the class token's pooling: the last block computes one token's output
+    assert cls_counted["token"] < cls_counted["avg"]
 
 
 def test_vit_t_numbers_match_the_issues_figures():

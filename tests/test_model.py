@@ -2,11 +2,15 @@
 
 Run: python -m pytest -q tests/test_model.py
 """
-import pytest
-import torch
+from functools import partial
 
-from model import (MAE, DropPath, MAEConfig, ViTClassifier, encoder_state_from_mae, masked_mse, normalize_patches,
-                   patchify, random_masking, reconstruct, unpatchify)
+import pytest
+import timm.models.vision_transformer
+import torch
+import torch.nn as nn
+
+from model import (MAE, Block, DropPath, MAEConfig, ViTClassifier, encoder_state_from_mae, masked_mse,
+                   normalize_patches, patchify, random_masking, reconstruct, unpatchify)
 
 SMALL = dict(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=24, decoder_depth=1, decoder_num_heads=2)
 
@@ -207,3 +211,44 @@ def test_drop_path_rates_grow_with_depth_and_are_not_saved():
         assert block.drop_path1.drop_prob.item() == block.drop_path2.drop_prob.item() == pytest.approx(rate)
     # Non-persistent: checkpoints with and without drop path have the same keys.
     assert model.state_dict().keys() == ViTClassifier(cfg, 10).state_dict().keys()
+
+
+def test_block_is_timms_vit_block_with_its_parameters_in_its_order():
+    """model.Block is written out (for num_queries) but must stay timm's ViT block: the same state_dict keys in the
+    same order (checkpoints and optimizer states carry over) and, with the same weights, the same output."""
+    torch.manual_seed(0)
+    ours = Block(32, 2, 4.0)
+    theirs = timm.models.vision_transformer.Block(32, 2, 4.0, qkv_bias=True,
+                                                  norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert [t.shape for t in ours.state_dict().values()] == [t.shape for t in theirs.state_dict().values()]
+    theirs.load_state_dict({k: torch.randn_like(v) for k, v in ours.state_dict().items()})
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 9, 32)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("drop_path_rate", [0.0, 0.3])
+def test_class_token_only_gives_the_full_outputs_class_token_and_its_gradients(drop_path_rate):
+    """The classifier pooled on the class token runs its last block for that token alone: its logits and every
+    parameter's gradient are those of the full encoder output's class token (drop path included: the same
+    per-sample draws, in the same order)."""
+    cfg = MAEConfig(**{**SMALL, "depth": 3})
+    torch.manual_seed(0)
+    model = ViTClassifier(cfg, 10, drop_path_rate=drop_path_rate).train()
+    imgs = torch.randn(4, 3, 32, 32)
+
+    def logits_and_grads(features):
+        model.zero_grad()
+        torch.manual_seed(1)
+        logits = model.head(features(imgs))
+        logits.square().sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    got, got_grads = logits_and_grads(model.features)
+    assert model.encoder(imgs, class_token_only=True).shape == (4, 1, 32)
+    expected, expected_grads = logits_and_grads(lambda x: model.encoder(x)[:, 0])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert expected_grads["encoder.blocks.2.mlp.fc1.weight"].abs().sum() > 0  # the last block's MLP does count
