@@ -724,7 +724,7 @@ def main(args):
     cfg = check_args(args)
     args.compile = utils.compile_enabled(args, device)  # what runs: False, with one warning, where it cannot work
     amp_dtype = utils.autocast_dtype(args, device)
-    attention = utils.attention_choice(cfg, args.attention, device, amp_dtype)
+    attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, class_token_query=True)
     inductor = inductor_settings(args)
     for build in (lambda: MAE(cfg), lambda: ViTClassifier(cfg, args.num_classes)):
         utils.check_model_fits(build, device)

@@ -425,7 +425,7 @@ def main(args):
     device = utils.resolve_device(args)
     utils.resolve_compile_mode(args, device)
     amp_dtype = utils.autocast_dtype(args, device)
-    attention = utils.attention_choice(cfg, args.attention, device, amp_dtype)
+    attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, args.global_pool == "token")
     train, val, steps_per_epoch = utils.load_training_data(args, cfg.img_size)
     classes, num_classes = list(train.classes), len(train.classes)
     utils.check_model_fits(lambda: build_model(args, cfg, num_classes, None), device)

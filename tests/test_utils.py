@@ -339,3 +339,26 @@ def test_recon_figure_stacks_title_masked_reconstruction_original(tmp_path):
     # Each panel: 2 rows of 8-pixel images, 3 times enlarged (the white gaps between them are not counted).
     assert len(black_rows) == len(red_rows) == len(green_rows) == 2 * 8 * 3
     assert ((r[:black_rows.min()] + g[:black_rows.min()] + b[:black_rows.min()]) < 300).any()  # the title's text
+
+
+def test_attention_choice_checks_the_class_tokens_single_query_when_asked(monkeypatch, capsys):
+    """A model pooled on the class token runs its last block's attention for one query over 1 + N keys
+    (model.Block's num_queries). A kernel named by --attention that could not run that shape is refused in one
+    line before the run, rather than by a traceback at the first step; without the class-token path it is not
+    asked about."""
+    cfg = MAEConfig(patch_size=8, embed_dim=32, depth=2, num_heads=2)  # 16 patches
+    asked, choose = [], torch._fused_sdp_choice
+
+    def no_single_query(q, k, v, *args, **kwargs):  # a kernel that cannot take one query
+        asked.append((q.shape[-2], k.shape[-2]))
+        if q.shape[-2] == 1:
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return choose(q, k, v, *args, **kwargs)
+    monkeypatch.setattr(torch, "_fused_sdp_choice", no_single_query)
+    assert utils.attention_choice(cfg, "flash", torch.device("cpu"), None) == "flash_attention"
+    assert asked == [(17, 17)]
+    with pytest.raises(SystemExit) as exc:
+        utils.attention_choice(cfg, "flash", torch.device("cpu"), None, class_token_query=True)
+    assert exc.value.code == 2 and asked[1:] == [(1, 17)]
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--attention flash cannot run on cpu" in err and "No available kernel" in err
