@@ -539,7 +539,7 @@ def finetune_phase(cfg: MAEConfig, images, labels, args, device: torch.device) -
     # The pretrained fine-tune's optimizer: with the recipe's layer decay, one group per layer and weight decay,
     # each a launch and host work every step (the scratch fine-tune's two groups cost less).
     return Phase("finetune", model,
-                 lambda net: train_classifier.make_optimizer(net, script_args, cfg.depth, device),
+                 lambda net: train_classifier.make_optimizer(net, script_args, device),
                  utils.peak_lr(script_args), args.finetune_batch_size, step,
                  sum(classifier_forward_flops(cfg, args.num_classes, script_args.global_pool).values()),
                  input_work(prepare),

@@ -313,10 +313,10 @@ def augmentation(args, compiled: bool):
     return view
 
 
-def make_optimizer(model, args, depth: int, device):
+def make_optimizer(model: ViTClassifier, args, device):
     """AdamW with layer-wise lr decay: a group per lr scale and weight decay, 2 with --layer_decay 1, 2 × (depth +
     2) with the recipe's 0.75 on a pretrained encoder."""
-    return utils.make_adamw(utils.layer_decay_groups(model, args.weight_decay, args.layer_decay, depth),
+    return utils.make_adamw(utils.layer_decay_groups(model, args.weight_decay, args.layer_decay, model.cfg.depth),
                             utils.peak_lr(args), (0.9, 0.999), device)
 
 
@@ -488,7 +488,7 @@ def main(args):
         net = utils.compile_model(net, args)
 
     # ---- optimizer and loss
-    optimizer = make_optimizer(model, args, cfg.depth, device)
+    optimizer = make_optimizer(model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     mixup = make_mixup(args, num_classes)
     criterion = make_criterion(args, mixup)
