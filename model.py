@@ -121,7 +121,8 @@ def reconstruct(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patc
     """Images for inspection: (masked input, reconstruction with the visible patches pasted back).
 
     With norm_pix_loss the prediction is in per-patch normalised units; it is mapped back with the true
-    patches' statistics, as the MAE paper's visualisations do.
+    patches' mean and std, which the model never saw: a picture of the structure it predicts, not pixels it
+    could produce (mae_pretrain.evaluate computes no PSNR for it).
     """
     target = patchify(imgs, patch_size)
     pred = pred.float()

@@ -116,6 +116,29 @@ def test_validation_metrics_use_fixed_masks(tmp_path):
     assert first["val_psnr"] >= 10 * np.log10(4 / direct) - 1e-3
 
 
+def test_norm_pix_loss_run_reports_no_psnr_and_still_plots(tmp_path, run_pretrain):
+    """Under --norm_pix_loss a PSNR would borrow each hidden patch's true mean and std (model.reconstruct), so
+    no sink gets one; the other monitor numbers are written as usual and plot_results.py draws what there is."""
+    import plot_results
+
+    run_pretrain(tiny_pretrain_argv(tmp_path, "--norm_pix_loss", "--total_epoch", "1", "--warmup_epoch", "0"))
+    out, logs = tmp_path / "run" / "outputs", tmp_path / "run" / "logs"
+    record = json.loads(open(out / "log.jsonl").read().splitlines()[-1])
+    assert {"knn_acc", "val_loss"} <= set(record) and "val_psnr" not in record
+    assert (out / "knn_acc.npy").is_file() and (out / "val_loss.npy").is_file()
+    assert not (out / "val_psnr.npy").exists()
+    tags = EventAccumulator(str(logs)).Reload().Tags()["scalars"]
+    assert {"knn_acc", "val_loss"} <= set(tags) and "val_psnr" not in tags
+    ckpt = torch.load(tmp_path / "run" / "mae.pt", map_location="cpu", weights_only=True)
+    assert "val_psnr" not in ckpt["evals"][0]
+
+    plot_results.main(plot_results.get_args_parser().parse_args(
+        ["--pretrain_dir", str(out), "--cls_dir", str(tmp_path / "none"), "--report", str(tmp_path / "r.md")]))
+    assert (out / "pretrain_monitor.png").is_file()
+    report = (tmp_path / "r.md").read_text()
+    assert "kNN top-1 on val" in report and "PSNR" not in report
+
+
 def test_attention_flag_sets_the_kernel_of_training_and_evaluation(tmp_path, run_pretrain):
     """--attention math: every attention of the run (training steps, the kNN and val evaluation, the figures) is
     the math kernel, none the CPU flash kernel torch picks by itself."""
