@@ -268,7 +268,8 @@ def set_lr(optimizer, lr: float) -> None:
 
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list:
     """Decay only weight matrices: no decay on norms, biases, tokens and position embeddings (1-D or token
-    parameters), as the MAE and DeiT recipes do."""
+    parameters), as DeiT and the MAE fine-tuning code do (the official MAE pretraining decays its two tokens:
+    a few hundred numbers either way)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
