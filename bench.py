@@ -143,8 +143,7 @@ def resolve_defaults(args, device: torch.device) -> None:
     if args.epoch_images is None:  # on the CPU, 4 steps of the larger batch
         largest = max(args.pretrain_batch_size, args.finetune_batch_size)
         args.epoch_images = REFERENCE_TRAIN_IMAGES if on_cuda else min(4 * largest, REFERENCE_TRAIN_IMAGES)
-    args.compile = utils.compile_requested(args, device)  # the default made explicit
-    utils.resolve_compile_mode(args, device)
+    utils.resolve_runtime(args, device)  # --compile: False, with one warning, where it cannot work
     args.preset = args.preset or ("vit-t" if on_cuda else "small")
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
@@ -722,7 +721,6 @@ def main(args):
     device = utils.resolve_device(args)
     resolve_defaults(args, device)
     cfg = check_args(args)
-    args.compile = utils.compile_enabled(args, device)  # what runs: False, with one warning, where it cannot work
     amp_dtype = utils.autocast_dtype(args, device)
     attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, class_token_query=True)
     inductor = inductor_settings(args)

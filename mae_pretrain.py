@@ -250,7 +250,7 @@ def main(args):
     cfg = model_config(args)
     device = utils.resolve_device(args)
     utils.check_model_fits(lambda: MAE(cfg), device)
-    utils.resolve_compile_mode(args, device)
+    utils.resolve_runtime(args, device)
     ckpt, resumed_log = load_resume(args) if args.resume else (None, [])
     train, val, steps_per_epoch = utils.load_training_data(args, cfg.img_size)
     amp_dtype = utils.autocast_dtype(args, device)
@@ -293,7 +293,7 @@ def main(args):
         start_epoch, losses, evals = ckpt["epoch"] + 1, list(ckpt["losses"]), list(ckpt["evals"])
         log_print(f"resumed from {args.resume} at epoch {start_epoch}")
     utils.broadcast_state(model)
-    train_model = utils.compile_model(model, args) if utils.compile_enabled(args, device) else model
+    train_model = utils.compile_model(model, args) if args.compile else model
     writer = SummaryWriter(args.log_dir) if main_process else None
     background = utils.BackgroundWriter()  # figures, logs and checkpoints, written while the next epoch trains
 

@@ -423,7 +423,7 @@ def main(args):
         else (None, None)
     cfg = model_config(args, pretrained_config)
     device = utils.resolve_device(args)
-    utils.resolve_compile_mode(args, device)
+    utils.resolve_runtime(args, device)
     amp_dtype = utils.autocast_dtype(args, device)
     attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, args.global_pool == "token")
     train, val, steps_per_epoch = utils.load_training_data(args, cfg.img_size)
@@ -467,7 +467,7 @@ def main(args):
     # ---- what trains on what
     frozen = model.encoder if args.linear_probe else None
     precomputed = args.linear_probe and not augments_images(args)
-    compiled = not precomputed and utils.compile_enabled(args, device)  # a probe's head alone: nothing to compile
+    compiled = not precomputed and args.compile  # a probe's head alone: nothing to compile
     eval_chunk = utils.eval_chunk(args.max_device_batch_size)  # no gradients: larger chunks than training's
     if precomputed:
         # A frozen encoder on unaugmented images gives the same features every epoch: compute them once, and an

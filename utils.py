@@ -375,8 +375,8 @@ def add_runtime_args(parser) -> None:
     parser.add_argument("--compile_mode", default=None,
                         choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                         help="torch.compile mode; reduce-overhead adds CUDA graphs, the max-autotune modes "
-                             "search kernels for minutes first (default: reduce-overhead when compiling on one "
-                             "GPU, else default)")
+                             "search kernels for minutes first (default: reduce-overhead when compiling on "
+                             "CUDA, under torchrun too; else default)")
     parser.add_argument("--compile_scope", default="model", choices=("model", "blocks"),
                         help="what torch.compile compiles: the whole training model as one graph, or each "
                              "transformer block on its own (one graph per block shape, shared by all the blocks "
@@ -444,9 +444,13 @@ def resolve_device(args) -> torch.device:
     return device
 
 
+def default_precision(device: torch.device) -> str:
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
 def autocast_dtype(args, device: torch.device):
     """The autocast dtype, or None for plain fp32. The CPU defaults to fp32: bf16 autocast is slow there."""
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    precision = args.precision or default_precision(device)
     if precision == "fp16" and device.type != "cuda":
         die("--precision fp16 needs --device cuda (use bf16 or fp32 on the CPU)")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
@@ -464,7 +468,7 @@ def compile_enabled(args, device: torch.device) -> bool:
     torch.compile itself is lazy and only fails at the first call, so what it needs is checked up front:
     TorchDynamo support for this Python and platform, Triton for CUDA kernels, a C++ compiler for CPU ones.
     """
-    if not compile_requested(args, device):
+    if not (args.compile if args.compile is not None else device.type == "cuda"):  # its default: on for CUDA
         return False
     reason = _compile_unavailable(device)
     if reason:
@@ -473,26 +477,25 @@ def compile_enabled(args, device: torch.device) -> bool:
     return True
 
 
-def compile_requested(args, device: torch.device) -> bool:
-    """--compile, or its default: on for CUDA, off for the CPU."""
-    return args.compile if args.compile is not None else device.type == "cuda"
+def resolve_runtime(args, device: torch.device) -> None:
+    """Fill the defaults of --precision, --compile and --compile_mode in place, so that args.json and the printed
+    config name what runs: --compile becomes whether torch.compile will run (compile_enabled: False, after one
+    warning, where it cannot work).
 
-
-def resolve_compile_mode(args, device: torch.device) -> None:
-    """Fill --compile_mode's default in place, so that args.json and the printed config name the mode that ran.
-
-    reduce-overhead (CUDA graphs) when compiling on CUDA: without them a ViT-T step is bound by the host launching
-    its kernels one by one (bench.py on an H200, 2026-11-28: 80.4 ms per pretraining step at batch 512 in the
-    default mode, 21.6 ms with CUDA graphs; 26.8 ms and 9.6 ms per fine-tuning step at 128). Under torchrun too:
-    each process compiles the one-GPU model and averages the gradients itself (average_gradients), so no
-    DistributedDataParallel comes between the graphs and the all-reduce."""
+    --compile_mode: reduce-overhead (CUDA graphs) when compiling on CUDA: without them a ViT-T step is bound by the
+    host launching its kernels one by one (bench.py on an H200, 2026-11-28: 80.4 ms per pretraining step at batch
+    512 in the default mode, 21.6 ms with CUDA graphs; 26.8 ms and 9.6 ms per fine-tuning step at 128). Under
+    torchrun too: each process compiles the one-GPU model and averages the gradients itself (average_gradients),
+    so no DistributedDataParallel comes between the graphs and the all-reduce."""
+    args.precision = args.precision or default_precision(device)
+    args.compile = compile_enabled(args, device)
     if args.compile_mode is None:
-        on_cuda = device.type == "cuda" and compile_requested(args, device)
-        args.compile_mode = "reduce-overhead" if on_cuda else "default"
+        args.compile_mode = "reduce-overhead" if device.type == "cuda" and args.compile else "default"
 
 
 def compile_model(model: torch.nn.Module, args) -> torch.nn.Module:
-    """torch.compile the model per --compile_mode and --compile_scope (call where compile_enabled says so)."""
+    """torch.compile the model per --compile_mode and --compile_scope (call where args.compile says so, once
+    resolve_runtime has resolved it)."""
     mode = None if args.compile_mode == "default" else args.compile_mode
     if args.compile_scope == "model":
         return torch.compile(model, mode=mode)

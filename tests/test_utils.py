@@ -288,12 +288,29 @@ def test_compile_falls_back_to_eager_with_one_warning_where_it_cannot_work():
 ])
 def test_compile_mode_defaults_to_cuda_graphs_on_cuda(monkeypatch, device, compile, world_size, expected):
     monkeypatch.setenv("WORLD_SIZE", world_size)
-    args = SimpleNamespace(compile=compile, compile_mode=None)
-    utils.resolve_compile_mode(args, torch.device(device))  # needs no GPU: it only reads the device's type
+    monkeypatch.setattr(utils, "_compile_unavailable", lambda device: None)  # Triton needs no GPU to be asked about
+    args = SimpleNamespace(precision=None, compile=compile, compile_mode=None)
+    utils.resolve_runtime(args, torch.device(device))  # needs no GPU: it only reads the device's type
     assert args.compile_mode == expected
     args.compile_mode = "max-autotune"
-    utils.resolve_compile_mode(args, torch.device(device))
+    utils.resolve_runtime(args, torch.device(device))
     assert args.compile_mode == "max-autotune"  # a mode asked for is kept
+
+
+@pytest.mark.parametrize("device, precision, expected", [("cuda", None, "bf16"), ("cpu", None, "fp32"),
+                                                         ("cuda", "fp16", "fp16"), ("cpu", "bf16", "bf16")])
+def test_resolved_runtime_names_what_runs(monkeypatch, device, precision, expected):
+    """args.json records the precision and whether the run compiles, not the flags' None."""
+    monkeypatch.setattr(utils, "_compile_unavailable", lambda device: None)
+    args = SimpleNamespace(precision=precision, compile=None, compile_mode=None)
+    utils.resolve_runtime(args, torch.device(device))
+    assert args.precision == expected and args.compile is (device == "cuda")
+    # Where torch.compile cannot work, the run is eager, and so is what it records: no CUDA graphs either.
+    monkeypatch.setattr(utils, "_compile_unavailable", lambda device: "no compiler here")
+    args = SimpleNamespace(precision=precision, compile=True, compile_mode=None)
+    with pytest.warns(UserWarning, match="no compiler here"):
+        utils.resolve_runtime(args, torch.device(device))
+    assert args.compile is False and args.compile_mode == "default"
 
 
 def test_compile_errors_other_than_a_missing_compiler_are_raised_not_warned(monkeypatch):
