@@ -267,8 +267,8 @@ def main(args):
               f"epoch; device {device} x {world_size} process(es), autocast {amp_dtype}, attention {attention}; "
               f"images in {utils.memory_name(data_device)}")
     if main_process:
-        for path in (args.output_dir, args.log_dir, os.path.dirname(os.path.abspath(args.model_path))):
-            os.makedirs(path, exist_ok=True)
+        utils.make_output_folders({"--output_dir": args.output_dir, "--log_dir": args.log_dir,
+                                   "--model_path": os.path.dirname(os.path.abspath(args.model_path))})
         utils.save_json(os.path.join(args.output_dir, "args.json"), vars(args))
 
     # ---- data: the whole uint8 dataset lives on the device (or, when it does not fit there, on the host)

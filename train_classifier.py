@@ -163,6 +163,9 @@ def check_args(args) -> None:
     if args.pretrained_model_path == "":
         utils.die("--pretrained_model_path must name a file (leave the flag out to train from scratch)")
     utils.check_run_outputs(args, "--output_model_path")
+    # The last epoch's checkpoint goes beside it: found a folder there only at the end of the first epoch, the
+    # run would already have rewritten the last run's log and best checkpoint.
+    utils.check_output_file("--output_model_path", last_path(args), utils.CHECKPOINT_SUFFIXES)
     if args.pretrained_model_path:
         pretrained = os.path.realpath(args.pretrained_model_path)
         if pretrained in (os.path.realpath(args.output_model_path), os.path.realpath(last_path(args))):
@@ -452,8 +455,8 @@ def main(args):
               f"{', linear probe' if args.linear_probe else ''}; recipe {args.recipe}: "
               f"{ {name: getattr(args, name) for name in RECIPE_FLAGS} }")
     if main_process:
-        for folder in (out, args.log_dir, os.path.dirname(os.path.abspath(args.output_model_path))):
-            os.makedirs(folder, exist_ok=True)
+        utils.make_output_folders({"--output_dir": out, "--log_dir": args.log_dir,
+                                   "--output_model_path": os.path.dirname(os.path.abspath(args.output_model_path))})
         utils.save_json(path["args.json"], vars(args))
 
     # ---- data: the whole uint8 dataset lives on the device (or, when it does not fit there, on the host)

@@ -74,6 +74,17 @@ def check_run_outputs(args, checkpoint_flag: str) -> None:
     check_output_folder("--log_dir", args.log_dir)
 
 
+def make_output_folders(folders: dict) -> None:
+    """Make the run's output folders, {flag: folder}. The checks above ask os.access, which cannot foresee every
+    refusal (a read-only mount, an ACL, a kernel file system), so a folder that cannot be made ends the run here
+    in one line that names its flag, before any file is written."""
+    for flag, folder in folders.items():
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            die(f"{flag}: cannot make folder {folder!r} ({e.strerror or e})")
+
+
 def check_output_folder(flag: str, folder: str, create: bool = True) -> None:
     """An output folder that exists and is writable, or (with create) can be made inside a writable folder."""
     if not folder:

@@ -215,6 +215,22 @@ def test_unwritable_outputs_are_refused_before_the_last_runs_files_change(tmp_pa
         assert len(err.splitlines()) == 1 and expected in err, err
         assert files_under(run_dir) == before
 
+    # A refusal os.access does not foresee (a kernel file system such as /sys, an ACL): the folder is made only
+    # after the data are loaded, and failing there is still one line that names the flag, before any file.
+    real_makedirs = os.makedirs
+
+    def makedirs(path, *args, **kwargs):
+        if str(path).startswith(str(run_dir / "kernel_fs")):
+            raise PermissionError(1, "Operation not permitted", str(path))
+        return real_makedirs(path, *args, **kwargs)
+    monkeypatch.setattr(os, "makedirs", makedirs)
+    with pytest.raises(SystemExit) as exc:
+        run_pretrain(tiny_pretrain_argv(tmp_path, "--total_epoch", "1", "--output_dir", str(run_dir / "kernel_fs")))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--output_dir: cannot make folder" in err, err
+    assert files_under(run_dir) == before
+
 
 def test_resume_with_a_damaged_log_is_refused_before_anything_changes(tmp_path, run_pretrain, capsys):
     run_pretrain(tiny_pretrain_argv(tmp_path, "--stop_after", "1"))

@@ -520,6 +520,7 @@ def _make_bad_checkpoints(tmp_path, mae_ckpt):
     torch.save({"model": ViTClassifier(cfg, 10).state_dict(), "config": good["config"]}, folder / "classifier.pt")
     torch.save({**good, "config": {**good["config"], "embed_dim": 64}}, folder / "other_size.pt")
     torch.save({**good, "config": {**good["config"], "patch_size": 0}}, folder / "zero_patch.pt")
+    (folder / "blocked_last.pt").mkdir()  # where --output_model_path blocked.pt would put its last epoch
     return folder
 
 
@@ -549,10 +550,11 @@ def _make_bad_checkpoints(tmp_path, mae_ckpt):
     (["--output_dir", "{ckpts}/text.pt"], "is a file, not a folder"),
     (["--device", "meta"], "--device must be cuda, cuda:N or cpu"),
     (["--attention", "cudnn"], "--attention cudnn cannot run on cpu"),  # a CUDA kernel
+    (["--output_model_path", "{ckpts}/blocked.pt"], "blocked_last.pt' is a folder, not a file"),
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, mae_ckpt, capsys, bad_flags, expected):
     ckpts = _make_bad_checkpoints(tmp_path, mae_ckpt)
-    before = {p: p.read_bytes() for p in ckpts.iterdir()}
+    before = {p: p.read_bytes() for p in ckpts.iterdir() if p.is_file()}
     flags = [f.format(ckpts=ckpts, mae=mae_ckpt) for f in bad_flags]
     with pytest.raises(SystemExit) as exc:
         run_cls(cls_argv(tmp_path, *flags))
@@ -560,7 +562,7 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, mae_ckpt, capsys, bad_flag
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err, err
     assert not (tmp_path / "run").exists()  # nothing was created
-    assert {p: p.read_bytes() for p in ckpts.iterdir()} == before
+    assert {p: p.read_bytes() for p in ckpts.iterdir() if p.is_file()} == before
 
 
 @pytest.mark.parametrize("extra", [[], ["--linear_probe"]])  # the probe's features are computed before the loop
