@@ -171,10 +171,6 @@ def check_args(args) -> MAEConfig:
                   f"{args.epoch_images}")
     if not 0.0 <= args.mask_ratio < 1.0:
         utils.die(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
-    if args.compile_mode != "default" and not args.compile:
-        utils.die(f"--compile_mode {args.compile_mode} needs compilation, which is off (pass --compile)")
-    if args.compile_scope != "model" and not args.compile:
-        utils.die(f"--compile_scope {args.compile_scope} needs compilation, which is off (pass --compile)")
     if args.inductor and not args.compile:
         utils.die("--inductor needs compilation, which is off (pass --compile)")
     if args.json:  # checked now, not after minutes of timing

@@ -491,13 +491,19 @@ def compile_enabled(args, device: torch.device) -> bool:
 def resolve_runtime(args, device: torch.device) -> None:
     """Fill the defaults of --precision, --compile and --compile_mode in place, so that args.json and the printed
     config name what runs: --compile becomes whether torch.compile will run (compile_enabled: False, after one
-    warning, where it cannot work).
+    warning, where it cannot work). A compile mode or scope given without compilation is refused.
 
     --compile_mode: reduce-overhead (CUDA graphs) when compiling on CUDA: without them a ViT-T step is bound by the
     host launching its kernels one by one (bench.py on an H200, 2026-11-28: 80.4 ms per pretraining step at batch
     512 in the default mode, 21.6 ms with CUDA graphs; 26.8 ms and 9.6 ms per fine-tuning step at 128). Under
     torchrun too: each process compiles the one-GPU model and averages the gradients itself (average_gradients),
     so no DistributedDataParallel comes between the graphs and the all-reduce."""
+    if not (args.compile if args.compile is not None else device.type == "cuda"):
+        # Taken without compilation, these would do nothing and still be recorded in args.json as if they had.
+        for flag, value, inert in (("--compile_mode", args.compile_mode, (None, "default")),
+                                   ("--compile_scope", args.compile_scope, ("model",))):
+            if value not in inert:
+                die(f"{flag} {value} needs compilation, which is off (pass --compile)")
     args.precision = args.precision or default_precision(device)
     args.compile = compile_enabled(args, device)
     if args.compile_mode is None:

@@ -137,7 +137,7 @@ def test_utils_backward_under_cuda_graphs_accumulates_what_autograd_does():
 @pytest.mark.parametrize("scope", ["model", "blocks"])
 @pytest.mark.parametrize("script", ["pretrain", "finetune"])
 def test_cuda_graphs_with_gradient_accumulation_learn_as_fp32_does(tmp_path, run_pretrain, script, scope):
-    """--compile_mode reduce-overhead (the default when compiling on one GPU) with two chunks per step (batch 32,
+    """--compile_mode reduce-overhead (the default when compiling on CUDA) with two chunks per step (batch 32,
     chunks of 16): each chunk's backward adds into the .grad buffers utils.make_adamw allocated, outside the graphs'
     memory, which the next chunk's replay reuses. The curve stays as close to fp32 eager as torch.compile's default
     mode's (above). With --compile_scope blocks, one graph serves every block of a shape, replayed block after block

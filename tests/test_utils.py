@@ -289,12 +289,30 @@ def test_compile_falls_back_to_eager_with_one_warning_where_it_cannot_work():
 def test_compile_mode_defaults_to_cuda_graphs_on_cuda(monkeypatch, device, compile, world_size, expected):
     monkeypatch.setenv("WORLD_SIZE", world_size)
     monkeypatch.setattr(utils, "_compile_unavailable", lambda device: None)  # Triton needs no GPU to be asked about
-    args = SimpleNamespace(precision=None, compile=compile, compile_mode=None)
+    args = SimpleNamespace(precision=None, compile=compile, compile_mode=None, compile_scope="model")
     utils.resolve_runtime(args, torch.device(device))  # needs no GPU: it only reads the device's type
     assert args.compile_mode == expected
-    args.compile_mode = "max-autotune"
-    utils.resolve_runtime(args, torch.device(device))
-    assert args.compile_mode == "max-autotune"  # a mode asked for is kept
+    if args.compile:
+        args.compile_mode = "max-autotune"
+        utils.resolve_runtime(args, torch.device(device))
+        assert args.compile_mode == "max-autotune"  # a mode asked for is kept
+
+
+@pytest.mark.parametrize("flags", [{"compile_mode": "reduce-overhead"}, {"compile_mode": "max-autotune"},
+                                   {"compile_scope": "blocks"}])
+def test_compile_flags_without_compilation_are_refused(capsys, flags):
+    args = SimpleNamespace(**{"precision": None, "compile": None, "compile_mode": None, "compile_scope": "model",
+                              **flags})
+    with pytest.raises(SystemExit) as exc:
+        utils.resolve_runtime(args, torch.device("cpu"))  # the CPU compiles only when asked
+    (flag, value), = flags.items()
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"--{flag} {value} needs compilation, which is off (pass --compile)")
+    # "default" names no compilation of its own, so it goes with either.
+    args = SimpleNamespace(precision=None, compile=False, compile_mode="default", compile_scope="model")
+    utils.resolve_runtime(args, torch.device("cpu"))
+    assert args.compile is False
 
 
 @pytest.mark.parametrize("device, precision, expected", [("cuda", None, "bf16"), ("cpu", None, "fp32"),
@@ -302,12 +320,12 @@ def test_compile_mode_defaults_to_cuda_graphs_on_cuda(monkeypatch, device, compi
 def test_resolved_runtime_names_what_runs(monkeypatch, device, precision, expected):
     """args.json records the precision and whether the run compiles, not the flags' None."""
     monkeypatch.setattr(utils, "_compile_unavailable", lambda device: None)
-    args = SimpleNamespace(precision=precision, compile=None, compile_mode=None)
+    args = SimpleNamespace(precision=precision, compile=None, compile_mode=None, compile_scope="model")
     utils.resolve_runtime(args, torch.device(device))
     assert args.precision == expected and args.compile is (device == "cuda")
     # Where torch.compile cannot work, the run is eager, and so is what it records: no CUDA graphs either.
     monkeypatch.setattr(utils, "_compile_unavailable", lambda device: "no compiler here")
-    args = SimpleNamespace(precision=precision, compile=True, compile_mode=None)
+    args = SimpleNamespace(precision=precision, compile=True, compile_mode=None, compile_scope="model")
     with pytest.warns(UserWarning, match="no compiler here"):
         utils.resolve_runtime(args, torch.device(device))
     assert args.compile is False and args.compile_mode == "default"
