@@ -714,6 +714,9 @@ def flops_line(parts: dict) -> str:
 @utils.with_attention_kernel
 def main(args):
     # ---- setup: validate everything before any work or file
+    if utils.dist_env()[1] > 1:  # its steps would wait for a process group it never joins
+        utils.die(f"bench.py times one process: run it with python, not torchrun (WORLD_SIZE="
+                  f"{utils.dist_env()[1]})")
     device = utils.resolve_device(args)
     resolve_defaults(args, device)
     cfg = check_args(args)

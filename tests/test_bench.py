@@ -610,6 +610,17 @@ def test_bad_flags_are_one_line_and_status_2(flags, expected, capsys, tmp_path, 
     assert captured.out == "" and os.listdir(tmp_path) == []
 
 
+def test_torchrun_is_refused_in_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exc:
+        bench.main(bench.get_args_parser().parse_args(["--device", "cpu", "--json", "out.json"]))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "run it with python, not torchrun (WORLD_SIZE=2)" in err
+    assert os.listdir(tmp_path) == []
+
+
 # bf16 keeps 8 significant bits: rounding a number changes it by up to 2^-8 (0.4%) of itself, so a bf16 number
 # has 2 to 3 significant digits. An epoch's loss is a mean over ~300k squared errors (4 steps x 32 images x 48
 # masked patches x 48 values) whose rounding errors largely cancel. At a fixed seed the two curves should therefore
