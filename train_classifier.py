@@ -180,7 +180,8 @@ def last_path(args) -> str:
 
 
 def load_pretrained(path: str):
-    """-> (MAE state_dict, config dict) of a mae_pretrain.py checkpoint, or one-line death if it is not one."""
+    """-> (MAE state_dict, config dict, args dict: {} if it has none) of a mae_pretrain.py checkpoint, or one-line
+    death if it is not one."""
     flag = f"--pretrained_model_path {path!r}"
     ckpt = utils.load_checkpoint(path, "--pretrained_model_path", ("model", "config"))
     if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["model"], dict):
@@ -197,7 +198,23 @@ def load_pretrained(path: str):
         utils.die(f"{flag}: weights do not match its config ({_first_mismatch(e)})")
     if result.missing_keys or result.unexpected_keys:
         utils.die(f"{flag}: not an MAE checkpoint of its config ({_key_summary(result)})")
-    return ckpt["model"], ckpt["config"]
+    return ckpt["model"], ckpt["config"], ckpt["args"] if isinstance(ckpt.get("args"), dict) else {}
+
+
+def val_images_pretrained_on(args, pretrain_args: dict) -> int:
+    """How many of this run's val images the MAE trained on. --val_split N holds out the first N images of one
+    fixed permutation of the training set (data.load_data), so a pretraining on the same training set that held
+    out M < N of them trained on N - M of ours; with N = 0 the val split is the dataset's own (its test split)."""
+    if not args.val_split or pretrain_args.get("dataset") != args.dataset:
+        return 0
+    if args.dataset == "fake":
+        same_images = pretrain_args.get("fake_size") == args.fake_size
+    else:
+        same_images = os.path.realpath(str(pretrain_args.get("data_path"))) == os.path.realpath(args.data_path)
+    pretrain_held_out = pretrain_args.get("val_split")
+    if not same_images or not isinstance(pretrain_held_out, int):
+        return 0
+    return max(args.val_split - pretrain_held_out, 0)
 
 
 def _first_mismatch(error: RuntimeError) -> str:
@@ -422,8 +439,8 @@ def evaluate(net, inputs, labels, prepare, batch_size, device, amp_dtype):
 def main(args):
     # ---- setup: validate everything before touching the disk
     check_args(args)
-    mae_state, pretrained_config = load_pretrained(args.pretrained_model_path) if args.pretrained_model_path \
-        else (None, None)
+    mae_state, pretrained_config, pretrain_args = load_pretrained(args.pretrained_model_path) \
+        if args.pretrained_model_path else (None, None, {})
     cfg = model_config(args, pretrained_config)
     device = utils.resolve_device(args)
     utils.resolve_runtime(args, device)
@@ -454,6 +471,11 @@ def main(args):
               f"{'encoder from ' + args.pretrained_model_path if args.pretrained_model_path else 'from scratch'}"
               f"{', linear probe' if args.linear_probe else ''}; recipe {args.recipe}: "
               f"{ {name: getattr(args, name) for name in RECIPE_FLAGS} }")
+    seen = val_images_pretrained_on(args, pretrain_args)
+    if seen and main_process:  # allowed (the labels were never seen), but the val accuracy is then optimistic
+        utils.warn(f"--pretrained_model_path: its MAE trained on {seen} of these {args.val_split} val images (it held "
+                   f"out --val_split {pretrain_args['val_split']}); pretrain with --val_split {args.val_split} or more "
+                   f"for a val accuracy on unseen images")
     if main_process:
         utils.make_output_folders({"--output_dir": out, "--log_dir": args.log_dir,
                                    "--output_model_path": os.path.dirname(os.path.abspath(args.output_model_path))})

@@ -31,6 +31,12 @@ def die(message: str):
     raise SystemExit(2)
 
 
+def warn(message: str) -> None:
+    """One line on stderr about input that is allowed but probably not meant."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "warning"
+    print(f"{prog}: warning: {message}", file=sys.stderr)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with one-line errors (argparse prints the whole usage block before the message)."""
 

@@ -219,7 +219,7 @@ def test_a_probe_step_on_augmented_images_leaves_the_encoder_unchanged(tmp_path,
     args = parse(cls_argv(tmp_path, "--pretrained_model_path", mae_ckpt, "--linear_probe", "--hflip",
                           "--crop_padding", "2"))
     train_classifier.check_args(args)
-    mae_state, config = train_classifier.load_pretrained(args.pretrained_model_path)
+    mae_state, config, _ = train_classifier.load_pretrained(args.pretrained_model_path)
     model = train_classifier.build_model(args, train_classifier.model_config(args, config), 10, mae_state)
     encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     head_before = model.head.weight.detach().clone()
@@ -236,10 +236,34 @@ def test_a_probe_step_on_augmented_images_leaves_the_encoder_unchanged(tmp_path,
     assert not torch.equal(model.head.weight, head_before)
 
 
+def test_val_images_the_mae_trained_on_are_counted_and_warned_about(tmp_path, mae_ckpt, capsys):
+    """--val_split N holds out the first N of one fixed permutation: a pretraining on the same images that held
+    out M < N trained on N - M of the fine-tune's val images; other data, or the dataset's own val split, none."""
+    def seen(pretrain, **flags):
+        args = parse(cls_argv(tmp_path, *[str(v) for k, v in flags.items() for v in (f"--{k}", v)]))
+        return train_classifier.val_images_pretrained_on(args, pretrain)
+    fake = {"dataset": "fake", "fake_size": FAKE_TRAIN, "data_path": "data"}
+    assert seen({**fake, "val_split": 0}, val_split=32) == 32
+    assert seen({**fake, "val_split": 20}, val_split=32) == 12
+    assert seen({**fake, "val_split": 32}, val_split=32) == 0
+    assert seen({**fake, "val_split": 40}, val_split=32) == 0  # its held-out images include all of ours
+    assert seen({**fake, "val_split": 0}, val_split=0) == 0  # our val split is the dataset's own
+    assert seen({**fake, "val_split": 0, "fake_size": 256}, val_split=32) == 0  # other images
+    assert seen({}, val_split=32) == 0  # a checkpoint without args: nothing to tell
+    folder = {"dataset": "folder", "data_path": str(tmp_path / "imgs"), "val_split": 0}
+    assert seen(folder, dataset="folder", data_path=tmp_path / "imgs", val_split=5) == 5
+    assert seen(folder, dataset="folder", data_path=tmp_path / "other", val_split=5) == 0
+
+    # mae_ckpt pretrained on all 128 fake images: a fine-tune holding out 32 of them is told, in one line.
+    run_cls(cls_argv(tmp_path, "--pretrained_model_path", mae_ckpt, "--val_split", "32", epochs=1))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "its MAE trained on 32 of these 32 val images" in warnings[0], warnings
+
+
 def test_pretrained_encoder_gets_exactly_the_checkpoints_weights_and_only_the_head_is_new(tmp_path, mae_ckpt):
     args = parse(cls_argv(tmp_path, "--pretrained_model_path", mae_ckpt))
     train_classifier.check_args(args)
-    mae_state, config = train_classifier.load_pretrained(mae_ckpt)
+    mae_state, config, _ = train_classifier.load_pretrained(mae_ckpt)
     cfg = train_classifier.model_config(args, config)
     assert dataclasses.asdict(cfg) == torch.load(mae_ckpt, weights_only=True)["config"]
     heads = []
