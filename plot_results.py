@@ -308,9 +308,11 @@ def annotate_best(ax, x, y, text: str, color: str, lowest: bool) -> None:
                 bbox={"boxstyle": "round,pad=0.25", "fc": "white", "ec": color, "lw": 0.7, "alpha": 0.9})
 
 
-def make_room(ax, y, lowest: bool, share: float = 0.17) -> None:
+def make_room(ax, y, lowest: bool, share: float = 0.17, ceiling: float | None = None) -> bool:
     """Widen the y limits so the best point y sits at least `share` of the height from the bottom (a minimum)
-    or the top (a maximum), which leaves room for its label. A non-negative quantity keeps 0 as the floor."""
+    or the top (a maximum), which leaves room for its label. A non-negative quantity keeps 0 as the floor, and a
+    bounded one (an accuracy) its `ceiling` as the top, a little above for the marker. -> whether the room is
+    there: a maximum at the ceiling has none, and its label goes below it."""
     log = ax.get_yscale() == "log"
     to_axis = np.log10 if log else (lambda v: v)
     from_axis = (lambda v: 10 ** v) if log else (lambda v: v)
@@ -320,7 +322,15 @@ def make_room(ax, y, lowest: bool, share: float = 0.17) -> None:
         new_lo = (y - share * hi) / (1 - share)
         ax.set_ylim(from_axis(new_lo if log or new_lo >= 0 or lo < 0 else 0.0), from_axis(hi))
     elif not lowest and hi - y < share * (hi - lo):
-        ax.set_ylim(from_axis(lo), from_axis((y - share * lo) / (1 - share)))
+        new_hi = (y - share * lo) / (1 - share)
+        if ceiling is not None and new_hi > ceiling:
+            top = ceiling + 0.02 * (ceiling - lo)  # the star at 100% stays whole
+            ax.set_ylim(from_axis(lo), from_axis(top))
+            return top - y >= share * (top - lo)
+        ax.set_ylim(from_axis(lo), from_axis(new_hi))
+    if ceiling is not None and to_axis(ax.get_ylim()[1]) > ceiling + 0.02 * (ceiling - lo):
+        ax.set_ylim(from_axis(lo), from_axis(ceiling + 0.02 * (ceiling - lo)))
+    return True
 
 
 def plot_loss_curve(pre: Pretraining, log_scale: bool):
@@ -336,7 +346,8 @@ def plot_loss_curve(pre: Pretraining, log_scale: bool):
     make_room(ax, losses[best - 1], lowest=True)
     annotate_best(ax, best, losses[best - 1], f"best {losses[best - 1]:.5f} (epoch {best})", BLUE, lowest=True)
     ax.set_ylabel(loss_label(pre.args))
-    ax.set_title(f"MAE pretraining: training loss per epoch ({len(losses)} epochs)")
+    on = data_caption(pre.args, val=False)
+    ax.set_title(f"MAE pretraining{' on ' + on if on else ''}: training loss per epoch ({len(losses)} epochs)")
     return fig
 
 
@@ -371,10 +382,11 @@ def plot_monitor(pre: Pretraining, log_scale: bool):
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         best = first_argmax(values)
-        make_room(ax, values[best], lowest=False)
+        room = make_room(ax, values[best], lowest=False, ceiling=100.0 if name == "knn_acc" else None)
         annotate_best(ax, pre.eval_epochs[best], values[best],
-                      f"best {values[best]:.2f}{unit} (epoch {pre.eval_epochs[best]})", color, lowest=False)
-    fig.suptitle("MAE pretraining monitor", fontsize=11)
+                      f"best {values[best]:.2f}{unit} (epoch {pre.eval_epochs[best]})", color, lowest=not room)
+    caption = data_caption(pre.args)
+    fig.suptitle(f"MAE pretraining monitor{': ' + caption if caption else ''}", fontsize=11)
     return fig
 
 
@@ -403,12 +415,14 @@ def plot_run_comparison(runs: list, curve: str, log_scale: bool):
         log_y_axis(ax)
     epoch_axis(ax)
     ax.set_xlim(0.5 if longest <= 30 else 0, longest + (0.5 if longest <= 30 else 1))
+    captions = {data_caption(run.args, val=accuracy) for run in runs if curve in run.curves and run.args}
+    caption = f"\n{captions.pop()}" if len(captions) == 1 else ""  # runs on different data: no one caption
     if accuracy:
         ax.set_ylabel("validation top-1 accuracy (%)")
-        ax.set_title("Validation accuracy: from scratch vs MAE-pretrained")
+        ax.set_title(f"Validation accuracy: from scratch vs MAE-pretrained{caption}")
     else:
-        ax.set_ylabel("training loss (cross-entropy)")
-        ax.set_title("Training loss: from scratch vs MAE-pretrained")
+        ax.set_ylabel("training loss (cross-entropy,\nthe recipe's targets)")
+        ax.set_title(f"Fine-tuning training loss: from scratch vs MAE-pretrained{caption}")
     # The legend goes beside the axes: curves of any shape stay uncovered.
     ax.legend(handles, labels, handler_map={tuple: HandlerTuple(ndivide=None, pad=0.6)}, handlelength=3.2,
               loc="upper left", bbox_to_anchor=(1.02, 1.0), labelspacing=1.0, borderaxespad=0)
@@ -479,6 +493,16 @@ def val_split(args: dict) -> str:
         args.get("dataset"), "val/ or test/ folder")
 
 
+def data_caption(args: dict, val: bool = True) -> str:
+    """What a figure's run trained on (and, with val, which images its val numbers come from); '' without
+    args.json. A synthetic smoke run's figure then cannot pass for a CIFAR-10 one."""
+    if not args:
+        return ""
+    name = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "fake": "synthetic images (--dataset fake)",
+            "folder": "image folder"}.get(args.get("dataset"), str(args.get("dataset")))
+    return f"{name}; val: {val_split(args)}" if val else name
+
+
 def pretrain_config(pre: Pretraining) -> str:
     a = pre.args
     if not a:
@@ -534,7 +558,9 @@ def report_classifiers(runs: list, figures: dict, rel) -> list:
         best = f"{pct(n['best_val_acc'])} ({n['best_epoch']})" if "best_val_acc" in n else ""
         final = pct(n["final_val_acc"]) if "final_val_acc" in n else ""
         loss = f"{n['final_train_loss']:.4f}" if "final_train_loss" in n else ""
-        recipe = run.summary.get("recipe", "")
+        # A probe's recipe flags default to train_classifier.PROBE_SETTINGS whatever --recipe, which sets its lr
+        # schedule only: naming the recipe would claim augmentation it did not have.
+        recipe = "linear probe" if run.linear_probe else run.summary.get("recipe", "")
         split = f"{run.args.get('dataset')} ({val_split(run.args)})" if run.args else ""
         lines.append(f"| {run.name} | {ROLES[run.role][0]} | {recipe} | {split} | {n.get('epochs', '')} | {best} | "
                      f"{final} | {loss} |")
@@ -572,7 +598,7 @@ def top_confusions(run: ClassifierRun, count: int = 5) -> list:
     np.fill_diagonal(off, 0)
     rows = counts.sum(axis=1, keepdims=True)
     share = np.divide(off, rows, out=np.zeros_like(off), where=rows > 0) * 100
-    order = np.argsort(-share, axis=None, kind="stable")[:count]
+    order = np.lexsort((-counts.ravel(), -share.ravel()))[:count]  # by share, then by images
     return [(run.classes[i], run.classes[j], share[i, j], int(counts[i, j]))
             for i, j in zip(*np.unravel_index(order, share.shape)) if counts[i, j]]
 
@@ -643,10 +669,13 @@ def main(args):
                 else:
                     missing.append(f"{src} (no {key}.png)")
         if runs:
-            for key, curve in (("cls_train_loss_compare", "train_loss"), ("cls_val_acc_compare", "val_acc")):
-                if any(curve in r.curves for r in runs):
+            # The probe's training loss is plain cross-entropy on its frozen features, the fine-tunes' the recipe's
+            # (on mixed, smoothed targets with `finetune`): not one quantity, so it has no place on their axes.
+            for key, curve, shown in (("cls_train_loss_compare", "train_loss", [r for r in runs if not r.linear_probe]),
+                                      ("cls_val_acc_compare", "val_acc", runs)):
+                if any(curve in r.curves for r in shown):
                     figures[key] = os.path.join(args.cls_dir, f"{key}.png")
-                    save_figure(plot_run_comparison(runs, curve, args.log_scale), figures[key], args.dpi)
+                    save_figure(plot_run_comparison(shown, curve, args.log_scale), figures[key], args.dpi)
             pretrained = next((r for r in runs if r.role == "pretrained"), None)
             if pretrained is not None and pretrained.preds_grid:
                 figures["preds_grid"] = pretrained.preds_grid

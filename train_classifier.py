@@ -406,7 +406,7 @@ def train_one_epoch(net, frozen, optimizer, scaler, inputs, labels, prepare, mix
             writer.add_scalar("lr", lr, step)
         if (i + 1) % args.log_interval == 0 and rank == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / ((i + 1) * chunks_per_step):.4f}",
-                            acc=f"{correct.item() * world_size / ((i + 1) * args.batch_size):.4f}")
+                            acc=f"{correct.item() * world_size / ((i + 1) * args.batch_size):.2%}")
     seconds = time.perf_counter() - start
     num_seen = len(batches) * args.batch_size
     loss_sum, correct = utils.all_reduce_sum(torch.stack([loss_sum, correct])).tolist()
@@ -539,7 +539,7 @@ def main(args):
         utils.atomic_save(snapshot, last_model_path)
         utils.save_json(path["summary.json"], summary)
         if stats["epoch"] in grid_epochs:
-            save_grid(stats["epoch"], val_predicted[vis_idx], f", val acc {stats['val_acc']:.4f}")
+            save_grid(stats["epoch"], val_predicted[vis_idx], f", val acc {stats['val_acc']:.2%}")
 
     if main_process:
         with torch.no_grad(), utils.eager(), utils.autocast(device, amp_dtype):
@@ -580,14 +580,14 @@ def main(args):
                 "recipe_settings": {name: getattr(args, name) for name in RECIPE_FLAGS}, "classes": classes}
             background.submit(save_epoch, list(log), val_predicted, snapshot, improved, summary)
         log_print(f"epoch {epoch:3d}/{args.total_epoch} | train loss {stats['train_loss']:.4f} acc "
-                  f"{stats['train_acc']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} | lr {stats['lr']:.2e} | "
+                  f"{stats['train_acc']:.2%} | val loss {val_loss:.4f} acc {val_acc:.2%} | lr {stats['lr']:.2e} | "
                   f"{stats['images_per_sec']:,.0f} img/s | {stats['seconds']:.1f} s")
 
     background.close()
     if main_process:
         writer.close()
         utils.atomic_copy(os.path.join(out, f"{run}_preds_epoch_{args.total_epoch}.png"), path["preds_grid.png"])
-    log_print(f"done ({run}): best val acc {best_acc:.4f} at epoch {best_epoch}, final {log[-1]['val_acc']:.4f}; "
+    log_print(f"done ({run}): best val acc {best_acc:.2%} at epoch {best_epoch}, final {log[-1]['val_acc']:.2%}; "
               f"best checkpoint {args.output_model_path}, last {last_model_path}")
     utils.close_distributed()
 

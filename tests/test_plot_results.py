@@ -146,6 +146,7 @@ def test_classifier_numbers_equal_those_of_the_npy_files(full_report):
         row = [line for line in report.splitlines() if line.startswith(f"| {run} |")]
         assert len(row) == 1
         cells = [c.strip() for c in row[0].split("|")[1:-1]]
+        assert cells[2] == ("linear probe" if run == "linprobe" else "finetune")  # a probe has no augmentation
         assert cells[3] == "fake (synthetic val set)"
         assert cells[4] == str(len(acc))
         assert cells[5] == f"{100 * acc[best]:.2f}% ({best + 1})"
@@ -190,6 +191,37 @@ def test_the_best_epoch_is_the_earliest_of_equal_bests():
     assert plot_results.run_numbers(run) == {"epochs": 4, "best_val_acc": 0.3, "best_epoch": 2, "final_val_acc": 0.2}
 
 
+def test_an_accuracy_of_100_percent_stays_on_an_axis_that_ends_at_100(run_outputs):
+    pre = plot_results.load_pretraining(str(run_outputs[0]), [], [])
+    pre.evals["knn_acc"] = np.array([0.5, 1.0])  # a perfect kNN, as on separable synthetic data
+    ax = plot_results.plot_monitor(pre, log_scale=False).axes[-1]
+    low, high = ax.get_ylim()
+    assert 100 <= high <= 100 + 0.025 * (100 - low)  # room for the star, no 104% tick
+    assert max(t for t in ax.get_yticks() if low <= t <= high) <= 100
+    label, = ax.texts
+    assert label.get_text() == "best 100.00% (epoch 2)" and label.get_va() == "top"  # below the point: no room above
+
+
+def test_the_training_loss_figure_leaves_out_the_probe(run_outputs, tmp_path, monkeypatch):
+    """The probe's loss is cross-entropy on clean labels, the fine-tunes' on the recipe's mixed, smoothed targets."""
+    pre, cls = copy_outputs(run_outputs, tmp_path)
+    drawn, real = {}, plot_results.plot_run_comparison
+    monkeypatch.setattr(plot_results, "plot_run_comparison",
+                        lambda runs, curve, log_scale: drawn.setdefault(curve, [r.name for r in runs]) and
+                        real(runs, curve, log_scale))
+    plot("--pretrain_dir", pre, "--cls_dir", cls, "--report", tmp_path / "r.md")
+    assert drawn == {"train_loss": ["scratch", "pretrained"], "val_acc": ["scratch", "pretrained", "linprobe"]}
+
+
+def test_top_confusions_rank_by_share_then_by_images():
+    labels = np.array([0] * 4 + [1] * 2 + [2] * 4)
+    preds = np.array([1, 1, 0, 0] + [2, 2] + [0, 0, 2, 2])  # 0 -> 1: 2 of 4; 1 -> 2: 2 of 2; 2 -> 0: 2 of 4
+    run = plot_results.ClassifierRun("r", "scratch", {}, {}, preds=preds, labels=labels, classes=["a", "b", "c"])
+    assert plot_results.top_confusions(run, count=2) == [("b", "c", 100.0, 2), ("a", "b", 50.0, 2)]
+    preds[8:] = 0  # now 2 -> 0 is 4 of 4: the same share as 1 -> 2, with more images, so it comes first
+    assert [(t, p, c) for t, p, _, c in plot_results.top_confusions(run, count=2)] == [("c", "a", 4), ("b", "c", 2)]
+
+
 def test_confusion_matrix_is_normalised_per_true_class_with_named_axes(run_outputs):
     _, cls = run_outputs
     run = plot_results.load_classifier_run(str(cls), "pretrained", "pretrained", [], [])
@@ -215,11 +247,15 @@ def test_best_points_are_annotated_and_log_scale_is_an_option(run_outputs):
         ax = fig.axes[0]
         assert ax.get_yscale() == ("log" if log_scale else "linear")
         assert [t.get_text() for t in ax.texts] == [f"best {losses[best]:.5f} (epoch {best + 1})"]
-        assert ax.get_xlabel() == "epoch" and ax.get_ylabel() and ax.get_title()
+        assert ax.get_xlabel() == "epoch" and ax.get_ylabel()
+        assert ax.get_title().startswith("MAE pretraining on synthetic images (--dataset fake):")  # what it ran on
     runs = [plot_results.load_classifier_run(str(cls), r, r, [], []) for r in RUNS]
     fig = plot_results.plot_run_comparison(runs, "val_acc", log_scale=True)
     ax = fig.axes[0]
     assert ax.get_yscale() == "linear"  # --log_scale is for losses only
+    assert ax.get_title().endswith("\nsynthetic images (--dataset fake); val: synthetic val set")
+    assert plot_results.plot_monitor(pre, False)._suptitle.get_text() == (
+        "MAE pretraining monitor: synthetic images (--dataset fake); val: synthetic val set")
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     for run, text in zip(runs, legend):
         acc = run.curves["val_acc"].tolist()
