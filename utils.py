@@ -666,6 +666,13 @@ def load_checkpoint(path: str, flag: str, required_keys) -> dict:
     naming the flag."""
     if not os.path.isfile(path):
         die(f"{flag} {path!r}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (an old torch, a bare pickle); anything else fails in torch.load with an
+    # error that names a byte or a weights_only setting, not the cause.
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        die(f"{flag} {path!r}: not a torch checkpoint (torch.save writes a zip archive; this file starts "
+            f"{head!r})")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, truncated, or holds pickled objects

@@ -257,7 +257,8 @@ def test_resume_of_a_non_checkpoint_leaves_files_untouched(tmp_path, run_pretrai
         run_pretrain(tiny_pretrain_argv(tmp_path, "--resume", str(bogus)))
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "not a readable checkpoint" in err
+    assert len(err.splitlines()) == 1 and "not a torch checkpoint (torch.save writes a zip archive; this file " \
+        "starts b'this')" in err, err
     assert {p: p.read_bytes() for p in before} == before
     assert sorted(os.listdir(run_dir / "outputs")) == ["losses.npy"]
 

@@ -538,6 +538,8 @@ def _make_bad_checkpoints(tmp_path, mae_ckpt):
     folder = tmp_path / "ckpts"
     folder.mkdir()
     (folder / "text.pt").write_bytes(b"this is not a checkpoint")
+    np.save(folder / "array.npy", np.zeros(3))
+    (folder / "truncated.pt").write_bytes(open(mae_ckpt, "rb").read()[:4096])  # a zip cut short
     torch.save({"model": {}}, folder / "no_config.pt")
     good = torch.load(mae_ckpt, weights_only=True)
     cfg = MAEConfig(**good["config"])
@@ -552,7 +554,10 @@ def _make_bad_checkpoints(tmp_path, mae_ckpt):
     (["--batch_size", "30", "--max_device_batch_size", "16"], "--batch_size 30 is not divisible"),
     (["--batch_size", "30", "--max_device_batch_size", "15"], "--max_device_batch_size 15 must be even"),
     (["--pretrained_model_path", "/nonexistent/mae.pt"], "no such file"),
-    (["--pretrained_model_path", "{ckpts}/text.pt"], "not a readable checkpoint"),
+    (["--pretrained_model_path", "{ckpts}/text.pt"], "not a torch checkpoint (torch.save writes a zip archive; "
+                                                     "this file starts b'this')"),
+    (["--pretrained_model_path", "{ckpts}/array.npy"], "not a torch checkpoint"),
+    (["--pretrained_model_path", "{ckpts}/truncated.pt"], "not a readable checkpoint"),
     (["--pretrained_model_path", "{ckpts}/no_config.pt"], "missing config"),
     (["--pretrained_model_path", "{ckpts}/classifier.pt"], "not an MAE checkpoint of its config"),
     (["--pretrained_model_path", "{ckpts}/other_size.pt"], "weights do not match its config (size mismatch"),
