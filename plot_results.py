@@ -565,6 +565,11 @@ def report_classifiers(runs: list, figures: dict, rel) -> list:
         lines.append(f"| {run.name} | {ROLES[run.role][0]} | {recipe} | {split} | {n.get('epochs', '')} | {best} | "
                      f"{final} | {loss} |")
     lines.append("")
+    on_test = [run.name for run in runs if val_split(run.args) == "test set"]
+    if on_test:
+        lines += [f"The val split of {', '.join(f'`{name}`' for name in on_test)} is the test set, so its best epoch "
+                  "was picked on the test set itself: the final epoch's accuracy is the unbiased one. Tune with "
+                  "`--val_split` instead.", ""]
     for run in runs:
         n = run_numbers(run)
         if run.linear_probe and "best_val_acc" in n:

@@ -213,6 +213,16 @@ def test_the_training_loss_figure_leaves_out_the_probe(run_outputs, tmp_path, mo
     assert drawn == {"train_loss": ["scratch", "pretrained"], "val_acc": ["scratch", "pretrained", "linprobe"]}
 
 
+def test_a_best_epoch_picked_on_the_test_set_is_flagged():
+    def report(args):
+        run = plot_results.ClassifierRun("scratch", "scratch", {"val_acc": np.array([0.5, 0.6, 0.55])}, {}, args=args)
+        return "\n".join(plot_results.report_classifiers([run], {}, str))
+    assert "picked on the test set itself: the final epoch's accuracy is the unbiased one" in report(
+        {"dataset": "cifar10", "val_split": 0})
+    assert "picked on the test set" not in report({"dataset": "cifar10", "val_split": 5000})
+    assert "picked on the test set" not in report({"dataset": "fake", "val_split": 0})
+
+
 def test_top_confusions_rank_by_share_then_by_images():
     labels = np.array([0] * 4 + [1] * 2 + [2] * 4)
     preds = np.array([1, 1, 0, 0] + [2, 2] + [0, 0, 2, 2])  # 0 -> 1: 2 of 4; 1 -> 2: 2 of 2; 2 -> 0: 2 of 4
