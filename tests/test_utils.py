@@ -31,6 +31,19 @@ def test_lr_warmup_then_cosine():
     assert utils.lr_at(total, total, warm, peak, min_lr=1e-5) == pytest.approx(1e-5)
 
 
+@pytest.mark.parametrize("warmup, total, rank, warned", [(10, 2, "0", True), (2, 2, "0", False), (10, 2, "1", False)])
+def test_a_warmup_longer_than_the_run_is_a_one_line_warning_from_rank_0(monkeypatch, capsys, warmup, total, rank,
+                                                                        warned):
+    monkeypatch.setenv("RANK", rank)
+    args = SimpleNamespace(batch_size=64, max_device_batch_size=32, total_epoch=total, warmup_epoch=warmup,
+                           base_learning_rate=1e-3, weight_decay=0.05, min_lr=0.0, seed=0)
+    utils.check_schedule_args(args)
+    err = capsys.readouterr().err
+    assert err.count("\n") == warned
+    assert ("--warmup_epoch 10 is longer than --total_epoch 2: the lr rises for the whole run and never reaches "
+            "its peak 2.50e-04" in err) == warned
+
+
 def test_no_weight_decay_on_norms_biases_and_tokens():
     model = MAE(MAEConfig(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
                           decoder_num_heads=2))
