@@ -51,6 +51,12 @@ RECIPES = {
     "plain": dict(crop_padding=0, hflip=False, auto_augment="none", mixup=0.0, cutmix=0.0, label_smoothing=0.0,
                   drop_path=0.0, layer_decay=1.0, random_erase=0.0, schedule="reference"),
 }
+# Flags that define the run: a checkpoint only resumes under the same values (its schedule, recipe, starting point
+# and data). max_device_batch_size, devices and output paths may change; the model must be the checkpoint's.
+RUN_DEFINING_FLAGS = ("seed", "batch_size", "base_learning_rate", "weight_decay", "min_lr", "total_epoch",
+                      "warmup_epoch", "recipe", "crop_padding", "hflip", "auto_augment", "mixup", "cutmix",
+                      "label_smoothing", "drop_path", "layer_decay", "random_erase", "schedule", "linear_probe",
+                      "global_pool", "pretrained_model_path", "dataset", "val_split", "fake_size")
 # The linear probe (MAE paper) trains a linear head on frozen features: no augmentation, nothing that regularises
 # or schedules the encoder. Its schedule still comes from --recipe.
 PROBE_SETTINGS = dict(crop_padding=0, hflip=False, auto_augment="none", mixup=0.0, cutmix=0.0, label_smoothing=0.0,
@@ -114,6 +120,11 @@ def get_args_parser():
     parser.add_argument("--run_name", default=None,
                         help="prefix of every output (default: pretrained, scratch, or linprobe)")
     parser.add_argument("--log_dir", default=None, help="TensorBoard event files (default: logs/classifier/<run>)")
+    parser.add_argument("--resume", default="", help="the run's <stem>_last.pt, to continue from its next epoch "
+                        "(give the run's other flags again)")
+    parser.add_argument("--stop_after", type=int, default=0,
+                        help="stop after this epoch, checkpoints kept, e.g. to fit a job's time limit; continue "
+                             "with --resume (0: run to --total_epoch)")
     return parser
 
 
@@ -162,6 +173,8 @@ def check_args(args) -> None:
         utils.die(f"--run_name must be a plain file-name prefix, got {args.run_name!r}")
     if args.pretrained_model_path == "":
         utils.die("--pretrained_model_path must name a file (leave the flag out to train from scratch)")
+    if args.stop_after < 0:
+        utils.die(f"--stop_after must be >= 0, got {args.stop_after}")
     utils.check_run_outputs(args, "--output_model_path")
     # The last epoch's checkpoint goes beside it: found a folder there only at the end of the first epoch, the
     # run would already have rewritten the last run's log and best checkpoint.
@@ -177,6 +190,33 @@ def check_args(args) -> None:
 def last_path(args) -> str:
     """Where the last epoch's checkpoint goes: <stem>_last.pt beside --output_model_path (the best epoch's)."""
     return f"{os.path.splitext(args.output_model_path)[0]}_last.pt"
+
+
+def load_resume(args, cfg: MAEConfig):
+    """-> (the run's last-epoch checkpoint, the log records of its epochs), or one-line death; read before
+    anything is written."""
+    ckpt = utils.load_checkpoint(args.resume, "--resume", ("model", "epoch", "args", "config"))
+    if "optimizer" not in ckpt:
+        utils.die(f"--resume {args.resume!r} is a best-epoch checkpoint, which keeps no optimizer state: resume from "
+                  "the run's <stem>_last.pt")
+    for name in RUN_DEFINING_FLAGS:
+        saved, given = ckpt["args"].get(name), getattr(args, name)
+        if saved != given:
+            utils.die(f"--resume {args.resume!r} was trained with --{name} {saved}, this run has {given}: "
+                      "pass the same value to continue its schedule")
+    if ckpt["config"] != dataclasses.asdict(cfg):
+        utils.die(f"--resume {args.resume!r} holds another model than these flags give (its config: "
+                  f"{ckpt['config']})")
+    if ckpt["epoch"] >= args.total_epoch:
+        utils.die(f"--resume {args.resume!r} has already finished all {args.total_epoch} epochs")
+    log_path = os.path.join(args.output_dir, f"{args.run_name}_log.jsonl")
+    log = [r for r in utils.read_jsonl(log_path, "--output_dir") if r["epoch"] <= ckpt["epoch"]]
+    # The curves and the best epoch are rebuilt from these records: all of the checkpoint's epochs must be there.
+    if [r["epoch"] for r in log] != list(range(1, ckpt["epoch"] + 1)) or \
+            not all(isinstance(r.get(name), (int, float)) for r in log for name in CURVES):
+        utils.die(f"--resume: {log_path!r} does not hold epochs 1 to {ckpt['epoch']} of the checkpoint with their "
+                  f"{', '.join(CURVES)} (is --output_dir or --run_name that run's?)")
+    return ckpt, log
 
 
 def load_pretrained(path: str):
@@ -442,6 +482,7 @@ def main(args):
     mae_state, pretrained_config, pretrain_args = load_pretrained(args.pretrained_model_path) \
         if args.pretrained_model_path else (None, None, {})
     cfg = model_config(args, pretrained_config)
+    ckpt, resumed_log = load_resume(args, cfg) if args.resume else (None, [])
     device = utils.resolve_device(args)
     utils.resolve_runtime(args, device)
     amp_dtype = utils.autocast_dtype(args, device)
@@ -515,6 +556,14 @@ def main(args):
     # ---- optimizer and loss
     optimizer = make_optimizer(model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    log, start_epoch = resumed_log, 1
+    if ckpt is not None:  # the weights too: the probe's precomputed features come from the frozen, unchanged encoder
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):  # empty when the checkpoint's run was not fp16
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch = ckpt["epoch"] + 1
+        log_print(f"resumed from {args.resume} at epoch {start_epoch}")
     mixup = make_mixup(args, num_classes)
     criterion = make_criterion(args, mixup)
     writer = SummaryWriter(args.log_dir) if main_process else None
@@ -535,20 +584,25 @@ def main(args):
         utils.write_jsonl(path["log.jsonl"], log)
         utils.save_npy(path["val_preds.npy"], val_predicted, dtype=np.int64)
         if improved:
-            utils.atomic_save({k: v for k, v in snapshot.items() if k != "optimizer"}, args.output_model_path)
+            utils.atomic_save({k: v for k, v in snapshot.items() if k not in ("optimizer", "scaler")},
+                              args.output_model_path)
         utils.atomic_save(snapshot, last_model_path)
         utils.save_json(path["summary.json"], summary)
         if stats["epoch"] in grid_epochs:
             save_grid(stats["epoch"], val_predicted[vis_idx], f", val acc {stats['val_acc']:.2%}")
 
-    if main_process:
+    if main_process and ckpt is None:
         with torch.no_grad(), utils.eager(), utils.autocast(device, amp_dtype):
             initial = model.eval()(data.normalize(vis_images.to(device))).argmax(dim=-1).cpu()
         background.submit(save_grid, 0, initial, " (before training)")
 
     # ---- loop
-    log, best_acc, best_epoch = [], -1.0, 0
-    for epoch in range(1, args.total_epoch + 1):
+    best_acc, best_epoch = -1.0, 0
+    for record in log:  # a resumed run's epochs so far
+        if record["val_acc"] > best_acc:
+            best_acc, best_epoch = record["val_acc"], record["epoch"]
+    last_epoch = min(args.total_epoch, args.stop_after or args.total_epoch)
+    for epoch in range(start_epoch, last_epoch + 1):
         # Augmentation and mixup differ across processes (their images differ too); timm's Mixup draws from numpy.
         utils.seed_epoch(args.seed, epoch, rank)
         np.random.seed((args.seed * 1_000_003 + epoch * 1009 + rank) % 2 ** 32)
@@ -571,8 +625,9 @@ def main(args):
             best_acc, best_epoch = val_acc, epoch
         if main_process:
             snapshot = utils.to_cpu({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "val_acc": val_acc,
-                "args": vars(args), "config": dataclasses.asdict(cfg), "num_classes": num_classes, "classes": classes})
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "val_acc": val_acc, "args": vars(args), "config": dataclasses.asdict(cfg),
+                "num_classes": num_classes, "classes": classes})
             summary = {
                 "run": run, "best_val_acc": best_acc, "best_epoch": best_epoch, "final_val_acc": val_acc,
                 "epochs": epoch, "total_epoch": args.total_epoch, "linear_probe": args.linear_probe,
@@ -586,9 +641,11 @@ def main(args):
     background.close()
     if main_process:
         writer.close()
-        utils.atomic_copy(os.path.join(out, f"{run}_preds_epoch_{args.total_epoch}.png"), path["preds_grid.png"])
-    log_print(f"done ({run}): best val acc {best_acc:.2%} at epoch {best_epoch}, final {log[-1]['val_acc']:.2%}; "
-              f"best checkpoint {args.output_model_path}, last {last_model_path}")
+        if last_epoch == args.total_epoch:
+            utils.atomic_copy(os.path.join(out, f"{run}_preds_epoch_{args.total_epoch}.png"), path["preds_grid.png"])
+    if log:
+        log_print(f"done ({run}): best val acc {best_acc:.2%} at epoch {best_epoch}, final {log[-1]['val_acc']:.2%} "
+                  f"(epoch {log[-1]['epoch']}); best checkpoint {args.output_model_path}, last {last_model_path}")
     utils.close_distributed()
 
 

@@ -121,7 +121,7 @@ def check_run_outputs(run_dir, run, epochs, argv):
     best = torch.load(run_dir / "cls.pt", map_location="cpu", weights_only=True)
     last = torch.load(run_dir / "cls_last.pt", map_location="cpu", weights_only=True)
     assert set(best) == {"model", "epoch", "val_acc", "args", "config", "num_classes", "classes"}
-    assert set(last) == set(best) | {"optimizer"}
+    assert set(last) == set(best) | {"optimizer", "scaler"}
     assert (best["epoch"], best["val_acc"]) == (summary["best_epoch"], pytest.approx(summary["best_val_acc"]))
     assert (last["epoch"], last["val_acc"]) == (epochs, pytest.approx(val_acc[-1]))
     assert best["num_classes"] == 10 and best["classes"] == summary["classes"]
@@ -178,6 +178,58 @@ def test_plain_run_learns_the_fake_classes_and_shows_its_predictions(tmp_path, m
     assert len(images) == 16 and all(len(w) == 1 for w in where) and len({w[0] for w in where}) == 16
     assert predicted == [preds[w[0]] for w in where] and true == [labels[w[0]] for w in where]
     assert len(set(predicted)) > 3
+
+
+@pytest.mark.parametrize("extra", [[], ["--linear_probe"]])  # the probe trains its head on precomputed features
+def test_resume_continues_the_same_run(tmp_path, mae_ckpt, extra):
+    """Three epochs straight, and one then two more with --resume: the same curves, best epoch and weights. The
+    finetune recipe draws augmentation, mixup and drop path from per-epoch seeds, so a resumed epoch draws what
+    the straight run's did."""
+    flags = ["--pretrained_model_path", mae_ckpt, *extra]
+    run_cls(cls_argv(tmp_path, *flags, name="straight", epochs=3))
+    split = cls_argv(tmp_path, *flags, name="split", epochs=3)
+    run_cls(split + ["--stop_after", "1"])
+    out = tmp_path / "split" / "cls_outputs"
+    run = "linprobe" if extra else "pretrained"
+    assert len(np.load(out / f"{run}_val_acc.npy")) == 1
+    assert not (out / f"{run}_preds_grid.png").exists()  # the run's final grid comes at its last epoch
+    run_cls(split + ["--resume", str(tmp_path / "split" / "cls_last.pt")])
+
+    straight = tmp_path / "straight" / "cls_outputs"
+    for name in train_classifier.CURVES:
+        resumed = np.load(out / f"{run}_{name}.npy")
+        assert len(resumed) == 3 and resumed == pytest.approx(np.load(straight / f"{run}_{name}.npy"), rel=1e-5)
+    assert [json.loads(line)["epoch"] for line in open(out / f"{run}_log.jsonl")] == [1, 2, 3]
+    a, b = (json.load(open(folder / f"{run}_summary.json")) for folder in (straight, out))
+    assert (a["best_epoch"], a["epochs"]) == (b["best_epoch"], b["epochs"]) == (a["best_epoch"], 3)
+    assert (out / f"{run}_preds_grid.png").is_file()
+    for name in ("cls.pt", "cls_last.pt"):
+        x, y = (torch.load(tmp_path / d / name, weights_only=True)["model"] for d in ("straight", "split"))
+        assert all(torch.allclose(x[k].float(), y[k].float(), atol=1e-5) for k in x)
+
+
+def test_bad_resume_is_one_line_and_changes_nothing(tmp_path, mae_ckpt, capsys):
+    argv = cls_argv(tmp_path, "--pretrained_model_path", mae_ckpt, epochs=2)
+    run_cls(argv + ["--stop_after", "1"])
+    capsys.readouterr()
+    run_dir = tmp_path / "run"
+    last, best = str(run_dir / "cls_last.pt"), str(run_dir / "cls.pt")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    moved = run_dir / "elsewhere"
+    for flags, expected in (
+            (["--resume", best], "is a best-epoch checkpoint, which keeps no optimizer state"),
+            (["--resume", last, "--seed", "1"], "was trained with --seed 42, this run has 1"),
+            (["--resume", last, "--mixup", "0.5"], "was trained with --mixup 0.8, this run has 0.5"),
+            (["--resume", last, "--total_epoch", "1"], "was trained with --total_epoch 2, this run has 1"),
+            (["--resume", last, "--output_dir", str(moved)], "does not hold epochs 1 to 1 of the checkpoint"),
+            (["--resume", last, "--stop_after", "-1"], "--stop_after must be >= 0, got -1")):
+        with pytest.raises(SystemExit) as exc:
+            run_cls(argv + flags)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+        assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert not moved.exists()
 
 
 def test_pretrained_plain_run_writes_every_output_with_the_reference_schedule(tmp_path, mae_ckpt):
