@@ -488,13 +488,18 @@ def compile_enabled(args, device: torch.device) -> bool:
     torch.compile itself is lazy and only fails at the first call, so what it needs is checked up front:
     TorchDynamo support for this Python and platform, Triton for CUDA kernels, a C++ compiler for CPU ones.
     """
-    if not (args.compile if args.compile is not None else device.type == "cuda"):  # its default: on for CUDA
+    if not compile_requested(args, device):
         return False
     reason = _compile_unavailable(device)
     if reason:
         warnings.warn(f"torch.compile is unavailable ({reason}); running eager")
         return False
     return True
+
+
+def compile_requested(args, device: torch.device) -> bool:
+    """--compile, or its default: on for CUDA, off for the CPU."""
+    return args.compile if args.compile is not None else device.type == "cuda"
 
 
 def resolve_runtime(args, device: torch.device) -> None:
@@ -507,7 +512,7 @@ def resolve_runtime(args, device: torch.device) -> None:
     512 in the default mode, 21.6 ms with CUDA graphs; 26.8 ms and 9.6 ms per fine-tuning step at 128). Under
     torchrun too: each process compiles the one-GPU model and averages the gradients itself (average_gradients),
     so no DistributedDataParallel comes between the graphs and the all-reduce."""
-    if not (args.compile if args.compile is not None else device.type == "cuda"):
+    if not compile_requested(args, device):
         # Taken without compilation, these would do nothing and still be recorded in args.json as if they had.
         for flag, value, inert in (("--compile_mode", args.compile_mode, (None, "default")),
                                    ("--compile_scope", args.compile_scope, ("model",))):
