@@ -557,7 +557,9 @@ def main(args):
     optimizer = make_optimizer(model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     log, start_epoch = resumed_log, 1
-    if ckpt is not None:  # the weights too: the probe's precomputed features come from the frozen, unchanged encoder
+    if ckpt is not None:
+        # In place, so a compiled net and its CUDA graphs see the loaded weights. A probe's features were computed
+        # above from the encoder as pretrained, which the probe froze: the checkpoint holds the same encoder.
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):  # empty when the checkpoint's run was not fp16
