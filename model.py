@@ -353,7 +353,12 @@ class ViTClassifier(nn.Module):
         self.cfg = cfg
         self.global_pool = global_pool
         self.encoder = MAEEncoder(cfg, drop_path_rate)
-        self.head_norm = nn.BatchNorm1d(cfg.embed_dim, affine=False, eps=1e-6) if linear_probe else nn.Identity()
+        # momentum=None: the running statistics are the plain mean over every chunk seen, not a moving average. The
+        # frozen encoder's features do not drift, so nothing is lost, and averaged over processes (train_classifier
+        # distribute_bn) they equal one process's over the same chunks: an exponential average would follow
+        # the number of chunks each process steps through.
+        self.head_norm = nn.BatchNorm1d(cfg.embed_dim, affine=False, eps=1e-6, momentum=None) if linear_probe \
+            else nn.Identity()
         self.head = nn.Linear(cfg.embed_dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.01)  # MAE's linear-probe value (its fine-tuning: 2e-5)
         nn.init.zeros_(self.head.bias)

@@ -154,6 +154,15 @@ def test_linear_probe_and_finetune_recipe_run_under_torchrun(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         acc = np.load(tmp_path / run_name / "cls_outputs" / f"{run_name}_val_acc.npy")
         assert acc.shape == (2,) and np.all((0 <= acc) & (acc <= 1))
+    # The probe draws no random numbers: its head, and the BatchNorm statistics it evaluates with (averaged over the
+    # processes), follow one process's run up to the order of floating-point sums.
+    single = run(classifier_cmd([sys.executable], tmp_path, "--pretrained_model_path", ckpt, "--linear_probe",
+                                name="linprobe_single"), tmp_path)
+    assert single.returncode == 0, single.stderr[-2000:]
+    for name in ("train_loss", "val_loss", "val_acc"):
+        one = np.load(tmp_path / "linprobe_single" / "cls_outputs" / f"linprobe_{name}.npy")
+        two = np.load(tmp_path / "linprobe" / "cls_outputs" / f"linprobe_{name}.npy")
+        assert two == pytest.approx(one, rel=1e-4, abs=1e-6), name
 
 
 def test_classifier_world_size_that_does_not_divide_the_batch_fails(tmp_path):
