@@ -266,9 +266,9 @@ def main(args):
     log_print(f"data: {args.dataset}, {len(train)} train / {len(val)} val images, {steps_per_epoch} steps per "
               f"epoch; device {device} x {world_size} process(es), autocast {amp_dtype}, attention {attention}; "
               f"images in {utils.memory_name(data_device)}")
+    utils.make_output_folders({"--output_dir": args.output_dir, "--log_dir": args.log_dir,
+                               "--model_path": os.path.dirname(os.path.abspath(args.model_path))}, device)
     if main_process:
-        utils.make_output_folders({"--output_dir": args.output_dir, "--log_dir": args.log_dir,
-                                   "--model_path": os.path.dirname(os.path.abspath(args.model_path))})
         utils.save_json(os.path.join(args.output_dir, "args.json"), vars(args))
 
     # ---- data: the whole uint8 dataset lives on the device (or, when it does not fit there, on the host)

@@ -517,9 +517,10 @@ def main(args):
         utils.warn(f"--pretrained_model_path: its MAE trained on {seen} of these {args.val_split} val images (it held "
                    f"out --val_split {pretrain_args['val_split']}); pretrain with --val_split {args.val_split} or more "
                    f"for a val accuracy on unseen images")
+    utils.make_output_folders({"--output_dir": out, "--log_dir": args.log_dir,
+                               "--output_model_path": os.path.dirname(os.path.abspath(args.output_model_path))},
+                              device)
     if main_process:
-        utils.make_output_folders({"--output_dir": out, "--log_dir": args.log_dir,
-                                   "--output_model_path": os.path.dirname(os.path.abspath(args.output_model_path))})
         utils.save_json(path["args.json"], vars(args))
 
     # ---- data: the whole uint8 dataset lives on the device (or, when it does not fit there, on the host)

@@ -80,15 +80,21 @@ def check_run_outputs(args, checkpoint_flag: str) -> None:
     check_output_folder("--log_dir", args.log_dir)
 
 
-def make_output_folders(folders: dict) -> None:
-    """Make the run's output folders, {flag: folder}. The checks above ask os.access, which cannot foresee every
-    refusal (a read-only mount, an ACL, a kernel file system), so a folder that cannot be made ends the run here
-    in one line that names its flag, before any file is written."""
-    for flag, folder in folders.items():
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            die(f"{flag}: cannot make folder {folder!r} ({e.strerror or e})")
+def make_output_folders(folders: dict, device: torch.device) -> None:
+    """Make the run's output folders, {flag: folder}, on rank 0 (the one process that writes). The checks above
+    ask os.access, which cannot foresee every refusal (a read-only mount, an ACL, a kernel file system), so a
+    folder that cannot be made ends the run here in one line that names its flag, before any file is written;
+    under torchrun every process learns of it and stops with it, rather than in a collective rank 0 left."""
+    error = None
+    if dist_env()[0] == 0:
+        for flag, folder in folders.items():
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as e:
+                error = f"{flag}: cannot make folder {folder!r} ({e.strerror or e})"
+                break
+    if not all_processes(error is None, device):
+        die(error or "rank 0 could not make the output folders (its own line says which)")
 
 
 def check_output_folder(flag: str, folder: str, create: bool = True) -> None:
