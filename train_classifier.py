@@ -164,9 +164,13 @@ def check_args(args) -> None:
     for name, (ok, allowed_text) in allowed.items():
         if not ok(getattr(args, name)):
             utils.die(f"--{name} must be {allowed_text}, got {getattr(args, name)}")
-    if (args.mixup or args.cutmix) and utils.device_chunk(args) % 2:
-        utils.die(f"--max_device_batch_size {args.max_device_batch_size} must be even with --mixup/--cutmix "
-                  f"(each chunk, here {utils.device_chunk(args)} images, is mixed with its own reverse)")
+    chunk = utils.device_chunk(args)
+    if (args.mixup or args.cutmix) and chunk % 2:
+        world_size = utils.dist_env()[1]
+        source = f"--max_device_batch_size {args.max_device_batch_size}" if chunk == args.max_device_batch_size \
+            else f"--batch_size {args.batch_size}" + (f" over {world_size} processes" if world_size > 1 else "")
+        utils.die(f"{source} gives chunks of {chunk} images, which must be even with --mixup/--cutmix (each chunk "
+                  "is mixed with its own reverse)")
     if args.linear_probe and (args.drop_path or args.layer_decay != 1):
         utils.die("--drop_path and --layer_decay do not apply with --linear_probe (the encoder is frozen)")
     if not args.run_name or args.run_name in (".", "..") or "/" in args.run_name or os.sep in args.run_name:

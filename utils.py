@@ -9,7 +9,6 @@ import shutil
 import signal
 import sys
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -498,7 +497,8 @@ def compile_enabled(args, device: torch.device) -> bool:
         return False
     reason = _compile_unavailable(device)
     if reason:
-        warnings.warn(f"torch.compile is unavailable ({reason}); running eager")
+        if dist_env()[0] == 0:  # once per run, in one line
+            warn(f"torch.compile is unavailable ({reason}); running eager")
         return False
     return True
 

@@ -604,7 +604,9 @@ def _make_bad_checkpoints(tmp_path, mae_ckpt):
 
 @pytest.mark.parametrize("bad_flags, expected", [
     (["--batch_size", "30", "--max_device_batch_size", "16"], "--batch_size 30 is not divisible"),
-    (["--batch_size", "30", "--max_device_batch_size", "15"], "--max_device_batch_size 15 must be even"),
+    (["--batch_size", "30", "--max_device_batch_size", "15"], "--max_device_batch_size 15 gives chunks of 15 "
+                                                              "images, which must be even with --mixup/--cutmix"),
+    (["--batch_size", "15", "--max_device_batch_size", "16"], "--batch_size 15 gives chunks of 15 images"),
     (["--pretrained_model_path", "/nonexistent/mae.pt"], "no such file"),
     (["--pretrained_model_path", "{ckpts}/text.pt"], "not a torch checkpoint (torch.save writes a zip archive; "
                                                      "this file starts b'this')"),
