@@ -173,6 +173,30 @@ class DropPath(nn.Module):
         return x * (keep / keep_prob).to(x.dtype)
 
 
+class RunningMeanBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d without affine parameters (the MAE paper's linear-probe norm) whose running statistics are the
+    plain mean of every training batch's, not a moving average. The frozen encoder's features do not drift, so
+    nothing is lost; and averaged over torchrun's processes (train_classifier: distribute_bn) they equal one
+    process's over the same chunks, where a moving average follows each process's number of chunks.
+    nn.BatchNorm1d(momentum=None) keeps the same mean but reads its batch count back to the host every step,
+    which breaks a compiled graph: here the update is tensor arithmetic. Same buffers, same checkpoints."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim, eps=1e-6, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)  # normalised with the running statistics
+        x = x.float()  # as autocast runs batch_norm
+        var, mean = torch.var_mean(x, dim=0, correction=0)
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            weight = 1.0 / self.num_batches_tracked  # the k-th batch counts 1/k
+            self.running_mean.lerp_(mean, weight)
+            self.running_var.lerp_(var * (len(x) / (len(x) - 1)), weight)  # unbiased, as BatchNorm keeps it
+        return (x - mean) * torch.rsqrt(var + self.eps)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention through F.scaled_dot_product_attention (the kernel --attention names, or torch's
     choice), its operations in the order of timm's vision_transformer.Attention."""
@@ -353,12 +377,7 @@ class ViTClassifier(nn.Module):
         self.cfg = cfg
         self.global_pool = global_pool
         self.encoder = MAEEncoder(cfg, drop_path_rate)
-        # momentum=None: the running statistics are the plain mean over every chunk seen, not a moving average. The
-        # frozen encoder's features do not drift, so nothing is lost, and averaged over processes (train_classifier
-        # distribute_bn) they equal one process's over the same chunks: an exponential average would follow
-        # the number of chunks each process steps through.
-        self.head_norm = nn.BatchNorm1d(cfg.embed_dim, affine=False, eps=1e-6, momentum=None) if linear_probe \
-            else nn.Identity()
+        self.head_norm = RunningMeanBatchNorm(cfg.embed_dim) if linear_probe else nn.Identity()
         self.head = nn.Linear(cfg.embed_dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.01)  # MAE's linear-probe value (its fine-tuning: 2e-5)
         nn.init.zeros_(self.head.bias)

@@ -9,8 +9,8 @@ import timm.models.vision_transformer
 import torch
 import torch.nn as nn
 
-from model import (MAE, Block, DropPath, MAEConfig, ViTClassifier, encoder_state_from_mae, masked_mse,
-                   normalize_patches, patchify, random_masking, reconstruct, unpatchify)
+from model import (MAE, Block, DropPath, MAEConfig, RunningMeanBatchNorm, ViTClassifier, encoder_state_from_mae,
+                   masked_mse, normalize_patches, patchify, random_masking, reconstruct, unpatchify)
 
 SMALL = dict(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=24, decoder_depth=1, decoder_num_heads=2)
 
@@ -211,6 +211,31 @@ def test_drop_path_rates_grow_with_depth_and_are_not_saved():
         assert block.drop_path1.drop_prob.item() == block.drop_path2.drop_prob.item() == pytest.approx(rate)
     # Non-persistent: checkpoints with and without drop path have the same keys.
     assert model.state_dict().keys() == ViTClassifier(cfg, 10).state_dict().keys()
+
+
+def test_probe_norm_is_batchnorm_with_a_plain_mean_of_the_batch_statistics():
+    """Train mode: the output and running statistics of torch's BatchNorm1d(momentum=None), which averages every
+    batch's statistics equally, and torch's own eval-mode normalisation; the same state_dict keys. And no host
+    read of the batch count: a compiled step stays one graph."""
+    torch.manual_seed(0)
+    ours, torchs = RunningMeanBatchNorm(8), nn.BatchNorm1d(8, eps=1e-6, affine=False, momentum=None)
+    for scale in (1.0, 3.0, 0.5):
+        x = torch.randn(16, 8) * scale + scale
+        torch.testing.assert_close(ours(x), torchs(x))
+    assert list(ours.state_dict()) == list(torchs.state_dict())
+    for name, buffer in torchs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[name], buffer)
+    ours.eval(), torchs.eval()
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(ours(x), torchs(x))
+
+    from torch._dynamo.testing import CompileCounter
+    ours.train()
+    counter = CompileCounter()
+    step = torch.compile(ours, backend=counter, fullgraph=True)  # fullgraph: a graph break would raise
+    for _ in range(3):
+        step(torch.randn(16, 8))
+    assert counter.frame_count == 1 and ours.num_batches_tracked.item() == 6
 
 
 def test_block_is_timms_vit_block_with_its_parameters_in_its_order():
