@@ -8,6 +8,7 @@ that does not fit there (--data_on, utils.data_device) stays in host memory inst
 pinned memory and copied to the GPU asynchronously (take), which is what a DataLoader would do for data already
 decoded, minus the worker processes.
 """
+import contextlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -115,11 +116,31 @@ def _folder_val_dir(root: str):
     return None
 
 
+@contextlib.contextmanager
+def _download_lock(root: str):
+    """An exclusive lock on `root` for the length of a download. Under torchrun every process loads the data
+    before any process group exists, and torchvision writes the archive under its final name as it arrives: two
+    processes downloading at once would write one file together. With the lock the first one downloads and the
+    others find the archive complete (torchvision checks its MD5) and only extract it. Where no lock file can be
+    made (a read-only folder, a system without fcntl), nothing can be downloaded into it by us either: no lock."""
+    try:
+        import fcntl
+        os.makedirs(root, exist_ok=True)
+        lock = open(os.path.join(root, ".download.lock"), "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
 def _torchvision_cifar(name: str, root: str):
     import torchvision
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     try:
-        splits = [cls(root, train=train, download=True) for train in (True, False)]
+        with _download_lock(root):
+            splits = [cls(root, train=train, download=True) for train in (True, False)]
     except Exception as e:  # torchvision raises URLError, RuntimeError, ... depending on what failed
         raise DataError(f"--dataset {name}: could not load or download it into --data_path {root!r} "
                         f"({type(e).__name__}: {e})") from None

@@ -112,3 +112,28 @@ def test_val_folder_with_other_classes_is_refused(tmp_path):
     expected = r"train/ and val/ need the same class folders \(in only one of them: b, c\)"
     with pytest.raises(data.DataError, match=expected):
         data.load_data(data_args(dataset="folder", data_path=str(root)))
+
+
+def test_cifar_is_downloaded_under_an_exclusive_lock(tmp_path, monkeypatch):
+    """torchrun's processes all load the data before any process group exists: the download must not be shared."""
+    import fcntl
+
+    import numpy as np
+    import torchvision
+    held = []
+
+    class FakeCIFAR10:
+        def __init__(self, root, train, download):
+            with open(pathlib.Path(root) / ".download.lock", "a") as other:  # another open file, as another process
+                try:
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    held.append(False)
+                except BlockingIOError:
+                    held.append(True)
+            self.data = np.zeros((4 if train else 2, 32, 32, 3), dtype=np.uint8)
+            self.targets, self.classes = [0] * len(self.data), ["a"]
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    train, val = data.load_data(data_args(dataset="cifar10", data_path=str(tmp_path / "new")))
+    assert held == [True, True] and (len(train), len(val)) == (4, 2)
+    with open(tmp_path / "new" / ".download.lock", "a") as after:  # released once loaded
+        fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)
