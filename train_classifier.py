@@ -570,6 +570,7 @@ def main(args):
         if ckpt.get("scaler"):  # empty when the checkpoint's run was not fp16
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch = ckpt["epoch"] + 1
+        utils.broadcast_state(model)  # rank 0's, as at the start: each process read the file on its own
         log_print(f"resumed from {args.resume} at epoch {start_epoch}")
     mixup = make_mixup(args, num_classes)
     criterion = make_criterion(args, mixup)
