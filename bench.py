@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -330,11 +331,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(device: torch.device, repeats: int) -> dict:
-    """The matrix units' achievable rate: a large square product (bf16 on CUDA, fp32 on the CPU) on random
-    data, timed like the steps, median over repeats."""
+def matmul_peak(device: torch.device, repeats: int, dtype: torch.dtype) -> dict:
+    """The matrix units' achievable rate: a large square product on random data in the dtype the model's matrix
+    products run in (--precision: bf16 by default on CUDA, fp32 on the CPU), timed like the steps, median over
+    repeats."""
     n, iters = PEAK_MATMUL_SIZE[device.type], PEAK_MATMUL_ITERS[device.type]
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     out = torch.empty(n, n, device=device, dtype=dtype)
     def product():
@@ -511,9 +512,11 @@ def finetune_phase(cfg: MAEConfig, images, labels, args, device: torch.device) -
     criterion = train_classifier.make_criterion(script_args, mixup)
     prepare = train_classifier.augmentation(script_args, args.compile)
 
+    correct = torch.zeros((), device=device)  # the step adds into it, as the script's into its epoch's count
+
     def step(model, optimizer, scaler, batch_idx, lr, loss_sum, amp_dtype):
         train_classifier.train_step(model, optimizer, scaler, images, labels, batch_idx, lr, prepare, mixup,
-                                    criterion, script_args, device, amp_dtype, loss_sum, torch.zeros_like(loss_sum))
+                                    criterion, script_args, device, amp_dtype, loss_sum, correct)
 
     def input_work(view):
         # train_step's input work, chunk by chunk, without the model: eager, hundreds of small operators per chunk
@@ -726,7 +729,7 @@ def main(args):
     for build in (lambda: MAE(cfg), lambda: ViTClassifier(cfg, args.num_classes)):
         utils.check_model_fits(build, device)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command = " ".join(["python", os.path.basename(sys.argv[0]) or "bench.py", *sys.argv[1:]])
+    command = shlex.join(["python", os.path.basename(sys.argv[0]) or "bench.py", *sys.argv[1:]])
     print(f"config: {vars(args)}")
     compiled = (f"on ({args.compile_mode}, scope {args.compile_scope}, {args.compile_cache} cache"
                 f"{''.join(f', {key}={value}' for key, value in inductor.items())})")
@@ -738,7 +741,7 @@ def main(args):
           f"{cfg.decoder_depth} ({cfg.decoder_num_heads} heads), mask ratio {cfg.mask_ratio}")
 
     # ---- the ceiling, and the FLOPs per image
-    peak = matmul_peak(device, args.repeats)
+    peak = matmul_peak(device, args.repeats, amp_dtype or torch.float32)
     print(f"matmul peak: {peak['dtype']} {peak['size']}^3 product, {peak['tflops']:.3f} TFLOP/s "
           f"(median of {args.repeats})")
     mae_parts, cls_parts = mae_forward_flops(cfg), classifier_forward_flops(cfg, args.num_classes)
