@@ -162,6 +162,33 @@ def test_cuda_graphs_with_gradient_accumulation_learn_as_fp32_does(tmp_path, run
                                                                                   losses["graphs"])), losses
 
 
+def test_augmented_probe_under_cuda_graphs_resumes_where_it_stopped(tmp_path, run_pretrain):
+    """With --hflip the probe's frozen encoder runs every step, so the whole classifier is compiled with CUDA graphs
+    (the defaults on CUDA), and model.RunningMeanBatchNorm updates its statistics inside the graph. A run stopped
+    after its first epoch and resumed (the weights loaded in place, under the graphs' parameters) continues the
+    straight run: same batches, flips and kernels, so the curves agree to far better than bf16's rounding."""
+    import train_classifier
+    run_pretrain(tiny_pretrain_argv(tmp_path, "--device", "cuda", "--total_epoch", "1", name="mae"))
+
+    def run(name, *flags):
+        out = tmp_path / name
+        train_classifier.main(train_classifier.get_args_parser().parse_args([
+            "--dataset", "fake", "--fake_size", "128", "--batch_size", "32", "--max_device_batch_size", "16",
+            "--total_epoch", "3", "--warmup_epoch", "1", "--device", "cuda", "--linear_probe", "--hflip",
+            "--pretrained_model_path", str(tmp_path / "mae" / "mae.pt"), "--run_name", "run", "--output_dir",
+            str(out), "--output_model_path", str(out / "cls.pt"), "--log_dir", str(out / "logs"), *flags]))
+        return read_log(out / "run_log.jsonl")
+    straight = run("straight")
+    assert json.loads((tmp_path / "straight" / "run_args.json").read_text())["compile_mode"] == "reduce-overhead"
+    run("split", "--stop_after", "1")
+    resumed = run("split", "--resume", str(tmp_path / "split" / "cls_last.pt"))
+    assert [r["epoch"] for r in resumed] == [1, 2, 3]
+    for a, b in zip(straight, resumed):
+        for key in ("train_loss", "val_loss"):
+            assert close(a[key], b[key], 1e-3), (key, a, b)
+        assert abs(a["val_acc"] - b["val_acc"]) <= ONE_VAL_IMAGE, (a, b)
+
+
 def test_two_processes_with_cuda_graphs_learn_as_one_fp32_process_does(tmp_path, run_pretrain):
     """torchrun's path with the scripts' defaults (bf16, compiled, CUDA graphs under torchrun too): each process
     replays the one-GPU graphs and averages the gradients outside them (utils.average_gradients). Two processes
