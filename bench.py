@@ -84,7 +84,7 @@ def get_args_parser():
                              "in mae_pretrain.py; must divide each batch size larger than it (default: 256 on "
                              "CUDA as in mae_pretrain.py, 32 on the CPU)")
     parser.add_argument("--mask_ratio", type=utils.finite_float, default=0.75,
-                        help="share of patches masked, in [0, 1)")
+                        help="share of patches masked, in (0, 1)")
     parser.add_argument("--num_classes", type=int, default=10, help="classifier outputs (CIFAR-10: 10)")
     parser.add_argument("--phases", default="both", choices=("both", "pretrain", "finetune"),
                         help="which steps to time: both, which the projection needs, or one alone, in about half "
@@ -170,8 +170,8 @@ def check_args(args) -> MAEConfig:
         utils.die(f"--epoch_images must be in [{max(args.pretrain_batch_size, args.finetune_batch_size)}, "
                   f"{REFERENCE_TRAIN_IMAGES:,}] (a batch of each phase at least, CIFAR-10's images at most), got "
                   f"{args.epoch_images}")
-    if not 0.0 <= args.mask_ratio < 1.0:
-        utils.die(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    if not 0.0 < args.mask_ratio < 1.0:  # the loss is a mean over the masked patches: some must be masked
+        utils.die(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
     if args.inductor and not args.compile:
         utils.die("--inductor needs compilation, which is off (pass --compile)")
     if args.json:  # checked now, not after minutes of timing

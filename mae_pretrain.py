@@ -42,7 +42,7 @@ def get_args_parser():
                             total_epoch=150, warmup_epoch=10)
     # MAE
     parser.add_argument("--mask_ratio", type=utils.finite_float, default=0.75,
-                        help="share of patches masked, in [0, 1)")
+                        help="share of patches masked, in (0, 1)")
     parser.add_argument("--norm_pix_loss", action="store_true",
                         help="regress per-patch normalised pixels (MAE paper); figures borrow the hidden "
                         "patches' true mean and std, and there is no val PSNR")
@@ -96,8 +96,8 @@ def check_args(args) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             utils.die(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not 0.0 <= args.mask_ratio < 1.0:
-        utils.die(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    if not 0.0 < args.mask_ratio < 1.0:  # the loss is a mean over the masked patches: some must be masked
+        utils.die(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
     if args.eval_every < 0 or args.knn_temperature <= 0:
         utils.die(f"--eval_every must be >= 0 and --knn_temperature > 0, got {args.eval_every} and "
                   f"{args.knn_temperature}")

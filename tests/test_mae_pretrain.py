@@ -152,9 +152,10 @@ def test_attention_flag_sets_the_kernel_of_training_and_evaluation(tmp_path, run
 
 @pytest.mark.parametrize("bad_flags, expected", [
     (["--batch_size", "30", "--max_device_batch_size", "16"], "--batch_size 30 is not divisible"),
-    (["--mask_ratio", "1.0"], "--mask_ratio must be in [0, 1)"),
+    (["--mask_ratio", "1.0"], "--mask_ratio must be in (0, 1)"),
+    (["--mask_ratio", "0"], "--mask_ratio must be in (0, 1), got 0.0"),
     (["--embed_dim", "400000"], "parameters need"),  # terabytes: more than any machine's memory
-    (["--mask_ratio", "-0.5"], "--mask_ratio must be in [0, 1)"),
+    (["--mask_ratio", "-0.5"], "--mask_ratio must be in (0, 1)"),
     (["--dataset", "folder", "--data_path", "/nonexistent/cifar"], "--data_path"),
     (["--resume", "/nonexistent/ckpt.pt"], "--resume"),
     (["--total_epoch", "0"], "--total_epoch"),
