@@ -187,6 +187,8 @@ class RunningMeanBatchNorm(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)  # normalised with the running statistics
+        if len(x) < 2:  # as nn.BatchNorm1d: one sample has no variance to normalise by
+            raise ValueError(f"RunningMeanBatchNorm needs at least 2 samples per batch in training, got {len(x)}")
         x = x.float()  # as autocast runs batch_norm
         var, mean = torch.var_mean(x, dim=0, correction=0)
         with torch.no_grad():

@@ -236,6 +236,8 @@ def test_probe_norm_is_batchnorm_with_a_plain_mean_of_the_batch_statistics():
     for _ in range(3):
         step(torch.randn(16, 8))
     assert counter.frame_count == 1 and ours.num_batches_tracked.item() == 6
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        ours(torch.randn(1, 8))
 
 
 def test_block_is_timms_vit_block_with_its_parameters_in_its_order():

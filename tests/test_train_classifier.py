@@ -634,6 +634,8 @@ def _make_bad_checkpoints(tmp_path, mae_ckpt):
     (["--device", "meta"], "--device must be cuda, cuda:N or cpu"),
     (["--attention", "cudnn"], "--attention cudnn cannot run on cpu"),  # a CUDA kernel
     (["--output_model_path", "{ckpts}/blocked.pt"], "blocked_last.pt' is a folder, not a file"),
+    (["--linear_probe", "--pretrained_model_path", "{mae}", "--max_device_batch_size", "1"],
+     "--max_device_batch_size 1 gives chunks of 1 image: the linear probe's BatchNorm needs at least 2"),
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, mae_ckpt, capsys, bad_flags, expected):
     ckpts = _make_bad_checkpoints(tmp_path, mae_ckpt)
