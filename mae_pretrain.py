@@ -110,13 +110,7 @@ def check_args(args) -> None:
 def load_resume(args):
     """-> (checkpoint, the log records of its epochs), or one-line death; read before anything is written."""
     ckpt = utils.load_checkpoint(args.resume, "--resume", CHECKPOINT_KEYS)
-    for name in RUN_DEFINING_FLAGS:
-        saved, given = ckpt["args"].get(name), getattr(args, name)
-        if saved != given:
-            utils.die(f"--resume {args.resume!r} was trained with --{name} {saved}, this run has {given}: "
-                      "pass the same value to continue its schedule")
-    if ckpt["epoch"] >= args.total_epoch:
-        utils.die(f"--resume {args.resume!r} has already finished all {args.total_epoch} epochs")
+    utils.check_resumable(ckpt, args, RUN_DEFINING_FLAGS)
     log = utils.read_jsonl(os.path.join(args.output_dir, "log.jsonl"), "--output_dir")
     return ckpt, [r for r in log if r["epoch"] <= ckpt["epoch"]]
 

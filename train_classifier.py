@@ -206,16 +206,10 @@ def load_resume(args, cfg: MAEConfig):
     if "optimizer" not in ckpt:
         utils.die(f"--resume {args.resume!r} is a best-epoch checkpoint, which keeps no optimizer state: resume from "
                   "the run's <stem>_last.pt")
-    for name in RUN_DEFINING_FLAGS:
-        saved, given = ckpt["args"].get(name), getattr(args, name)
-        if saved != given:
-            utils.die(f"--resume {args.resume!r} was trained with --{name} {saved}, this run has {given}: "
-                      "pass the same value to continue its schedule")
+    utils.check_resumable(ckpt, args, RUN_DEFINING_FLAGS)
     if ckpt["config"] != dataclasses.asdict(cfg):
         utils.die(f"--resume {args.resume!r} holds another model than these flags give (its config: "
                   f"{ckpt['config']})")
-    if ckpt["epoch"] >= args.total_epoch:
-        utils.die(f"--resume {args.resume!r} has already finished all {args.total_epoch} epochs")
     log_path = os.path.join(args.output_dir, f"{args.run_name}_log.jsonl")
     log = [r for r in utils.read_jsonl(log_path, "--output_dir") if r["epoch"] <= ckpt["epoch"]]
     # The curves and the best epoch are rebuilt from these records: all of the checkpoint's epochs must be there.

@@ -675,6 +675,18 @@ def read_jsonl(path: str, flag: str) -> list:
     return records
 
 
+def check_resumable(ckpt: dict, args, run_defining_flags) -> None:
+    """One-line death unless the --resume checkpoint ran under this run's values of the flags that define a run,
+    and has epochs left to run."""
+    for name in run_defining_flags:
+        saved, given = ckpt["args"].get(name), getattr(args, name)
+        if saved != given:
+            die(f"--resume {args.resume!r} was trained with --{name} {saved}, this run has {given}: pass the same "
+                "value to continue its schedule")
+    if ckpt["epoch"] >= args.total_epoch:
+        die(f"--resume {args.resume!r} has already finished all {args.total_epoch} epochs")
+
+
 def load_checkpoint(path: str, flag: str, required_keys) -> dict:
     """Load a checkpoint safely (weights_only: plain tensors and containers, no code runs) or die in one line
     naming the flag."""
