@@ -703,6 +703,32 @@ def project_reference(pretrain: dict, finetune: dict, evaluation: dict, peak_tfl
 
 # ----------------------------------------------------------------------------------------------------------
 
+def code_version() -> str | None:
+    """This checkout's commit, with '+changes' when tracked files differ from it; None outside a git checkout (or
+    without git). The JSON keeps it, so that a row of numbers can name the code that produced it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=30)
+        changes = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if commit.returncode or changes.returncode:
+        return None
+    return commit.stdout.strip() + ("+changes" if changes.stdout.strip() else "")
+
+
+def library_versions() -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+            "triton": triton_version}
+
+
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -845,7 +871,8 @@ def main(args):
               "min at the measured matmul peak")
     if args.json:
         utils.save_json(args.json, {
-            "date": date, "command": command, "device": describe_device(device), "torch": torch.__version__,
+            "date": date, "command": command, "code": code_version(), "device": describe_device(device),
+            "torch": torch.__version__, "versions": library_versions(),
             "autocast": str(amp_dtype), "compile": args.compile, "attention_kernel": attention, "config": vars(args),
             "model": dataclasses.asdict(cfg),
             "matmul_peak": peak, "flops_per_image_forward": {"pretrain": mae_parts, "finetune": cls_parts},

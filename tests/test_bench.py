@@ -474,6 +474,10 @@ def test_cpu_command_runs_in_seconds_and_its_numbers_agree(tmp_path):
     assert proc.returncode == 0, proc.stderr
     r = json.loads(out.read_text())
     assert r["command"] == f"python bench.py --device cpu --json {out}"
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if commit.returncode == 0:  # a git checkout, as CI's clone: the JSON names its commit
+        assert r["code"] in (commit.stdout.strip(), commit.stdout.strip() + "+changes")
+    assert r["versions"]["torch"] == torch.__version__ and set(r["versions"]) == {"torch", "cuda", "cudnn", "triton"}
     assert r["compile"] is False and r["config"]["preset"] == "small" and r["config"]["compile_mode"] == "default"
     cfg = MAEConfig(**r["model"])
     peak = r["matmul_peak"]["tflops"]
