@@ -164,16 +164,15 @@ def check_args(args) -> None:
     for name, (ok, allowed_text) in allowed.items():
         if not ok(getattr(args, name)):
             utils.die(f"--{name} must be {allowed_text}, got {getattr(args, name)}")
-    chunk = utils.device_chunk(args)
+    chunk, world_size = utils.device_chunk(args), utils.dist_env()[1]
+    # The flag that sets the chunk: --max_device_batch_size, or a process's share of the batch when smaller.
+    source = f"--max_device_batch_size {args.max_device_batch_size}" if chunk == args.max_device_batch_size \
+        else f"--batch_size {args.batch_size}" + (f" over {world_size} processes" if world_size > 1 else "")
     if (args.mixup or args.cutmix) and chunk % 2:
-        world_size = utils.dist_env()[1]
-        source = f"--max_device_batch_size {args.max_device_batch_size}" if chunk == args.max_device_batch_size \
-            else f"--batch_size {args.batch_size}" + (f" over {world_size} processes" if world_size > 1 else "")
         utils.die(f"{source} gives chunks of {chunk} images, which must be even with --mixup/--cutmix (each chunk "
                   "is mixed with its own reverse)")
     if args.linear_probe and chunk < 2:
-        utils.die(f"--max_device_batch_size {args.max_device_batch_size} gives chunks of {chunk} image: the linear "
-                  "probe's BatchNorm needs at least 2 per chunk")
+        utils.die(f"{source} gives chunks of {chunk} image: the linear probe's BatchNorm needs at least 2 per chunk")
     if args.linear_probe and (args.drop_path or args.layer_decay != 1):
         utils.die("--drop_path and --layer_decay do not apply with --linear_probe (the encoder is frozen)")
     if not args.run_name or args.run_name in (".", "..") or "/" in args.run_name or os.sep in args.run_name:
