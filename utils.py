@@ -23,17 +23,19 @@ from model import Block, MAEConfig
 # ----------------------------------------------------------------------------------------------------------
 # Errors the user caused: one line, exit status 2, nothing on disk touched
 
+def _prog() -> str:
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+
+
 def die(message: str):
     """Report bad input in one line on stderr and exit with status 2 (argparse's convention)."""
-    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "error"
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    print(f"{_prog()}: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
 def warn(message: str) -> None:
     """One line on stderr about input that is allowed but probably not meant."""
-    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "warning"
-    print(f"{prog}: warning: {message}", file=sys.stderr)
+    print(f"{_prog()}: warning: {message}", file=sys.stderr)
 
 
 class ArgumentParser(argparse.ArgumentParser):
