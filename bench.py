@@ -750,7 +750,8 @@ def main(args):
     resolve_defaults(args, device)
     cfg = check_args(args)
     amp_dtype = utils.autocast_dtype(args, device)
-    attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, class_token_query=True)
+    attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, class_token_query=True,
+                                       decoder=True)
     inductor = inductor_settings(args)
     for build in (lambda: MAE(cfg), lambda: ViTClassifier(cfg, args.num_classes)):
         utils.check_model_fits(build, device)

@@ -248,7 +248,8 @@ def main(args):
     ckpt, resumed_log = load_resume(args) if args.resume else (None, [])
     train, val, steps_per_epoch = utils.load_training_data(args, cfg.img_size)
     amp_dtype = utils.autocast_dtype(args, device)
-    attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, args.knn_feature == "token")
+    attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, args.knn_feature == "token",
+                                       decoder=True)
     utils.init_distributed(device)
     data_device = utils.data_device(train, val, device, args)  # after init: the processes decide together
     rank, world_size, _ = utils.dist_env()

@@ -431,23 +431,27 @@ def with_attention_kernel(main):
 
 
 def attention_choice(cfg: MAEConfig, name: str, device: torch.device, amp_dtype,
-                     class_token_query: bool = False) -> str:
+                     class_token_query: bool = False, decoder: bool = False) -> str:
     """The kernel attention runs with at the encoder's full shapes (1 + N tokens, with gradients) under
-    --attention `name`, as torch's dispatcher picks it; one-line death when the named kernel cannot run them, or,
-    with class_token_query, the class token's query alone over the 1 + N keys (the last block of a model pooled on
-    the class token: model.Block's num_queries), before a run would meet it."""
-    def tokens(length):  # (batch, heads, length, head dim)
-        return torch.zeros(1, cfg.num_heads, length, cfg.embed_dim // cfg.num_heads, device=device,
-                           dtype=amp_dtype or torch.float32, requires_grad=True)
-    k = tokens(1 + cfg.num_patches)
-    try:
-        with attention_kernel(name):
-            if class_token_query:
-                torch._fused_sdp_choice(tokens(1), k, k)
-            return SDPBackend(torch._fused_sdp_choice(k, k, k)).name.lower()
-    except RuntimeError as e:  # none of the allowed kernels fits these shapes, dtype and device
-        die(f"--attention {name} cannot run on {device} at head dim {k.shape[-1]} in {k.dtype} "
-            f"({str(e).splitlines()[0]}); choose auto or another kernel")
+    --attention `name`, as torch's dispatcher picks it; one-line death, before a run would meet it, when the named
+    kernel cannot run them, or, if asked, the class token's query alone over the 1 + N keys (the last block of a
+    model pooled on the class token: model.Block's num_queries), or the decoder's heads (whose width may differ)."""
+    def tokens(length, heads, dim):  # (batch, heads, length, head dim)
+        return torch.zeros(1, heads, length, dim // heads, device=device, dtype=amp_dtype or torch.float32,
+                           requires_grad=True)
+    k = tokens(1 + cfg.num_patches, cfg.num_heads, cfg.embed_dim)
+    others = [(tokens(1, cfg.num_heads, cfg.embed_dim), k)] if class_token_query else []
+    if decoder:
+        k_decoder = tokens(1 + cfg.num_patches, cfg.decoder_num_heads, cfg.decoder_embed_dim)
+        others.append((k_decoder, k_decoder))
+    for q, keys in [*others, (k, k)]:  # the encoder's last: its choice is the one returned
+        try:
+            with attention_kernel(name):
+                choice = torch._fused_sdp_choice(q, keys, keys)
+        except RuntimeError as e:  # none of the allowed kernels fits these shapes, dtype and device
+            die(f"--attention {name} cannot run on {device} at head dim {keys.shape[-1]} in {keys.dtype} "
+                f"({str(e).splitlines()[0]}); choose auto or another kernel")
+    return SDPBackend(choice).name.lower()
 
 
 def resolve_device(args) -> torch.device:

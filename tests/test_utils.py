@@ -414,3 +414,25 @@ def test_attention_choice_checks_the_class_tokens_single_query_when_asked(monkey
     assert exc.value.code == 2 and asked[1:] == [(1, 17)]
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--attention flash cannot run on cpu" in err and "No available kernel" in err
+
+
+def test_attention_choice_checks_the_decoders_heads_when_asked(monkeypatch, capsys):
+    """The MAE's decoder may have heads of another width than the encoder's (--decoder_embed_dim,
+    --decoder_num_heads). A kernel named by --attention that cannot run the decoder's head dim is refused in one
+    line naming it, before the run, rather than by a traceback at the first step."""
+    cfg = MAEConfig(patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=64, decoder_num_heads=1)
+    asked, choose = [], torch._fused_sdp_choice
+
+    def no_head_dim_64(q, k, v, *args, **kwargs):  # a kernel with a head-dim limit under 64
+        asked.append((q.shape[1], q.shape[-1]))
+        if q.shape[-1] == 64:
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return choose(q, k, v, *args, **kwargs)
+    monkeypatch.setattr(torch, "_fused_sdp_choice", no_head_dim_64)
+    assert utils.attention_choice(cfg, "flash", torch.device("cpu"), None) == "flash_attention"
+    assert asked == [(2, 16)]  # the encoder's 2 heads of 16
+    with pytest.raises(SystemExit) as exc:
+        utils.attention_choice(cfg, "flash", torch.device("cpu"), None, decoder=True)
+    assert exc.value.code == 2 and asked[1:] == [(1, 64)]
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--attention flash cannot run on cpu at head dim 64" in err
