@@ -183,10 +183,8 @@ def check_args(args) -> MAEConfig:
                   f"{chunk_size(args.finetune_batch_size, args)} images, which must be even with the "
                   f"{args.finetune_recipe} recipe's mixup/CutMix (each chunk is mixed with its own reverse)")
     utils.check_seed(args.seed)
-    try:
-        return MAEConfig(mask_ratio=args.mask_ratio, **{name: getattr(args, name) for name in utils.MODEL_SIZE_FLAGS})
-    except ValueError as e:
-        utils.die(f"model flags (--patch_size, --embed_dim, --num_heads, ...): {e}")
+    return utils.model_config(mask_ratio=args.mask_ratio,
+                              **{name: getattr(args, name) for name in utils.MODEL_SIZE_FLAGS})
 
 
 def chunk_size(batch_size: int, args) -> int:

@@ -78,11 +78,8 @@ def get_args_parser():
 
 
 def model_config(args) -> MAEConfig:
-    try:
-        cfg = MAEConfig(mask_ratio=args.mask_ratio, norm_pix_loss=args.norm_pix_loss,
-                        **{name: getattr(args, name) for name in utils.MODEL_SIZE_FLAGS})
-    except ValueError as e:
-        utils.die(f"model flags (--patch_size, --embed_dim, --num_heads, ...): {e}")
+    cfg = utils.model_config(mask_ratio=args.mask_ratio, norm_pix_loss=args.norm_pix_loss,
+                             **{name: getattr(args, name) for name in utils.MODEL_SIZE_FLAGS})
     if num_masked_patches(cfg.num_patches, cfg.mask_ratio) == 0:  # the loss is a mean over the masked patches
         utils.die(f"--mask_ratio {args.mask_ratio} masks none of the {cfg.num_patches} patches (--patch_size "
                   f"{args.patch_size}): at least one must be masked, i.e. mask_ratio >= 1/{cfg.num_patches}")

@@ -37,8 +37,10 @@ class MAEConfig:
             raise ValueError(f"sizes must be >= 1, got {', '.join(small)}")
         if self.img_size % self.patch_size:
             raise ValueError(f"patch_size {self.patch_size} must divide img_size {self.img_size}")
-        if self.embed_dim % self.num_heads or self.decoder_embed_dim % self.decoder_num_heads:
-            raise ValueError("embed_dim and decoder_embed_dim must be divisible by their number of heads")
+        for width, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
+            if getattr(self, width) % getattr(self, heads):
+                raise ValueError(f"{width} {getattr(self, width)} must be divisible by {heads} "
+                                 f"{getattr(self, heads)}")
         check_mask_ratio(self.mask_ratio)
 
     @property

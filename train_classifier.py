@@ -280,12 +280,9 @@ def model_config(args, pretrained_config: dict | None) -> MAEConfig:
                 utils.die(f"--{name} {given} does not match --pretrained_model_path's {saved} "
                           "(leave it out to use the checkpoint's)")
     else:
-        try:
-            # The decoder flags build nothing here, so they are left out rather than checked against each other.
-            given = {name: getattr(args, name) for name in utils.MODEL_SIZE_FLAGS if name not in DECODER_FLAGS}
-            cfg = MAEConfig(**{name: value for name, value in given.items() if value is not None})
-        except ValueError as e:
-            utils.die(f"model flags (--patch_size, --embed_dim, --num_heads, ...): {e}")
+        # The decoder flags build nothing here, so they are left out rather than checked against each other.
+        given = {name: getattr(args, name) for name in utils.MODEL_SIZE_FLAGS if name not in DECODER_FLAGS}
+        cfg = utils.model_config(**{name: value for name, value in given.items() if value is not None})
     if args.crop_padding >= cfg.img_size:
         utils.die(f"--crop_padding must be in [0, {cfg.img_size}), got {args.crop_padding}")
     for name in utils.MODEL_SIZE_FLAGS:  # args.json then records the model that was actually trained

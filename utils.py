@@ -176,6 +176,14 @@ def add_model_size_args(parser, vit_t_defaults: bool, unused=()) -> None:
         parser.add_argument(f"--{name}", type=int, default=value if vit_t_defaults else None, help=help_text)
 
 
+def model_config(**fields) -> MAEConfig:
+    """MAEConfig(**fields), with its complaint as one-line death (its fields are the flags' names)."""
+    try:
+        return MAEConfig(**fields)
+    except ValueError as e:
+        die(f"model flags: {e}")
+
+
 def check_data_args(args) -> None:
     """data.check_data_args, with its error as one-line death."""
     try:
