@@ -296,20 +296,20 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr
 
 
 def set_lr(optimizer, lr: float) -> None:
-    # lr_scale lets layer-wise decay or frozen groups keep their ratio to the scheduled lr.
+    # lr_scale lets layer-wise decay's groups keep their ratio to the scheduled lr.
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list:
-    """Decay only weight matrices: no decay on norms, biases, tokens and position embeddings (1-D or token
-    parameters), as DeiT and the MAE fine-tuning code do (the official MAE pretraining decays its two tokens:
-    a few hundred numbers either way)."""
+    """Decay only weight matrices: no decay on norms, biases and the class and mask tokens, as DeiT and the MAE
+    fine-tuning code do (the official MAE pretraining decays its two tokens: a few hundred numbers either way).
+    The position embeddings are fixed buffers, not parameters."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(("cls_token", "mask_token", "pos_embed")):
+        if p.ndim <= 1 or name.endswith(("cls_token", "mask_token")):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -812,9 +812,8 @@ def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay:
     is 0 for the patch embedding and class token, i + 1 for transformer block i (a name with 'blocks.<i>.') and
     num_blocks + 1 for everything after the blocks (final norm, head), which keeps the full lr. Weight decay
     follows weight_decay_groups; frozen parameters are left out. Parameters with the same lr scale and weight
-    decay share a group: the fused AdamW runs once per group, and each group costs host Python and launches every
-    step (ViT-T's tensors at a tiny width on a 2-core CPU, so that the arithmetic is negligible: 1.6 ms per
-    step and zeroing in 28 groups, 0.95 ms in 2), so layer_decay 1 gives two groups, not one per layer and decay."""
+    decay share a group: the fused AdamW runs once per group, and each group costs host time and launches every
+    step, so layer_decay 1 gives two groups, not one per layer and decay."""
     import re
     decayed = {id(p) for p in weight_decay_groups(model, weight_decay)[0]["params"]}
     groups = {}
@@ -824,7 +823,7 @@ def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay:
         block = re.search(r"(?:^|\.)blocks\.(\d+)\.", name)
         if block:
             layer_id = int(block.group(1)) + 1
-        elif any(part in name for part in ("patch_embed", "cls_token", "pos_embed")):
+        elif any(part in name for part in ("patch_embed", "cls_token")):
             layer_id = 0
         else:
             layer_id = num_blocks + 1
