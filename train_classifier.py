@@ -604,9 +604,7 @@ def main(args):
             best_acc, best_epoch = record["val_acc"], record["epoch"]
     last_epoch = min(args.total_epoch, args.stop_after or args.total_epoch)
     for epoch in range(start_epoch, last_epoch + 1):
-        # Augmentation and mixup differ across processes (their images differ too); timm's Mixup draws from numpy.
-        utils.seed_epoch(args.seed, epoch, rank)
-        np.random.seed((args.seed * 1_000_003 + epoch * 1009 + rank) % 2 ** 32)
+        utils.seed_epoch(args.seed, epoch, rank)  # augmentation and mixup differ per process, as images do
         stats = train_one_epoch(net, frozen, optimizer, scaler, train_inputs, train_labels, prepare_train, mixup,
                                 criterion, args, epoch, steps_per_epoch, device, amp_dtype, writer)
         if not math.isfinite(stats["train_loss"]):

@@ -589,9 +589,11 @@ def _has_cpp_compiler() -> bool:
 
 
 def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
-    """Seed torch's RNGs (masks, augmentation) from (seed, epoch, rank): a resumed run draws exactly what an
-    uninterrupted one would, with no RNG state to carry in the checkpoint."""
-    torch.manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
+    """Seed torch's RNGs (masks, augmentation) and numpy's (timm's Mixup draws from it) from (seed, epoch, rank):
+    a resumed run draws exactly what an uninterrupted one would, with no RNG state to carry in the checkpoint."""
+    value = seed * 1_000_003 + epoch * 1009 + rank
+    torch.manual_seed(value)
+    np.random.seed(value % 2 ** 32)
 
 
 # ----------------------------------------------------------------------------------------------------------
