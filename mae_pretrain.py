@@ -1,6 +1,6 @@
 """Masked-autoencoder pretraining of a ViT-Tiny on CIFAR-10.
 
-The reference experiment (one GPU; also what `python mae_pretrain.py` runs with no flags):
+The reference experiment (one GPU; `python mae_pretrain.py` with no flags runs it too, saving to vit-t-mae.pt):
     python mae_pretrain.py --batch_size 512 --max_device_batch_size 256 --total_epoch 150 \
         --model_path vit-t-mae-150ep.pt
 Several GPUs on one node, or several nodes (--batch_size stays the global batch):

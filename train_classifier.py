@@ -325,8 +325,8 @@ def augments_images(args) -> bool:
 
 
 def augment_draws(shape, args, device) -> dict:
-    """Every random number augment uses for a chunk of `shape` (B, C, H, W), drawn eagerly, in the order (and so
-    with the values) augment would draw them itself."""
+    """Every random number augment uses for a chunk of `shape` (B, C, H, W), drawn eagerly, so that a compiled
+    augment holds no random op."""
     batch, draws = shape[0], {}
     if args.crop_padding:
         draws["crop"] = data.crop_draws(batch, args.crop_padding, device)
