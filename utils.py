@@ -765,16 +765,6 @@ def save_recon_figure(path: str, masked, recon, original, title: str = "", ncol:
     os.replace(tmp, path)
 
 
-def save_figure(fig, path: str, title: str = "") -> None:
-    """Title, tight layout, and a PNG at 150 dpi written under a temporary name and renamed."""
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=150)
-    os.replace(tmp, path)
-
-
 def recon_grid_tensor(masked, recon, original, ncol: int = 8) -> torch.Tensor:
     """The same three panels as one (3, H, W) image for TensorBoard."""
     from torchvision.utils import make_grid
@@ -854,7 +844,12 @@ def save_prediction_grid(path: str, images, predicted, true, classes, title: str
         p, t = int(predicted[i]), int(true[i])
         ax.imshow(images[i].float().cpu().permute(1, 2, 0).numpy(), interpolation="nearest")
         ax.set_title(f"P: {classes[p]} / T: {classes[t]}", fontsize=8, color="green" if p == t else "red")
-    save_figure(fig, path, title)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"  # renamed when complete: a reader never sees half a file
+    fig.savefig(tmp, dpi=150)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
