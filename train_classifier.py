@@ -51,17 +51,17 @@ RECIPES = {
     "plain": dict(crop_padding=0, hflip=False, auto_augment="none", mixup=0.0, cutmix=0.0, label_smoothing=0.0,
                   drop_path=0.0, layer_decay=1.0, random_erase=0.0, schedule="reference"),
 }
+RECIPE_FLAGS = tuple(RECIPES["plain"])  # a new recipe part needs a value in each recipe, "off" in plain
+# The recipe flags that change the images a model is shown, where the rest change its loss or its optimisation.
+IMAGE_FLAGS = ("crop_padding", "hflip", "auto_augment", "mixup", "cutmix", "random_erase")
 # Flags that define the run: a checkpoint only resumes under the same values (its schedule, recipe, starting point
 # and data). max_device_batch_size, devices and output paths may change; the model must be the checkpoint's.
 RUN_DEFINING_FLAGS = ("seed", "batch_size", "base_learning_rate", "weight_decay", "min_lr", "total_epoch",
-                      "warmup_epoch", "recipe", "crop_padding", "hflip", "auto_augment", "mixup", "cutmix",
-                      "label_smoothing", "drop_path", "layer_decay", "random_erase", "schedule", "linear_probe",
-                      "global_pool", "pretrained_model_path", "dataset", "val_split", "fake_size")
+                      "warmup_epoch", "recipe", *RECIPE_FLAGS, "linear_probe", "global_pool", "pretrained_model_path",
+                      "dataset", "val_split", "fake_size")
 # The linear probe (MAE paper) trains a linear head on frozen features: no augmentation, nothing that regularises
-# or schedules the encoder. Its schedule still comes from --recipe.
-PROBE_SETTINGS = dict(crop_padding=0, hflip=False, auto_augment="none", mixup=0.0, cutmix=0.0, label_smoothing=0.0,
-                      drop_path=0.0, layer_decay=1.0, random_erase=0.0)
-RECIPE_FLAGS = tuple(RECIPES["plain"])
+# or schedules the encoder (the plain recipe's values). Its lr schedule still comes from --recipe.
+PROBE_SETTINGS = {name: value for name, value in RECIPES["plain"].items() if name != "schedule"}
 NUM_VIS = 16  # val images in the prediction grids (4 x 4)
 DECODER_FLAGS = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")  # accepted, unused: no decoder here
 CURVES = ("train_loss", "train_acc", "val_loss", "val_acc")  # one value per epoch, each to <run>_<name>.npy
@@ -320,8 +320,7 @@ def lr_at_step(step: int, total_steps: int, warmup_steps: int, peak_lr: float, a
 
 
 def augments_images(args) -> bool:
-    return bool(args.crop_padding or args.hflip or args.auto_augment != "none" or args.mixup or args.cutmix
-                or args.random_erase)
+    return any(getattr(args, name) != RECIPES["plain"][name] for name in IMAGE_FLAGS)
 
 
 def augment_draws(shape, args, device) -> dict:

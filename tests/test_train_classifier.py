@@ -379,6 +379,21 @@ def test_the_reference_commands_and_the_probe_parse_as_written():
 # ----------------------------------------------------------------------------------------------------------
 # Recipe
 
+def test_each_image_flag_alone_makes_the_view_random_and_the_others_do_not():
+    """augments_images decides whether a linear probe may compute its frozen features once: any recipe flag that
+    changes the images (by itself, over the plain recipe) must say yes, the loss and optimiser flags no."""
+    for name in train_classifier.RECIPE_FLAGS:
+        args = parse(["--recipe", "plain"])
+        train_classifier.resolve_recipe(args)
+        setattr(args, name, train_classifier.RECIPES["finetune"][name])
+        images = data.fake_images(8).images
+        changes_images = name in train_classifier.IMAGE_FLAGS
+        assert train_classifier.augments_images(args) == changes_images, name
+        if name not in ("mixup", "cutmix"):  # those mix in make_mixup, after augment
+            torch.manual_seed(0)
+            assert torch.equal(train_classifier.augment(images, args), data.normalize(images)) != changes_images, name
+
+
 def test_plain_recipe_is_unaugmented_and_flags_override_the_recipe():
     args = parse(["--recipe", "plain"])
     train_classifier.resolve_recipe(args)
