@@ -36,7 +36,10 @@ STYLE = {
     "grid.alpha": 0.3, "grid.linewidth": 0.6, "lines.linewidth": 1.6, "legend.frameon": False,
     "figure.constrained_layout.use": True, "savefig.bbox": "tight", "savefig.pad_inches": 0.04,
 }
+# The scripts' outputs, read as files so that plotting needs no training code (tests pin them to the scripts'
+# mae_pretrain.EVAL_METRICS and train_classifier.CURVES).
 MONITOR_FILES = ("eval_epochs", "knn_acc", "val_loss", "val_psnr")
+LOWER_IS_BETTER = ("val_loss",)  # of the monitor's metrics; the others are best at their highest
 RUN_CURVES = ("train_loss", "train_acc", "val_loss", "val_acc")
 
 
@@ -236,7 +239,7 @@ def pretrain_numbers(pre: Pretraining) -> dict:
     out = {"epochs": len(losses), "first5": losses[:5], "last5": losses[-5:], "best_loss": losses[pre.best_epoch - 1],
            "best_epoch": pre.best_epoch, "final_loss": losses[-1]}
     for name, values in pre.evals.items():
-        best = int(np.nanargmin(values)) if name == "val_loss" else first_argmax(values)
+        best = int(np.nanargmin(values)) if name in LOWER_IS_BETTER else first_argmax(values)
         out[name] = {"final": values[-1], "final_epoch": int(pre.eval_epochs[-1]), "best": values[best],
                      "best_epoch": int(pre.eval_epochs[best])}
     return out
@@ -508,8 +511,9 @@ def pretrain_config(pre: Pretraining) -> str:
     if not a:
         return "no args.json"
     return (f"--dataset {a.get('dataset')}, --total_epoch {a.get('total_epoch')}, --batch_size "
-            f"{a.get('batch_size')}, --mask_ratio {a.get('mask_ratio')}, --device {a.get('device')}; val numbers "
-            f"on the {val_split(a)}")
+            f"{a.get('batch_size')}, --mask_ratio {a.get('mask_ratio')}, --device {a.get('device')}; encoder "
+            f"{a.get('embed_dim')} x {a.get('depth')} blocks, decoder {a.get('decoder_embed_dim')} x "
+            f"{a.get('decoder_depth')}, patch {a.get('patch_size')}; val numbers on the {val_split(a)}")
 
 
 def command_line(args) -> str:

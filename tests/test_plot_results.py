@@ -137,6 +137,19 @@ def test_pretraining_numbers_equal_those_of_the_npy_files(full_report):
     assert table_value(report, "val PSNR of masked patches, best (epoch)") == f"{psnr[b]:.2f} dB ({epochs[b]})"
 
 
+def test_report_names_the_pretrained_model_and_reads_the_files_the_scripts_write(full_report):
+    """The report's caption says which MAE made the numbers (a smaller decoder's report looks the same
+    otherwise), and the file names plot_results reads are the ones the scripts write."""
+    pre, _, report_path, _ = full_report
+    args = json.loads((pre / "args.json").read_text())
+    caption = (f"encoder {args['embed_dim']} x {args['depth']} blocks, decoder {args['decoder_embed_dim']} x "
+               f"{args['decoder_depth']}, patch {args['patch_size']}")
+    assert caption in report_path.read_text()
+    assert plot_results.MONITOR_FILES == ("eval_epochs", *mae_pretrain.EVAL_METRICS)
+    assert set(plot_results.LOWER_IS_BETTER) <= set(mae_pretrain.EVAL_METRICS)
+    assert plot_results.RUN_CURVES == train_classifier.CURVES
+
+
 def test_classifier_numbers_equal_those_of_the_npy_files(full_report):
     _, cls, report_path, stdout = full_report
     report = report_path.read_text()
