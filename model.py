@@ -275,10 +275,9 @@ class MAEEncoder(nn.Module):
     def embed(self, imgs: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, D) patch tokens with positions added."""
         # Kernel = stride: the conv is a linear map on each patch flattened as (c p1 p2), its weight's own order,
-        # and is applied as one. As a conv its backward is ATen's, which sums the bias gradient in a reduction of its
-        # own, slow on the classifier's gradient (a strided slice past the class token): an ATen sum of 0.42 of the
-        # 9.6 ms of an H200 fine-tuning step (bench.py --profile) matches it. As a linear, torch.compile fuses the
-        # bias gradient into its own kernels. The parameters stay the conv's: checkpoints do not change.
+        # and is applied as one. As a conv its backward is ATen's, which sums the bias gradient in a slow reduction
+        # of its own (README, Speed); as a linear, torch.compile fuses that sum into its kernels. The parameters
+        # stay the conv's: checkpoints do not change.
         p = self.cfg.patch_size
         patches = rearrange(imgs, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)
         x = F.linear(patches, self.patch_embed.weight.flatten(1), self.patch_embed.bias)  # (B, N, D)

@@ -735,11 +735,9 @@ def save_recon_figure(path: str, masked, recon, original, title: str = "", ncol:
     back), original; the title above. Images are (B, 3, H, W) floats in [0, 1], drawn `scale` times enlarged.
 
     Drawn with PIL rather than matplotlib: pretraining writes one every epoch from the background thread, and the
-    training loop on the main thread (which launches a CUDA step's work) loses what the figure holds of the GIL.
-    On this repository's 2-core CPU machine, a loop of small torch operators on the main thread ran at 57-65% of
-    its rate while the earlier matplotlib version of this figure was drawn in a thread (105-122 ms of the loop's
-    time lost per figure), and at 89% while this one is (6 ms lost). On an H200 the real-data pretraining's
-    epochs went from 20,600-21,400 to 22,964-23,275 images/s (README, Speed)."""
+    training loop on the main thread, which launches the GPU's work, loses what the figure holds of the GIL:
+    about 110 ms per figure with matplotlib, 6 ms with PIL (README, Speed: The fast path learns as the plain one
+    does)."""
     from PIL import Image, ImageDraw, ImageFont
     from torchvision.utils import make_grid
 
@@ -874,11 +872,9 @@ def close_distributed() -> None:
 
     gloo's worker threads free each finished collective after its caller has moved on, and freeing a collective's
     last reference to a Python tensor takes the GIL, which the main thread holds while it destroys the group and
-    joins those threads: a deadlock at exit, in one rank of a 2-process CPU run. Measured on this repository's CPU
-    machine (2026-11-28, 50 all-reduces, then this): with only a barrier here, torch 2.6 hung in 7 of 30 runs
-    (torch 2.11 and 2.14 in none; 2.11 with no synchronisation at all in 3 of 3); with a last all-reduce of a
-    tensor Python keeps until the group is gone, 1 of 30; with that and 50 ms without the GIL for the workers to
-    finish, 0 of 60, and 0 of 30 with a busy process on the two cores."""
+    joins those threads: a deadlock at exit, in one rank of a 2-process CPU run. With only a barrier here torch
+    2.6 hung in 7 of 30 such runs; with a last all-reduce of a tensor Python keeps until the group is gone, and 50
+    ms without the GIL for the workers to finish, in none of 90 (this repository's CPU machine, 2026-11-28)."""
     if dist.is_initialized():
         done = torch.zeros(1, device="cuda" if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(done)
