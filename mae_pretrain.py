@@ -128,7 +128,7 @@ def train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, devi
     rank, world_size, _ = utils.dist_env()
     mine = utils.shard(args.batch_size, rank, world_size)
     chunk = utils.device_chunk(args)
-    accum_steps = (args.batch_size // world_size) // chunk
+    accum_steps = utils.chunks_per_step(args)
     num_patches = (train_images.shape[-1] // args.patch_size) ** 2
     utils.set_lr(optimizer, lr)
     noise = torch.rand(args.batch_size, num_patches, device=device)[mine]
@@ -145,10 +145,7 @@ def train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, devi
         # Chunks are equal-sized, so dividing by their number makes the summed gradient the batch mean.
         utils.backward(scaler.scale(loss / accum_steps), optimizer)
         loss_sum += loss.detach()
-    utils.average_gradients(optimizer)  # over the processes, under torchrun
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=False)  # in place: the .grad buffers stay (utils.make_adamw says why)
+    utils.optimizer_step(optimizer, scaler)
 
 
 def train_one_epoch(model, optimizer, scaler, train_images, args, epoch, steps_per_epoch, device, amp_dtype, writer):
@@ -156,7 +153,7 @@ def train_one_epoch(model, optimizer, scaler, train_images, args, epoch, steps_p
     device and is read only every log_interval steps and at the end, so the GPU never waits for the host."""
     model.train()
     rank, world_size, _ = utils.dist_env()
-    chunks_per_step = (args.batch_size // world_size) // utils.device_chunk(args)
+    chunks_per_step = utils.chunks_per_step(args)
     batches = data.epoch_batches(len(train_images), args.batch_size, args.seed * 100_003 + epoch,
                                  train_images.device)
     peak_lr = utils.peak_lr(args)

@@ -399,7 +399,7 @@ def train_step(net, optimizer, scaler, inputs, labels, batch_idx, lr, prepare, m
     correct count (against the unmixed labels) to the device-side sums."""
     rank, world_size, _ = utils.dist_env()
     chunk = utils.device_chunk(args)
-    accum_steps = (args.batch_size // world_size) // chunk
+    accum_steps = utils.chunks_per_step(args)
     utils.set_lr(optimizer, lr)
     for chunk_idx in batch_idx[utils.shard(args.batch_size, rank, world_size)].split(chunk):
         utils.mark_chunk_begin()
@@ -412,10 +412,7 @@ def train_step(net, optimizer, scaler, inputs, labels, batch_idx, lr, prepare, m
         utils.backward(scaler.scale(loss / accum_steps), optimizer)
         loss_sum += loss.detach()
         correct += (logits.argmax(dim=-1) == y).sum()
-    utils.average_gradients(optimizer)  # over the processes, under torchrun
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=False)  # in place: the .grad buffers stay (utils.make_adamw says why)
+    utils.optimizer_step(optimizer, scaler)
 
 
 def train_one_epoch(net, frozen, optimizer, scaler, inputs, labels, prepare, mixup, criterion, args, epoch,
@@ -426,7 +423,7 @@ def train_one_epoch(net, frozen, optimizer, scaler, inputs, labels, prepare, mix
     if frozen is not None:
         frozen.eval()  # the probed encoder stays exactly as pretrained
     rank, world_size, _ = utils.dist_env()
-    chunks_per_step = (args.batch_size // world_size) // utils.device_chunk(args)
+    chunks_per_step = utils.chunks_per_step(args)
     batches = data.epoch_batches(len(labels), args.batch_size, args.seed * 100_003 + epoch, inputs.device)
     peak_lr = utils.peak_lr(args)
     total_steps, warmup_steps = args.total_epoch * steps_per_epoch, args.warmup_epoch * steps_per_epoch

@@ -142,6 +142,11 @@ def device_chunk(args) -> int:
     return min(args.max_device_batch_size, args.batch_size // dist_env()[1])
 
 
+def chunks_per_step(args) -> int:
+    """Chunks (forward and backward passes) per optimizer step on each process: the gradient accumulation."""
+    return (args.batch_size // dist_env()[1]) // device_chunk(args)
+
+
 # Evaluation's chunks are this many times --max_device_batch_size. Without gradients a forward pass holds one
 # block's activations at a time, where a training chunk keeps every block's for the backward, so four times the
 # images still take less memory than a training chunk (the ViT-T classifier under bf16 autocast, by peak memory on
@@ -362,6 +367,15 @@ def backward(loss: torch.Tensor, optimizer) -> None:
     # materialize_grads: a parameter the loss does not reach gets zeros, as its .grad would stay under backward().
     grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
     torch._foreach_add_([p.grad for p in params], grads)
+
+
+def optimizer_step(optimizer, scaler) -> None:
+    """The step after a batch's last chunk: gradients averaged over the processes, the (fp16: unscaled) update,
+    and the .grad buffers zeroed in place, so they stay (make_adamw says why)."""
+    average_gradients(optimizer)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=False)
 
 
 def average_gradients(optimizer) -> None:
