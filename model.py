@@ -213,13 +213,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
         """(B, N, D) -> (B, Q, D): the first Q = num_queries tokens (default all N) attend to all N."""
-        B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim) each
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         if num_queries is not None:
             q = q[:, :, :num_queries]  # keys and values stay all N tokens'
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, q.shape[2], D))
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, Q, head_dim)
+        return self.proj(rearrange(x, "b h q d -> b q (h d)"))
 
 
 class Block(nn.Module):
