@@ -132,6 +132,7 @@ def train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, devi
     num_patches = (train_images.shape[-1] // args.patch_size) ** 2
     utils.set_lr(optimizer, lr)
     noise = torch.rand(args.batch_size, num_patches, device=device)[mine]
+    # Per image: 4 numbers for random_resized_crop (area, aspect ratio, x, y), the 5th for the flip.
     crop_rand = torch.rand(args.batch_size, 5, device=device)[mine] if args.augment else None
     for c, chunk_idx in enumerate(batch_idx[mine].split(chunk)):
         utils.mark_chunk_begin()
