@@ -390,6 +390,20 @@ def make_mixup(args, num_classes: int):
                  num_classes=num_classes)
 
 
+def training_inputs(model: ViTClassifier, train_images, val_images, eval_chunk: int, args, device, amp_dtype):
+    """What trains on what -> (net, frozen encoder or None, train inputs, val inputs, prepare_train, prepare_eval).
+    A linear probe on unaugmented images trains its head on the frozen encoder's features, computed once (an
+    epoch is then a pass of the head over (N, D) floats); every other run trains the model on uint8 images,
+    viewed by prepare_train (augment, compiled when the model is) and prepare_eval (data.normalize)."""
+    if args.linear_probe and not augments_images(args):
+        model.eval()
+        train_inputs = utils.embed_all(model.features, train_images, eval_chunk, amp_dtype, device)
+        val_inputs = utils.embed_all(model.features, val_images, eval_chunk, amp_dtype, device)
+        return nn.Sequential(model.head_norm, model.head), None, train_inputs, val_inputs, nn.Identity(), nn.Identity()
+    frozen = model.encoder if args.linear_probe else None
+    return model, frozen, train_images, val_images, augmentation(args, args.compile), data.normalize
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Training and evaluation
 
@@ -494,8 +508,8 @@ def main(args):
 
     run, out = args.run_name, args.output_dir
     path = {name: os.path.join(out, f"{run}_{name}") for name in (
-        "train_loss.npy", "train_acc.npy", "val_loss.npy", "val_acc.npy", "log.jsonl", "summary.json",
-        "val_preds.npy", "val_labels.npy", "args.json", "preds_grid.png")}
+        *(f"{curve}.npy" for curve in CURVES), "log.jsonl", "summary.json", "val_preds.npy", "val_labels.npy",
+        "args.json", "preds_grid.png")}
     last_model_path = last_path(args)
     log_print(f"config: {vars(args)}")
     log_print(f"data: {args.dataset}, {len(train)} train / {len(val)} val images, {num_classes} classes, "
@@ -525,27 +539,13 @@ def main(args):
         utils.save_npy(path["val_labels.npy"], val.labels, dtype=np.int64)
 
     # ---- what trains on what
-    frozen = model.encoder if args.linear_probe else None
-    precomputed = args.linear_probe and not augments_images(args)
-    compiled = not precomputed and args.compile  # a probe's head alone: nothing to compile
     eval_chunk = utils.eval_chunk(args.max_device_batch_size)  # no gradients: larger chunks than training's
-    if precomputed:
-        # A frozen encoder on unaugmented images gives the same features every epoch: compute them once, and an
-        # epoch is a pass of the head over (N, D) floats.
-        model.eval()
-        train_inputs = utils.embed_all(model.features, train_images, eval_chunk, amp_dtype, device)
-        val_inputs = utils.embed_all(model.features, val_images, eval_chunk, amp_dtype, device)
-        net, frozen = nn.Sequential(model.head_norm, model.head), None
-        prepare_train = prepare_eval = nn.Identity()
-    else:
-        train_inputs, val_inputs = train_images, val_images
-        net = model
-        prepare_train, prepare_eval = augmentation(args, compiled), data.normalize
+    eval_net, frozen, train_inputs, val_inputs, prepare_train, prepare_eval = training_inputs(
+        model, train_images, val_images, eval_chunk, args, device, amp_dtype)
     # Batches are cut where the inputs live: the labels go there too.
     train_labels, val_labels = train.labels.to(train_inputs.device), val.labels.to(val_inputs.device)
-    eval_net = net  # evaluation runs eager (utils.eager)
-    if compiled:
-        net = utils.compile_model(net, args)
+    # Evaluation runs eager (utils.eager); a probe's head alone, on precomputed features, has nothing to compile.
+    net = utils.compile_model(eval_net, args) if args.compile and eval_net is model else eval_net
 
     # ---- optimizer and loss
     optimizer = make_optimizer(model, args, device)
