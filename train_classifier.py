@@ -297,12 +297,9 @@ def build_model(args, cfg: MAEConfig, num_classes: int, mae_state: dict | None) 
     """The classifier; with mae_state its encoder is the checkpoint's and only the head starts from random."""
     model = ViTClassifier(cfg, num_classes, args.global_pool, args.drop_path, linear_probe=args.linear_probe)
     if mae_state is not None:
-        encoder_state = {f"encoder.{k}": v for k, v in encoder_state_from_mae(mae_state).items()}
-        result = model.load_state_dict(encoder_state, strict=False)
-        # BatchNorm fills a missing num_batches_tracked in itself and does not report it.
-        head_keys = sorted(k for k in model.state_dict()
-                           if not k.startswith("encoder.") and not k.endswith("num_batches_tracked"))
-        if sorted(result.missing_keys) != head_keys or result.unexpected_keys:
+        # Not strict, so that the error below is one line (load_pretrained has checked the sizes).
+        result = model.encoder.load_state_dict(encoder_state_from_mae(mae_state), strict=False)
+        if result.missing_keys or result.unexpected_keys:
             utils.die(f"--pretrained_model_path {args.pretrained_model_path!r}: its encoder does not fit the "
                       f"classifier ({_key_summary(result)})")
     if args.linear_probe:
