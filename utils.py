@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
-from model import Block, MAEConfig
+from model import Block, MAEConfig, count_params
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ def check_model_fits(build, device: torch.device) -> None:
     traceback. build() runs on the meta device, allocating nothing. The device's total, not what is free now, is
     the bound: no model that could run is refused."""
     with torch.device("meta"):
-        params = sum(p.numel() for p in build().parameters())
+        params = count_params(build())
     need = TRAINING_BYTES_PER_PARAMETER * params
     total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
              else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
