@@ -3,11 +3,13 @@
 Run: python -m pytest -q tests/test_data.py
 """
 import argparse
+import math
 import pathlib
 import shutil
 
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 
 import data
 from conftest import FIXTURE_DIR
@@ -137,3 +139,111 @@ def test_cifar_is_downloaded_under_an_exclusive_lock(tmp_path, monkeypatch):
     assert held == [True, True] and (len(train), len(val)) == (4, 2)
     with open(tmp_path / "new" / ".download.lock", "a") as after:  # released once loaded
         fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_denormalize_clamps_out_of_range_values_to_the_displayable_range():
+    """denormalize maps [-1, 1] back to [0, 1] and clamps anything outside (a reconstruction can overshoot)."""
+    x = torch.tensor([-3.0, -1.5, -1.0, 0.0, 0.5, 1.0, 2.5])
+    assert data.denormalize(x).tolist() == [0.0, 0.0, 0.0, 0.5, 0.75, 1.0, 1.0]
+
+
+def test_resized_crop_takes_the_documented_area_aspect_and_position():
+    """Crops checked on a coordinate image (channel 0: each pixel's column, channel 1: its row), which bilinear
+    resizing reproduces exactly: area = scale[0] + (scale[1] - scale[0]) * u_area, aspect (width / height)
+    log-uniform in ratio, width sqrt(area * aspect) and height sqrt(area / aspect) as fractions of the image
+    (shrunk to 1 when they would not fit), placed from the left / top edge (u = 0) to the right / bottom edge
+    (u = 1). Output pixel k then reads the image at left + (k + 1/2) * width - 1/2 pixels."""
+    S = 32
+    coords = torch.arange(S).float()
+    x = torch.stack([coords.expand(S, S), coords.view(S, 1).expand(S, S)]).expand(4, 2, S, S)
+    rand = torch.tensor([[0.375, 1.0, 1.0, 0.0],  # area 0.5, aspect 4/3, top-right corner
+                         [0.375, 0.0, 0.0, 1.0],  # area 0.5, aspect 3/4, bottom-left corner
+                         [1.0, 1.0, 0.3, 0.5],  # area 1, aspect 4/3: full width, height sqrt(3/4), centred
+                         [1.0, 0.5, 0.3, 0.7]])  # area 1, aspect 1: the whole image
+    out = data.random_resized_crop(x, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), rand=rand)
+    k = torch.arange(S).double()
+    for i, (u_area, u_ratio, u_x, u_y) in enumerate(rand.double().tolist()):
+        area = 0.2 + 0.8 * u_area
+        aspect = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u_ratio)
+        w, h = min(math.sqrt(area * aspect), 1.0), min(math.sqrt(area / aspect), 1.0)
+        left, top = u_x * S * (1 - w), u_y * S * (1 - h)
+        columns, rows = left + (k + 0.5) * w - 0.5, top + (k + 0.5) * h - 0.5
+        # Inner pixels only: the outermost ones of a crop at an edge read half a pixel past the image's centres.
+        torch.testing.assert_close(out[i, 0, 1:-1, 1:-1].double(), columns[1:-1].expand(S - 2, S - 2),
+                                   rtol=0, atol=1e-4, msg=f"crop {i}: columns")
+        torch.testing.assert_close(out[i, 1, 1:-1, 1:-1].double(), rows[1:-1, None].expand(S - 2, S - 2),
+                                   rtol=0, atol=1e-4, msg=f"crop {i}: rows")
+    assert torch.allclose(out[3], x[3], atol=1e-4)
+
+
+def test_trivial_augment_draws_every_op_and_all_31_magnitude_levels():
+    """TrivialAugmentWide's draws: each of the 14 ops uniformly, a magnitude uniform over 31 levels from 0 to the
+    op's maximum inclusive (torchvision: linspace(0, max, 31)), and a random sign."""
+    torch.manual_seed(0)
+    op, magnitude = data.trivial_augment_draws(20_000, "cpu")
+    counts = torch.bincount(op, minlength=len(data.AUGMENT_OPS))
+    assert len(data.AUGMENT_OPS) == 14 and len(counts) == 14
+    assert (counts - 20_000 / 14).abs().max() < 160  # 4.4 standard deviations of a binomial count
+    levels = magnitude.abs().unique()
+    torch.testing.assert_close(levels, torch.linspace(0.0, 1.0, 31))
+    assert magnitude.max() == 1.0 and magnitude.min() == -1.0
+    level_counts = torch.bincount((magnitude.abs() * 30).round().long(), minlength=31)
+    assert (level_counts - 20_000 / 31).abs().max() < 110  # 4.4 standard deviations
+    assert abs((magnitude > 0).float().mean().item() - 0.5 * 30 / 31) < 0.016
+
+
+def test_shear_y_agrees_with_torchvisions_affine():
+    """shear_y at magnitude m shears by 0.99 * m (input y = y + 0.99 * m * x about the centre): torchvision's affine
+    with a vertical shear of atan(0.99 * m) degrees, up to nearest-pixel ties."""
+    x = torch.rand(3, 3, 32, 32)
+    for shear in (0.3, -0.5):
+        op = torch.full((3,), data.AUGMENT_OPS.index("shear_y"))
+        sheared = data.apply_augment_ops(x, op, torch.full((3,), shear / 0.99))
+        reference = TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, math.degrees(math.atan(shear))])
+        assert (sheared != reference).float().mean() < 0.01, shear
+
+
+def _erased_rectangles(out):
+    """(top, left, height, width) of the one rectangle of ones in each (1, H, W) image of zeros."""
+    erased = out[:, 0] == 1
+    rows, cols = erased.any(dim=2), erased.any(dim=1)
+    assert torch.equal(erased, rows[:, :, None] & cols[:, None, :])  # one axis-aligned rectangle
+    return rows.float().argmax(dim=1), cols.float().argmax(dim=1), rows.sum(dim=1), cols.sum(dim=1)
+
+
+def test_random_erasing_rectangles_follow_their_draws_by_hand():
+    """A rectangle's height is round(sqrt(share * H * W * aspect)), its width round(sqrt(share * H * W / aspect)),
+    each shrunk to the image; it is placed at one of the H - h + 1 (W - w + 1) positions where it fits, u = 0
+    the top (left) one and u near 1 the bottom (right) one. Values worked out by hand for 32x32 images."""
+    x = torch.zeros(3, 1, 32, 32)
+    draws = dict(share=torch.tensor([1 / 3, 0.02, 0.25]), aspect=torch.tensor([3.0, 1.0, 0.5]),
+                 top=torch.tensor([0.999, 0.999, 0.5]), left=torch.tensor([0.999, 0.0, 0.5]),
+                 erase=torch.zeros(3, 1, 1), noise=torch.ones(3, 1, 32, 32))
+    top, left, h, w = _erased_rectangles(data.random_erasing(x, 1.0, draws))
+    # h = sqrt(1024 / 3 * 3) = 32, w = sqrt(1024 / 9) = 10.7 -> 11, at the right edge (22 positions: left 21);
+    # h = w = sqrt(20.48) = 4.5 -> 5, at the bottom (28 positions: top 27) and the left edge;
+    # h = sqrt(128) = 11.3 -> 11, w = sqrt(512) = 22.6 -> 23, in the middle (floor(0.5 * 22) = 11, floor(0.5 * 10) = 5).
+    assert h.tolist() == [32, 5, 11] and w.tolist() == [11, 5, 23]
+    assert top.tolist() == [0, 27, 11] and left.tolist() == [21, 0, 5]
+
+
+def test_random_erasing_rectangles_have_the_drawn_sizes_and_reach_every_edge():
+    """Over 2000 default draws with prob 1: every rectangle's size is the formula's from its own share and aspect,
+    every rectangle lies inside the image, and rectangles reach the bottom and right edges (and the top and left)."""
+    H = W = 32
+    torch.manual_seed(0)
+    draws = data.erasing_draws((2000, 1, H, W), "cpu")
+    draws["noise"] = torch.ones(2000, 1, H, W)
+    top, left, h, w = _erased_rectangles(data.random_erasing(torch.zeros(2000, 1, H, W), 1.0, draws))
+    def size(exact, got, limit):  # the formula's size; either neighbour where fp32 may round a near-half the other way
+        sizes = {round(exact)} if abs(exact % 1 - 0.5) > 1e-4 else {math.floor(exact), math.ceil(exact)}
+        return got in {min(max(s, 1), limit) for s in sizes}
+    for i in range(2000):
+        area = draws["share"][i].item() * H * W
+        aspect = draws["aspect"][i].item()
+        assert size(math.sqrt(area * aspect), h[i].item(), H), i
+        assert size(math.sqrt(area / aspect), w[i].item(), W), i
+    assert h.max() == H and w.max() == W  # tall and wide ones are shrunk to the image
+    assert (top >= 0).all() and (top + h <= H).all() and (left >= 0).all() and (left + w <= W).all()
+    assert (top[h < H] == 0).any() and (top + h)[h < H].max() == H
+    assert (left[w < W] == 0).any() and (left + w)[w < W].max() == W

@@ -279,3 +279,105 @@ def test_class_token_only_gives_the_full_outputs_class_token_and_its_gradients(d
     for name, grad in expected_grads.items():
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
     assert expected_grads["encoder.blocks.2.mlp.fc1.weight"].abs().sum() > 0  # the last block's MLP does count
+
+
+def test_random_masking_keeps_the_lowest_noise_tokens_in_ascending_noise_order():
+    """With a given noise, the visible tokens are those of the smallest noise, smallest first (the MAE reference's
+    ascending argsort); mask and ids_restore follow from that order, here worked out by hand."""
+    noise = torch.tensor([[0.7, 0.1, 0.9, 0.3, 0.5, 0.2, 0.8, 0.4]])
+    x = torch.arange(8).float().view(1, 8, 1).expand(1, 8, 2)  # each token carries its own index
+    x_visible, mask, ids_restore = random_masking(x, 0.5, noise)
+    # Ascending noise: tokens 1 (0.1), 5 (0.2), 3 (0.3), 7 (0.4) are kept, then 4, 0, 6, 2 are hidden.
+    assert x_visible[0, :, 0].tolist() == [1, 5, 3, 7]
+    assert mask[0].tolist() == [1, 0, 1, 0, 1, 0, 1, 0]
+    assert ids_restore[0].tolist() == [5, 0, 7, 2, 4, 1, 6, 3]  # token n's place in the shuffled order
+    # Random noise: every visible token's noise is below every hidden one's, and they come in ascending order.
+    noise = torch.rand(4, 64)
+    x = torch.arange(64).float().view(1, 64, 1).expand(4, 64, 2)
+    x_visible, mask, _ = random_masking(x, 0.75, noise)
+    for b in range(4):
+        kept_noise = noise[b, x_visible[b, :, 0].long()]
+        assert torch.all(kept_noise[1:] > kept_noise[:-1])
+        assert kept_noise.max() < noise[b][mask[b] == 1].min()
+
+
+def test_decoder_places_visible_tokens_and_mask_tokens_at_their_image_positions():
+    """The decoder input written out longhand: the mask token at every image position, visible token j (the one of
+    the j-th smallest noise) at its own position, the fixed positions added, the class token in front; then
+    blocks, norm and pixel head, class token dropped. The decoder's gather must give exactly that."""
+    torch.manual_seed(0)
+    cfg = MAEConfig(patch_size=8, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+                    decoder_num_heads=2)
+    decoder = MAE(cfg).decoder.eval()
+    B, N = 3, cfg.num_patches
+    noise = torch.rand(B, N)
+    visible, _, ids_restore = random_masking(torch.randn(B, N, 16), 0.75, noise)
+    latent = torch.cat([torch.randn(B, 1, 16), visible], dim=1)
+    got = decoder(latent, ids_restore)
+    embedded = decoder.decoder_embed(latent)
+    expected = []
+    for b in range(B):
+        tokens = decoder.mask_token[0].expand(N, -1).clone()
+        tokens[noise[b].argsort()[:visible.shape[1]]] = embedded[b, 1:]
+        x = torch.cat([embedded[b, :1], tokens + decoder.pos_embed[0]])[None]
+        for block in decoder.blocks:
+            x = block(x)
+        expected.append(decoder.pred(decoder.norm(x))[0, 1:])
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_avg_pooling_is_the_mean_of_the_patch_tokens_without_the_class_token():
+    """global_pool='avg' averages the N patch tokens of the encoder output; the class token is left out."""
+    torch.manual_seed(0)
+    model = ViTClassifier(MAEConfig(**SMALL), num_classes=10, global_pool="avg").eval()
+    imgs = torch.randn(2, 3, 32, 32)
+    tokens = model.encoder(imgs)  # (B, 1 + N, D)
+    expected = sum(tokens[:, 1 + n] for n in range(256)) / 256
+    torch.testing.assert_close(model.encoder.pooled(imgs, "avg"), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.features(imgs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_probe_normalises_the_features_with_the_running_statistics_before_the_head():
+    """linear_probe in eval mode: logits = head((features - running_mean) / sqrt(running_var + eps)), eps 1e-6."""
+    torch.manual_seed(0)
+    model = ViTClassifier(MAEConfig(**SMALL), num_classes=5, linear_probe=True).eval()
+    running_mean, running_var = torch.randn(32), torch.rand(32) * 4 + 0.1
+    model.head_norm.running_mean.copy_(running_mean)
+    model.head_norm.running_var.copy_(running_var)
+    imgs = torch.randn(3, 3, 32, 32)
+    features = model.features(imgs)
+    expected = model.head((features - running_mean) / torch.sqrt(running_var + 1e-6))
+    torch.testing.assert_close(model(imgs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_reconstruct_pastes_the_prediction_into_the_masked_patches_only():
+    """Masked input: zeros on the masked patches, the image elsewhere. Reconstruction: the prediction on the masked
+    patches, the image on the visible ones."""
+    imgs = torch.randn(2, 3, 8, 8)  # a 4x4 grid of 2x2 patches
+    mask = torch.zeros(2, 16)
+    mask[0, [0, 5, 15]] = 1
+    mask[1, [3, 4, 8, 9, 10]] = 1
+    masked_input, pasted = reconstruct(imgs, torch.zeros(2, 16, 12), mask, 2)
+    pixel_mask = mask.view(2, 1, 4, 1, 4, 1).expand(2, 3, 4, 2, 4, 2).reshape(2, 3, 8, 8)  # patch -> its pixels
+    # Patch n is grid cell (n // 4, n % 4): patch 5 of image 0 and patch 3 of image 1, 12 pixels per patch.
+    assert pixel_mask[0, :, 2:4, 2:4].eq(1).all() and pixel_mask[1, :, 0:2, 6:8].eq(1).all()
+    assert pixel_mask.sum() == (3 + 5) * 12
+    expected = torch.where(pixel_mask == 1, torch.zeros_like(imgs), imgs)
+    assert torch.equal(masked_input, expected)
+    assert torch.equal(pasted, expected)
+    _, pasted = reconstruct(imgs, torch.full((2, 16, 12), 7.0), mask, 2)
+    assert torch.equal(pasted, torch.where(pixel_mask == 1, torch.full_like(imgs, 7.0), imgs))
+
+
+def test_normalize_patches_uses_the_unbiased_variance_longhand():
+    """The MAE reference's norm_pix_loss: (patch - mean) / sqrt(var + 1e-6), var with torch's default (unbiased)
+    correction, i.e. sum of squared deviations / (P - 1)."""
+    patches = torch.randn(2, 5, 12) * 3 + 1
+    normed, mean, std = normalize_patches(patches)
+    P = patches.shape[-1]
+    mean_longhand = patches.sum(dim=-1, keepdim=True) / P
+    var_longhand = ((patches - mean_longhand) ** 2).sum(dim=-1, keepdim=True) / (P - 1)
+    std_longhand = (var_longhand + 1e-6) ** 0.5
+    torch.testing.assert_close(mean, mean_longhand)
+    torch.testing.assert_close(std, std_longhand)
+    torch.testing.assert_close(normed, (patches - mean_longhand) / std_longhand)
