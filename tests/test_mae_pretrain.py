@@ -3,13 +3,16 @@
 Run: python -m pytest -q tests/test_mae_pretrain.py
 """
 import json
+import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -94,12 +97,22 @@ def test_loss_falls_on_real_cifar10_images(tmp_path, run_pretrain):
     assert losses[-3:].mean() < 0.8 * losses[:2].mean()
 
 
-def test_validation_metrics_use_fixed_masks(tmp_path):
+def test_validation_metrics_use_fixed_masks(tmp_path, monkeypatch):
+    """Evaluation walks both splits in chunks of EVAL_CHUNK_FACTOR x --max_device_batch_size; its metrics do not
+    depend on the global RNG, and the val loss is the model's masked loss over the whole val split."""
     import data
     import mae_pretrain
+    import utils
     from model import MAE, MAEConfig
     args = mae_pretrain.get_args_parser().parse_args(tiny_pretrain_argv(tmp_path))
     args.max_device_batch_size = 3  # evaluation's chunks of 4 x 3: the 32 val images in 12, 12 and 8
+    chunk_sizes, shard_chunks = [], utils.shard_chunks
+
+    def spy(n, chunk, device):
+        chunks = shard_chunks(n, chunk, device)
+        chunk_sizes.append([len(c) for c in chunks])
+        return chunks
+    monkeypatch.setattr(utils, "shard_chunks", spy)
     train, val = data.load_data(args)
     model = MAE(MAEConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
                           decoder_num_heads=2))
@@ -109,12 +122,171 @@ def test_validation_metrics_use_fixed_masks(tmp_path):
     torch.manual_seed(123)  # the global RNG must not matter
     second = mae_pretrain.evaluate(model, train, val, val_noise, args, torch.device("cpu"), None)
     assert first == second
+    # Each evaluation: the 128 train images' kNN features, the 32 val images' features, then their reconstruction.
+    assert (len(train), len(val)) == (128, 32)
+    assert chunk_sizes == 2 * [[12] * 10 + [8], [12, 12, 8], [12, 12, 8]]
     # The val loss is the model's own masked loss over the whole val split: the uneven chunks are weighted by size.
     with torch.no_grad():
         direct = model(data.normalize(val.images), noise=val_noise)[0].item()
     assert first["val_loss"] == pytest.approx(direct, rel=1e-5)
     # PSNR of masked pixels in [0, 1] units: the [-1, 1] loss is 4x the [0, 1] MSE (predictions unclamped).
     assert first["val_psnr"] >= 10 * np.log10(4 / direct) - 1e-3
+
+
+def _tiny_mae(tmp_path, *extra):
+    """(args, model) of tiny_pretrain_argv's run, with a seeded model."""
+    import mae_pretrain
+    from model import MAE
+    args = mae_pretrain.get_args_parser().parse_args(tiny_pretrain_argv(tmp_path, *extra))
+    torch.manual_seed(0)
+    return args, MAE(mae_pretrain.model_config(args))
+
+
+def test_knn_bank_and_queries_are_the_l2_normalised_pooled_features(tmp_path, monkeypatch):
+    """evaluate's kNN compares cosine similarities: the bank (train split) and the queries (val split) it hands
+    utils.knn_predict are the encoder's mean patch tokens (--knn_feature avg), each scaled to unit L2 norm."""
+    import data
+    import mae_pretrain
+    import utils
+    args, model = _tiny_mae(tmp_path)
+    train, val = data.load_data(args)
+    seen, knn_predict = {}, utils.knn_predict
+
+    def spy(bank, bank_labels, queries, *rest, **kwargs):
+        seen.update(bank=bank.clone(), queries=queries.clone())
+        return knn_predict(bank, bank_labels, queries, *rest, **kwargs)
+    monkeypatch.setattr(utils, "knn_predict", spy)
+    val_noise = torch.rand(len(val), 64, generator=torch.Generator().manual_seed(0))
+    mae_pretrain.evaluate(model, train, val, val_noise, args, torch.device("cpu"), None)
+    with torch.no_grad():
+        for name, split in (("bank", train), ("queries", val)):
+            pooled = model.encoder.pooled(data.normalize(split.images), "avg")
+            assert not torch.allclose(pooled.norm(dim=1), torch.ones(len(split)), atol=0.1)  # not unit by itself
+            torch.testing.assert_close(seen[name].norm(dim=1), torch.ones(len(split)))
+            torch.testing.assert_close(seen[name], F.normalize(pooled, dim=1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("constant", [0.3, 1.4])  # pixels 0.65, and 1.2, which [0, 1] clamps to 1
+def test_val_psnr_is_10_log10_of_one_over_the_masked_pixels_mse(tmp_path, monkeypatch, constant):
+    """val_psnr is 10 log10(1 / MSE) over the masked pixels (all channels), in [0, 1] units with the prediction
+    clamped to [0, 1]. A decoder that predicts one constant (in normalised units) everywhere makes the MSE known:
+    computed here longhand from the images and the mask noise (48 of 64 patches, the highest noise, are masked)."""
+    import data
+    import mae_pretrain
+    args, model = _tiny_mae(tmp_path)
+    train, val = data.load_data(args)
+    p, grid = 4, 8  # patches of 4 x 4 pixels, 8 x 8 of them
+    monkeypatch.setattr(model.decoder, "forward", lambda latent, ids_restore: torch.full(
+        (*ids_restore.shape, p * p * 3), constant))
+    val_noise = torch.rand(len(val), grid * grid, generator=torch.Generator().manual_seed(0))
+    metrics = mae_pretrain.evaluate(model, train, val, val_noise, args, torch.device("cpu"), None)
+
+    predicted_pixel = min(max(constant * 0.5 + 0.5, 0.0), 1.0)  # data.denormalize, clamped
+    images = val.images.double() / 255
+    sq_err, count = 0.0, 0
+    for b in range(len(val)):
+        masked = sorted(range(grid * grid), key=lambda n: val_noise[b, n].item())[grid * grid - 48:]
+        for n in masked:
+            row, col = divmod(n, grid)
+            patch = images[b, :, row * p:(row + 1) * p, col * p:(col + 1) * p]
+            sq_err += (patch - predicted_pixel).pow(2).sum().item()
+            count += patch.numel()
+    assert count == len(val) * 48 * p * p * 3
+    assert metrics["val_psnr"] == pytest.approx(10 * math.log10(1 / (sq_err / count)), rel=1e-5)
+
+
+def test_augmented_step_crops_with_columns_0_to_3_and_flips_with_column_4_of_one_draw(tmp_path, monkeypatch):
+    """With --augment a step draws one (batch, 5) block of uniform numbers: each image's crop gets its row's
+    columns 0-3 (area, aspect ratio, x, y) and its flip column 4, chunk by chunk (two chunks of 16 here)."""
+    import data
+    import mae_pretrain
+    args, model = _tiny_mae(tmp_path, "--augment")
+    cpu = torch.device("cpu")
+    optimizer = mae_pretrain.make_optimizer(model, args, cpu)
+    crops, flips, draws = [], [], []
+    random_resized_crop, random_hflip, rand = data.random_resized_crop, data.random_hflip, torch.rand
+
+    def crop(imgs, *a, rand, **kw):
+        crops.append(rand.clone())
+        return random_resized_crop(imgs, *a, rand=rand, **kw)
+
+    def flip(imgs, rand):
+        flips.append(rand.clone())
+        return random_hflip(imgs, rand=rand)
+
+    def recording_rand(*a, **kw):
+        draws.append(rand(*a, **kw))
+        return draws[-1]
+    monkeypatch.setattr(data, "random_resized_crop", crop)
+    monkeypatch.setattr(data, "random_hflip", flip)
+    images = data.fake_images(64, seed=1).images
+    with monkeypatch.context() as m:
+        m.setattr(torch, "rand", recording_rand)
+        mae_pretrain.train_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), images,
+                                torch.randperm(64)[:32], 1e-4, args, cpu, None, torch.zeros(()))
+    (draw,) = [d for d in draws if d.shape == (32, 5)]
+    assert [len(c) for c in crops] == [len(f) for f in flips] == [16, 16]
+    assert torch.equal(torch.cat(crops), draw[:, :4])
+    assert torch.equal(torch.cat(flips), draw[:, 4])
+
+
+# The flags a resumed pretraining may change: how it runs (chunking, devices, precision, compilation, attention),
+# what it monitors and where its files are. Every other flag defines the run.
+MAY_CHANGE_ON_RESUME = {"max_device_batch_size", "eval_every", "knn_k", "knn_temperature", "knn_feature", "data_path",
+                        "data_on", "device", "precision", "compile", "compile_mode", "compile_scope", "attention",
+                        "log_interval", "model_path", "output_dir", "log_dir", "resume", "stop_after"}
+
+
+def another_value(value):
+    """A value of the same kind that differs from value."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    return f"{value}_other"
+
+
+def test_resume_refuses_a_change_of_every_flag_that_defines_the_run(tmp_path, capsys):
+    """Every flag of mae_pretrain.py but those a resume may change (MAY_CHANGE_ON_RESUME) is run-defining:
+    utils.check_resumable, given mae_pretrain's RUN_DEFINING_FLAGS, refuses a checkpoint trained with another
+    value of any of them in one line that names the flag and both values."""
+    import mae_pretrain
+    import utils
+    parser = mae_pretrain.get_args_parser()
+    defining = {action.dest for action in parser._actions if action.dest != "help"} - MAY_CHANGE_ON_RESUME
+    assert "mask_ratio" in defining and set(mae_pretrain.RUN_DEFINING_FLAGS) == defining
+    saved = vars(parser.parse_args(tiny_pretrain_argv(tmp_path, "--resume", "mae.pt")))
+    ckpt = {"args": dict(saved), "epoch": 1}
+    utils.check_resumable(ckpt, SimpleNamespace(**saved), mae_pretrain.RUN_DEFINING_FLAGS)
+    for name in sorted(defining):
+        given = another_value(saved[name])
+        with pytest.raises(SystemExit) as exc:
+            utils.check_resumable(ckpt, SimpleNamespace(**{**saved, name: given}), mae_pretrain.RUN_DEFINING_FLAGS)
+        assert exc.value.code == 2, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        assert f"--resume 'mae.pt' was trained with --{name} {saved[name]}, this run has {given}" in err, err
+    for name in MAY_CHANGE_ON_RESUME:
+        utils.check_resumable(ckpt, SimpleNamespace(**{**saved, name: another_value(saved[name])}),
+                              mae_pretrain.RUN_DEFINING_FLAGS)
+
+
+def test_resuming_a_finished_run_or_with_another_mask_ratio_is_refused(tmp_path, run_pretrain, capsys):
+    """A checkpoint of the run's last epoch has nothing left to run: --resume of it is refused in one line, exit
+    status 2, as is a resume with another --mask_ratio (main checks its RUN_DEFINING_FLAGS), and no file changes."""
+    argv = tiny_pretrain_argv(tmp_path, "--total_epoch", "1", "--warmup_epoch", "0", "--eval_every", "0")
+    run_pretrain(argv)
+    capsys.readouterr()
+    ckpt = str(tmp_path / "run" / "mae.pt")
+    before = files_under(tmp_path / "run")
+    for flags, expected in (([], f"--resume {ckpt!r} has already finished all 1 epochs"),
+                            (["--mask_ratio", "0.5"], "was trained with --mask_ratio 0.75, this run has 0.5")):
+        with pytest.raises(SystemExit) as exc:
+            run_pretrain(argv + ["--resume", ckpt, *flags])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+        assert files_under(tmp_path / "run") == before
 
 
 def test_norm_pix_loss_run_reports_no_psnr_and_still_plots(tmp_path, run_pretrain):

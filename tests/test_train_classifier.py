@@ -10,10 +10,12 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -232,6 +234,65 @@ def test_bad_resume_is_one_line_and_changes_nothing(tmp_path, mae_ckpt, capsys):
     assert not moved.exists()
 
 
+def test_resuming_a_finished_run_is_refused_and_changes_nothing(tmp_path, capsys):
+    """A _last.pt of the run's last epoch has nothing left to run: --resume of it is refused in one line, exit
+    status 2, and no file of the run changes."""
+    argv = cls_argv(tmp_path, "--recipe", "plain", "--fake_size", "64", epochs=1)  # two steps of 32
+    run_cls(argv)
+    capsys.readouterr()
+    last = str(tmp_path / "run" / "cls_last.pt")
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exc:
+        run_cls(argv + ["--resume", last])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--resume {last!r} has already finished all 1 epochs" in err, err
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+
+# The flags a resumed fine-tuning may change: how it runs (chunking, devices, precision, compilation, attention,
+# logging) and where its files are. The model-size flags must give the checkpoint's config (load_resume compares
+# the two); every other flag defines the run.
+MAY_CHANGE_ON_RESUME = {"max_device_batch_size", "data_path", "data_on", "device", "precision", "compile",
+                        "compile_mode", "compile_scope", "attention", "log_interval", "output_model_path",
+                        "output_dir", "run_name", "log_dir", "resume", "stop_after"}
+
+
+def another_value(value):
+    """A value of the same kind that differs from value (None, a flag left out, becomes a string)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    return f"{value}_other"
+
+
+def test_resume_refuses_a_change_of_every_flag_that_defines_the_run(tmp_path, capsys):
+    """Every flag of train_classifier.py but those a resume may change (MAY_CHANGE_ON_RESUME) and the model sizes
+    is run-defining: utils.check_resumable, given train_classifier's RUN_DEFINING_FLAGS, refuses a checkpoint
+    trained with another value of any of them (the recipe's parts as resolved) in one line naming the flag."""
+    parser = train_classifier.get_args_parser()
+    flags = {action.dest for action in parser._actions if action.dest != "help"}
+    defining = flags - MAY_CHANGE_ON_RESUME - set(utils.MODEL_SIZE_FLAGS)
+    assert set(train_classifier.RECIPE_FLAGS) <= defining and set(train_classifier.RUN_DEFINING_FLAGS) == defining
+    args = parse(cls_argv(tmp_path, "--resume", "last.pt"))
+    train_classifier.resolve_recipe(args)
+    saved = vars(args)
+    ckpt = {"args": dict(saved), "epoch": 1}
+    utils.check_resumable(ckpt, SimpleNamespace(**saved), train_classifier.RUN_DEFINING_FLAGS)
+    for name in sorted(defining):
+        given = another_value(saved[name])
+        with pytest.raises(SystemExit) as exc:
+            utils.check_resumable(ckpt, SimpleNamespace(**{**saved, name: given}), train_classifier.RUN_DEFINING_FLAGS)
+        assert exc.value.code == 2, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        assert f"--resume 'last.pt' was trained with --{name} {saved[name]}, this run has {given}" in err, err
+    for name in MAY_CHANGE_ON_RESUME:
+        utils.check_resumable(ckpt, SimpleNamespace(**{**saved, name: another_value(saved[name])}),
+                              train_classifier.RUN_DEFINING_FLAGS)
+
+
 def test_pretrained_plain_run_writes_every_output_with_the_reference_schedule(tmp_path, mae_ckpt):
     argv = cls_argv(tmp_path, "--pretrained_model_path", mae_ckpt, "--recipe", "plain", epochs=3)
     run_cls(argv)
@@ -410,6 +471,45 @@ def test_plain_recipe_is_unaugmented_and_flags_override_the_recipe():
     assert (args.cutmix, args.layer_decay, args.mixup, args.crop_padding) == (0, 0.9, 0.8, 4)
     torch.manual_seed(0)
     assert not torch.equal(train_classifier.augment(images, args), data.normalize(images))
+
+
+def test_label_smoothing_is_the_criterions_without_mixup_and_mixups_with_it():
+    """Without mixup the criterion is cross-entropy with --label_smoothing (torch's, on fixed logits), not the plain
+    one; with mixup it is the soft-target cross-entropy of the targets Mixup has already smoothed."""
+    args = parse(["--recipe", "plain", "--label_smoothing", "0.1"])
+    train_classifier.resolve_recipe(args)
+    g = torch.Generator().manual_seed(0)
+    logits, labels = 3 * torch.randn(16, 10, generator=g), torch.randint(10, (16,), generator=g)
+    assert train_classifier.make_mixup(args, 10) is None
+    loss = train_classifier.make_criterion(args, None)(logits, labels).item()
+    assert loss == pytest.approx(F.cross_entropy(logits, labels, label_smoothing=0.1).item(), rel=1e-6)
+    assert loss != pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-3)
+
+    args = parse(["--recipe", "plain", "--label_smoothing", "0.1", "--mixup", "0.8"])
+    train_classifier.resolve_recipe(args)
+    targets = torch.softmax(torch.randn(16, 10, generator=g), dim=1)
+    loss = train_classifier.make_criterion(args, train_classifier.make_mixup(args, 10))(logits, targets).item()
+    assert loss == pytest.approx(-(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean().item(), rel=1e-6)
+
+
+def test_random_erasing_fills_normal_noise_in_normalised_units():
+    """augment with only --random_erase 1: every image gets one rectangle of the draws' N(0, 1) noise, in normalised
+    units (erasing comes after the normalisation: mean 0, std 1 there), and every pixel outside it is exactly
+    data.normalize's."""
+    args = parse(["--recipe", "plain", "--random_erase", "1.0"])
+    train_classifier.resolve_recipe(args)
+    images = data.fake_images(256, seed=5).images
+    torch.manual_seed(0)
+    draws = train_classifier.augment_draws(images.shape, args, torch.device("cpu"))
+    out = train_classifier.augment(images, args, draws)
+    # Where the rectangles are: erasing images of inf with the same draws leaves finite noise there only.
+    erase = draws["erase"]
+    inside = data.random_erasing(torch.full(images.shape, math.inf), 1.0, erase).isfinite()
+    assert inside.flatten(1).any(dim=1).all() and not inside.flatten(1).all(dim=1).any()
+    assert torch.equal(out[~inside], data.normalize(images)[~inside])
+    fill = out[inside]
+    assert torch.equal(fill, erase["noise"][inside])
+    assert abs(fill.mean().item()) < 0.02 and abs(fill.std().item() - 1) < 0.02, (fill.mean(), fill.std())
 
 
 def test_recipe_layer_decay_applies_to_pretrained_runs_only():

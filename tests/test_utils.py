@@ -11,6 +11,7 @@ import sys
 from collections import Counter
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,69 @@ def test_lr_warmup_then_cosine():
     assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))  # falling after
     assert lrs[warm + (total - warm) // 2] == pytest.approx(peak / 2, rel=1e-6)  # cosine midpoint
     assert utils.lr_at(total, total, warm, peak, min_lr=1e-5) == pytest.approx(1e-5)
+
+
+def test_lr_cosine_runs_from_the_peak_down_to_min_lr():
+    """With --min_lr > 0 the cosine starts at the peak where warmup ends, passes (peak + min_lr) / 2 halfway and
+    ends at min_lr: at every step lr_at is the longhand min_lr + (peak - min_lr) * (1 + cos(pi * progress)) / 2."""
+    peak, min_lr, total, warm = 1e-3, 2e-4, 100, 10
+    lrs = [utils.lr_at(s, total, warm, peak, min_lr) for s in range(total + 1)]
+    assert lrs[warm - 1] == pytest.approx(peak) and lrs[warm] == pytest.approx(peak)  # warmup's end, cosine's start
+    assert lrs[warm + (total - warm) // 2] == pytest.approx((peak + min_lr) / 2, rel=1e-9)
+    assert lrs[total - 1] == pytest.approx(min_lr, rel=1e-2) and lrs[total] == pytest.approx(min_lr, rel=1e-9)
+    expected = [peak * (s + 1) / warm if s < warm else
+                min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm)))
+                for s in range(total + 1)]
+    assert lrs == pytest.approx(expected, rel=1e-9)
+
+
+def test_seed_epoch_draws_differ_by_seed_epoch_and_rank_and_repeat_for_the_same_ones():
+    """seed_epoch(seed, epoch, rank) seeds torch's and numpy's RNGs: the same three give the same draws (a resumed
+    epoch draws what the straight run's did), and another epoch, another rank or another seed other draws."""
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
+
+    def draws(*key):
+        utils.seed_epoch(*key)
+        return torch.rand(4).tolist(), np.random.rand(4).tolist()
+    try:
+        first = draws(7, 1, 0)
+        assert draws(7, 1, 0) == first
+        for key in ((7, 2, 0), (7, 1, 1), (8, 1, 0)):
+            other = draws(*key)
+            for source, a, b in zip(("torch", "numpy"), first, other):
+                assert all(x != y for x, y in zip(a, b)), (key, source)
+    finally:
+        torch.set_rng_state(torch_state)
+        np.random.set_state(numpy_state)
+
+
+def test_each_process_chunk_is_its_share_of_the_batch_at_most_max_device_batch_size(monkeypatch):
+    """Under torchrun with 2 processes a global --batch_size 32 gives each process 16 images: one chunk of 16 when
+    --max_device_batch_size is larger (64), which check_schedule_args accepts; four of 4 when it is 4."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert utils.dist_env() == (0, 2, 0)
+    args = SimpleNamespace(batch_size=32, max_device_batch_size=64, total_epoch=2, warmup_epoch=1,
+                           base_learning_rate=1e-3, weight_decay=0.05, min_lr=0.0, seed=0)
+    assert (utils.device_chunk(args), utils.chunks_per_step(args)) == (16, 1)
+    utils.check_schedule_args(args)  # passes: 16 images a process in chunks of 16
+    args.max_device_batch_size = 4
+    assert (utils.device_chunk(args), utils.chunks_per_step(args)) == (4, 4)
+    utils.check_schedule_args(args)
+
+
+def test_check_resumable_refuses_a_checkpoint_that_has_run_all_its_epochs(capsys):
+    """A checkpoint with epochs left resumes; one whose epoch is --total_epoch (or beyond) has nothing left to run
+    and is refused in one line, exit status 2."""
+    args = SimpleNamespace(resume="last.pt", total_epoch=3, seed=1)
+    utils.check_resumable({"args": {"seed": 1}, "epoch": 2}, args, ("seed",))
+    assert capsys.readouterr().err == ""
+    for epoch in (3, 4):
+        with pytest.raises(SystemExit) as exc:
+            utils.check_resumable({"args": {"seed": 1}, "epoch": epoch}, args, ("seed",))
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        assert err.endswith("error: --resume 'last.pt' has already finished all 3 epochs"), err
 
 
 @pytest.mark.parametrize("warmup, total, rank, warned", [(10, 2, "0", True), (2, 2, "0", False), (10, 2, "1", False)])
