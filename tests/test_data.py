@@ -40,6 +40,21 @@ def test_val_split_is_disjoint_fixed_and_covers_the_training_set():
     assert len(train) == 150 and len(val) == 50
 
 
+def test_a_smaller_val_split_holds_out_the_first_images_of_a_larger_one_in_random_order():
+    """--val_split N holds out the first N images of one fixed permutation (val_images_pretrained_on counts on it): a
+    smaller split's val images are the first ones of a larger split's, in the same order, and a larger split trains
+    on a subset of a smaller one's images. The held-out images keep the permutation's order, so the val split of an
+    image folder (sorted by class) does not come sorted by class."""
+    key = lambda imgs: {bytes(img.flatten().tolist()) for img in imgs}  # noqa: E731
+    small_train, small_val = data.load_data(data_args(val_split=20))
+    large_train, large_val = data.load_data(data_args(val_split=50))
+    assert torch.equal(large_val.images[:20], small_val.images)
+    assert torch.equal(large_val.labels[:20], small_val.labels)
+    assert key(large_train.images) < key(small_train.images)
+    _, folder_val = data.load_data(data_args(dataset="folder", data_path=FIXTURE_DIR, val_split=10))
+    assert folder_val.labels.tolist() != sorted(folder_val.labels.tolist())
+
+
 def test_val_split_errors_name_the_flag():
     with pytest.raises(data.DataError, match="--val_split"):
         data.load_data(data_args(val_split=200))
@@ -57,6 +72,18 @@ def test_epoch_batches_drop_the_partial_batch_and_reshuffle_per_epoch():
     assert len(set(flat.tolist())) == 100 and flat.max() < 103
     assert not torch.equal(flat, torch.cat(b))
     assert torch.equal(flat, torch.cat(data.epoch_batches(103, 10, epoch_seed=1, device="cpu")))
+
+
+def test_epoch_batches_use_every_image_when_the_batch_divides_them_and_every_epoch_has_its_own_order():
+    """Only a partial batch is dropped: 100 images in batches of 10 are all used, each exactly once. Each epoch's
+    seed gives its own permutation: ten epochs, ten different orders."""
+    orders = []
+    for epoch_seed in range(10):
+        batches = data.epoch_batches(100, 10, epoch_seed=epoch_seed, device="cpu")
+        assert len(batches) == 10 and all(len(b) == 10 for b in batches)
+        orders.append(torch.cat(batches))
+        assert torch.equal(orders[-1].sort().values, torch.arange(100))
+    assert len({tuple(order.tolist()) for order in orders}) == 10
 
 
 def test_take_gathers_the_rows_of_a_batch():
@@ -247,3 +274,65 @@ def test_random_erasing_rectangles_have_the_drawn_sizes_and_reach_every_edge():
     assert (top >= 0).all() and (top + h <= H).all() and (left >= 0).all() and (left + w <= W).all()
     assert (top[h < H] == 0).any() and (top + h)[h < H].max() == H
     assert (left[w < W] == 0).any() and (left + w)[w < W].max() == W
+
+
+def test_image_folder_images_are_their_files_labelled_by_their_class_folder(tmp_path):
+    """Every image of a folder split is its file decoded as RGB, labelled by its class folder's index among the
+    sorted class names; read back here file by file with PIL."""
+    import numpy as np
+    from PIL import Image
+    for split in ("train", "val"):
+        shutil.copytree(pathlib.Path(FIXTURE_DIR, "train"), tmp_path / split)
+    train, _ = data.load_data(data_args(dataset="folder", data_path=str(tmp_path)))
+    classes = sorted(p.name for p in (tmp_path / "train").iterdir())
+    assert train.classes == classes
+    expected = []
+    for label, name in enumerate(classes):
+        for path in sorted((tmp_path / "train" / name).iterdir()):
+            with Image.open(path) as im:
+                expected.append((np.asarray(im.convert("RGB")).transpose(2, 0, 1).tobytes(), label))
+    got = [(img.numpy().tobytes(), label) for img, label in zip(train.images, train.labels.tolist())]
+    assert len(set(expected)) == 60 and sorted(got) == sorted(expected)
+
+
+def test_image_folder_resizes_other_sizes_to_32_pixels_bicubic(tmp_path):
+    """An image of another size is resized to the model's 32x32 with PIL's bicubic filter."""
+    import numpy as np
+    from PIL import Image
+    pixels = torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.fromarray(pixels.numpy()).save(tmp_path / split / "a" / "big.png")
+    train, _ = data.load_data(data_args(dataset="folder", data_path=str(tmp_path)))
+    expected = np.array(Image.fromarray(pixels.numpy()).resize((32, 32), Image.BICUBIC))
+    assert torch.equal(train.images[0], torch.from_numpy(expected).permute(2, 0, 1))
+
+
+def _best_roll(images, reference, reach=8):
+    """For each image, the mean squared difference to the roll of `reference` (by at most `reach` pixels each way)
+    that matches it best, and that roll's (down, right) shift."""
+    shifts = [(dy, dx) for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1)]
+    rolled = torch.stack([reference.roll(shift, dims=(1, 2)).flatten() for shift in shifts])  # (S, C * H * W)
+    flat = images.flatten(1).double()  # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b, one matmul for every roll
+    rolled = rolled.double()
+    mse = ((flat ** 2).sum(1, keepdim=True) + (rolled ** 2).sum(1) - 2 * flat @ rolled.T) / flat.shape[1]  # (N, S)
+    best, where = mse.min(dim=1)
+    return best, [shifts[i] for i in where.tolist()]
+
+
+def test_fake_images_are_their_class_pattern_shifted_with_noise_the_same_for_every_seed():
+    """Each fake image is its class's pattern rolled by up to 4 pixels each way, plus noise of std 0.1: aligned by a
+    roll of at most 8, an image differs from another image of its class (the train set's first, the reference) by
+    noise alone (mean squared difference about 2 * 0.1 ** 2), and from the other classes' by far more. The patterns
+    are the same whatever the seed (train and val share classes), and the shifts differ from image to image."""
+    train, val = data.fake_images(200, seed=1), data.fake_images(50, seed=2)
+    assert train.classes == val.classes == [f"class_{i}" for i in range(10)]
+    shifts = set()
+    for c in range(10):
+        reference = train.images[train.labels == c][0].float() / 255
+        own = torch.cat([split.images[split.labels == c][:4] for split in (train, val)]).float() / 255
+        other = torch.cat([split.images[split.labels != c][:4] for split in (train, val)]).float() / 255
+        (own_mse, own_shifts), (other_mse, _) = _best_roll(own, reference), _best_roll(other, reference)
+        assert own_mse.max() < 0.03 and other_mse.min() > 0.05, (c, own_mse, other_mse)
+        shifts.update(own_shifts)
+    assert len(shifts) > 15 and max(max(abs(dy), abs(dx)) for dy, dx in shifts) <= 8

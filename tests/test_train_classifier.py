@@ -407,6 +407,81 @@ def test_evaluate_scores_the_whole_split_in_order_whatever_the_chunk():
         assert acc == pytest.approx((predicted == labels).float().mean().item())
 
 
+def _linear_net(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+
+
+def test_train_step_accumulates_the_batch_mean_gradient_and_counts_against_the_unmixed_labels():
+    """One step of a 16-image batch in 4 chunks, with a mixing function whose soft targets (the next class) never
+    name the true label: the parameters move by -lr times the gradient of the whole batch's mean loss (the chunks'
+    gradients summed, each loss divided by the 4 chunks), loss_sum gains the 4 chunk losses undivided, and correct
+    counts predictions equal to the true labels, not to the targets' argmax. Reference: the same net, before the
+    step, on the whole batch at once."""
+    args = SimpleNamespace(batch_size=16, max_device_batch_size=4)
+    net = _linear_net()
+    before = [p.detach().clone() for p in net.parameters()]
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    batch_idx = torch.randperm(16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        predicted = net(data.normalize(images)).argmax(dim=-1)
+    labels = torch.where(torch.arange(16) < 5, predicted, (predicted - 1) % 10)  # 5 right; 11 with target's argmax
+
+    def mix(x, y):
+        return x, F.one_hot((y + 1) % 10, 10).float()
+    criterion = train_classifier.make_criterion(args, mix)
+    reference = criterion(net(data.normalize(images[batch_idx])), F.one_hot((labels[batch_idx] + 1) % 10, 10).float())
+    grads = torch.autograd.grad(reference, list(net.parameters()))
+    chunk_losses = [criterion(net(data.normalize(images[i])), F.one_hot((labels[i] + 1) % 10, 10).float()).item()
+                    for i in batch_idx.split(4)]
+
+    optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
+    utils.allocate_grads(optimizer)
+    loss_sum, correct = torch.zeros(()), torch.zeros(())
+    train_classifier.train_step(net, optimizer, torch.amp.GradScaler("cpu", enabled=False), images, labels, batch_idx,
+                                0.5, data.normalize, mix, criterion, args, torch.device("cpu"), None, loss_sum, correct)
+    for p, p0, g in zip(net.parameters(), before, grads):
+        torch.testing.assert_close(p.detach(), p0 - 0.5 * g, rtol=0, atol=1e-6)
+    assert loss_sum.item() == pytest.approx(sum(chunk_losses), rel=1e-5)
+    assert correct.item() == 5
+
+
+def test_each_epoch_shows_the_training_images_in_its_own_order():
+    """train_one_epoch cuts a permutation of its own for every epoch (from --seed and the epoch): two epochs show
+    the 32 images in two different orders, each image once, and an epoch run again shows its order again."""
+    args = SimpleNamespace(batch_size=8, max_device_batch_size=8, seed=42, total_epoch=2, warmup_epoch=0,
+                           base_learning_rate=1e-3, schedule="warmup_cosine", min_lr=0.0, log_interval=100)
+    images = torch.arange(32).view(32, 1, 1, 1).expand(32, 3, 8, 8).to(torch.uint8)  # image i: every pixel i
+    labels = torch.zeros(32, dtype=torch.int64)
+    net = _linear_net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+    utils.allocate_grads(optimizer)
+    orders = []
+    for epoch in (1, 2, 1):
+        shown = []
+
+        def prepare(x):
+            shown.extend(x[:, 0, 0, 0].tolist())
+            return data.normalize(x)
+        train_classifier.train_one_epoch(net, None, optimizer, torch.amp.GradScaler("cpu", enabled=False), images,
+                                         labels, prepare, None, torch.nn.CrossEntropyLoss(), args, epoch, 4,
+                                         torch.device("cpu"), None, None)
+        assert sorted(shown) == list(range(32))
+        orders.append(shown)
+    assert orders[0] != orders[1] and orders[0] == orders[2]
+
+
+def test_a_pretraining_on_another_dataset_saw_none_of_the_val_images():
+    """val_images_pretrained_on compares datasets first: CIFAR-100 downloaded into the same --data_path as CIFAR-10
+    shares no image with it, so an MAE pretrained on CIFAR-10 saw none of a CIFAR-100 run's held-out images, while
+    one pretrained on CIFAR-100 there, holding out 10, saw the other 22."""
+    args = SimpleNamespace(dataset="cifar100", data_path="data", fake_size=2000, val_split=32)
+    assert train_classifier.val_images_pretrained_on(args, {"dataset": "cifar10", "data_path": "data",
+                                                            "val_split": 0}) == 0
+    assert train_classifier.val_images_pretrained_on(args, {"dataset": "cifar100", "data_path": "data",
+                                                            "val_split": 10}) == 22
+
+
 def test_decoder_flags_are_accepted_and_unused_from_scratch(tmp_path):
     # mae_pretrain.py's model flags work here; a decoder whose widths would not split into its heads builds
     # nothing in a classifier, so it is not an error.
@@ -544,6 +619,9 @@ def test_mixup_and_cutmix_targets_are_distributions_matching_the_mixed_images(mi
         # Longhand: lam of the smoothed one-hot of the own label, 1 - lam of the partner's.
         smooth = torch.full((16, 10), off).scatter_(1, labels[:, None], on)
         assert torch.allclose(target, lam * smooth + (1 - lam) * smooth.flip(0), atol=1e-6)
+        if lam > 1 - 1e-6:  # a CutMix box too small to hold a pixel: nothing was mixed, neither kind
+            assert torch.allclose(mixed, x, atol=1e-6)
+            continue
         from_partner = mixed == x.flip(0)
         if torch.equal(from_partner | (mixed == x), torch.ones_like(from_partner)) and lam < 1 - 1e-6:
             kinds.add("cutmix")  # every pixel is its own or its partner's, the partner's on a 1 - lam share
@@ -551,7 +629,73 @@ def test_mixup_and_cutmix_targets_are_distributions_matching_the_mixed_images(mi
         else:
             kinds.add("mixup")
             assert torch.allclose(mixed, lam * x + (1 - lam) * x.flip(0), atol=1e-6)
-    assert kinds == {"mixup"} if not cutmix else {"cutmix"} if not mixup else {"mixup", "cutmix"}
+    assert kinds == ({"mixup"} if not cutmix else {"cutmix"} if not mixup else {"mixup", "cutmix"})
+
+
+def test_mixup_mixes_every_chunk_by_cutmix_half_the_time_with_each_flags_alpha_and_smoothing():
+    """make_mixup sets timm's Mixup as the MAE recipe does: every chunk is mixed (prob 1), by CutMix or by mixup with
+    probability 1/2 each (switch_prob 0.5), lam ~ Beta(alpha, alpha) with --cutmix's or --mixup's own alpha, so
+    E[lam (1 - lam)] = alpha / (2 (2 alpha + 1)), and the targets smoothed by --label_smoothing (0.2 here, not timm's
+    default 0.1)."""
+    args = parse(["--mixup", "0.5", "--cutmix", "3.0", "--label_smoothing", "0.2"])
+    train_classifier.resolve_recipe(args)
+    mix = train_classifier.make_mixup(args, num_classes=10)
+    labels = torch.tensor([0, 1])
+    off, on = 0.2 / 10, 1 - 0.2 + 0.2 / 10
+    smooth = torch.full((2, 10), off).scatter_(1, labels[:, None], on)
+    spread = {"mixup": [], "cutmix": []}  # lam (1 - lam) of each chunk, by how it was mixed
+    np.random.seed(0)
+    torch.manual_seed(0)
+    for _ in range(400):
+        x = torch.rand(2, 3, 32, 32)
+        mixed, target = mix(x.clone(), labels)
+        lam = ((target[0, 0] - off) / (on - off)).item()
+        assert torch.allclose(target, lam * smooth + (1 - lam) * smooth.flip(0), atol=1e-6)
+        assert lam < 1 - 1e-6  # mixed (prob 1): never the own image alone
+        if ((mixed == x) | (mixed == x.flip(0))).all():  # every pixel its own or the partner's
+            assert (mixed == x.flip(0)).float().mean().item() == pytest.approx(1 - lam, abs=1e-6)
+            spread["cutmix"].append(lam * (1 - lam))
+        else:
+            assert torch.allclose(mixed, lam * x + (1 - lam) * x.flip(0), atol=1e-6)
+            spread["mixup"].append(lam * (1 - lam))
+    assert abs(len(spread["cutmix"]) - 200) < 40  # 4 standard deviations of a binomial count
+    assert np.mean(spread["mixup"]) == pytest.approx(0.5 / (2 * 2.0), abs=0.03)
+    assert np.mean(spread["cutmix"]) == pytest.approx(3.0 / (2 * 7.0), abs=0.03)
+
+
+def test_make_optimizer_decays_the_lr_by_layer_for_a_pretrained_encoder_only():
+    """make_optimizer: AdamW at the peak lr with betas (0.9, 0.999), each parameter at lr scale
+    layer_decay ** (depth + 1 - layer) (layer 0 the patch embedding and class token, i + 1 block i, depth + 1 the
+    final norm and head): the recipe's 0.75 for a pretrained encoder, 1 for every parameter from scratch."""
+    depth = 3
+    for argv, decay in (([], 1.0), (["--pretrained_model_path", "mae.pt"], 0.75)):
+        args = parse(argv + ["--batch_size", "64"])
+        train_classifier.resolve_recipe(args)
+        model = ViTClassifier(MAEConfig(embed_dim=32, depth=depth, num_heads=2, patch_size=4), num_classes=10)
+        optimizer = train_classifier.make_optimizer(model, args, torch.device("cpu"))
+        group = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        assert len(group) == len(list(model.parameters()))
+        for name, p in model.named_parameters():
+            if name.startswith(("encoder.patch_embed", "encoder.cls_token")):
+                layer = 0
+            elif name.startswith("encoder.blocks."):
+                layer = int(name.split(".")[2]) + 1
+            else:
+                layer = depth + 1
+            assert group[id(p)]["lr_scale"] == pytest.approx(decay ** (depth + 1 - layer)), (argv, name)
+            assert group[id(p)]["lr"] == pytest.approx(1e-3 * 64 / 256) and group[id(p)]["betas"] == (0.9, 0.999)
+
+
+def test_reference_schedule_is_the_minimum_of_warmup_and_a_cosine_over_the_whole_run():
+    """--schedule reference, step s of T with W warmup steps: peak * min((s + 1) / W, (1 + cos(pi s / T)) / 2), the
+    reference's LambdaLR evaluated per step; with no warmup the cosine alone, the peak at step 0."""
+    args = SimpleNamespace(schedule="reference", min_lr=0.0)
+    lr = [train_classifier.lr_at_step(s, 20, 5, 2.0, args) for s in range(20)]
+    assert lr == pytest.approx([2.0 * min((s + 1) / 5, 0.5 * (1 + math.cos(math.pi * s / 20))) for s in range(20)])
+    assert lr[:5] == pytest.approx([0.4, 0.8, 1.2, 1.6, 2.0 * 0.5 * (1 + math.cos(math.pi * 4 / 20))])
+    no_warmup = [train_classifier.lr_at_step(s, 8, 0, 2.0, args) for s in range(8)]
+    assert no_warmup == pytest.approx([1.0 + math.cos(math.pi * s / 8) for s in range(8)])
+    assert no_warmup[0] == 2.0
 
 
 def test_layer_decay_gives_each_block_its_lr_scale():
@@ -604,6 +748,17 @@ def test_random_crop_copies_a_padded_window_per_image():
     assert len(offsets) == 25  # every offset is drawn
 
 
+def test_random_crop_offsets_are_top_then_left():
+    """crop_draws' offsets are (top, left) into the image padded by `padding` reflected pixels (torch's reflect pad,
+    the reference): offset (t, l) cuts rows t to t + H and columns l to l + W of the padded image."""
+    x = torch.rand(3, 3, 8, 8)
+    offsets = torch.tensor([[0, 4], [4, 1], [3, 3]])
+    out = data.random_crop(x, 2, offsets)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    for b, (top, left) in enumerate(offsets.tolist()):
+        assert torch.equal(out[b], padded[b, :, top:top + 8, left:left + 8]), b
+
+
 def _apply(x, name, magnitudes):
     op = torch.full((len(x),), data.AUGMENT_OPS.index(name))
     return data.apply_augment_ops(x, op, torch.tensor(magnitudes))
@@ -632,6 +787,19 @@ def test_augment_ops_match_torchvision_per_image():
         bits = 8 - round(abs(v) * 6)
         assert torch.equal(_apply(x, "posterize", m)[i] * 255, TF.posterize(u8[i], bits).float())
     assert torch.equal(_apply(x, "equalize", m) * 255, TF.equalize(u8).float())
+
+
+def test_autocontrast_stretches_each_channel_and_leaves_a_constant_one_as_it_is():
+    """autocontrast maps each channel's lowest value to 0 and highest to 1, as torchvision's autocontrast does; a
+    channel of one value has nothing to stretch and is left as it is (torchvision's too)."""
+    x = torch.rand(2, 3, 8, 8) * 0.5 + 0.2
+    x[0, 1] = 0.6
+    x[1] = 0.3
+    out = _apply(x, "autocontrast", [0.0, 1.0])
+    for i in range(2):
+        assert torch.allclose(out[i], TF.autocontrast(x[i:i + 1])[0], atol=1e-6), i
+    assert torch.equal(out[0, 1], x[0, 1]) and torch.equal(out[1], x[1])
+    assert out[0, 0].min() == 0 and out[0, 0].max() == 1
 
 
 def test_geometric_ops_translate_exactly_and_mix_per_image():
