@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 from model import (MAE, Block, DropPath, MAEConfig, RunningMeanBatchNorm, ViTClassifier, encoder_state_from_mae,
-                   masked_mse, normalize_patches, patchify, random_masking, reconstruct, unpatchify)
+                   masked_mse, normalize_patches, num_masked_patches, patchify, random_masking, reconstruct,
+                   unpatchify)
 
 SMALL = dict(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=24, decoder_depth=1, decoder_num_heads=2)
 
@@ -381,3 +382,68 @@ def test_normalize_patches_uses_the_unbiased_variance_longhand():
     torch.testing.assert_close(mean, mean_longhand)
     torch.testing.assert_close(std, std_longhand)
     torch.testing.assert_close(normed, (patches - mean_longhand) / std_longhand)
+
+
+def test_encoder_is_timms_vision_transformer_with_an_unpositioned_class_token():
+    """The encoder's forward equals timm's VisionTransformer (no_embed_class: the class token carries no position,
+    as in DeiT-3 and the MAE code) loaded with the same weights and our fixed sin-cos positions: the conv patch
+    embedding in row-major patch order, the class token in front, the blocks, then the final norm."""
+    torch.manual_seed(0)
+    cfg = MAEConfig(**{**SMALL, "patch_size": 4})
+    ours = MAE(cfg).encoder.eval()
+    nn.init.normal_(ours.cls_token, std=1.0)  # large enough that a position added to it would show
+    theirs = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0, num_classes=0,
+        no_embed_class=True, norm_layer=partial(nn.LayerNorm, eps=1e-6)).eval()
+    state = {k.replace("patch_embed.", "patch_embed.proj."): v for k, v in ours.state_dict().items()}
+    theirs.load_state_dict({**state, "pos_embed": ours.pos_embed}, strict=True)
+    imgs = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(imgs), theirs.forward_features(imgs), rtol=1e-5, atol=1e-5)
+
+
+def test_patchify_is_the_official_maes_nchpwq_to_nhwpqc_and_unpatchify_its_inverse():
+    """The MAE reference's patchify, written out: reshape to (n, c, h, p, w, q), einsum 'nchpwq->nhwpqc', flatten.
+    Patch n is grid cell (n // w, n % w) and its vector runs over the pixel row p, then column q, then channel."""
+    imgs = torch.randn(2, 3, 16, 16)
+    for p in (2, 4):
+        h = w = 16 // p
+        reference = torch.einsum("nchpwq->nhwpqc", imgs.reshape(2, 3, h, p, w, p)).reshape(2, h * w, p * p * 3)
+        assert torch.equal(patchify(imgs, p), reference)
+        assert torch.equal(unpatchify(reference, p), imgs)
+    one_channel = torch.randn(2, 1, 8, 8)
+    assert torch.equal(unpatchify(patchify(one_channel, 2), 2, channels=1), one_channel)
+
+
+@pytest.mark.parametrize("num_patches, mask_ratio, masked", [(10, 0.75, 7), (49, 0.75, 36), (64, 0.9, 57),
+                                                             (16, 0.5, 8)])
+def test_the_masked_count_is_n_times_the_ratio_rounded_down(num_patches, mask_ratio, masked):
+    """int(N * mask_ratio) patches are hidden, rounded down even where the fraction is .5 or more (7.5 -> 7,
+    36.75 -> 36), so every sample keeps at least N - N * mask_ratio visible."""
+    assert num_masked_patches(num_patches, mask_ratio) == masked
+    x_visible, mask, _ = random_masking(torch.randn(3, num_patches, 4), mask_ratio)
+    assert mask.sum(dim=1).tolist() == [masked] * 3 and x_visible.shape == (3, num_patches - masked, 4)
+
+
+def test_probe_norm_adds_eps_to_the_variance_as_batchnorm_does():
+    """Features of a tiny variance (1e-6, the size of eps): normalised by sqrt(var + eps) exactly as torch's
+    BatchNorm1d, where leaving eps out would scale them by sqrt(2) more."""
+    torch.manual_seed(0)
+    ours, torchs = RunningMeanBatchNorm(4), nn.BatchNorm1d(4, eps=1e-6, affine=False, momentum=None)
+    x = torch.randn(32, 4) * 1e-3
+    torch.testing.assert_close(ours(x), torchs(x))
+    ours.eval(), torchs.eval()
+    torch.testing.assert_close(ours(x), torchs(x))
+
+
+def test_probe_norm_computes_in_fp32_under_bf16_autocast():
+    """Under bf16 autocast the probe norm sees bf16 features; it normalises them in fp32 (autocast runs torch's
+    batch_norm in fp32 too), returns fp32 and keeps fp32 running statistics equal to those of the fp32 input."""
+    torch.manual_seed(0)
+    x = (torch.randn(16, 8) * 2 + 1).bfloat16()
+    ours, reference = RunningMeanBatchNorm(8), nn.BatchNorm1d(8, eps=1e-6, affine=False, momentum=None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours(x)
+    assert out.dtype == torch.float32 and ours.running_mean.dtype == ours.running_var.dtype == torch.float32
+    torch.testing.assert_close(out, reference(x.float()))
+    torch.testing.assert_close(ours.running_var, reference.running_var)

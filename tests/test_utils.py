@@ -3,6 +3,7 @@ background write.
 
 Run: python -m pytest -q tests/test_utils.py
 """
+import json
 import math
 import os
 import signal
@@ -19,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import utils
 from conftest import ROOT
-from model import MAE, MAEConfig
+from model import MAE, MAEConfig, ViTClassifier
 
 
 def test_lr_warmup_then_cosine():
@@ -500,3 +501,243 @@ def test_attention_choice_checks_the_decoders_heads_when_asked(monkeypatch, caps
     assert exc.value.code == 2 and asked[1:] == [(1, 64)]
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--attention flash cannot run on cpu at head dim 64" in err
+
+
+def test_layer_decay_reads_two_digit_block_numbers():
+    """ViT-T has 12 blocks: 'blocks.10.' and 'blocks.11.' are layer ids 11 and 12, one and two below the head, so
+    every parameter's lr scale is the longhand layer_decay ** (depth + 1 - layer id) at that depth too."""
+    depth, decay = 12, 0.5
+    model = ViTClassifier(MAEConfig(patch_size=8, embed_dim=8, depth=depth, num_heads=1), num_classes=10)
+    scale = {id(p): g["lr_scale"] for g in utils.layer_decay_groups(model, 0.05, decay, depth) for p in g["params"]}
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        layer = (int(parts[2]) + 1 if parts[1] == "blocks" else
+                 0 if parts[1] in ("patch_embed", "cls_token") else depth + 1)
+        assert scale[id(p)] == decay ** (depth + 1 - layer), name
+    assert scale[id(model.encoder.blocks[11].mlp.fc2.weight)] == decay
+    assert scale[id(model.encoder.blocks[10].norm1.bias)] == decay ** 2
+
+
+def test_frozen_parameters_are_in_no_weight_decay_group():
+    """AdamW's decoupled weight decay moves a parameter even when its gradient is zero, so a frozen one (the linear
+    probe's encoder) must not be handed to the optimizer: weight_decay_groups leaves it out, and a step leaves it
+    as it was."""
+    model = ViTClassifier(MAEConfig(patch_size=8, embed_dim=16, depth=1, num_heads=2), num_classes=10)
+    model.encoder.requires_grad_(False)
+    groups = utils.weight_decay_groups(model, 0.05)
+    assert [[id(p) for p in g["params"]] for g in groups] == [[id(model.head.weight)], [id(model.head.bias)]]
+    frozen = {n: p.clone() for n, p in model.encoder.named_parameters()}
+    optimizer = utils.make_adamw(groups, 1e-2, (0.9, 0.95), torch.device("cpu"))
+    model(torch.randn(2, 3, 32, 32)).square().sum().backward()
+    optimizer.step()
+    for name, p in model.encoder.named_parameters():
+        assert torch.equal(p, frozen[name]), name
+
+
+def test_knn_with_k_above_the_bank_size_votes_with_the_whole_bank_and_a_tie_goes_to_the_lowest_class():
+    """k larger than the bank (a small --fake_size run with the default k 20) takes every bank entry; a tie in the
+    vote goes to the lowest class index (torch.argmax's first maximum, as the longhand's max)."""
+    bank = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.2]]), dim=1)
+    labels = torch.tensor([1, 0, 2])
+    queries = F.normalize(torch.tensor([[1.0, 0.1], [-1.0, 1.0]]), dim=1)
+    got = utils.knn_predict(bank, labels, queries, 3, k=20, temperature=0.5)
+    assert got.tolist() == _longhand_knn(bank, labels.tolist(), queries, 3, 3, 0.5)
+    assert got.tolist() == utils.knn_predict(bank, labels, queries, 3, k=3, temperature=0.5).tolist()
+    # A query halfway between bank entries of classes 2 and 1: equal similarities, equal weights, class 1 wins.
+    tie = F.normalize(torch.tensor([[1.0, 1.0]]), dim=1)
+    bank = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=1)
+    assert (tie @ bank.T)[0, 0] == (tie @ bank.T)[0, 1]
+    assert utils.knn_predict(bank, torch.tensor([2, 1]), tie, 3, k=2).tolist() == [1]
+    assert _longhand_knn(bank, [2, 1], tie, 3, 2, 0.07) == [1]
+
+
+def test_backward_gives_a_parameter_the_loss_does_not_reach_a_zero_gradient():
+    """A parameter the chunk's loss does not reach keeps a zero .grad buffer (the same tensor), as loss.backward()
+    leaves it, rather than failing on autograd's None; the reached ones get exactly autograd's gradients."""
+    torch.manual_seed(0)
+    reached, unreached = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    params = [*reached.parameters(), *unreached.parameters()]
+    optimizer = utils.make_adamw([{"params": params}], 1e-3, (0.9, 0.95), torch.device("cpu"))
+    buffers = [p.grad for p in params]
+    x = torch.randn(4, 3)
+    utils.backward(reached(x).square().sum(), optimizer)
+    expected = torch.autograd.grad(reached(x).square().sum(), list(reached.parameters()))
+    assert all(p.grad is buffer for p, buffer in zip(params, buffers))
+    for p, grad in zip(reached.parameters(), expected):
+        torch.testing.assert_close(p.grad, grad)
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in unreached.parameters())
+
+
+def test_set_lr_gives_a_plain_group_the_lr_and_a_scaled_group_its_share():
+    """Groups without lr_scale (pretraining's weight-decay groups) get the scheduled lr itself; a group with one
+    (layer decay) gets lr * lr_scale."""
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([{"params": [a]}, {"params": [b], "lr_scale": 0.25}], lr=1.0)
+    utils.set_lr(optimizer, 0.1)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.1, 0.1 * 0.25]
+
+
+SCHEDULE = dict(batch_size=64, max_device_batch_size=32, total_epoch=2, warmup_epoch=0, base_learning_rate=1e-3,
+                weight_decay=0.0, min_lr=0.0, seed=0)
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("batch_size", 0, "--batch_size must be >= 1, got 0"),
+    ("max_device_batch_size", 0, "--max_device_batch_size must be >= 1, got 0"),
+    ("total_epoch", 0, "--total_epoch must be >= 1, got 0"),
+    ("warmup_epoch", -1, "--warmup_epoch must be >= 0, got -1"),
+    ("base_learning_rate", 0.0, "--base_learning_rate must be > 0, --weight_decay and --min_lr >= 0, got 0.0, 0.0 "
+                                "and 0.0"),
+    ("weight_decay", -0.05, "--weight_decay and --min_lr >= 0, got 0.001, -0.05 and 0.0"),
+    ("min_lr", -1e-6, "--weight_decay and --min_lr >= 0, got 0.001, 0.0 and -1e-06"),
+    ("seed", 2 ** 31, "--seed must be in [0, 2^31), got 2147483648"),
+])
+def test_check_schedule_args_refuses_each_value_out_of_range_and_accepts_the_edges(capsys, flag, value, expected):
+    """The edges pass without a word (no warmup, no weight decay, min_lr 0, one epoch); one step past an edge is
+    refused in one line that names the flag and the value, exit status 2."""
+    args = SimpleNamespace(**SCHEDULE)
+    utils.check_schedule_args(args)
+    utils.check_schedule_args(SimpleNamespace(**{**SCHEDULE, "total_epoch": 1, "max_device_batch_size": 1}))
+    assert capsys.readouterr().err == ""
+    setattr(args, flag, value)
+    with pytest.raises(SystemExit) as exc:
+        utils.check_schedule_args(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+
+
+def test_to_cpu_snapshots_are_copies_that_later_in_place_updates_cannot_change():
+    """to_cpu copies every tensor of a nest of dicts, lists and tuples (an optimizer state_dict holds all three),
+    keeping the containers' types and the other values: the next step's in-place updates leave the snapshot as it
+    was."""
+    weight = torch.ones(3, requires_grad=True)
+    state = {"model": {"w": weight}, "epoch": 5, "param_groups": [{"betas": (0.9, 0.95), "lr": 1e-3}],
+             "step": (torch.tensor(2.0),)}
+    snapshot = utils.to_cpu(state)
+    with torch.no_grad():
+        weight.add_(1)
+        state["step"][0].add_(1)
+    assert torch.equal(snapshot["model"]["w"], torch.ones(3)) and not snapshot["model"]["w"].requires_grad
+    assert snapshot["step"][0].item() == 2.0 and type(snapshot["step"]) is tuple
+    assert snapshot["param_groups"] == [{"betas": (0.9, 0.95), "lr": 1e-3}] and snapshot["epoch"] == 5
+    assert type(snapshot["param_groups"]) is list and type(snapshot["param_groups"][0]["betas"]) is tuple
+
+
+def test_a_write_that_fails_halfway_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    """atomic_save and atomic_copy write under a temporary name and rename when complete: a writer that stops
+    halfway (a kill, a full disk; here one that writes part and raises) leaves the file at the path as it was."""
+    import shutil
+    ckpt, figure, new_figure = tmp_path / "mae.pt", tmp_path / "grid.png", tmp_path / "epoch_2.png"
+    utils.atomic_save({"epoch": 1}, str(ckpt))
+    figure.write_bytes(b"epoch 1 figure")
+    new_figure.write_bytes(b"epoch 2 figure")
+    saved = ckpt.read_bytes()
+
+    def write_half(data, path):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", write_half)
+    monkeypatch.setattr(shutil, "copyfile", lambda src, dst: write_half(None, dst))
+    with pytest.raises(OSError):
+        utils.atomic_save({"epoch": 2}, str(ckpt))
+    with pytest.raises(OSError):
+        utils.atomic_copy(str(new_figure), str(figure))
+    assert ckpt.read_bytes() == saved and figure.read_bytes() == b"epoch 1 figure"
+    monkeypatch.undo()
+    utils.atomic_save({"epoch": 2}, str(ckpt))
+    utils.atomic_copy(str(new_figure), str(figure))
+    assert torch.load(ckpt, weights_only=True) == {"epoch": 2} and figure.read_bytes() == b"epoch 2 figure"
+
+
+def test_a_jsonl_log_reads_back_what_was_written_and_anything_else_is_one_line(tmp_path, capsys):
+    """write_jsonl writes one JSON object a line; read_jsonl gives them back, skipping blank lines, and [] for no
+    log. A line that is not an object with an integer epoch ends the run in one line naming the flag, status 2."""
+    path = tmp_path / "log.jsonl"
+    records = [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25}]
+    utils.write_jsonl(str(path), records)
+    assert path.read_text().splitlines() == [json.dumps(r) for r in records]
+    assert utils.read_jsonl(str(path), "--output_dir") == records
+    path.write_text(path.read_text() + "\n  \n")  # an editor's trailing blank lines
+    assert utils.read_jsonl(str(path), "--output_dir") == records
+    assert utils.read_jsonl(str(tmp_path / "none.jsonl"), "--output_dir") == []
+    for text in ('{"epoch": "1"}\n', '{"epoch": 1.0}\n', '{"loss": 0.5}\n', "[1, 2]\n"):
+        path.write_text(text)
+        with pytest.raises(SystemExit) as exc:
+            utils.read_jsonl(str(path), "--output_dir")
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"--output_dir: {str(path)!r} is not a per-epoch log" in err, err
+
+
+def test_load_checkpoint_loads_plain_tensors_only_and_says_what_is_wrong(tmp_path, capsys):
+    """A dict of tensors loads, in torch's zip format or its legacy pickle one; a bare tensor, a dict without a
+    required key and a file that pickles an object (which a full unpickler would construct, running its code) are
+    refused in one line naming the flag, exit status 2."""
+    path = tmp_path / "ckpt.pt"
+    good = {"model": {"w": torch.arange(3.0)}, "epoch": 2}
+    for zip_format in (True, False):
+        torch.save(good, path, _use_new_zipfile_serialization=zip_format)
+        ckpt = utils.load_checkpoint(str(path), "--resume", ("model", "epoch"))
+        assert torch.equal(ckpt["model"]["w"], good["model"]["w"]) and ckpt["epoch"] == 2
+    for obj, expected in ((torch.zeros(3), "not a checkpoint of this project (expected a dict, found Tensor)"),
+                          ({"model": {}}, "not a checkpoint of this project (missing epoch)"),
+                          ({"model": {}, "epoch": SimpleNamespace(step=2)}, "not a readable checkpoint")):
+        torch.save(obj, path)
+        with pytest.raises(SystemExit) as exc:
+            utils.load_checkpoint(str(path), "--resume", ("model", "epoch"))
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"--resume {str(path)!r}: {expected}" in err, err
+
+
+def test_all_gather_cat_puts_every_ranks_shard_back_in_rank_order(monkeypatch):
+    """Under torchrun each of 3 processes holds its shard of 10 rows (3, 3 and 4 of them); all_gather needs equal
+    shapes, so each sends its shard padded to 4 rows, and the padding is dropped again: every rank gets the 10 rows
+    in order. all_gather is played here by a stand-in that hands over every rank's padded shard."""
+    n, world_size = 10, 3
+    rows = torch.arange(1.0, 2 * n + 1).view(n, 2)
+    monkeypatch.setattr(utils.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(utils.dist, "get_world_size", lambda: world_size)
+
+    def all_gather(parts, padded):
+        assert padded.shape == (4, 2) and len(parts) == world_size
+        for rank, part in enumerate(parts):
+            shard = rows[utils.shard(n, rank, world_size)]
+            part.copy_(torch.cat([shard, torch.zeros(4 - len(shard), 2)]))
+    monkeypatch.setattr(utils.dist, "all_gather", all_gather)
+    assert [len(rows[utils.shard(n, rank, world_size)]) for rank in range(world_size)] == [3, 3, 4]
+    for rank in range(world_size):
+        assert torch.equal(utils.all_gather_cat(rows[utils.shard(n, rank, world_size)], n), rows)
+
+
+def test_embed_all_returns_float32_whatever_the_features_dtype():
+    """Features computed in bf16 (under autocast) come back as float32: the kNN bank and the probe's inputs are
+    fp32 whatever the precision."""
+    import data
+    images = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
+    feats = utils.embed_all(lambda x: x.flatten(1)[:, :3].bfloat16(), images, 2, None, torch.device("cpu"))
+    assert feats.dtype == torch.float32
+    assert torch.equal(feats, data.normalize(images).flatten(1)[:, :3].bfloat16().float())
+
+
+def test_an_output_folder_must_be_writable_and_searchable_and_exist_unless_it_may_be_made(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """A folder that does not exist passes when it can be made (create) and is refused when it must exist already;
+    its nearest existing ancestor must allow writing and searching (w and x: a file is made in a folder through
+    both), else one line names the flag."""
+    def refused(folder, create=True):
+        with pytest.raises(SystemExit) as exc:
+            utils.check_output_folder("--cls_dir", str(folder), create=create)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        return err
+    utils.check_output_folder("--cls_dir", str(tmp_path / "new" / "deeper"))
+    assert f"--cls_dir: folder {str(tmp_path / 'new')!r} does not exist" in refused(tmp_path / "new", create=False)
+    utils.check_output_folder("--cls_dir", str(tmp_path), create=False)
+    # Root passes every permission check, so a folder with w but without x is simulated as os.access sees it.
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.X_OK and real_access(path, mode))
+    assert f"--cls_dir: cannot write in {str(tmp_path)!r}" in refused(tmp_path)
