@@ -274,6 +274,9 @@ def check_schedule_args(args) -> None:
     if args.base_learning_rate <= 0 or args.weight_decay < 0 or args.min_lr < 0:
         die(f"--base_learning_rate must be > 0, --weight_decay and --min_lr >= 0, got {args.base_learning_rate}, "
             f"{args.weight_decay} and {args.min_lr}")
+    if args.min_lr > peak_lr(args):
+        die(f"--min_lr {args.min_lr} is above the peak lr {peak_lr(args):.2e} (--base_learning_rate x --batch_size / "
+            "256), so the cosine would raise the lr: give a smaller --min_lr")
     if args.warmup_epoch > args.total_epoch and dist_env()[0] == 0:  # a short trial run with the default warmup
         warn(f"--warmup_epoch {args.warmup_epoch} is longer than --total_epoch {args.total_epoch}: the lr rises "
              f"for the whole run and never reaches its peak {peak_lr(args):.2e}")

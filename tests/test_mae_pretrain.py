@@ -337,6 +337,7 @@ def test_attention_flag_sets_the_kernel_of_training_and_evaluation(tmp_path, run
     (["--weight_decay", "x"], "argument --weight_decay: must be a number, got 'x'"),
     (["--base_learning_rate", "-1"], "--base_learning_rate must be > 0, --weight_decay and --min_lr >= 0, got -1.0"),
     (["--mask_ratio", "0.01"], "--mask_ratio 0.01 masks none of the 64 patches"),
+    (["--min_lr", "0.1"], "--min_lr 0.1 is above the peak lr 1.87e-05 (--base_learning_rate x --batch_size / 256)"),
     (["--decoder_num_heads", "3"], "model flags: decoder_embed_dim 32 must be divisible by decoder_num_heads 3"),
     (["--seed", "-1"], "--seed must be in [0, 2^31), got -1"),
     (["--device", "mps"], "--device must be cuda, cuda:N or cpu, got 'mps'"),
