@@ -319,9 +319,13 @@ def apply_augment_ops(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor
     angle = torch.where(is_op["rotate"], torch.deg2rad(MAX_ROTATE_DEG * m), zero)
     shear_x = torch.where(is_op["shear_x"], MAX_SHEAR * m, zero)
     shear_y = torch.where(is_op["shear_y"], MAX_SHEAR * m, zero)
-    # A positive translation moves the content right / down by MAX_TRANSLATE_PX * m pixels.
-    shift_x = torch.where(is_op["translate_x"], -2 * MAX_TRANSLATE_PX * m / W, zero)
-    shift_y = torch.where(is_op["translate_y"], -2 * MAX_TRANSLATE_PX * m / W, zero)
+    # A positive translation moves the content right / down by MAX_TRANSLATE_PX * m pixels, truncated to whole
+    # pixels as torchvision's int(magnitude).
+    pixels = torch.trunc(MAX_TRANSLATE_PX * m)
+    # torchvision shears about the image's top-left corner (center=[0, 0], as PIL's AutoAugment): the top row
+    # (shear_x) or the left column (shear_y), at -1 here, stays in place, whence the shear added to the shift.
+    shift_x = torch.where(is_op["translate_x"], -2 * pixels / W, zero) + shear_x
+    shift_y = torch.where(is_op["translate_y"], -2 * pixels / W, zero) + shear_y
     cos, sin = angle.cos(), angle.sin()
     theta = torch.stack([torch.stack([cos, shear_x - sin, shift_x], dim=1),
                          torch.stack([sin + shear_y, cos, shift_y], dim=1)], dim=1)  # (B, 2, 3)

@@ -220,13 +220,15 @@ def test_trivial_augment_draws_every_op_and_all_31_magnitude_levels():
 
 
 def test_shear_y_agrees_with_torchvisions_affine():
-    """shear_y at magnitude m shears by 0.99 * m (input y = y + 0.99 * m * x about the centre): torchvision's affine
-    with a vertical shear of atan(0.99 * m) degrees, up to nearest-pixel ties."""
+    """shear_y at magnitude m shears by 0.99 * m (input y = y + 0.99 * m * x, the left column fixed): torchvision's
+    affine with a vertical shear of atan(0.99 * m) degrees about the top-left corner, as its TrivialAugmentWide, up to
+    nearest-pixel ties."""
     x = torch.rand(3, 3, 32, 32)
     for shear in (0.3, -0.5):
         op = torch.full((3,), data.AUGMENT_OPS.index("shear_y"))
         sheared = data.apply_augment_ops(x, op, torch.full((3,), shear / 0.99))
-        reference = TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, math.degrees(math.atan(shear))])
+        reference = TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, math.degrees(math.atan(shear))],
+                              center=[0, 0])
         assert (sheared != reference).float().mean() < 0.01, shear
 
 

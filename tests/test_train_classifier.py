@@ -810,10 +810,16 @@ def test_geometric_ops_translate_exactly_and_mix_per_image():
     assert torch.equal(shifted[2], x[2])
     down = _apply(x, "translate_y", [3 / 32] * 3)
     assert torch.equal(down[:, :, 3:], x[:, :, :-3])
-    # Shear about the centre agrees with torchvision's affine (also about the centre) up to nearest-pixel ties.
+    # Shear about the top-left corner, as torchvision's TrivialAugmentWide shears (center=[0, 0]).
     sheared = _apply(x, "shear_x", [0.3 / 0.99] * 3)
-    reference = TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=[math.degrees(math.atan(0.3)), 0.0])
+    reference = TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=[math.degrees(math.atan(0.3)), 0.0],
+                          center=[0, 0])
     assert (sheared != reference).float().mean() < 0.01
+    # Fractional shifts are truncated to whole pixels, as TrivialAugmentWide's int(magnitude): level 29 of 30 is
+    # 30.93 pixels, so 30 (rounding would give 31).
+    for sign in (1, -1):
+        shifted = _apply(x, "translate_x", [sign * 29 / 30] * 3)
+        assert torch.equal(shifted, TF.affine(x, angle=0.0, translate=[sign * 30, 0], scale=1.0, shear=[0.0, 0.0]))
     # One batch, a different op per image: each image is exactly what its op alone gives.
     names = ["rotate", "equalize", "translate_y"]
     op = torch.tensor([data.AUGMENT_OPS.index(n) for n in names])
