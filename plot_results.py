@@ -607,9 +607,10 @@ def top_confusions(run: ClassifierRun, count: int = 5) -> list:
     np.fill_diagonal(off, 0)
     rows = counts.sum(axis=1, keepdims=True)
     share = np.divide(off, rows, out=np.zeros_like(off), where=rows > 0) * 100
-    order = np.lexsort((-counts.ravel(), -share.ravel()))[:count]  # by share, then by images
-    return [(run.classes[i], run.classes[j], share[i, j], int(counts[i, j]))
-            for i, j in zip(*np.unravel_index(order, share.shape)) if counts[i, j]]
+    order = np.lexsort((-off.ravel(), -share.ravel()))[:count]  # by share, then by images
+    # Only confusions that happened: with fewer than `count` of them, no correct prediction fills the list.
+    return [(run.classes[i], run.classes[j], share[i, j], int(off[i, j]))
+            for i, j in zip(*np.unravel_index(order, share.shape)) if off[i, j]]
 
 
 def summary_lines(pre, runs) -> list:

@@ -245,6 +245,172 @@ def test_top_confusions_rank_by_share_then_by_images():
     assert [(t, p, c) for t, p, _, c in plot_results.top_confusions(run, count=2)] == [("c", "a", 4), ("b", "c", 2)]
 
 
+def sparse_pretraining():
+    """A 7-epoch pretraining evaluated at epochs 2, 4 and 6 only (as with --eval_every 2 and a run stopped at 7):
+    the lowest loss at epoch 6, the kNN's best tied at epochs 4 and 6, the val loss lowest at 4 and highest at 2."""
+    losses = np.array([0.9, 0.8, 0.7, 0.65, 0.6, 0.52, 0.55])
+    evals = {"knn_acc": np.array([0.4, 0.6, 0.6]), "val_loss": np.array([0.5, 0.3, 0.4]),
+             "val_psnr": np.array([10.0, 12.0, 11.0])}
+    return plot_results.Pretraining("pre", losses, {}, [], np.array([2, 4, 6]), evals)
+
+
+def test_pretraining_numbers_take_each_metric_at_its_own_best_evaluated_epoch():
+    """First and last five losses of seven, the lowest (epoch 6) and the last; each monitor metric's final value at
+    the last evaluated epoch (6, not the run's 7) and its best at the epoch evaluated then: the lowest val loss, the
+    highest PSNR and kNN accuracy, the earliest of equal bests."""
+    n = plot_results.pretrain_numbers(sparse_pretraining())
+    assert n["epochs"] == 7 and n["first5"].tolist() == [0.9, 0.8, 0.7, 0.65, 0.6]
+    assert n["last5"].tolist() == [0.7, 0.65, 0.6, 0.52, 0.55]
+    assert (n["best_loss"], n["best_epoch"], n["final_loss"]) == (0.52, 6, 0.55)
+    assert n["knn_acc"] == {"final": 0.6, "final_epoch": 6, "best": 0.6, "best_epoch": 4}
+    assert n["val_loss"] == {"final": 0.4, "final_epoch": 6, "best": 0.3, "best_epoch": 4}
+    assert n["val_psnr"] == {"final": 11.0, "final_epoch": 6, "best": 12.0, "best_epoch": 4}
+
+
+def test_report_table_gives_each_metric_final_and_best_with_its_epoch():
+    """The pretraining table of a run evaluated at epochs 2, 4 and 6 of 7: each monitor metric's final value at
+    epoch 6 and its best at epoch 4, as the metric counts best (lowest val loss, highest PSNR and kNN)."""
+    pre = sparse_pretraining()
+    report = "\n".join(plot_results.report_pretraining(pre, plot_results.pretrain_numbers(pre), {}, str))
+    assert table_value(report, "best loss (epoch)") == "0.52000 (6)"
+    assert table_value(report, "kNN top-1 on val, final (epoch)") == "60.00% (6)"
+    assert table_value(report, "kNN top-1 on val, best (epoch)") == "60.00% (4)"
+    assert table_value(report, "val masked MSE (fixed masks), final (epoch)") == "0.40000 (6)"
+    assert table_value(report, "val masked MSE (fixed masks), best (epoch)") == "0.30000 (4)"
+    assert table_value(report, "val PSNR of masked patches, final (epoch)") == "11.00 dB (6)"
+    assert table_value(report, "val PSNR of masked patches, best (epoch)") == "12.00 dB (4)"
+
+
+def test_a_summary_that_agrees_with_the_arrays_gives_no_note_and_each_stale_field_one():
+    """val_acc 0.5, 0.7, 0.6: best 0.7 at epoch 2 of 3, final 0.6. A summary saying so is silent; one field
+    changed at a time is named, with the arrays' value."""
+    summary = {"best_val_acc": 0.7, "best_epoch": 2, "final_val_acc": 0.6, "epochs": 3}
+    run = plot_results.ClassifierRun("r", "scratch", {"val_acc": np.array([0.5, 0.7, 0.6])}, summary)
+    notes = []
+    plot_results.check_summary(run, notes)
+    assert notes == []
+    for key, stale in (("best_val_acc", 0.75), ("best_epoch", 3), ("final_val_acc", 0.7), ("epochs", 2)):
+        run.summary, notes = {**summary, key: stale}, []
+        plot_results.check_summary(run, notes)
+        assert notes == [f"r_summary.json says {key} {stale}, the .npy arrays give {summary[key]}: the numbers "
+                         "come from the arrays"]
+
+
+def test_the_probe_run_without_a_summary_is_reported_as_a_linear_probe():
+    """The run named by --linprobe_run is a probe unless its summary says otherwise: its recipe cell and its
+    accuracy line say so (a probe's recipe flags set its lr schedule only)."""
+    def rows(run):
+        return plot_results.report_classifiers([run], {}, str)
+    probe = plot_results.ClassifierRun("lp", "linprobe", {"val_acc": np.array([0.3, 0.4])}, {"recipe": "finetune"})
+    assert "| lp | MAE-pretrained, linear probe | linear probe |" in rows(probe)[4]
+    assert "Linear-probe accuracy (`lp`): 40.00% best (epoch 2), 40.00% final." in rows(probe)
+    probe.summary["linear_probe"] = False
+    assert "| lp | MAE-pretrained, linear probe | finetune |" in rows(probe)[4]
+    assert not any(line.startswith("Linear-probe accuracy") for line in rows(probe))
+
+
+def test_training_time_is_the_sum_of_every_epochs_seconds_in_readable_units():
+    """log.jsonl's seconds of epochs 1..E summed (records without seconds, and epochs past the losses, left out):
+    40 + 50 + 60 s is 2.5 min. Without every epoch's seconds there is no row rather than a partial sum. Durations
+    read in seconds under 2 minutes, minutes under 2 hours, hours beyond."""
+    pre = plot_results.Pretraining("pre", np.array([0.5, 0.4, 0.3]), {}, [
+        {"epoch": 1, "seconds": 40.0}, {"epoch": 2, "seconds": 50.0}, {"epoch": 2, "knn_acc": 0.3},
+        {"epoch": 3, "seconds": 60.0}, {"epoch": 4, "seconds": 1000.0}])
+    report = "\n".join(plot_results.report_pretraining(pre, plot_results.pretrain_numbers(pre), {}, str))
+    assert table_value(report, "training time (sum of epochs, log.jsonl)") == "2.5 min"
+    pre.log = pre.log[:3]  # epoch 3's record missing
+    report = "\n".join(plot_results.report_pretraining(pre, plot_results.pretrain_numbers(pre), {}, str))
+    assert "training time" not in report
+    assert [plot_results.duration(s) for s in (119.9, 150, 5400, 7199, 7200, 9000)] == [
+        "119.9 s", "2.5 min", "90.0 min", "120.0 min", "2.00 h", "2.50 h"]
+
+
+@pytest.mark.parametrize("args, split, caption", [
+    ({}, "", ""),
+    ({"dataset": "cifar10", "val_split": 0}, "test set", "CIFAR-10; val: test set"),
+    ({"dataset": "cifar10", "val_split": 5000}, "5000 held-out train images",
+     "CIFAR-10; val: 5000 held-out train images"),
+    ({"dataset": "cifar100", "val_split": 0}, "test set", "CIFAR-100; val: test set"),
+    ({"dataset": "fake", "val_split": 0}, "synthetic val set",
+     "synthetic images (--dataset fake); val: synthetic val set"),
+    ({"dataset": "folder", "val_split": 0}, "val/ or test/ folder", "image folder; val: val/ or test/ folder"),
+    ({"dataset": "folder", "val_split": 300}, "300 held-out train images",
+     "image folder; val: 300 held-out train images"),
+])
+def test_captions_name_the_dataset_and_the_images_its_val_numbers_come_from(args, split, caption):
+    """The val split as the run's data flags chose it: held-out train images with --val_split, else the dataset's
+    own test set (CIFAR), synthetic val set (fake) or val/test folder (folder); nothing without args.json."""
+    assert plot_results.val_split(args) == split
+    assert plot_results.data_caption(args) == caption
+    assert plot_results.data_caption(args, val=False) == caption.split(";")[0]
+
+
+def test_top_confusions_never_list_an_empty_cell():
+    """Asked for more than there are cells (9 of 3 x 3), no cell without images comes back."""
+    labels = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    preds = np.array([0, 1, 0, 0, 1, 1, 2, 0])
+    run = plot_results.ClassifierRun("r", "scratch", {}, {}, preds=preds, labels=labels, classes=["a", "b", "c"])
+    listed = plot_results.top_confusions(run, count=9)
+    assert listed[:2] == [("c", "a", 50.0, 1), ("a", "b", 25.0, 1)] and all(c > 0 for *_, c in listed)
+
+
+def test_top_confusions_list_only_confusions_that_happened():
+    """Asked for 5 with two off-diagonal cells counted, two come back: 2 -> 0 (1 of 2 images, 50%), then 0 -> 1
+    (1 of 4, 25%); a class's correct predictions are no confusion."""
+    labels = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    preds = np.array([0, 1, 0, 0, 1, 1, 2, 0])
+    run = plot_results.ClassifierRun("r", "scratch", {}, {}, preds=preds, labels=labels, classes=["a", "b", "c"])
+    assert plot_results.top_confusions(run) == [("c", "a", 50.0, 1), ("a", "b", 25.0, 1)]
+
+
+def test_the_confusions_listed_are_the_pretrained_runs_else_the_first_runs():
+    """The report lists the most frequent confusions of the pretrained fine-tune (the run of the confusion matrix)
+    even when another run with predictions comes first; without one, those of the first run."""
+    def run(name, role, preds):
+        return plot_results.ClassifierRun(name, role, {"val_acc": np.array([0.5])}, {}, preds=np.array(preds),
+                                          labels=np.array([0, 0, 1, 1]), classes=["a", "b"])
+    scratch, pretrained = run("scratch", "scratch", [1, 1, 1, 1]), run("pretrained", "pretrained", [0, 0, 0, 1])
+    report = plot_results.report_classifiers([scratch, pretrained], {}, str)
+    at = report.index("Most frequent confusions of `pretrained` (share of the true class):")
+    assert report[at + 2] == "- b -> a: 50.0% (1 images)"
+    report = plot_results.report_classifiers([scratch], {}, str)
+    at = report.index("Most frequent confusions of `scratch` (share of the true class):")
+    assert report[at + 2] == "- a -> b: 100.0% (2 images)"
+
+
+def test_printed_summary_says_each_best_and_final_at_its_epoch():
+    """The lines plot_results prints: the pretraining's best and final loss, the kNN's final at the last evaluated
+    epoch and best at its own, and each run's best val accuracy (earliest of equal bests) and final one."""
+    run = plot_results.ClassifierRun("scratch", "scratch", {"val_acc": np.array([0.5, 0.7, 0.7, 0.6])}, {})
+    assert plot_results.summary_lines(sparse_pretraining(), [run]) == [
+        "pretraining (pre): 7 epochs, best loss 0.52000 at epoch 6, final 0.55000",
+        "  first 5: 0.90000, 0.80000, 0.70000, 0.65000, 0.60000",
+        "  last 5:  0.70000, 0.65000, 0.60000, 0.52000, 0.55000",
+        "  kNN top-1: final 60.00% (epoch 6), best 60.00% (epoch 4)",
+        "scratch (from scratch): best val acc 70.00% at epoch 2, final 60.00% (4 epochs)"]
+
+
+def test_confusion_matrix_title_gives_the_top1_accuracy_of_its_predictions():
+    """3 of 4 predictions right: 75.00%, over the 4 val images."""
+    run = plot_results.ClassifierRun("pretrained", "pretrained", {}, {}, preds=np.array([0, 1, 1, 2]),
+                                     labels=np.array([0, 1, 2, 2]), classes=["a", "b", "c"])
+    fig = plot_results.plot_confusion(run)
+    assert fig.axes[0].get_title() == ("Confusion matrix, MAE-pretrained, fine-tuned\n4 val images, last epoch, "
+                                       "top-1 75.00% (row-normalised, %)")
+    plot_results.plt.close(fig)
+
+
+def test_without_class_names_the_classes_are_every_index_the_predictions_and_labels_use(tmp_path):
+    """No summary.json: the classes are 0..the largest index among the predictions and labels, named by number."""
+    np.save(tmp_path / "scratch_val_acc.npy", np.array([0.5, 0.6]))
+    np.save(tmp_path / "scratch_val_preds.npy", np.array([0, 2, 1]))
+    np.save(tmp_path / "scratch_val_labels.npy", np.array([0, 1, 1]))
+    run = plot_results.load_classifier_run(str(tmp_path), "scratch", "scratch", [], [])
+    assert run.classes == ["0", "1", "2"]
+    assert plot_results.confusion_counts(run.preds, run.labels, len(run.classes)).tolist() == [
+        [1, 0, 0], [0, 1, 1], [0, 0, 0]]
+
+
 def test_confusion_matrix_is_normalised_per_true_class_with_named_axes(run_outputs):
     _, cls = run_outputs
     run = plot_results.load_classifier_run(str(cls), "pretrained", "pretrained", [], [])
