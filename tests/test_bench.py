@@ -466,6 +466,211 @@ def test_timed_with_host_times_the_queueing_of_the_first_calls_only(monkeypatch)
     assert cpu_seconds == cpu_host >= 0.030
 
 
+class FakeClock:
+    """bench's time.perf_counter, on a clock that moves only when a test advances it: timings are then exact."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def perf_counter(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+def test_timed_with_host_divides_each_clock_by_the_calls_it_timed(monkeypatch):
+    """Exact arithmetic on a clock that moves only when a call runs. CUDA (events on the same clock): 10 calls, the
+    first HOST_TIMED_CALLS of 2 ms and the rest of 30 ms, are the events' span over 10 per call and the host's 2 ms
+    per queued call; with fewer calls than that, the host's time is over those calls. CPU: both are the wall time
+    over the calls, 10, 30 and 20 ms giving 20 ms."""
+    clock = FakeClock()
+    monkeypatch.setattr(bench, "time", clock)
+
+    class Event:  # torch.cuda.Event's interface, on the fake clock
+        def __init__(self, enable_timing):
+            self.t = None
+
+        def record(self):
+            self.t = clock.now
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+
+    def calls(*seconds):
+        durations = iter(seconds)
+        return lambda: clock.advance(next(durations))
+    queued = bench.HOST_TIMED_CALLS
+    seconds, host = bench.timed_with_host(calls(*[0.002] * queued, *[0.030] * (10 - queued)), 10,
+                                          torch.device("cuda"))
+    assert seconds == pytest.approx((queued * 0.002 + (10 - queued) * 0.030) / 10)
+    assert host == pytest.approx(0.002)
+    assert bench.timed_with_host(calls(0.004, 0.006), 2, torch.device("cuda")) == pytest.approx((0.005, 0.005))
+    assert bench.timed_with_host(calls(0.010, 0.030, 0.020), 3, torch.device("cpu")) == pytest.approx((0.020, 0.020))
+    assert bench.timed(calls(0.010, 0.030, 0.020), 3, torch.device("cpu")) == pytest.approx(0.020)
+
+
+def test_matmul_peak_is_two_n_cubed_flops_over_the_median_repeat(monkeypatch):
+    """An (n, n) by (n, n) product is n^3 multiply-adds, 2 n^3 FLOPs; the rate is taken at the median of the
+    repeats' seconds per product (0.5, 0.1 and 0.2 s here: 0.2), after an untimed warm-up of 2 products whose
+    time (9 s, the library's set-up) counts for nothing."""
+    times, calls = iter([9.0, 0.5, 0.1, 0.2]), []
+
+    def timed(fn, iters, device):
+        calls.append(iters)
+        return next(times)
+    monkeypatch.setattr(bench, "timed", timed)
+    peak = bench.matmul_peak(torch.device("cpu"), 3, torch.float32)
+    assert calls == [2, 3, 3, 3]  # warm-up, then PEAK_MATMUL_ITERS["cpu"] products in each repeat
+    assert (peak["dtype"], peak["size"]) == ("float32", 1024)
+    assert peak["tflops"] == pytest.approx(2 * 1024 ** 3 / 0.2 / 1e12)
+
+
+def test_bench_phase_reports_the_median_repeat_and_the_rates_it_implies(monkeypatch):
+    """bench_phase's numbers from made-up timings on a clock that moves only when told: 3 warm-up steps of 0.25 s,
+    3 repeats at 10, 40 and 20 ms per step (the host's 4, 1 and 2 ms), an epoch of 24 images (3 steps of 8) in
+    0.6 s, 10^9 forward FLOPs per image and a 4 TFLOP/s peak. The median repeat is 20 ms: 400 images/s, 1.2 TFLOP/s
+    of training (3 forwards), 30% of the peak; the compile estimate is the warm-up less 3 steps at that rate. Each
+    step of 2 chunks adds its chunks' mean losses, 0.25 each, to the device-side sum. The input work alone, on one
+    batch, is the median of its repeats too, in ms: 3, 1 and 2 ms (eager: 9, 5 and 7 ms)."""
+    clock = FakeClock()
+    monkeypatch.setattr(bench, "time", clock)
+    repeats = iter([(0.010, 0.004), (0.040, 0.001), (0.020, 0.002)])
+
+    def timed_with_host(fn, iters, device):
+        for _ in range(iters):
+            fn()
+        return next(repeats)
+    monkeypatch.setattr(bench, "timed_with_host", timed_with_host)
+    input_s, inputs = {"compiled": iter([0.003, 0.001, 0.002]), "eager": iter([0.009, 0.005, 0.007])}, []
+
+    def timed(fn, iters, device):
+        fn()
+        return next(input_s[inputs[-1][0]])
+    monkeypatch.setattr(bench, "timed", timed)
+    batches = []
+
+    def step(model, optimizer, scaler, batch_idx, lr, loss_sum, amp_dtype):
+        batches.append(len(batch_idx))
+        clock.advance(0.25)
+        loss_sum.add_(2 * 0.25)
+    phase = bench.Phase("pretrain", torch.nn.Linear(2, 2), lambda net: torch.optim.SGD(net.parameters(), lr=0.1),
+                        0.1, 8, step, 10 ** 9, inputs=lambda idx: inputs.append(("compiled", len(idx))),
+                        inputs_eager=lambda idx: inputs.append(("eager", len(idx))),
+                        epoch=lambda *_: clock.advance(0.6))
+    args = SimpleNamespace(compile=False, warmup_steps=3, repeats=3, steps=2, profile=False, seed=0, epoch_images=24,
+                           max_device_batch_size=4)
+    cpu = torch.device("cpu")
+    r = bench.bench_phase(phase, args, cpu, cpu, None, 4.0)
+    assert batches == [8] * (3 + 3 * 2 + 1)  # warm-up, the repeats, the host-sync check
+    assert (r["phase"], r["batch_size"], r["chunk"]) == ("pretrain", 8, 4)
+    assert r["ms_per_step_repeats"] == pytest.approx([10.0, 40.0, 20.0])
+    assert r["ms_per_step"] == pytest.approx(20.0) and r["host_ms_per_step"] == pytest.approx(2.0)
+    assert r["images_per_sec"] == pytest.approx(400.0)
+    assert (r["flops_per_image_forward"], r["flops_per_image_train"]) == (10 ** 9, 3 * 10 ** 9)
+    assert r["tflops"] == pytest.approx(1.2) and r["percent_of_peak"] == pytest.approx(30.0)
+    assert r["warmup_s"] == pytest.approx(0.75) and r["compile_s"] == pytest.approx(0.75 - 3 * 0.020)
+    assert (r["epoch_steps"], r["epoch_s"]) == (3, pytest.approx(0.6))
+    assert r["epoch_ms_per_step"] == pytest.approx(200.0)
+    assert r["mean_loss"] == pytest.approx(0.25)
+    assert inputs == [("compiled", 8)] * 4 + [("eager", 8)] * 4  # one untimed call each, then the 3 repeats
+    assert r["input_ms_per_step"] == pytest.approx(2.0) and r["input_ms_per_step_eager"] == pytest.approx(7.0)
+    assert r["host_syncs"] == [] and r["peak_memory_gib"] is None
+
+
+def test_evaluations_are_timed_as_the_median_of_three_and_scaled_to_the_reference(monkeypatch):
+    """Each script's evaluation runs once untimed, then three timed times (even with 5 repeats), the median kept;
+    the monitor's kNN bank is 5x the val images. The seconds scale linearly to the reference's 10,000 val images
+    (2,500x the 4 here), for its 6 monitor evaluations and 2 x 50 val passes. The scripts' evaluate functions are
+    stand-ins that take made-up seconds on a clock that moves only when told."""
+    clock = FakeClock()
+    monkeypatch.setattr(bench, "time", clock)
+    monitor_s, val_pass_s, seen = iter([100.0, 3.0, 1.0, 2.0, 50.0, 50.0]), iter([100.0, 0.4, 0.1, 0.2, 9.0, 9.0]), []
+
+    def monitor(model, bank, val, val_noise, *_):
+        seen.append((len(bank), len(val), tuple(val_noise.shape)))
+        clock.advance(next(monitor_s))
+    monkeypatch.setattr(bench.mae_pretrain, "evaluate", monitor)
+    monkeypatch.setattr(bench.train_classifier, "evaluate", lambda *_: clock.advance(next(val_pass_s)))
+    cfg = MAEConfig(patch_size=8, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+                    decoder_num_heads=2)
+    images, labels = torch.zeros(40, 3, 32, 32, dtype=torch.uint8), torch.zeros(40, dtype=torch.long)
+    args = SimpleNamespace(eval_images=4, num_classes=10, seed=0, max_device_batch_size=8, finetune_batch_size=8,
+                           repeats=5)
+    cpu = torch.device("cpu")
+    e = bench.bench_evaluation(cfg, images, labels, args, cpu, cpu, None)
+    assert seen == [(20, 4, (4, cfg.num_patches))] * 4
+    assert (e["val_images"], e["bank_images"], e["scale_to_reference"]) == (4, 20, 2500.0)
+    assert e["pretrain_eval_s"] == pytest.approx(2.0) and e["finetune_eval_s"] == pytest.approx(0.2)
+    assert e["reference_seconds"] == pytest.approx(2500 * (6 * 2.0 + 100 * 0.2))
+
+
+def test_projection_counts_the_reference_steps_compilations_evaluations_and_flops():
+    """The reference experiment at made-up step times: 150 epochs of 50,000 // 500 = 100 pretraining steps at the
+    epoch's 40 ms (not the bare step's 30), 2 x 50 epochs of 50,000 // 250 = 200 fine-tuning steps at 10 ms: 800 s.
+    Compilation: the pretraining's 30 s, the first fine-tune's 20 s and the second's 5 s as measured, or 20 s again
+    when it was not. Evaluation: its 120 s. Training FLOPs: 15,000 steps x 500 images x 6 GFLOP + 20,000 x 250 x
+    3 GFLOP = 60 PFLOP, 2 minutes at a 500 TFLOP/s peak; the input work, 2 ms of 20,000 steps, 40 s at most."""
+    pretrain = {"batch_size": 500, "ms_per_step": 30.0, "epoch_ms_per_step": 40.0, "compile_s": 30.0,
+                "flops_per_image_train": 6e9}
+    finetune = {"batch_size": 250, "ms_per_step": 8.0, "epoch_ms_per_step": 10.0, "compile_s": 20.0,
+                "flops_per_image_train": 3e9, "input_ms_per_step": 2.0}
+    evaluation = {"reference_seconds": 120.0}
+    p = bench.project_reference(pretrain, finetune, evaluation, 500.0, second_compile_s=5.0)
+    assert (p["pretrain_steps"], p["finetune_steps"]) == (150 * 100, 2 * 50 * 200)
+    assert p["steps_minutes"] == pytest.approx(800 / 60)
+    assert p["compile_minutes"] == pytest.approx((30 + 20 + 5) / 60) and p["second_finetune_compile_s"] == 5.0
+    assert p["evaluation_minutes"] == pytest.approx(2.0)
+    assert p["minutes"] == pytest.approx((800 + 55 + 120) / 60)
+    assert p["total_pflop"] == pytest.approx(60.0) and p["floor_minutes_at_peak"] == pytest.approx(2.0)
+    assert p["finetune_input_minutes_at_most"] == pytest.approx(40 / 60)
+    unmeasured = bench.project_reference(pretrain, {**finetune, "input_ms_per_step": None}, evaluation, 500.0)
+    assert unmeasured["compile_minutes"] == pytest.approx((30 + 20 + 20) / 60)
+    assert unmeasured["second_finetune_compile_s"] is None and unmeasured["finetune_input_minutes_at_most"] is None
+
+
+def test_device_time_profile_gives_each_operators_self_time_per_step_largest_first(monkeypatch):
+    """Per step of 4: each operator's self time (the profiler's microseconds, in ms) and launches, largest first,
+    those with no self time left out; each summed under its kind, the busy time their sum; the listed names cut to
+    PROFILE_NAME_CHARS, the JSON's whole. The profiler is a stand-in holding made-up events."""
+    attention = "fmha_cutlassF_" + "k" * 100
+    events = [SimpleNamespace(key="aten::add_", self_cpu_time_total=400.0, count=4),
+              SimpleNamespace(key="aten::mm", self_cpu_time_total=8000.0, count=8),
+              SimpleNamespace(key="aten::empty", self_cpu_time_total=0.0, count=12),
+              SimpleNamespace(key=attention, self_cpu_time_total=2000.0, count=4)]
+
+    class Profile:  # torch.profiler.profile's interface
+        def __init__(self, activities):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return events
+    monkeypatch.setattr(torch.profiler, "profile", Profile)
+    ran = []
+    prof = bench.device_time_profile(lambda: ran.append("steps"), 4, torch.device("cpu"))
+    assert ran == ["steps"] and prof["what"] == "CPU operators"
+    assert prof["busy_ms_per_step"] == pytest.approx(2.6)
+    assert prof["top"] == [["aten::mm", pytest.approx(2.0)], [attention[:bench.PROFILE_NAME_CHARS], pytest.approx(0.5)],
+                           ["aten::add_", pytest.approx(0.1)]]
+    assert prof["kinds_ms_per_step"] == pytest.approx({"matrix products": 2.0, "inductor's fused kernels": 0.0,
+                                                       "attention": 0.5, "other": 0.1})
+    assert prof["all"] == [
+        {"name": "aten::mm", "kind": "matrix products", "ms_per_step": pytest.approx(2.0), "calls_per_step": 2.0},
+        {"name": attention, "kind": "attention", "ms_per_step": pytest.approx(0.5), "calls_per_step": 1.0},
+        {"name": "aten::add_", "kind": "other", "ms_per_step": pytest.approx(0.1), "calls_per_step": 1.0}]
+
+
 def test_cpu_command_runs_in_seconds_and_its_numbers_agree(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--device", "cpu", "--json", str(out)],
@@ -484,6 +689,9 @@ def test_cpu_command_runs_in_seconds_and_its_numbers_agree(tmp_path):
     assert peak > 0
     expected_forward = {"pretrain": sum(bench.mae_forward_flops(cfg).values()),
                         "finetune": sum(bench.classifier_forward_flops(cfg, 10).values())}
+    # the JSON's FLOPs by part: each phase's own model
+    assert r["flops_per_image_forward"] == {"pretrain": bench.mae_forward_flops(cfg),
+                                            "finetune": bench.classifier_forward_flops(cfg, 10)}
     for name in ("pretrain", "finetune"):
         p = r[name]
         assert p["flops_per_image_forward"] == expected_forward[name]
