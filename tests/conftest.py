@@ -61,3 +61,33 @@ def compile_counter(monkeypatch):
                                                                                           **kwargs))
     yield counter
     torch._dynamo.reset()
+
+
+def _another_value(value):
+    """A value of the same kind that differs from value (None, a flag left out, becomes a string)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    return f"{value}_other"
+
+
+def check_resume_refuses_each_defining_flag(saved: dict, defining, may_change, run_defining_flags, capsys) -> None:
+    """utils.check_resumable with a checkpoint of the run `saved` (its args): a run with another value of any
+    defining flag is refused in one line, exit status 2, naming the flag and both values; another value of a flag
+    that may change is accepted."""
+    from types import SimpleNamespace
+
+    import utils
+    ckpt = {"args": dict(saved), "epoch": 1}
+    utils.check_resumable(ckpt, SimpleNamespace(**saved), run_defining_flags)
+    for name in sorted(defining):
+        given = _another_value(saved[name])
+        with pytest.raises(SystemExit) as exc:
+            utils.check_resumable(ckpt, SimpleNamespace(**{**saved, name: given}), run_defining_flags)
+        assert exc.value.code == 2, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        assert f"--resume {saved['resume']!r} was trained with --{name} {saved[name]}, this run has {given}" in err, err
+    for name in may_change:
+        utils.check_resumable(ckpt, SimpleNamespace(**{**saved, name: _another_value(saved[name])}), run_defining_flags)

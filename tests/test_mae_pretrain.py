@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import FIXTURE_DIR, ROOT, TINY_MODEL, tiny_pretrain_argv
+from conftest import FIXTURE_DIR, ROOT, TINY_MODEL, check_resume_refuses_each_defining_flag, tiny_pretrain_argv
 
 
 def test_two_epoch_run_writes_every_output(tmp_path, run_pretrain):
@@ -237,38 +236,17 @@ MAY_CHANGE_ON_RESUME = {"max_device_batch_size", "eval_every", "knn_k", "knn_tem
                         "log_interval", "model_path", "output_dir", "log_dir", "resume", "stop_after"}
 
 
-def another_value(value):
-    """A value of the same kind that differs from value."""
-    if isinstance(value, bool):
-        return not value
-    if isinstance(value, (int, float)):
-        return value + 1
-    return f"{value}_other"
-
-
 def test_resume_refuses_a_change_of_every_flag_that_defines_the_run(tmp_path, capsys):
     """Every flag of mae_pretrain.py but those a resume may change (MAY_CHANGE_ON_RESUME) is run-defining:
     utils.check_resumable, given mae_pretrain's RUN_DEFINING_FLAGS, refuses a checkpoint trained with another
     value of any of them in one line that names the flag and both values."""
     import mae_pretrain
-    import utils
     parser = mae_pretrain.get_args_parser()
     defining = {action.dest for action in parser._actions if action.dest != "help"} - MAY_CHANGE_ON_RESUME
     assert "mask_ratio" in defining and set(mae_pretrain.RUN_DEFINING_FLAGS) == defining
     saved = vars(parser.parse_args(tiny_pretrain_argv(tmp_path, "--resume", "mae.pt")))
-    ckpt = {"args": dict(saved), "epoch": 1}
-    utils.check_resumable(ckpt, SimpleNamespace(**saved), mae_pretrain.RUN_DEFINING_FLAGS)
-    for name in sorted(defining):
-        given = another_value(saved[name])
-        with pytest.raises(SystemExit) as exc:
-            utils.check_resumable(ckpt, SimpleNamespace(**{**saved, name: given}), mae_pretrain.RUN_DEFINING_FLAGS)
-        assert exc.value.code == 2, name
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1
-        assert f"--resume 'mae.pt' was trained with --{name} {saved[name]}, this run has {given}" in err, err
-    for name in MAY_CHANGE_ON_RESUME:
-        utils.check_resumable(ckpt, SimpleNamespace(**{**saved, name: another_value(saved[name])}),
-                              mae_pretrain.RUN_DEFINING_FLAGS)
+    check_resume_refuses_each_defining_flag(saved, defining, MAY_CHANGE_ON_RESUME, mae_pretrain.RUN_DEFINING_FLAGS,
+                                            capsys)
 
 
 def test_resuming_a_finished_run_or_with_another_mask_ratio_is_refused(tmp_path, run_pretrain, capsys):

@@ -24,7 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 import data
 import train_classifier
 import utils
-from conftest import ROOT, TINY_MODEL, tiny_pretrain_argv
+from conftest import ROOT, TINY_MODEL, check_resume_refuses_each_defining_flag, tiny_pretrain_argv
 from model import MAEConfig, ViTClassifier
 
 FAKE_TRAIN, FAKE_VAL, BATCH = 128, 32, 32  # --dataset fake --fake_size 128 holds out max(128 // 4, 16) val images
@@ -258,15 +258,6 @@ MAY_CHANGE_ON_RESUME = {"max_device_batch_size", "data_path", "data_on", "device
                         "output_dir", "run_name", "log_dir", "resume", "stop_after"}
 
 
-def another_value(value):
-    """A value of the same kind that differs from value (None, a flag left out, becomes a string)."""
-    if isinstance(value, bool):
-        return not value
-    if isinstance(value, (int, float)):
-        return value + 1
-    return f"{value}_other"
-
-
 def test_resume_refuses_a_change_of_every_flag_that_defines_the_run(tmp_path, capsys):
     """Every flag of train_classifier.py but those a resume may change (MAY_CHANGE_ON_RESUME) and the model sizes
     is run-defining: utils.check_resumable, given train_classifier's RUN_DEFINING_FLAGS, refuses a checkpoint
@@ -278,19 +269,8 @@ def test_resume_refuses_a_change_of_every_flag_that_defines_the_run(tmp_path, ca
     args = parse(cls_argv(tmp_path, "--resume", "last.pt"))
     train_classifier.resolve_recipe(args)
     saved = vars(args)
-    ckpt = {"args": dict(saved), "epoch": 1}
-    utils.check_resumable(ckpt, SimpleNamespace(**saved), train_classifier.RUN_DEFINING_FLAGS)
-    for name in sorted(defining):
-        given = another_value(saved[name])
-        with pytest.raises(SystemExit) as exc:
-            utils.check_resumable(ckpt, SimpleNamespace(**{**saved, name: given}), train_classifier.RUN_DEFINING_FLAGS)
-        assert exc.value.code == 2, name
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1
-        assert f"--resume 'last.pt' was trained with --{name} {saved[name]}, this run has {given}" in err, err
-    for name in MAY_CHANGE_ON_RESUME:
-        utils.check_resumable(ckpt, SimpleNamespace(**{**saved, name: another_value(saved[name])}),
-                              train_classifier.RUN_DEFINING_FLAGS)
+    check_resume_refuses_each_defining_flag(saved, defining, MAY_CHANGE_ON_RESUME, train_classifier.RUN_DEFINING_FLAGS,
+                                            capsys)
 
 
 def test_pretrained_plain_run_writes_every_output_with_the_reference_schedule(tmp_path, mae_ckpt):
