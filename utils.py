@@ -753,8 +753,8 @@ def save_recon_figure(path: str, masked, recon, original, title: str = "", ncol:
 
     Drawn with PIL rather than matplotlib: pretraining writes one every epoch from the background thread, and the
     training loop on the main thread, which launches the GPU's work, loses what the figure holds of the GIL:
-    about 110 ms per figure with matplotlib, 6 ms with PIL (README, Speed: The fast path learns as the plain one
-    does)."""
+    105 to 122 ms per figure with matplotlib, 6 ms with PIL, on this repository's 2-core CPU (README, Speed: The
+    fast path learns as the plain one does)."""
     from PIL import Image, ImageDraw, ImageFont
     from torchvision.utils import make_grid
 
