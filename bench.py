@@ -196,7 +196,7 @@ def chunk_size(batch_size: int, args) -> int:
 
 def block_flops(tokens: int, width: int, mlp_ratio: float, queries: int | None = None) -> int:
     """Forward FLOPs of one pre-norm transformer block on `tokens` tokens of `width` (one image), its output
-    computed for the first `queries` of them (model.Block's num_queries; default all).
+    computed for `queries` of them (model.Block's `queries`; default all).
 
     A matrix product of (M, K) by (K, N) is 2*M*K*N FLOPs (a multiply and an add). With L tokens, Q queries,
     width D and MLP hidden width H = int(mlp_ratio * D):
@@ -213,21 +213,25 @@ def block_flops(tokens: int, width: int, mlp_ratio: float, queries: int | None =
     return 2 * width * (3 * tokens * width + queries * (width + 2 * hidden)) + 4 * queries * tokens * width
 
 
-def mae_forward_flops(cfg: MAEConfig) -> dict:
+def mae_forward_flops(cfg: MAEConfig, masked_only: bool = True) -> dict:
     """Forward FLOPs of model.MAE per image, by part (matrix products only, as in block_flops).
 
     The patch embedding sees all N patches (positions are added before masking), the encoder the class token
     plus the N_visible = N - int(N * mask_ratio) kept patches, the decoder the class token plus all N positions
-    (mask tokens filled in), and the pixel head the N patch tokens (the class token is dropped before it).
+    (mask tokens filled in). Its last block computes the outputs the pixel head reads: with masked_only, as training
+    runs the model, those of the N - N_visible masked tokens alone; otherwise all N patch tokens' (not the class
+    token's).
     """
     n, patch_dim = cfg.num_patches, cfg.patch_size ** 2 * cfg.in_chans
     visible = n - num_masked_patches(n, cfg.mask_ratio)
+    predicted = n - visible if masked_only else n
     return {
         "patch_embed": 2 * n * patch_dim * cfg.embed_dim,
         "encoder": cfg.depth * block_flops(1 + visible, cfg.embed_dim, cfg.mlp_ratio),
         "decoder_embed": 2 * (1 + visible) * cfg.embed_dim * cfg.decoder_embed_dim,
-        "decoder": cfg.decoder_depth * block_flops(1 + n, cfg.decoder_embed_dim, cfg.mlp_ratio),
-        "pred": 2 * n * cfg.decoder_embed_dim * patch_dim,
+        "decoder": (cfg.decoder_depth - 1) * block_flops(1 + n, cfg.decoder_embed_dim, cfg.mlp_ratio)
+        + block_flops(1 + n, cfg.decoder_embed_dim, cfg.mlp_ratio, predicted),
+        "pred": 2 * predicted * cfg.decoder_embed_dim * patch_dim,
     }
 
 

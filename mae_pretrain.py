@@ -142,7 +142,7 @@ def train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, devi
             imgs = data.random_resized_crop(imgs, scale=(0.2, 1.0), rand=crop_rand[part, :4])
             imgs = data.random_hflip(imgs, rand=crop_rand[part, 4])
         with utils.autocast(device, amp_dtype):
-            loss, _, _ = model(imgs, noise=noise[part])
+            loss, _, _ = model(imgs, noise=noise[part], masked_only=True)  # the loss reads no other patch
         # Chunks are equal-sized, so dividing by their number makes the summed gradient the batch mean.
         utils.backward(scaler.scale(loss / accum_steps), optimizer)
         loss_sum += loss.detach()

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
-from model import Block, MAEConfig, count_params
+from model import Block, MAEConfig, count_params, num_masked_patches
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -460,7 +460,8 @@ def attention_choice(cfg: MAEConfig, name: str, device: torch.device, amp_dtype,
     """The kernel attention runs with at the encoder's full shapes (1 + N tokens, with gradients) under
     --attention `name`, as torch's dispatcher picks it; one-line death, before a run would meet it, when the named
     kernel cannot run them, or, if asked, the class token's query alone over the 1 + N keys (the last block of a
-    model pooled on the class token: model.Block's num_queries), or the decoder's heads (whose width may differ)."""
+    model pooled on the class token: model.Block's `queries`), or the decoder's heads (whose width may differ), all
+    1 + N tokens' queries and, in its last block in training, the masked tokens' alone."""
     def tokens(length, heads, dim):  # (batch, heads, length, head dim)
         return torch.zeros(1, heads, length, dim // heads, device=device, dtype=amp_dtype or torch.float32,
                            requires_grad=True)
@@ -469,6 +470,9 @@ def attention_choice(cfg: MAEConfig, name: str, device: torch.device, amp_dtype,
     if decoder:
         k_decoder = tokens(1 + cfg.num_patches, cfg.decoder_num_heads, cfg.decoder_embed_dim)
         others.append((k_decoder, k_decoder))
+        num_masked = num_masked_patches(cfg.num_patches, cfg.mask_ratio)
+        if num_masked:
+            others.append((tokens(num_masked, cfg.decoder_num_heads, cfg.decoder_embed_dim), k_decoder))
     for q, keys in [*others, (k, k)]:  # the encoder's last: its choice is the one returned
         try:
             with attention_kernel(name):

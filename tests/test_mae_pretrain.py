@@ -175,8 +175,8 @@ def test_val_psnr_is_10_log10_of_one_over_the_masked_pixels_mse(tmp_path, monkey
     args, model = _tiny_mae(tmp_path)
     train, val = data.load_data(args)
     p, grid = 4, 8  # patches of 4 x 4 pixels, 8 x 8 of them
-    monkeypatch.setattr(model.decoder, "forward", lambda latent, ids_restore: torch.full(
-        (*ids_restore.shape, p * p * 3), constant))
+    monkeypatch.setattr(model.decoder, "forward", lambda latent, ids_restore, masked_only: torch.full(
+        (*ids_restore.shape, p * p * 3), constant))  # every patch: evaluation runs with masked_only False
     val_noise = torch.rand(len(val), grid * grid, generator=torch.Generator().manual_seed(0))
     metrics = mae_pretrain.evaluate(model, train, val, val_noise, args, torch.device("cpu"), None)
 
@@ -444,12 +444,14 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert proc.stdout == ""
 
 
-@pytest.mark.parametrize("scope, graphs", [("model", 1), ("blocks", 2)])
+@pytest.mark.parametrize("scope, graphs", [("model", 1), ("blocks", 3)])
 def test_compiled_run_has_one_graph_per_program_and_no_recompilation(tmp_path, run_pretrain, compile_counter,
                                                                      scope, graphs):
     # Accumulation (two chunks per step), augmentation, the per-epoch evaluation and reconstruction figure,
     # two epochs: none of it may break a compiled graph or compile another. The whole model is one graph; with
-    # --compile_scope blocks the encoder's blocks (17 tokens) share one, the decoder's (65 tokens) another.
-    run_pretrain(tiny_pretrain_argv(tmp_path, "--compile", "--compile_scope", scope, "--augment", "--eval_every", "1"))
+    # --compile_scope blocks the encoder's blocks (17 tokens) share one, the decoder's first (65 tokens) another,
+    # and its last, which computes the masked tokens' outputs alone (model.MAEDecoder), a third.
+    run_pretrain(tiny_pretrain_argv(tmp_path, "--compile", "--compile_scope", scope, "--augment", "--eval_every", "1",
+                                    "--decoder_depth", "2"))
     assert compile_counter.frame_count == graphs
     assert compile_counter.op_count > 0

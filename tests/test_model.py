@@ -242,7 +242,7 @@ def test_probe_norm_is_batchnorm_with_a_plain_mean_of_the_batch_statistics():
 
 
 def test_block_is_timms_vit_block_with_its_parameters_in_its_order():
-    """model.Block is written out (for num_queries) but must stay timm's ViT block: the same state_dict keys in the
+    """model.Block is written out (for `queries`) but must stay timm's ViT block: the same state_dict keys in the
     same order (checkpoints and optimizer states carry over) and, with the same weights, the same output."""
     torch.manual_seed(0)
     ours = Block(32, 2, 4.0)
@@ -280,6 +280,40 @@ def test_class_token_only_gives_the_full_outputs_class_token_and_its_gradients(d
     for name, grad in expected_grads.items():
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
     assert expected_grads["encoder.blocks.2.mlp.fc1.weight"].abs().sum() > 0  # the last block's MLP does count
+
+
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+@pytest.mark.parametrize("decoder_depth", [1, 2])
+def test_masked_only_gives_the_full_predictions_masked_patches_and_the_same_loss_and_gradients(decoder_depth,
+                                                                                                norm_pix_loss):
+    """Training predicts the masked patches alone (the decoder's last block and pixel head run for them only): its
+    predictions are the full forward's at the masked patches, in the order of the shuffle, and its loss and every
+    parameter's gradient are the full forward's."""
+    cfg = MAEConfig(**{**SMALL, "decoder_depth": decoder_depth}, norm_pix_loss=norm_pix_loss)
+    torch.manual_seed(0)
+    model = MAE(cfg)
+    imgs, noise = torch.randn(4, 3, 32, 32), torch.rand(4, 256)
+
+    def run(masked_only):
+        model.zero_grad()
+        loss, pred, mask = model(imgs, noise=noise, masked_only=masked_only)
+        loss.backward()
+        return loss.detach(), pred.detach(), mask, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss, pred, mask, grads = run(masked_only=True)
+    full_loss, full_pred, full_mask, full_grads = run(masked_only=False)
+    assert pred.shape == (4, 192, 12) and torch.equal(mask, full_mask)
+    masked_ids = noise.argsort(dim=1)[:, 64:]  # the hidden patches, lowest noise first
+    torch.testing.assert_close(pred, full_pred[torch.arange(4)[:, None], masked_ids], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, full_loss, rtol=1e-5, atol=1e-7)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert full_grads["decoder.blocks.%d.mlp.fc1.weight" % (decoder_depth - 1)].abs().sum() > 0
+
+
+def test_masked_only_with_nothing_masked_has_no_predictions_and_a_zero_loss():
+    loss, pred, mask = MAE(MAEConfig(**SMALL))(torch.randn(2, 3, 32, 32), mask_ratio=0.0, masked_only=True)
+    assert pred.shape == (2, 0, 12) and loss.item() == 0.0 and mask.sum() == 0
 
 
 def test_random_masking_keeps_the_lowest_noise_tokens_in_ascending_noise_order():
