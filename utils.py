@@ -707,7 +707,7 @@ def read_jsonl(path: str, flag: str) -> list:
             records = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError) as e:  # unreadable, not JSON, not text
         die(f"{flag}: {path!r} is not a readable JSON-lines log ({type(e).__name__}: {str(e)[:80]})")
-    if not all(isinstance(r, dict) and isinstance(r.get("epoch"), int) for r in records):
+    if not all(isinstance(r, dict) and type(r.get("epoch")) is int for r in records):  # bool is an int to isinstance
         die(f"{flag}: {path!r} is not a per-epoch log (every line must be an object with an integer 'epoch')")
     return records
 

@@ -662,7 +662,7 @@ def test_a_jsonl_log_reads_back_what_was_written_and_anything_else_is_one_line(t
     path.write_text(path.read_text() + "\n  \n")  # an editor's trailing blank lines
     assert utils.read_jsonl(str(path), "--output_dir") == records
     assert utils.read_jsonl(str(tmp_path / "none.jsonl"), "--output_dir") == []
-    for text in ('{"epoch": "1"}\n', '{"epoch": 1.0}\n', '{"loss": 0.5}\n', "[1, 2]\n"):
+    for text in ('{"epoch": "1"}\n', '{"epoch": 1.0}\n', '{"epoch": true}\n', '{"loss": 0.5}\n', "[1, 2]\n"):
         path.write_text(text)
         with pytest.raises(SystemExit) as exc:
             utils.read_jsonl(str(path), "--output_dir")
