@@ -219,8 +219,8 @@ def mae_forward_flops(cfg: MAEConfig, masked_only: bool = True) -> dict:
     The patch embedding sees all N patches (positions are added before masking), the encoder the class token
     plus the N_visible = N - int(N * mask_ratio) kept patches, the decoder the class token plus all N positions
     (mask tokens filled in). Its last block computes the outputs the pixel head reads: with masked_only, as training
-    runs the model, those of the N - N_visible masked tokens alone; otherwise all N patch tokens' (not the class
-    token's).
+    runs the model, those of the N - N_visible masked tokens alone (the default here, where model.MAE's forward
+    defaults to every patch); otherwise all N patch tokens' (not the class token's).
     """
     n, patch_dim = cfg.num_patches, cfg.patch_size ** 2 * cfg.in_chans
     visible = n - num_masked_patches(n, cfg.mask_ratio)

@@ -948,7 +948,7 @@ def test_compiled_run_is_one_graph_with_no_recompilation(tmp_path, mae_ckpt, com
     # validation: a partial last val chunk of 8, and evaluation under no_grad. Neither may compile another graph,
     # and mixup, drop path, the augmentation's random draws or the frozen encoder of an augmented probe may not
     # break one. With --compile_scope blocks the blocks share one graph, whatever their drop-path rates, and the
-    # last, which computes the class token's output alone (model.Block's num_queries), has one of its own.
+    # last, which computes the class token's output alone (model.Block's `queries`), has one of its own.
     argv = cls_argv(tmp_path, "--compile", "--compile_scope", scope, "--pretrained_model_path", mae_ckpt, *extra)
     argv[argv.index("--fake_size") + 1] = "96"
     train_classifier.main(parse(argv))

@@ -460,7 +460,7 @@ def test_recon_figure_stacks_title_masked_reconstruction_original(tmp_path):
 
 def test_attention_choice_checks_the_class_tokens_single_query_when_asked(monkeypatch, capsys):
     """A model pooled on the class token runs its last block's attention for one query over 1 + N keys
-    (model.Block's num_queries). A kernel named by --attention that could not run that shape is refused in one
+    (model.Block's `queries`). A kernel named by --attention that could not run that shape is refused in one
     line before the run, rather than by a traceback at the first step; without the class-token path it is not
     asked about."""
     cfg = MAEConfig(patch_size=8, embed_dim=32, depth=2, num_heads=2)  # 16 patches
@@ -501,6 +501,27 @@ def test_attention_choice_checks_the_decoders_heads_when_asked(monkeypatch, caps
     assert exc.value.code == 2 and asked[1:] == [(1, 64)]
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--attention flash cannot run on cpu at head dim 64" in err
+
+
+def test_attention_choice_checks_the_decoders_masked_queries_when_asked(monkeypatch, capsys):
+    """In training the decoder's last block runs attention for the masked tokens' queries alone over all 1 + N keys
+    (model.MAEDecoder, masked_only). A kernel named by --attention that could not run that shape is refused in one
+    line before the run; the decoder's full shape is asked first."""
+    cfg = MAEConfig(patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=64, decoder_num_heads=2,
+                    mask_ratio=0.75)  # 16 patches, 12 of them masked
+    asked, choose = [], torch._fused_sdp_choice
+
+    def no_masked_queries(q, k, v, *args, **kwargs):  # a kernel that cannot take 12 queries over 17 keys
+        asked.append((q.shape[-2], k.shape[-2], q.shape[-1]))
+        if q.shape[-2] == 12:
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return choose(q, k, v, *args, **kwargs)
+    monkeypatch.setattr(torch, "_fused_sdp_choice", no_masked_queries)
+    with pytest.raises(SystemExit) as exc:
+        utils.attention_choice(cfg, "flash", torch.device("cpu"), None, decoder=True)
+    assert exc.value.code == 2 and asked == [(17, 17, 32), (12, 17, 32)]
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--attention flash cannot run on cpu at head dim 32" in err
 
 
 def test_layer_decay_reads_two_digit_block_numbers():
