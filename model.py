@@ -333,7 +333,7 @@ class MAEDecoder(nn.Module):
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, masked_only: bool = False) -> torch.Tensor:
         """latent (B, 1 + N_visible, D_enc), ids_restore (B, N) -> per-patch pixels (B, N, p*p*C) in image order;
         with masked_only, (B, N_masked, p*p*C) for the masked patches alone, in the shuffled order (the patches
-        ids_restore.argsort(dim=1)[:, N_visible:]): the last block and the pixel head do only their work."""
+        ids_restore.argsort(dim=1)[:, N_visible:]), the last block and the pixel head computing those rows alone."""
         x = self.decoder_embed(latent)
         B, N = ids_restore.shape
         num_visible = latent.shape[1] - 1
