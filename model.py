@@ -100,6 +100,13 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     return x_visible, mask, ids_restore
 
 
+def to_shuffled_order(x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) rows in image order -> the same rows in random_masking's shuffled order (row ids_restore[b, n] holds
+    x[b, n]): visible patches first, then masked ones. A scatter, so that no argsort has to invert ids_restore."""
+    index = ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+    return torch.empty_like(x).scatter_(1, index, x)
+
+
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the masked patches only: (err * mask).sum() / mask.sum().
 
@@ -333,7 +340,8 @@ class MAEDecoder(nn.Module):
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, masked_only: bool = False) -> torch.Tensor:
         """latent (B, 1 + N_visible, D_enc), ids_restore (B, N) -> per-patch pixels (B, N, p*p*C) in image order;
         with masked_only, (B, N_masked, p*p*C) for the masked patches alone, in the shuffled order (the patches
-        ids_restore.argsort(dim=1)[:, N_visible:]), the last block and the pixel head computing those rows alone."""
+        to_shuffled_order(., ids_restore)[:, N_visible:]), the last block and the pixel head computing those rows
+        alone."""
         x = self.decoder_embed(latent)
         B, N = ids_restore.shape
         num_visible = latent.shape[1] - 1
@@ -341,8 +349,7 @@ class MAEDecoder(nn.Module):
         # The tokens stay in the shuffled order, [class, visible, masked], each with its own image position added:
         # attention sees positions only through these embeddings, so every token's output is what it would be in
         # image order, and the masked tokens, last, can be the last block's only queries.
-        ids_shuffle = ids_restore.argsort(dim=1)
-        pos = self.pos_embed.to(x.dtype)[0, ids_shuffle]  # (B, N, D_dec): each shuffled token's own position
+        pos = to_shuffled_order(self.pos_embed.to(x.dtype).expand(B, -1, -1), ids_restore)  # (B, N, D_dec)
         x = torch.cat([x[:, :1], torch.cat([x[:, 1:], mask_tokens], dim=1) + pos], dim=1)  # (B, 1 + N, D_dec)
         *blocks, last = self.blocks
         for block in blocks:
@@ -378,8 +385,7 @@ class MAE(nn.Module):
             target = normalize_patches(target)[0]
         if not masked_only:
             return masked_mse(pred, target, mask), pred, mask
-        ids_masked = ids_restore.argsort(dim=1)[:, latent.shape[1] - 1:]  # the decoder's order of the masked patches
-        target = target.gather(1, ids_masked.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
+        target = to_shuffled_order(target, ids_restore)[:, latent.shape[1] - 1:]  # the decoder's masked patches
         return masked_mse(pred, target, pred.new_ones(pred.shape[:2], dtype=torch.float32)), pred, mask
 
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from model import (MAE, Block, DropPath, MAEConfig, RunningMeanBatchNorm, ViTClassifier, encoder_state_from_mae,
                    masked_mse, normalize_patches, num_masked_patches, patchify, random_masking, reconstruct,
-                   unpatchify)
+                   to_shuffled_order, unpatchify)
 
 SMALL = dict(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=24, decoder_depth=1, decoder_num_heads=2)
 
@@ -309,6 +309,16 @@ def test_masked_only_gives_the_full_predictions_masked_patches_and_the_same_loss
     for name, grad in full_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     assert full_grads["decoder.blocks.%d.mlp.fc1.weight" % (decoder_depth - 1)].abs().sum() > 0
+
+
+def test_to_shuffled_order_is_random_maskings_order():
+    """Its first N_visible rows are random_masking's visible tokens, in their order; the rest are the masked patches
+    in ascending noise, as an argsort of the noise puts them."""
+    noise, x = torch.rand(3, 16), torch.randn(3, 16, 5)
+    visible, _, ids_restore = random_masking(x, 0.75, noise)
+    shuffled = to_shuffled_order(x, ids_restore)
+    assert torch.equal(shuffled[:, :4], visible)
+    assert torch.equal(shuffled, x[torch.arange(3)[:, None], noise.argsort(dim=1)])
 
 
 def test_masked_only_with_nothing_masked_has_no_predictions_and_a_zero_loss():
