@@ -335,8 +335,8 @@ def synchronize(device: torch.device) -> None:
 
 def matmul_peak(device: torch.device, repeats: int, dtype: torch.dtype) -> dict:
     """The matrix units' achievable rate: a large square product on random data in the dtype the model's matrix
-    products run in (--precision: bf16 by default on CUDA, fp32 on the CPU), timed like the steps, median over
-    repeats."""
+    products run in (--precision: by default bf16 on a GPU with bf16 arithmetic, fp16 on an older one, fp32 on the
+    CPU), timed like the steps, median over repeats."""
     n, iters = PEAK_MATMUL_SIZE[device.type], PEAK_MATMUL_ITERS[device.type]
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     out = torch.empty(n, n, device=device, dtype=dtype)

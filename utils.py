@@ -420,8 +420,8 @@ def add_runtime_args(parser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda, cuda:N or cpu (default: cuda when available)")
     parser.add_argument("--precision", default=None, choices=("bf16", "fp16", "fp32"),
-                        help="autocast dtype (default: bf16 on CUDA, fp32 on the CPU); fp16 uses a grad scaler, "
-                             "for GPUs without bf16")
+                        help="autocast dtype (default: bf16 on CUDA GPUs with bf16 arithmetic, compute capability "
+                             "8.0 and up; fp16, with a grad scaler, on older ones; fp32 on the CPU)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: on for CUDA, off for CPU)")
     parser.add_argument("--compile_mode", default=None,
@@ -505,7 +505,17 @@ def resolve_device(args) -> torch.device:
 
 
 def default_precision(device: torch.device) -> str:
-    return "bf16" if device.type == "cuda" else "fp32"
+    """fp32 on the CPU, where bf16 autocast is slow. On CUDA bf16 where the GPU has bf16 arithmetic; on older GPUs
+    (V100, T4, RTX 20 series) fp16 with a grad scaler, the MAE paper's own precision: there bf16 runs emulated,
+    slower than fp32, and inductor leaves graphs with bf16 tensors uncompiled."""
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if native_bf16(device) else "fp16"
+
+
+def native_bf16(device: torch.device) -> bool:
+    # torch.cuda.is_bf16_supported() answers True on these older GPUs too: it counts emulation.
+    return torch.cuda.get_device_capability(device)[0] >= 8  # Ampere (A100, RTX 30 series) and later
 
 
 def autocast_dtype(args, device: torch.device):
@@ -560,6 +570,10 @@ def resolve_runtime(args, device: torch.device) -> None:
             if value not in inert:
                 die(f"{flag} {value} needs compilation, which is off (pass --compile)")
     args.precision = args.precision or default_precision(device)
+    if args.precision == "bf16" and device.type == "cuda" and not native_bf16(device) and dist_env()[0] == 0:
+        warn(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16 arithmetic (compute capability "
+             f"below 8.0), so it runs emulated, slower than fp32, and torch.compile leaves its graphs eager; "
+             f"fp16, this GPU's default, does neither")
     args.compile = compile_enabled(args, device)
     if args.compile_mode is None:
         args.compile_mode = "reduce-overhead" if device.type == "cuda" and args.compile else "default"

@@ -370,6 +370,7 @@ def test_compile_falls_back_to_eager_with_one_warning_where_it_cannot_work(capsy
 def test_compile_mode_defaults_to_cuda_graphs_on_cuda(monkeypatch, device, compile, world_size, expected):
     monkeypatch.setenv("WORLD_SIZE", world_size)
     monkeypatch.setattr(utils, "_compile_unavailable", lambda device: None)  # Triton needs no GPU to be asked about
+    monkeypatch.setattr(utils, "native_bf16", lambda device: True)  # an H100's answer
     args = SimpleNamespace(precision=None, compile=compile, compile_mode=None, compile_scope="model")
     utils.resolve_runtime(args, torch.device(device))  # needs no GPU: it only reads the device's type
     assert args.compile_mode == expected
@@ -401,6 +402,7 @@ def test_compile_flags_without_compilation_are_refused(capsys, flags):
 def test_resolved_runtime_names_what_runs(monkeypatch, capsys, device, precision, expected):
     """args.json records the precision and whether the run compiles, not the flags' None."""
     monkeypatch.setattr(utils, "_compile_unavailable", lambda device: None)
+    monkeypatch.setattr(utils, "native_bf16", lambda device: True)  # an H100's answer
     args = SimpleNamespace(precision=precision, compile=None, compile_mode=None, compile_scope="model")
     utils.resolve_runtime(args, torch.device(device))
     assert args.precision == expected and args.compile is (device == "cuda")
@@ -411,6 +413,27 @@ def test_resolved_runtime_names_what_runs(monkeypatch, capsys, device, precision
     utils.resolve_runtime(args, torch.device(device))
     assert "warning: torch.compile is unavailable (no compiler here); running eager" in capsys.readouterr().err
     assert args.compile is False and args.compile_mode == "default"
+
+
+@pytest.mark.parametrize("capability, precision, expected, warned", [
+    ((9, 0), None, "bf16", False), ((8, 0), None, "bf16", False),  # H100, A100
+    ((7, 5), None, "fp16", False), ((7, 0), None, "fp16", False),  # T4, V100: no bf16 arithmetic
+    ((7, 5), "bf16", "bf16", True), ((7, 5), "fp32", "fp32", False), ((8, 6), "bf16", "bf16", False),
+])
+def test_precision_defaults_to_fp16_on_gpus_without_bf16_arithmetic(monkeypatch, capsys, capability, precision,
+                                                                    expected, warned):
+    """On a GPU older than compute capability 8.0 bf16 is emulated and inductor skips its graphs: fp16 by default,
+    and bf16 when asked for, after a warning that names the GPU."""
+    monkeypatch.setattr(utils, "_compile_unavailable", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    args = SimpleNamespace(precision=precision, compile=None, compile_mode=None, compile_scope="model")
+    utils.resolve_runtime(args, torch.device("cuda"))
+    assert args.precision == expected and utils.autocast_dtype(args, torch.device("cuda")) == {
+        "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[expected]
+    err = capsys.readouterr().err
+    assert ("warning: --precision bf16: Tesla T4 has no bf16 arithmetic" in err) is warned
+    assert err.count("\n") == warned  # one line when warned, nothing otherwise
 
 
 def test_compile_errors_other_than_a_missing_compiler_are_raised_not_warned(monkeypatch):
