@@ -600,8 +600,8 @@ def _compile_unavailable(device: torch.device):
     from torch.utils._triton import has_triton
     if not torch._dynamo.is_dynamo_supported():
         return "TorchDynamo does not support this Python or platform"
-    if device.type == "cuda" and not has_triton():
-        return "Triton is not installed"
+    if device.type == "cuda" and not has_triton():  # also False on GPUs Triton does not support: before Volta
+        return "Triton is not installed, or does not support this GPU (compute capability below 7.0)"
     if device.type == "cpu" and not _has_cpp_compiler():
         return "inductor finds no C++ compiler for CPU code"
     return None

@@ -436,6 +436,19 @@ def test_precision_defaults_to_fp16_on_gpus_without_bf16_arithmetic(monkeypatch,
     assert err.count("\n") == warned  # one line when warned, nothing otherwise
 
 
+def test_compile_falls_back_to_eager_on_cuda_without_triton(monkeypatch, capsys):
+    """No Triton, or a GPU it does not support (has_triton() checks both): one warning that says so, and eager."""
+    import torch.utils._triton
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
+    monkeypatch.setattr(utils, "native_bf16", lambda device: True)
+    args = SimpleNamespace(precision=None, compile=None, compile_mode=None, compile_scope="model")
+    utils.resolve_runtime(args, torch.device("cuda"))
+    assert args.compile is False and args.compile_mode == "default"
+    assert capsys.readouterr().err.strip().endswith("warning: torch.compile is unavailable (Triton is not installed, "
+                                                    "or does not support this GPU (compute capability below 7.0)); "
+                                                    "running eager")
+
+
 def test_compile_errors_other_than_a_missing_compiler_are_raised_not_warned(monkeypatch):
     def broken_compile(*args, **kwargs):
         raise TypeError("a bug in the call")
