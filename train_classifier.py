@@ -56,9 +56,10 @@ RECIPE_FLAGS = tuple(RECIPES["plain"])  # a new recipe part needs a value in eac
 IMAGE_FLAGS = ("crop_padding", "hflip", "auto_augment", "mixup", "cutmix", "random_erase")
 # Flags that define the run: a checkpoint only resumes under the same values (its schedule, recipe, starting point
 # and data). max_device_batch_size, devices and output paths may change; the model must be the checkpoint's.
+# The starting point is checked by its weights instead (check_same_start), not by --pretrained_model_path's text.
 RUN_DEFINING_FLAGS = ("seed", "batch_size", "base_learning_rate", "weight_decay", "min_lr", "total_epoch",
-                      "warmup_epoch", "recipe", *RECIPE_FLAGS, "linear_probe", "global_pool", "pretrained_model_path",
-                      "dataset", "val_split", "fake_size")
+                      "warmup_epoch", "recipe", *RECIPE_FLAGS, "linear_probe", "global_pool", "dataset", "val_split",
+                      "fake_size")
 # The linear probe (MAE paper) trains a linear head on frozen features: no augmentation, nothing that regularises
 # or schedules the encoder (the plain recipe's values). Its lr schedule still comes from --recipe.
 PROBE_SETTINGS = {name: value for name, value in RECIPES["plain"].items() if name != "schedule"}
@@ -198,13 +199,14 @@ def last_path(args) -> str:
     return f"{os.path.splitext(args.output_model_path)[0]}_last.pt"
 
 
-def load_resume(args, cfg: MAEConfig):
+def load_resume(args, cfg: MAEConfig, pretrained_sha256: str | None):
     """-> (the run's last-epoch checkpoint, the log records of its epochs), or one-line death; read before
     anything is written."""
     ckpt = utils.load_checkpoint(args.resume, "--resume", ("model", "epoch", "args", "config"))
     if "optimizer" not in ckpt:
         utils.die(f"--resume {args.resume!r} is a best-epoch checkpoint, which keeps no optimizer state: resume from "
                   "the run's <stem>_last.pt")
+    check_same_start(ckpt, args, pretrained_sha256)  # first: a recipe's defaults follow the starting point
     utils.check_resumable(ckpt, args, RUN_DEFINING_FLAGS)
     if ckpt["config"] != dataclasses.asdict(cfg):
         utils.die(f"--resume {args.resume!r} holds another model than these flags give (its config: "
@@ -217,6 +219,27 @@ def load_resume(args, cfg: MAEConfig):
         utils.die(f"--resume: {log_path!r} does not hold epochs 1 to {ckpt['epoch']} of the checkpoint with their "
                   f"{', '.join(CURVES)} (is --output_dir or --run_name that run's?)")
     return ckpt, log
+
+
+def check_same_start(ckpt: dict, args, pretrained_sha256: str | None) -> None:
+    """One-line death unless the resumed run starts from the MAE encoder it started from (or from scratch, as it
+    did). The encoder's weights decide, not the path: a pretraining rewrites its checkpoint after every epoch, so
+    the same path may hold another encoder by now, and a moved file holds the same one (a linear probe would
+    recompute its features from whatever the file holds)."""
+    if "pretrained_sha256" not in ckpt:  # a checkpoint that predates the digest: the path is all it kept
+        utils.check_resumable(ckpt, args, ("pretrained_model_path",))
+        return
+    saved, then = ckpt["pretrained_sha256"], ckpt["args"].get("pretrained_model_path")
+    if saved == pretrained_sha256:
+        return
+    if saved is None:
+        utils.die(f"--resume {args.resume!r} was trained from scratch: leave out --pretrained_model_path")
+    if pretrained_sha256 is None:
+        utils.die(f"--resume {args.resume!r} was fine-tuned from the MAE checkpoint {then!r}: pass it as "
+                  "--pretrained_model_path")
+    utils.die(f"--pretrained_model_path {args.pretrained_model_path!r} holds another encoder than the MAE checkpoint "
+              f"--resume {args.resume!r} started from ({then!r} then; its weights' SHA-256 {saved[:12]}, now "
+              f"{pretrained_sha256[:12]}): pass that checkpoint")
 
 
 def load_pretrained(path: str):
@@ -485,8 +508,10 @@ def main(args):
     check_args(args)
     mae_state, pretrained_config, pretrain_args = load_pretrained(args.pretrained_model_path) \
         if args.pretrained_model_path else (None, None, {})
+    pretrained_sha256 = None if mae_state is None else \
+        utils.weights_digest({k: v for k, v in mae_state.items() if k.startswith("encoder.")})
     cfg = model_config(args, pretrained_config)
-    ckpt, resumed_log = load_resume(args, cfg) if args.resume else (None, [])
+    ckpt, resumed_log = load_resume(args, cfg, pretrained_sha256) if args.resume else (None, [])
     device = utils.resolve_device(args)
     utils.resolve_runtime(args, device)
     amp_dtype = utils.autocast_dtype(args, device)
@@ -512,8 +537,9 @@ def main(args):
     log_print(f"data: {args.dataset}, {len(train)} train / {len(val)} val images, {num_classes} classes, "
               f"{steps_per_epoch} steps per epoch; device {device} x {world_size} process(es), autocast {amp_dtype}, "
               f"attention {attention}; images in {utils.memory_name(data_device)}")
-    log_print(f"model: {count_params(model) / 1e6:.2f}M parameters, "
-              f"{'encoder from ' + args.pretrained_model_path if args.pretrained_model_path else 'from scratch'}"
+    start = "from scratch" if mae_state is None else \
+        f"encoder from {args.pretrained_model_path} (its weights' SHA-256 {pretrained_sha256[:12]})"
+    log_print(f"model: {count_params(model) / 1e6:.2f}M parameters, {start}"
               f"{', linear probe' if args.linear_probe else ''}; recipe {args.recipe}: "
               f"{ {name: getattr(args, name) for name in RECIPE_FLAGS} }")
     seen = val_images_pretrained_on(args, pretrain_args)
@@ -619,7 +645,7 @@ def main(args):
             snapshot = utils.to_cpu({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch, "val_acc": val_acc, "args": vars(args), "config": dataclasses.asdict(cfg),
-                "num_classes": num_classes, "classes": classes})
+                "num_classes": num_classes, "classes": classes, "pretrained_sha256": pretrained_sha256})
             summary = {
                 "run": run, "best_val_acc": best_acc, "best_epoch": best_epoch, "final_val_acc": val_acc,
                 "epochs": epoch, "total_epoch": args.total_epoch, "linear_probe": args.linear_probe,

@@ -2,6 +2,7 @@
 import argparse
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -724,6 +725,17 @@ def read_jsonl(path: str, flag: str) -> list:
     if not all(isinstance(r, dict) and type(r.get("epoch")) is int for r in records):  # bool is an int to isinstance
         die(f"{flag}: {path!r} is not a per-epoch log (every line must be an object with an integer 'epoch')")
     return records
+
+
+def weights_digest(state_dict: dict) -> str:
+    """SHA-256 of a state_dict's names, dtypes, shapes and bytes: which weights a checkpoint holds, whatever its
+    file's name and wherever it lies."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def check_resumable(ckpt: dict, args, run_defining_flags) -> None:

@@ -122,11 +122,12 @@ def check_run_outputs(run_dir, run, epochs, argv):
 
     best = torch.load(run_dir / "cls.pt", map_location="cpu", weights_only=True)
     last = torch.load(run_dir / "cls_last.pt", map_location="cpu", weights_only=True)
-    assert set(best) == {"model", "epoch", "val_acc", "args", "config", "num_classes", "classes"}
+    assert set(best) == {"model", "epoch", "val_acc", "args", "config", "num_classes", "classes", "pretrained_sha256"}
     assert set(last) == set(best) | {"optimizer", "scaler"}
     assert (best["epoch"], best["val_acc"]) == (summary["best_epoch"], pytest.approx(summary["best_val_acc"]))
     assert (last["epoch"], last["val_acc"]) == (epochs, pytest.approx(val_acc[-1]))
     assert best["num_classes"] == 10 and best["classes"] == summary["classes"]
+    assert (best["pretrained_sha256"] is None) == (run == "scratch")
 
     # The best checkpoint, rebuilt from what it holds and run on the val images here, has the accuracy it claims.
     model = ViTClassifier(MAEConfig(**best["config"]), best["num_classes"], best["args"]["global_pool"],
@@ -234,6 +235,48 @@ def test_bad_resume_is_one_line_and_changes_nothing(tmp_path, mae_ckpt, capsys):
     assert not moved.exists()
 
 
+def test_resume_checks_the_pretrained_weights_not_their_path(tmp_path, mae_ckpt, capsys):
+    """A pretrained fine-tune resumes with its MAE checkpoint at another path (the same weights). It is refused,
+    in one line with status 2 and nothing changed, when its path now holds another encoder (as a pretraining's does
+    after its next epoch) or none is given; a run from scratch is refused a checkpoint. A checkpoint written
+    before the weights' digest was kept falls back to comparing the paths."""
+    mae = torch.load(mae_ckpt, weights_only=True)
+    first = tmp_path / "first" / "mae.pt"
+    first.parent.mkdir()
+    torch.save(mae, first)
+    run_cls(cls_argv(tmp_path, "--pretrained_model_path", str(first), "--stop_after", "1"))
+    last = tmp_path / "run" / "cls_last.pt"
+    assert torch.load(last, weights_only=True)["pretrained_sha256"] == utils.weights_digest(
+        {k: v for k, v in mae["model"].items() if k.startswith("encoder.")})
+    torch.save({**mae, "model": {**mae["model"], "encoder.cls_token": mae["model"]["encoder.cls_token"] + 1e-3}},
+               first)  # the pretraining went on
+    no_digest = tmp_path / "no_digest_last.pt"
+    torch.save({k: v for k, v in torch.load(last, weights_only=True).items() if k != "pretrained_sha256"}, no_digest)
+    run_cls(cls_argv(tmp_path, "--stop_after", "1", name="scratch"))
+    scratch_last = str(tmp_path / "scratch" / "cls_last.pt")
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for flags, expected in (
+            (["--resume", str(last), "--pretrained_model_path", str(first)],
+             f"--pretrained_model_path {str(first)!r} holds another encoder than the MAE checkpoint --resume "
+             f"{str(last)!r} started from ({str(first)!r} then; its weights' SHA-256 "),
+            (["--resume", str(last)], f"was fine-tuned from the MAE checkpoint {str(first)!r}: pass it as "
+                                      "--pretrained_model_path"),
+            (["--resume", scratch_last, "--pretrained_model_path", mae_ckpt, "--run_name", "scratch"],
+             f"--resume {scratch_last!r} was trained from scratch: leave out --pretrained_model_path"),
+            (["--resume", str(no_digest), "--pretrained_model_path", mae_ckpt],
+             f"was trained with --pretrained_model_path {str(first)}, this run has {mae_ckpt}")):
+        with pytest.raises(SystemExit) as exc:
+            run_cls(cls_argv(tmp_path, *flags))
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    run_cls(cls_argv(tmp_path, "--resume", str(last), "--pretrained_model_path", mae_ckpt))  # moved, same weights
+    assert [json.loads(line)["epoch"] for line in open(tmp_path / "run" / "cls_outputs" / "pretrained_log.jsonl")] \
+        == [1, 2]
+
+
 def test_resuming_a_finished_run_is_refused_and_changes_nothing(tmp_path, capsys):
     """A _last.pt of the run's last epoch has nothing left to run: --resume of it is refused in one line, exit
     status 2, and no file of the run changes."""
@@ -255,7 +298,8 @@ def test_resuming_a_finished_run_is_refused_and_changes_nothing(tmp_path, capsys
 # the two); every other flag defines the run.
 MAY_CHANGE_ON_RESUME = {"max_device_batch_size", "data_path", "data_on", "device", "precision", "compile",
                         "compile_mode", "compile_scope", "attention", "log_interval", "output_model_path",
-                        "output_dir", "run_name", "log_dir", "resume", "stop_after"}
+                        "output_dir", "run_name", "log_dir", "resume", "stop_after",
+                        "pretrained_model_path"}  # its weights must be the same (check_same_start), not its name
 
 
 def test_resume_refuses_a_change_of_every_flag_that_defines_the_run(tmp_path, capsys):

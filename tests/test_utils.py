@@ -436,6 +436,19 @@ def test_precision_defaults_to_fp16_on_gpus_without_bf16_arithmetic(monkeypatch,
     assert err.count("\n") == warned  # one line when warned, nothing otherwise
 
 
+def test_weights_digest_names_the_weights_not_their_order_or_file():
+    state = {"a.weight": torch.arange(6.0).reshape(2, 3), "b.bias": torch.zeros(3, dtype=torch.bfloat16),
+             "c.count": torch.tensor(7)}
+    digest = utils.weights_digest(state)
+    assert len(digest) == 64 and utils.weights_digest(dict(reversed(list(state.items())))) == digest
+    nudged = state["a.weight"].clone()
+    nudged[1, 2] = torch.nextafter(nudged[1, 2], torch.tensor(100.0))  # one float's last bit
+    for other in ({**state, "a.weight": nudged}, {**state, "a.weight": state["a.weight"].reshape(3, 2)},
+                  {**state, "b.bias": torch.zeros(3)}, {**state, "c.count": torch.tensor(7, dtype=torch.int32)},
+                  {"renamed.weight" if k == "a.weight" else k: v for k, v in state.items()}):
+        assert utils.weights_digest(other) != digest
+
+
 def test_compile_falls_back_to_eager_on_cuda_without_triton(monkeypatch, capsys):
     """No Triton, or a GPU it does not support (has_triton() checks both): one warning that says so, and eager."""
     import torch.utils._triton
