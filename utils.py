@@ -418,8 +418,8 @@ ATTENTION_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.C
 
 
 def add_runtime_args(parser) -> None:
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cuda, cuda:N or cpu (default: cuda when available)")
+    parser.add_argument("--device", default=None,
+                        help="cuda, cuda:N or cpu (default: cuda when available, else cpu after a warning)")
     parser.add_argument("--precision", default=None, choices=("bf16", "fp16", "fp32"),
                         help="autocast dtype (default: bf16 on CUDA GPUs with bf16 arithmetic, compute capability "
                              "8.0 and up; fp16, with a grad scaler, on older ones; fp32 on the CPU)")
@@ -485,7 +485,13 @@ def attention_choice(cfg: MAEConfig, name: str, device: torch.device, amp_dtype,
 
 
 def resolve_device(args) -> torch.device:
-    """--device as a torch.device; under torchrun each process takes the GPU of its local rank."""
+    """--device as a torch.device (its default filled in args); under torchrun each process takes the GPU of its
+    local rank."""
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.device == "cpu" and dist_env()[0] == 0:  # a torch without CUDA, or no driver, is a common surprise
+            warn("no CUDA GPU is available (torch.cuda.is_available() is False), so this runs on the CPU, far more "
+                 "slowly; pass --device cpu to run there without this warning")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         die(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
     try:

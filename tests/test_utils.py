@@ -273,6 +273,21 @@ def test_a_numbered_gpu_becomes_the_current_device_and_a_missing_one_is_refused(
     assert current == [torch.device("cuda", 1)]
 
 
+@pytest.mark.parametrize("cuda", [True, False])
+def test_the_default_device_is_cuda_where_available_and_the_cpu_only_after_a_warning(monkeypatch, capsys, cuda):
+    """A torch built without CUDA, or a machine without a driver, would otherwise train on the CPU unannounced."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    args = SimpleNamespace(device=None)
+    assert utils.resolve_device(args) == torch.device("cuda" if cuda else "cpu")
+    assert args.device == ("cuda" if cuda else "cpu")  # what args.json records
+    err = capsys.readouterr().err.strip()
+    assert err == ("" if cuda else f"{utils._prog()}: warning: no CUDA GPU is available (torch.cuda.is_available() "
+                   "is False), so this runs on the CPU, far more slowly; pass --device cpu to run there without "
+                   "this warning")
+    assert utils.resolve_device(SimpleNamespace(device="cpu")) == torch.device("cpu")  # asked for: no warning
+    assert capsys.readouterr().err == ""
+
+
 def test_the_data_lives_on_the_gpu_when_it_fits_else_on_the_host(monkeypatch, capsys):
     import data
     train = data.fake_images(100, seed=1)  # 100 x 3 KB
