@@ -232,6 +232,7 @@ def evaluate(model, train, val, val_noise, args, device, amp_dtype):
     return metrics
 
 
+@utils.explains_out_of_memory
 @utils.with_attention_kernel
 def main(args):
     # ---- setup: validate everything before touching the disk

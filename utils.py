@@ -456,6 +456,27 @@ def with_attention_kernel(main):
     return run
 
 
+def explains_out_of_memory(main):
+    """Decorates a script's main(args): the GPU running out of memory ends the run with one line that names the
+    flag to lower, exit status 2, instead of a traceback. A step's memory grows with --max_device_batch_size (and
+    evaluation's with its chunks, 4× that); gradients accumulate over the chunks, so the result does not depend on
+    it. torch.compile may raise the error wrapped in one of its own: the chain of causes is searched."""
+    @functools.wraps(main)
+    def run(args):
+        try:
+            return main(args)
+        except Exception as error:
+            cause = error
+            while cause is not None and not isinstance(cause, torch.OutOfMemoryError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            detail = str(cause).strip().splitlines()[0][:160] if str(cause).strip() else "no detail"
+            die(f"--max_device_batch_size {args.max_device_batch_size}: out of GPU memory ({detail}); pass a smaller "
+                f"value: the gradients accumulate over the chunks, so the result does not depend on it")
+    return run
+
+
 def attention_choice(cfg: MAEConfig, name: str, device: torch.device, amp_dtype,
                      class_token_query: bool = False, decoder: bool = False) -> str:
     """The kernel attention runs with at the encoder's full shapes (1 + N tokens, with gradients) under

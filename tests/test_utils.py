@@ -288,6 +288,62 @@ def test_the_default_device_is_cuda_where_available_and_the_cpu_only_after_a_war
     assert capsys.readouterr().err == ""
 
 
+def test_out_of_gpu_memory_is_one_line_naming_the_chunk_size_even_when_wrapped(capsys):
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                 "15.77 GiB\nof which 1.2 GiB is free.")
+
+    def direct():
+        raise oom
+
+    def wrapped():  # as torch.compile hands it on: another exception, raised from it
+        try:
+            raise oom
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError("backend compiler failed") from e
+
+    for raise_it in (direct, wrapped):
+        @utils.explains_out_of_memory
+        def main(args):
+            raise_it()
+        with pytest.raises(SystemExit) as exc:
+            main(SimpleNamespace(max_device_batch_size=256))
+        assert exc.value.code == 2
+        assert capsys.readouterr().err == (
+            f"{utils._prog()}: error: --max_device_batch_size 256: out of GPU memory (CUDA out of memory. Tried to "
+            "allocate 2.00 GiB. GPU 0 has a total capacity of 15.77 GiB); pass a smaller value: the gradients "
+            "accumulate over the chunks, so the result does not depend on it\n")
+
+    @utils.explains_out_of_memory
+    def other(args):
+        raise RuntimeError("a bug")
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else surfaces as it is
+        other(SimpleNamespace(max_device_batch_size=256))
+
+
+@pytest.mark.parametrize("script", ["mae_pretrain", "train_classifier", "bench"])
+def test_every_script_explains_running_out_of_gpu_memory(tmp_path, monkeypatch, capsys, script):
+    import importlib
+
+    from conftest import TINY_MODEL, tiny_pretrain_argv
+    module = importlib.import_module(script)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+    monkeypatch.setattr(module, "matmul_peak" if script == "bench" else "train_one_epoch", out_of_memory)
+    argv = {"mae_pretrain": tiny_pretrain_argv(tmp_path),
+            "train_classifier": ["--dataset", "fake", "--fake_size", "64", "--batch_size", "32", "--device", "cpu",
+                                 "--output_model_path", str(tmp_path / "cls.pt"), "--output_dir", str(tmp_path),
+                                 "--log_dir", str(tmp_path / "logs"), *TINY_MODEL],
+            "bench": ["--device", "cpu", "--max_device_batch_size", "16"]}[script]
+    with pytest.raises(SystemExit) as exc:
+        module.main(module.get_args_parser().parse_args(argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"error: --max_device_batch_size {16 if script != 'train_classifier' else 128}: out of GPU "
+                        "memory (CUDA out of memory.); pass a smaller value: the gradients accumulate over the "
+                        "chunks, so the result does not depend on it"), err
+
+
 def test_the_data_lives_on_the_gpu_when_it_fits_else_on_the_host(monkeypatch, capsys):
     import data
     train = data.fake_images(100, seed=1)  # 100 x 3 KB
