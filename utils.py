@@ -466,10 +466,11 @@ def explains_out_of_memory(main):
         try:
             return main(args)
         except Exception as error:
-            cause = error
-            while cause is not None and not isinstance(cause, torch.OutOfMemoryError):
+            cause, seen = error, set()
+            while cause is not None and id(cause) not in seen and not isinstance(cause, torch.OutOfMemoryError):
+                seen.add(id(cause))
                 cause = cause.__cause__ or cause.__context__
-            if cause is None:
+            if not isinstance(cause, torch.OutOfMemoryError):
                 raise
             detail = str(cause).strip().splitlines()[0][:160] if str(cause).strip() else "no detail"
             die(f"--max_device_batch_size {args.max_device_batch_size}: out of GPU memory ({detail}); pass a smaller "
