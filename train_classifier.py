@@ -13,8 +13,8 @@ Several GPUs or nodes (--batch_size stays the global batch), e.g.:
     torchrun --nproc_per_node=4 train_classifier.py --total_epoch 50 --batch_size 128 --max_device_batch_size 32 \
         --pretrained_model_path vit-t-mae-150ep.pt --output_model_path vit-t-classifier-from_pretrained.pt
 A tiny CPU run that needs no files (seconds):
-    python train_classifier.py --dataset fake --fake_size 256 --total_epoch 2 --batch_size 64 \
-        --max_device_batch_size 32 --depth 2 --embed_dim 64 --num_heads 2 --patch_size 4 \
+    python train_classifier.py --device cpu --dataset fake --fake_size 256 --total_epoch 2 --warmup_epoch 1 \
+        --batch_size 64 --max_device_batch_size 32 --depth 2 --embed_dim 64 --num_heads 2 --patch_size 4 \
         --output_model_path /tmp/cls.pt --output_dir /tmp/cls_out --log_dir /tmp/cls_logs
 """
 import argparse
