@@ -203,6 +203,9 @@ def load_resume(args, cfg: MAEConfig, pretrained_sha256: str | None):
     """-> (the run's last-epoch checkpoint, the log records of its epochs), or one-line death; read before
     anything is written."""
     ckpt = utils.load_checkpoint(args.resume, "--resume", ("model", "epoch", "args", "config"))
+    if "num_classes" not in ckpt:  # an MAE checkpoint has the other keys too
+        utils.die(f"--resume {args.resume!r} is not a train_classifier.py checkpoint (no num_classes); an MAE "
+                  "checkpoint to start from goes to --pretrained_model_path")
     if "optimizer" not in ckpt:
         utils.die(f"--resume {args.resume!r} is a best-epoch checkpoint, which keeps no optimizer state: resume from "
                   "the run's <stem>_last.pt")
@@ -233,9 +236,9 @@ def check_same_start(ckpt: dict, args, pretrained_sha256: str | None) -> None:
     if saved == pretrained_sha256:
         return
     if saved is None:
-        utils.die(f"--resume {args.resume!r} was trained from scratch: leave out --pretrained_model_path")
+        utils.die(f"--resume {args.resume!r} started from random weights: leave out --pretrained_model_path")
     if pretrained_sha256 is None:
-        utils.die(f"--resume {args.resume!r} was fine-tuned from the MAE checkpoint {then!r}: pass it as "
+        utils.die(f"--resume {args.resume!r} started from the MAE checkpoint {then!r}: pass it as "
                   "--pretrained_model_path")
     utils.die(f"--pretrained_model_path {args.pretrained_model_path!r} holds another encoder than the MAE checkpoint "
               f"--resume {args.resume!r} started from ({then!r} then; its weights' SHA-256 {saved[:12]}, now "
@@ -650,7 +653,8 @@ def main(args):
             summary = {
                 "run": run, "best_val_acc": best_acc, "best_epoch": best_epoch, "final_val_acc": val_acc,
                 "epochs": epoch, "total_epoch": args.total_epoch, "linear_probe": args.linear_probe,
-                "pretrained_model_path": args.pretrained_model_path, "recipe": args.recipe,
+                "pretrained_model_path": args.pretrained_model_path, "pretrained_sha256": pretrained_sha256,
+                "recipe": args.recipe,
                 "recipe_settings": {name: getattr(args, name) for name in RECIPE_FLAGS}, "classes": classes}
             background.submit(save_epoch, list(log), val_predicted, snapshot, improved, summary)
         log_print(f"epoch {epoch:3d}/{args.total_epoch} | train loss {stats['train_loss']:.4f} acc "

@@ -458,9 +458,10 @@ def with_attention_kernel(main):
 
 def explains_out_of_memory(main):
     """Decorates a script's main(args): the GPU running out of memory ends the run with one line that names the
-    flag to lower, exit status 2, instead of a traceback. A step's memory grows with --max_device_batch_size (and
-    evaluation's with its chunks, 4× that); gradients accumulate over the chunks, so the result does not depend on
-    it. torch.compile may raise the error wrapped in one of its own: the chain of causes is searched."""
+    flag to lower, exit status 2, instead of a traceback. A training step's memory grows with its chunk (at most
+    --max_device_batch_size images, and at most each process's share of --batch_size), evaluation's with its own
+    chunks of 4× the flag. torch.compile may raise the error wrapped in one of its own: the chain of causes is
+    searched. An allocation that fails inside cuBLAS or NCCL raises a plain RuntimeError, which stays as it is."""
     @functools.wraps(main)
     def run(args):
         try:
@@ -473,8 +474,11 @@ def explains_out_of_memory(main):
             if not isinstance(cause, torch.OutOfMemoryError):
                 raise
             detail = str(cause).strip().splitlines()[0][:160] if str(cause).strip() else "no detail"
-            die(f"--max_device_batch_size {args.max_device_batch_size}: out of GPU memory ({detail}); pass a smaller "
-                f"value: the gradients accumulate over the chunks, so the result does not depend on it")
+            training = hasattr(args, "batch_size")  # bench.py has a batch size per phase, and times these chunks
+            chunk = device_chunk(args) if training else args.max_device_batch_size
+            die(f"--max_device_batch_size {args.max_device_batch_size}: out of GPU memory in chunks of {chunk} images "
+                f"({detail}); pass a value below {chunk}" + (": the gradients accumulate over the chunks, so the "
+                                                             "result does not depend on it" if training else ""))
     return run
 
 

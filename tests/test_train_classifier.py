@@ -127,7 +127,8 @@ def check_run_outputs(run_dir, run, epochs, argv):
     assert (best["epoch"], best["val_acc"]) == (summary["best_epoch"], pytest.approx(summary["best_val_acc"]))
     assert (last["epoch"], last["val_acc"]) == (epochs, pytest.approx(val_acc[-1]))
     assert best["num_classes"] == 10 and best["classes"] == summary["classes"]
-    assert (best["pretrained_sha256"] is None) == (run == "scratch")
+    assert (best["pretrained_sha256"] is None) == (run == "scratch") and best["pretrained_sha256"] == \
+        summary["pretrained_sha256"]
 
     # The best checkpoint, rebuilt from what it holds and run on the val images here, has the accuracy it claims.
     model = ViTClassifier(MAEConfig(**best["config"]), best["num_classes"], best["args"]["global_pool"],
@@ -260,10 +261,13 @@ def test_resume_checks_the_pretrained_weights_not_their_path(tmp_path, mae_ckpt,
             (["--resume", str(last), "--pretrained_model_path", str(first)],
              f"--pretrained_model_path {str(first)!r} holds another encoder than the MAE checkpoint --resume "
              f"{str(last)!r} started from ({str(first)!r} then; its weights' SHA-256 "),
-            (["--resume", str(last)], f"was fine-tuned from the MAE checkpoint {str(first)!r}: pass it as "
+            (["--resume", str(last)], f"started from the MAE checkpoint {str(first)!r}: pass it as "
                                       "--pretrained_model_path"),
+            (["--resume", mae_ckpt, "--pretrained_model_path", mae_ckpt],
+             f"--resume {mae_ckpt!r} is not a train_classifier.py checkpoint (no num_classes); an MAE checkpoint "
+             "to start from goes to --pretrained_model_path"),
             (["--resume", scratch_last, "--pretrained_model_path", mae_ckpt, "--run_name", "scratch"],
-             f"--resume {scratch_last!r} was trained from scratch: leave out --pretrained_model_path"),
+             f"--resume {scratch_last!r} started from random weights: leave out --pretrained_model_path"),
             (["--resume", str(no_digest), "--pretrained_model_path", mae_ckpt],
              f"was trained with --pretrained_model_path {str(first)}, this run has {mae_ckpt}")):
         with pytest.raises(SystemExit) as exc:

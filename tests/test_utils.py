@@ -306,18 +306,18 @@ def test_out_of_gpu_memory_is_one_line_naming_the_chunk_size_even_when_wrapped(c
         def main(args):
             raise_it()
         with pytest.raises(SystemExit) as exc:
-            main(SimpleNamespace(max_device_batch_size=256))
+            main(SimpleNamespace(max_device_batch_size=256, batch_size=512))
         assert exc.value.code == 2
         assert capsys.readouterr().err == (
-            f"{utils._prog()}: error: --max_device_batch_size 256: out of GPU memory (CUDA out of memory. Tried to "
-            "allocate 2.00 GiB. GPU 0 has a total capacity of 15.77 GiB); pass a smaller value: the gradients "
-            "accumulate over the chunks, so the result does not depend on it\n")
+            f"{utils._prog()}: error: --max_device_batch_size 256: out of GPU memory in chunks of 256 images (CUDA "
+            "out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 15.77 GiB); pass a value below "
+            "256: the gradients accumulate over the chunks, so the result does not depend on it\n")
 
     @utils.explains_out_of_memory
     def other(args):
         raise RuntimeError("a bug")
     with pytest.raises(RuntimeError, match="a bug"):  # anything else surfaces as it is
-        other(SimpleNamespace(max_device_batch_size=256))
+        other(SimpleNamespace(max_device_batch_size=256, batch_size=512))
 
 
 @pytest.mark.parametrize("script", ["mae_pretrain", "train_classifier", "bench"])
@@ -339,9 +339,12 @@ def test_every_script_explains_running_out_of_gpu_memory(tmp_path, monkeypatch, 
         module.main(module.get_args_parser().parse_args(argv))
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith(f"error: --max_device_batch_size {16 if script != 'train_classifier' else 128}: out of GPU "
-                        "memory (CUDA out of memory.); pass a smaller value: the gradients accumulate over the "
-                        "chunks, so the result does not depend on it"), err
+    # The chunk that ran out: at most the flag, and at most the batch (train_classifier's default 128 > 32).
+    flag, chunk = {"mae_pretrain": (16, 16), "train_classifier": (128, 32), "bench": (16, 16)}[script]
+    assert err.endswith(f"error: --max_device_batch_size {flag}: out of GPU memory in chunks of {chunk} images (CUDA "
+                        f"out of memory.); pass a value below {chunk}" + (
+                            "" if script == "bench" else ": the gradients accumulate over the chunks, so the result "
+                                                         "does not depend on it")), err
 
 
 def test_the_data_lives_on_the_gpu_when_it_fits_else_on_the_host(monkeypatch, capsys):
