@@ -121,7 +121,8 @@ def load_vector(path: str, flag: str) -> np.ndarray:
 NUMBER, INTEGER, TEXT, FLAG = "a number", "an integer", "a string", "true or false"
 ARGS_FIELDS = {"norm_pix_loss": FLAG, "knn_k": INTEGER, "val_split": INTEGER, "dataset": TEXT}
 SUMMARY_FIELDS = {"classes": "a list of class names", "linear_probe": FLAG, "recipe": TEXT,
-                  "best_val_acc": NUMBER, "final_val_acc": NUMBER, "best_epoch": INTEGER, "epochs": INTEGER}
+                  "best_val_acc": NUMBER, "final_val_acc": NUMBER, "best_epoch": INTEGER, "epochs": INTEGER,
+                  "pretrained_model_path": TEXT, "pretrained_sha256": TEXT}
 
 
 def is_kind(value, kind: str) -> bool:
@@ -552,6 +553,17 @@ def report_pretraining(pre: Pretraining, n: dict, figures: dict, rel) -> list:
     return lines
 
 
+def encoder_starts(runs: list) -> dict:
+    """{(MAE checkpoint path, its encoder weights' SHA-256): names of the runs that started from it}, from the
+    summaries (train_classifier.py keeps the digest since 2026-11-29; older runs are left out)."""
+    starts = {}
+    for run in runs:
+        if run.summary.get("pretrained_sha256"):
+            key = (run.summary.get("pretrained_model_path"), run.summary["pretrained_sha256"])
+            starts.setdefault(key, []).append(run.name)
+    return starts
+
+
 def report_classifiers(runs: list, figures: dict, rel) -> list:
     lines = ["## Classification", "",
              "| run | init | recipe | data (val split) | epochs | best val acc (epoch) | final val acc | "
@@ -569,6 +581,9 @@ def report_classifiers(runs: list, figures: dict, rel) -> list:
         lines.append(f"| {run.name} | {ROLES[run.role][0]} | {recipe} | {split} | {n.get('epochs', '')} | {best} | "
                      f"{final} | {loss} |")
     lines.append("")
+    for (path, digest), names in encoder_starts(runs).items():
+        lines += [f"{', '.join(f'`{name}`' for name in names)} started from the MAE encoder of `{path}` (its "
+                  f"weights' SHA-256 `{digest[:12]}`).", ""]
     on_test = [run.name for run in runs if val_split(run.args) == "test set"]
     if on_test:
         lines += [f"The val split of {', '.join(f'`{name}`' for name in on_test)} is the test set, so its best epoch "
@@ -651,6 +666,11 @@ def main(args):
         if name:
             run = load_classifier_run(args.cls_dir, name, role, missing, notes)
             runs += [run] if run else []
+    starts = encoder_starts(runs)
+    if len({digest for _, digest in starts}) > 1:  # a pretraining rewrites its checkpoint after every epoch
+        notes.append("the classifier runs started from different MAE encoders (" + "; ".join(
+            f"{', '.join(names)}: {path}, SHA-256 {digest[:12]}" for (path, digest), names in starts.items())
+            + "): their numbers are not one experiment's")
     if pre is None and not runs:
         run_names = ", ".join(n for n, _ in names if n) or "none"
         utils.die(f"nothing to plot: no {os.path.join(args.pretrain_dir, 'losses.npy')} (--pretrain_dir) and no "
