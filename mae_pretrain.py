@@ -319,10 +319,12 @@ def main(args):
     background.close()
     if writer:
         writer.close()
-    if losses:
+    if losses and main_process:
         best = min(range(len(losses)), key=losses.__getitem__)
-        log_print(f"done: best loss {losses[best]:.5f} at epoch {best + 1}, last {losses[-1]:.5f}; "
-                  f"checkpoint {args.model_path}")
+        # The digest train_classifier.py prints and keeps for the encoder it starts from: the two logs then tell
+        # which pretraining, and which of its epochs, a fine-tune used.
+        log_print(f"done: best loss {losses[best]:.5f} at epoch {best + 1}, last {losses[-1]:.5f}; checkpoint "
+                  f"{args.model_path} (its encoder's SHA-256 {utils.encoder_digest(model.state_dict())[:12]})")
     if evals:
         best_knn = max(evals, key=lambda e: e["knn_acc"])
         log_print(f"kNN accuracy: last {evals[-1]['knn_acc']:.2%} (epoch {evals[-1]['epoch']}), best "

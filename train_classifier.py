@@ -512,8 +512,7 @@ def main(args):
     check_args(args)
     mae_state, pretrained_config, pretrain_args = load_pretrained(args.pretrained_model_path) \
         if args.pretrained_model_path else (None, None, {})
-    pretrained_sha256 = None if mae_state is None else \
-        utils.weights_digest({k: v for k, v in mae_state.items() if k.startswith("encoder.")})
+    pretrained_sha256 = None if mae_state is None else utils.encoder_digest(mae_state)
     cfg = model_config(args, pretrained_config)
     ckpt, resumed_log = load_resume(args, cfg, pretrained_sha256) if args.resume else (None, [])
     device = utils.resolve_device(args)
@@ -542,7 +541,7 @@ def main(args):
               f"{steps_per_epoch} steps per epoch; device {device} x {world_size} process(es), autocast {amp_dtype}, "
               f"attention {attention}; images in {utils.memory_name(data_device)}")
     start = "from scratch" if mae_state is None else \
-        f"encoder from {args.pretrained_model_path} (its weights' SHA-256 {pretrained_sha256[:12]})"
+        f"encoder from {args.pretrained_model_path} (its encoder's SHA-256 {pretrained_sha256[:12]})"
     log_print(f"model: {count_params(model) / 1e6:.2f}M parameters, {start}"
               f"{', linear probe' if args.linear_probe else ''}; recipe {args.recipe}: "
               f"{ {name: getattr(args, name) for name in RECIPE_FLAGS} }")

@@ -770,6 +770,12 @@ def weights_digest(state_dict: dict) -> str:
     return digest.hexdigest()
 
 
+def encoder_digest(mae_state: dict) -> str:
+    """weights_digest of an MAE state_dict's encoder: what a fine-tune starts from, named the same way by
+    mae_pretrain.py when it finishes and by train_classifier.py when it loads the checkpoint."""
+    return weights_digest({name: t for name, t in mae_state.items() if name.startswith("encoder.")})
+
+
 def check_resumable(ckpt: dict, args, run_defining_flags) -> None:
     """One-line death unless the --resume checkpoint ran under this run's values of the flags that define a run,
     and has epochs left to run."""

@@ -84,6 +84,26 @@ def test_resume_continues_the_same_run(tmp_path, run_pretrain):
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+def test_the_pretraining_and_a_fine_tune_from_it_print_the_same_encoder_digest(tmp_path, run_pretrain, capsys):
+    """The last line of mae_pretrain.py and the model line of train_classifier.py name the encoder by the digest
+    the fine-tune keeps (utils.encoder_digest of the checkpoint's weights), so their logs can be matched."""
+    import re
+
+    import train_classifier
+    import utils
+    run_pretrain(tiny_pretrain_argv(tmp_path, "--total_epoch", "1"))
+    ckpt = tmp_path / "run" / "mae.pt"
+    digest = utils.encoder_digest(torch.load(ckpt, weights_only=True)["model"])[:12]
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done:")]
+    assert len(done) == 1 and done[0].endswith(f"checkpoint {ckpt} (its encoder's SHA-256 {digest})"), done
+    train_classifier.main(train_classifier.get_args_parser().parse_args([
+        "--dataset", "fake", "--fake_size", "64", "--batch_size", "32", "--total_epoch", "1", "--warmup_epoch", "1",
+        "--device", "cpu", "--pretrained_model_path", str(ckpt), "--output_model_path", str(tmp_path / "cls.pt"),
+        "--output_dir", str(tmp_path / "cls"), "--log_dir", str(tmp_path / "cls_logs"), *TINY_MODEL]))
+    assert re.search(rf"^model: .*, encoder from {re.escape(str(ckpt))} \(its encoder's SHA-256 {digest}\);",
+                     capsys.readouterr().out, re.MULTILINE)
+
+
 def test_loss_falls_on_real_cifar10_images(tmp_path, run_pretrain):
     out = tmp_path / "real"
     run_pretrain(["--dataset", "folder", "--data_path", FIXTURE_DIR, "--val_split", "16",
