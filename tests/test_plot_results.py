@@ -158,18 +158,17 @@ def test_report_names_the_encoder_the_runs_started_from_and_notes_when_they_diff
     import utils
     pre, cls, report_path, _ = full_report
     ckpt = run_outputs[0].parent / "mae.pt"  # where run_outputs' pretraining wrote it
-    encoder = {k: v for k, v in torch.load(ckpt, weights_only=True)["model"].items() if k.startswith("encoder.")}
+    digest = utils.encoder_digest(torch.load(ckpt, weights_only=True)["model"])[:12]
     assert (f"`pretrained`, `linprobe` started from the MAE encoder of `{ckpt}` (its weights' SHA-256 "
-            f"`{utils.weights_digest(encoder)[:12]}`).") in report_path.read_text()
+            f"`{digest}`).") in report_path.read_text()
     assert "different MAE encoders" not in report_path.read_text()
 
     pre, cls = copy_outputs(run_outputs, tmp_path)
     summary = json.loads((cls / "linprobe_summary.json").read_text())
     (cls / "linprobe_summary.json").write_text(json.dumps({**summary, "pretrained_sha256": "0" * 64}))
     out = plot("--pretrain_dir", pre, "--cls_dir", cls, "--report", tmp_path / "results.md")
-    note = (f"the classifier runs started from different MAE encoders (pretrained: {ckpt}, SHA-256 "
-            f"{utils.weights_digest(encoder)[:12]}; linprobe: {ckpt}, SHA-256 000000000000): their numbers are not "
-            "one experiment's")
+    note = (f"the classifier runs started from different MAE encoders (pretrained: {ckpt}, SHA-256 {digest}; "
+            f"linprobe: {ckpt}, SHA-256 000000000000): their numbers are not one experiment's")
     assert f"note: {note}" in out and note in (tmp_path / "results.md").read_text()
 
 
