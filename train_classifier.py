@@ -114,8 +114,9 @@ def get_args_parser():
     parser.add_argument("--log_interval", type=int, default=25,
                         help="optimizer steps between progress-bar updates (each reads the loss from the GPU)")
     # Outputs
-    parser.add_argument("--output_model_path", default="vit-t-classifier.pt",
-                        help="the best checkpoint by val accuracy; <stem>_last.pt beside it holds the last epoch")
+    parser.add_argument("--output_model_path", default=None,
+                        help="the best checkpoint by val accuracy (default: vit-t-classifier-<run>.pt); "
+                             "<stem>_last.pt beside it holds the last epoch")
     parser.add_argument("--output_dir", default="cls_outputs",
                         help="<run>_*.npy, <run>_log.jsonl, <run>_summary.json, prediction grids")
     parser.add_argument("--run_name", default=None,
@@ -147,6 +148,8 @@ def resolve_recipe(args) -> None:
         args.run_name = "linprobe" if args.linear_probe else "pretrained" if args.pretrained_model_path else "scratch"
     if args.log_dir is None:
         args.log_dir = os.path.join("logs", "classifier", args.run_name)
+    if args.output_model_path is None:  # one per run, as every other output: a comparison's runs keep theirs
+        args.output_model_path = f"vit-t-classifier-{args.run_name}.pt"
 
 
 def check_args(args) -> None:

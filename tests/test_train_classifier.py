@@ -531,6 +531,12 @@ def test_the_reference_commands_and_the_probe_parse_as_written():
         train_classifier.resolve_recipe(args)
     assert (scratch.run_name, pretrained.run_name, probe.run_name) == ("scratch", "pretrained", "linprobe")
     assert scratch.log_dir == os.path.join("logs", "classifier", "scratch")
+    assert probe.output_model_path == "vit-t-classifier-linprobe.pt"  # given none, each run its own checkpoint
+    defaults = [parse([]), parse(["--pretrained_model_path", "mae.pt"])]
+    for args in defaults:
+        train_classifier.resolve_recipe(args)
+    assert [args.output_model_path for args in defaults] == ["vit-t-classifier-scratch.pt",
+                                                             "vit-t-classifier-pretrained.pt"]
     assert (scratch.total_epoch, scratch.batch_size, scratch.base_learning_rate, scratch.weight_decay,
             scratch.warmup_epoch, scratch.seed) == (50, 128, 1e-3, 0.05, 5, 42)
     # Both arms get the same recipe; layer decay, which only has pretrained layers to act on, is 1 from scratch.
