@@ -342,10 +342,24 @@ def make_adamw(param_groups, lr: float, betas, device: torch.device):
 
 
 def allocate_grads(optimizer) -> None:
-    """A zeroed .grad for every parameter the optimizer updates: the buffers that backward() adds into."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            p.grad = torch.zeros_like(p)
+    """A zeroed .grad for every parameter the optimizer updates: the buffers that backward() adds into. They are
+    views of one flat buffer per dtype and device, in the optimizer's order, so that under torchrun the gradients
+    are averaged in one all-reduce of that buffer, without copying them into it and back (average_gradients), as
+    DistributedDataParallel's gradient_as_bucket_view does."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for dtype, device in dict.fromkeys((p.dtype, p.device) for p in params):
+        same = [p for p in params if (p.dtype, p.device) == (dtype, device)]
+        flat = torch.zeros(sum(p.numel() for p in same), dtype=dtype, device=device)
+        for p, part in zip(same, flat.split([p.numel() for p in same])):
+            p.grad = part.view_as(p)
+
+
+def grad_buffers(optimizer) -> list:
+    """The flat buffers allocate_grads put the optimizer's .grad views in, each once, in the optimizer's order."""
+    bases = [p.grad._base for group in optimizer.param_groups for p in group["params"]]
+    if any(base is None for base in bases):  # a .grad replaced since allocate_grads: nothing would average it
+        raise RuntimeError("every .grad must be a view of a buffer from utils.allocate_grads")
+    return list({id(base): base for base in bases}.values())
 
 
 def mark_chunk_begin() -> None:
@@ -390,15 +404,13 @@ def average_gradients(optimizer) -> None:
     compiles is then the one-GPU program (one graph, CUDA graphs by default), where DDP splits the compiled graph
     at its gradient buckets and hooks its all-reduce into the backward. The price: the all-reduce no longer overlaps
     the backward; for the ViT-T MAE's 7.2M parameters it is one 29 MB all-reduce per step (one flat buffer, so one
-    collective rather than one per parameter)."""
+    collective rather than one per parameter, and no copies: allocate_grads)."""
     world_size = dist_env()[1]
     if world_size == 1:
         return
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)  # a sum: gloo, the CPU's backend, has no average
-    flat /= world_size
-    torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)])
+    for flat in grad_buffers(optimizer):  # the .grad tensors are views of these: averaged in place
+        dist.all_reduce(flat)  # a sum: gloo, the CPU's backend, has no average
+        flat /= world_size
 
 
 def broadcast_state(model: torch.nn.Module) -> None:

@@ -115,6 +115,7 @@ def test_processes_start_from_rank_0s_state_and_step_with_the_mean_gradient(tmp_
     for r in ranks:
         for name, tensor in ranks[0]["built"].items():
             assert torch.equal(r["state"][name], tensor), name  # parameters and buffers: rank 0's
+    assert ranks[0]["in_place"] and ranks[1]["in_place"]
     for own0, own1, avg0, avg1 in zip(ranks[0]["own"], ranks[1]["own"], ranks[0]["averaged"], ranks[1]["averaged"]):
         assert torch.equal(avg0, avg1)
         torch.testing.assert_close(avg0, (own0 + own1) / 2)

@@ -712,6 +712,26 @@ def test_backward_gives_a_parameter_the_loss_does_not_reach_a_zero_gradient():
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in unreached.parameters())
 
 
+def test_allocate_grads_makes_every_grad_a_zeroed_view_of_one_flat_buffer_per_dtype():
+    """The .grad tensors are views of one buffer per dtype, laid out in the optimizer's order, so that
+    average_gradients all-reduces those buffers whole; a .grad put in place of a view is refused there, not left
+    out of the average."""
+    a, b = torch.nn.Parameter(torch.randn(2, 3)), torch.nn.Parameter(torch.randn(4))
+    c = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    optimizer = torch.optim.SGD([{"params": [a, c]}, {"params": [b]}], lr=0.1)
+    utils.allocate_grads(optimizer)
+    flats = utils.grad_buffers(optimizer)
+    assert [(flat.dtype, flat.numel()) for flat in flats] == [(torch.float32, 10), (torch.float64, 3)]
+    assert all(p.grad.shape == p.shape and p.grad.dtype == p.dtype and not p.grad.any() for p in (a, b, c))
+    flats[0].copy_(torch.arange(10.0))
+    flats[1].copy_(torch.arange(3.0))
+    assert a.grad.tolist() == [[0, 1, 2], [3, 4, 5]] and b.grad.tolist() == [6, 7, 8, 9]
+    assert c.grad.tolist() == [0, 1, 2]
+    b.grad = torch.zeros(4)
+    with pytest.raises(RuntimeError, match="allocate_grads"):
+        utils.grad_buffers(optimizer)
+
+
 def test_set_lr_gives_a_plain_group_the_lr_and_a_scaled_group_its_share():
     """Groups without lr_scale (pretraining's weight-decay groups) get the scheduled lr itself; a group with one
     (layer decay) gets lr * lr_scale."""

@@ -1,6 +1,6 @@
 """utils.broadcast_state and utils.average_gradients under torchrun (gloo on the CPU). Each rank builds a small
 model from a seed of its own, makes its state rank 0's, then fills its .grad buffers with its own numbers and
-averages them; it saves what it started from and ends with to rank<N>.pt in the working folder. Run by
+averages them in place; it saves what it started from and ends with to rank<N>.pt in the working folder. Run by
 tests/test_distributed.py."""
 import os
 import sys
@@ -23,7 +23,10 @@ params = [p for group in optimizer.param_groups for p in group["params"]]
 own = [torch.randn_like(p) for p in params]
 for p, grad in zip(params, own):
     p.grad.copy_(grad)
+buffers = [p.grad for p in params]
 utils.average_gradients(optimizer)
 averaged = [p.grad.clone() for p in params]
-torch.save({"built": built, "state": model.state_dict(), "own": own, "averaged": averaged}, f"rank{rank}.pt")
+in_place = all(p.grad is buffer for p, buffer in zip(params, buffers))  # the .grad tensors the steps add into
+torch.save({"built": built, "state": model.state_dict(), "own": own, "averaged": averaged, "in_place": in_place},
+           f"rank{rank}.pt")
 utils.close_distributed()
