@@ -30,6 +30,9 @@ from model import MAE, MAEConfig, count_params, num_masked_patches, reconstruct
 RUN_DEFINING_FLAGS = ("seed", "batch_size", "base_learning_rate", "weight_decay", "min_lr", "mask_ratio",
                       "total_epoch", "warmup_epoch", "norm_pix_loss", "augment", "dataset", "val_split",
                       "fake_size", *utils.MODEL_SIZE_FLAGS)
+# Flags a resume may change that change what the kNN accuracy measures: its epochs before and after the change are
+# then two protocols in one curve, so a resume that changes them says so (--eval_every changes only when it is taken).
+KNN_PROTOCOL_FLAGS = ("knn_k", "knn_temperature", "knn_feature")
 CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "epoch", "losses", "evals", "args", "config")
 EVAL_METRICS = ("knn_acc", "val_loss", "val_psnr")
 NUM_VIS = 16  # val images in the per-epoch reconstruction figure (2 rows of 8)
@@ -108,6 +111,13 @@ def load_resume(args):
     """-> (checkpoint, the log records of its epochs), or one-line death; read before anything is written."""
     ckpt = utils.load_checkpoint(args.resume, "--resume", CHECKPOINT_KEYS)
     utils.check_resumable(ckpt, args, RUN_DEFINING_FLAGS)
+    changed = {name: ckpt["args"].get(name) for name in KNN_PROTOCOL_FLAGS if ckpt["args"].get(name) != getattr(args, name)}
+    if changed and ckpt["evals"]:
+        now = " and ".join(f"--{name} {getattr(args, name)}" for name in changed)
+        before = " and ".join(str(value) for value in changed.values())
+        utils.warn(f"{now}, where --resume {args.resume!r} had {before}: the kNN accuracies from here on are not "
+                   f"comparable with its {len(ckpt['evals'])} (to epoch {ckpt['evals'][-1]['epoch']}), though they "
+                   "share one curve")
     log = utils.read_jsonl(os.path.join(args.output_dir, "log.jsonl"), "--output_dir")
     return ckpt, [r for r in log if r["epoch"] <= ckpt["epoch"]]
 

@@ -84,6 +84,26 @@ def test_resume_continues_the_same_run(tmp_path, run_pretrain):
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+def test_a_resume_that_changes_the_knn_protocol_says_its_accuracies_are_not_comparable(tmp_path, run_pretrain,
+                                                                                         capsys):
+    """--knn_k, --knn_temperature and --knn_feature may change on resume, but the kNN curve then joins two
+    protocols: the resume says so in one warning that names the flags, both values and the evaluations it has.
+    --eval_every changes only when the monitor runs, and passes without a word."""
+    argv = tiny_pretrain_argv(tmp_path, "--total_epoch", "3", "--eval_every", "1")
+    ckpt = str(tmp_path / "run" / "mae.pt")
+    run_pretrain(argv + ["--stop_after", "1"])
+    capsys.readouterr()
+    run_pretrain(argv + ["--resume", ckpt, "--stop_after", "2", "--eval_every", "2"])
+    assert "warning" not in capsys.readouterr().err
+    run_pretrain(argv + ["--resume", ckpt, "--knn_k", "5", "--knn_feature", "token"])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1
+    assert warnings[0].endswith(f"warning: --knn_k 5 and --knn_feature token, where --resume {ckpt!r} had 20 and "
+                                "avg: the kNN accuracies from here on are not comparable with its 2 (to epoch 2), "
+                                "though they share one curve")
+    assert np.load(tmp_path / "run" / "outputs" / "eval_epochs.npy").tolist() == [1, 2, 3]
+
+
 def test_the_pretraining_and_a_fine_tune_from_it_print_the_same_encoder_digest(tmp_path, run_pretrain, capsys):
     """The last line of mae_pretrain.py and the model line of train_classifier.py name the encoder by the digest
     the fine-tune keeps (utils.encoder_digest of the checkpoint's weights), so their logs can be matched."""
