@@ -468,22 +468,33 @@ def with_attention_kernel(main):
     return run
 
 
+# How cuBLAS and cuDNN name a failed allocation in the RuntimeError torch raises for them ("CUDA error:
+# CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`").
+OUT_OF_MEMORY_STATUSES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
 def explains_out_of_memory(main):
     """Decorates a script's main(args): the GPU running out of memory ends the run with one line that names the
     flag to lower, exit status 2, instead of a traceback. A training step's memory grows with its chunk (at most
     --max_device_batch_size images, and at most each process's share of --batch_size), evaluation's with its own
     chunks of 4× the flag. torch.compile may raise the error wrapped in one of its own: the chain of causes is
-    searched. An allocation that fails inside cuBLAS or NCCL raises a plain RuntimeError, which stays as it is."""
+    searched. cuBLAS and cuDNN, which make some allocations of their own, report it as a RuntimeError naming their
+    ALLOC_FAILED status, and that counts too. NCCL's own report ("unhandled cuda error") does not say what failed,
+    so it stays as it is."""
+    def out_of_memory(error: BaseException) -> bool:
+        return isinstance(error, torch.OutOfMemoryError) or (
+            isinstance(error, RuntimeError) and any(status in str(error) for status in OUT_OF_MEMORY_STATUSES))
+
     @functools.wraps(main)
     def run(args):
         try:
             return main(args)
         except Exception as error:
             cause, seen = error, set()
-            while cause is not None and id(cause) not in seen and not isinstance(cause, torch.OutOfMemoryError):
+            while cause is not None and id(cause) not in seen and not out_of_memory(cause):
                 seen.add(id(cause))
                 cause = cause.__cause__ or cause.__context__
-            if not isinstance(cause, torch.OutOfMemoryError):
+            if cause is None or not out_of_memory(cause):
                 raise
             detail = str(cause).strip().splitlines()[0][:160] if str(cause).strip() else "no detail"
             training = hasattr(args, "batch_size")  # bench.py has a batch size per phase, and times these chunks

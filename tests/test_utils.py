@@ -314,10 +314,23 @@ def test_out_of_gpu_memory_is_one_line_naming_the_chunk_size_even_when_wrapped(c
             "256: the gradients accumulate over the chunks, so the result does not depend on it\n")
 
     @utils.explains_out_of_memory
-    def other(args):
-        raise RuntimeError("a bug")
-    with pytest.raises(RuntimeError, match="a bug"):  # anything else surfaces as it is
-        other(SimpleNamespace(max_device_batch_size=256, batch_size=512))
+    def cublas(args):  # cuBLAS's own allocation: a RuntimeError that names its status
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+    with pytest.raises(SystemExit) as exc:
+        cublas(SimpleNamespace(max_device_batch_size=64, batch_size=32))
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (
+        f"{utils._prog()}: error: --max_device_batch_size 64: out of GPU memory in chunks of 32 images (CUDA error: "
+        "CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`); pass a value below 32: the gradients "
+        "accumulate over the chunks, so the result does not depend on it\n")
+
+    for message in ("a bug", "CUDA error: CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate(handle)`"):
+        @utils.explains_out_of_memory
+        def other(args):
+            raise RuntimeError(message)
+        with pytest.raises(RuntimeError) as raised:  # anything else surfaces as it is
+            other(SimpleNamespace(max_device_batch_size=256, batch_size=512))
+        assert str(raised.value) == message
 
 
 @pytest.mark.parametrize("script", ["mae_pretrain", "train_classifier", "bench"])
