@@ -111,7 +111,8 @@ def load_resume(args):
     """-> (checkpoint, the log records of its epochs), or one-line death; read before anything is written."""
     ckpt = utils.load_checkpoint(args.resume, "--resume", CHECKPOINT_KEYS)
     utils.check_resumable(ckpt, args, RUN_DEFINING_FLAGS)
-    changed = {name: ckpt["args"].get(name) for name in KNN_PROTOCOL_FLAGS if ckpt["args"].get(name) != getattr(args, name)}
+    changed = {name: ckpt["args"].get(name) for name in KNN_PROTOCOL_FLAGS
+               if ckpt["args"].get(name) != getattr(args, name)}
     if changed and ckpt["evals"]:
         now = " and ".join(f"--{name} {getattr(args, name)}" for name in changed)
         before = " and ".join(str(value) for value in changed.values())
