@@ -394,6 +394,16 @@ def plot_monitor(pre: Pretraining, log_scale: bool):
     return fig
 
 
+def comparison_subject(roles: list) -> str:
+    """What a comparison figure's title says it compares: the runs it draws, not the full experiment's three."""
+    subjects = ["from scratch"] if "scratch" in roles else []
+    if "pretrained" in roles:  # the legend tells the fine-tune from a linear probe drawn beside it
+        subjects.append("MAE-pretrained")
+    elif "linprobe" in roles:
+        subjects.append("MAE-pretrained (linear probe)")
+    return " vs ".join(subjects)
+
+
 def plot_run_comparison(runs: list, curve: str, log_scale: bool):
     """One curve of every classifier run on one axes; the best epoch of each is starred and named in the legend."""
     accuracy = curve.endswith("acc")
@@ -421,12 +431,13 @@ def plot_run_comparison(runs: list, curve: str, log_scale: bool):
     ax.set_xlim(0.5 if longest <= 30 else 0, longest + (0.5 if longest <= 30 else 1))
     captions = {data_caption(run.args, val=accuracy) for run in runs if curve in run.curves and run.args}
     caption = f"\n{captions.pop()}" if len(captions) == 1 else ""  # runs on different data: no one caption
+    drawn = comparison_subject([run.role for run in runs if curve in run.curves])
     if accuracy:
         ax.set_ylabel("validation top-1 accuracy (%)")
-        ax.set_title(f"Validation accuracy: from scratch vs MAE-pretrained{caption}")
+        ax.set_title(f"Validation accuracy: {drawn}{caption}")
     else:
         ax.set_ylabel("training loss (cross-entropy,\nthe recipe's targets)")
-        ax.set_title(f"Fine-tuning training loss: from scratch vs MAE-pretrained{caption}")
+        ax.set_title(f"Fine-tuning training loss: {drawn}{caption}")  # main leaves a linear probe's out
     # The legend goes beside the axes: curves of any shape stay uncovered.
     ax.legend(handles, labels, handler_map={tuple: HandlerTuple(ndivide=None, pad=0.6)}, handlelength=3.2,
               loc="upper left", bbox_to_anchor=(1.02, 1.0), labelspacing=1.0, borderaxespad=0)

@@ -473,6 +473,25 @@ def test_best_points_are_annotated_and_log_scale_is_an_option(run_outputs):
         assert text.endswith(f"best {100 * max(acc):.2f}% at epoch {acc.index(max(acc)) + 1}")
 
 
+def test_comparison_titles_name_the_runs_they_draw(run_outputs):
+    """The accuracy and loss comparisons' titles say what is drawn: a report of a linear probe alone is not titled
+    "from scratch vs MAE-pretrained". (The loss figure never draws a linear probe: main leaves it out.)"""
+    _, cls = run_outputs
+    runs = {r: plot_results.load_classifier_run(str(cls), r, r, [], []) for r in RUNS}
+
+    def title(roles, curve):
+        fig = plot_results.plot_run_comparison([runs[role] for role in roles], curve, False)
+        plot_results.plt.close(fig)
+        return fig.axes[0].get_title().split("\n")[0]  # the second line names the data
+    for roles, subject in ((RUNS, "from scratch vs MAE-pretrained"), (("pretrained",), "MAE-pretrained"),
+                           (("linprobe",), "MAE-pretrained (linear probe)"),
+                           (("scratch", "linprobe"), "from scratch vs MAE-pretrained (linear probe)")):
+        assert title(roles, "val_acc") == f"Validation accuracy: {subject}", roles
+    for roles, subject in ((("scratch", "pretrained"), "from scratch vs MAE-pretrained"),
+                           (("scratch",), "from scratch"), (("pretrained",), "MAE-pretrained")):
+        assert title(roles, "train_loss") == f"Fine-tuning training loss: {subject}", roles
+
+
 def test_best_recon_follows_the_lowest_loss_and_a_missing_epoch_is_named(tmp_path):
     pre = tmp_path / "outputs"
     pre.mkdir()
