@@ -468,9 +468,10 @@ def with_attention_kernel(main):
     return run
 
 
-# How cuBLAS and cuDNN name a failed allocation in the RuntimeError torch raises for them ("CUDA error:
-# CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`").
-OUT_OF_MEMORY_STATUSES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+# How cuBLAS and cuDNN 9 name a failed allocation of GPU memory in the RuntimeError torch raises for them ("CUDA
+# error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", "cuDNN error: CUDNN_STATUS_..."). cuDNN 9's
+# CUDNN_STATUS_ALLOC_FAILED is a deprecated alias of its HOST_ALLOCATION_FAILED, and its messages never use it.
+OUT_OF_MEMORY_STATUSES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED")
 
 
 def explains_out_of_memory(main):
@@ -478,9 +479,10 @@ def explains_out_of_memory(main):
     flag to lower, exit status 2, instead of a traceback. A training step's memory grows with its chunk (at most
     --max_device_batch_size images, and at most each process's share of --batch_size), evaluation's with its own
     chunks of 4× the flag. torch.compile may raise the error wrapped in one of its own: the chain of causes is
-    searched. cuBLAS and cuDNN, which make some allocations of their own, report it as a RuntimeError naming their
-    ALLOC_FAILED status, and that counts too. NCCL's own report ("unhandled cuda error") does not say what failed,
-    so it stays as it is."""
+    searched, and its innermost match gives the detail (a wrapper may quote the error in a message of its own).
+    cuBLAS and cuDNN, which make some allocations of their own, report it as a RuntimeError naming their status
+    (OUT_OF_MEMORY_STATUSES), and that counts too. NCCL's own report ("unhandled cuda error") does not say what
+    failed, so it stays as it is."""
     def out_of_memory(error: BaseException) -> bool:
         return isinstance(error, torch.OutOfMemoryError) or (
             isinstance(error, RuntimeError) and any(status in str(error) for status in OUT_OF_MEMORY_STATUSES))
@@ -490,12 +492,14 @@ def explains_out_of_memory(main):
         try:
             return main(args)
         except Exception as error:
-            cause, seen = error, set()
-            while cause is not None and id(cause) not in seen and not out_of_memory(cause):
-                seen.add(id(cause))
+            chain, cause = [], error
+            while cause is not None and all(cause is not seen for seen in chain):
+                chain.append(cause)
                 cause = cause.__cause__ or cause.__context__
-            if cause is None or not out_of_memory(cause):
+            matches = [cause for cause in chain if out_of_memory(cause)]
+            if not matches:
                 raise
+            cause = matches[-1]
             detail = str(cause).strip().splitlines()[0][:160] if str(cause).strip() else "no detail"
             training = hasattr(args, "batch_size")  # bench.py has a batch size per phase, and times these chunks
             chunk = device_chunk(args) if training else args.max_device_batch_size

@@ -313,16 +313,29 @@ def test_out_of_gpu_memory_is_one_line_naming_the_chunk_size_even_when_wrapped(c
             "out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 15.77 GiB); pass a value below "
             "256: the gradients accumulate over the chunks, so the result does not depend on it\n")
 
-    @utils.explains_out_of_memory
-    def cublas(args):  # cuBLAS's own allocation: a RuntimeError that names its status
-        raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
-    with pytest.raises(SystemExit) as exc:
-        cublas(SimpleNamespace(max_device_batch_size=64, batch_size=32))
-    assert exc.value.code == 2
-    assert capsys.readouterr().err == (
-        f"{utils._prog()}: error: --max_device_batch_size 64: out of GPU memory in chunks of 32 images (CUDA error: "
-        "CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`); pass a value below 32: the gradients "
-        "accumulate over the chunks, so the result does not depend on it\n")
+    # cuBLAS's and cuDNN's own allocations: a RuntimeError that names the status, alone or quoted by a wrapper
+    # (torch.compile's BackendCompilerFailed begins "backend='inductor' raised:" and quotes it on the next lines).
+    cublas = RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+    cudnn = RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED")
+
+    def cublas_quoted():
+        try:
+            raise cublas
+        except RuntimeError as e:
+            raise RuntimeError(f"backend='inductor' raised:\nRuntimeError: {e}") from e
+
+    def cudnn_alone():
+        raise cudnn
+    for raise_it, detail in ((cublas_quoted, str(cublas)), (cudnn_alone, str(cudnn))):
+        @utils.explains_out_of_memory
+        def main(args):
+            raise_it()
+        with pytest.raises(SystemExit) as exc:
+            main(SimpleNamespace(max_device_batch_size=64, batch_size=32))
+        assert exc.value.code == 2
+        assert capsys.readouterr().err == (
+            f"{utils._prog()}: error: --max_device_batch_size 64: out of GPU memory in chunks of 32 images ({detail}); "
+            "pass a value below 32: the gradients accumulate over the chunks, so the result does not depend on it\n")
 
     for message in ("a bug", "CUDA error: CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate(handle)`"):
         @utils.explains_out_of_memory
