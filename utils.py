@@ -356,10 +356,15 @@ def allocate_grads(optimizer) -> None:
 
 def grad_buffers(optimizer) -> list:
     """The flat buffers allocate_grads put the optimizer's .grad views in, each once, in the optimizer's order."""
-    bases = [p.grad._base for group in optimizer.param_groups for p in group["params"]]
-    if any(base is None for base in bases):  # a .grad replaced since allocate_grads: nothing would average it
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+    # A .grad replaced since allocate_grads (by None, by a tensor of its own, or by a view of another tensor) would
+    # be left out of the average, or bring a tensor of another size into the all-reduce.
+    if any(g is None or g._base is None for g in grads):
         raise RuntimeError("every .grad must be a view of a buffer from utils.allocate_grads")
-    return list({id(base): base for base in bases}.values())
+    bases = list({id(g._base): g._base for g in grads}.values())
+    if sum(g.numel() for g in grads) != sum(base.numel() for base in bases):
+        raise RuntimeError("every .grad must be a view of a buffer from utils.allocate_grads, which they fill")
+    return bases
 
 
 def mark_chunk_begin() -> None:

@@ -740,8 +740,8 @@ def test_backward_gives_a_parameter_the_loss_does_not_reach_a_zero_gradient():
 
 def test_allocate_grads_makes_every_grad_a_zeroed_view_of_one_flat_buffer_per_dtype():
     """The .grad tensors are views of one buffer per dtype, laid out in the optimizer's order, so that
-    average_gradients all-reduces those buffers whole; a .grad put in place of a view is refused there, not left
-    out of the average."""
+    average_gradients all-reduces those buffers whole; a .grad put in place of a view (None, a tensor of its own or
+    a view of another tensor) is refused there, not left out of the average or all-reduced with a base of its own."""
     a, b = torch.nn.Parameter(torch.randn(2, 3)), torch.nn.Parameter(torch.randn(4))
     c = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
     optimizer = torch.optim.SGD([{"params": [a, c]}, {"params": [b]}], lr=0.1)
@@ -753,9 +753,10 @@ def test_allocate_grads_makes_every_grad_a_zeroed_view_of_one_flat_buffer_per_dt
     flats[1].copy_(torch.arange(3.0))
     assert a.grad.tolist() == [[0, 1, 2], [3, 4, 5]] and b.grad.tolist() == [6, 7, 8, 9]
     assert c.grad.tolist() == [0, 1, 2]
-    b.grad = torch.zeros(4)
-    with pytest.raises(RuntimeError, match="allocate_grads"):
-        utils.grad_buffers(optimizer)
+    for replacement in (None, torch.zeros(4), torch.zeros(8)[:4]):  # a tensor of its own, a view of another
+        b.grad = replacement
+        with pytest.raises(RuntimeError, match="allocate_grads"):
+            utils.grad_buffers(optimizer)
 
 
 def test_set_lr_gives_a_plain_group_the_lr_and_a_scaled_group_its_share():

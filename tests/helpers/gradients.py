@@ -23,10 +23,12 @@ params = [p for group in optimizer.param_groups for p in group["params"]]
 own = [torch.randn_like(p) for p in params]
 for p, grad in zip(params, own):
     p.grad.copy_(grad)
-buffers = [p.grad for p in params]
+buffers, (flat,) = [p.grad for p in params], utils.grad_buffers(optimizer)  # one buffer: every parameter is fp32
 utils.average_gradients(optimizer)
 averaged = [p.grad.clone() for p in params]
-in_place = all(p.grad is buffer for p, buffer in zip(params, buffers))  # the .grad tensors the steps add into
+# The steps add into the same .grad tensors, still views of the one buffer the all-reduce took whole.
+in_place = all(p.grad is buffer and p.grad._base is flat for p, buffer in zip(params, buffers)) and \
+    torch.equal(flat, torch.cat([g.flatten() for g in averaged]))
 torch.save({"built": built, "state": model.state_dict(), "own": own, "averaged": averaged, "in_place": in_place},
            f"rank{rank}.pt")
 utils.close_distributed()
