@@ -117,8 +117,8 @@ def load_resume(args):
         now = " and ".join(f"--{name} {getattr(args, name)}" for name in changed)
         before = " and ".join(str(value) for value in changed.values())
         utils.warn(f"{now}, where --resume {args.resume!r} had {before}: the kNN accuracies from here on are not "
-                   f"comparable with its {len(ckpt['evals'])} (to epoch {ckpt['evals'][-1]['epoch']}), though they "
-                   "share one curve")
+                   f"comparable with its {len(ckpt['evals'])} kNN evaluations (epochs up to "
+                   f"{ckpt['evals'][-1]['epoch']}), though they share one curve")
     log = utils.read_jsonl(os.path.join(args.output_dir, "log.jsonl"), "--output_dir")
     return ckpt, [r for r in log if r["epoch"] <= ckpt["epoch"]]
 

@@ -99,8 +99,8 @@ def test_a_resume_that_changes_the_knn_protocol_says_its_accuracies_are_not_comp
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 1
     assert warnings[0].endswith(f"warning: --knn_k 5 and --knn_feature token, where --resume {ckpt!r} had 20 and "
-                                "avg: the kNN accuracies from here on are not comparable with its 2 (to epoch 2), "
-                                "though they share one curve")
+                                "avg: the kNN accuracies from here on are not comparable with its 2 kNN evaluations "
+                                "(epochs up to 2), though they share one curve")
     assert np.load(tmp_path / "run" / "outputs" / "eval_epochs.npy").tolist() == [1, 2, 3]
 
 
