@@ -30,6 +30,7 @@ ROLES = {  # classifier run role -> (legend label, colour, line style)
     "pretrained": ("MAE-pretrained, fine-tuned", BLUE, "-"),
     "linprobe": ("MAE-pretrained, linear probe", GREEN, "-."),
 }
+RANDOM_PROBE_LABEL = "random encoder, linear probe"  # --linear_probe without --pretrained_model_path
 STYLE = {
     "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8.5, "xtick.labelsize": 9,
     "ytick.labelsize": 9, "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
@@ -97,6 +98,17 @@ class ClassifierRun:
     @property
     def linear_probe(self) -> bool:
         return bool(self.summary.get("linear_probe", self.role == "linprobe"))
+
+    @property
+    def label(self) -> str:
+        """What the run is, from its summary: a linear probe named by --linprobe_run may have probed a random encoder
+        (the probe's baseline). Without a summary, what its role says."""
+        if "pretrained_model_path" not in self.summary:
+            return ROLES[self.role][0]
+        pretrained = bool(self.summary["pretrained_model_path"])
+        if self.linear_probe:
+            return ROLES["linprobe"][0] if pretrained else RANDOM_PROBE_LABEL
+        return ROLES["pretrained" if pretrained else "scratch"][0]
 
 
 def load_vector(path: str, flag: str) -> np.ndarray:
@@ -394,13 +406,16 @@ def plot_monitor(pre: Pretraining, log_scale: bool):
     return fig
 
 
-def comparison_subject(roles: list) -> str:
-    """What a comparison figure's title says it compares: the runs it draws, not the full experiment's three."""
-    subjects = ["from scratch"] if "scratch" in roles else []
-    if "pretrained" in roles:  # the legend tells the fine-tune from a linear probe drawn beside it
+def comparison_subject(labels: list) -> str:
+    """What a comparison figure's title says it compares: the runs it draws (their ClassifierRun.label), not the
+    full experiment's three."""
+    subjects = ["from scratch"] if ROLES["scratch"][0] in labels else []
+    if ROLES["pretrained"][0] in labels:  # the legend tells the fine-tune from a linear probe drawn beside it
         subjects.append("MAE-pretrained")
-    elif "linprobe" in roles:
+    elif ROLES["linprobe"][0] in labels:
         subjects.append("MAE-pretrained (linear probe)")
+    if RANDOM_PROBE_LABEL in labels:
+        subjects.append("random encoder (linear probe)")
     return " vs ".join(subjects)
 
 
@@ -413,8 +428,8 @@ def plot_run_comparison(runs: list, curve: str, log_scale: bool):
     for run in runs:
         if curve not in run.curves:
             continue
-        label, color, linestyle = ROLES[run.role]
-        label = label if run.name == run.role else f"{label} ({run.name})"
+        _, color, linestyle = ROLES[run.role]
+        label = run.label if run.name == run.role else f"{run.label} ({run.name})"
         values = run.curves[curve] * scale
         epochs = np.arange(1, len(values) + 1)
         longest = max(longest, len(values))
@@ -431,7 +446,7 @@ def plot_run_comparison(runs: list, curve: str, log_scale: bool):
     ax.set_xlim(0.5 if longest <= 30 else 0, longest + (0.5 if longest <= 30 else 1))
     captions = {data_caption(run.args, val=accuracy) for run in runs if curve in run.curves and run.args}
     caption = f"\n{captions.pop()}" if len(captions) == 1 else ""  # runs on different data: no one caption
-    drawn = comparison_subject([run.role for run in runs if curve in run.curves])
+    drawn = comparison_subject([run.label for run in runs if curve in run.curves])
     if accuracy:
         ax.set_ylabel("validation top-1 accuracy (%)")
         ax.set_title(f"Validation accuracy: {drawn}{caption}")
@@ -469,7 +484,7 @@ def plot_confusion(run: ClassifierRun):
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     accuracy = np.trace(counts) / counts.sum() * 100
-    label = ROLES[run.role][0]
+    label = run.label
     ax.set_title(f"Confusion matrix, {label}\n{len(run.labels)} val images, last epoch, top-1 {accuracy:.2f}% "
                  "(row-normalised, %)")
     return fig
@@ -589,7 +604,7 @@ def report_classifiers(runs: list, figures: dict, rel) -> list:
         # schedule only: naming the recipe would claim augmentation it did not have.
         recipe = "linear probe" if run.linear_probe else run.summary.get("recipe", "")
         split = f"{run.args.get('dataset')} ({val_split(run.args)})" if run.args else ""
-        lines.append(f"| {run.name} | {ROLES[run.role][0]} | {recipe} | {split} | {n.get('epochs', '')} | {best} | "
+        lines.append(f"| {run.name} | {run.label} | {recipe} | {split} | {n.get('epochs', '')} | {best} | "
                      f"{final} | {loss} |")
     lines.append("")
     for (path, digest), names in encoder_starts(runs).items():
@@ -653,7 +668,7 @@ def summary_lines(pre, runs) -> list:
     for run in runs:
         n = run_numbers(run)
         if "best_val_acc" in n:
-            lines.append(f"{run.name} ({ROLES[run.role][0]}): best val acc {pct(n['best_val_acc'])} at epoch "
+            lines.append(f"{run.name} ({run.label}): best val acc {pct(n['best_val_acc'])} at epoch "
                          f"{n['best_epoch']}, final {pct(n['final_val_acc'])} ({n['epochs']} epochs)")
     return lines
 

@@ -3,6 +3,7 @@
 Run: python -m pytest -q tests/test_plot_results.py
 """
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -490,6 +491,17 @@ def test_comparison_titles_name_the_runs_they_draw(run_outputs):
     for roles, subject in ((("scratch", "pretrained"), "from scratch vs MAE-pretrained"),
                            (("scratch",), "from scratch"), (("pretrained",), "MAE-pretrained")):
         assert title(roles, "train_loss") == f"Fine-tuning training loss: {subject}", roles
+
+    # A probe of a random encoder (no --pretrained_model_path), named by --linprobe_run: its summary says what it is.
+    summary = {**runs["linprobe"].summary, "pretrained_model_path": "", "pretrained_sha256": None}
+    runs["linprobe"] = dataclasses.replace(runs["linprobe"], summary=summary)
+    assert runs["linprobe"].label == "random encoder, linear probe"
+    assert title(("linprobe",), "val_acc") == "Validation accuracy: random encoder (linear probe)"
+    assert title(RUNS, "val_acc") == ("Validation accuracy: from scratch vs MAE-pretrained vs random encoder "
+                                      "(linear probe)")
+    fig = plot_results.plot_run_comparison([runs["linprobe"]], "val_acc", False)
+    plot_results.plt.close(fig)
+    assert fig.axes[0].get_legend().get_texts()[0].get_text().startswith("random encoder, linear probe\n")
 
 
 def test_best_recon_follows_the_lowest_loss_and_a_missing_epoch_is_named(tmp_path):
