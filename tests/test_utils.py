@@ -288,62 +288,57 @@ def test_the_default_device_is_cuda_where_available_and_the_cpu_only_after_a_war
     assert capsys.readouterr().err == ""
 
 
+def _explained(raise_it, capsys, max_device_batch_size: int, batch_size: int) -> str:
+    """What a main decorated with utils.explains_out_of_memory prints when it calls raise_it(); exit status 2."""
+    @utils.explains_out_of_memory
+    def main(args):
+        raise_it()
+    with pytest.raises(SystemExit) as exc:
+        main(SimpleNamespace(max_device_batch_size=max_device_batch_size, batch_size=batch_size))
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
 def test_out_of_gpu_memory_is_one_line_naming_the_chunk_size_even_when_wrapped(capsys):
+    def expected(flag, chunk, detail):
+        return (f"{utils._prog()}: error: --max_device_batch_size {flag}: out of GPU memory in chunks of {chunk} "
+                f"images ({detail}); pass a value below {chunk}: the gradients accumulate over the chunks, so the "
+                "result does not depend on it\n")
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
                                  "15.77 GiB\nof which 1.2 GiB is free.")
-
-    def direct():
-        raise oom
-
-    def wrapped():  # as torch.compile hands it on: another exception, raised from it
-        try:
-            raise oom
-        except torch.OutOfMemoryError as e:
-            raise RuntimeError("backend compiler failed") from e
-
-    for raise_it in (direct, wrapped):
-        @utils.explains_out_of_memory
-        def main(args):
-            raise_it()
-        with pytest.raises(SystemExit) as exc:
-            main(SimpleNamespace(max_device_batch_size=256, batch_size=512))
-        assert exc.value.code == 2
-        assert capsys.readouterr().err == (
-            f"{utils._prog()}: error: --max_device_batch_size 256: out of GPU memory in chunks of 256 images (CUDA "
-            "out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 15.77 GiB); pass a value below "
-            "256: the gradients accumulate over the chunks, so the result does not depend on it\n")
-
-    # cuBLAS's and cuDNN's own allocations: a RuntimeError that names the status, alone or quoted by a wrapper
-    # (torch.compile's BackendCompilerFailed begins "backend='inductor' raised:" and quotes it on the next lines).
+    # cuBLAS's and cuDNN's own allocations: a RuntimeError that names the status.
     cublas = RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
     cudnn = RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED")
 
-    def cublas_quoted():
-        try:
-            raise cublas
-        except RuntimeError as e:
-            raise RuntimeError(f"backend='inductor' raised:\nRuntimeError: {e}") from e
+    def raised(error):
+        def raise_it():
+            raise error
+        return raise_it
 
-    def cudnn_alone():
-        raise cudnn
-    for raise_it, detail in ((cublas_quoted, str(cublas)), (cudnn_alone, str(cudnn))):
-        @utils.explains_out_of_memory
-        def main(args):
-            raise_it()
-        with pytest.raises(SystemExit) as exc:
-            main(SimpleNamespace(max_device_batch_size=64, batch_size=32))
-        assert exc.value.code == 2
-        assert capsys.readouterr().err == (
-            f"{utils._prog()}: error: --max_device_batch_size 64: out of GPU memory in chunks of 32 images ({detail}); "
-            "pass a value below 32: the gradients accumulate over the chunks, so the result does not depend on it\n")
+    def wrapped(error, message):  # as torch.compile hands it on: another exception, raised from it
+        def raise_it():
+            try:
+                raise error
+            except Exception as e:
+                raise RuntimeError(message.format(e)) from e
+        return raise_it
+
+    oom_detail = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 15.77 GiB"
+    for raise_it in (raised(oom), wrapped(oom, "backend compiler failed")):
+        assert _explained(raise_it, capsys, 256, 512) == expected(256, 256, oom_detail)
+    # BackendCompilerFailed begins "backend='inductor' raised:" and quotes the error below: the detail is the
+    # innermost match's. The chunk is at most the batch.
+    for raise_it, detail in ((wrapped(cublas, "backend='inductor' raised:\nRuntimeError: {}"), str(cublas)),
+                             (raised(cudnn), str(cudnn))):
+        assert _explained(raise_it, capsys, 64, 32) == expected(64, 32, detail)
 
     for message in ("a bug", "CUDA error: CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate(handle)`"):
         @utils.explains_out_of_memory
         def other(args):
             raise RuntimeError(message)
-        with pytest.raises(RuntimeError) as raised:  # anything else surfaces as it is
+        with pytest.raises(RuntimeError) as error:  # anything else surfaces as it is
             other(SimpleNamespace(max_device_batch_size=256, batch_size=512))
-        assert str(raised.value) == message
+        assert str(error.value) == message
 
 
 @pytest.mark.parametrize("script", ["mae_pretrain", "train_classifier", "bench"])
