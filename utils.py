@@ -350,8 +350,10 @@ def allocate_grads(optimizer) -> None:
     for dtype, device in dict.fromkeys((p.dtype, p.device) for p in params):
         same = [p for p in params if (p.dtype, p.device) == (dtype, device)]
         flat = torch.zeros(sum(p.numel() for p in same), dtype=dtype, device=device)
-        for p, part in zip(same, flat.split([p.numel() for p in same])):
-            p.grad = part.view_as(p)
+        offset = 0
+        for p in same:  # narrow, not split: torch 2.6 refuses in-place adds into views that split made together
+            p.grad = flat.narrow(0, offset, p.numel()).view_as(p)
+            offset += p.numel()
 
 
 def grad_buffers(optimizer) -> list:
