@@ -812,7 +812,7 @@ def encoder_digest(mae_state: dict) -> str:
 
 def check_resumable(ckpt: dict, args, run_defining_flags) -> None:
     """One-line death unless the --resume checkpoint ran under this run's values of the flags that define a run,
-    and has epochs left to run."""
+    and has epochs left to run (before --stop_after, when given)."""
     for name in run_defining_flags:
         saved, given = ckpt["args"].get(name), getattr(args, name)
         if saved != given:
@@ -820,6 +820,10 @@ def check_resumable(ckpt: dict, args, run_defining_flags) -> None:
                 "value to continue its schedule")
     if ckpt["epoch"] >= args.total_epoch:
         die(f"--resume {args.resume!r} has already finished all {args.total_epoch} epochs")
+    # Else the run would train nothing, say nothing, and still rewrite its args.json.
+    if args.stop_after and args.stop_after <= ckpt["epoch"]:
+        die(f"--stop_after {args.stop_after} is not after epoch {ckpt['epoch']}, where --resume {args.resume!r} "
+            "stopped: no epoch would run; pass a later epoch, or 0 to run to --total_epoch")
 
 
 def load_checkpoint(path: str, flag: str, required_keys) -> dict:

@@ -84,7 +84,7 @@ def test_each_process_chunk_is_its_share_of_the_batch_at_most_max_device_batch_s
 def test_check_resumable_refuses_a_checkpoint_that_has_run_all_its_epochs(capsys):
     """A checkpoint with epochs left resumes; one whose epoch is --total_epoch (or beyond) has nothing left to run
     and is refused in one line, exit status 2."""
-    args = SimpleNamespace(resume="last.pt", total_epoch=3, seed=1)
+    args = SimpleNamespace(resume="last.pt", total_epoch=3, stop_after=0, seed=1)
     utils.check_resumable({"args": {"seed": 1}, "epoch": 2}, args, ("seed",))
     assert capsys.readouterr().err == ""
     for epoch in (3, 4):
@@ -94,6 +94,24 @@ def test_check_resumable_refuses_a_checkpoint_that_has_run_all_its_epochs(capsys
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1
         assert err.endswith("error: --resume 'last.pt' has already finished all 3 epochs"), err
+
+
+def test_check_resumable_refuses_a_stop_after_that_leaves_no_epoch_to_run(capsys):
+    """--stop_after at or before the checkpoint's epoch would resume into no epoch at all: refused in one line, exit
+    status 2; a later one, or 0 (run to --total_epoch), resumes."""
+    for stop_after in (0, 3, 5):
+        utils.check_resumable({"args": {}, "epoch": 2}, SimpleNamespace(resume="last.pt", total_epoch=5,
+                                                                         stop_after=stop_after), ())
+    assert capsys.readouterr().err == ""
+    for stop_after in (1, 2):
+        with pytest.raises(SystemExit) as exc:
+            utils.check_resumable({"args": {}, "epoch": 2}, SimpleNamespace(resume="last.pt", total_epoch=5,
+                                                                             stop_after=stop_after), ())
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        assert err.endswith(f"error: --stop_after {stop_after} is not after epoch 2, where --resume 'last.pt' "
+                            "stopped: no epoch would run; pass a later epoch, or 0 to run to --total_epoch"), err
 
 
 @pytest.mark.parametrize("warmup, total, rank, warned", [(10, 2, "0", True), (2, 2, "0", False), (10, 2, "1", False)])
