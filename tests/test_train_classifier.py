@@ -280,6 +280,21 @@ def test_resume_checks_the_pretrained_weights_not_their_path(tmp_path, mae_ckpt,
         == [1, 2]
 
 
+def test_output_model_path_naming_the_resume_file_is_refused_before_it_is_read(tmp_path, capsys):
+    """--output_model_path names the best epoch's checkpoint, --resume the run's _last.pt: the same file for both
+    (mae_pretrain.py's way of resuming) would turn the file to resume into one that cannot resume. Refused in one
+    line, exit status 2, the file untouched, whichever way the path is spelled."""
+    last = tmp_path / "run" / "cls_last.pt"
+    last.parent.mkdir()
+    last.write_bytes(b"the run's last epoch")
+    with pytest.raises(SystemExit) as exc:
+        run_cls(cls_argv(tmp_path, "--resume", str(last), "--output_model_path", f"{tmp_path}/run/./cls_last.pt"))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "run/./cls_last.pt' is the --resume file" in err, err
+    assert last.read_bytes() == b"the run's last epoch" and sorted(tmp_path.rglob("*")) == [last.parent, last]
+
+
 def test_resuming_a_finished_run_is_refused_and_changes_nothing(tmp_path, capsys):
     """A _last.pt of the run's last epoch has nothing left to run: --resume of it is refused in one line, exit
     status 2, and no file of the run changes."""
