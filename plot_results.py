@@ -684,6 +684,11 @@ def main(args):
         utils.die(f"--scratch_run, --pretrained_run and --linprobe_run must differ, got {named}")
     # .md only: the report then cannot replace one of the inputs it is made from (.npy, .json, .jsonl).
     utils.check_output_file("--report", args.report, (".md",), create_folder=False)
+    # A missing folder is reported as missing inputs; a file there is a slip (a checkpoint for its outputs folder)
+    # that would otherwise rewrite the report without the runs it names.
+    for flag, folder in (("--pretrain_dir", args.pretrain_dir), ("--cls_dir", args.cls_dir)):
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            utils.die(f"{flag} {folder!r} is a file, not a folder (the folder the script wrote its outputs to)")
     missing, notes = [], []
     pre = load_pretraining(args.pretrain_dir, missing, notes)
     names = [(args.scratch_run, "scratch"), (args.pretrained_run, "pretrained"), (args.linprobe_run, "linprobe")]

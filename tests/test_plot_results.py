@@ -588,6 +588,7 @@ def test_no_input_at_all_is_one_line_with_status_2_and_writes_nothing(tmp_path):
     ("names", "--scratch_run, --pretrained_run and --linprobe_run must differ"),
     ("summary_type", "pretrained_summary.json' has classes = 5, which should be a list of class names"),
     ("args_type", "args.json' has knn_k = \"ten\", which should be an integer"),
+    ("dir_is_a_file", "--pretrain_dir '{pre}/losses.npy' is a file, not a folder"),
 ])
 def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, capsys, monkeypatch, damage, expected):
     pre, cls = copy_outputs(run_outputs, tmp_path)
@@ -613,6 +614,8 @@ def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, cap
         obj = json.loads(path.read_text())
         obj[key] = value
         path.write_text(json.dumps(obj))
+    elif damage == "dir_is_a_file":  # a slip: a file of the folder for the folder
+        extra = ["--pretrain_dir", pre / "losses.npy"]
     elif damage == "report_replaces_input":
         extra = ["--report", pre / "args.json"]
     else:
