@@ -156,6 +156,9 @@ def check_args(args) -> None:
     """Every flag checked before anything is read or written, so bad input costs nothing."""
     resolve_recipe(args)
     utils.check_schedule_args(args)
+    if args.schedule == "reference" and args.min_lr:  # its cosine ends at 0: the flag would be ignored
+        utils.die(f"--min_lr {args.min_lr} is for --schedule warmup_cosine; the reference schedule (the plain "
+                  "recipe's) ends at 0: pass --schedule warmup_cosine, or leave --min_lr out")
     if args.log_interval < 1:
         utils.die(f"--log_interval must be >= 1, got {args.log_interval}")
     for name in utils.MODEL_SIZE_FLAGS:

@@ -956,6 +956,9 @@ def _make_bad_checkpoints(tmp_path, mae_ckpt):
                                                             "patch_size 0)"),
     (["--pretrained_model_path", "{mae}", "--embed_dim", "64"], "--embed_dim 64 does not match"),
     (["--label_smoothing", "1.0"], "--label_smoothing must be in [0, 1)"),
+    (["--recipe", "plain", "--min_lr", "1e-5"], "--min_lr 1e-05 is for --schedule warmup_cosine; the reference "
+                                                 "schedule (the plain recipe's) ends at 0"),
+    (["--schedule", "reference", "--min_lr", "1e-5"], "--min_lr 1e-05 is for --schedule warmup_cosine"),
     (["--embed_dim", "400000"], "parameters need"),  # terabytes: more than any machine's memory
     (["--layer_decay", "0"], "--layer_decay must be in (0, 1]"),
     (["--crop_padding", "32"], "--crop_padding must be in [0, 32)"),
