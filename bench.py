@@ -183,8 +183,7 @@ def check_args(args) -> MAEConfig:
                   f"{chunk_size(args.finetune_batch_size, args)} images, which must be even with the "
                   f"{args.finetune_recipe} recipe's mixup/CutMix (each chunk is mixed with its own reverse)")
     utils.check_seed(args.seed)
-    return utils.model_config(mask_ratio=args.mask_ratio,
-                              **{name: getattr(args, name) for name in utils.MODEL_SIZE_FLAGS})
+    return utils.mae_config(args)
 
 
 def chunk_size(batch_size: int, args) -> int:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import data
 import utils
-from model import MAE, MAEConfig, count_params, num_masked_patches, reconstruct
+from model import MAE, count_params, reconstruct
 
 # Flags that define the run: a checkpoint only resumes under the same values (the schedule and the model
 # must be the ones it was trained with). max_device_batch_size, devices and output paths may change.
@@ -78,15 +78,6 @@ def get_args_parser():
                         help="stop after this epoch, checkpoint kept, e.g. to fit a job's time limit; "
                              "continue with --resume (0: run to --total_epoch)")
     return parser
-
-
-def model_config(args) -> MAEConfig:
-    cfg = utils.model_config(mask_ratio=args.mask_ratio, norm_pix_loss=args.norm_pix_loss,
-                             **{name: getattr(args, name) for name in utils.MODEL_SIZE_FLAGS})
-    if num_masked_patches(cfg.num_patches, cfg.mask_ratio) == 0:  # the loss is a mean over the masked patches
-        utils.die(f"--mask_ratio {args.mask_ratio} masks none of the {cfg.num_patches} patches (--patch_size "
-                  f"{args.patch_size}): at least one must be masked, i.e. mask_ratio >= 1/{cfg.num_patches}")
-    return cfg
 
 
 def check_args(args) -> None:
@@ -248,7 +239,7 @@ def evaluate(model, train, val, val_noise, args, device, amp_dtype):
 def main(args):
     # ---- setup: validate everything before touching the disk
     check_args(args)
-    cfg = model_config(args)
+    cfg = utils.mae_config(args, norm_pix_loss=args.norm_pix_loss)
     device = utils.resolve_device(args)
     utils.check_model_fits(lambda: MAE(cfg), device)
     utils.resolve_runtime(args, device)

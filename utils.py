@@ -190,6 +190,17 @@ def model_config(**fields) -> MAEConfig:
         die(f"model flags: {e}")
 
 
+def mae_config(args, **fields) -> MAEConfig:
+    """The MAE the flags give (model size, --mask_ratio, and `fields`), or one-line death; as the loss is a mean over
+    the masked patches, --mask_ratio must mask at least one of them at this --patch_size."""
+    cfg = model_config(mask_ratio=args.mask_ratio, **{name: getattr(args, name) for name in MODEL_SIZE_FLAGS},
+                       **fields)
+    if num_masked_patches(cfg.num_patches, cfg.mask_ratio) == 0:
+        die(f"--mask_ratio {args.mask_ratio} masks none of the {cfg.num_patches} patches (--patch_size "
+            f"{args.patch_size}): at least one must be masked, i.e. mask_ratio >= 1/{cfg.num_patches}")
+    return cfg
+
+
 def check_data_args(args) -> None:
     """data.check_data_args, with its error as one-line death."""
     try:

@@ -789,6 +789,7 @@ def test_host_sync_recorder_flags_what_makes_the_host_wait_and_nothing_else():
      "--pretrain_batch_size 48 is not divisible by --max_device_batch_size 32"),
     (["--finetune_batch_size", "60000"], "--finetune_batch_size must be at most"),
     (["--mask_ratio", "1.0"], "--mask_ratio must be in (0, 1)"),
+    (["--mask_ratio", "0.01"], "--mask_ratio 0.01 masks none of the"),  # the loss would be a mean over no patch
     (["--eval_images", "0"], "--eval_images must be >= 1"),
     (["--epoch_images", "32"], "--epoch_images must be in [64, 50,000]"),  # less than a pretraining batch
     (["--eval_images", "10001"], "--eval_images must be at most the reference's 10,000"),

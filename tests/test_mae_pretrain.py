@@ -175,10 +175,11 @@ def test_validation_metrics_use_fixed_masks(tmp_path, monkeypatch):
 def _tiny_mae(tmp_path, *extra):
     """(args, model) of tiny_pretrain_argv's run, with a seeded model."""
     import mae_pretrain
+    import utils
     from model import MAE
     args = mae_pretrain.get_args_parser().parse_args(tiny_pretrain_argv(tmp_path, *extra))
     torch.manual_seed(0)
-    return args, MAE(mae_pretrain.model_config(args))
+    return args, MAE(utils.mae_config(args, norm_pix_loss=args.norm_pix_loss))
 
 
 def test_knn_bank_and_queries_are_the_l2_normalised_pooled_features(tmp_path, monkeypatch):
