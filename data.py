@@ -165,6 +165,9 @@ def _image_folder(root: str, img_size: int) -> ImageSet:
                 return np.asarray(im)
         except OSError as e:  # PIL's UnidentifiedImageError for a file that is not an image, a truncated one, ...
             raise DataError(f"--data_path: cannot read image {path!r} ({type(e).__name__})") from None
+        except Image.DecompressionBombError as e:  # not an OSError: PIL refuses to decode an image this large
+            raise DataError(f"--data_path: cannot read image {path!r} ({type(e).__name__}: "
+                            f"{str(e).split(',')[0]})") from None
 
     # PIL releases the GIL while decoding, so threads decode tens of thousands of small files in seconds.
     with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 2)) as pool:

@@ -135,6 +135,18 @@ def test_a_file_that_is_not_an_image_is_named_in_one_line(tmp_path):
         data.load_data(data_args(dataset="folder", data_path=str(root)))
 
 
+def test_an_image_too_large_to_decode_is_named_in_one_line(tmp_path, monkeypatch):
+    """PIL refuses to decode an image of more than twice Image.MAX_IMAGE_PIXELS (about 358 million pixels) with an
+    error that is not an OSError; lowered to 100 here, so that the fixture's 32x32 images count as such."""
+    from PIL import Image
+    root = _folder_dataset(tmp_path, {"train": {"a": 1}, "val": {"a": 1}})
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    image = root / "train" / "a" / f"0{next((root / 'train' / 'a').iterdir()).suffix}"
+    with pytest.raises(data.DataError, match=f"--data_path: cannot read image '{image}' \\(DecompressionBombError: "
+                                             "Image size \\(1024 pixels\\) exceeds limit of 200 pixels\\)$"):
+        data.load_data(data_args(dataset="folder", data_path=str(root)))
+
+
 def test_val_folder_with_other_classes_is_refused(tmp_path):
     # Labels are indices into the sorted class folders: with other folders, val label 1 would be another class.
     root = _folder_dataset(tmp_path, {"train": {"a": 2, "b": 2}, "val": {"a": 1, "c": 1}})
