@@ -197,12 +197,6 @@ def check_args(args) -> None:
         if pretrained in (os.path.realpath(args.output_model_path), os.path.realpath(last_path(args))):
             utils.die(f"--output_model_path {args.output_model_path!r} would overwrite --pretrained_model_path "
                       f"{args.pretrained_model_path!r} (it or its _last.pt): choose another name")
-    # mae_pretrain.py resumes a run from its --model_path; here the file to resume is the run's <stem>_last.pt, and
-    # --output_model_path names the best epoch's, which would replace it with a checkpoint that cannot resume.
-    if args.resume and os.path.realpath(args.resume) == os.path.realpath(args.output_model_path):
-        utils.die(f"--output_model_path {args.output_model_path!r} is the --resume file: it would become the best "
-                  "epoch's checkpoint, which cannot resume; pass the run's best-checkpoint name (the one without "
-                  "_last), whose _last.pt is --resume")
     utils.check_data_args(args)
 
 
@@ -221,6 +215,12 @@ def load_resume(args, cfg: MAEConfig, pretrained_sha256: str | None):
     if "optimizer" not in ckpt:
         utils.die(f"--resume {args.resume!r} is a best-epoch checkpoint, which keeps no optimizer state: resume from "
                   "the run's <stem>_last.pt")
+    # mae_pretrain.py resumes a run from its --model_path; here the file to resume is the run's <stem>_last.pt, and
+    # --output_model_path names the best epoch's, which would replace it with a checkpoint that cannot resume.
+    if os.path.realpath(args.resume) == os.path.realpath(args.output_model_path):
+        utils.die(f"--output_model_path {args.output_model_path!r} is the --resume file: it would become the best "
+                  "epoch's checkpoint, which cannot resume; pass the run's best-checkpoint name (the one without "
+                  "_last), whose _last.pt is --resume")
     check_same_start(ckpt, args, pretrained_sha256)  # first: a recipe's defaults follow the starting point
     utils.check_resumable(ckpt, args, RUN_DEFINING_FLAGS)
     if ckpt["config"] != dataclasses.asdict(cfg):

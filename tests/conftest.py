@@ -89,5 +89,6 @@ def check_resume_refuses_each_defining_flag(saved: dict, defining, may_change, r
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1
         assert f"--resume {saved['resume']!r} was trained with --{name} {saved[name]}, this run has {given}" in err, err
-    for name in may_change:
-        utils.check_resumable(ckpt, SimpleNamespace(**{**saved, name: _another_value(saved[name])}), run_defining_flags)
+    for name in may_change:  # --stop_after to an epoch after the checkpoint's: check_resumable refuses the others
+        given = ckpt["epoch"] + 1 if name == "stop_after" else _another_value(saved[name])
+        utils.check_resumable(ckpt, SimpleNamespace(**{**saved, name: given}), run_defining_flags)
