@@ -98,10 +98,13 @@ def check_args(args) -> None:
     utils.check_data_args(args)
 
 
-def load_resume(args):
+def load_resume(args, cfg):
     """-> (checkpoint, the log records of its epochs), or one-line death; read before anything is written."""
     ckpt = utils.load_checkpoint(args.resume, "--resume", CHECKPOINT_KEYS)
     utils.check_resumable(ckpt, args, RUN_DEFINING_FLAGS)
+    with torch.device("meta"):  # the model's shapes, without its memory
+        model = MAE(cfg)
+    utils.check_resume_state(ckpt, args, model, utils.weight_decay_groups(model, args.weight_decay))
     changed = {name: ckpt["args"].get(name) for name in KNN_PROTOCOL_FLAGS
                if ckpt["args"].get(name) != getattr(args, name)}
     if changed and ckpt["evals"]:
@@ -243,7 +246,7 @@ def main(args):
     device = utils.resolve_device(args)
     utils.check_model_fits(lambda: MAE(cfg), device)
     utils.resolve_runtime(args, device)
-    ckpt, resumed_log = load_resume(args) if args.resume else (None, [])
+    ckpt, resumed_log = load_resume(args, cfg) if args.resume else (None, [])
     train, val, steps_per_epoch = utils.load_training_data(args, cfg.img_size)
     amp_dtype = utils.autocast_dtype(args, device)
     attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, args.knn_feature == "token",

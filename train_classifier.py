@@ -226,6 +226,9 @@ def load_resume(args, cfg: MAEConfig, pretrained_sha256: str | None):
     if ckpt["config"] != dataclasses.asdict(cfg):
         utils.die(f"--resume {args.resume!r} holds another model than these flags give (its config: "
                   f"{ckpt['config']})")
+    with torch.device("meta"):  # the model's shapes, without its memory
+        model = build_model(args, cfg, ckpt["num_classes"], None)
+    utils.check_resume_state(ckpt, args, model, optimizer_groups(model, args))
     log_path = os.path.join(args.output_dir, f"{args.run_name}_log.jsonl")
     log = [r for r in utils.read_jsonl(log_path, "--output_dir") if r["epoch"] <= ckpt["epoch"]]
     # The curves and the best epoch are rebuilt from these records: all of the checkpoint's epochs must be there.
@@ -265,17 +268,15 @@ def load_pretrained(path: str):
     if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["model"], dict):
         utils.die(f"{flag}: not an MAE checkpoint (its 'model' and 'config' must be dicts)")
     try:
-        mae = MAE(MAEConfig(**ckpt["config"]))
+        with torch.device("meta"):  # the model's shapes, without its memory
+            mae = MAE(MAEConfig(**ckpt["config"]))
     except (TypeError, ValueError) as e:
         utils.die(f"{flag}: its config is not an MAEConfig ({e})")
     # The whole MAE must match its own config: this tells a wrong file (a classifier, another model) from a
     # checkpoint whose encoder we can use.
-    try:
-        result = mae.load_state_dict(ckpt["model"], strict=False)
-    except RuntimeError as e:
-        utils.die(f"{flag}: weights do not match its config ({_first_mismatch(e)})")
-    if result.missing_keys or result.unexpected_keys:
-        utils.die(f"{flag}: not an MAE checkpoint of its config ({_key_summary(result)})")
+    mismatch = utils.state_dict_mismatch(mae, ckpt["model"])
+    if mismatch:
+        utils.die(f"{flag}: not an MAE checkpoint of its config ({mismatch})")
     return ckpt["model"], ckpt["config"], ckpt["args"] if isinstance(ckpt.get("args"), dict) else {}
 
 
@@ -293,19 +294,6 @@ def val_images_pretrained_on(args, pretrain_args: dict) -> int:
     if not same_images or not isinstance(pretrain_held_out, int):
         return 0
     return max(args.val_split - pretrain_held_out, 0)
-
-
-def _first_mismatch(error: RuntimeError) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
-    return lines[0][:200] if lines else str(error).splitlines()[0][:200]
-
-
-def _key_summary(result) -> str:
-    parts = []
-    for label, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)):
-        if keys:
-            parts.append(f"{len(keys)} {label}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}")
-    return "; ".join(parts)
 
 
 def model_config(args, pretrained_config: dict | None) -> MAEConfig:
@@ -335,11 +323,10 @@ def build_model(args, cfg: MAEConfig, num_classes: int, mae_state: dict | None) 
     """The classifier; with mae_state its encoder is the checkpoint's and only the head starts from random."""
     model = ViTClassifier(cfg, num_classes, args.global_pool, args.drop_path, linear_probe=args.linear_probe)
     if mae_state is not None:
-        # Not strict, so that the error below is one line (load_pretrained has checked the sizes).
-        result = model.encoder.load_state_dict(encoder_state_from_mae(mae_state), strict=False)
-        if result.missing_keys or result.unexpected_keys:
+        mismatch = utils.state_dict_mismatch(model.encoder, encoder_state_from_mae(mae_state))
+        if mismatch:  # load_pretrained has checked the MAE against its own config
             utils.die(f"--pretrained_model_path {args.pretrained_model_path!r}: its encoder does not fit the "
-                      f"classifier ({_key_summary(result)})")
+                      f"classifier ({mismatch})")
     if args.linear_probe:
         model.encoder.requires_grad_(False)
     return model
@@ -404,11 +391,15 @@ def augmentation(args, compiled: bool):
     return view
 
 
+def optimizer_groups(model: ViTClassifier, args) -> list:
+    """A group per lr scale and weight decay: 2 with --layer_decay 1, 2 × (depth + 2) with the recipe's 0.75 on a
+    pretrained encoder."""
+    return utils.layer_decay_groups(model, args.weight_decay, args.layer_decay, model.cfg.depth)
+
+
 def make_optimizer(model: ViTClassifier, args, device):
-    """AdamW with layer-wise lr decay: a group per lr scale and weight decay, 2 with --layer_decay 1, 2 × (depth +
-    2) with the recipe's 0.75 on a pretrained encoder."""
-    return utils.make_adamw(utils.layer_decay_groups(model, args.weight_decay, args.layer_decay, model.cfg.depth),
-                            utils.peak_lr(args), (0.9, 0.999), device)
+    """AdamW with layer-wise lr decay (optimizer_groups)."""
+    return utils.make_adamw(optimizer_groups(model, args), utils.peak_lr(args), (0.9, 0.999), device)
 
 
 def make_criterion(args, mixup):

@@ -861,6 +861,45 @@ def load_checkpoint(path: str, flag: str, required_keys) -> dict:
     return ckpt
 
 
+def state_dict_mismatch(module: torch.nn.Module, state) -> str:
+    """module.load_state_dict(state), each key and size checked: '' when it loaded, else what does not fit, in a few
+    words for a one-line error. A module on the meta device (a check with no memory) takes the state's tensors by
+    assignment: copying into a meta tensor does nothing but warn."""
+    if not isinstance(state, dict):
+        return f"its weights are a {type(state).__name__}, not a state_dict"
+    meta = any(t.is_meta for t in module.state_dict().values())
+    try:
+        result = module.load_state_dict(state, strict=False, assign=meta)
+    except RuntimeError as e:  # a size mismatch, or a value that is not a tensor
+        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or str(e).splitlines()
+        return lines[0][:200]
+    return "; ".join(f"{len(keys)} {label}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+                     for label, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys))
+                     if keys)
+
+
+def check_resume_state(ckpt: dict, args, model: torch.nn.Module, param_groups: list) -> None:
+    """One-line death unless the --resume checkpoint's weights load into `model` (built on the meta device) and its
+    optimizer state has the groups of `param_groups`, of as many parameters each, as torch's load_state_dict wants.
+    A checkpoint of an older version of this code or a hand-edited one would otherwise fail there with a traceback,
+    once the run had rewritten its args.json."""
+    mismatch = state_dict_mismatch(model, ckpt["model"])
+    if mismatch:
+        die(f"--resume {args.resume!r}: its weights do not fit this model ({mismatch})")
+    saved = ckpt["optimizer"]
+    try:
+        saved_sizes = [len(group["params"]) for group in saved["param_groups"]]
+        readable = isinstance(saved["state"], dict)
+    except (TypeError, KeyError):
+        readable = False
+    if not readable:
+        die(f"--resume {args.resume!r}: its optimizer state is not an optimizer's state_dict")
+    sizes = [len(group["params"]) for group in param_groups]
+    if saved_sizes != sizes:
+        die(f"--resume {args.resume!r}: its optimizer state does not fit this run's optimizer (parameters per group: "
+            f"{saved_sizes}, this run's {sizes})")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Figures
 

@@ -438,6 +438,39 @@ def test_resume_with_a_damaged_log_is_refused_before_anything_changes(tmp_path, 
     assert len(err.splitlines()) == 1 and "--output_dir: " in err and "not a readable JSON-lines log" in err
     assert files_under(tmp_path / "run") == before
 
+
+@pytest.mark.parametrize("edit", ["missing weight", "weight size", "optimizer groups"])
+def test_resume_of_a_checkpoint_whose_state_does_not_fit_is_refused_before_anything_changes(tmp_path, run_pretrain,
+                                                                                            capsys, edit):
+    """A checkpoint of another version of this code, or an edited one, whose weights or optimizer state do not fit
+    the model and optimizer the flags give: refused in one line, exit status 2, before any file is written
+    (utils.check_resume_state). load_state_dict found it only after args.json had been rewritten, with a traceback."""
+    run_pretrain(tiny_pretrain_argv(tmp_path, "--stop_after", "1"))
+    capsys.readouterr()
+    path = tmp_path / "run" / "mae.pt"
+    ckpt = torch.load(path, weights_only=True)
+    groups = ckpt["optimizer"]["param_groups"]
+    sizes = [len(group["params"]) for group in groups]
+    if edit == "missing weight":
+        del ckpt["model"]["decoder.pred.weight"]
+        expected = "its weights do not fit this model (1 missing: decoder.pred.weight)"
+    elif edit == "weight size":
+        ckpt["model"]["decoder.pred.bias"] = ckpt["model"]["decoder.pred.bias"][:-1]
+        expected = "its weights do not fit this model (size mismatch for decoder.pred.bias: copying a param with shape"
+    else:  # the decayed and the undecayed parameters in one group
+        groups[0]["params"] += groups.pop()["params"]
+        expected = (f"its optimizer state does not fit this run's optimizer (parameters per group: [{sum(sizes)}], "
+                    f"this run's {sizes})")
+    torch.save(ckpt, path)
+    before = files_under(tmp_path / "run")
+    with pytest.raises(SystemExit) as exc:
+        run_pretrain(tiny_pretrain_argv(tmp_path, "--resume", str(path)))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--resume {str(path)!r}: {expected}" in err, err
+    assert files_under(tmp_path / "run") == before
+
+
 def test_resume_of_a_non_checkpoint_leaves_files_untouched(tmp_path, run_pretrain, capsys):
     run_dir = tmp_path / "run"
     (run_dir / "outputs").mkdir(parents=True)

@@ -239,6 +239,37 @@ def test_bad_resume_is_one_line_and_changes_nothing(tmp_path, mae_ckpt, capsys):
     assert not moved.exists()
 
 
+@pytest.mark.parametrize("edit", ["missing weight", "optimizer groups"])
+def test_resume_of_a_checkpoint_whose_state_does_not_fit_is_refused_before_anything_changes(tmp_path, mae_ckpt,
+                                                                                            capsys, edit):
+    """A _last.pt of another version of this code, or an edited one, whose weights or optimizer state do not fit the
+    classifier and optimizer (its layer-decay groups) the flags give: refused in one line, exit status 2, no file
+    changed (utils.check_resume_state)."""
+    argv = cls_argv(tmp_path, "--pretrained_model_path", mae_ckpt, epochs=2)
+    run_cls(argv + ["--stop_after", "1"])
+    capsys.readouterr()
+    last = tmp_path / "run" / "cls_last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    groups = ckpt["optimizer"]["param_groups"]
+    if edit == "missing weight":
+        del ckpt["model"]["head.weight"]
+        expected = "its weights do not fit this model (1 missing: head.weight)"
+    else:
+        sizes = [len(group["params"]) for group in groups]
+        groups[0]["params"] += groups.pop()["params"]
+        merged = [sizes[0] + sizes[-1], *sizes[1:-1]]
+        expected = f"its optimizer state does not fit this run's optimizer (parameters per group: {merged}, this " \
+                   f"run's {sizes})"
+    torch.save(ckpt, last)
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exc:
+        run_cls(argv + ["--resume", str(last)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--resume {str(last)!r}: {expected}" in err, err
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+
 def test_resume_checks_the_pretrained_weights_not_their_path(tmp_path, mae_ckpt, capsys):
     """A pretrained fine-tune resumes with its MAE checkpoint at another path (the same weights). It is refused,
     in one line with status 2 and nothing changed, when its path now holds another encoder (as a pretraining's does
@@ -939,7 +970,7 @@ def _make_bad_checkpoints(tmp_path, mae_ckpt):
     (["--pretrained_model_path", "{ckpts}/truncated.pt"], "not a readable checkpoint"),
     (["--pretrained_model_path", "{ckpts}/no_config.pt"], "missing config"),
     (["--pretrained_model_path", "{ckpts}/classifier.pt"], "not an MAE checkpoint of its config"),
-    (["--pretrained_model_path", "{ckpts}/other_size.pt"], "weights do not match its config (size mismatch"),
+    (["--pretrained_model_path", "{ckpts}/other_size.pt"], "not an MAE checkpoint of its config (size mismatch for"),
     (["--pretrained_model_path", "{ckpts}/zero_patch.pt"], "its config is not an MAEConfig (sizes must be >= 1, got "
                                                             "patch_size 0)"),
     (["--pretrained_model_path", "{mae}", "--embed_dim", "64"], "--embed_dim 64 does not match"),
