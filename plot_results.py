@@ -125,7 +125,8 @@ def load_vector(path: str, flag: str) -> np.ndarray:
                   f"{values.shape}")
     if not np.isfinite(values).any():  # a nan here and there is drawn as a gap; with nothing else, nothing to draw
         utils.die(f"{flag}: {path!r} holds no finite value (all {len(values)} are nan or inf)")
-    return values
+    # An inf too (a PSNR of a perfect reconstruction): matplotlib cannot scale an axis to it, nor a best point be it.
+    return np.where(np.isinf(values), np.nan, values) if np.issubdtype(values.dtype, np.floating) else values
 
 
 # The fields of the scripts' JSON files that this script reads, and what each must be. A hand-edited file with
@@ -560,7 +561,8 @@ def report_pretraining(pre: Pretraining, n: dict, figures: dict, rel) -> list:
              f"| last 5 losses | {fmt_losses(n['last5'])} |",
              f"| best loss (epoch) | {n['best_loss']:.5f} ({n['best_epoch']}) |",
              f"| final loss | {n['final_loss']:.5f} |"]
-    seconds = [r["seconds"] for r in pre.log if "seconds" in r and r.get("epoch", 0) <= n["epochs"]]
+    seconds = [r["seconds"] for r in pre.log  # a hand-edited log may hold anything: a number or no row
+               if type(r.get("seconds")) in (int, float) and r["epoch"] <= n["epochs"]]
     if len(seconds) == n["epochs"]:
         lines.append(f"| training time (sum of epochs, log.jsonl) | {duration(sum(seconds))} |")
     for name, label, show in (("knn_acc", "kNN top-1 on val", pct),

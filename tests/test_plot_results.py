@@ -568,6 +568,22 @@ def test_a_stale_summary_is_reported_and_the_arrays_win(run_outputs, tmp_path):
     assert "99.90%" not in (tmp_path / "r.md").read_text()
 
 
+def test_an_inf_in_a_curve_is_a_gap_and_a_time_that_is_no_number_leaves_the_time_out(run_outputs, tmp_path):
+    """An inf in a monitor curve (a perfect reconstruction's PSNR; or a hand-edited file) is drawn as a gap, as a nan
+    is, and is not the best value; a log record whose seconds are not a number leaves the training-time row out."""
+    pre, cls = copy_outputs(run_outputs, tmp_path)
+    psnr = np.load(pre / "val_psnr.npy")
+    np.save(pre / "val_psnr.npy", np.array([np.inf, psnr[1]]))
+    records = [json.loads(line) for line in open(pre / "log.jsonl")]
+    records[0]["seconds"] = None
+    (pre / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    plot("--pretrain_dir", pre, "--cls_dir", cls, "--report", tmp_path / "r.md")
+    report = (tmp_path / "r.md").read_text()
+    epochs = [int(e) for e in np.load(pre / "eval_epochs.npy")]
+    assert table_value(report, "val PSNR of masked patches, best (epoch)") == f"{psnr[1]:.2f} dB ({epochs[1]})"
+    assert (pre / "pretrain_monitor.png").is_file() and "training time" not in report
+
+
 def test_no_input_at_all_is_one_line_with_status_2_and_writes_nothing(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "plot_results.py")], capture_output=True, text=True,
                           cwd=tmp_path)
