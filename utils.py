@@ -569,7 +569,8 @@ def resolve_device(args) -> torch.device:
         device = torch.device(args.device)
     except RuntimeError:
         device = None
-    if device is None or device.type not in ("cuda", "cpu"):
+    # cpu:N parses, but torch has one CPU device: an N would be ignored.
+    if device is None or device.type not in ("cuda", "cpu") or (device.type == "cpu" and device.index is not None):
         die(f"--device must be cuda, cuda:N or cpu, got {args.device!r}")
     if device.type == "cuda" and dist_env()[1] > 1:
         device = torch.device("cuda", dist_env()[2])

@@ -812,6 +812,7 @@ def test_host_sync_recorder_flags_what_makes_the_host_wait_and_nothing_else():
     (["--seed", "99999999999999999999"], "--seed must be in [0, 2^31)"),
     (["--finetune_batch_size", "31"], "--finetune_batch_size 31 gives chunks of 31"),
     (["--device", "meta"], "--device must be cuda, cuda:N or cpu, got 'meta'"),
+    (["--device", "cpu:1"], "--device must be cuda, cuda:N or cpu, got 'cpu:1'"),  # torch has one CPU device
     (["--attention", "cudnn"], "--attention cudnn cannot run on cpu"),  # a CUDA kernel
     pytest.param(["--device", "cuda"], "CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
