@@ -524,6 +524,11 @@ def main(args):
     attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, args.global_pool == "token")
     train, val, steps_per_epoch = utils.load_training_data(args, cfg.img_size)
     classes, num_classes = list(train.classes), len(train.classes)
+    # --data_path may change on a resume (the images may have moved), so the classes are compared: another number
+    # would not fit the head, and other names would continue the run on another labelling.
+    if ckpt is not None and (ckpt["num_classes"] != num_classes or ckpt.get("classes", classes) != classes):
+        utils.die(f"--resume {args.resume!r} trained on {ckpt['num_classes']} classes ({ckpt.get('classes')}); "
+                  f"these images have {num_classes} ({classes})")
     utils.check_model_fits(lambda: build_model(args, cfg, num_classes, None), device)
     utils.init_distributed(device)
     data_device = utils.data_device(train, val, device, args)  # after init: the processes decide together

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -24,7 +25,7 @@ from torch.utils.tensorboard import SummaryWriter
 import data
 import train_classifier
 import utils
-from conftest import ROOT, TINY_MODEL, check_resume_refuses_each_defining_flag, tiny_pretrain_argv
+from conftest import FIXTURE_DIR, ROOT, TINY_MODEL, check_resume_refuses_each_defining_flag, tiny_pretrain_argv
 from model import MAEConfig, ViTClassifier
 
 FAKE_TRAIN, FAKE_VAL, BATCH = 128, 32, 32  # --dataset fake --fake_size 128 holds out max(128 // 4, 16) val images
@@ -227,6 +228,7 @@ def test_bad_resume_is_one_line_and_changes_nothing(tmp_path, mae_ckpt, capsys):
             (["--resume", last, "--total_epoch", "1"], "was trained with --total_epoch 2, this run has 1"),
             (["--resume", last, "--output_dir", str(moved)], "does not hold epochs 1 to 1 of the checkpoint"),
             (["--resume", last, "--stop_after", "-1"], "--stop_after must be >= 0, got -1"),
+            (["--resume", last, "--stop_after", "1"], "--stop_after 1 is not after epoch 1, where --resume"),
             # The file to resume named as the best checkpoint too (mae_pretrain.py's way), however it is spelled.
             (["--resume", last, "--output_model_path", f"{run_dir}/./cls_last.pt"],
              "run/./cls_last.pt' is the --resume file: it would become the best epoch's checkpoint")):
@@ -312,6 +314,30 @@ def test_resume_checks_the_pretrained_weights_not_their_path(tmp_path, mae_ckpt,
     run_cls(cls_argv(tmp_path, "--resume", str(last), "--pretrained_model_path", mae_ckpt))  # moved, same weights
     assert [json.loads(line)["epoch"] for line in open(tmp_path / "run" / "cls_outputs" / "pretrained_log.jsonl")] \
         == [1, 2]
+
+
+def test_resume_on_images_of_other_classes_is_refused_before_anything_changes(tmp_path, capsys):
+    """--data_path may change on a resume (the images moved), their classes may not: another number would not fit
+    the head, other names would continue the run on another labelling. Refused in one line, exit status 2, before
+    anything is written."""
+    images = tmp_path / "images"
+    shutil.copytree(FIXTURE_DIR, images)
+    argv = cls_argv(tmp_path, "--dataset", "folder", "--data_path", str(images), "--val_split", "10", "--recipe",
+                    "plain", epochs=2)
+    run_cls(argv + ["--stop_after", "1"])
+    capsys.readouterr()
+    (images / "train" / "cat").rename(images / "train" / "kitten")
+    last = str(tmp_path / "run" / "cls_last.pt")
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exc:
+        run_cls(argv + ["--resume", last])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    classes = sorted(os.listdir(FIXTURE_DIR + "/train"))
+    renamed = sorted(["kitten" if name == "cat" else name for name in classes])
+    assert len(err.splitlines()) == 1 and err.endswith(f"--resume {last!r} trained on 10 classes ({classes}); these "
+                                                       f"images have 10 ({renamed})"), err
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
 
 
 def test_resuming_a_finished_run_is_refused_and_changes_nothing(tmp_path, capsys):
