@@ -222,7 +222,9 @@ def load_resume(args, cfg: MAEConfig, pretrained_sha256: str | None):
                   "epoch's checkpoint, which cannot resume; pass the run's best-checkpoint name (the one without "
                   "_last), whose _last.pt is --resume")
     check_same_start(ckpt, args, pretrained_sha256)  # first: a recipe's defaults follow the starting point
-    utils.check_resumable(ckpt, args, RUN_DEFINING_FLAGS)
+    # The reference schedule ignores --min_lr (check_args refuses one now, as it did not always): not compared.
+    ignored = ("min_lr",) if args.schedule == "reference" else ()
+    utils.check_resumable(ckpt, args, [name for name in RUN_DEFINING_FLAGS if name not in ignored])
     if ckpt["config"] != dataclasses.asdict(cfg):
         utils.die(f"--resume {args.resume!r} holds another model than these flags give (its config: "
                   f"{ckpt['config']})")

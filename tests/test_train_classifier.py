@@ -340,6 +340,20 @@ def test_resume_on_images_of_other_classes_is_refused_before_anything_changes(tm
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
 
 
+def test_a_reference_schedule_run_resumes_whatever_min_lr_its_checkpoint_kept(tmp_path):
+    """The reference schedule ignores --min_lr, which check_args now refuses with it; a checkpoint of a plain-recipe
+    run that was given one (before that check) still resumes: its min_lr is not compared."""
+    argv = cls_argv(tmp_path, "--recipe", "plain", "--fake_size", "64", epochs=2)
+    run_cls(argv + ["--stop_after", "1"])
+    last = tmp_path / "run" / "cls_last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["args"]["min_lr"] = 1e-6
+    torch.save(ckpt, last)
+    run_cls(argv + ["--resume", str(last)])
+    assert [json.loads(line)["epoch"] for line in open(tmp_path / "run" / "cls_outputs" / "scratch_log.jsonl")] \
+        == [1, 2]
+
+
 def test_resuming_a_finished_run_is_refused_and_changes_nothing(tmp_path, capsys):
     """A _last.pt of the run's last epoch has nothing left to run: --resume of it is refused in one line, exit
     status 2, and no file of the run changes."""
