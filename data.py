@@ -163,11 +163,11 @@ def _image_folder(root: str, img_size: int) -> ImageSet:
                 if im.size != (img_size, img_size):
                     im = im.resize((img_size, img_size), Image.BICUBIC)
                 return np.asarray(im)
-        except OSError as e:  # PIL's UnidentifiedImageError for a file that is not an image, a truncated one, ...
-            raise DataError(f"--data_path: cannot read image {path!r} ({type(e).__name__})") from None
-        except Image.DecompressionBombError as e:  # not an OSError: PIL refuses to decode an image this large
-            raise DataError(f"--data_path: cannot read image {path!r} ({type(e).__name__}: "
-                            f"{str(e).split(',')[0]})") from None
+        # PIL's UnidentifiedImageError for a file that is not an image, a truncated one, ...; its
+        # DecompressionBombError, not an OSError, for one too large to decode safely, whose size it then gives.
+        except (OSError, Image.DecompressionBombError) as e:
+            size = "" if isinstance(e, OSError) else f": {str(e).split(',')[0]}"
+            raise DataError(f"--data_path: cannot read image {path!r} ({type(e).__name__}{size})") from None
 
     # PIL releases the GIL while decoding, so threads decode tens of thousands of small files in seconds.
     with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 2)) as pool:

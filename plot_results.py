@@ -125,7 +125,7 @@ def load_vector(path: str, flag: str) -> np.ndarray:
                   f"{values.shape}")
     if not np.isfinite(values).any():  # a nan here and there is drawn as a gap; with nothing else, nothing to draw
         utils.die(f"{flag}: {path!r} holds no finite value (all {len(values)} are nan or inf)")
-    # An inf too (a PSNR of a perfect reconstruction): matplotlib cannot scale an axis to it, nor a best point be it.
+    # An inf too (a damaged or hand-edited file): matplotlib cannot scale an axis to it, nor a best point be it.
     return np.where(np.isinf(values), np.nan, values) if np.issubdtype(values.dtype, np.floating) else values
 
 
@@ -179,7 +179,10 @@ def load_pretraining(folder: str, missing: list, notes: list):
     if "eval_epochs" not in present or len(present) == 1:
         missing.append(f"{folder}/{{{','.join(MONITOR_FILES)}}}.npy (no pretrain_monitor.png)")
         return pre
-    epochs = load_vector(os.path.join(folder, "eval_epochs.npy"), "--pretrain_dir")
+    epochs_path = os.path.join(folder, "eval_epochs.npy")
+    epochs = load_vector(epochs_path, "--pretrain_dir")
+    if not (np.isfinite(epochs).all() and (epochs >= 1).all()):  # the x of every other curve: no gaps here
+        utils.die(f"--pretrain_dir: {epochs_path!r} should hold epoch numbers (>= 1), found {epochs.tolist()[:8]}")
     pre.eval_epochs = np.rint(epochs).astype(np.int64)
     for name in present[1:]:
         values = load_vector(os.path.join(folder, f"{name}.npy"), "--pretrain_dir").astype(np.float64)
@@ -566,8 +569,10 @@ def report_pretraining(pre: Pretraining, n: dict, figures: dict, rel) -> list:
     if len(seconds) == n["epochs"]:
         lines.append(f"| training time (sum of epochs, log.jsonl) | {duration(sum(seconds))} |")
     for name, label, show in (("knn_acc", "kNN top-1 on val", pct),
-                              ("val_loss", "val masked MSE (fixed masks)", lambda v: f"{v:.5f}"),
-                              ("val_psnr", "val PSNR of masked patches", lambda v: f"{v:.2f} dB")):
+                              ("val_loss", "val masked MSE (fixed masks)",
+                               lambda v: f"{v:.5f}" if np.isfinite(v) else "n/a"),  # n/a: a gap in the curve
+                              ("val_psnr", "val PSNR of masked patches",
+                               lambda v: f"{v:.2f} dB" if np.isfinite(v) else "n/a")):
         if name in n:
             e = n[name]
             lines.append(f"| {label}, final (epoch) | {show(e['final'])} ({e['final_epoch']}) |")
@@ -689,8 +694,7 @@ def main(args):
     # A missing folder is reported as missing inputs; a file there is a slip (a checkpoint for its outputs folder)
     # that would otherwise rewrite the report without the runs it names.
     for flag, folder in (("--pretrain_dir", args.pretrain_dir), ("--cls_dir", args.cls_dir)):
-        if os.path.exists(folder) and not os.path.isdir(folder):
-            utils.die(f"{flag} {folder!r} is a file, not a folder (the folder the script wrote its outputs to)")
+        utils.check_not_a_file(flag, folder)
     missing, notes = [], []
     pre = load_pretraining(args.pretrain_dir, missing, notes)
     names = [(args.scratch_run, "scratch"), (args.pretrained_run, "pretrained"), (args.linprobe_run, "linprobe")]

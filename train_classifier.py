@@ -276,7 +276,7 @@ def load_pretrained(path: str):
         utils.die(f"{flag}: its config is not an MAEConfig ({e})")
     # The whole MAE must match its own config: this tells a wrong file (a classifier, another model) from a
     # checkpoint whose encoder we can use.
-    mismatch = utils.state_dict_mismatch(mae, ckpt["model"])
+    mismatch = utils.load_state_dict_checked(mae, ckpt["model"])
     if mismatch:
         utils.die(f"{flag}: not an MAE checkpoint of its config ({mismatch})")
     return ckpt["model"], ckpt["config"], ckpt["args"] if isinstance(ckpt.get("args"), dict) else {}
@@ -325,7 +325,7 @@ def build_model(args, cfg: MAEConfig, num_classes: int, mae_state: dict | None) 
     """The classifier; with mae_state its encoder is the checkpoint's and only the head starts from random."""
     model = ViTClassifier(cfg, num_classes, args.global_pool, args.drop_path, linear_probe=args.linear_probe)
     if mae_state is not None:
-        mismatch = utils.state_dict_mismatch(model.encoder, encoder_state_from_mae(mae_state))
+        mismatch = utils.load_state_dict_checked(model.encoder, encoder_state_from_mae(mae_state))
         if mismatch:  # load_pretrained has checked the MAE against its own config
             utils.die(f"--pretrained_model_path {args.pretrained_model_path!r}: its encoder does not fit the "
                       f"classifier ({mismatch})")

@@ -99,12 +99,17 @@ def make_output_folders(folders: dict, device: torch.device) -> None:
         die(error or "rank 0 could not make the output folders (its own line says which)")
 
 
+def check_not_a_file(flag: str, folder: str) -> None:
+    """One-line death when `folder` names a file: a folder may be missing, not a file."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        die(f"{flag} {folder!r} is a file, not a folder")
+
+
 def check_output_folder(flag: str, folder: str, create: bool = True) -> None:
     """An output folder that exists and is writable, or (with create) can be made inside a writable folder."""
     if not folder:
         die(f"{flag} must name a folder, got ''")
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        die(f"{flag} {folder!r} is a file, not a folder")
+    check_not_a_file(flag, folder)
     existing = os.path.abspath(folder)
     while not os.path.exists(existing):  # the nearest ancestor that exists: where the folder would be made
         existing = os.path.dirname(existing)
@@ -862,7 +867,7 @@ def load_checkpoint(path: str, flag: str, required_keys) -> dict:
     return ckpt
 
 
-def state_dict_mismatch(module: torch.nn.Module, state) -> str:
+def load_state_dict_checked(module: torch.nn.Module, state) -> str:
     """module.load_state_dict(state), each key and size checked: '' when it loaded, else what does not fit, in a few
     words for a one-line error. A module on the meta device (a check with no memory) takes the state's tensors by
     assignment: copying into a meta tensor does nothing but warn."""
@@ -884,7 +889,7 @@ def check_resume_state(ckpt: dict, args, model: torch.nn.Module, param_groups: l
     optimizer state has the groups of `param_groups`, of as many parameters each, as torch's load_state_dict wants.
     A checkpoint of an older version of this code or a hand-edited one would otherwise fail there with a traceback,
     once the run had rewritten its args.json."""
-    mismatch = state_dict_mismatch(model, ckpt["model"])
+    mismatch = load_state_dict_checked(model, ckpt["model"])
     if mismatch:
         die(f"--resume {args.resume!r}: its weights do not fit this model ({mismatch})")
     saved = ckpt["optimizer"]

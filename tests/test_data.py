@@ -136,7 +136,7 @@ def test_a_file_that_is_not_an_image_is_named_in_one_line(tmp_path):
 
 
 def test_an_image_too_large_to_decode_is_named_in_one_line(tmp_path, monkeypatch):
-    """PIL refuses to decode an image of more than twice Image.MAX_IMAGE_PIXELS (about 358 million pixels) with an
+    """PIL refuses to decode an image of more than twice Image.MAX_IMAGE_PIXELS (about 179 million pixels) with an
     error that is not an OSError; lowered to 100 here, so that the fixture's 32x32 images count as such."""
     from PIL import Image
     root = _folder_dataset(tmp_path, {"train": {"a": 1}, "val": {"a": 1}})

@@ -573,14 +573,15 @@ def test_an_inf_in_a_curve_is_a_gap_and_a_time_that_is_no_number_leaves_the_time
     is, and is not the best value; a log record whose seconds are not a number leaves the training-time row out."""
     pre, cls = copy_outputs(run_outputs, tmp_path)
     psnr = np.load(pre / "val_psnr.npy")
-    np.save(pre / "val_psnr.npy", np.array([np.inf, psnr[1]]))
+    np.save(pre / "val_psnr.npy", np.array([psnr[0], np.inf]))
     records = [json.loads(line) for line in open(pre / "log.jsonl")]
     records[0]["seconds"] = None
     (pre / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     plot("--pretrain_dir", pre, "--cls_dir", cls, "--report", tmp_path / "r.md")
     report = (tmp_path / "r.md").read_text()
     epochs = [int(e) for e in np.load(pre / "eval_epochs.npy")]
-    assert table_value(report, "val PSNR of masked patches, best (epoch)") == f"{psnr[1]:.2f} dB ({epochs[1]})"
+    assert table_value(report, "val PSNR of masked patches, best (epoch)") == f"{psnr[0]:.2f} dB ({epochs[0]})"
+    assert table_value(report, "val PSNR of masked patches, final (epoch)") == f"n/a ({epochs[1]})"
     assert (pre / "pretrain_monitor.png").is_file() and "training time" not in report
 
 
@@ -605,6 +606,8 @@ def test_no_input_at_all_is_one_line_with_status_2_and_writes_nothing(tmp_path):
     ("summary_type", "pretrained_summary.json' has classes = 5, which should be a list of class names"),
     ("args_type", "args.json' has knn_k = \"ten\", which should be an integer"),
     ("dir_is_a_file", "--pretrain_dir '{pre}/losses.npy' is a file, not a folder"),
+    ("cls_dir_is_a_file", "--cls_dir '{cls}/scratch_val_acc.npy' is a file, not a folder"),
+    ("epoch_gap", "eval_epochs.npy' should hold epoch numbers (>= 1), found [1.0, nan]"),
 ])
 def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, capsys, monkeypatch, damage, expected):
     pre, cls = copy_outputs(run_outputs, tmp_path)
@@ -632,6 +635,10 @@ def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, cap
         path.write_text(json.dumps(obj))
     elif damage == "dir_is_a_file":  # a slip: a file of the folder for the folder
         extra = ["--pretrain_dir", pre / "losses.npy"]
+    elif damage == "cls_dir_is_a_file":
+        extra = ["--cls_dir", cls / "scratch_val_acc.npy"]
+    elif damage == "epoch_gap":
+        np.save(pre / "eval_epochs.npy", np.array([1.0, np.inf]))
     elif damage == "report_replaces_input":
         extra = ["--report", pre / "args.json"]
     else:
@@ -641,5 +648,5 @@ def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, cap
         plot("--pretrain_dir", pre, "--cls_dir", cls, "--report", tmp_path / "r.md", *extra)
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and expected.format(pre=pre) in err
+    assert len(err.splitlines()) == 1 and expected.format(pre=pre, cls=cls) in err, err
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
