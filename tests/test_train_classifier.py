@@ -68,6 +68,20 @@ def run_cls(argv):
     train_classifier.main(parse(argv))
 
 
+def refused_in_one_line(argv, folder, capsys) -> str:
+    """run_cls(argv) stops with exit status 2 and one line on stderr, and no file under `folder` changes: -> the line.
+    What was printed before the call is dropped."""
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exc:
+        run_cls(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    return err
+
+
 def mae_encoder(path):
     state = torch.load(path, map_location="cpu", weights_only=True)["model"]
     return {k: v for k, v in state.items() if k.startswith("encoder.")}
@@ -216,10 +230,8 @@ def test_resume_continues_the_same_run(tmp_path, mae_ckpt, extra):
 def test_bad_resume_is_one_line_and_changes_nothing(tmp_path, mae_ckpt, capsys):
     argv = cls_argv(tmp_path, "--pretrained_model_path", mae_ckpt, epochs=2)
     run_cls(argv + ["--stop_after", "1"])
-    capsys.readouterr()
     run_dir = tmp_path / "run"
     last, best = str(run_dir / "cls_last.pt"), str(run_dir / "cls.pt")
-    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     moved = run_dir / "elsewhere"
     for flags, expected in (
             (["--resume", best], "is a best-epoch checkpoint, which keeps no optimizer state"),
@@ -232,12 +244,8 @@ def test_bad_resume_is_one_line_and_changes_nothing(tmp_path, mae_ckpt, capsys):
             # The file to resume named as the best checkpoint too (mae_pretrain.py's way), however it is spelled.
             (["--resume", last, "--output_model_path", f"{run_dir}/./cls_last.pt"],
              "run/./cls_last.pt' is the --resume file: it would become the best epoch's checkpoint")):
-        with pytest.raises(SystemExit) as exc:
-            run_cls(argv + flags)
-        assert exc.value.code == 2
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and expected in err, err
-        assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+        err = refused_in_one_line(argv + flags, run_dir, capsys)
+        assert expected in err, err
     assert not moved.exists()
 
 
@@ -263,13 +271,8 @@ def test_resume_of_a_checkpoint_whose_state_does_not_fit_is_refused_before_anyth
         expected = f"its optimizer state does not fit this run's optimizer (parameters per group: {merged}, this " \
                    f"run's {sizes})"
     torch.save(ckpt, last)
-    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
-    with pytest.raises(SystemExit) as exc:
-        run_cls(argv + ["--resume", str(last)])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"--resume {str(last)!r}: {expected}" in err, err
-    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+    err = refused_in_one_line(argv + ["--resume", str(last)], tmp_path / "run", capsys)
+    assert f"--resume {str(last)!r}: {expected}" in err, err
 
 
 def test_resume_checks_the_pretrained_weights_not_their_path(tmp_path, mae_ckpt, capsys):
@@ -325,19 +328,12 @@ def test_resume_on_images_of_other_classes_is_refused_before_anything_changes(tm
     argv = cls_argv(tmp_path, "--dataset", "folder", "--data_path", str(images), "--val_split", "10", "--recipe",
                     "plain", epochs=2)
     run_cls(argv + ["--stop_after", "1"])
-    capsys.readouterr()
     (images / "train" / "cat").rename(images / "train" / "kitten")
     last = str(tmp_path / "run" / "cls_last.pt")
-    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
-    with pytest.raises(SystemExit) as exc:
-        run_cls(argv + ["--resume", last])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
+    err = refused_in_one_line(argv + ["--resume", last], tmp_path / "run", capsys)
     classes = sorted(os.listdir(FIXTURE_DIR + "/train"))
     renamed = sorted(["kitten" if name == "cat" else name for name in classes])
-    assert len(err.splitlines()) == 1 and err.endswith(f"--resume {last!r} trained on 10 classes ({classes}); these "
-                                                       f"images have 10 ({renamed})"), err
-    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+    assert err.endswith(f"--resume {last!r} trained on 10 classes ({classes}); these images have 10 ({renamed})"), err
 
 
 def test_a_reference_schedule_run_resumes_whatever_min_lr_its_checkpoint_kept(tmp_path):
@@ -359,15 +355,9 @@ def test_resuming_a_finished_run_is_refused_and_changes_nothing(tmp_path, capsys
     status 2, and no file of the run changes."""
     argv = cls_argv(tmp_path, "--recipe", "plain", "--fake_size", "64", epochs=1)  # two steps of 32
     run_cls(argv)
-    capsys.readouterr()
     last = str(tmp_path / "run" / "cls_last.pt")
-    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
-    with pytest.raises(SystemExit) as exc:
-        run_cls(argv + ["--resume", last])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"--resume {last!r} has already finished all 1 epochs" in err, err
-    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+    err = refused_in_one_line(argv + ["--resume", last], tmp_path / "run", capsys)
+    assert f"--resume {last!r} has already finished all 1 epochs" in err, err
 
 
 # The flags a resumed fine-tuning may change: how it runs (chunking, devices, precision, compilation, attention,
