@@ -349,7 +349,11 @@ def make_room(ax, y, lowest: bool, share: float = 0.17, ceiling: float | None = 
             return top - y >= share * (top - lo)
         ax.set_ylim(from_axis(lo), from_axis(new_hi))
     if ceiling is not None and to_axis(ax.get_ylim()[1]) > ceiling + 0.02 * (ceiling - lo):
-        ax.set_ylim(from_axis(lo), from_axis(ceiling + 0.02 * (ceiling - lo)))
+        # matplotlib's own limits for a curve flat at the ceiling (a kNN at 100% all along) reach past it: cut
+        # there, the room above the best point is gone too.
+        top = ceiling + 0.02 * (ceiling - lo)
+        ax.set_ylim(from_axis(lo), from_axis(top))
+        return top - y >= share * (top - lo)
     return True
 
 

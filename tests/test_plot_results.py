@@ -474,6 +474,22 @@ def test_best_points_are_annotated_and_log_scale_is_an_option(run_outputs):
         assert text.endswith(f"best {100 * max(acc):.2f}% at epoch {acc.index(max(acc)) + 1}")
 
 
+@pytest.mark.parametrize("knn", [[0.3, 0.6], [1.0, 1.0], [1.0, 0.9], [0.2, 1.0]])
+def test_the_best_points_label_lies_inside_its_panel(run_outputs, knn):
+    """The monitor's kNN label stays inside its axes, clear of the panel's title, wherever the best point is: at
+    100% all along (synthetic data's usual kNN), its label went above the axes, over the title."""
+    pre = plot_results.load_pretraining(str(run_outputs[0]), [], [])
+    pre.evals["knn_acc"] = np.array(knn)
+    fig = plot_results.plot_monitor(pre, False)
+    ax = fig.axes[-1]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    inside, label = ax.get_window_extent(renderer), ax.texts[0].get_window_extent(renderer)
+    assert ax.texts[0].get_text().startswith(f"best {100 * max(knn):.2f}%")
+    assert inside.y0 <= label.y0 and label.y1 <= inside.y1, (label, inside)
+    assert not label.overlaps(ax.title.get_window_extent(renderer))
+
+
 def test_comparison_titles_name_the_runs_they_draw(run_outputs):
     """The accuracy and loss comparisons' titles say what is drawn: a report of a linear probe alone is not titled
     "from scratch vs MAE-pretrained". (The loss figure never draws a linear probe: main leaves it out.)"""
