@@ -342,16 +342,12 @@ def make_room(ax, y, lowest: bool, share: float = 0.17, ceiling: float | None = 
         new_lo = (y - share * hi) / (1 - share)
         ax.set_ylim(from_axis(new_lo if log or new_lo >= 0 or lo < 0 else 0.0), from_axis(hi))
     elif not lowest and hi - y < share * (hi - lo):
-        new_hi = (y - share * lo) / (1 - share)
-        if ceiling is not None and new_hi > ceiling:
-            top = ceiling + 0.02 * (ceiling - lo)  # the star at 100% stays whole
-            ax.set_ylim(from_axis(lo), from_axis(top))
-            return top - y >= share * (top - lo)
-        ax.set_ylim(from_axis(lo), from_axis(new_hi))
-    if ceiling is not None and to_axis(ax.get_ylim()[1]) > ceiling + 0.02 * (ceiling - lo):
-        # matplotlib's own limits for a curve flat at the ceiling (a kNN at 100% all along) reach past it: cut
-        # there, the room above the best point is gone too.
-        top = ceiling + 0.02 * (ceiling - lo)
+        ax.set_ylim(from_axis(lo), from_axis((y - share * lo) / (1 - share)))
+    # A bounded quantity stops a little above its ceiling (the star at 100% stays whole), whatever raised the top:
+    # the room made above, or matplotlib's own limits for a curve flat at it (a kNN at 100% all along). The room
+    # above the best point is then what is left of it.
+    top = None if ceiling is None else ceiling + 0.02 * (ceiling - lo)
+    if top is not None and to_axis(ax.get_ylim()[1]) > top:
         ax.set_ylim(from_axis(lo), from_axis(top))
         return top - y >= share * (top - lo)
     return True
