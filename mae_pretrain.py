@@ -104,7 +104,7 @@ def load_resume(args, cfg):
     utils.check_resumable(ckpt, args, RUN_DEFINING_FLAGS)
     with torch.device("meta"):  # the model's shapes, without its memory
         model = MAE(cfg)
-    utils.check_resume_state(ckpt, args, model, utils.weight_decay_groups(model, args.weight_decay))
+    utils.check_resume_state(ckpt, args, model, optimizer_groups(model, args))
     changed = {name: ckpt["args"].get(name) for name in KNN_PROTOCOL_FLAGS
                if ckpt["args"].get(name) != getattr(args, name)}
     if changed and ckpt["evals"]:
@@ -117,10 +117,14 @@ def load_resume(args, cfg):
     return ckpt, [r for r in log if r["epoch"] <= ckpt["epoch"]]
 
 
+def optimizer_groups(model, args) -> list:
+    """No weight decay on norms, biases and tokens: two groups."""
+    return utils.weight_decay_groups(model, args.weight_decay)
+
+
 def make_optimizer(model, args, device):
-    """The MAE recipe's AdamW: betas (0.9, 0.95), no decay on norms, biases and tokens."""
-    return utils.make_adamw(utils.weight_decay_groups(model, args.weight_decay), utils.peak_lr(args), (0.9, 0.95),
-                            device)
+    """The MAE recipe's AdamW (betas 0.9, 0.95) over optimizer_groups."""
+    return utils.make_adamw(optimizer_groups(model, args), utils.peak_lr(args), (0.9, 0.95), device)
 
 
 def train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, device, amp_dtype, loss_sum):
