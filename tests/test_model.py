@@ -9,9 +9,9 @@ import timm.models.vision_transformer
 import torch
 import torch.nn as nn
 
-from model import (MAE, Block, DropPath, MAEConfig, RunningMeanBatchNorm, ViTClassifier, encoder_state_from_mae,
-                   masked_mse, normalize_patches, num_masked_patches, patchify, random_masking, reconstruct,
-                   to_shuffled_order, unpatchify)
+from model import (MAE, Block, DropPath, MAEConfig, MAEDecoder, MAEEncoder, RunningMeanBatchNorm, ViTClassifier,
+                   encoder_state_from_mae, masked_mse, normalize_patches, num_masked_patches, patchify,
+                   random_masking, reconstruct, to_shuffled_order, unpatchify)
 
 SMALL = dict(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=24, decoder_depth=1, decoder_num_heads=2)
 
@@ -491,3 +491,49 @@ def test_probe_norm_computes_in_fp32_under_bf16_autocast():
     assert out.dtype == torch.float32 and ours.running_mean.dtype == ours.running_var.dtype == torch.float32
     torch.testing.assert_close(out, reference(x.float()))
     torch.testing.assert_close(ours.running_var, reference.running_var)
+
+
+def test_position_embeddings_are_the_2d_sin_cos_of_each_patchs_row_and_column():
+    """The fixed position embedding of the patch in row r and column c of the grid (row-major, patchify's order),
+    written out longhand: the quarters sin(r w), sin(c w), cos(r w), cos(c w), w_k = 10000^(-k / (D/4)), k < D/4.
+    It is the MAE paper's 2-D sin-cos embedding; the MAE code orders the quarters (c: sin, cos), (r: sin, cos), a
+    permutation of the channels that trains alike. The buffers are not saved in checkpoints, so a change of
+    formula would silently give every saved model other positions: checked for the encoder and, at another width,
+    the decoder."""
+    cfg = MAEConfig(decoder_embed_dim=128, decoder_num_heads=2)
+    cell = torch.arange(cfg.num_patches, dtype=torch.float64)
+    rows, cols = torch.div(cell, cfg.grid_size, rounding_mode="floor"), cell % cfg.grid_size
+    for module, dim in ((MAEEncoder(cfg), cfg.embed_dim), (MAEDecoder(cfg), cfg.decoder_embed_dim)):
+        quarter = dim // 4
+        w = 10000.0 ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
+        r, c = rows[:, None] * w, cols[:, None] * w  # (N, D/4)
+        expected = torch.cat([r.sin(), c.sin(), r.cos(), c.cos()], dim=1)
+        assert module.pos_embed.shape == (1, cfg.num_patches, dim)
+        torch.testing.assert_close(module.pos_embed[0].double(), expected, rtol=0, atol=1e-6)
+
+
+def test_weights_start_as_maes_initialisation_not_torchs_defaults():
+    """MAE's initialisation, read off the weights of a ViT-T MAE and classifier: every linear layer's weight (and
+    the patch embedding's, a linear map on flattened patches of 2 x 2 x 3 values) xavier-uniform, within
+    sqrt(6 / (fan_in + fan_out)) and of variance 2 / (fan_in + fan_out), with zero bias; the class and mask tokens
+    and the pixel head normal of std 0.02, the classifier's head of std 0.01. torch's defaults differ: a linear
+    layer's weights have variance 1 / (3 fan_in) (at 192 -> 192, a third of xavier's) and nonzero biases, the
+    tokens would stay zero. Matrices of 24,576 values or more hold the sample variance within 1% of its own."""
+    torch.manual_seed(0)
+    cfg = MAEConfig(decoder_embed_dim=128, decoder_num_heads=2)
+    mae, classifier = MAE(cfg), ViTClassifier(cfg, num_classes=10)
+    for name, model in (("mae", mae), ("classifier", classifier)):
+        patch_embed = model.encoder.patch_embed.weight.flatten(1)
+        special = {model.encoder.patch_embed, *([mae.decoder.pred] if model is mae else [classifier.head])}
+        matrices = [(f"{name}.patch_embed", patch_embed)] + [
+            (f"{name}.{n}", m.weight) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m not in special]
+        for where, weight in matrices:
+            fan_out, fan_in = weight.shape
+            assert weight.abs().max().item() <= (6 / (fan_in + fan_out)) ** 0.5, where
+            assert weight.var().item() == pytest.approx(2 / (fan_in + fan_out), rel=0.05), where
+        for n, m in model.named_modules():
+            if isinstance(m, nn.Linear):
+                assert torch.all(m.bias == 0), f"{name}.{n}"
+    for token in (mae.encoder.cls_token, mae.decoder.mask_token, mae.decoder.pred.weight):
+        assert token.std().item() == pytest.approx(0.02, rel=0.2)
+    assert classifier.head.weight.std().item() == pytest.approx(0.01, rel=0.1)
