@@ -40,6 +40,15 @@ def test_val_split_is_disjoint_fixed_and_covers_the_training_set():
     assert len(train) == 150 and len(val) == 50
 
 
+def test_the_fake_datasets_own_val_set_shares_no_image_with_its_training_set():
+    """Without --val_split, --dataset fake has a val set of its own, a quarter of --fake_size (at least 16) drawn
+    apart from the training images: none of them is a training image."""
+    train, val = data.load_data(data_args())
+    key = lambda imgs: {bytes(img.flatten().tolist()) for img in imgs}  # noqa: E731
+    assert (len(train), len(val)) == (200, 50)
+    assert len(key(val.images)) == 50 and not key(train.images) & key(val.images)
+
+
 def test_a_smaller_val_split_holds_out_the_first_images_of_a_larger_one_in_random_order():
     """--val_split N holds out the first N images of one fixed permutation (val_images_pretrained_on counts on it): a
     smaller split's val images are the first ones of a larger split's, in the same order, and a larger split trains
@@ -213,6 +222,19 @@ def test_resized_crop_takes_the_documented_area_aspect_and_position():
         torch.testing.assert_close(out[i, 1, 1:-1, 1:-1].double(), rows[1:-1, None].expand(S - 2, S - 2),
                                    rtol=0, atol=1e-4, msg=f"crop {i}: rows")
     assert torch.allclose(out[3], x[3], atol=1e-4)
+
+
+def test_resized_crops_at_the_edges_read_only_the_image():
+    """The outermost output pixels of a crop at an edge read up to half a pixel past the image's last pixel
+    centres (the test above leaves them out); they read the image's edge, not a padding of zeros: every crop of a
+    constant image, at each corner, at the smallest and the largest area, is that constant at every pixel."""
+    x = torch.full((5, 3, 32, 32), 0.7)
+    rand = torch.tensor([[0.0, 0.0, 0.0, 0.0],  # area 0.2, aspect 3/4, top-left corner
+                         [0.0, 1.0, 1.0, 0.0],  # area 0.2, aspect 4/3, top-right
+                         [0.0, 0.5, 0.0, 1.0],  # bottom-left
+                         [0.3, 1.0, 1.0, 1.0],  # bottom-right
+                         [1.0, 1.0, 0.5, 0.5]])  # full width
+    torch.testing.assert_close(data.random_resized_crop(x, rand=rand), x)
 
 
 def test_trivial_augment_draws_every_op_and_all_31_magnitude_levels():
