@@ -182,13 +182,15 @@ def _tiny_mae(tmp_path, *extra):
     return args, MAE(utils.mae_config(args, norm_pix_loss=args.norm_pix_loss))
 
 
-def test_knn_bank_and_queries_are_the_l2_normalised_pooled_features(tmp_path, monkeypatch):
+@pytest.mark.parametrize("feature", ["avg", "token"])
+def test_knn_bank_and_queries_are_the_l2_normalised_pooled_features(tmp_path, monkeypatch, feature):
     """evaluate's kNN compares cosine similarities: the bank (train split) and the queries (val split) it hands
-    utils.knn_predict are the encoder's mean patch tokens (--knn_feature avg), each scaled to unit L2 norm."""
+    utils.knn_predict are the encoder's features --knn_feature names (avg: the mean patch token, the default;
+    token: the class token), each scaled to unit L2 norm."""
     import data
     import mae_pretrain
     import utils
-    args, model = _tiny_mae(tmp_path)
+    args, model = _tiny_mae(tmp_path, "--knn_feature", feature)
     train, val = data.load_data(args)
     seen, knn_predict = {}, utils.knn_predict
 
@@ -200,7 +202,8 @@ def test_knn_bank_and_queries_are_the_l2_normalised_pooled_features(tmp_path, mo
     mae_pretrain.evaluate(model, train, val, val_noise, args, torch.device("cpu"), None)
     with torch.no_grad():
         for name, split in (("bank", train), ("queries", val)):
-            pooled = model.encoder.pooled(data.normalize(split.images), "avg")
+            tokens = model.encoder(data.normalize(split.images))  # (B, 1 + N, D), every token's output
+            pooled = tokens[:, 1:].mean(dim=1) if feature == "avg" else tokens[:, 0]
             assert not torch.allclose(pooled.norm(dim=1), torch.ones(len(split)), atol=0.1)  # not unit by itself
             torch.testing.assert_close(seen[name].norm(dim=1), torch.ones(len(split)))
             torch.testing.assert_close(seen[name], F.normalize(pooled, dim=1), rtol=1e-5, atol=1e-5)
@@ -268,6 +271,61 @@ def test_augmented_step_crops_with_columns_0_to_3_and_flips_with_column_4_of_one
     assert [len(c) for c in crops] == [len(f) for f in flips] == [16, 16]
     assert torch.equal(torch.cat(crops), draw[:, :4])
     assert torch.equal(torch.cat(flips), draw[:, 4])
+
+
+def test_each_epoch_trains_on_its_own_order_at_the_scheduled_lr_and_reports_its_mean_chunk_loss(tmp_path,
+                                                                                              monkeypatch):
+    """train_one_epoch over 128 images, 4 steps of 32 in chunks of 16, for epochs 1 to 3 of a 3-epoch run with
+    --min_lr, then epoch 2 again. Each epoch shows every image once, in an order of its own, cut from --seed and
+    the epoch, so that an epoch run again shows its order again (and, when the batch does not divide the images,
+    each epoch leaves out another handful). Each optimizer step's logged lr is the warmup + cosine written out
+    longhand, from the peak down to --min_lr. The epoch's loss is the mean of its chunks' losses."""
+    import data
+    import mae_pretrain
+    args, mae = _tiny_mae(tmp_path, "--total_epoch", "3", "--base_learning_rate", "1e-3", "--min_lr", "1e-5")
+    chunk_losses, shown, take = [], [], data.take
+
+    class Recording(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mae = mae
+
+        def forward(self, imgs, **kwargs):
+            out = self.mae(imgs, **kwargs)
+            chunk_losses.append(out[0].item())
+            return out
+
+    class Scalars:
+        def __init__(self):
+            self.lr = []
+
+        def add_scalar(self, tag, value, step):
+            assert tag == "lr"
+            self.lr.append((step, value))
+
+    def recording_take(source, idx, device):
+        shown.extend(idx.tolist())
+        return take(source, idx, device)
+    monkeypatch.setattr(data, "take", recording_take)
+    model, cpu, writer = Recording(), torch.device("cpu"), Scalars()
+    optimizer = mae_pretrain.make_optimizer(model, args, cpu)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    images = data.fake_images(128, seed=1).images
+    orders = []
+    for epoch in (1, 2, 3, 2):
+        shown.clear(), chunk_losses.clear()
+        stats = mae_pretrain.train_one_epoch(model, optimizer, scaler, images, args, epoch, 4, cpu, None, writer)
+        assert sorted(shown) == list(range(128))
+        orders.append(list(shown))
+        assert len(chunk_losses) == 8 and stats["loss"] == pytest.approx(sum(chunk_losses) / 8, rel=1e-6)
+    assert len({tuple(order) for order in orders[:3]}) == 3 and orders[3] == orders[1]
+
+    peak, min_lr, warmup, total = 1e-3 * 32 / 256, 1e-5, 4, 12
+    expected = [peak * (s + 1) / warmup if s < warmup else
+                min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+                for s in range(total)]
+    assert [step for step, _ in writer.lr] == [*range(12), *range(4, 8)]
+    assert [lr for _, lr in writer.lr] == pytest.approx(expected + expected[4:8], rel=1e-9)
 
 
 # The flags a resumed pretraining may change: how it runs (chunking, devices, precision, compilation, attention),
