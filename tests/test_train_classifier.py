@@ -199,6 +199,47 @@ def test_plain_run_learns_the_fake_classes_and_shows_its_predictions(tmp_path, m
     assert len(set(predicted)) > 3
 
 
+def test_each_epoch_draws_augmentation_of_its_own(tmp_path, monkeypatch):
+    """The finetune recipe's random numbers are seeded from (--seed, epoch, rank) at each epoch's start: the first
+    chunk of epoch 2 gets other crops, ops and erasing than the first chunk of epoch 1, and within an epoch each
+    chunk draws anew. (A resumed run draws what a straight one did: test_resume_continues_the_same_run.)"""
+    draws, augment_draws = [], train_classifier.augment_draws
+
+    def recording(*args, **kwargs):
+        draws.append(augment_draws(*args, **kwargs))
+        return draws[-1]
+    monkeypatch.setattr(train_classifier, "augment_draws", recording)
+    run_cls(cls_argv(tmp_path))
+    chunks = STEPS * BATCH // 16  # per epoch: --max_device_batch_size 16
+    assert len(draws) == 2 * chunks and set(draws[0]) >= {"crop", "trivial", "erase"}
+
+    def leaves(x):  # the tensors of a nest of dicts and tuples
+        if isinstance(x, (dict, tuple)):
+            return [t for v in (x.values() if isinstance(x, dict) else x) for t in leaves(v)]
+        return [x]
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(leaves(a), leaves(b), strict=True))
+    assert not same(draws[0], draws[chunks]) and not same(draws[0], draws[1])
+
+
+def test_the_best_checkpoint_is_the_first_epoch_of_the_best_val_accuracy(tmp_path, monkeypatch):
+    """With val accuracies 0.5, 0.5, 0.4 (evaluate's own, replaced), the best epoch is 1: a later epoch that only
+    equals the best does not replace its checkpoint. The last checkpoint is epoch 3's."""
+    scripted, evaluate = iter([0.5, 0.5, 0.4]), train_classifier.evaluate
+
+    def scripted_evaluate(*args, **kwargs):
+        val_loss, _, predicted = evaluate(*args, **kwargs)
+        return val_loss, next(scripted), predicted
+    monkeypatch.setattr(train_classifier, "evaluate", scripted_evaluate)
+    run_cls(cls_argv(tmp_path, epochs=3))
+    summary = json.load(open(tmp_path / "run" / "cls_outputs" / "scratch_summary.json"))
+    assert (summary["best_epoch"], summary["best_val_acc"], summary["final_val_acc"]) == (1, 0.5, 0.4)
+    best, last = (torch.load(tmp_path / "run" / name, map_location="cpu", weights_only=True)
+                  for name in ("cls.pt", "cls_last.pt"))
+    assert (best["epoch"], best["val_acc"], last["epoch"], last["val_acc"]) == (1, 0.5, 3, 0.4)
+
+
 @pytest.mark.parametrize("extra", [[], ["--linear_probe"]])  # the probe trains its head on precomputed features
 def test_resume_continues_the_same_run(tmp_path, mae_ckpt, extra):
     """Three epochs straight, and one then two more with --resume: the same curves, best epoch and weights. The
@@ -537,16 +578,23 @@ def test_train_step_accumulates_the_batch_mean_gradient_and_counts_against_the_u
     assert correct.item() == 5
 
 
-def test_each_epoch_shows_the_training_images_in_its_own_order():
+def test_each_epoch_shows_the_training_images_in_its_own_order_at_the_scheduled_lr():
     """train_one_epoch cuts a permutation of its own for every epoch (from --seed and the epoch): two epochs show
-    the 32 images in two different orders, each image once, and an epoch run again shows its order again."""
-    args = SimpleNamespace(batch_size=8, max_device_batch_size=8, seed=42, total_epoch=2, warmup_epoch=0,
-                           base_learning_rate=1e-3, schedule="warmup_cosine", min_lr=0.0, log_interval=100)
+    the 32 images in two different orders, each image once, and an epoch run again shows its order again. Each
+    optimizer step logs the lr of the warmup + cosine written out longhand, from the peak down to --min_lr."""
+    args = SimpleNamespace(batch_size=8, max_device_batch_size=8, seed=42, total_epoch=2, warmup_epoch=1,
+                           base_learning_rate=1e-2, schedule="warmup_cosine", min_lr=1e-5, log_interval=100)
     images = torch.arange(32).view(32, 1, 1, 1).expand(32, 3, 8, 8).to(torch.uint8)  # image i: every pixel i
     labels = torch.zeros(32, dtype=torch.int64)
     net = _linear_net()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
     utils.allocate_grads(optimizer)
+    logged = []
+
+    class Scalars:
+        def add_scalar(self, tag, value, step):
+            assert tag == "lr"
+            logged.append((step, value))
     orders = []
     for epoch in (1, 2, 1):
         shown = []
@@ -556,10 +604,16 @@ def test_each_epoch_shows_the_training_images_in_its_own_order():
             return data.normalize(x)
         train_classifier.train_one_epoch(net, None, optimizer, torch.amp.GradScaler("cpu", enabled=False), images,
                                          labels, prepare, None, torch.nn.CrossEntropyLoss(), args, epoch, 4,
-                                         torch.device("cpu"), None, None)
+                                         torch.device("cpu"), None, Scalars())
         assert sorted(shown) == list(range(32))
         orders.append(shown)
     assert orders[0] != orders[1] and orders[0] == orders[2]
+    peak, warmup, total = 1e-2 * 8 / 256, 4, 8
+    expected = [peak * (s + 1) / warmup if s < warmup else
+                1e-5 + (peak - 1e-5) * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+                for s in range(total)]
+    assert [step for step, _ in logged] == [*range(8), *range(4)]
+    assert [lr for _, lr in logged] == pytest.approx(expected + expected[:4], rel=1e-9)
 
 
 def test_a_pretraining_on_another_dataset_saw_none_of_the_val_images():
