@@ -290,6 +290,27 @@ def test_pretraining_numbers_take_each_metric_at_its_own_best_evaluated_epoch():
     assert n["val_psnr"] == {"final": 11.0, "final_epoch": 6, "best": 12.0, "best_epoch": 4}
 
 
+def test_every_point_is_drawn_at_its_own_epoch():
+    """The points of each figure, read off its lines: the training loss at epochs 1 to 7, the monitor's val loss,
+    PSNR and kNN accuracy (in %) at the evaluated epochs 2, 4 and 6, not at 1 to 3, each best point's star at its
+    epoch; a classifier comparison's curves at epochs 1 to E of each run, the best starred at its epoch."""
+    def points(line):
+        return [float(x) for x in line.get_xdata()], [float(y) for y in line.get_ydata()]
+    pre = sparse_pretraining()
+    losses = (list(range(1, 8)), pre.losses.tolist())
+    assert [points(line) for line in plot_results.plot_loss_curve(pre, False).axes[0].lines] == [
+        losses, ([6], [0.52])]
+    loss_ax, psnr_ax, knn_ax = plot_results.plot_monitor(pre, False).axes
+    assert [points(line) for line in loss_ax.lines] == [losses, ([2, 4, 6], [0.5, 0.3, 0.4])]
+    assert [points(line) for line in psnr_ax.lines] == [([2, 4, 6], [10.0, 12.0, 11.0]), ([4], [12.0])]
+    assert [points(line) for line in knn_ax.lines] == [([2, 4, 6], [40.0, 60.0, 60.0]), ([4], [60.0])]
+    runs = [plot_results.ClassifierRun("scratch", "scratch", {"val_acc": np.array([0.25, 0.5, 0.75, 0.5])}, {}),
+            plot_results.ClassifierRun("pretrained", "pretrained", {"val_acc": np.array([0.5, 0.25])}, {})]
+    ax = plot_results.plot_run_comparison(runs, "val_acc", False).axes[0]
+    assert [points(line) for line in ax.lines] == [([1, 2, 3, 4], [25.0, 50.0, 75.0, 50.0]), ([3], [75.0]),
+                                                   ([1, 2], [50.0, 25.0]), ([1], [50.0])]
+
+
 def test_report_table_gives_each_metric_final_and_best_with_its_epoch():
     """The pretraining table of a run evaluated at epochs 2, 4 and 6 of 7: each monitor metric's final value at
     epoch 6 and its best at epoch 4, as the metric counts best (lowest val loss, highest PSNR and kNN)."""
