@@ -328,6 +328,49 @@ def test_each_epoch_trains_on_its_own_order_at_the_scheduled_lr_and_reports_its_
     assert [lr for _, lr in writer.lr] == pytest.approx(expected + expected[4:8], rel=1e-9)
 
 
+def test_a_stop_after_past_the_last_epoch_ends_the_run_at_its_last_epoch(tmp_path, run_pretrain):
+    """--stop_after beyond --total_epoch stops where the schedule ends: one epoch of a one-epoch run, not three."""
+    run_pretrain(tiny_pretrain_argv(tmp_path, "--total_epoch", "1", "--warmup_epoch", "0", "--stop_after", "3"))
+    assert len(np.load(tmp_path / "run" / "outputs" / "losses.npy")) == 1
+    assert torch.load(tmp_path / "run" / "mae.pt", weights_only=True)["epoch"] == 1
+
+
+def test_weight_decay_flag_decays_the_weight_matrices_alone(tmp_path):
+    """--weight_decay reaches AdamW's first group, which holds exactly the weight matrices (no norm, bias or token);
+    the other group has no decay."""
+    import mae_pretrain
+    args, model = _tiny_mae(tmp_path, "--weight_decay", "0.1")
+    decayed, undecayed = mae_pretrain.make_optimizer(model, args, torch.device("cpu")).param_groups
+    assert (decayed["weight_decay"], undecayed["weight_decay"]) == (0.1, 0.0)
+    matrices = {name for name, p in model.named_parameters() if p.ndim >= 2 and "token" not in name}
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert {names[id(p)] for p in decayed["params"]} == matrices
+    assert {names[id(p)] for p in undecayed["params"]} == set(names.values()) - matrices
+
+
+def test_the_reconstruction_figure_masks_the_patches_its_fixed_noise_masks(tmp_path):
+    """reconstruct_val masks by the noise it is given, whatever torch's RNG: the same panels after two different
+    seeds, and the masked panel's blanked patches (normalised value 0: the mean pixel) are exactly those
+    random_masking masks for that noise, so that every epoch's figure shows the same patches hidden."""
+    import data
+    import mae_pretrain
+    from model import random_masking
+    args, model = _tiny_mae(tmp_path)
+    imgs = data.normalize(data.fake_images(4, seed=1).images)
+    noise = torch.rand(4, 64, generator=torch.Generator().manual_seed(0))
+    panels = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        panels.append(mae_pretrain.reconstruct_val(model, imgs, noise, model.cfg, None))
+    for a, b in zip(*panels):
+        assert torch.equal(a, b)
+    _, mask, _ = random_masking(torch.zeros(4, 64, 1), model.cfg.mask_ratio, noise)  # (B, N), 1 = masked
+    masked_panel, _, original = panels[0]
+    blank = (masked_panel == data.denormalize(torch.zeros(1, 3, 1, 1))).all(dim=1)  # (B, H, W)
+    per_patch = blank.view(4, 8, 4, 8, 4).all(dim=4).all(dim=2).flatten(1)  # (B, N): every pixel blank
+    assert torch.equal(per_patch, mask.bool())
+
+
 # The flags a resumed pretraining may change: how it runs (chunking, devices, precision, compilation, attention),
 # what it monitors and where its files are. Every other flag defines the run.
 MAY_CHANGE_ON_RESUME = {"max_device_batch_size", "eval_every", "knn_k", "knn_temperature", "knn_feature", "data_path",
@@ -497,7 +540,8 @@ def test_resume_with_a_damaged_log_is_refused_before_anything_changes(tmp_path, 
     assert files_under(tmp_path / "run") == before
 
 
-@pytest.mark.parametrize("edit", ["missing weight", "weight size", "optimizer groups"])
+@pytest.mark.parametrize("edit", ["missing weight", "unexpected weight", "weight size", "optimizer groups",
+                                  "group sizes"])
 def test_resume_of_a_checkpoint_whose_state_does_not_fit_is_refused_before_anything_changes(tmp_path, run_pretrain,
                                                                                             capsys, edit):
     """A checkpoint of another version of this code, or an edited one, whose weights or optimizer state do not fit
@@ -512,6 +556,13 @@ def test_resume_of_a_checkpoint_whose_state_does_not_fit_is_refused_before_anyth
     if edit == "missing weight":
         del ckpt["model"]["decoder.pred.weight"]
         expected = "its weights do not fit this model (1 missing: decoder.pred.weight)"
+    elif edit == "unexpected weight":  # a weight of another model: the load would leave it unused
+        ckpt["model"]["decoder.extra"] = torch.zeros(1)
+        expected = "its weights do not fit this model (1 unexpected: decoder.extra)"
+    elif edit == "group sizes":  # as many groups, one parameter moved from the undecayed to the decayed
+        groups[0]["params"].append(groups[1]["params"].pop())
+        expected = (f"its optimizer state does not fit this run's optimizer (parameters per group: "
+                    f"{[sizes[0] + 1, sizes[1] - 1]}, this run's {sizes})")
     elif edit == "weight size":
         ckpt["model"]["decoder.pred.bias"] = ckpt["model"]["decoder.pred.bias"][:-1]
         expected = "its weights do not fit this model (size mismatch for decoder.pred.bias: copying a param with shape"
