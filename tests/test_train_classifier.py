@@ -195,6 +195,8 @@ def test_plain_run_learns_the_fake_classes_and_shows_its_predictions(tmp_path, m
     where = [[j for j in range(len(val)) if torch.equal(images[i], val.images[j].float() / 255)]
              for i in range(len(images))]
     assert len(images) == 16 and all(len(w) == 1 for w in where) and len({w[0] for w in where}) == 16
+    # Evenly spaced through the val split, first and last included: a folder's val images come sorted by class.
+    assert [w[0] for w in where] == torch.linspace(0, len(val) - 1, 16).round().long().tolist()
     assert predicted == [preds[w[0]] for w in where] and true == [labels[w[0]] for w in where]
     assert len(set(predicted)) > 3
 
@@ -238,6 +240,29 @@ def test_the_best_checkpoint_is_the_first_epoch_of_the_best_val_accuracy(tmp_pat
     best, last = (torch.load(tmp_path / "run" / name, map_location="cpu", weights_only=True)
                   for name in ("cls.pt", "cls_last.pt"))
     assert (best["epoch"], best["val_acc"], last["epoch"], last["val_acc"]) == (1, 0.5, 3, 0.4)
+
+
+def test_a_stop_after_past_the_last_epoch_ends_the_run_at_its_last_epoch(tmp_path):
+    """--stop_after beyond --total_epoch stops where the schedule ends: one epoch of a one-epoch run, not three."""
+    run_cls(cls_argv(tmp_path, "--warmup_epoch", "0", "--stop_after", "3", epochs=1))
+    assert len(np.load(tmp_path / "run" / "cls_outputs" / "scratch_val_acc.npy")) == 1
+    assert torch.load(tmp_path / "run" / "cls_last.pt", weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.0])
+def test_drop_path_flag_sets_each_blocks_rate_rising_linearly_with_depth(tmp_path, rate):
+    """--drop_path r gives the encoder's blocks stochastic depth at rates 0 to r, linear in depth (DeiT, MAE's
+    fine-tuning); 0 gives no DropPath at all (no random draws)."""
+    from model import DropPath
+    args = parse(cls_argv(tmp_path, "--drop_path", str(rate), "--depth", "3"))
+    train_classifier.resolve_recipe(args)  # the recipe's other flags, as main does
+    model = train_classifier.build_model(args, train_classifier.model_config(args, None), 10, None)
+    for block, expected in zip(model.encoder.blocks, [0.0, rate / 2, rate], strict=True):
+        for drop in (block.drop_path1, block.drop_path2):
+            if rate:
+                assert isinstance(drop, DropPath) and drop.drop_prob.item() == pytest.approx(expected)
+            else:
+                assert isinstance(drop, torch.nn.Identity)
 
 
 @pytest.mark.parametrize("extra", [[], ["--linear_probe"]])  # the probe trains its head on precomputed features
@@ -614,6 +639,23 @@ def test_each_epoch_shows_the_training_images_in_its_own_order_at_the_scheduled_
                 for s in range(total)]
     assert [step for step, _ in logged] == [*range(8), *range(4)]
     assert [lr for _, lr in logged] == pytest.approx(expected + expected[:4], rel=1e-9)
+
+
+def test_train_accuracy_counts_the_images_the_epoch_showed():
+    """36 images in batches of 8: an epoch shows 32 (the partial batch is dropped). With labels the net already
+    predicts and an lr of 0, train_acc is 32 correct of the 32 shown, 1.0, not 32 of 36."""
+    args = SimpleNamespace(batch_size=8, max_device_batch_size=8, seed=42, total_epoch=1, warmup_epoch=0,
+                           base_learning_rate=0.0, schedule="warmup_cosine", min_lr=0.0, log_interval=100)
+    images = torch.randint(0, 256, (36, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    net = _linear_net()
+    with torch.no_grad():
+        labels = net(data.normalize(images)).argmax(dim=-1)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+    utils.allocate_grads(optimizer)
+    stats = train_classifier.train_one_epoch(net, None, optimizer, torch.amp.GradScaler("cpu", enabled=False), images,
+                                             labels, data.normalize, None, torch.nn.CrossEntropyLoss(), args, 1, 4,
+                                             torch.device("cpu"), None, None)
+    assert stats["train_acc"] == 1.0
 
 
 def test_a_pretraining_on_another_dataset_saw_none_of_the_val_images():
