@@ -201,6 +201,19 @@ def test_knn_vote_matches_longhand():
         assert got.tolist() == _longhand_knn(bank, labels.tolist(), queries, 4, k, t)
 
 
+def test_knn_weights_each_query_by_its_own_nearest_neighbour_at_a_small_temperature():
+    """At temperature 0.005 the votes are exp(similarity / 0.005), which overflows fp32; each query's weights are
+    taken relative to its own nearest neighbour, whatever the other queries of its chunk. The second query's two
+    nearest (label 1 at similarity 0.456, label 0 at -0.5) are far less similar than the first query's nearest (1.0):
+    relative to that one, both weights would underflow to 0 and the vote fall to class 0 by default. The longhand
+    vote, in float64, elects class 1 for both queries."""
+    bank = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [-1.0, 0.05]]), dim=1)
+    labels = torch.tensor([0, 1, 2, 1])
+    queries = F.normalize(torch.tensor([[0.0, 1.0], [-0.5, -0.866]]), dim=1)
+    got = utils.knn_predict(bank, labels, queries, 3, k=2, temperature=0.005)
+    assert got.tolist() == _longhand_knn(bank, labels.tolist(), queries, 3, 2, 0.005) == [1, 1]
+
+
 def test_knn_is_perfect_on_separable_clusters():
     g = torch.Generator().manual_seed(1)
     centres = F.normalize(torch.randn(5, 32, generator=g), dim=1)
@@ -270,6 +283,57 @@ def test_sigterm_lets_the_background_writer_finish_its_job(tmp_path, handler):
         assert returncode == 128 + signal.SIGTERM and out.read_text() == "epoch 1"
     else:  # the default handler: killed mid-write, the epoch's outputs lost (what the handler is for)
         assert returncode == -signal.SIGTERM and not os.path.exists(out)
+
+
+def test_the_background_writer_runs_its_jobs_in_order_and_reraises_a_failed_ones_error():
+    """Jobs run one after another, in the order given; a job's error is raised by the next submit (or by close),
+    in the main thread, so that a failed write stops the run instead of being lost."""
+    done = []
+    writer = utils.BackgroundWriter()
+    for i in range(5):
+        writer.submit(done.append, i)
+    writer.close()
+    assert done == [0, 1, 2, 3, 4]
+    writer = utils.BackgroundWriter()
+    writer.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        writer.submit(done.append, 5)
+    writer = utils.BackgroundWriter()
+    writer.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        writer.close()
+    assert done == [0, 1, 2, 3, 4]  # the job after a failed one did not run
+
+
+def test_the_encoder_digest_names_the_encoders_weights_alone():
+    """Two MAEs that differ in a decoder weight only have one encoder digest, another encoder weight gives another;
+    and a classifier built from the MAE's encoder names it the same (the digest the fine-tune prints)."""
+    from model import encoder_state_from_mae
+    cfg = MAEConfig(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    state = MAE(cfg).state_dict()
+    other_decoder = {**state, "decoder.pred.bias": state["decoder.pred.bias"] + 1}
+    other_encoder = {**state, "encoder.norm.bias": state["encoder.norm.bias"] + 1}
+    digest = utils.encoder_digest(state)
+    assert utils.encoder_digest(other_decoder) == digest != utils.encoder_digest(other_encoder)
+    classifier = ViTClassifier(cfg, 10)
+    classifier.encoder.load_state_dict(encoder_state_from_mae(state))
+    encoder = {f"encoder.{name}": t for name, t in classifier.encoder.state_dict().items()}
+    assert utils.weights_digest(encoder) == digest
+
+
+def test_an_optimizer_step_leaves_every_gradient_buffer_zeroed_in_place():
+    """After each step the .grad buffers (allocate_grads') are zero and still the same tensors, so the next batch's
+    chunks add into clean buffers."""
+    net = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    utils.allocate_grads(optimizer)
+    buffers = [p.grad for p in net.parameters()]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for _ in range(2):
+        utils.backward(net(torch.randn(3, 4)).sum(), optimizer)
+        assert any(g.abs().sum() > 0 for g in buffers)
+        utils.optimizer_step(optimizer, scaler)
+        assert all(p.grad is g and not g.any() for p, g in zip(net.parameters(), buffers))
 
 
 def test_a_numbered_gpu_becomes_the_current_device_and_a_missing_one_is_refused(monkeypatch, capsys):
