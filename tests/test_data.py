@@ -49,6 +49,14 @@ def test_the_fake_datasets_own_val_set_shares_no_image_with_its_training_set():
     assert len(key(val.images)) == 50 and not key(train.images) & key(val.images)
 
 
+def test_the_val_split_is_the_same_whatever_the_seed():
+    """--val_split holds out the same images for every --seed: runs at other seeds (and a fine-tune of a pretraining
+    made at another seed) are scored on the same val images, and val_images_pretrained_on can compare them."""
+    splits = [data.load_data(argparse.Namespace(**vars(data_args(val_split=50)), seed=seed)) for seed in (1, 2, 42)]
+    for train, val in splits[1:]:
+        assert torch.equal(val.images, splits[0][1].images) and torch.equal(train.images, splits[0][0].images)
+
+
 def test_a_smaller_val_split_holds_out_the_first_images_of_a_larger_one_in_random_order():
     """--val_split N holds out the first N images of one fixed permutation (val_images_pretrained_on counts on it): a
     smaller split's val images are the first ones of a larger split's, in the same order, and a larger split trains
@@ -187,6 +195,27 @@ def test_cifar_is_downloaded_under_an_exclusive_lock(tmp_path, monkeypatch):
     assert held == [True, True] and (len(train), len(val)) == (4, 2)
     with open(tmp_path / "new" / ".download.lock", "a") as after:  # released once loaded
         fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_cifar_images_are_torchvisions_arrays_as_channels_first_with_their_labels(tmp_path, monkeypatch):
+    """torchvision keeps CIFAR as (N, H, W, C) uint8 arrays and a list of labels: each image becomes (C, H, W) with
+    pixel [c, y, x] = array [y, x, c], each label its target, for both splits."""
+    import numpy as np
+    import torchvision
+    arrays = {True: np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8),
+              False: np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)}
+
+    class FakeCIFAR10:
+        def __init__(self, root, train, download):
+            self.data, self.targets, self.classes = arrays[train], list(range(len(arrays[train]))), list("abcde")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    train, val = data.load_data(data_args(dataset="cifar10", data_path=str(tmp_path)))
+    for split, array in ((train, arrays[True]), (val, arrays[False])):
+        assert split.images.shape == (len(array), 3, 32, 32) and split.classes == list("abcde")
+        for i, (c, y, x) in enumerate([(0, 1, 30), (2, 31, 0), (1, 5, 17)]):
+            assert split.images[i, c, y, x].item() == array[i, y, x, c]
+        assert torch.equal(split.images.permute(0, 2, 3, 1), torch.from_numpy(array))
+        assert split.labels.tolist() == list(range(len(array)))
 
 
 def test_denormalize_clamps_out_of_range_values_to_the_displayable_range():
