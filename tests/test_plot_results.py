@@ -266,6 +266,8 @@ def test_top_confusions_rank_by_share_then_by_images():
     assert plot_results.top_confusions(run, count=2) == [("b", "c", 100.0, 2), ("a", "b", 50.0, 2)]
     preds[8:] = 0  # now 2 -> 0 is 4 of 4: the same share as 1 -> 2, with more images, so it comes first
     assert [(t, p, c) for t, p, _, c in plot_results.top_confusions(run, count=2)] == [("c", "a", 4), ("b", "c", 2)]
+    preds[6:] = [0, 0, 0, 2]  # 2 -> 0: 3 of 4, more images than 1 -> 2's 2 of 2 but a smaller share: it comes second
+    assert [(t, p, c) for t, p, _, c in plot_results.top_confusions(run, count=2)] == [("b", "c", 2), ("c", "a", 3)]
 
 
 def sparse_pretraining():
