@@ -635,6 +635,11 @@ def test_projection_counts_the_reference_steps_compilations_evaluations_and_flop
     unmeasured = bench.project_reference(pretrain, {**finetune, "input_ms_per_step": None}, evaluation, 500.0)
     assert unmeasured["compile_minutes"] == pytest.approx((30 + 20 + 20) / 60)
     assert unmeasured["second_finetune_compile_s"] is None and unmeasured["finetune_input_minutes_at_most"] is None
+    # At the reference batches the last partial batch of each epoch is dropped, as the scripts drop it: 50,000 // 512
+    # = 97 and 50,000 // 128 = 390 steps per epoch (14,550 and 39,000 in all, the README's counts).
+    reference = bench.project_reference({**pretrain, "batch_size": 512}, {**finetune, "batch_size": 128}, evaluation,
+                                        500.0)
+    assert (reference["pretrain_steps"], reference["finetune_steps"]) == (14_550, 39_000)
 
 
 def test_device_time_profile_gives_each_operators_self_time_per_step_largest_first(monkeypatch):
