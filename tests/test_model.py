@@ -525,8 +525,8 @@ def test_weights_start_as_maes_initialisation_not_torchs_defaults():
     for name, model in (("mae", mae), ("classifier", classifier)):
         patch_embed = model.encoder.patch_embed.weight.flatten(1)
         special = {model.encoder.patch_embed, *([mae.decoder.pred] if model is mae else [classifier.head])}
-        matrices = [(f"{name}.patch_embed", patch_embed)] + [
-            (f"{name}.{n}", m.weight) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m not in special]
+        linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m not in special]
+        matrices = [(f"{name}.patch_embed", patch_embed)] + [(f"{name}.{n}", m.weight) for n, m in linears]
         for where, weight in matrices:
             fan_out, fan_in = weight.shape
             assert weight.abs().max().item() <= (6 / (fan_in + fan_out)) ** 0.5, where
