@@ -277,9 +277,9 @@ def test_each_epoch_trains_on_its_own_order_at_the_scheduled_lr_and_reports_its_
                                                                                               monkeypatch):
     """train_one_epoch over 128 images, 4 steps of 32 in chunks of 16, for epochs 1 to 3 of a 3-epoch run with
     --min_lr, then epoch 2 again. Each epoch shows every image once, in an order of its own, cut from --seed and
-    the epoch, so that an epoch run again shows its order again (and, when the batch does not divide the images,
-    each epoch leaves out another handful). Each optimizer step's logged lr is the warmup + cosine written out
-    longhand, from the peak down to --min_lr. The epoch's loss is the mean of its chunks' losses."""
+    the epoch, so that an epoch run again (a resumed run's) shows its order again. Each optimizer step's logged lr
+    is the warmup + cosine written out longhand, from the peak down to --min_lr. The epoch's loss is the mean of
+    its chunks' losses."""
     import data
     import mae_pretrain
     args, mae = _tiny_mae(tmp_path, "--total_epoch", "3", "--base_learning_rate", "1e-3", "--min_lr", "1e-5")
@@ -355,7 +355,7 @@ def test_the_reconstruction_figure_masks_the_patches_its_fixed_noise_masks(tmp_p
     import data
     import mae_pretrain
     from model import random_masking
-    args, model = _tiny_mae(tmp_path)
+    _, model = _tiny_mae(tmp_path)
     imgs = data.normalize(data.fake_images(4, seed=1).images)
     noise = torch.rand(4, 64, generator=torch.Generator().manual_seed(0))
     panels = []
@@ -365,7 +365,7 @@ def test_the_reconstruction_figure_masks_the_patches_its_fixed_noise_masks(tmp_p
     for a, b in zip(*panels):
         assert torch.equal(a, b)
     _, mask, _ = random_masking(torch.zeros(4, 64, 1), model.cfg.mask_ratio, noise)  # (B, N), 1 = masked
-    masked_panel, _, original = panels[0]
+    masked_panel = panels[0][0]
     blank = (masked_panel == data.denormalize(torch.zeros(1, 3, 1, 1))).all(dim=1)  # (B, H, W)
     per_patch = blank.view(4, 8, 4, 8, 4).all(dim=4).all(dim=2).flatten(1)  # (B, N): every pixel blank
     assert torch.equal(per_patch, mask.bool())
