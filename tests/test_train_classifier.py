@@ -794,23 +794,25 @@ def test_recipe_layer_decay_applies_to_pretrained_runs_only():
     assert explicit.layer_decay == 0.8
 
 
+@pytest.mark.parametrize("num_classes", [10, 100])  # CIFAR-10, and CIFAR-100's labels up to 93 here
 @pytest.mark.parametrize("mixup, cutmix", [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
-def test_mixup_and_cutmix_targets_are_distributions_matching_the_mixed_images(mixup, cutmix):
+def test_mixup_and_cutmix_targets_are_distributions_matching_the_mixed_images(mixup, cutmix, num_classes):
     args = parse(["--mixup", str(mixup), "--cutmix", str(cutmix), "--label_smoothing", "0.1"])
     train_classifier.resolve_recipe(args)
-    mix = train_classifier.make_mixup(args, num_classes=10)
-    labels = torch.arange(16) % 10  # every image's partner (the reversed batch) has another class
-    off, on = 0.1 / 10, 1 - 0.1 + 0.1 / 10
+    mix = train_classifier.make_mixup(args, num_classes=num_classes)
+    # Rising labels: every image's partner (the reversed batch) has another class.
+    labels = torch.arange(16) * num_classes // 16
+    off, on = 0.1 / num_classes, 1 - 0.1 + 0.1 / num_classes
     kinds = set()
     for seed in range(8):
         np.random.seed(seed)
         x = torch.rand(16, 3, 32, 32)
         mixed, target = mix(x.clone(), labels)
-        assert target.shape == (16, 10) and target.min() >= 0
+        assert target.shape == (16, num_classes) and target.min() >= 0
         assert torch.allclose(target.sum(dim=1), torch.ones(16), atol=1e-6)
         lam = ((target[0, labels[0]] - off) / (on - off)).item()
         # Longhand: lam of the smoothed one-hot of the own label, 1 - lam of the partner's.
-        smooth = torch.full((16, 10), off).scatter_(1, labels[:, None], on)
+        smooth = torch.full((16, num_classes), off).scatter_(1, labels[:, None], on)
         assert torch.allclose(target, lam * smooth + (1 - lam) * smooth.flip(0), atol=1e-6)
         if lam > 1 - 1e-6:  # a CutMix box too small to hold a pixel: nothing was mixed, neither kind
             assert torch.allclose(mixed, x, atol=1e-6)
@@ -1121,6 +1123,18 @@ def _make_bad_checkpoints(tmp_path, mae_ckpt):
     (["--output_model_path", "{ckpts}/blocked.pt"], "blocked_last.pt' is a folder, not a file"),
     (["--linear_probe", "--pretrained_model_path", "{mae}", "--max_device_batch_size", "1"],
      "--max_device_batch_size 1 gives chunks of 1 image: the linear probe's BatchNorm needs at least 2"),
+    # CutMix alone mixes too (the plain recipe has neither, the finetune recipe both).
+    (["--recipe", "plain", "--cutmix", "1", "--batch_size", "30", "--max_device_batch_size", "15"],
+     "--max_device_batch_size 15 gives chunks of 15 images, which must be even with --mixup/--cutmix"),
+    (["--mixup", "-0.1"], "--mixup must be >= 0, got -0.1"),
+    (["--cutmix", "-1"], "--cutmix must be >= 0, got -1.0"),
+    (["--drop_path", "1.0"], "--drop_path must be in [0, 1), got 1.0"),  # every residual branch dropped
+    (["--random_erase", "1.5"], "--random_erase must be in [0, 1], got 1.5"),
+    (["--crop_padding", "-1"], "--crop_padding must be >= 0, got -1"),
+    (["--log_interval", "0"], "--log_interval must be >= 1, got 0"),
+    (["--run_name", ".."], "--run_name must be a plain file-name prefix, got '..'"),
+    (["--linear_probe", "--pretrained_model_path", "{mae}", "--layer_decay", "0.8"],
+     "--drop_path and --layer_decay do not apply with --linear_probe"),
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, mae_ckpt, capsys, bad_flags, expected):
     ckpts = _make_bad_checkpoints(tmp_path, mae_ckpt)
