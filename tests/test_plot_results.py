@@ -624,6 +624,23 @@ def test_an_inf_in_a_curve_is_a_gap_and_a_time_that_is_no_number_leaves_the_time
     assert (pre / "pretrain_monitor.png").is_file() and "training time" not in report
 
 
+def test_a_curves_infinities_of_either_sign_are_gaps_and_a_curve_of_no_finite_value_or_another_shape_is_refused(
+        tmp_path, capsys):
+    """load_vector: +inf and -inf become nan (gaps in the figures); an array with no finite value, or not 1-D, is
+    refused in one line with exit status 2, naming the flag and the file."""
+    path = tmp_path / "curve.npy"
+    np.save(path, np.array([1.0, -np.inf, np.inf, 2.0]))
+    np.testing.assert_array_equal(plot_results.load_vector(str(path), "--cls_dir"), [1.0, np.nan, np.nan, 2.0])
+    for values, expected in ((np.array([np.inf, -np.inf, np.nan]), "holds no finite value (all 3 are nan or inf)"),
+                             (np.zeros((2, 3)), "should hold a non-empty 1-D array of numbers, found float64 (2, 3)")):
+        np.save(path, values)
+        with pytest.raises(SystemExit) as exc:
+            plot_results.load_vector(str(path), "--cls_dir")
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"--cls_dir: {str(path)!r} {expected}" in err, err
+
+
 def test_no_input_at_all_is_one_line_with_status_2_and_writes_nothing(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "plot_results.py")], capture_output=True, text=True,
                           cwd=tmp_path)

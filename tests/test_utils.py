@@ -96,6 +96,17 @@ def test_check_resumable_refuses_a_checkpoint_that_has_run_all_its_epochs(capsys
         assert err.endswith("error: --resume 'last.pt' has already finished all 3 epochs"), err
 
 
+def test_check_resumable_refuses_a_checkpoint_that_does_not_record_a_run_defining_flag(capsys):
+    """A checkpoint whose args lack a run-defining flag (one written before the flag existed, or edited) cannot show
+    it ran under this run's value: refused in one line naming the flag, not resumed under whatever value is given."""
+    args = SimpleNamespace(resume="last.pt", total_epoch=3, stop_after=0, seed=1, val_split=0)
+    with pytest.raises(SystemExit) as exc:
+        utils.check_resumable({"args": {"seed": 1}, "epoch": 1}, args, ("seed", "val_split"))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--resume 'last.pt' was trained with --val_split None, this run has 0" in err
+
+
 def test_check_resumable_refuses_a_stop_after_that_leaves_no_epoch_to_run(capsys):
     """--stop_after at or before the checkpoint's epoch would resume into no epoch at all: refused in one line, exit
     status 2; a later one, or 0 (run to --total_epoch), resumes."""
