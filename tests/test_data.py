@@ -373,6 +373,39 @@ def test_image_folder_resizes_other_sizes_to_32_pixels_bicubic(tmp_path):
     assert torch.equal(train.images[0], torch.from_numpy(expected).permute(2, 0, 1))
 
 
+def test_image_folder_converts_grey_and_transparent_images_and_resizes_one_side_off(tmp_path):
+    """A greyscale PNG and an RGBA one load as RGB (PIL's convert), and an image 32 wide and 48 high is resized to
+    32 x 32 though its width already fits: each as PIL makes it from the file."""
+    import numpy as np
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    files = {name: Image.fromarray(torch.randint(0, 256, shape, dtype=torch.uint8, generator=g).numpy())
+             for name, shape in (("grey.png", (32, 32)), ("rgba.png", (32, 32, 4)), ("tall.png", (48, 32, 3)))}
+    assert [files[name].mode for name in ("grey.png", "rgba.png")] == ["L", "RGBA"]
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        for name, image in files.items():
+            image.save(tmp_path / split / "a" / name)
+    train, _ = data.load_data(data_args(dataset="folder", data_path=str(tmp_path)))
+    assert train.images.shape == (3, 3, 32, 32)
+    for i, name in enumerate(sorted(files)):  # the folder's files in name order
+        with Image.open(tmp_path / "train" / "a" / name) as im:
+            expected = np.array(im.convert("RGB").resize((32, 32), Image.BICUBIC))
+        assert torch.equal(train.images[i], torch.from_numpy(expected).permute(2, 0, 1)), name
+
+
+def test_an_image_folder_with_both_val_and_test_is_scored_on_val(tmp_path):
+    """val/ is the held-out split when both val/ and test/ exist: the test split stays untouched for the end."""
+    root = _folder_dataset(tmp_path, {"train": {"a": 2}, "val": {"a": 3}, "test": {"a": 5}})
+    _, val = data.load_data(data_args(dataset="folder", data_path=str(root)))
+    assert len(val) == 3
+
+
+def test_a_small_fake_dataset_still_has_16_val_images():
+    """--dataset fake holds out a quarter of --fake_size as its own val set, and never fewer than 16 images."""
+    assert [len(data.load_data(data_args(fake_size=n))[1]) for n in (20, 64, 100)] == [16, 16, 25]
+
+
 def _best_roll(images, reference, reach=8):
     """For each image, the mean squared difference to the roll of `reference` (by at most `reach` pixels each way)
     that matches it best, and that roll's (down, right) shift."""
