@@ -427,6 +427,8 @@ def test_the_second_fine_tunes_compilation_is_measured_in_a_new_process(tmp_path
     ("## Call CompiledFxGraph fqjo67qi3ibfo3hrfqvgs7zrbgcbkybeddoghzk4hp56xmpdrvcq ##", "inductor's fused kernels"),
     ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>", "other"),
     ("aten::addmm", "matrix products"),
+    ("aten::bmm", "matrix products"),  # the math attention's products on a CPU, and einsum's
+    ("aten::baddbmm", "matrix products"),
     ("aten::convolution_backward", "matrix products"),
     ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", "attention"),
     ("aten::gelu", "other"),
@@ -766,6 +768,8 @@ def test_host_sync_recorder_flags_what_makes_the_host_wait_and_nothing_else():
         ("index_put_ (boolean mask)", lambda: x.clone().index_put_((x > 0,), torch.tensor(0.0))),
         ("repeat_interleave", lambda: torch.arange(3).repeat_interleave(torch.tensor([1, 2, 3]))),
         ("_unique2", lambda: torch.unique(idx, return_inverse=True)),
+        ("bincount", lambda: torch.bincount(idx)),  # its length is the largest index
+        ("equal", lambda: torch.equal(x, x)),  # a Python bool
         # The meta device stands in for a GPU: a blocking copy to it, or one from pageable memory, is flagged.
         ("_to_copy to the device, blocking", lambda: x.to("meta")),
         ("_to_copy to the device, blocking", lambda: torch.tensor(0.5).to("meta")),

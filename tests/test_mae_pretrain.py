@@ -463,6 +463,7 @@ def test_attention_flag_sets_the_kernel_of_training_and_evaluation(tmp_path, run
     (["--device", "mps"], "--device must be cuda, cuda:N or cpu, got 'mps'"),
     (["--attention", "cudnn"], "--attention cudnn cannot run on cpu"),  # a CUDA kernel
     (["--fake_size", "2000000"], "--fake_size must be in [1, 1,000,000]"),
+    (["--fake_size", "0"], "--fake_size must be in [1, 1,000,000], got 0"),
     (["--model_path", "{tmp}/run/outputs/args.json"], "--model_path must name a .pt or .pth file"),
     (["--model_path", ""], "--model_path must name a .pt or .pth file, got ''"),
     (["--output_dir", ""], "--output_dir must name a folder, got ''"),
