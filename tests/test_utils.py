@@ -296,6 +296,22 @@ def test_sigterm_lets_the_background_writer_finish_its_job(tmp_path, handler):
         assert returncode == -signal.SIGTERM and not os.path.exists(out)
 
 
+def test_each_attention_flag_enables_its_own_kernel_alone():
+    """--attention flash / efficient / cudnn / math: inside utils.attention_kernel exactly that kernel of
+    F.scaled_dot_product_attention is enabled (torch's switches, which hold on any device), and auto leaves all
+    four as they were. On a CPU only math and flash run, so the GPU kernels' names are checked here."""
+    sdp = torch.backends.cuda
+    switches = {"flash": sdp.flash_sdp_enabled, "efficient": sdp.mem_efficient_sdp_enabled,
+                "cudnn": sdp.cudnn_sdp_enabled, "math": sdp.math_sdp_enabled}
+    before = {name: enabled() for name, enabled in switches.items()}
+    for name in switches:
+        with utils.attention_kernel(name):
+            assert {other for other, enabled in switches.items() if enabled()} == {name}
+        assert {other: enabled() for other, enabled in switches.items()} == before
+    with utils.attention_kernel("auto"):
+        assert {other: enabled() for other, enabled in switches.items()} == before
+
+
 def test_the_background_writer_runs_its_jobs_in_order_and_reraises_a_failed_ones_error():
     """Jobs run one after another, in the order given; a job's error is raised by the next submit (or by close),
     in the main thread, so that a failed write stops the run instead of being lost."""
