@@ -1,4 +1,5 @@
 """Shared helpers for the tests. Run the whole suite with: python -m pytest -q tests"""
+import math
 import os
 import sys
 
@@ -23,6 +24,15 @@ def tiny_pretrain_argv(tmp_path, *extra, name="run"):
             "--total_epoch", "2", "--warmup_epoch", "1", "--device", "cpu", "--log_interval", "1",
             "--model_path", str(out / "mae.pt"), "--output_dir", str(out / "outputs"),
             "--log_dir", str(out / "logs"), *TINY_MODEL, *extra]
+
+
+def warmup_cosine_lrs(peak: float, warmup: int, total: int, min_lr: float = 0.0, steps: int | None = None) -> list:
+    """The lr of steps 0 .. steps - 1 (default total) written out longhand, an independent reference for utils.lr_at
+    and the lr the scripts log: linear warmup to peak over `warmup` steps, then half a cosine from peak down to
+    min_lr at step `total`."""
+    return [peak * (s + 1) / warmup if s < warmup else
+            min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+            for s in range(total if steps is None else steps)]
 
 
 @pytest.fixture

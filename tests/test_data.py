@@ -21,6 +21,11 @@ def data_args(**kw):
     return argparse.Namespace(**args)
 
 
+def image_keys(images) -> set:
+    """Each image's bytes: which images two sets share."""
+    return {bytes(img.flatten().tolist()) for img in images}
+
+
 def test_image_folder_fixture_loads_as_uint8_with_class_names():
     train, val = data.load_data(data_args(dataset="folder", data_path=FIXTURE_DIR, val_split=10))
     assert train.images.dtype == torch.uint8 and train.images.shape[1:] == (3, 32, 32)
@@ -34,9 +39,8 @@ def test_val_split_is_disjoint_fixed_and_covers_the_training_set():
     again_train, again_val = data.load_data(data_args(val_split=50))
     assert torch.equal(val.images, again_val.images) and torch.equal(train.images, again_train.images)
     # Every original image lands in exactly one of the two parts.
-    key = lambda imgs: {bytes(img.flatten().tolist()) for img in imgs}  # noqa: E731
-    assert key(train.images) | key(val.images) == key(full.images)
-    assert not key(train.images) & key(val.images)
+    assert image_keys(train.images) | image_keys(val.images) == image_keys(full.images)
+    assert not image_keys(train.images) & image_keys(val.images)
     assert len(train) == 150 and len(val) == 50
 
 
@@ -44,9 +48,8 @@ def test_the_fake_datasets_own_val_set_shares_no_image_with_its_training_set():
     """Without --val_split, --dataset fake has a val set of its own, a quarter of --fake_size (at least 16) drawn
     apart from the training images: none of them is a training image."""
     train, val = data.load_data(data_args())
-    key = lambda imgs: {bytes(img.flatten().tolist()) for img in imgs}  # noqa: E731
     assert (len(train), len(val)) == (200, 50)
-    assert len(key(val.images)) == 50 and not key(train.images) & key(val.images)
+    assert len(image_keys(val.images)) == 50 and not image_keys(train.images) & image_keys(val.images)
 
 
 def test_the_val_split_is_the_same_whatever_the_seed():
@@ -62,12 +65,11 @@ def test_a_smaller_val_split_holds_out_the_first_images_of_a_larger_one_in_rando
     smaller split's val images are the first ones of a larger split's, in the same order, and a larger split trains
     on a subset of a smaller one's images. The held-out images keep the permutation's order, so the val split of an
     image folder (sorted by class) does not come sorted by class."""
-    key = lambda imgs: {bytes(img.flatten().tolist()) for img in imgs}  # noqa: E731
     small_train, small_val = data.load_data(data_args(val_split=20))
     large_train, large_val = data.load_data(data_args(val_split=50))
     assert torch.equal(large_val.images[:20], small_val.images)
     assert torch.equal(large_val.labels[:20], small_val.labels)
-    assert key(large_train.images) < key(small_train.images)
+    assert image_keys(large_train.images) < image_keys(small_train.images)
     _, folder_val = data.load_data(data_args(dataset="folder", data_path=FIXTURE_DIR, val_split=10))
     assert folder_val.labels.tolist() != sorted(folder_val.labels.tolist())
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import FIXTURE_DIR, ROOT, TINY_MODEL, check_resume_refuses_each_defining_flag, tiny_pretrain_argv
+from conftest import (FIXTURE_DIR, ROOT, TINY_MODEL, check_resume_refuses_each_defining_flag, tiny_pretrain_argv,
+                      warmup_cosine_lrs)
 
 
 def test_two_epoch_run_writes_every_output(tmp_path, run_pretrain):
@@ -320,10 +321,7 @@ def test_each_epoch_trains_on_its_own_order_at_the_scheduled_lr_and_reports_its_
         assert len(chunk_losses) == 8 and stats["loss"] == pytest.approx(sum(chunk_losses) / 8, rel=1e-6)
     assert len({tuple(order) for order in orders[:3]}) == 3 and orders[3] == orders[1]
 
-    peak, min_lr, warmup, total = 1e-3 * 32 / 256, 1e-5, 4, 12
-    expected = [peak * (s + 1) / warmup if s < warmup else
-                min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
-                for s in range(total)]
+    expected = warmup_cosine_lrs(1e-3 * 32 / 256, warmup=4, total=12, min_lr=1e-5)
     assert [step for step, _ in writer.lr] == [*range(12), *range(4, 8)]
     assert [lr for _, lr in writer.lr] == pytest.approx(expected + expected[4:8], rel=1e-9)
 

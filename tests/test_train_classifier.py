@@ -25,7 +25,8 @@ from torch.utils.tensorboard import SummaryWriter
 import data
 import train_classifier
 import utils
-from conftest import FIXTURE_DIR, ROOT, TINY_MODEL, check_resume_refuses_each_defining_flag, tiny_pretrain_argv
+from conftest import (FIXTURE_DIR, ROOT, TINY_MODEL, check_resume_refuses_each_defining_flag, tiny_pretrain_argv,
+                      warmup_cosine_lrs)
 from model import MAEConfig, ViTClassifier
 
 FAKE_TRAIN, FAKE_VAL, BATCH = 128, 32, 32  # --dataset fake --fake_size 128 holds out max(128 // 4, 16) val images
@@ -167,9 +168,7 @@ def test_scratch_run_writes_every_output(tmp_path):
     assert summary["recipe_settings"] == {**train_classifier.RECIPES["finetune"], "layer_decay": 1.0}
     events = EventAccumulator(str(tmp_path / "run" / "logs"), size_guidance={"scalars": 0}).Reload()
     # finetune: linear warmup over --warmup_epoch, then cosine to --min_lr 0, one value per optimizer step.
-    total, warmup, peak = 2 * STEPS, STEPS, 1e-3 * BATCH / 256
-    expected = [peak * (s + 1) / warmup if s < warmup else
-                peak * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))) for s in range(total)]
+    expected = warmup_cosine_lrs(1e-3 * BATCH / 256, warmup=STEPS, total=2 * STEPS)
     assert [e.value for e in events.Scalars("lr")] == pytest.approx(expected, rel=1e-6)
 
 
@@ -633,10 +632,7 @@ def test_each_epoch_shows_the_training_images_in_its_own_order_at_the_scheduled_
         assert sorted(shown) == list(range(32))
         orders.append(shown)
     assert orders[0] != orders[1] and orders[0] == orders[2]
-    peak, warmup, total = 1e-2 * 8 / 256, 4, 8
-    expected = [peak * (s + 1) / warmup if s < warmup else
-                1e-5 + (peak - 1e-5) * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
-                for s in range(total)]
+    expected = warmup_cosine_lrs(1e-2 * 8 / 256, warmup=4, total=8, min_lr=1e-5)
     assert [step for step, _ in logged] == [*range(8), *range(4)]
     assert [lr for _, lr in logged] == pytest.approx(expected + expected[:4], rel=1e-9)
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import utils
-from conftest import ROOT
+from conftest import ROOT, warmup_cosine_lrs
 from model import MAE, MAEConfig, ViTClassifier
 
 
@@ -41,10 +41,7 @@ def test_lr_cosine_runs_from_the_peak_down_to_min_lr():
     assert lrs[warm - 1] == pytest.approx(peak) and lrs[warm] == pytest.approx(peak)  # warmup's end, cosine's start
     assert lrs[warm + (total - warm) // 2] == pytest.approx((peak + min_lr) / 2, rel=1e-9)
     assert lrs[total - 1] == pytest.approx(min_lr, rel=1e-2) and lrs[total] == pytest.approx(min_lr, rel=1e-9)
-    expected = [peak * (s + 1) / warm if s < warm else
-                min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm)))
-                for s in range(total + 1)]
-    assert lrs == pytest.approx(expected, rel=1e-9)
+    assert lrs == pytest.approx(warmup_cosine_lrs(peak, warm, total, min_lr, steps=total + 1), rel=1e-9)
 
 
 def test_seed_epoch_draws_differ_by_seed_epoch_and_rank_and_repeat_for_the_same_ones():
