@@ -831,7 +831,11 @@ def check_resumable(ckpt: dict, args, run_defining_flags) -> None:
     """One-line death unless the --resume checkpoint ran under this run's values of the flags that define a run,
     and has epochs left to run (before --stop_after, when given)."""
     for name in run_defining_flags:
-        saved, given = ckpt["args"].get(name), getattr(args, name)
+        given = getattr(args, name)
+        if name not in ckpt["args"]:  # written before the flag existed, or edited: its value is unknown
+            die(f"--resume {args.resume!r} does not record --{name} (this run has {given}), so it cannot be shown "
+                "to continue this run's schedule; start the run afresh")
+        saved = ckpt["args"][name]
         if saved != given:
             die(f"--resume {args.resume!r} was trained with --{name} {saved}, this run has {given}: pass the same "
                 "value to continue its schedule")

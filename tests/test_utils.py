@@ -101,7 +101,7 @@ def test_check_resumable_refuses_a_checkpoint_that_does_not_record_a_run_definin
         utils.check_resumable({"args": {"seed": 1}, "epoch": 1}, args, ("seed", "val_split"))
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--resume 'last.pt' was trained with --val_split None, this run has 0" in err
+    assert len(err.splitlines()) == 1 and "--resume 'last.pt' does not record --val_split (this run has 0)" in err
 
 
 def test_check_resumable_refuses_a_stop_after_that_leaves_no_epoch_to_run(capsys):
