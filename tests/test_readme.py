@@ -1,16 +1,20 @@
 """The README's CPU commands run as printed: the two scripts' smoke runs, then plot_results.py on their outputs,
 each a process of its own with /tmp/ moved into the test's folder. The scripts' docstrings give the same smoke
 runs, so a change to one that leaves the other behind fails here too. And the README's recipe table gives the
-values train_classifier.py's recipes hold.
+values train_classifier.py's recipes hold, and its Flags tables every flag of the three scripts with its default.
 
 Run: python -m pytest -q tests/test_readme.py (about 30 s on 2 CPU cores)
 """
 import os
+import re
 import shlex
 import subprocess
 import sys
 
+import pytest
+
 import mae_pretrain
+import plot_results
 import train_classifier
 from conftest import ROOT
 
@@ -49,6 +53,11 @@ def test_the_readme_cpu_smoke_runs_and_plot_command_run_as_printed(tmp_path):
     assert "scratch" in (tmp_path / "results.md").read_text()
 
 
+def shown(value) -> str:
+    """A parser default as the README's tables write it."""
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+
 def test_the_readme_recipe_table_gives_each_recipes_values():
     """The README's recipe table (Fine-tuning, Recipes) states each flag's value in `finetune` and `plain`, which
     train_classifier.RECIPES holds: a change to one without the other fails here. (finetune's layer decay, 0.75,
@@ -61,12 +70,53 @@ def test_the_readme_recipe_table_gives_each_recipes_values():
             rows[cells[1].split("`")[1].removeprefix("--")] = cells[2:4]
     assert set(rows) == set(train_classifier.RECIPE_FLAGS), rows
 
-    def shown(value) -> str:
-        if isinstance(value, bool):
-            return "on" if value else "off"
-        return str(value)
     for flag, (finetune, plain) in rows.items():
         for cell, value in ((finetune, train_classifier.RECIPES["finetune"][flag]),
                             (plain, train_classifier.RECIPES["plain"][flag])):
             first = cell.split()[0].strip("`")
             assert first == shown(value) or (isinstance(value, float) and float(first) == value), (flag, cell, value)
+
+
+def flag_table(readme: str, heading: str) -> tuple:
+    """({flag: the cell of its default}, the section's text) from the `| flag | default | meaning |` table of the
+    README's section that starts at `heading` (up to the next heading of that level); a row naming several flags
+    gives each its own comma-separated part of the cell."""
+    text = readme[readme.index(heading + "\n") + len(heading):]
+    end = re.search(rf"^{heading.split()[0]} ", text, re.M)
+    text = text[:end.start() if end else len(text)]
+    table = text[text.index("| flag | default | meaning |"):].split("\n\n")[0]
+    defaults = {}
+    for line in table.splitlines()[2:]:
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        flags = [flag for flag in re.findall(r"`(--[a-z_-]+)`", cells[0]) if not flag.startswith("--no-")]
+        parts = [part.strip() for part in cells[1].split(",")] if len(flags) > 1 else [cells[1]]
+        assert len(parts) == len(flags), line
+        defaults.update(zip(flags, parts))
+    return defaults, text
+
+
+@pytest.mark.parametrize("module, heading", [
+    (mae_pretrain, "## Pretraining: `mae_pretrain.py`"),
+    (train_classifier, "## Fine-tuning: from scratch vs from the MAE encoder, and the linear probe"),
+    (plot_results, "## Figures and numbers of the report: `plot_results.py`")])
+def test_the_readme_flag_tables_name_every_flag_with_its_default(module, heading):
+    """Each script's Flags table names only flags its parser has, with the parser's default (a default of None is
+    resolved at run time, from the device or the checkpoint, and its cell says how in words), and every flag the
+    parser has is in that table or, for train_classifier.py, in its section's text (the recipe table, the flags it
+    shares with mae_pretrain.py, whose defaults must then be the same where they are not None). A flag added,
+    renamed or given another default without the README fails here."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    table, text = flag_table(readme, heading)
+    actions = {action.option_strings[0]: action  # --compile for --compile/--no-compile
+               for action in module.get_args_parser()._actions if action.option_strings != ["-h", "--help"]}
+    assert set(table) <= set(actions), set(table) - set(actions)
+    for flag, cell in table.items():
+        default = actions[flag].default
+        if default is not None:
+            assert cell == shown(default) or (isinstance(default, float) and float(cell) == default), (flag, cell)
+    pretrain_defaults = {action.option_strings[0]: action.default
+                         for action in mae_pretrain.get_args_parser()._actions}
+    for flag in set(actions) - set(table):
+        assert module is train_classifier and f"`{flag}`" in text, flag
+        if actions[flag].default is not None:  # the model-size flags' None: from the checkpoint, or ViT-T
+            assert actions[flag].default == pretrain_defaults[flag], flag
