@@ -536,11 +536,14 @@ def test_matmul_peak_is_two_n_cubed_flops_over_the_median_repeat(monkeypatch):
     assert peak["tflops"] == pytest.approx(2 * 1024 ** 3 / 0.2 / 1e12)
 
 
-def test_bench_phase_reports_the_median_repeat_and_the_rates_it_implies(monkeypatch):
+@pytest.mark.parametrize("warmup_step_s, compile_s", [(0.25, 0.75 - 3 * 0.020), (0.005, 0.0)])
+def test_bench_phase_reports_the_median_repeat_and_the_rates_it_implies(monkeypatch, warmup_step_s, compile_s):
     """bench_phase's numbers from made-up timings on a clock that moves only when told: 3 warm-up steps of 0.25 s,
     3 repeats at 10, 40 and 20 ms per step (the host's 4, 1 and 2 ms), an epoch of 24 images (3 steps of 8) in
     0.6 s, 10^9 forward FLOPs per image and a 4 TFLOP/s peak. The median repeat is 20 ms: 400 images/s, 1.2 TFLOP/s
-    of training (3 forwards), 30% of the peak; the compile estimate is the warm-up less 3 steps at that rate. Each
+    of training (3 forwards), 30% of the peak; the compile estimate is the warm-up less 3 steps at that rate, and 0
+    when warm-up steps of 5 ms (nothing compiled, a noisy clock) outrun the timed ones, not a negative time that the
+    projection would subtract. Each
     step of 2 chunks adds its chunks' mean losses, 0.25 each, to the device-side sum. The input work alone, on one
     batch, is the median of its repeats too, in ms: 3, 1 and 2 ms (eager: 9, 5 and 7 ms)."""
     clock = FakeClock()
@@ -562,7 +565,7 @@ def test_bench_phase_reports_the_median_repeat_and_the_rates_it_implies(monkeypa
 
     def step(model, optimizer, scaler, batch_idx, lr, loss_sum, amp_dtype):
         batches.append(len(batch_idx))
-        clock.advance(0.25)
+        clock.advance(warmup_step_s)
         loss_sum.add_(2 * 0.25)
     phase = bench.Phase("pretrain", torch.nn.Linear(2, 2), lambda net: torch.optim.SGD(net.parameters(), lr=0.1),
                         0.1, 8, step, 10 ** 9, inputs=lambda idx: inputs.append(("compiled", len(idx))),
@@ -579,7 +582,7 @@ def test_bench_phase_reports_the_median_repeat_and_the_rates_it_implies(monkeypa
     assert r["images_per_sec"] == pytest.approx(400.0)
     assert (r["flops_per_image_forward"], r["flops_per_image_train"]) == (10 ** 9, 3 * 10 ** 9)
     assert r["tflops"] == pytest.approx(1.2) and r["percent_of_peak"] == pytest.approx(30.0)
-    assert r["warmup_s"] == pytest.approx(0.75) and r["compile_s"] == pytest.approx(0.75 - 3 * 0.020)
+    assert r["warmup_s"] == pytest.approx(3 * warmup_step_s) and r["compile_s"] == pytest.approx(compile_s)
     assert (r["epoch_steps"], r["epoch_s"]) == (3, pytest.approx(0.6))
     assert r["epoch_ms_per_step"] == pytest.approx(200.0)
     assert r["mean_loss"] == pytest.approx(0.25)
