@@ -35,6 +35,16 @@ def warmup_cosine_lrs(peak: float, warmup: int, total: int, min_lr: float = 0.0,
             for s in range(total if steps is None else steps)]
 
 
+class LrRecorder:
+    """A SummaryWriter for a train_one_epoch: keeps the (step, lr) pairs it logs, and fails on any other tag."""
+    def __init__(self):
+        self.lr = []
+
+    def add_scalar(self, tag, value, step):
+        assert tag == "lr"
+        self.lr.append((step, value))
+
+
 @pytest.fixture
 def run_pretrain():
     """Parse argv with the script's own parser and run main, as the command line would."""

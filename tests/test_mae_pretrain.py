@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import (FIXTURE_DIR, ROOT, TINY_MODEL, check_resume_refuses_each_defining_flag, tiny_pretrain_argv,
-                      warmup_cosine_lrs)
+from conftest import (FIXTURE_DIR, ROOT, TINY_MODEL, LrRecorder, check_resume_refuses_each_defining_flag,
+                      tiny_pretrain_argv, warmup_cosine_lrs)
 
 
 def test_two_epoch_run_writes_every_output(tmp_path, run_pretrain):
@@ -296,19 +296,11 @@ def test_each_epoch_trains_on_its_own_order_at_the_scheduled_lr_and_reports_its_
             chunk_losses.append(out[0].item())
             return out
 
-    class Scalars:
-        def __init__(self):
-            self.lr = []
-
-        def add_scalar(self, tag, value, step):
-            assert tag == "lr"
-            self.lr.append((step, value))
-
     def recording_take(source, idx, device):
         shown.extend(idx.tolist())
         return take(source, idx, device)
     monkeypatch.setattr(data, "take", recording_take)
-    model, cpu, writer = Recording(), torch.device("cpu"), Scalars()
+    model, cpu, writer = Recording(), torch.device("cpu"), LrRecorder()
     optimizer = mae_pretrain.make_optimizer(model, args, cpu)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     images = data.fake_images(128, seed=1).images

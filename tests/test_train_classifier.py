@@ -25,8 +25,8 @@ from torch.utils.tensorboard import SummaryWriter
 import data
 import train_classifier
 import utils
-from conftest import (FIXTURE_DIR, ROOT, TINY_MODEL, check_resume_refuses_each_defining_flag, tiny_pretrain_argv,
-                      warmup_cosine_lrs)
+from conftest import (FIXTURE_DIR, ROOT, TINY_MODEL, LrRecorder, check_resume_refuses_each_defining_flag,
+                      tiny_pretrain_argv, warmup_cosine_lrs)
 from model import MAEConfig, ViTClassifier
 
 FAKE_TRAIN, FAKE_VAL, BATCH = 128, 32, 32  # --dataset fake --fake_size 128 holds out max(128 // 4, 16) val images
@@ -613,13 +613,7 @@ def test_each_epoch_shows_the_training_images_in_its_own_order_at_the_scheduled_
     net = _linear_net()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
     utils.allocate_grads(optimizer)
-    logged = []
-
-    class Scalars:
-        def add_scalar(self, tag, value, step):
-            assert tag == "lr"
-            logged.append((step, value))
-    orders = []
+    writer, orders = LrRecorder(), []
     for epoch in (1, 2, 1):
         shown = []
 
@@ -628,13 +622,13 @@ def test_each_epoch_shows_the_training_images_in_its_own_order_at_the_scheduled_
             return data.normalize(x)
         train_classifier.train_one_epoch(net, None, optimizer, torch.amp.GradScaler("cpu", enabled=False), images,
                                          labels, prepare, None, torch.nn.CrossEntropyLoss(), args, epoch, 4,
-                                         torch.device("cpu"), None, Scalars())
+                                         torch.device("cpu"), None, writer)
         assert sorted(shown) == list(range(32))
         orders.append(shown)
     assert orders[0] != orders[1] and orders[0] == orders[2]
     expected = warmup_cosine_lrs(1e-2 * 8 / 256, warmup=4, total=8, min_lr=1e-5)
-    assert [step for step, _ in logged] == [*range(8), *range(4)]
-    assert [lr for _, lr in logged] == pytest.approx(expected + expected[:4], rel=1e-9)
+    assert [step for step, _ in writer.lr] == [*range(8), *range(4)]
+    assert [lr for _, lr in writer.lr] == pytest.approx(expected + expected[:4], rel=1e-9)
 
 
 def test_train_accuracy_counts_the_images_the_epoch_showed():
