@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -83,17 +84,20 @@ def check_run_outputs(args, checkpoint_flag: str) -> None:
 
 
 def make_output_folders(folders: dict, device: torch.device) -> None:
-    """Make the run's output folders, {flag: folder}, on rank 0 (the one process that writes). The checks above
-    ask os.access, which cannot foresee every refusal (a read-only mount, an ACL, a kernel file system), so a
-    folder that cannot be made ends the run here in one line that names its flag, before any file is written;
-    under torchrun every process learns of it and stops with it, rather than in a collective rank 0 left."""
+    """Make the run's output folders, {flag: folder}, on rank 0 (the one process that writes), and write and delete
+    a file in each. The checks above ask os.access, which cannot foresee every refusal (a read-only mount, an ACL,
+    a kernel file system such as /proc, where root passes it), so a folder that cannot be made or written in ends
+    the run here in one line that names its flag, before any file is written; under torchrun every process learns
+    of it and stops with it, rather than in a collective rank 0 left."""
     error = None
     if dist_env()[0] == 0:
         for flag, folder in folders.items():
             try:
                 os.makedirs(folder, exist_ok=True)
+                with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+                    pass
             except OSError as e:
-                error = f"{flag}: cannot make folder {folder!r} ({e.strerror or e})"
+                error = f"{flag}: cannot write in folder {folder!r} ({e.strerror or e})"
                 break
     if not all_processes(error is None, device):
         die(error or "rank 0 could not make the output folders (its own line says which)")

@@ -514,8 +514,19 @@ def test_unwritable_outputs_are_refused_before_the_last_runs_files_change(tmp_pa
         run_pretrain(tiny_pretrain_argv(tmp_path, "--total_epoch", "1", "--output_dir", str(run_dir / "kernel_fs")))
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--output_dir: cannot make folder" in err, err
+    assert len(err.splitlines()) == 1 and "--output_dir: cannot write in folder" in err, err
     assert files_under(run_dir) == before
+    monkeypatch.setattr(os, "makedirs", real_makedirs)
+
+    # A folder that exists and that os.access passes, where no file can be made: /proc, for root. (Run as another
+    # user, os.access refuses it first, with the same start of the line.)
+    if os.path.isdir("/proc"):
+        with pytest.raises(SystemExit) as exc:
+            run_pretrain(tiny_pretrain_argv(tmp_path, "--total_epoch", "1", "--model_path", "/proc/mae.pt"))
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--model_path: cannot write in" in err and "'/proc'" in err, err
+        assert files_under(run_dir) == before
 
 
 def test_resume_with_a_damaged_log_is_refused_before_anything_changes(tmp_path, run_pretrain, capsys):
