@@ -105,6 +105,89 @@ def test_a_resume_that_changes_the_knn_protocol_says_its_accuracies_are_not_comp
     assert np.load(tmp_path / "run" / "outputs" / "eval_epochs.npy").tolist() == [1, 2, 3]
 
 
+def test_a_resume_that_changes_the_knn_protocol_before_any_evaluation_goes_on_without_a_word(tmp_path, run_pretrain,
+                                                                                              capsys):
+    """A checkpoint stopped before its first evaluation has no kNN accuracy a new protocol could be inconsistent
+    with: a resume that changes --knn_k runs on, with no warning, and evaluates under the new protocol."""
+    argv = tiny_pretrain_argv(tmp_path, "--eval_every", "2")
+    run_pretrain(argv + ["--stop_after", "1"])
+    assert torch.load(tmp_path / "run" / "mae.pt", weights_only=True)["evals"] == []
+    capsys.readouterr()
+    run_pretrain(argv + ["--resume", str(tmp_path / "run" / "mae.pt"), "--knn_k", "5"])
+    assert "warning" not in capsys.readouterr().err
+    assert np.load(tmp_path / "run" / "outputs" / "eval_epochs.npy").tolist() == [2]
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_a_non_finite_loss_stops_the_run_and_its_outputs_stay_those_of_the_last_good_epoch(tmp_path, run_pretrain,
+                                                                                          monkeypatch, bad):
+    """A loss of inf, not only nan, at epoch 2 stops the run with a message that names the epoch, the loss and the
+    checkpoint's epoch; the checkpoint, losses.npy and log.jsonl stay those of epoch 1."""
+    import mae_pretrain
+    import utils
+    real_epoch, writers = mae_pretrain.train_one_epoch, []
+
+    def train_one_epoch(*args):
+        stats = real_epoch(*args)
+        return {**stats, "loss": bad} if args[5] == 2 else stats  # args[5]: the epoch
+
+    class Writer(utils.BackgroundWriter):
+        def __init__(self):
+            super().__init__()
+            writers.append(self)
+    monkeypatch.setattr(mae_pretrain, "train_one_epoch", train_one_epoch)
+    monkeypatch.setattr(utils, "BackgroundWriter", Writer)
+    with pytest.raises(SystemExit) as exc:
+        run_pretrain(tiny_pretrain_argv(tmp_path, "--total_epoch", "3"))
+    writers[0].close()  # as the interpreter does on its way out: it joins the writer's thread
+    ckpt = tmp_path / "run" / "mae.pt"
+    assert str(exc.value.code).startswith(f"epoch 2: the loss is {bad}; stopping. The checkpoint at {ckpt} still "
+                                          "holds epoch 1."), exc.value.code
+    out = tmp_path / "run" / "outputs"
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1 and len(np.load(out / "losses.npy")) == 1
+    assert [json.loads(line)["epoch"] for line in open(out / "log.jsonl")] == [1]
+
+
+def test_the_figures_masks_are_the_val_metrics_first_masks_every_epoch(tmp_path, run_pretrain, monkeypatch):
+    """Each epoch's reconstruction figure is drawn under the noise the val metrics use for their first images, the
+    same noise every epoch: the figures of two epochs hide the same patches."""
+    import mae_pretrain
+    real_reconstruct, real_evaluate = mae_pretrain.reconstruct_val, mae_pretrain.evaluate
+    figure_noise, eval_noise = [], []
+
+    def reconstruct_val(model, imgs, noise, *args):
+        figure_noise.append(noise)
+        return real_reconstruct(model, imgs, noise, *args)
+
+    def evaluate(model, train, val, val_noise, *args):
+        eval_noise.append(val_noise)
+        return real_evaluate(model, train, val, val_noise, *args)
+    monkeypatch.setattr(mae_pretrain, "reconstruct_val", reconstruct_val)
+    monkeypatch.setattr(mae_pretrain, "evaluate", evaluate)
+    run_pretrain(tiny_pretrain_argv(tmp_path, "--eval_every", "1"))
+    assert len(figure_noise) == len(eval_noise) == 2
+    for noise in figure_noise:
+        assert noise is not None and torch.equal(noise, eval_noise[0][:len(noise)])
+    assert torch.equal(eval_noise[0], eval_noise[1])
+
+
+def test_the_last_lines_name_the_best_loss_and_the_best_knn_accuracy_with_their_epochs(tmp_path, run_pretrain,
+                                                                                       monkeypatch, capsys):
+    """Scripted losses 0.3, 0.1, 0.2 and kNN accuracies 30%, 50%, 40%: the run ends by naming the lowest loss at
+    epoch 2 (counted from 1) and the highest kNN accuracy, at epoch 2, beside the last."""
+    import mae_pretrain
+    real_epoch, real_evaluate = mae_pretrain.train_one_epoch, mae_pretrain.evaluate
+    losses, knn = {1: 0.3, 2: 0.1, 3: 0.2}, iter([0.3, 0.5, 0.4])
+    monkeypatch.setattr(mae_pretrain, "train_one_epoch",
+                        lambda *args: {**real_epoch(*args), "loss": losses[args[5]]})  # args[5]: the epoch
+    monkeypatch.setattr(mae_pretrain, "evaluate", lambda *args: {**real_evaluate(*args), "knn_acc": next(knn)})
+    run_pretrain(tiny_pretrain_argv(tmp_path, "--total_epoch", "3", "--eval_every", "1"))
+    out = capsys.readouterr().out.splitlines()
+    done = [line for line in out if line.startswith("done:")]
+    assert len(done) == 1 and done[0].startswith("done: best loss 0.10000 at epoch 2, last 0.20000;"), done
+    assert out[-1] == "kNN accuracy: last 40.00% (epoch 3), best 50.00% (epoch 2)", out[-1]
+
+
 def test_the_pretraining_and_a_fine_tune_from_it_print_the_same_encoder_digest(tmp_path, run_pretrain, capsys):
     """The last line of mae_pretrain.py and the model line of train_classifier.py name the encoder by the digest
     the fine-tune keeps (utils.encoder_digest of the checkpoint's weights), so their logs can be matched."""
