@@ -241,6 +241,34 @@ def test_the_best_checkpoint_is_the_first_epoch_of_the_best_val_accuracy(tmp_pat
     assert (best["epoch"], best["val_acc"], last["epoch"], last["val_acc"]) == (1, 0.5, 3, 0.4)
 
 
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_a_non_finite_training_loss_stops_the_run_and_its_checkpoints_stay_those_of_earlier_epochs(tmp_path,
+                                                                                                  monkeypatch, bad):
+    """A training loss of inf, not only nan, at epoch 2 stops the run with a message that names the epoch, the loss
+    and both checkpoints; the best and the last checkpoint and the log stay those of epoch 1."""
+    real_epoch, writers = train_classifier.train_one_epoch, []
+
+    def train_one_epoch(*args):
+        stats = real_epoch(*args)
+        return {**stats, "train_loss": bad} if args[10] == 2 else stats  # args[10]: the epoch
+
+    class Writer(utils.BackgroundWriter):
+        def __init__(self):
+            super().__init__()
+            writers.append(self)
+    monkeypatch.setattr(train_classifier, "train_one_epoch", train_one_epoch)
+    monkeypatch.setattr(utils, "BackgroundWriter", Writer)
+    with pytest.raises(SystemExit) as exc:
+        run_cls(cls_argv(tmp_path, epochs=3))
+    writers[0].close()  # as the interpreter does on its way out: it joins the writer's thread
+    run = tmp_path / "run"
+    assert str(exc.value.code).startswith(f"epoch 2: the training loss is {bad}; stopping. {run / 'cls.pt'} and "
+                                          f"{run / 'cls_last.pt'} still hold earlier epochs."), exc.value.code
+    for name in ("cls.pt", "cls_last.pt"):
+        assert torch.load(run / name, map_location="cpu", weights_only=True)["epoch"] == 1
+    assert [json.loads(line)["epoch"] for line in open(run / "cls_outputs" / "scratch_log.jsonl")] == [1]
+
+
 def test_a_stop_after_past_the_last_epoch_ends_the_run_at_its_last_epoch(tmp_path):
     """--stop_after beyond --total_epoch stops where the schedule ends: one epoch of a one-epoch run, not three."""
     run_cls(cls_argv(tmp_path, "--warmup_epoch", "0", "--stop_after", "3", epochs=1))
@@ -1073,6 +1101,7 @@ def _make_bad_checkpoints(tmp_path, mae_ckpt):
     torch.save({**good, "config": {**good["config"], "embed_dim": 64}}, folder / "other_size.pt")
     torch.save({**good, "config": {**good["config"], "patch_size": 0}}, folder / "zero_patch.pt")
     (folder / "blocked_last.pt").mkdir()  # where --output_model_path blocked.pt would put its last epoch
+    shutil.copyfile(mae_ckpt, folder / "pre_last.pt")  # an MAE checkpoint named as --output_model_path pre.pt's last
     return folder
 
 
@@ -1106,6 +1135,9 @@ def _make_bad_checkpoints(tmp_path, mae_ckpt):
     (["--mixup", "inf"], "argument --mixup: must be a finite number, got 'inf'"),
     (["--pretrained_model_path", ""], "--pretrained_model_path must name a file"),
     (["--pretrained_model_path", "{mae}", "--output_model_path", "{mae}"], "would overwrite --pretrained_model_path"),
+    # ... nor its last epoch's checkpoint, <stem>_last.pt, which the run writes beside --output_model_path
+    (["--pretrained_model_path", "{ckpts}/pre_last.pt", "--output_model_path", "{ckpts}/pre.pt"],
+     "would overwrite --pretrained_model_path"),
     (["--output_model_path", "{ckpts}/cls.json"], "--output_model_path must name a .pt or .pth file"),
     (["--output_dir", "{ckpts}/text.pt"], "is a file, not a folder"),
     (["--device", "meta"], "--device must be cuda, cuda:N or cpu"),
