@@ -1,7 +1,10 @@
 """Shared helpers for the tests. Run the whole suite with: python -m pytest -q tests"""
 import math
 import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -33,6 +36,19 @@ def warmup_cosine_lrs(peak: float, warmup: int, total: int, min_lr: float = 0.0,
     return [peak * (s + 1) / warmup if s < warmup else
             min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
             for s in range(total if steps is None else steps)]
+
+
+def stop_with_sigterm(script: str, argv: list, log_path, timeout: float = 120.0) -> int:
+    """Run `python script argv` in a process of its own until log_path holds a line (an epoch is done), then send it
+    SIGTERM, as a scheduler's time limit does: -> its exit status."""
+    proc = subprocess.Popen([sys.executable, script, *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not (os.path.exists(log_path) and open(log_path).read().strip()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before an epoch"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=timeout)
 
 
 class LrRecorder:

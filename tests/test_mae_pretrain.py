@@ -16,7 +16,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import (FIXTURE_DIR, ROOT, TINY_MODEL, LrRecorder, check_resume_refuses_each_defining_flag,
-                      tiny_pretrain_argv, warmup_cosine_lrs)
+                      stop_with_sigterm, tiny_pretrain_argv, warmup_cosine_lrs)
 
 
 def test_two_epoch_run_writes_every_output(tmp_path, run_pretrain):
@@ -146,6 +146,19 @@ def test_a_non_finite_loss_stops_the_run_and_its_outputs_stay_those_of_the_last_
     out = tmp_path / "run" / "outputs"
     assert torch.load(ckpt, weights_only=True)["epoch"] == 1 and len(np.load(out / "losses.npy")) == 1
     assert [json.loads(line)["epoch"] for line in open(out / "log.jsonl")] == [1]
+
+
+def test_sigterm_ends_the_script_with_status_143_and_the_outputs_of_its_last_finished_epoch(tmp_path):
+    """The script run as a command, stopped by SIGTERM in the middle of a long run: it exits with 128 + 15 after
+    writing what its last finished epoch left (the checkpoint, losses.npy and log.jsonl agree), with no temporary
+    file left behind."""
+    out = tmp_path / "run" / "outputs"
+    argv = tiny_pretrain_argv(tmp_path, "--total_epoch", "1000", "--eval_every", "0")
+    assert stop_with_sigterm("mae_pretrain.py", argv, out / "log.jsonl") == 128 + 15
+    epoch = torch.load(tmp_path / "run" / "mae.pt", weights_only=True)["epoch"]
+    assert epoch >= 1 and len(np.load(out / "losses.npy")) == epoch
+    assert [json.loads(line)["epoch"] for line in open(out / "log.jsonl")] == list(range(1, epoch + 1))
+    assert not [p for p in (tmp_path / "run").rglob("*") if ".tmp" in p.name]
 
 
 def test_the_figures_masks_are_the_val_metrics_first_masks_every_epoch(tmp_path, run_pretrain, monkeypatch):

@@ -26,7 +26,7 @@ import data
 import train_classifier
 import utils
 from conftest import (FIXTURE_DIR, ROOT, TINY_MODEL, LrRecorder, check_resume_refuses_each_defining_flag,
-                      tiny_pretrain_argv, warmup_cosine_lrs)
+                      stop_with_sigterm, tiny_pretrain_argv, warmup_cosine_lrs)
 from model import MAEConfig, ViTClassifier
 
 FAKE_TRAIN, FAKE_VAL, BATCH = 128, 32, 32  # --dataset fake --fake_size 128 holds out max(128 // 4, 16) val images
@@ -267,6 +267,17 @@ def test_a_non_finite_training_loss_stops_the_run_and_its_checkpoints_stay_those
     for name in ("cls.pt", "cls_last.pt"):
         assert torch.load(run / name, map_location="cpu", weights_only=True)["epoch"] == 1
     assert [json.loads(line)["epoch"] for line in open(run / "cls_outputs" / "scratch_log.jsonl")] == [1]
+
+
+def test_sigterm_ends_the_script_with_status_143_and_the_outputs_of_its_last_finished_epoch(tmp_path):
+    """The script run as a command, stopped by SIGTERM in the middle of a long run: it exits with 128 + 15 after
+    writing what its last finished epoch left (the last checkpoint and the log agree), with no temporary file left
+    behind."""
+    log = tmp_path / "run" / "cls_outputs" / "scratch_log.jsonl"
+    assert stop_with_sigterm("train_classifier.py", cls_argv(tmp_path, epochs=1000), log) == 128 + 15
+    epoch = torch.load(tmp_path / "run" / "cls_last.pt", map_location="cpu", weights_only=True)["epoch"]
+    assert epoch >= 1 and [json.loads(line)["epoch"] for line in open(log)] == list(range(1, epoch + 1))
+    assert not [p for p in (tmp_path / "run").rglob("*") if ".tmp" in p.name]
 
 
 def test_a_stop_after_past_the_last_epoch_ends_the_run_at_its_last_epoch(tmp_path):
