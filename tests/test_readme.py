@@ -1,7 +1,8 @@
 """The README's CPU commands run as printed: the two scripts' smoke runs, then plot_results.py on their outputs,
 each a process of its own with /tmp/ moved into the test's folder. The scripts' docstrings give the same smoke
 runs, so a change to one that leaves the other behind fails here too. And the README's recipe table gives the
-values train_classifier.py's recipes hold, and its Flags tables every flag of the three scripts with its default.
+values train_classifier.py's recipes hold, its Flags tables every flag of the three scripts with its default, and
+Running `bench.py` every flag of bench.py.
 
 Run: python -m pytest -q tests/test_readme.py (about 30 s on 2 CPU cores)
 """
@@ -120,3 +121,19 @@ def test_the_readme_flag_tables_name_every_flag_with_its_default(module, heading
         assert module is train_classifier and f"`{flag}`" in text, flag
         if actions[flag].default is not None:  # the model-size flags' None: from the checkpoint, or ViT-T
             assert actions[flag].default == pretrain_defaults[flag], flag
+
+
+def test_the_readme_names_every_flag_of_bench():
+    """Running `bench.py` names each of bench.py's flags; the model-size flags are those of mae_pretrain.py, and it
+    says so once for all of them. A flag added to bench.py without a word in the README fails here."""
+    import bench
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    text = readme[readme.index("### Running `bench.py`"):readme.index("### Compile scope")]
+    model_size = {"--patch_size", "--embed_dim", "--depth", "--num_heads", "--decoder_embed_dim", "--decoder_depth",
+                  "--decoder_num_heads"}
+    assert "the model-size flags of `mae_pretrain.py`" in text
+    assert model_size <= {action.option_strings[0] for action in mae_pretrain.get_args_parser()._actions}
+    unnamed = [action.option_strings[0] for action in bench.get_args_parser()._actions
+               if action.option_strings[0] not in {"-h", *model_size}
+               and not re.search(rf"{action.option_strings[0]}\b(?!-)", text)]
+    assert unnamed == [], unnamed
