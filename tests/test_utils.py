@@ -46,19 +46,22 @@ def test_lr_cosine_runs_from_the_peak_down_to_min_lr():
 
 def test_seed_epoch_draws_differ_by_seed_epoch_and_rank_and_repeat_for_the_same_ones():
     """seed_epoch(seed, epoch, rank) seeds torch's and numpy's RNGs: the same three give the same draws (a resumed
-    epoch draws what the straight run's did), and another epoch, another rank or another seed other draws."""
+    epoch draws what the straight run's did), and any two keys that differ, in one place or in several, other draws:
+    rank 1 of epoch 1 must not repeat rank 0 of epoch 2 (its masks would be another rank's a step later), nor seed 8
+    repeat seed 7 one epoch on, as they would if the three were simply added."""
+    from itertools import combinations
     torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
 
     def draws(*key):
         utils.seed_epoch(*key)
         return torch.rand(4).tolist(), np.random.rand(4).tolist()
     try:
-        first = draws(7, 1, 0)
-        assert draws(7, 1, 0) == first
-        for key in ((7, 2, 0), (7, 1, 1), (8, 1, 0)):
-            other = draws(*key)
-            for source, a, b in zip(("torch", "numpy"), first, other):
-                assert all(x != y for x, y in zip(a, b)), (key, source)
+        keys = ((7, 1, 0), (7, 2, 0), (7, 1, 1), (8, 1, 0), (8, 0, 0), (7, 0, 2))
+        drawn = {key: draws(*key) for key in keys}
+        assert draws(7, 1, 0) == drawn[7, 1, 0]
+        for key, other_key in combinations(keys, 2):
+            for source, a, b in zip(("torch", "numpy"), drawn[key], drawn[other_key]):
+                assert all(x != y for x, y in zip(a, b)), (key, other_key, source)
     finally:
         torch.set_rng_state(torch_state)
         np.random.set_state(numpy_state)
@@ -708,6 +711,24 @@ def test_recon_figure_stacks_title_masked_reconstruction_original(tmp_path):
     assert ((r[:black_rows.min()] + g[:black_rows.min()] + b[:black_rows.min()]) < 300).any()  # the title's text
 
 
+def test_recon_grid_for_tensorboard_stacks_masked_reconstruction_original_top_to_bottom():
+    """The TensorBoard image: the three panels one above another, in the figure's order, each a grid of ncol images
+    a row, one white (1.0) pixel around and between them, written out longhand here. 10 images of 6 x 5 pixels in
+    rows of 4: three rows, the last with two empty white places; masked input, reconstruction and original are
+    different random images, so a panel out of place or beside another is seen."""
+    h, w, ncol = 6, 5, 4
+    masked, recon, original = (torch.rand(10, 3, h, w) * 0.9 for _ in range(3))  # below the white padding
+    grid = utils.recon_grid_tensor(masked, recon, original, ncol=ncol)
+    panel_h, panel_w = 3 * (h + 1) + 1, ncol * (w + 1) + 1
+    expected = torch.ones(3, 3 * panel_h, panel_w)
+    for p, images in enumerate((masked, recon, original)):
+        for i, image in enumerate(images):
+            top, left = p * panel_h + 1 + (i // ncol) * (h + 1), 1 + (i % ncol) * (w + 1)
+            expected[:, top:top + h, left:left + w] = image
+    assert grid.shape == expected.shape == (3, 3 * panel_h, panel_w)
+    assert torch.equal(grid, expected)
+
+
 def test_attention_choice_checks_the_class_tokens_single_query_when_asked(monkeypatch, capsys):
     """A model pooled on the class token runs its last block's attention for one query over 1 + N keys
     (model.Block's `queries`). A kernel named by --attention that could not run that shape is refused in one
@@ -917,14 +938,21 @@ def test_to_cpu_snapshots_are_copies_that_later_in_place_updates_cannot_change()
 
 
 def test_a_write_that_fails_halfway_leaves_the_old_file_whole(tmp_path, monkeypatch):
-    """atomic_save and atomic_copy write under a temporary name and rename when complete: a writer that stops
-    halfway (a kill, a full disk; here one that writes part and raises) leaves the file at the path as it was."""
+    """atomic_save, atomic_copy, save_npy, save_json and write_jsonl write under a temporary name and rename when
+    complete: a writer that stops halfway (a kill, a full disk; here one that writes part and raises, or a record
+    json cannot write, such as a loss left a tensor, after the lines before it) leaves the file at the path as it
+    was, so a failed epoch's outputs never cost the last good ones. Once they are written, only the final names are
+    left."""
     import shutil
     ckpt, figure, new_figure = tmp_path / "mae.pt", tmp_path / "grid.png", tmp_path / "epoch_2.png"
+    losses, summary, log = tmp_path / "losses.npy", tmp_path / "summary.json", tmp_path / "log.jsonl"
     utils.atomic_save({"epoch": 1}, str(ckpt))
     figure.write_bytes(b"epoch 1 figure")
     new_figure.write_bytes(b"epoch 2 figure")
-    saved = ckpt.read_bytes()
+    utils.save_npy(str(losses), [0.5])
+    utils.save_json(str(summary), {"epoch": 1})
+    utils.write_jsonl(str(log), [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25}])
+    saved = {path: path.read_bytes() for path in (ckpt, losses, summary, log)}
 
     def write_half(data, path):
         with open(path, "wb") as f:
@@ -932,15 +960,29 @@ def test_a_write_that_fails_halfway_leaves_the_old_file_whole(tmp_path, monkeypa
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", write_half)
     monkeypatch.setattr(shutil, "copyfile", lambda src, dst: write_half(None, dst))
+    monkeypatch.setattr(np, "save", lambda path, values: write_half(values, path))
     with pytest.raises(OSError):
         utils.atomic_save({"epoch": 2}, str(ckpt))
     with pytest.raises(OSError):
         utils.atomic_copy(str(new_figure), str(figure))
-    assert ckpt.read_bytes() == saved and figure.read_bytes() == b"epoch 1 figure"
+    with pytest.raises(OSError):
+        utils.save_npy(str(losses), [0.5, 0.25])
+    with pytest.raises(TypeError):  # json.dump has written '{"epoch": 2, "loss": ' when it meets the tensor
+        utils.save_json(str(summary), {"epoch": 2, "loss": torch.tensor(0.25)})
+    with pytest.raises(TypeError):  # a resumed epoch 2 rewrites the log: epoch 1's line is written, epoch 2's cannot be
+        utils.write_jsonl(str(log), [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": torch.tensor(0.3)}])
+    assert figure.read_bytes() == b"epoch 1 figure"
+    assert [path.name for path in saved if path.read_bytes() != saved[path]] == []  # the files that changed
     monkeypatch.undo()
     utils.atomic_save({"epoch": 2}, str(ckpt))
     utils.atomic_copy(str(new_figure), str(figure))
+    utils.save_npy(str(losses), [0.5, 0.25])
+    utils.save_json(str(summary), {"epoch": 2, "loss": 0.25})
+    utils.write_jsonl(str(log), [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.3}])
     assert torch.load(ckpt, weights_only=True) == {"epoch": 2} and figure.read_bytes() == b"epoch 2 figure"
+    assert np.load(losses).tolist() == [0.5, 0.25] and json.loads(summary.read_text()) == {"epoch": 2, "loss": 0.25}
+    assert utils.read_jsonl(str(log), "--output_dir") == [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.3}]
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in (ckpt, figure, new_figure, losses, summary, log))
 
 
 def test_a_jsonl_log_reads_back_what_was_written_and_anything_else_is_one_line(tmp_path, capsys):
@@ -982,6 +1024,35 @@ def test_load_checkpoint_loads_plain_tensors_only_and_says_what_is_wrong(tmp_pat
         assert exc.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and f"--resume {str(path)!r}: {expected}" in err, err
+
+
+def test_a_state_loads_into_a_meta_module_by_assignment_without_a_warning_and_into_a_real_one_by_copy():
+    """load_state_dict_checked into a module on the meta device (how a --resume or --pretrained_model_path checkpoint
+    is checked before training, with no memory) takes the state's tensors as they are, with no warning: a copy into
+    a meta tensor does nothing but warn, once a parameter, lines every resumed run and fine-tune would print. Into a
+    real module (the fine-tune's encoder) it copies: the parameters stay the module's own, so an optimizer built over
+    them steps what the model uses, and hold the state's values."""
+    import warnings
+
+    def build():
+        return torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2))
+    state = {name: torch.randn_like(t) for name, t in build().state_dict().items()}
+    with torch.device("meta"):
+        meta_module = build()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert utils.load_state_dict_checked(meta_module, state) == ""
+    assert [str(w.message) for w in caught] == []
+    loaded = meta_module.state_dict()
+    assert list(loaded) == list(state)
+    for name, t in state.items():
+        assert not loaded[name].is_meta and torch.equal(loaded[name], t), name
+    real_module = build()
+    parameters = list(real_module.parameters())
+    assert utils.load_state_dict_checked(real_module, state) == ""
+    assert all(a is b for a, b in zip(real_module.parameters(), parameters))
+    for name, t in real_module.state_dict().items():
+        assert torch.equal(t, state[name]) and t.data_ptr() != state[name].data_ptr(), name
 
 
 def test_all_gather_cat_puts_every_ranks_shard_back_in_rank_order(monkeypatch):
