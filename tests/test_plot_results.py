@@ -155,7 +155,8 @@ def test_report_names_the_encoder_the_runs_started_from_and_notes_when_they_diff
                                                                                       tmp_path):
     """The fine-tune and the probe of one MAE checkpoint are listed under its path and its encoder's digest (the
     one train_classifier.py computed); runs whose encoders differ (the checkpoint rewritten between them) get a
-    note in the output and the report."""
+    note in the output and the report. The digest, not the path, tells: a checkpoint moved between the runs is
+    listed under both paths, with no note."""
     import utils
     pre, cls, report_path, _ = full_report
     ckpt = run_outputs[0].parent / "mae.pt"  # where run_outputs' pretraining wrote it
@@ -171,6 +172,14 @@ def test_report_names_the_encoder_the_runs_started_from_and_notes_when_they_diff
     note = (f"the classifier runs started from different MAE encoders (pretrained: {ckpt}, SHA-256 {digest}; "
             f"linprobe: {ckpt}, SHA-256 000000000000): their numbers are not one experiment's")
     assert f"note: {note}" in out and note in (tmp_path / "results.md").read_text()
+
+    moved = str(tmp_path / "elsewhere" / "mae.pt")
+    (cls / "linprobe_summary.json").write_text(json.dumps({**summary, "pretrained_model_path": moved}))
+    out = plot("--pretrain_dir", pre, "--cls_dir", cls, "--report", tmp_path / "results.md")
+    report = (tmp_path / "results.md").read_text()
+    assert "different MAE encoders" not in out and "different MAE encoders" not in report
+    for names, path in (("`pretrained`", ckpt), ("`linprobe`", moved)):
+        assert f"{names} started from the MAE encoder of `{path}` (its weights' SHA-256 `{digest}`)." in report
 
 
 def test_classifier_numbers_equal_those_of_the_npy_files(full_report):
@@ -295,7 +304,8 @@ def test_pretraining_numbers_take_each_metric_at_its_own_best_evaluated_epoch():
 def test_every_point_is_drawn_at_its_own_epoch():
     """The points of each figure, read off its lines: the training loss at epochs 1 to 7, the monitor's val loss,
     PSNR and kNN accuracy (in %) at the evaluated epochs 2, 4 and 6, not at 1 to 3, each best point's star at its
-    epoch; a classifier comparison's curves at epochs 1 to E of each run, the best starred at its epoch."""
+    epoch; a classifier comparison's curves at epochs 1 to E of each run, the best starred at its epoch: the
+    highest accuracy, the lowest training loss (a loss's star at its highest point would mark the worst epoch)."""
     def points(line):
         return [float(x) for x in line.get_xdata()], [float(y) for y in line.get_ydata()]
     pre = sparse_pretraining()
@@ -311,6 +321,13 @@ def test_every_point_is_drawn_at_its_own_epoch():
     ax = plot_results.plot_run_comparison(runs, "val_acc", False).axes[0]
     assert [points(line) for line in ax.lines] == [([1, 2, 3, 4], [25.0, 50.0, 75.0, 50.0]), ([3], [75.0]),
                                                    ([1, 2], [50.0, 25.0]), ([1], [50.0])]
+    runs = [plot_results.ClassifierRun("scratch", "scratch", {"train_loss": np.array([2.0, 1.0, 1.5, 1.25])}, {}),
+            plot_results.ClassifierRun("pretrained", "pretrained", {"train_loss": np.array([0.75, 0.5])}, {})]
+    ax = plot_results.plot_run_comparison(runs, "train_loss", False).axes[0]
+    assert [points(line) for line in ax.lines] == [([1, 2, 3, 4], [2.0, 1.0, 1.5, 1.25]), ([2], [1.0]),
+                                                   ([1, 2], [0.75, 0.5]), ([2], [0.5])]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "from scratch\nbest 1.0000 at epoch 2", "MAE-pretrained, fine-tuned\nbest 0.5000 at epoch 2"]
 
 
 def test_report_table_gives_each_metric_final_and_best_with_its_epoch():
@@ -473,6 +490,8 @@ def test_confusion_matrix_is_normalised_per_true_class_with_named_axes(run_outpu
 
 
 def test_best_points_are_annotated_and_log_scale_is_an_option(run_outputs):
+    """Each figure names its best point (the lowest loss, the highest accuracy) with its epoch, on the real runs'
+    curves; --log_scale sets a log axis on the losses, never on an accuracy."""
     pre_dir, cls = run_outputs
     pre = plot_results.load_pretraining(str(pre_dir), [], [])
     losses = pre.losses.tolist()
@@ -495,6 +514,13 @@ def test_best_points_are_annotated_and_log_scale_is_an_option(run_outputs):
     for run, text in zip(runs, legend):
         acc = run.curves["val_acc"].tolist()
         assert text.endswith(f"best {100 * max(acc):.2f}% at epoch {acc.index(max(acc)) + 1}")
+    ax = plot_results.plot_run_comparison(runs, "train_loss", log_scale=True).axes[0]
+    assert ax.get_yscale() == "log"
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(legend) == len(runs)
+    for run, text in zip(runs, legend):
+        loss = run.curves["train_loss"].tolist()
+        assert text.endswith(f"best {min(loss):.4f} at epoch {loss.index(min(loss)) + 1}")
 
 
 @pytest.mark.parametrize("knn", [[0.3, 0.6], [1.0, 1.0], [1.0, 0.9], [0.2, 1.0]])
@@ -585,15 +611,26 @@ def test_only_one_classifier_run_plots_it_and_names_what_is_missing(run_outputs,
     assert "| scratch |" in report and "## MAE pretraining" not in report
 
 
-def test_run_names_are_flags(run_outputs, tmp_path):
+def test_run_names_are_flags(run_outputs, tmp_path, monkeypatch):
+    """Runs are read by the names the flags give; the comparisons' legends name a run whose name is not its role's
+    (two fine-tunes of different lengths look alike otherwise), and only such a run."""
     _, cls = copy_outputs(run_outputs, tmp_path)
     for path in cls.glob("pretrained_*"):
         path.rename(cls / path.name.replace("pretrained_", "ft_long_"))
+    legends, real = {}, plot_results.plot_run_comparison
+
+    def comparison(runs, curve, log_scale):
+        fig = real(runs, curve, log_scale)
+        legends[curve] = [t.get_text().split("\n")[0] for t in fig.axes[0].get_legend().get_texts()]
+        return fig
+    monkeypatch.setattr(plot_results, "plot_run_comparison", comparison)
     stdout = plot("--pretrain_dir", tmp_path / "outputs", "--cls_dir", cls, "--pretrained_run", "ft_long",
                   "--linprobe_run", "", "--report", tmp_path / "r.md")
     assert (cls / "confusion_matrix.png").is_file()
     assert "| ft_long |" in (tmp_path / "r.md").read_text() and "| linprobe |" not in (tmp_path / "r.md").read_text()
     assert "missing" not in stdout
+    assert legends == {curve: ["from scratch", "MAE-pretrained, fine-tuned (ft_long)"]
+                       for curve in ("train_loss", "val_acc")}
 
 
 def test_a_stale_summary_is_reported_and_the_arrays_win(run_outputs, tmp_path):
@@ -660,7 +697,9 @@ def test_no_input_at_all_is_one_line_with_status_2_and_writes_nothing(tmp_path):
     ("read_only_cls_dir", "--cls_dir: cannot write in"),
     ("names", "--scratch_run, --pretrained_run and --linprobe_run must differ"),
     ("summary_type", "pretrained_summary.json' has classes = 5, which should be a list of class names"),
+    ("summary_bool", "pretrained_summary.json' has best_epoch = true, which should be an integer"),
     ("args_type", "args.json' has knn_k = \"ten\", which should be an integer"),
+    ("args_bool", "args.json' has knn_k = true, which should be an integer"),  # JSON's true is not the integer 1
     ("dir_is_a_file", "--pretrain_dir '{pre}/losses.npy' is a file, not a folder"),
     ("cls_dir_is_a_file", "--cls_dir '{cls}/scratch_val_acc.npy' is a file, not a folder"),
     ("epoch_gap", "eval_epochs.npy' should hold epoch numbers (>= 1), found [1.0, nan]"),
@@ -683,9 +722,10 @@ def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, cap
         real_access = os.access
         monkeypatch.setattr(os, "access", lambda path, mode: os.path.abspath(path) != str(cls) and
                             real_access(path, mode))
-    elif damage in ("summary_type", "args_type"):  # hand-edited files
-        path, key, value = ((cls / "pretrained_summary.json", "classes", 5) if damage == "summary_type"
-                            else (pre / "args.json", "knn_k", "ten"))
+    elif damage in ("summary_type", "summary_bool", "args_type", "args_bool"):  # hand-edited files
+        path = cls / "pretrained_summary.json" if damage.startswith("summary") else pre / "args.json"
+        key, value = {"summary_type": ("classes", 5), "summary_bool": ("best_epoch", True),
+                      "args_type": ("knn_k", "ten"), "args_bool": ("knn_k", True)}[damage]
         obj = json.loads(path.read_text())
         obj[key] = value
         path.write_text(json.dumps(obj))
