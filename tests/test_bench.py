@@ -595,24 +595,33 @@ def test_evaluations_are_timed_as_the_median_of_three_and_scaled_to_the_referenc
     """Each script's evaluation runs once untimed, then three timed times (even with 5 repeats), the median kept;
     the monitor's kNN bank is 5x the val images. The seconds scale linearly to the reference's 10,000 val images
     (2,500x the 4 here), for its 6 monitor evaluations and 2 x 50 val passes. The scripts' evaluate functions are
-    stand-ins that take made-up seconds on a clock that moves only when told."""
+    stand-ins that take made-up seconds on a clock that moves only when told. Each gets what its script passes: the
+    monitor the training chunk as --max_device_batch_size (it takes its evaluation chunk from that), the val pass
+    the evaluation chunk itself, 4x (utils.EVAL_CHUNK_FACTOR) the fine-tuning chunk of 8 (a batch of 16 in two
+    chunks), with data.normalize as the script's val pass."""
     clock = FakeClock()
     monkeypatch.setattr(bench, "time", clock)
     monitor_s, val_pass_s, seen = iter([100.0, 3.0, 1.0, 2.0, 50.0, 50.0]), iter([100.0, 0.4, 0.1, 0.2, 9.0, 9.0]), []
+    val_passes = []
 
-    def monitor(model, bank, val, val_noise, *_):
-        seen.append((len(bank), len(val), tuple(val_noise.shape)))
+    def monitor(model, bank, val, val_noise, script_args, *_):
+        seen.append((len(bank), len(val), tuple(val_noise.shape), script_args.max_device_batch_size))
         clock.advance(next(monitor_s))
+
+    def val_pass(net, inputs, labels, prepare, batch_size, *_):
+        val_passes.append((len(inputs), len(labels), prepare, batch_size))
+        clock.advance(next(val_pass_s))
     monkeypatch.setattr(bench.mae_pretrain, "evaluate", monitor)
-    monkeypatch.setattr(bench.train_classifier, "evaluate", lambda *_: clock.advance(next(val_pass_s)))
+    monkeypatch.setattr(bench.train_classifier, "evaluate", val_pass)
     cfg = MAEConfig(patch_size=8, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
                     decoder_num_heads=2)
     images, labels = torch.zeros(40, 3, 32, 32, dtype=torch.uint8), torch.zeros(40, dtype=torch.long)
-    args = SimpleNamespace(eval_images=4, num_classes=10, seed=0, max_device_batch_size=8, finetune_batch_size=8,
+    args = SimpleNamespace(eval_images=4, num_classes=10, seed=0, max_device_batch_size=8, finetune_batch_size=16,
                            repeats=5)
     cpu = torch.device("cpu")
     e = bench.bench_evaluation(cfg, images, labels, args, cpu, cpu, None)
-    assert seen == [(20, 4, (4, cfg.num_patches))] * 4
+    assert seen == [(20, 4, (4, cfg.num_patches), 8)] * 4
+    assert val_passes == [(4, 4, bench.data.normalize, utils.EVAL_CHUNK_FACTOR * 8)] * 4
     assert (e["val_images"], e["bank_images"], e["scale_to_reference"]) == (4, 20, 2500.0)
     assert e["pretrain_eval_s"] == pytest.approx(2.0) and e["finetune_eval_s"] == pytest.approx(0.2)
     assert e["reference_seconds"] == pytest.approx(2500 * (6 * 2.0 + 100 * 0.2))
