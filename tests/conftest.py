@@ -51,6 +51,22 @@ def stop_with_sigterm(script: str, argv: list, log_path, timeout: float = 120.0)
     return proc.wait(timeout=timeout)
 
 
+@pytest.fixture
+def background_writers(monkeypatch) -> list:
+    """Every utils.BackgroundWriter the test's code makes, kept in this list. A run that stops with an exception
+    leaves its writer's last job to the interpreter's exit, which joins the writer's thread; a test in the same
+    process joins it by closing the writer."""
+    import utils
+    writers = []
+
+    class Writer(utils.BackgroundWriter):
+        def __init__(self):
+            super().__init__()
+            writers.append(self)
+    monkeypatch.setattr(utils, "BackgroundWriter", Writer)
+    return writers
+
+
 class LrRecorder:
     """A SummaryWriter for a train_one_epoch: keeps the (step, lr) pairs it logs, and fails on any other tag."""
     def __init__(self):

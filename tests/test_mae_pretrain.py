@@ -120,26 +120,20 @@ def test_a_resume_that_changes_the_knn_protocol_before_any_evaluation_goes_on_wi
 
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
 def test_a_non_finite_loss_stops_the_run_and_its_outputs_stay_those_of_the_last_good_epoch(tmp_path, run_pretrain,
-                                                                                          monkeypatch, bad):
+                                                                                          monkeypatch, bad,
+                                                                                          background_writers):
     """A loss of inf, not only nan, at epoch 2 stops the run with a message that names the epoch, the loss and the
     checkpoint's epoch; the checkpoint, losses.npy and log.jsonl stay those of epoch 1."""
     import mae_pretrain
-    import utils
-    real_epoch, writers = mae_pretrain.train_one_epoch, []
+    real_epoch = mae_pretrain.train_one_epoch
 
     def train_one_epoch(*args):
         stats = real_epoch(*args)
         return {**stats, "loss": bad} if args[5] == 2 else stats  # args[5]: the epoch
-
-    class Writer(utils.BackgroundWriter):
-        def __init__(self):
-            super().__init__()
-            writers.append(self)
     monkeypatch.setattr(mae_pretrain, "train_one_epoch", train_one_epoch)
-    monkeypatch.setattr(utils, "BackgroundWriter", Writer)
     with pytest.raises(SystemExit) as exc:
         run_pretrain(tiny_pretrain_argv(tmp_path, "--total_epoch", "3"))
-    writers[0].close()  # as the interpreter does on its way out: it joins the writer's thread
+    background_writers[0].close()  # what the interpreter's exit does
     ckpt = tmp_path / "run" / "mae.pt"
     assert str(exc.value.code).startswith(f"epoch 2: the loss is {bad}; stopping. The checkpoint at {ckpt} still "
                                           "holds epoch 1."), exc.value.code

@@ -242,25 +242,19 @@ def test_the_best_checkpoint_is_the_first_epoch_of_the_best_val_accuracy(tmp_pat
 
 
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
-def test_a_non_finite_training_loss_stops_the_run_and_its_checkpoints_stay_those_of_earlier_epochs(tmp_path,
-                                                                                                  monkeypatch, bad):
+def test_a_non_finite_training_loss_stops_the_run_and_its_checkpoints_stay_those_of_earlier_epochs(
+        tmp_path, monkeypatch, bad, background_writers):
     """A training loss of inf, not only nan, at epoch 2 stops the run with a message that names the epoch, the loss
     and both checkpoints; the best and the last checkpoint and the log stay those of epoch 1."""
-    real_epoch, writers = train_classifier.train_one_epoch, []
+    real_epoch = train_classifier.train_one_epoch
 
     def train_one_epoch(*args):
         stats = real_epoch(*args)
         return {**stats, "train_loss": bad} if args[10] == 2 else stats  # args[10]: the epoch
-
-    class Writer(utils.BackgroundWriter):
-        def __init__(self):
-            super().__init__()
-            writers.append(self)
     monkeypatch.setattr(train_classifier, "train_one_epoch", train_one_epoch)
-    monkeypatch.setattr(utils, "BackgroundWriter", Writer)
     with pytest.raises(SystemExit) as exc:
         run_cls(cls_argv(tmp_path, epochs=3))
-    writers[0].close()  # as the interpreter does on its way out: it joins the writer's thread
+    background_writers[0].close()  # what the interpreter's exit does
     run = tmp_path / "run"
     assert str(exc.value.code).startswith(f"epoch 2: the training loss is {bad}; stopping. {run / 'cls.pt'} and "
                                           f"{run / 'cls_last.pt'} still hold earlier epochs."), exc.value.code
