@@ -543,9 +543,9 @@ def test_bench_phase_reports_the_median_repeat_and_the_rates_it_implies(monkeypa
     0.6 s, 10^9 forward FLOPs per image and a 4 TFLOP/s peak. The median repeat is 20 ms: 400 images/s, 1.2 TFLOP/s
     of training (3 forwards), 30% of the peak; the compile estimate is the warm-up less 3 steps at that rate, and 0
     when warm-up steps of 5 ms (nothing compiled, a noisy clock) outrun the timed ones, not a negative time that the
-    projection would subtract. Each
-    step of 2 chunks adds its chunks' mean losses, 0.25 each, to the device-side sum. The input work alone, on one
-    batch, is the median of its repeats too, in ms: 3, 1 and 2 ms (eager: 9, 5 and 7 ms)."""
+    projection would subtract. Each step of 2 chunks adds its chunks' mean losses, 0.25 each, to the device-side
+    sum. The input work alone, on one batch, is the median of its repeats too, in ms: 3, 1 and 2 ms (eager: 9, 5 and
+    7 ms)."""
     clock = FakeClock()
     monkeypatch.setattr(bench, "time", clock)
     repeats = iter([(0.010, 0.004), (0.040, 0.001), (0.020, 0.002)])
