@@ -44,11 +44,16 @@ def stop_with_sigterm(script: str, argv: list, log_path, timeout: float = 120.0)
     proc = subprocess.Popen([sys.executable, script, *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
-    while not (os.path.exists(log_path) and open(log_path).read().strip()):
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before an epoch"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    return proc.wait(timeout=timeout)
+    try:
+        while not (os.path.exists(log_path) and open(log_path).read().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before an epoch"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:  # a failed test leaves no run behind
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture
