@@ -550,6 +550,11 @@ def test_attention_flag_sets_the_kernel_of_training_and_evaluation(tmp_path, run
     (["--log_dir", "{tmp}/a_file/logs"], "--log_dir: '{tmp}/a_file' is a file, so folder"),
     (["--model_path", "{tmp}/a_file/mae.pt"], "--model_path '{tmp}/a_file/mae.pt': '{tmp}/a_file' is a file, not"),
     (["--output_dir", "{tmp}/a_file"], "--output_dir '{tmp}/a_file' is a file, not a folder"),
+    (["--knn_k", "0"], "--knn_k must be >= 1, got 0"),  # topk(0): every image voted class 0
+    (["--knn_temperature", "0"], "--knn_temperature > 0, got 25 and 0.0"),  # the votes' weights divide by it
+    (["--val_split", "-1"], "--val_split must be >= 0, got -1"),
+    (["--patch_size", "3"], "patch_size 3 must divide img_size 32"),
+    (["--batch_size", "256"], "--batch_size 256 is larger than the 128 training images"),  # no step in an epoch
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, run_pretrain, capsys, bad_flags, expected):
     (tmp_path / "a_file").write_text("in the way")
