@@ -155,27 +155,31 @@ def test_sigterm_ends_the_script_with_status_143_and_the_outputs_of_its_last_fin
     assert not [p for p in (tmp_path / "run").rglob("*") if ".tmp" in p.name]
 
 
-def test_the_figures_masks_are_the_val_metrics_first_masks_every_epoch(tmp_path, run_pretrain, monkeypatch):
-    """Each epoch's reconstruction figure is drawn under the noise the val metrics use for their first images, the
-    same noise every epoch: the figures of two epochs hide the same patches."""
+def test_the_figures_show_the_first_val_images_under_the_val_metrics_masks_every_epoch(tmp_path, run_pretrain,
+                                                                                      monkeypatch):
+    """Each epoch's reconstruction figure shows the first 16 val images (not training images) under the noise the
+    val metrics use for them, the same noise every epoch: the figures of two epochs hide the same patches."""
+    import data
     import mae_pretrain
     real_reconstruct, real_evaluate = mae_pretrain.reconstruct_val, mae_pretrain.evaluate
-    figure_noise, eval_noise = [], []
+    figures, evaluations = [], []
 
     def reconstruct_val(model, imgs, noise, *args):
-        figure_noise.append(noise)
+        figures.append((imgs, noise))
         return real_reconstruct(model, imgs, noise, *args)
 
     def evaluate(model, train, val, val_noise, *args):
-        eval_noise.append(val_noise)
+        evaluations.append((val.images, val_noise))
         return real_evaluate(model, train, val, val_noise, *args)
     monkeypatch.setattr(mae_pretrain, "reconstruct_val", reconstruct_val)
     monkeypatch.setattr(mae_pretrain, "evaluate", evaluate)
     run_pretrain(tiny_pretrain_argv(tmp_path, "--eval_every", "1"))
-    assert len(figure_noise) == len(eval_noise) == 2
-    for noise in figure_noise:
-        assert noise is not None and torch.equal(noise, eval_noise[0][:len(noise)])
-    assert torch.equal(eval_noise[0], eval_noise[1])
+    assert len(figures) == len(evaluations) == 2
+    val_images, val_noise = evaluations[0]
+    for imgs, noise in figures:
+        assert len(imgs) == len(noise) == 16 and torch.equal(imgs, data.normalize(val_images[:16]))
+        assert noise is not None and torch.equal(noise, val_noise[:16])
+    assert torch.equal(evaluations[1][1], val_noise)
 
 
 def test_the_last_lines_name_the_best_loss_and_the_best_knn_accuracy_with_their_epochs(tmp_path, run_pretrain,
