@@ -256,6 +256,23 @@ def test_block_is_timms_vit_block_with_its_parameters_in_its_order():
     torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
 
 
+def test_block_drops_each_residual_branch_per_sample_in_training():
+    """In training, a Block with drop path 0.5 is x + keep1 * attn(norm1(x)) / 0.5, then + keep2 * mlp(norm2(.)) /
+    0.5, written out here with the per-sample draws replayed from the same seed in the same order (the attention's
+    branch first): each of the two branches is dropped on its own."""
+    torch.manual_seed(0)
+    block, x = Block(16, 2, 4.0, drop_path=0.5).train(), torch.randn(8, 5, 16)
+    torch.manual_seed(1)
+    out = block(x)
+    torch.manual_seed(1)
+    keep1, keep2 = ((torch.rand(8, 1, 1) < 0.5).float() for _ in range(2))
+    with torch.no_grad():
+        h = x + keep1 * block.attn(block.norm1(x)) / 0.5
+        expected = h + keep2 * block.mlp(block.norm2(h)) / 0.5
+    assert 0 < keep1.sum() < 8 and 0 < keep2.sum() < 8 and not torch.equal(keep1, keep2)  # a test of both branches
+    torch.testing.assert_close(out.detach(), expected)
+
+
 @pytest.mark.parametrize("drop_path_rate", [0.0, 0.3])
 def test_class_token_only_gives_the_full_outputs_class_token_and_its_gradients(drop_path_rate):
     """The classifier pooled on the class token runs its last block for that token alone: its logits and every
