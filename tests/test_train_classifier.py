@@ -692,6 +692,15 @@ def test_a_pretraining_on_another_dataset_saw_none_of_the_val_images():
                                                             "val_split": 10}) == 22
 
 
+@pytest.mark.parametrize("edge", [["--random_erase", "1"], ["--random_erase", "0"], ["--label_smoothing", "0"],
+                                  ["--drop_path", "0"], ["--layer_decay", "1"], ["--crop_padding", "0"],
+                                  ["--mixup", "0", "--cutmix", "0"]])
+def test_each_recipe_flag_takes_the_ends_of_its_range_that_it_allows(tmp_path, edge):
+    """The closed ends of each range the bad-input message states ("in [0, 1]" for --random_erase: erase every
+    image) pass the checks."""
+    train_classifier.check_args(parse(cls_argv(tmp_path, *edge)))
+
+
 def test_decoder_flags_are_accepted_and_unused_from_scratch(tmp_path):
     # mae_pretrain.py's model flags work here; a decoder whose widths would not split into its heads builds
     # nothing in a classifier, so it is not an error.
@@ -1257,3 +1266,5 @@ def test_bf16_fine_tuning_curve_stays_within_bf16_tolerance_of_fp32(tmp_path, ma
     assert not np.array_equal(bf16, compiled)  # inductor's kernels, not eager's, ran
     np.testing.assert_allclose(bf16, fp32, rtol=2 ** -10)
     np.testing.assert_allclose(compiled, fp32, rtol=2 ** -10)
+    for name in curves:  # bf16 has fp32's range: no loss scaling, so an empty grad-scaler state (fp16 alone has one)
+        assert torch.load(tmp_path / name / "cls_last.pt", map_location="cpu", weights_only=True)["scaler"] == {}
