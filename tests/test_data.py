@@ -166,12 +166,18 @@ def test_an_image_too_large_to_decode_is_named_in_one_line(tmp_path, monkeypatch
         data.load_data(data_args(dataset="folder", data_path=str(root)))
 
 
-def test_val_folder_with_other_classes_is_refused(tmp_path):
-    # Labels are indices into the sorted class folders: with other folders, val label 1 would be another class.
+def test_val_folder_with_other_classes_is_refused_unless_val_split_holds_out_training_images(tmp_path):
+    """Labels are indices into the sorted class folders: with other folders, val label 1 would be another class, so
+    such a val/ is refused in one error naming the folders in only one split. With --val_split N the val set is N
+    training images and val/ is not read: the same folder then loads, val and train both labelled by train/'s
+    classes."""
     root = _folder_dataset(tmp_path, {"train": {"a": 2, "b": 2}, "val": {"a": 1, "c": 1}})
     expected = r"train/ and val/ need the same class folders \(in only one of them: b, c\)"
     with pytest.raises(data.DataError, match=expected):
         data.load_data(data_args(dataset="folder", data_path=str(root)))
+    train, val = data.load_data(data_args(dataset="folder", data_path=str(root), val_split=1))
+    assert (len(train), len(val)) == (3, 1)
+    assert train.classes == val.classes == ["a", "b"]
 
 
 def test_cifar_is_downloaded_under_an_exclusive_lock(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import utils
 from conftest import ROOT, warmup_cosine_lrs
-from model import MAE, MAEConfig, ViTClassifier
+from model import MAE, Block, MAEConfig, ViTClassifier
 
 
 def test_lr_warmup_then_cosine():
@@ -67,9 +67,11 @@ def test_seed_epoch_draws_differ_by_seed_epoch_and_rank_and_repeat_for_the_same_
         np.random.set_state(numpy_state)
 
 
-def test_each_process_chunk_is_its_share_of_the_batch_at_most_max_device_batch_size(monkeypatch):
+def test_each_process_chunk_is_its_share_of_the_batch_at_most_max_device_batch_size(monkeypatch, capsys):
     """Under torchrun with 2 processes a global --batch_size 32 gives each process 16 images: one chunk of 16 when
-    --max_device_batch_size is larger (64), which check_schedule_args accepts; four of 4 when it is 4."""
+    --max_device_batch_size is larger (64), which check_schedule_args accepts; four of 4 when it is 4. The chunk
+    must divide each process's share, not the global batch: --batch_size 96 in chunks of 32 would do on one process,
+    but its 48 images a process are not whole chunks of 32, refused in one line that names the processes."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert utils.dist_env() == (0, 2, 0)
     args = SimpleNamespace(batch_size=32, max_device_batch_size=64, total_epoch=2, warmup_epoch=1,
@@ -79,6 +81,13 @@ def test_each_process_chunk_is_its_share_of_the_batch_at_most_max_device_batch_s
     args.max_device_batch_size = 4
     assert (utils.device_chunk(args), utils.chunks_per_step(args)) == (4, 4)
     utils.check_schedule_args(args)
+    args.batch_size, args.max_device_batch_size = 96, 32
+    with pytest.raises(SystemExit) as exc:
+        utils.check_schedule_args(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.endswith("error: --batch_size 96 is not divisible by --max_device_batch_size 32 x 2 processes"), err
 
 
 def test_check_resumable_refuses_a_checkpoint_that_has_run_all_its_epochs(capsys):
@@ -517,6 +526,14 @@ def test_the_data_lives_on_the_gpu_when_it_fits_else_on_the_host(monkeypatch, ca
     assert all(utils.data_device(train, val, cpu, args(where)) == cpu for where in data.DATA_ON)
 
 
+def test_memory_name_says_host_memory_for_the_cpu_and_gpu_memory_for_cuda():
+    """The start-up line says where the images live: host memory when data_device put them on the CPU (--data_on
+    host, or no GPU), GPU memory on a CUDA device, numbered or not (constructing one needs no GPU)."""
+    assert utils.memory_name(torch.device("cpu")) == "host memory"
+    assert utils.memory_name(torch.device("cuda")) == "GPU memory"
+    assert utils.memory_name(torch.device("cuda:1")) == "GPU memory"
+
+
 def test_check_model_fits_counts_16_bytes_a_parameter_against_all_of_the_memory(monkeypatch, capsys):
     page, built_on = 4096, []
 
@@ -676,7 +693,17 @@ def test_compile_errors_other_than_a_missing_compiler_are_raised_not_warned(monk
         utils.compile_model(torch.nn.Linear(4, 2), args)
 
 
-def test_compile_scope_blocks_compiles_every_block_in_place():
+def test_compile_scope_blocks_compiles_every_block_in_place(monkeypatch):
+    """Every encoder and decoder block, and nothing else, is compiled in place (state_dict keys unchanged), with
+    static shapes: dynamic=False gives the encoder's and the decoder's token counts a graph each, where torch's
+    default would recompile the second shape met as a dynamic graph."""
+    calls = []
+
+    def recording_compile(block, *positional, **kwargs):
+        calls.append((block, positional, kwargs))
+        return torch.nn.Module.compile(block, *positional, **kwargs)
+
+    monkeypatch.setattr(Block, "compile", recording_compile)
     model = MAE(MAEConfig(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
                           decoder_num_heads=2))
     keys = list(model.state_dict())
@@ -684,6 +711,7 @@ def test_compile_scope_blocks_compiles_every_block_in_place():
     assert utils.compile_model(model, args) is model
     blocks = [*model.encoder.blocks, *model.decoder.blocks]
     assert len(blocks) == 3 and all(b._compiled_call_impl is not None for b in blocks)
+    assert calls == [(block, (), {"mode": None, "dynamic": False}) for block in blocks]
     assert model.encoder.patch_embed._compiled_call_impl is None  # only the blocks
     assert list(model.state_dict()) == keys  # checkpoints keep their keys
 
@@ -903,14 +931,17 @@ SCHEDULE = dict(batch_size=64, max_device_batch_size=32, total_epoch=2, warmup_e
                                 "and 0.0"),
     ("weight_decay", -0.05, "--weight_decay and --min_lr >= 0, got 0.001, -0.05 and 0.0"),
     ("min_lr", -1e-6, "--weight_decay and --min_lr >= 0, got 0.001, 0.0 and -1e-06"),
+    ("min_lr", 2.6e-4, "--min_lr 0.00026 is above the peak lr 2.50e-04 (--base_learning_rate x --batch_size / 256)"),
     ("seed", 2 ** 31, "--seed must be in [0, 2^31), got 2147483648"),
 ])
 def test_check_schedule_args_refuses_each_value_out_of_range_and_accepts_the_edges(capsys, flag, value, expected):
-    """The edges pass without a word (no warmup, no weight decay, min_lr 0, one epoch); one step past an edge is
-    refused in one line that names the flag and the value, exit status 2."""
+    """The edges pass without a word (no warmup, no weight decay, min_lr 0, one epoch, and min_lr at the peak lr
+    1e-3 x 64 / 256: a constant lr after warmup); one step past an edge is refused in one line that names the flag
+    and the value, exit status 2."""
     args = SimpleNamespace(**SCHEDULE)
     utils.check_schedule_args(args)
     utils.check_schedule_args(SimpleNamespace(**{**SCHEDULE, "total_epoch": 1, "max_device_batch_size": 1}))
+    utils.check_schedule_args(SimpleNamespace(**{**SCHEDULE, "min_lr": 1e-3 * 64 / 256}))
     assert capsys.readouterr().err == ""
     setattr(args, flag, value)
     with pytest.raises(SystemExit) as exc:
