@@ -255,11 +255,15 @@ def test_compiled_fine_tuning_times_its_input_work_compiled_and_eager(compile_co
 
 
 def test_inductor_settings_take_each_value_as_their_settings_type():
+    """Each value takes its setting's type: bool, int, str, and float (cpu_gpu_bw, 50.0 by default: "2" is 2.0, a
+    float, not the int 2)."""
     args = SimpleNamespace(inductor=["coordinate_descent_tuning=true", "triton.cudagraph_trees=0",
-                                     "unroll_reductions_threshold=4", "max_autotune_gemm_backends=ATEN"])
+                                     "unroll_reductions_threshold=4", "max_autotune_gemm_backends=ATEN",
+                                     "cpu_gpu_bw=2"])
     settings = bench.inductor_settings(args)
     assert settings == {"coordinate_descent_tuning": True, "triton.cudagraph_trees": False,
-                        "unroll_reductions_threshold": 4, "max_autotune_gemm_backends": "ATEN"}
+                        "unroll_reductions_threshold": 4, "max_autotune_gemm_backends": "ATEN", "cpu_gpu_bw": 2.0}
+    assert [type(value) for value in settings.values()] == [bool, bool, int, str, float]
     import torch._inductor.config as inductor_config
     with inductor_config.patch(settings):  # as main applies them around the timed phases
         assert inductor_config.coordinate_descent_tuning is True and inductor_config.triton.cudagraph_trees is False
@@ -352,6 +356,42 @@ def test_one_phase_alone_times_that_phase_and_projects_nothing(tmp_path, capsys,
     assert f"evaluation and projection: left out (--phases {phase}" in printed
     assert "projected wall time" not in printed
     assert ("fine-tuning input work alone" in printed) == (phase == "finetune")
+
+
+@pytest.mark.parametrize("device, preset, sizes, batch_sizes", [("cuda", "vit-t", (192, 12, 3), (512, 128)),
+                                                                 ("cpu", "small", (64, 2, 2), (64, 32))])
+def test_the_defaults_are_vit_t_at_the_references_batches_on_cuda_and_a_small_model_on_the_cpu(monkeypatch, device,
+                                                                                               preset, sizes,
+                                                                                               batch_sizes):
+    """Without flags bench times ViT-T (width 192, 12 blocks, 3 heads) at the scripts' batches, 512 for pretraining
+    and 128 for fine-tuning, on CUDA; on the CPU a 2-block model of width 64 at 64 and 32, which takes seconds. A
+    CUDA device needs no GPU to resolve its defaults once compilation and bf16 are answered for."""
+    monkeypatch.setattr(utils, "_compile_unavailable", lambda device: None)
+    monkeypatch.setattr(utils, "native_bf16", lambda device: True)  # an H100's answer
+    args = bench.get_args_parser().parse_args(["--device", device])
+    bench.resolve_defaults(args, torch.device(device))
+    assert args.preset == preset
+    assert (args.embed_dim, args.depth, args.num_heads) == sizes
+    assert (args.pretrain_batch_size, args.finetune_batch_size) == batch_sizes
+
+
+def test_code_version_is_the_commit_with_changes_when_git_reports_modified_tracked_files(monkeypatch):
+    """code_version is `git rev-parse --short HEAD`, with "+changes" appended when `git status --porcelain
+    --untracked-files=no` lists a modified tracked file, and without it when it lists none; None when git fails."""
+    status = {"returncode": 0, "stdout": ""}
+
+    def fake_git(command, **kwargs):
+        if "rev-parse" in command:
+            return subprocess.CompletedProcess(command, 0, stdout="abc1234\n", stderr="")
+        assert command[-3:] == ["status", "--porcelain", "--untracked-files=no"], command
+        return subprocess.CompletedProcess(command, status["returncode"], stdout=status["stdout"], stderr="")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_git)
+    assert bench.code_version() == "abc1234"
+    status["stdout"] = " M bench.py\n"
+    assert bench.code_version() == "abc1234+changes"
+    status["returncode"] = 128
+    assert bench.code_version() is None
 
 
 def test_command_line_gives_back_the_resolved_flags():
@@ -805,6 +845,7 @@ def test_host_sync_recorder_flags_what_makes_the_host_wait_and_nothing_else():
 
 @pytest.mark.parametrize("flags, expected", [
     (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--repeats", "0"], "--repeats must be >= 1, got 0"),
     (["--warmup_steps", "0"], "--warmup_steps must be >= 1"),
     (["--pretrain_batch_size", "48", "--max_device_batch_size", "32"],
      "--pretrain_batch_size 48 is not divisible by --max_device_batch_size 32"),
