@@ -304,6 +304,28 @@ def test_knn_bank_and_queries_are_the_l2_normalised_pooled_features(tmp_path, mo
             torch.testing.assert_close(seen[name], F.normalize(pooled, dim=1), rtol=1e-5, atol=1e-5)
 
 
+def test_knn_votes_over_every_class_of_the_dataset(tmp_path, monkeypatch):
+    """A dataset of 12 classes (CIFAR-100 has 100): the kNN's votes are counted over all 12, not CIFAR-10's 10,
+    and its accuracy is that of the predictions it returns."""
+    import data
+    import mae_pretrain
+    import utils
+    args, model = _tiny_mae(tmp_path)
+    train, val = data.fake_images(96, num_classes=12, seed=1), data.fake_images(24, num_classes=12, seed=2)
+    assert val.labels.max() >= 10  # queries whose class a 10-class vote could not name
+    seen, knn_predict = [], utils.knn_predict
+
+    def spy(bank, bank_labels, queries, num_classes, *rest):
+        seen.append(num_classes)
+        predicted = knn_predict(bank, bank_labels, queries, num_classes, *rest)
+        seen.append((predicted == val.labels).float().mean().item())
+        return predicted
+    monkeypatch.setattr(utils, "knn_predict", spy)
+    val_noise = torch.rand(len(val), 64, generator=torch.Generator().manual_seed(0))
+    metrics = mae_pretrain.evaluate(model, train, val, val_noise, args, torch.device("cpu"), None)
+    assert seen[0] == 12 and metrics["knn_acc"] == pytest.approx(seen[1])
+
+
 @pytest.mark.parametrize("constant", [0.3, 1.4])  # pixels 0.65, and 1.2, which [0, 1] clamps to 1
 def test_val_psnr_is_10_log10_of_one_over_the_masked_pixels_mse(tmp_path, monkeypatch, constant):
     """val_psnr is 10 log10(1 / MSE) over the masked pixels (all channels), in [0, 1] units with the prediction
