@@ -538,6 +538,30 @@ def test_a_probe_step_on_augmented_images_leaves_the_encoder_unchanged(tmp_path,
     assert not torch.equal(model.head.weight, head_before)
 
 
+@pytest.mark.parametrize("augmented", [False, True])
+def test_a_probe_trains_on_features_computed_once_only_when_its_images_are_not_augmented(tmp_path, mae_ckpt,
+                                                                                         augmented):
+    """Without augmentation a probe's features are the same every epoch: the head (BatchNorm and linear layer)
+    trains on the frozen encoder's features, computed once, here against the encoder run on the images. With any
+    augmentation (--hflip) each step must embed its own augmented views: the model trains on the uint8 images, its
+    encoder frozen."""
+    args = parse(cls_argv(tmp_path, "--pretrained_model_path", mae_ckpt, "--linear_probe",
+                          *(["--hflip"] if augmented else [])))
+    train_classifier.check_args(args)
+    mae_state, config, _ = train_classifier.load_pretrained(args.pretrained_model_path)
+    model = train_classifier.build_model(args, train_classifier.model_config(args, config), 10, mae_state)
+    images, val_images = data.fake_images(8).images, data.fake_images(4, seed=1).images
+    net, frozen, inputs, val_inputs, _, _ = train_classifier.training_inputs(model, images, val_images, 4, args,
+                                                                            torch.device("cpu"), None)
+    if augmented:
+        assert net is model and frozen is model.encoder and inputs is images and val_inputs is val_images
+        return
+    assert frozen is None and list(net) == [model.head_norm, model.head]
+    with torch.no_grad():
+        for features, split in ((inputs, images), (val_inputs, val_images)):
+            torch.testing.assert_close(features, model.eval().features(data.normalize(split)))
+
+
 def test_val_images_the_mae_trained_on_are_counted_and_warned_about(tmp_path, mae_ckpt, capsys):
     """--val_split N holds out the first N of one fixed permutation: a pretraining on the same images that held
     out M < N trained on N - M of the fine-tune's val images; other data, or the dataset's own val split, none."""
