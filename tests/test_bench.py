@@ -255,14 +255,15 @@ def test_compiled_fine_tuning_times_its_input_work_compiled_and_eager(compile_co
 
 
 def test_inductor_settings_take_each_value_as_their_settings_type():
-    """Each value takes its setting's type: bool, int, str, and float (cpu_gpu_bw, 50.0 by default: "2" is 2.0, a
-    float, not the int 2)."""
+    """Each value takes its setting's type: bool, int, str, and float (max_autotune_subproc_result_timeout_seconds,
+    60.0 by default in torch 2.6 to 2.14: "2" is 2.0, a float, not the int 2)."""
     args = SimpleNamespace(inductor=["coordinate_descent_tuning=true", "triton.cudagraph_trees=0",
                                      "unroll_reductions_threshold=4", "max_autotune_gemm_backends=ATEN",
-                                     "cpu_gpu_bw=2"])
+                                     "max_autotune_subproc_result_timeout_seconds=2"])
     settings = bench.inductor_settings(args)
     assert settings == {"coordinate_descent_tuning": True, "triton.cudagraph_trees": False,
-                        "unroll_reductions_threshold": 4, "max_autotune_gemm_backends": "ATEN", "cpu_gpu_bw": 2.0}
+                        "unroll_reductions_threshold": 4, "max_autotune_gemm_backends": "ATEN",
+                        "max_autotune_subproc_result_timeout_seconds": 2.0}
     assert [type(value) for value in settings.values()] == [bool, bool, int, str, float]
     import torch._inductor.config as inductor_config
     with inductor_config.patch(settings):  # as main applies them around the timed phases
