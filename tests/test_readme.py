@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+import bench
 import mae_pretrain
 import plot_results
 import train_classifier
@@ -126,7 +127,6 @@ def test_the_readme_flag_tables_name_every_flag_with_its_default(module, heading
 def test_the_readme_names_every_flag_of_bench():
     """Running `bench.py` names each of bench.py's flags; the model-size flags are those of mae_pretrain.py, and it
     says so once for all of them. A flag added to bench.py without a word in the README fails here."""
-    import bench
     readme = open(os.path.join(ROOT, "README.md")).read()
     text = readme[readme.index("### Running `bench.py`"):readme.index("### Compile scope")]
     model_size = {"--patch_size", "--embed_dim", "--depth", "--num_heads", "--decoder_embed_dim", "--decoder_depth",
