@@ -495,10 +495,9 @@ def plot_confusion(run: ClassifierRun):
 
 
 def save_figure(fig, path: str, dpi: int) -> None:
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=dpi)
+    with utils.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -763,10 +762,8 @@ def main(args):
         lines += report_classifiers(runs, figures, rel)
     if missing or notes:
         lines += ["## Missing inputs", ""] + [f"- `{m}`" for m in missing] + [f"- {n}" for n in notes] + [""]
-    tmp = f"{args.report}.tmp"
-    with open(tmp, "w") as f:
+    with utils.atomic_path(args.report) as tmp, open(tmp, "w") as f:
         f.write("\n".join(lines))
-    os.replace(tmp, args.report)
 
     print("\n".join(summary_lines(pre, runs)))
     for note in notes:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -765,38 +766,49 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yield a temporary name beside `path`, with its extension (np.save, savefig and PIL choose the format by it),
+    to write the whole file under; rename it to `path` when the block ends, so that a reader, or a run stopped
+    mid-write, never sees half a file and the file before stays whole until then. If the block fails, the
+    temporary file is deleted. The name is new for each call: a stale file or folder, or another writer of the
+    same path, never collides with it."""
+    stem, ext = os.path.splitext(path)
+    tmp = f"{stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{ext}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def atomic_copy(src: str, dst: str) -> None:
-    tmp = f"{dst}.tmp{os.path.splitext(dst)[1]}"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def save_npy(path: str, values, dtype=np.float64) -> None:
-    tmp = f"{path}.tmp.npy"
-    np.save(tmp, np.asarray(values, dtype=dtype))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.save(tmp, np.asarray(values, dtype=dtype))
 
 
 def save_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def write_jsonl(path: str, records: list) -> None:
     """Rewrite the whole log: on resume it then holds exactly the epochs the checkpoint has, once each."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
 
 
 def read_jsonl(path: str, flag: str) -> list:
@@ -945,9 +957,8 @@ def save_recon_figure(path: str, masked, recon, original, title: str = "", ncol:
         top = line + i * (line + h)
         draw.text((canvas.width // 2, top + 4), label, fill="black", font=font, anchor="ma")
         canvas.paste(grid.resize((w, h), Image.NEAREST), (margin, top + line))
-    tmp = f"{path}.tmp.png"
-    canvas.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp)
 
 
 def recon_grid_tensor(masked, recon, original, ncol: int = 8) -> torch.Tensor:
@@ -1032,9 +1043,8 @@ def save_prediction_grid(path: str, images, predicted, true, classes, title: str
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"  # renamed when complete: a reader never sees half a file
-    fig.savefig(tmp, dpi=150)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=150)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1004,6 +1004,8 @@ def test_a_write_that_fails_halfway_leaves_the_old_file_whole(tmp_path, monkeypa
         utils.write_jsonl(str(log), [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": torch.tensor(0.3)}])
     assert figure.read_bytes() == b"epoch 1 figure"
     assert [path.name for path in saved if path.read_bytes() != saved[path]] == []  # the files that changed
+    # and the half-written temporary files are gone, not left to fill the disk
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in (ckpt, figure, new_figure, losses, summary, log))
     monkeypatch.undo()
     utils.atomic_save({"epoch": 2}, str(ckpt))
     utils.atomic_copy(str(new_figure), str(figure))
@@ -1014,6 +1016,27 @@ def test_a_write_that_fails_halfway_leaves_the_old_file_whole(tmp_path, monkeypa
     assert np.load(losses).tolist() == [0.5, 0.25] and json.loads(summary.read_text()) == {"epoch": 2, "loss": 0.25}
     assert utils.read_jsonl(str(log), "--output_dir") == [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.3}]
     assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in (ckpt, figure, new_figure, losses, summary, log))
+
+
+def test_each_atomic_write_has_a_temporary_name_of_its_own_beside_the_file_with_its_extension(tmp_path):
+    """atomic_path's temporary name is in the file's folder (a rename across file systems would not be atomic), ends
+    in the file's extension (np.save, savefig and PIL pick the format by it), and is new for each write, so that two
+    writers of one path, or a stale file or folder left by a killed run, never meet: here a folder under the first
+    name and a second write of the same path while the first is open."""
+    path = tmp_path / "mae.pt"
+    with utils.atomic_path(str(path)) as first:
+        os.mkdir(first)  # what a killed run, or anything else, may have left under a temporary name
+        with utils.atomic_path(str(path)) as second:
+            assert os.path.dirname(second) == str(tmp_path) and second.endswith(".pt") and second != first
+            torch.save({"epoch": 1}, second)
+        os.rmdir(first)
+        torch.save({"epoch": 2}, first)
+    assert torch.load(path, weights_only=True) == {"epoch": 2} and os.listdir(tmp_path) == ["mae.pt"]
+    with pytest.raises(ValueError):  # a block that fails: its file deleted, the file at the path untouched
+        with utils.atomic_path(str(path)) as tmp:
+            torch.save({"epoch": 3}, tmp)
+            raise ValueError
+    assert torch.load(path, weights_only=True) == {"epoch": 2} and os.listdir(tmp_path) == ["mae.pt"]
 
 
 def test_a_jsonl_log_reads_back_what_was_written_and_anything_else_is_one_line(tmp_path, capsys):
