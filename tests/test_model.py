@@ -554,3 +554,35 @@ def test_weights_start_as_maes_initialisation_not_torchs_defaults():
     for token in (mae.encoder.cls_token, mae.decoder.mask_token, mae.decoder.pred.weight):
         assert token.std().item() == pytest.approx(0.02, rel=0.2)
     assert classifier.head.weight.std().item() == pytest.approx(0.01, rel=0.1)
+
+
+def test_random_masking_draws_each_samples_own_noise_from_torchs_rng():
+    """Without noise, random_masking draws (B, N) uniform noise from torch's RNG, one row per sample (the MAE
+    reference's torch.rand(N, L)): the same masks as passing that draw explicitly, and a batch of identical images
+    gets a different mask for each of them."""
+    x = torch.randn(1, 64, 4).expand(8, 64, 4)  # eight copies of one image
+    torch.manual_seed(0)
+    visible, mask, ids_restore = random_masking(x, 0.75)
+    torch.manual_seed(0)
+    noise = torch.rand(8, 64)
+    expected = random_masking(x, 0.75, noise)
+    assert torch.equal(mask, expected[1]) and torch.equal(ids_restore, expected[2]) and torch.equal(visible,
+                                                                                                     expected[0])
+    assert len({tuple(row.tolist()) for row in mask}) == 8
+
+
+def test_normalize_patches_keeps_eps_inside_the_square_root_for_nearly_flat_patches():
+    """The reference's (var + 1e-6) ** 0.5 matters where a patch is nearly flat (a clear sky): a constant patch has
+    std sqrt(1e-6) = 1e-3, not 1e-6, and a patch varying by 1e-4 (variance 1e-8, far below eps) is normalised to
+    about a tenth of its unit-variance value, its noise damped rather than blown up to unit variance."""
+    flat = torch.full((1, 1, 12), 0.3)
+    _, mean, std = normalize_patches(flat)
+    torch.testing.assert_close(std, torch.full((1, 1, 1), 1e-3))
+    wiggle = 0.3 + 1e-4 * torch.tensor([1.0, -1.0] * 6, dtype=torch.float64).view(1, 1, 12)
+    mean = wiggle.sum() / 12
+    var = ((wiggle - mean) ** 2).sum() / 11  # 12 / 11 * 1e-8
+    normed, _, std = normalize_patches(wiggle)
+    torch.testing.assert_close(std.flatten(), ((var + 1e-6) ** 0.5).view(1))
+    torch.testing.assert_close(normed, (wiggle - mean) / (var + 1e-6) ** 0.5)
+    assert normed.abs().max() < 0.11
+
