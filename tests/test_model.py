@@ -586,3 +586,16 @@ def test_normalize_patches_keeps_eps_inside_the_square_root_for_nearly_flat_patc
     torch.testing.assert_close(normed, (wiggle - mean) / (var + 1e-6) ** 0.5)
     assert normed.abs().max() < 0.11
 
+
+def test_a_model_without_drop_path_draws_no_random_numbers_in_training():
+    """drop_path_rate 0 gives no DropPath at all (Block's None), so a training forward of the classifier leaves
+    torch's RNG where it was: the augmentation and mixup draws that follow are those of a run without stochastic
+    depth. With a rate above 0 every block draws (the check can fail)."""
+    cfg = MAEConfig(**SMALL)
+    imgs = torch.randn(4, 3, 32, 32)
+    for rate, draws in ((0.0, False), (0.1, True)):
+        model = ViTClassifier(cfg, num_classes=10, drop_path_rate=rate).train()
+        torch.manual_seed(0)
+        model(imgs)
+        assert (not torch.equal(torch.get_rng_state(), torch.manual_seed(0).get_state())) == draws, rate
+
