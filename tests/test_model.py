@@ -599,3 +599,19 @@ def test_a_model_without_drop_path_draws_no_random_numbers_in_training():
         model(imgs)
         assert (not torch.equal(torch.get_rng_state(), torch.manual_seed(0).get_state())) == draws, rate
 
+
+@pytest.mark.parametrize("name", ["img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
+                                  "decoder_embed_dim", "decoder_depth", "decoder_num_heads"])
+def test_config_refuses_a_size_of_0_naming_it(name):
+    """Every size of MAEConfig must be at least 1; 0 is refused in one ValueError that names the field (a depth of 0
+    would otherwise fail later, unpacking an empty list of blocks)."""
+    with pytest.raises(ValueError, match=f"sizes must be >= 1, got {name} 0"):
+        MAEConfig(**{**SMALL, name: 0})
+
+
+def test_config_refuses_a_decoder_width_its_heads_do_not_divide():
+    """The decoder's width must be divisible by its heads, as the encoder's: 24 by 5 is refused, naming both."""
+    with pytest.raises(ValueError, match="decoder_embed_dim 24 must be divisible by decoder_num_heads 5"):
+        MAEConfig(**{**SMALL, "decoder_num_heads": 5})
+    with pytest.raises(ValueError, match="embed_dim 32 must be divisible by num_heads 3"):
+        MAEConfig(**{**SMALL, "num_heads": 3})
