@@ -442,3 +442,17 @@ def test_fake_images_are_their_class_pattern_shifted_with_noise_the_same_for_eve
         assert own_mse.max() < 0.03 and other_mse.min() > 0.05, (c, own_mse, other_mse)
         shifts.update(own_shifts)
     assert len(shifts) > 15 and max(max(abs(dy), abs(dx)) for dy, dx in shifts) <= 8
+
+
+def test_data_flags_take_the_closed_ends_of_their_ranges():
+    """--fake_size takes 1 and MAX_FAKE_SIZE (1,000,000) itself, --val_split takes 0; one step past either end is
+    refused naming the flag and the value (checked without generating any image)."""
+    for size in (1, data.MAX_FAKE_SIZE):
+        data.check_data_args(data_args(fake_size=size))
+    for size in (0, data.MAX_FAKE_SIZE + 1):
+        with pytest.raises(data.DataError, match=f"--fake_size must be in \\[1, 1,000,000\\], got {size}$"):
+            data.check_data_args(data_args(fake_size=size))
+    data.check_data_args(data_args(val_split=0))
+    with pytest.raises(data.DataError, match="--val_split must be >= 0, got -1$"):
+        data.check_data_args(data_args(val_split=-1))
+
