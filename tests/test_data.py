@@ -456,3 +456,25 @@ def test_data_flags_take_the_closed_ends_of_their_ranges():
     with pytest.raises(data.DataError, match="--val_split must be >= 0, got -1$"):
         data.check_data_args(data_args(val_split=-1))
 
+
+def test_the_fake_val_set_is_not_drawn_from_the_training_sets_random_stream():
+    """--dataset fake's val images come from a generator of their own (seed 2, the training set's is 1): drawn from
+    the training set's stream, the val labels would be the first training labels again, one for one."""
+    train, val = data.load_data(data_args())
+    assert not torch.equal(val.labels, train.labels[:len(val)])
+    assert (val.labels == train.labels[:len(val)]).float().mean() < 0.3  # a tenth, for independent labels
+
+
+def test_fake_images_are_shifted_by_minus_4_to_4_pixels_each_way():
+    """Each fake image is its class pattern rolled by -4 to 4 pixels (nine values) each way: aligned with one image
+    of its class, the other images of the class are found at shifts spanning exactly 8 pixels down and 8 across
+    (relative to that image's own shift). Exactly, not at most: a range of -4 to 3 would span 7."""
+    images = data.fake_images(1000, seed=1)
+    for c in range(10):
+        own = images.images[images.labels == c].float() / 255
+        mse, shifts = _best_roll(own[1:], own[0])
+        assert mse.max() < 0.03, c  # every image found: noise alone remains
+        for axis in (0, 1):
+            moved = [shift[axis] for shift in shifts]
+            assert max(moved) - min(moved) == 8, (c, axis)
+
