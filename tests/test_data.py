@@ -478,3 +478,21 @@ def test_fake_images_are_shifted_by_minus_4_to_4_pixels_each_way():
             moved = [shift[axis] for shift in shifts]
             assert max(moved) - min(moved) == 8, (c, axis)
 
+
+def test_erasing_draws_are_independent_and_follow_their_documented_ranges():
+    """erasing_draws' defaults, as timm's RandomErasing: the area share uniform on [0.02, 1/3], the aspect ratio
+    log-uniform on [0.3, 1/0.3] (its log uniform, so ratios r and 1/r equally likely), and each number its own draw:
+    the five (share, log aspect, top, left, erase) pairwise uncorrelated. Checked on 20,000 draws by deciles,
+    within 2% of each range (6 standard deviations)."""
+    torch.manual_seed(0)
+    d = data.erasing_draws((20_000, 1, 8, 8), "cpu")
+    q = torch.linspace(0.1, 0.9, 9)
+    log_aspect = d["aspect"].log()
+    lo, hi = math.log(0.3), math.log(1 / 0.3)
+    for values, (a, b) in ((d["share"], (0.02, 1 / 3)), (log_aspect, (lo, hi)), (d["top"], (0, 1)),
+                           (d["left"], (0, 1)), (d["erase"].flatten(), (0, 1))):
+        assert a <= values.min() and values.max() <= b
+        torch.testing.assert_close(torch.quantile(values, q), a + (b - a) * q, rtol=0, atol=0.02 * (b - a))
+    draws = torch.stack([d["share"], log_aspect, d["top"], d["left"], d["erase"].flatten()])
+    correlation = torch.corrcoef(draws) - torch.eye(5)
+    assert correlation.abs().max() < 0.05, correlation
