@@ -181,7 +181,9 @@ def test_val_folder_with_other_classes_is_refused_unless_val_split_holds_out_tra
 
 
 def test_cifar_is_downloaded_under_an_exclusive_lock(tmp_path, monkeypatch):
-    """torchrun's processes all load the data before any process group exists: the download must not be shared."""
+    """torchrun's processes all load the data before any process group exists: the download must not be shared. The
+    lock held during it is exclusive: another open file is refused even a shared lock on it (a shared lock held
+    there would refuse only an exclusive one)."""
     import fcntl
 
     import numpy as np
@@ -192,7 +194,7 @@ def test_cifar_is_downloaded_under_an_exclusive_lock(tmp_path, monkeypatch):
         def __init__(self, root, train, download):
             with open(pathlib.Path(root) / ".download.lock", "a") as other:  # another open file, as another process
                 try:
-                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)
                     held.append(False)
                 except BlockingIOError:
                     held.append(True)
