@@ -581,6 +581,9 @@ def test_attention_flag_sets_the_kernel_of_training_and_evaluation(tmp_path, run
     (["--val_split", "-1"], "--val_split must be >= 0, got -1"),
     (["--patch_size", "3"], "patch_size 3 must divide img_size 32"),
     (["--batch_size", "256"], "--batch_size 256 is larger than the 128 training images"),  # no step in an epoch
+    (["--log_interval", "0"], "--log_interval must be >= 1, got 0"),  # the progress bar's step % 0
+    (["--stop_after", "-1"], "--stop_after must be >= 0, got -1"),  # a run of no epoch
+    (["--eval_every", "-1"], "--eval_every must be >= 0 and --knn_temperature > 0, got -1 and 0.07"),
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, run_pretrain, capsys, bad_flags, expected):
     (tmp_path / "a_file").write_text("in the way")
