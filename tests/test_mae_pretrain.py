@@ -96,12 +96,12 @@ def test_a_resume_that_changes_the_knn_protocol_says_its_accuracies_are_not_comp
     capsys.readouterr()
     run_pretrain(argv + ["--resume", ckpt, "--stop_after", "2", "--eval_every", "2"])
     assert "warning" not in capsys.readouterr().err
-    run_pretrain(argv + ["--resume", ckpt, "--knn_k", "5", "--knn_feature", "token"])
+    run_pretrain(argv + ["--resume", ckpt, "--knn_k", "5", "--knn_temperature", "0.1", "--knn_feature", "token"])
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 1
-    assert warnings[0].endswith(f"warning: --knn_k 5 and --knn_feature token, where --resume {ckpt!r} had 20 and "
-                                "avg: the kNN accuracies from here on are not comparable with its 2 kNN evaluations "
-                                "(epochs up to 2), though they share one curve")
+    assert warnings[0].endswith(f"warning: --knn_k 5 and --knn_temperature 0.1 and --knn_feature token, where --resume "
+                                f"{ckpt!r} had 20 and 0.07 and avg: the kNN accuracies from here on are not comparable "
+                                "with its 2 kNN evaluations (epochs up to 2), though they share one curve")
     assert np.load(tmp_path / "run" / "outputs" / "eval_epochs.npy").tolist() == [1, 2, 3]
 
 
@@ -304,26 +304,32 @@ def test_knn_bank_and_queries_are_the_l2_normalised_pooled_features(tmp_path, mo
             torch.testing.assert_close(seen[name], F.normalize(pooled, dim=1), rtol=1e-5, atol=1e-5)
 
 
-def test_knn_votes_over_every_class_of_the_dataset(tmp_path, monkeypatch):
-    """A dataset of 12 classes (CIFAR-100 has 100): the kNN's votes are counted over all 12, not CIFAR-10's 10,
-    and its accuracy is that of the predictions it returns."""
+def test_knn_votes_over_every_class_of_the_dataset_with_the_flags_k_and_temperature(tmp_path, monkeypatch):
+    """A dataset of 12 classes (CIFAR-100 has 100): the kNN's votes are counted over all 12, not CIFAR-10's 10, by
+    the --knn_k nearest neighbours at --knn_temperature (7 and 0.5 here, not the defaults; test_utils checks the
+    vote itself against one written out longhand), and its accuracy is that of the predictions it returns."""
+    import inspect
+
     import data
     import mae_pretrain
     import utils
-    args, model = _tiny_mae(tmp_path)
+    args, model = _tiny_mae(tmp_path, "--knn_k", "7", "--knn_temperature", "0.5")
     train, val = data.fake_images(96, num_classes=12, seed=1), data.fake_images(24, num_classes=12, seed=2)
     assert val.labels.max() >= 10  # queries whose class a 10-class vote could not name
     seen, knn_predict = [], utils.knn_predict
 
-    def spy(bank, bank_labels, queries, num_classes, *rest):
-        seen.append(num_classes)
-        predicted = knn_predict(bank, bank_labels, queries, num_classes, *rest)
+    def spy(*args, **kwargs):
+        call = inspect.signature(knn_predict).bind(*args, **kwargs)
+        call.apply_defaults()
+        seen.append({name: call.arguments[name] for name in ("num_classes", "k", "temperature")})
+        predicted = knn_predict(*args, **kwargs)
         seen.append((predicted == val.labels).float().mean().item())
         return predicted
     monkeypatch.setattr(utils, "knn_predict", spy)
     val_noise = torch.rand(len(val), 64, generator=torch.Generator().manual_seed(0))
     metrics = mae_pretrain.evaluate(model, train, val, val_noise, args, torch.device("cpu"), None)
-    assert seen[0] == 12 and metrics["knn_acc"] == pytest.approx(seen[1])
+    assert seen[0] == {"num_classes": 12, "k": 7, "temperature": 0.5}
+    assert metrics["knn_acc"] == pytest.approx(seen[1])
 
 
 @pytest.mark.parametrize("constant", [0.3, 1.4])  # pixels 0.65, and 1.2, which [0, 1] clamps to 1
