@@ -396,13 +396,45 @@ def test_augmented_step_crops_with_columns_0_to_3_and_flips_with_column_4_of_one
     assert torch.equal(torch.cat(flips), draw[:, 4])
 
 
+@pytest.mark.parametrize("chunk", [16, 8])
+def test_a_step_in_chunks_is_the_step_of_the_whole_batch_under_the_same_masks(tmp_path, chunk):
+    """train_step on a global batch of 32 in chunks of 16 (or 8): each chunk's images get their own rows of the one
+    (batch, patches) mask noise the step draws, and each chunk's loss is divided by the number of chunks, so the
+    parameters move by -lr times the gradient of the whole batch's masked loss under that noise, and loss_sum gains
+    the chunks' losses undivided. Reference: the same model, before the step, on all 32 images at once, the noise
+    drawn from the same seed. (AdamW would hide a gradient scaled by the chunk count: plain SGD here.)"""
+    import data
+    import mae_pretrain
+    import utils
+    args, model = _tiny_mae(tmp_path, "--max_device_batch_size", str(chunk))
+    images = data.fake_images(64, seed=1).images
+    batch_idx = torch.randperm(64, generator=torch.Generator().manual_seed(1))[:32]
+    torch.manual_seed(5)
+    noise = torch.rand(32, 64)  # what train_step draws after the same seed
+    imgs = data.normalize(images[batch_idx])
+    grads = torch.autograd.grad(model(imgs, noise=noise, masked_only=True)[0], list(model.parameters()))
+    with torch.no_grad():
+        chunk_losses = [model(imgs[i:i + chunk], noise=noise[i:i + chunk], masked_only=True)[0].item()
+                        for i in range(0, 32, chunk)]
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    utils.allocate_grads(optimizer)
+    loss_sum = torch.zeros(())
+    torch.manual_seed(5)
+    mae_pretrain.train_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), images, batch_idx, 0.5,
+                            args, torch.device("cpu"), None, loss_sum)
+    for p, p0, g in zip(model.parameters(), before, grads, strict=True):
+        torch.testing.assert_close(p.detach(), p0 - 0.5 * g, rtol=0, atol=1e-6)
+    assert loss_sum.item() == pytest.approx(sum(chunk_losses), rel=1e-5)
+
+
 def test_each_epoch_trains_on_its_own_order_at_the_scheduled_lr_and_reports_its_mean_chunk_loss(tmp_path,
                                                                                               monkeypatch):
     """train_one_epoch over 128 images, 4 steps of 32 in chunks of 16, for epochs 1 to 3 of a 3-epoch run with
     --min_lr, then epoch 2 again. Each epoch shows every image once, in an order of its own, cut from --seed and
     the epoch, so that an epoch run again (a resumed run's) shows its order again. Each optimizer step's logged lr
     is the warmup + cosine written out longhand, from the peak down to --min_lr. The epoch's loss is the mean of
-    its chunks' losses."""
+    its chunks' losses, and its images per second are the 128 it showed over its seconds."""
     import data
     import mae_pretrain
     args, mae = _tiny_mae(tmp_path, "--total_epoch", "3", "--base_learning_rate", "1e-3", "--min_lr", "1e-5")
@@ -433,6 +465,7 @@ def test_each_epoch_trains_on_its_own_order_at_the_scheduled_lr_and_reports_its_
         assert sorted(shown) == list(range(128))
         orders.append(list(shown))
         assert len(chunk_losses) == 8 and stats["loss"] == pytest.approx(sum(chunk_losses) / 8, rel=1e-6)
+        assert stats["images_per_sec"] * stats["seconds"] == pytest.approx(128)  # the 4 steps' 4 x 32 images
     assert len({tuple(order) for order in orders[:3]}) == 3 and orders[3] == orders[1]
 
     expected = warmup_cosine_lrs(1e-3 * 32 / 256, warmup=4, total=12, min_lr=1e-5)
