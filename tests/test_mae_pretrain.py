@@ -85,6 +85,53 @@ def test_resume_continues_the_same_run(tmp_path, run_pretrain):
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+def test_a_resume_logs_again_an_epoch_its_checkpoint_does_not_hold(tmp_path, run_pretrain):
+    """log.jsonl is written before the checkpoint, so a run stopped between the two leaves a record of an epoch the
+    checkpoint does not hold. A resume from that checkpoint trains that epoch again and logs it once: the log holds
+    each epoch once, the resumed epoch's record being the new one (its loss is losses.npy's)."""
+    argv = tiny_pretrain_argv(tmp_path, "--eval_every", "0")
+    run_pretrain(argv + ["--stop_after", "1"])
+    log_path = tmp_path / "run" / "outputs" / "log.jsonl"
+    with open(log_path, "a") as f:  # epoch 2's record, written just before the run stopped
+        f.write(json.dumps({"epoch": 2, "loss": 123.0, "lr": 0.0, "images_per_sec": 1.0, "seconds": 1.0}) + "\n")
+    run_pretrain(argv + ["--resume", str(tmp_path / "run" / "mae.pt")])
+    records = [json.loads(line) for line in open(log_path)]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert [r["loss"] for r in records] == pytest.approx(np.load(tmp_path / "run" / "outputs" / "losses.npy").tolist())
+
+
+def test_an_epoch_without_evaluation_after_one_with_adds_no_monitor_numbers(tmp_path, run_pretrain):
+    """--eval_every 2 in a 4-epoch run stopped after epoch 3: epoch 2 is evaluated, epoch 3 after it is not (as a
+    resume's first epoch after a checkpoint with evaluations may be). Epoch 3 adds no monitor number to any sink
+    (its log record, TensorBoard, the .npy curves) and the run ends normally."""
+    run_pretrain(tiny_pretrain_argv(tmp_path, "--total_epoch", "4", "--eval_every", "2", "--stop_after", "3"))
+    out = tmp_path / "run" / "outputs"
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [(r["epoch"], "knn_acc" in r) for r in records] == [(1, False), (2, True), (3, False)]
+    assert np.load(out / "eval_epochs.npy").tolist() == [2]
+    events = EventAccumulator(str(tmp_path / "run" / "logs"), size_guidance={"scalars": 0}).Reload()
+    for name in ("knn_acc", "val_loss", "val_psnr"):
+        assert [e.step for e in events.Scalars(name)] == [2], name
+        assert np.load(out / f"{name}.npy").tolist() == pytest.approx([records[1][name]])
+
+
+def test_each_epoch_masks_its_images_with_noise_of_its_own(tmp_path, run_pretrain, monkeypatch):
+    """The training masks' noise comes from torch's RNG seeded at each epoch from (--seed, epoch)
+    (utils.seed_epoch): every step of epoch 2 draws other noise than the same step of epoch 1, not the same
+    sequence again. (A resumed epoch draws its own again: test_resume_continues_the_same_run.)"""
+    from model import MAE
+    noises, forward = [], MAE.forward
+
+    def recording(self, imgs, *args, noise=None, masked_only=False, **kwargs):
+        if masked_only:  # training; evaluation and the figures run with masked_only False
+            noises.append(noise.clone())
+        return forward(self, imgs, *args, noise=noise, masked_only=masked_only, **kwargs)
+    monkeypatch.setattr(MAE, "forward", recording)
+    run_pretrain(tiny_pretrain_argv(tmp_path, "--eval_every", "0"))
+    assert len(noises) == 2 * 8  # 2 epochs of 4 steps of 2 chunks
+    assert not any(torch.equal(a, b) for a, b in zip(noises[:8], noises[8:]))
+
+
 def test_a_resume_that_changes_the_knn_protocol_says_its_accuracies_are_not_comparable(tmp_path, run_pretrain,
                                                                                          capsys):
     """--knn_k, --knn_temperature and --knn_feature may change on resume, but the kNN curve then joins two
