@@ -231,19 +231,20 @@ def test_the_figures_show_the_first_val_images_under_the_val_metrics_masks_every
 
 def test_the_last_lines_name_the_best_loss_and_the_best_knn_accuracy_with_their_epochs(tmp_path, run_pretrain,
                                                                                        monkeypatch, capsys):
-    """Scripted losses 0.3, 0.1, 0.2 and kNN accuracies 30%, 50%, 40%: the run ends by naming the lowest loss at
-    epoch 2 (counted from 1) and the highest kNN accuracy, at epoch 2, beside the last."""
+    """Scripted losses 0.3, 0.1, 0.1 and kNN accuracies 50%, 50%, 40%: the run ends by naming the lowest loss at
+    epoch 2 (counted from 1) and the highest kNN accuracy at epoch 1, beside the last: of a tie, the first epoch,
+    as train_classifier.py's best epoch."""
     import mae_pretrain
     real_epoch, real_evaluate = mae_pretrain.train_one_epoch, mae_pretrain.evaluate
-    losses, knn = {1: 0.3, 2: 0.1, 3: 0.2}, iter([0.3, 0.5, 0.4])
+    losses, knn = {1: 0.3, 2: 0.1, 3: 0.1}, iter([0.5, 0.5, 0.4])
     monkeypatch.setattr(mae_pretrain, "train_one_epoch",
                         lambda *args: {**real_epoch(*args), "loss": losses[args[5]]})  # args[5]: the epoch
     monkeypatch.setattr(mae_pretrain, "evaluate", lambda *args: {**real_evaluate(*args), "knn_acc": next(knn)})
     run_pretrain(tiny_pretrain_argv(tmp_path, "--total_epoch", "3", "--eval_every", "1"))
     out = capsys.readouterr().out.splitlines()
     done = [line for line in out if line.startswith("done:")]
-    assert len(done) == 1 and done[0].startswith("done: best loss 0.10000 at epoch 2, last 0.20000;"), done
-    assert out[-1] == "kNN accuracy: last 40.00% (epoch 3), best 50.00% (epoch 2)", out[-1]
+    assert len(done) == 1 and done[0].startswith("done: best loss 0.10000 at epoch 2, last 0.10000;"), done
+    assert out[-1] == "kNN accuracy: last 40.00% (epoch 3), best 50.00% (epoch 1)", out[-1]
 
 
 def test_the_pretraining_and_a_fine_tune_from_it_print_the_same_encoder_digest(tmp_path, run_pretrain, capsys):
@@ -280,7 +281,8 @@ def test_loss_falls_on_real_cifar10_images(tmp_path, run_pretrain):
 
 def test_validation_metrics_use_fixed_masks(tmp_path, monkeypatch):
     """Evaluation walks both splits in chunks of EVAL_CHUNK_FACTOR x --max_device_batch_size; its metrics do not
-    depend on the global RNG, and the val loss is the model's masked loss over the whole val split."""
+    depend on the global RNG, and the val loss is the model's masked loss over the whole val split, in uneven chunks
+    as in one chunk larger than the split."""
     import data
     import mae_pretrain
     import utils
@@ -310,6 +312,9 @@ def test_validation_metrics_use_fixed_masks(tmp_path, monkeypatch):
     with torch.no_grad():
         direct = model(data.normalize(val.images), noise=val_noise)[0].item()
     assert first["val_loss"] == pytest.approx(direct, rel=1e-5)
+    args.max_device_batch_size = 16  # one chunk of 64 places, only 32 of them filled
+    assert mae_pretrain.evaluate(model, train, val, val_noise, args, torch.device("cpu"), None)["val_loss"] == \
+        pytest.approx(direct, rel=1e-5)
     # PSNR of masked pixels in [0, 1] units: the [-1, 1] loss is 4x the [0, 1] MSE (predictions unclamped).
     assert first["val_psnr"] >= 10 * np.log10(4 / direct) - 1e-3
 
