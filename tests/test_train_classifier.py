@@ -336,6 +336,8 @@ def test_bad_resume_is_one_line_and_changes_nothing(tmp_path, mae_ckpt, capsys):
             (["--resume", last, "--seed", "1"], "was trained with --seed 42, this run has 1"),
             (["--resume", last, "--mixup", "0.5"], "was trained with --mixup 0.8, this run has 0.5"),
             (["--resume", last, "--total_epoch", "1"], "was trained with --total_epoch 2, this run has 1"),
+            # The reference schedule ignores --min_lr; the finetune recipe's warmup_cosine ends at it.
+            (["--resume", last, "--min_lr", "1e-6"], "was trained with --min_lr 0.0, this run has 1e-06"),
             (["--resume", last, "--output_dir", str(moved)], "does not hold epochs 1 to 1 of the checkpoint"),
             (["--resume", last, "--stop_after", "-1"], "--stop_after must be >= 0, got -1"),
             (["--resume", last, "--stop_after", "1"], "--stop_after 1 is not after epoch 1, where --resume"),
@@ -592,6 +594,9 @@ def test_pretrained_encoder_gets_exactly_the_checkpoints_weights_and_only_the_he
     mae_state, config, _ = train_classifier.load_pretrained(mae_ckpt)
     cfg = train_classifier.model_config(args, config)
     assert dataclasses.asdict(cfg) == torch.load(mae_ckpt, weights_only=True)["config"]
+    # args.json records the sizes of the MAE the encoder came from, its decoder's included.
+    assert {name: getattr(args, name) for name in utils.MODEL_SIZE_FLAGS} == \
+        {name: config[name] for name in utils.MODEL_SIZE_FLAGS}
     heads = []
     for seed in (0, 1):
         torch.manual_seed(seed)
@@ -1195,6 +1200,9 @@ def _make_bad_checkpoints(tmp_path, mae_ckpt):
     (["--run_name", ".."], "--run_name must be a plain file-name prefix, got '..'"),
     (["--linear_probe", "--pretrained_model_path", "{mae}", "--layer_decay", "0.8"],
      "--drop_path and --layer_decay do not apply with --linear_probe"),
+    # The decoder flags build nothing here, but given with a checkpoint they must be its MAE's too.
+    (["--pretrained_model_path", "{mae}", "--decoder_depth", "3"], "--decoder_depth 3 does not match "
+                                                                    "--pretrained_model_path's 1"),
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, mae_ckpt, capsys, bad_flags, expected):
     ckpts = _make_bad_checkpoints(tmp_path, mae_ckpt)
