@@ -710,6 +710,30 @@ def test_train_accuracy_counts_the_images_the_epoch_showed():
     assert stats["train_acc"] == 1.0
 
 
+def test_train_loss_is_the_mean_of_the_epochs_chunk_losses():
+    """32 images in batches of 8, chunks of 4: 4 steps of 2 chunks. The epoch's train_loss is the mean of the 8
+    chunk losses the criterion returned (each the mean over its 4 images), not of the 4 steps' sums; its images per
+    second are the 32 it showed over its seconds."""
+    args = SimpleNamespace(batch_size=8, max_device_batch_size=4, seed=42, total_epoch=1, warmup_epoch=0,
+                           base_learning_rate=1e-2, schedule="warmup_cosine", min_lr=0.0, log_interval=100)
+    images = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 10, (32,), generator=torch.Generator().manual_seed(1))
+    net, chunk_losses = _linear_net(), []
+
+    def criterion(logits, target):
+        loss = F.cross_entropy(logits, target)
+        chunk_losses.append(loss.item())
+        return loss
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+    utils.allocate_grads(optimizer)
+    stats = train_classifier.train_one_epoch(net, None, optimizer, torch.amp.GradScaler("cpu", enabled=False), images,
+                                             labels, data.normalize, None, criterion, args, 1, 4,
+                                             torch.device("cpu"), None, None)
+    assert len(chunk_losses) == 8
+    assert stats["train_loss"] == pytest.approx(sum(chunk_losses) / 8, rel=1e-6)
+    assert stats["images_per_sec"] * stats["seconds"] == pytest.approx(32)
+
+
 def test_a_pretraining_on_another_dataset_saw_none_of_the_val_images():
     """val_images_pretrained_on compares datasets first: CIFAR-100 downloaded into the same --data_path as CIFAR-10
     shares no image with it, so an MAE pretrained on CIFAR-10 saw none of a CIFAR-100 run's held-out images, while
@@ -839,6 +863,19 @@ def test_random_erasing_fills_normal_noise_in_normalised_units():
     fill = out[inside]
     assert torch.equal(fill, erase["noise"][inside])
     assert abs(fill.mean().item()) < 0.02 and abs(fill.std().item() - 1) < 0.02, (fill.mean(), fill.std())
+
+
+def test_trivial_augment_works_on_pixels_in_0_1_before_the_normalisation():
+    """augment with only --auto_augment trivial: TrivialAugment's ops are defined on [0, 1] pixels (solarize's
+    threshold, posterize's bits, the fill of a rotation), so the view is data.trivial_augment of the images / 255,
+    then normalised, written out here with the same draws."""
+    args = parse(["--recipe", "plain", "--auto_augment", "trivial"])
+    train_classifier.resolve_recipe(args)
+    images = data.fake_images(64, seed=3).images
+    torch.manual_seed(0)
+    draws = train_classifier.augment_draws(images.shape, args, torch.device("cpu"))
+    expected = (data.trivial_augment(images.float() / 255, draws["trivial"]) - data.PIXEL_MEAN) / data.PIXEL_STD
+    torch.testing.assert_close(train_classifier.augment(images, args, draws), expected, rtol=0, atol=1e-6)
 
 
 def test_recipe_layer_decay_applies_to_pretrained_runs_only():
