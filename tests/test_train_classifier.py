@@ -224,21 +224,68 @@ def test_each_epoch_draws_augmentation_of_its_own(tmp_path, monkeypatch):
     assert not same(draws[0], draws[chunks]) and not same(draws[0], draws[1])
 
 
-def test_the_best_checkpoint_is_the_first_epoch_of_the_best_val_accuracy(tmp_path, monkeypatch):
-    """With val accuracies 0.5, 0.5, 0.4 (evaluate's own, replaced), the best epoch is 1: a later epoch that only
-    equals the best does not replace its checkpoint. The last checkpoint is epoch 3's."""
-    scripted, evaluate = iter([0.5, 0.5, 0.4]), train_classifier.evaluate
+def script_val_accuracies(monkeypatch, accuracies) -> None:
+    """Replace the val accuracy evaluate returns, epoch after epoch, by these (its loss and predictions stay)."""
+    scripted, evaluate = iter(accuracies), train_classifier.evaluate
 
     def scripted_evaluate(*args, **kwargs):
         val_loss, _, predicted = evaluate(*args, **kwargs)
         return val_loss, next(scripted), predicted
     monkeypatch.setattr(train_classifier, "evaluate", scripted_evaluate)
+
+
+def test_the_best_checkpoint_is_the_first_epoch_of_the_best_val_accuracy(tmp_path, monkeypatch):
+    """With val accuracies 0.5, 0.5, 0.4 (evaluate's own, replaced), the best epoch is 1: a later epoch that only
+    equals the best does not replace its checkpoint. The last checkpoint is epoch 3's."""
+    script_val_accuracies(monkeypatch, [0.5, 0.5, 0.4])
     run_cls(cls_argv(tmp_path, epochs=3))
     summary = json.load(open(tmp_path / "run" / "cls_outputs" / "scratch_summary.json"))
     assert (summary["best_epoch"], summary["best_val_acc"], summary["final_val_acc"]) == (1, 0.5, 0.4)
     best, last = (torch.load(tmp_path / "run" / name, map_location="cpu", weights_only=True)
                   for name in ("cls.pt", "cls_last.pt"))
     assert (best["epoch"], best["val_acc"], last["epoch"], last["val_acc"]) == (1, 0.5, 3, 0.4)
+
+
+def test_a_resumed_run_keeps_the_first_epoch_of_a_tied_best_val_accuracy(tmp_path, monkeypatch):
+    """Val accuracies 0.5, 0.5 in a run stopped after epoch 2, then 0.4 in its resumed epoch 3: the best epoch the
+    resume rebuilds from the log is the first of the tie, 1, as an uninterrupted run's is (the test above)."""
+    argv = cls_argv(tmp_path, "--recipe", "plain", "--fake_size", "64", epochs=3)
+    script_val_accuracies(monkeypatch, [0.5, 0.5, 0.4])
+    run_cls(argv + ["--stop_after", "2"])
+    run_cls(argv + ["--resume", str(tmp_path / "run" / "cls_last.pt")])
+    summary = json.load(open(tmp_path / "run" / "cls_outputs" / "scratch_summary.json"))
+    assert (summary["best_epoch"], summary["best_val_acc"], summary["final_val_acc"]) == (1, 0.5, 0.4)
+
+
+def test_a_first_epoch_of_zero_val_accuracy_is_the_best_so_far(tmp_path, monkeypatch):
+    """Val accuracy 0 at every epoch (a probe of a random encoder on a few images may score it): the first epoch is
+    still the best so far, so the best checkpoint exists and holds epoch 1, and the summary names epoch 1."""
+    script_val_accuracies(monkeypatch, [0.0, 0.0])
+    run_cls(cls_argv(tmp_path, "--recipe", "plain", "--fake_size", "64"))
+    summary = json.load(open(tmp_path / "run" / "cls_outputs" / "scratch_summary.json"))
+    assert (summary["best_epoch"], summary["best_val_acc"]) == (1, 0.0)
+    assert torch.load(tmp_path / "run" / "cls.pt", map_location="cpu", weights_only=True)["epoch"] == 1
+
+
+def test_a_dataset_of_12_classes_trains_with_mixup_over_all_12(tmp_path, monkeypatch):
+    """--dataset fake made of 12 classes (CIFAR-100 has 100): the finetune recipe's Mixup builds its targets over
+    all 12 (labels 10 and 11 among them) and the head has 12 outputs, not CIFAR-10's 10."""
+    import functools
+    monkeypatch.setattr(data, "fake_images", functools.partial(data.fake_images, num_classes=12))
+    run_cls(cls_argv(tmp_path, "--fake_size", "64", epochs=1))
+    last = torch.load(tmp_path / "run" / "cls_last.pt", map_location="cpu", weights_only=True)
+    assert last["num_classes"] == 12 and last["model"]["head.weight"].shape[0] == 12
+
+
+def test_a_resume_without_the_log_of_an_earlier_epoch_is_refused(tmp_path, capsys):
+    """The curves and the best epoch are rebuilt from the log: a log that lacks epoch 1 of a checkpoint of epoch 2
+    (its last record there) is refused in one line, nothing changed."""
+    argv = cls_argv(tmp_path, "--recipe", "plain", "--fake_size", "64", epochs=3)
+    run_cls(argv + ["--stop_after", "2"])
+    log = tmp_path / "run" / "cls_outputs" / "scratch_log.jsonl"
+    log.write_text(log.read_text().splitlines(keepends=True)[1])  # epoch 2's record alone
+    err = refused_in_one_line(argv + ["--resume", str(tmp_path / "run" / "cls_last.pt")], tmp_path / "run", capsys)
+    assert f"--resume: {str(log)!r} does not hold epochs 1 to 2 of the checkpoint" in err, err
 
 
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
@@ -298,10 +345,11 @@ def test_drop_path_flag_sets_each_blocks_rate_rising_linearly_with_depth(tmp_pat
 
 
 @pytest.mark.parametrize("extra", [[], ["--linear_probe"]])  # the probe trains its head on precomputed features
-def test_resume_continues_the_same_run(tmp_path, mae_ckpt, extra):
+def test_resume_continues_the_same_run(tmp_path, mae_ckpt, extra, monkeypatch):
     """Three epochs straight, and one then two more with --resume: the same curves, best epoch and weights. The
     finetune recipe draws augmentation, mixup and drop path from per-epoch seeds, so a resumed epoch draws what
-    the straight run's did."""
+    the straight run's did. The resume draws the grids of its own epochs only: the one before training stays the
+    first run's."""
     flags = ["--pretrained_model_path", mae_ckpt, *extra]
     run_cls(cls_argv(tmp_path, *flags, name="straight", epochs=3))
     split = cls_argv(tmp_path, *flags, name="split", epochs=3)
@@ -310,7 +358,11 @@ def test_resume_continues_the_same_run(tmp_path, mae_ckpt, extra):
     run = "linprobe" if extra else "pretrained"
     assert len(np.load(out / f"{run}_val_acc.npy")) == 1
     assert not (out / f"{run}_preds_grid.png").exists()  # the run's final grid comes at its last epoch
+    grids, save_grid = [], utils.save_prediction_grid
+    monkeypatch.setattr(utils, "save_prediction_grid", lambda path, *args, **kwargs: (
+        grids.append(os.path.basename(path)), save_grid(path, *args, **kwargs)))
     run_cls(split + ["--resume", str(tmp_path / "split" / "cls_last.pt")])
+    assert sorted(grids) == [f"{run}_preds_epoch_2.png", f"{run}_preds_epoch_3.png"]
 
     straight = tmp_path / "straight" / "cls_outputs"
     for name in train_classifier.CURVES:
