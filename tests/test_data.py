@@ -1,4 +1,5 @@
-"""Tests of data.py's loading (and its errors), splitting, batching and pretraining augmentation.
+"""Tests of data.py's loading (and its errors), splitting, batching and batched augmentation: pretraining's resized
+crop and flip, fine-tuning's random crop, TrivialAugment's ops and random erasing.
 
 Run: python -m pytest -q tests/test_data.py
 """
@@ -498,3 +499,125 @@ def test_erasing_draws_are_independent_and_follow_their_documented_ranges():
     draws = torch.stack([d["share"], log_aspect, d["top"], d["left"], d["erase"].flatten()])
     correlation = torch.corrcoef(draws) - torch.eye(5)
     assert correlation.abs().max() < 0.05, correlation
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fine-tuning augmentation: random crop, TrivialAugment's ops, random erasing
+
+def test_random_crop_copies_a_padded_window_per_image():
+    x = torch.rand(600, 3, 8, 8)
+    torch.manual_seed(0)
+    out = data.random_crop(x, 2)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    offsets = set()
+    for b in range(len(x)):
+        found = [(t, l) for t in range(5) for l in range(5) if torch.equal(out[b], padded[b, :, t:t + 8, l:l + 8])]
+        assert found, b
+        offsets.add(found[0])
+    assert len(offsets) == 25  # every offset is drawn
+
+
+def test_random_crop_offsets_are_top_then_left():
+    """crop_draws' offsets are (top, left) into the image padded by `padding` reflected pixels (torch's reflect pad,
+    the reference): offset (t, l) cuts rows t to t + H and columns l to l + W of the padded image."""
+    x = torch.rand(3, 3, 8, 8)
+    offsets = torch.tensor([[0, 4], [4, 1], [3, 3]])
+    out = data.random_crop(x, 2, offsets)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    for b, (top, left) in enumerate(offsets.tolist()):
+        assert torch.equal(out[b], padded[b, :, top:top + 8, left:left + 8]), b
+
+
+def _apply(x, name, magnitudes):
+    op = torch.full((len(x),), data.AUGMENT_OPS.index(name))
+    return data.apply_augment_ops(x, op, torch.tensor(magnitudes))
+
+
+def test_augment_ops_match_torchvision_per_image():
+    u8 = data.fake_images(4, seed=3).images
+    u8[0, :, :4] = 255  # saturated pixels, so solarize and the blends clamp somewhere
+    x = u8.float() / 255
+    m = [-1.0, -0.3, 0.4, 1.0]
+    for name, reference in {
+        "brightness": lambda img, v: TF.adjust_brightness(img, 1 + 0.99 * v),
+        "color": lambda img, v: TF.adjust_saturation(img, 1 + 0.99 * v),
+        "contrast": lambda img, v: TF.adjust_contrast(img, 1 + 0.99 * v),
+        "sharpness": lambda img, v: TF.adjust_sharpness(img, 1 + 0.99 * v),
+        "solarize": lambda img, v: TF.solarize(img, 1 - abs(v)),
+        "rotate": lambda img, v: TF.rotate(img, 135 * v),
+        "autocontrast": lambda img, v: TF.autocontrast(img),
+        "identity": lambda img, v: img,
+    }.items():
+        out = _apply(x, name, m)
+        for i, v in enumerate(m):
+            assert torch.allclose(out[i], reference(x[i:i + 1], v)[0], atol=1e-6), (name, v)
+    # Ops defined on uint8 values: compare with torchvision on the uint8 images.
+    for i, v in enumerate(m):
+        bits = 8 - round(abs(v) * 6)
+        assert torch.equal(_apply(x, "posterize", m)[i] * 255, TF.posterize(u8[i], bits).float())
+    assert torch.equal(_apply(x, "equalize", m) * 255, TF.equalize(u8).float())
+
+
+def test_autocontrast_stretches_each_channel_and_leaves_a_constant_one_as_it_is():
+    """autocontrast maps each channel's lowest value to 0 and highest to 1, as torchvision's autocontrast does; a
+    channel of one value has nothing to stretch and is left as it is (torchvision's too)."""
+    x = torch.rand(2, 3, 8, 8) * 0.5 + 0.2
+    x[0, 1] = 0.6
+    x[1] = 0.3
+    out = _apply(x, "autocontrast", [0.0, 1.0])
+    for i in range(2):
+        assert torch.allclose(out[i], TF.autocontrast(x[i:i + 1])[0], atol=1e-6), i
+    assert torch.equal(out[0, 1], x[0, 1]) and torch.equal(out[1], x[1])
+    assert out[0, 0].min() == 0 and out[0, 0].max() == 1
+
+
+def test_geometric_ops_translate_exactly_and_mix_per_image():
+    x = torch.rand(3, 3, 32, 32)
+    shifted = _apply(x, "translate_x", [4 / 32, -8 / 32, 0.0])  # +4 px right, 8 px left, none
+    assert torch.equal(shifted[0, ..., 4:], x[0, ..., :-4]) and shifted[0, ..., :4].eq(0).all()
+    assert torch.equal(shifted[1, ..., :-8], x[1, ..., 8:]) and shifted[1, ..., -8:].eq(0).all()
+    assert torch.equal(shifted[2], x[2])
+    down = _apply(x, "translate_y", [3 / 32] * 3)
+    assert torch.equal(down[:, :, 3:], x[:, :, :-3])
+    # Shear about the top-left corner, as torchvision's TrivialAugmentWide shears (center=[0, 0]).
+    sheared = _apply(x, "shear_x", [0.3 / 0.99] * 3)
+    reference = TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=[math.degrees(math.atan(0.3)), 0.0],
+                          center=[0, 0])
+    assert (sheared != reference).float().mean() < 0.01
+    # Fractional shifts are truncated to whole pixels, as TrivialAugmentWide's int(magnitude): level 29 of 30 is
+    # 30.93 pixels, so 30 (rounding would give 31).
+    for sign in (1, -1):
+        shifted = _apply(x, "translate_x", [sign * 29 / 30] * 3)
+        assert torch.equal(shifted, TF.affine(x, angle=0.0, translate=[sign * 30, 0], scale=1.0, shear=[0.0, 0.0]))
+    # One batch, a different op per image: each image is exactly what its op alone gives.
+    names = ["rotate", "equalize", "translate_y"]
+    op = torch.tensor([data.AUGMENT_OPS.index(n) for n in names])
+    mixed = data.apply_augment_ops(x, op, torch.tensor([0.5, 0.0, -0.25]))
+    for i, (name, v) in enumerate(zip(names, [0.5, 0.0, -0.25])):
+        assert torch.equal(mixed[i], _apply(x[i:i + 1], name, [v])[0])
+
+
+def test_trivial_augment_draws_one_op_per_image():
+    x = data.fake_images(512, seed=4).images.float() / 255
+    torch.manual_seed(0)
+    out = data.trivial_augment(x)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    changed = (out != x).flatten(1).any(dim=1).float().mean().item()
+    assert 0.75 < changed < 0.99  # identity and zero magnitudes leave about 1/14 + a little unchanged
+    torch.manual_seed(0)
+    assert torch.equal(data.trivial_augment(x), out)  # seeded by torch's RNG
+
+
+def test_random_erasing_fills_one_rectangle_per_erased_image():
+    x = torch.zeros(2000, 3, 16, 16)
+    torch.manual_seed(0)
+    out = data.random_erasing(x, prob=1.0)
+    erased = out != 0  # noise is never exactly 0
+    assert torch.equal(erased, erased[:, :1].expand_as(erased))  # all channels, same pixels
+    area = erased[:, 0].flatten(1).sum(dim=1).float()
+    rows, cols = erased[:, 0].any(dim=2), erased[:, 0].any(dim=1)
+    assert torch.equal(erased[:, 0], rows[:, :, None] & cols[:, None, :])  # exactly one axis-aligned rectangle
+    assert area.min() >= 1 and area.max() <= 256 / 3 * 1.5 and area.mean() > 0.05 * 256
+    assert torch.equal(data.random_erasing(x, prob=0.0), x)
+    share = (data.random_erasing(x, prob=0.25) != 0).flatten(1).any(dim=1).float().mean().item()
+    assert 0.21 < share < 0.29
