@@ -388,6 +388,27 @@ def test_decoder_places_visible_tokens_and_mask_tokens_at_their_image_positions(
     torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-5)
 
 
+def test_class_token_pooling_runs_the_last_blocks_projection_and_mlp_for_the_class_token_alone():
+    """pooled('token') gives the full encoder output's class token (test above) at fewer FLOPs, counted by torch's
+    FlopCounterMode: the last block's attention projection and MLP (9 D^2 multiply-adds a token) run for the class
+    token alone, so at least those of the N patch tokens are saved. Taking the class token from the full output
+    gives the same numbers and saves nothing."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = MAEConfig(**SMALL)
+    model = ViTClassifier(cfg, 10, global_pool="token").eval()
+    imgs = torch.randn(2, 3, 32, 32)
+
+    def flops(features):
+        with FlopCounterMode(display=False) as counter:
+            out = features(imgs)
+        return counter.get_total_flops(), out
+    full, expected = flops(lambda x: model.encoder(x)[:, 0])
+    token, got = flops(lambda x: model.encoder.pooled(x, "token"))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    d, n = cfg.embed_dim, cfg.num_patches
+    assert full - token >= 2 * len(imgs) * n * 9 * d * d, (full, token)
+
+
 def test_avg_pooling_is_the_mean_of_the_patch_tokens_without_the_class_token():
     """global_pool='avg' averages the N patch tokens of the encoder output; the class token is left out."""
     torch.manual_seed(0)
