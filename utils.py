@@ -913,13 +913,15 @@ def check_resume_state(ckpt: dict, args, model: torch.nn.Module, param_groups: l
     if mismatch:
         die(f"--resume {args.resume!r}: its weights do not fit this model ({mismatch})")
     saved = ckpt["optimizer"]
-    try:
-        saved_sizes = [len(group["params"]) for group in saved["param_groups"]]
-        readable = isinstance(saved["state"], dict)
-    except (TypeError, KeyError):
-        readable = False
+    # Checked by type, not by trying: a tensor where a dict or list belongs takes a name as an index and raises
+    # IndexError, and has a len().
+    readable = (isinstance(saved, dict) and isinstance(saved.get("state"), dict)
+                and isinstance(saved.get("param_groups"), list)
+                and all(isinstance(group, dict) and isinstance(group.get("params"), list)
+                        for group in saved["param_groups"]))
     if not readable:
         die(f"--resume {args.resume!r}: its optimizer state is not an optimizer's state_dict")
+    saved_sizes = [len(group["params"]) for group in saved["param_groups"]]
     sizes = [len(group["params"]) for group in param_groups]
     if saved_sizes != sizes:
         die(f"--resume {args.resume!r}: its optimizer state does not fit this run's optimizer (parameters per group: "

@@ -1109,6 +1109,33 @@ def test_a_state_loads_into_a_meta_module_by_assignment_without_a_warning_and_in
         assert torch.equal(t, state[name]) and t.data_ptr() != state[name].data_ptr(), name
 
 
+@pytest.mark.parametrize("optimizer", ["a tensor", "a list", "state a list", "a group a tensor",
+                                       "a group without params", "params a tensor"])
+def test_an_optimizer_state_that_is_not_a_state_dict_is_refused_in_one_line(capsys, optimizer):
+    """check_resume_state refuses a --resume checkpoint whose optimizer entry is not an optimizer's state_dict (an
+    edited file: weights_only loads tensors, lists and dicts in any nesting) in one line, exit status 2, before
+    optimizer.load_state_dict would meet it with a traceback after args.json was rewritten. A tensor where a dict or
+    list belongs is refused too: indexed by a name, it raised IndexError (and warned), not the error expected."""
+    model = torch.nn.Linear(2, 2)
+    groups = utils.weight_decay_groups(model, 0.05)
+    good = torch.optim.AdamW(groups).state_dict()
+    utils.check_resume_state({"model": model.state_dict(), "optimizer": good}, SimpleNamespace(resume="r.pt"), model,
+                             groups)
+    saved = {"a tensor": torch.zeros(2), "a list": [good],
+             "state a list": {**good, "state": []},
+             "a group a tensor": {**good, "param_groups": [good["param_groups"][0], torch.zeros(1)]},
+             "a group without params": {**good, "param_groups": [{"lr": 1e-3}, good["param_groups"][1]]},
+             "params a tensor": {**good, "param_groups": [{**good["param_groups"][0], "params": torch.zeros(1)},
+                                                          good["param_groups"][1]]}}[optimizer]
+    with pytest.raises(SystemExit) as exc:
+        utils.check_resume_state({"model": model.state_dict(), "optimizer": saved}, SimpleNamespace(resume="r.pt"),
+                                 model, groups)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.endswith(
+        "error: --resume 'r.pt': its optimizer state is not an optimizer's state_dict"), err
+
+
 def test_all_gather_cat_puts_every_ranks_shard_back_in_rank_order(monkeypatch):
     """Under torchrun each of 3 processes holds its shard of 10 rows (3, 3 and 4 of them); all_gather needs equal
     shapes, so each sends its shard padded to 4 rows, and the padding is dropped again: every rank gets the 10 rows
