@@ -372,6 +372,26 @@ def test_an_optimizer_step_leaves_every_gradient_buffer_zeroed_in_place():
         assert all(p.grad is g and not g.any() for p, g in zip(net.parameters(), buffers))
 
 
+def test_an_fp16_optimizer_step_grows_the_loss_scale_and_an_overflowed_one_is_skipped_and_shrinks_it():
+    """optimizer_step updates the GradScaler (fp16): a step with finite gradients moves the weights and, past
+    growth_interval good steps, doubles the scale; one whose gradients overflowed leaves the weights as they were and
+    halves it, as torch's GradScaler.update does. Without the update every step would run at the first scale, and an
+    overflow there would skip every step after it."""
+    net = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    utils.allocate_grads(optimizer)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
+    x = torch.ones(3, 2)
+    weight = net.weight.detach().clone()
+    utils.backward(scaler.scale(net(x).sum()), optimizer)
+    utils.optimizer_step(optimizer, scaler)
+    assert scaler.get_scale() == 2.0 ** 11 and not torch.equal(net.weight, weight)
+    weight = net.weight.detach().clone()
+    utils.backward(scaler.scale(net(x).sum() * float("inf")), optimizer)
+    utils.optimizer_step(optimizer, scaler)
+    assert scaler.get_scale() == 2.0 ** 10 and torch.equal(net.weight, weight)
+
+
 def test_a_numbered_gpu_becomes_the_current_device_and_a_missing_one_is_refused(monkeypatch, capsys):
     # CUDA events and streams that name no device go to the current one: bench.py's timing of --device cuda:1
     # would otherwise bracket GPU 0's stream.
