@@ -392,6 +392,19 @@ def test_an_fp16_optimizer_step_grows_the_loss_scale_and_an_overflowed_one_is_sk
     assert scaler.get_scale() == 2.0 ** 10 and torch.equal(net.weight, weight)
 
 
+def test_under_torchrun_a_process_takes_the_gpu_of_its_local_rank_not_its_global_rank(monkeypatch):
+    """On the second node of a two-node run of 2 GPUs each, rank 3 is that node's second process (LOCAL_RANK 1): it
+    takes cuda:1, which exists there; its global rank names cuda:3, which does not."""
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    for name, value in (("RANK", "3"), ("LOCAL_RANK", "1"), ("WORLD_SIZE", "4")):
+        monkeypatch.setenv(name, value)
+    assert utils.resolve_device(SimpleNamespace(device="cuda")) == torch.device("cuda", 1)
+    assert current == [torch.device("cuda", 1)]
+
+
 def test_a_numbered_gpu_becomes_the_current_device_and_a_missing_one_is_refused(monkeypatch, capsys):
     # CUDA events and streams that name no device go to the current one: bench.py's timing of --device cuda:1
     # would otherwise bracket GPU 0's stream.
@@ -424,6 +437,18 @@ def test_the_default_device_is_cuda_where_available_and_the_cpu_only_after_a_war
                    "this warning")
     assert utils.resolve_device(SimpleNamespace(device="cpu")) == torch.device("cpu")  # asked for: no warning
     assert capsys.readouterr().err == ""
+
+
+def test_the_cpu_fallback_warning_comes_from_rank_0_alone(monkeypatch, capsys):
+    """Under torchrun every process resolves --device: the warning that no GPU is there is one line for the run, from
+    rank 0; the other ranks fall back to the CPU as well, silently."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, warned in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert utils.resolve_device(SimpleNamespace(device=None)) == torch.device("cpu")
+        err = capsys.readouterr().err
+        assert err.count("\n") == warned and ("warning: no CUDA GPU is available" in err) == warned
 
 
 def _explained(raise_it, capsys, max_device_batch_size: int, batch_size: int) -> str:
