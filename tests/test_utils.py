@@ -571,6 +571,25 @@ def test_the_data_lives_on_the_gpu_when_it_fits_else_on_the_host(monkeypatch, ca
     assert all(utils.data_device(train, val, cpu, args(where)) == cpu for where in data.DATA_ON)
 
 
+def test_the_val_images_count_towards_the_data_on_the_gpu_and_only_rank_0_says_where_they_went(monkeypatch, capsys):
+    """data_device weighs the training and the val images together, as both go to the GPU: 100 training images fit
+    in 80% of the free memory on their own, with the 20 val images they do not, so --data_on auto keeps them all on
+    the host. Under torchrun each process decides (together), but rank 0 alone says so."""
+    import data
+    train, val = data.fake_images(100, seed=1), data.fake_images(20, seed=2)
+    image = 3 * 32 * 32
+    free = int(110 * image / 0.8)  # 80% of it: 110 images
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 80 * 2 ** 30))
+    args = SimpleNamespace(dataset="fake", data_on="auto")
+    assert utils.data_device(train, data.fake_images(10, seed=2), torch.device("cuda"), args) == torch.device("cuda")
+    assert utils.data_device(train, val, torch.device("cuda"), args) == torch.device("cpu")
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and f"its 120 images take {120 * image / 2 ** 30:.2f} GiB" in out
+    monkeypatch.setenv("RANK", "1")
+    assert utils.data_device(train, val, torch.device("cuda"), args) == torch.device("cpu")
+    assert capsys.readouterr().out == ""
+
+
 def test_memory_name_says_host_memory_for_the_cpu_and_gpu_memory_for_cuda():
     """The start-up line says where the images live: host memory when data_device put them on the CPU (--data_on
     host, or no GPU), GPU memory on a CUDA device, numbered or not (constructing one needs no GPU)."""
