@@ -626,6 +626,25 @@ def test_embed_all_embeds_every_image_in_order_onto_the_given_device():
     torch.testing.assert_close(feats, 2 * data.normalize(images).flatten(1)[:, :2])
 
 
+def test_evaluation_indexes_each_split_where_its_images_lie(monkeypatch):
+    """shard_chunks makes its index tensors on the device it is given, and embed_all asks for them on the images'
+    device, not the model's: data.take indexes host-resident images (--data_on host) on the host and copies the rows
+    over, and indices on the GPU could not index them. The meta device stands in for the GPU here."""
+    import data
+    chunks = utils.shard_chunks(10, 4, torch.device("meta"))
+    assert [(c.device.type, len(c)) for c in chunks] == [("meta", 4), ("meta", 4), ("meta", 2)]
+    seen, take = [], data.take
+
+    def spy(source, idx, device):
+        seen.append((idx.device.type, device.type))
+        return take(source, idx, torch.device("cpu"))
+    monkeypatch.setattr(data, "take", spy)
+    images = torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8)
+    feats = utils.embed_all(lambda x: x.flatten(1)[:, :2], images, 4, None, torch.device("meta"))
+    assert seen == [("cpu", "meta")] * 3
+    assert torch.equal(feats, data.normalize(images).flatten(1)[:, :2])
+
+
 def test_compile_falls_back_to_eager_with_one_warning_where_it_cannot_work(capsys, monkeypatch):
     import torch._inductor.config as inductor_config
     args = SimpleNamespace(compile=True, compile_mode="default", compile_scope="model")
