@@ -753,6 +753,15 @@ def test_weights_digest_names_the_weights_not_their_order_or_file():
         assert utils.weights_digest(other) != digest
 
 
+def test_weights_digest_tells_apart_dtypes_of_the_same_bytes():
+    """Zeros in float32 and in int32, or in bf16 and in fp16, have the same bytes and shape: the dtype the digest
+    hashes with them is what tells these weights apart."""
+    for a, b in ((torch.float32, torch.int32), (torch.bfloat16, torch.float16)):
+        zeros_a, zeros_b = torch.zeros(3, dtype=a), torch.zeros(3, dtype=b)
+        assert torch.equal(zeros_a.view(torch.uint8), zeros_b.view(torch.uint8))
+        assert utils.weights_digest({"w": zeros_a}) != utils.weights_digest({"w": zeros_b})
+
+
 def test_compile_falls_back_to_eager_on_cuda_without_triton(monkeypatch, capsys):
     """No Triton, or a GPU it does not support (has_triton() checks both): one warning that says so, and eager."""
     import torch.utils._triton
