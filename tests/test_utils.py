@@ -1277,3 +1277,32 @@ def test_an_output_folder_must_be_writable_and_searchable_and_exist_unless_it_ma
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.X_OK and real_access(path, mode))
     assert f"--cls_dir: cannot write in {str(tmp_path)!r}" in refused(tmp_path)
+
+
+def test_output_folders_are_made_by_rank_0_alone_and_stop_at_the_first_that_fails(tmp_path, monkeypatch, capsys):
+    """make_output_folders makes the folders in order and stops at the first that cannot be made, in one line that
+    names its flag, without making the ones after it. Under torchrun rank 0 alone makes them, and every other rank
+    stops too, in one line, when rank 0 could not (utils.all_processes is played by a stand-in here)."""
+    cpu = torch.device("cpu")
+    (tmp_path / "a_file").write_text("in the way")
+    folders = {"--output_dir": str(tmp_path / "out"), "--log_dir": str(tmp_path / "a_file" / "logs"),
+               "--cls_dir": str(tmp_path / "after")}
+    with pytest.raises(SystemExit) as exc:
+        utils.make_output_folders(folders, cpu)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"error: --log_dir: cannot write in folder {str(tmp_path / 'a_file' / 'logs')!r}" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "out"] and os.listdir(tmp_path / "out") == []
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    utils.make_output_folders({"--output_dir": str(tmp_path / "rank1")}, cpu)
+    assert not (tmp_path / "rank1").exists()
+    monkeypatch.setattr(utils, "all_processes", lambda ok, device: False)
+    with pytest.raises(SystemExit) as exc:
+        utils.make_output_folders({"--output_dir": str(tmp_path / "rank1")}, cpu)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.endswith("error: rank 0 could not make the output folders (its own line says which)"), err
