@@ -1306,3 +1306,12 @@ def test_output_folders_are_made_by_rank_0_alone_and_stop_at_the_first_that_fail
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert err.endswith("error: rank 0 could not make the output folders (its own line says which)"), err
+
+
+def test_save_npy_keeps_float64_by_default(tmp_path):
+    """The per-epoch curves (losses.npy, accuracies) are saved as float64, so each value reads back as the Python
+    float that was logged, bit for bit (float32 would round 0.1 to 0.10000000149)."""
+    values = [0.1, 1 / 3, 2.5e-7, 123456.789]
+    utils.save_npy(str(tmp_path / "losses.npy"), values)
+    saved = np.load(tmp_path / "losses.npy")
+    assert saved.dtype == np.float64 and saved.tolist() == values
