@@ -359,14 +359,18 @@ def test_one_phase_alone_times_that_phase_and_projects_nothing(tmp_path, capsys,
     assert ("fine-tuning input work alone" in printed) == (phase == "finetune")
 
 
-@pytest.mark.parametrize("device, preset, sizes, batch_sizes", [("cuda", "vit-t", (192, 12, 3), (512, 128)),
-                                                                 ("cpu", "small", (64, 2, 2), (64, 32))])
+@pytest.mark.parametrize("device, preset, sizes, batch_sizes, timing", [
+    ("cuda", "vit-t", (192, 12, 3), (512, 128), (256, 20, 5, 5, 10_000, 50_000)),
+    ("cpu", "small", (64, 2, 2), (64, 32), (32, 2, 1, 3, 64, 256))])
 def test_the_defaults_are_vit_t_at_the_references_batches_on_cuda_and_a_small_model_on_the_cpu(monkeypatch, device,
                                                                                                preset, sizes,
-                                                                                               batch_sizes):
+                                                                                               batch_sizes, timing):
     """Without flags bench times ViT-T (width 192, 12 blocks, 3 heads) at the scripts' batches, 512 for pretraining
     and 128 for fine-tuning, on CUDA; on the CPU a 2-block model of width 64 at 64 and 32, which takes seconds. A
-    CUDA device needs no GPU to resolve its defaults once compilation and bf16 are answered for."""
+    CUDA device needs no GPU to resolve its defaults once compilation and bf16 are answered for. The timing flags
+    take the defaults their help gives: --max_device_batch_size, --steps, --warmup_steps, --repeats, --eval_images
+    and --epoch_images of 256, 20, 5, 5, 10,000 and 50,000 on CUDA; 32, 2, 1, 3, 64 and four of the larger batch
+    (256) on the CPU."""
     monkeypatch.setattr(utils, "_compile_unavailable", lambda device: None)
     monkeypatch.setattr(utils, "native_bf16", lambda device: True)  # an H100's answer
     args = bench.get_args_parser().parse_args(["--device", device])
@@ -374,6 +378,8 @@ def test_the_defaults_are_vit_t_at_the_references_batches_on_cuda_and_a_small_mo
     assert args.preset == preset
     assert (args.embed_dim, args.depth, args.num_heads) == sizes
     assert (args.pretrain_batch_size, args.finetune_batch_size) == batch_sizes
+    assert (args.max_device_batch_size, args.steps, args.warmup_steps, args.repeats, args.eval_images,
+            args.epoch_images) == timing
 
 
 def test_code_version_is_the_commit_with_changes_when_git_reports_modified_tracked_files(monkeypatch):
@@ -851,6 +857,10 @@ def test_host_sync_recorder_flags_what_makes_the_host_wait_and_nothing_else():
     (["--pretrain_batch_size", "48", "--max_device_batch_size", "32"],
      "--pretrain_batch_size 48 is not divisible by --max_device_batch_size 32"),
     (["--finetune_batch_size", "60000"], "--finetune_batch_size must be at most"),
+    # one past each upper bound: the bound's own check says so, not a later one that it happens to trip
+    (["--pretrain_batch_size", "50001"], "--pretrain_batch_size must be at most the 50,000 images of CIFAR-10, got "
+                                         "50001"),
+    (["--epoch_images", "50001"], "--epoch_images must be in [64, 50,000]"),
     (["--mask_ratio", "1.0"], "--mask_ratio must be in (0, 1)"),
     (["--mask_ratio", "0.01"], "--mask_ratio 0.01 masks none of the"),  # the loss would be a mean over no patch
     (["--eval_images", "0"], "--eval_images must be >= 1"),
