@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import utils
-from conftest import ROOT, tiny_pretrain_argv
+from conftest import ROOT, tiny_pretrain_argv, warmup_cosine_lrs
 from model import MAE, MAEConfig, ViTClassifier
 
 # ViT-T as the scripts run it, and a lopsided model in which every term of the formula has its own size
@@ -592,7 +592,8 @@ def test_bench_phase_reports_the_median_repeat_and_the_rates_it_implies(monkeypa
     when warm-up steps of 5 ms (nothing compiled, a noisy clock) outrun the timed ones, not a negative time that the
     projection would subtract. Each step of 2 chunks adds its chunks' mean losses, 0.25 each, to the device-side
     sum. The input work alone, on one batch, is the median of its repeats too, in ms: 3, 1 and 2 ms (eager: 9, 5 and
-    7 ms)."""
+    7 ms). Each step gets the lr of its step of a warmup-cosine schedule over the 10 steps: as in training, the lr
+    changes every step."""
     clock = FakeClock()
     monkeypatch.setattr(bench, "time", clock)
     repeats = iter([(0.010, 0.004), (0.040, 0.001), (0.020, 0.002)])
@@ -608,10 +609,11 @@ def test_bench_phase_reports_the_median_repeat_and_the_rates_it_implies(monkeypa
         fn()
         return next(input_s[inputs[-1][0]])
     monkeypatch.setattr(bench, "timed", timed)
-    batches = []
+    batches, lrs = [], []
 
     def step(model, optimizer, scaler, batch_idx, lr, loss_sum, amp_dtype):
         batches.append(len(batch_idx))
+        lrs.append(lr)
         clock.advance(warmup_step_s)
         loss_sum.add_(2 * 0.25)
     phase = bench.Phase("pretrain", torch.nn.Linear(2, 2), lambda net: torch.optim.SGD(net.parameters(), lr=0.1),
@@ -623,6 +625,8 @@ def test_bench_phase_reports_the_median_repeat_and_the_rates_it_implies(monkeypa
     cpu = torch.device("cpu")
     r = bench.bench_phase(phase, args, cpu, cpu, None, 4.0)
     assert batches == [8] * (3 + 3 * 2 + 1)  # warm-up, the repeats, the host-sync check
+    # The lr changes every step as in training: warmup over 5 of the 10 steps (min(10, 10 // 2)), then cosine.
+    assert lrs == pytest.approx(warmup_cosine_lrs(0.1, 5, 10))
     assert (r["phase"], r["batch_size"], r["chunk"]) == ("pretrain", 8, 4)
     assert r["ms_per_step_repeats"] == pytest.approx([10.0, 40.0, 20.0])
     assert r["ms_per_step"] == pytest.approx(20.0) and r["host_ms_per_step"] == pytest.approx(2.0)
@@ -638,14 +642,18 @@ def test_bench_phase_reports_the_median_repeat_and_the_rates_it_implies(monkeypa
     assert r["host_syncs"] == [] and r["peak_memory_gib"] is None
 
 
-def test_evaluations_are_timed_as_the_median_of_three_and_scaled_to_the_reference(monkeypatch):
+@pytest.mark.parametrize("finetune_batch_size, finetune_chunk", [(16, 8), (4, 4)])
+def test_evaluations_are_timed_as_the_median_of_three_and_scaled_to_the_reference(monkeypatch, finetune_batch_size,
+                                                                                  finetune_chunk):
     """Each script's evaluation runs once untimed, then three timed times (even with 5 repeats), the median kept;
     the monitor's kNN bank is 5x the val images. The seconds scale linearly to the reference's 10,000 val images
     (2,500x the 4 here), for its 6 monitor evaluations and 2 x 50 val passes. The scripts' evaluate functions are
     stand-ins that take made-up seconds on a clock that moves only when told. Each gets what its script passes: the
     monitor the training chunk as --max_device_batch_size (it takes its evaluation chunk from that), the val pass
-    the evaluation chunk itself, 4x (utils.EVAL_CHUNK_FACTOR) the fine-tuning chunk of 8 (a batch of 16 in two
-    chunks), with data.normalize as the script's val pass."""
+    the evaluation chunk itself, 4x (utils.EVAL_CHUNK_FACTOR) the fine-tuning chunk: 8 for a batch of 16 in two
+    chunks, and the whole batch of 4 when it is smaller than --max_device_batch_size 8 (as the reference's 128 under
+    256: train_classifier.py is run with --max_device_batch_size 128), with data.normalize as the script's val
+    pass."""
     clock = FakeClock()
     monkeypatch.setattr(bench, "time", clock)
     monitor_s, val_pass_s, seen = iter([100.0, 3.0, 1.0, 2.0, 50.0, 50.0]), iter([100.0, 0.4, 0.1, 0.2, 9.0, 9.0]), []
@@ -663,12 +671,12 @@ def test_evaluations_are_timed_as_the_median_of_three_and_scaled_to_the_referenc
     cfg = MAEConfig(patch_size=8, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
                     decoder_num_heads=2)
     images, labels = torch.zeros(40, 3, 32, 32, dtype=torch.uint8), torch.zeros(40, dtype=torch.long)
-    args = SimpleNamespace(eval_images=4, num_classes=10, seed=0, max_device_batch_size=8, finetune_batch_size=16,
-                           repeats=5)
+    args = SimpleNamespace(eval_images=4, num_classes=10, seed=0, max_device_batch_size=8,
+                           finetune_batch_size=finetune_batch_size, repeats=5)
     cpu = torch.device("cpu")
     e = bench.bench_evaluation(cfg, images, labels, args, cpu, cpu, None)
     assert seen == [(20, 4, (4, cfg.num_patches), 8)] * 4
-    assert val_passes == [(4, 4, bench.data.normalize, utils.EVAL_CHUNK_FACTOR * 8)] * 4
+    assert val_passes == [(4, 4, bench.data.normalize, utils.EVAL_CHUNK_FACTOR * finetune_chunk)] * 4
     assert (e["val_images"], e["bank_images"], e["scale_to_reference"]) == (4, 20, 2500.0)
     assert e["pretrain_eval_s"] == pytest.approx(2.0) and e["finetune_eval_s"] == pytest.approx(0.2)
     assert e["reference_seconds"] == pytest.approx(2500 * (6 * 2.0 + 100 * 0.2))
