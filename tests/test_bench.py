@@ -420,9 +420,10 @@ def test_the_second_fine_tunes_compilation_is_measured_in_a_new_process(tmp_path
     """With compilation on, the projection counts the second fine-tune's compile seconds as a new bench.py process
     measures them, timing the fine-tuning phase alone from the cache this one filled (its environment, so a fresh
     cache's folder, is inherited). Here that process is a stand-in that checks its flags and reports 2.5 s; if it
-    fails, the projection counts the first fine-tune's seconds again, and says so. With --compile_cache shared (runs
-    that compare step times) no such process starts. (Compiled with Dynamo's counting backend: the plumbing, not
-    inductor, is under test.)"""
+    fails, the projection counts the first fine-tune's seconds again, and says so. The flags it gets pass bench's own
+    checks (an epoch shorter than the pretraining batch would make it die at once, unmeasured). With --compile_cache
+    shared (runs that compare step times) no such process starts. (Compiled with Dynamo's counting backend: the
+    plumbing, not inductor, is under test.)"""
     children, real_run = [], subprocess.run
 
     def child(argv, **kwargs):
@@ -430,6 +431,8 @@ def test_the_second_fine_tunes_compilation_is_measured_in_a_new_process(tmp_path
             return real_run(argv, **kwargs)  # e.g. inductor asking the C++ compiler its version
         flags = bench.get_args_parser().parse_args(argv[2:])
         children.append(flags)
+        bench.resolve_defaults(flags, torch.device("cpu"))
+        bench.check_args(flags)  # flags the real process would run with, not die on
         if case == "measured":
             with open(flags.json, "w") as f:
                 json.dump({"finetune": {"compile_s": 2.5}}, f)
@@ -453,6 +456,7 @@ def test_the_second_fine_tunes_compilation_is_measured_in_a_new_process(tmp_path
     assert (flags.phases, flags.compile_cache, flags.profile, flags.repeats, flags.compile) == \
         ("finetune", "shared", False, 1, True)
     assert (flags.finetune_batch_size, flags.preset, flags.device) == (32, "small", "cpu")  # as this run's
+    assert flags.epoch_images == 64  # the shortest epoch check_args allows: a batch of the larger phase, 64
     if case == "child fails":
         assert "second fine-tune's compilation: not measured, its process failed (RuntimeError: no room)" in printed
         assert "the second fine-tune as much (not measured)" in printed
