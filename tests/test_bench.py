@@ -254,6 +254,29 @@ def test_compiled_fine_tuning_times_its_input_work_compiled_and_eager(compile_co
     assert bench.finetune_phase(cfg, images, labels, args, torch.device("cpu")).inputs_eager is None
 
 
+def test_fine_tunings_input_work_takes_and_mixes_each_chunk_as_the_step_does(monkeypatch):
+    """The input work timed alone is train_step's, chunk by chunk: a batch of 16 at --max_device_batch_size 8 is two
+    chunks of 8 taken (images and labels) and mixed (the finetune recipe's mixup pairs each chunk with its own
+    reverse), not one batch of 16."""
+    cfg = MAEConfig(patch_size=8, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+                    decoder_num_heads=2)
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (40,))
+    taken, mixed, real_take, real_make_mixup = [], [], bench.data.take, bench.train_classifier.make_mixup
+
+    def make_mixup(*args):
+        mixup = real_make_mixup(*args)
+        return lambda x, y: (mixed.append(len(x)), mixup(x, y))[1]
+    monkeypatch.setattr(bench.data, "take", lambda source, idx, device: (taken.append(len(idx)),
+                                                                          real_take(source, idx, device))[1])
+    monkeypatch.setattr(bench.train_classifier, "make_mixup", make_mixup)
+    args = SimpleNamespace(finetune_batch_size=16, num_classes=10, finetune_recipe="finetune",
+                           max_device_batch_size=8, compile=False)
+    phase = bench.finetune_phase(cfg, images, labels, args, torch.device("cpu"))
+    phase.inputs(torch.randperm(40)[:16])
+    assert taken == [8, 8, 8, 8] and mixed == [8, 8]
+
+
 def test_inductor_settings_take_each_value_as_their_settings_type():
     """Each value takes its setting's type: bool, int, str, and float (max_autotune_subproc_result_timeout_seconds,
     60.0 by default in torch 2.6 to 2.14: "2" is 2.0, a float, not the int 2)."""
