@@ -851,6 +851,41 @@ def test_cpu_command_runs_in_seconds_and_its_numbers_agree(tmp_path):
     assert printed and float(printed.group(1)) == pytest.approx(r["finetune"]["input_ms_per_step"], abs=0.005)
 
 
+@pytest.mark.parametrize("batches, note", [
+    ((64, 32), "; NOTE: at batch sizes (64, 32), the reference's are (512, 128)"), ((512, 128), "")])
+def test_the_printed_report_gives_the_projection_the_input_shares_and_a_note_off_the_reference_batches(
+        monkeypatch, capsys, batches, note):
+    """bench.main's printed lines from made-up timings (the peak, each phase and the evaluations are stand-ins): the
+    fine-tuning input work's 2 ms is 25% of the 8 ms timed step (not of the 10 ms epoch step); the projection is
+    150 x 50,000 // B1 pretraining steps at the epoch's 40 ms, 2 x 50 x 50,000 // B2 fine-tuning steps at 10 ms,
+    30 + 20 + 20 s of compilation and 600 s of evaluation, written out longhand here; a note names batch sizes
+    other than the reference's 512 and 128, and only those."""
+    monkeypatch.setattr(bench, "matmul_peak", lambda *_: {"dtype": "float32", "size": 1024, "tflops": 1.0})
+
+    def bench_phase(phase, args, *_):
+        times = {"pretrain": (30.0, 40.0, 30.0), "finetune": (8.0, 10.0, 20.0)}[phase.name]
+        return {"phase": phase.name, "batch_size": phase.batch_size, "chunk": bench.chunk_size(phase.batch_size, args),
+                "ms_per_step": times[0], "epoch_ms_per_step": times[1], "compile_s": times[2], "images_per_sec": 1.0,
+                "tflops": 0.5, "percent_of_peak": 50.0, "peak_memory_gib": None, "host_syncs": [],
+                "flops_per_image_train": 1e9, "input_ms_per_step": 2.0 if phase.name == "finetune" else None,
+                "input_ms_per_step_eager": None, "profile": None}
+    monkeypatch.setattr(bench, "bench_phase", bench_phase)
+    monkeypatch.setattr(bench, "bench_evaluation", lambda *_: {
+        "val_images": 64, "bank_images": 320, "pretrain_eval_s": 1.0, "finetune_eval_s": 0.1,
+        "scale_to_reference": 10_000 / 64, "reference_seconds": 600.0})
+    bench.main(bench.get_args_parser().parse_args(["--device", "cpu", "--pretrain_batch_size", str(batches[0]),
+                                                   "--finetune_batch_size", str(batches[1])]))
+    printed = capsys.readouterr().out
+    assert re.search(r"fine-tuning input work alone .*: 2\.00 ms per step, 25% of the step; ", printed)
+    pretrain_steps, finetune_steps = 150 * (50_000 // batches[0]), 2 * 50 * (50_000 // batches[1])
+    minutes = (pretrain_steps * 0.040 + finetune_steps * 0.010 + 30 + 20 + 20 + 600) / 60
+    line = next(line for line in printed.splitlines() if line.startswith("projected wall time"))
+    assert line.startswith(f"projected wall time of the reference experiment: {minutes:.1f} min = 150 x "
+                           f"{50_000 // batches[0]} pretraining steps + 2 x 50 x {50_000 // batches[1]} fine-tuning "
+                           "steps")
+    assert line.endswith(f"6 monitor evaluations and 100 val passes at 10,000 val images (10.0 min){note}")
+
+
 def test_host_sync_recorder_flags_what_makes_the_host_wait_and_nothing_else():
     x, idx = torch.randn(8, 4), torch.tensor([0, 2, 5])
     syncing = [
