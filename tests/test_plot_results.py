@@ -584,6 +584,41 @@ def test_best_recon_follows_the_lowest_loss_and_a_missing_epoch_is_named(tmp_pat
     assert "![reconstructions at the lowest-loss epoch (2)](outputs/best_recon.png)" in (tmp_path / "r.md").read_text()
 
 
+def test_a_monitor_file_that_does_not_fit_its_epochs_is_left_out_and_epochs_alone_are_named_missing(tmp_path):
+    """A monitor curve with more values than evaluated epochs is left out with a note, as one with fewer is (a run
+    killed between two file writes), rather than drawn against the wrong epochs; eval_epochs.npy without any curve
+    draws no monitor, and says so."""
+    np.save(tmp_path / "losses.npy", np.array([0.5, 0.4, 0.3]))
+    np.save(tmp_path / "eval_epochs.npy", np.array([1, 3]))
+    missing, notes = [], []
+    pre = plot_results.load_pretraining(str(tmp_path), missing, notes)
+    assert pre.evals == {} and notes == []
+    assert missing == [f"{tmp_path}/{{eval_epochs,knn_acc,val_loss,val_psnr}}.npy (no pretrain_monitor.png)"]
+    np.save(tmp_path / "knn_acc.npy", np.array([0.2, 0.3, 0.4]))
+    np.save(tmp_path / "val_psnr.npy", np.array([10.0, 12.0]))
+    missing, notes = [], []
+    pre = plot_results.load_pretraining(str(tmp_path), missing, notes)
+    assert list(pre.evals) == ["val_psnr"] and missing == []
+    assert notes == [f"{tmp_path}/knn_acc.npy has 3 values for 2 evaluated epochs: left out"]
+
+
+def test_a_pretrained_run_without_predictions_or_grid_is_named_and_a_run_without_a_curve_draws_no_figure(tmp_path):
+    """The pretrained run gives the prediction grid and the confusion matrix: without their files, both are named
+    missing (the scratch run's are not needed, so not named). A run with val accuracy alone draws the accuracy
+    comparison, and no training-loss figure with nothing on it."""
+    pre, cls = tmp_path / "outputs", tmp_path / "cls_outputs"
+    cls.mkdir()
+    for run in ("scratch", "pretrained"):
+        np.save(cls / f"{run}_val_acc.npy", np.array([0.3, 0.4]))
+    stdout = plot("--pretrain_dir", pre, "--cls_dir", cls, "--linprobe_run", "", "--report", tmp_path / "r.md")
+    missing = [line for line in stdout.splitlines() if line.startswith("missing:")][0]
+    assert f"{cls}/pretrained_preds_grid.png" in missing
+    assert f"{cls}/pretrained_val_{{preds,labels}}.npy (no confusion matrix)" in missing
+    assert "scratch_preds_grid" not in missing and "scratch_val_{preds" not in missing
+    assert (cls / "cls_val_acc_compare.png").is_file() and not (cls / "cls_train_loss_compare.png").exists()
+    assert "cls_train_loss_compare" not in (tmp_path / "r.md").read_text()
+
+
 def test_only_pretraining_plots_it_and_names_the_missing_runs(run_outputs, tmp_path):
     pre, _ = copy_outputs(run_outputs, tmp_path)
     shutil.rmtree(tmp_path / "cls_outputs")
@@ -691,7 +726,10 @@ def test_no_input_at_all_is_one_line_with_status_2_and_writes_nothing(tmp_path):
     ("losses", "--pretrain_dir: '{pre}/losses.npy' is not a .npy file (it does not start with the .npy header)"),
     ("nan_accuracy", "scratch_val_acc.npy' holds no finite value (all 3 are nan or inf)"),
     ("preds", "--cls_dir"),
+    ("negative_preds", "pretrained_val_preds.npy' should hold class indices in [0, 10), found int64 values in [-1, "),
+    ("short_preds", "pretrained_val_preds.npy has 31 predictions for 32 labels in"),
     ("dpi", "--dpi must be in [72, 600], got 10"),
+    ("dpi_601", "--dpi must be in [72, 600], got 601"),
     ("report", "--report"),
     ("report_replaces_input", "--report must name a .md file"),
     ("read_only_cls_dir", "--cls_dir: cannot write in"),
@@ -703,6 +741,7 @@ def test_no_input_at_all_is_one_line_with_status_2_and_writes_nothing(tmp_path):
     ("dir_is_a_file", "--pretrain_dir '{pre}/losses.npy' is a file, not a folder"),
     ("cls_dir_is_a_file", "--cls_dir '{cls}/scratch_val_acc.npy' is a file, not a folder"),
     ("epoch_gap", "eval_epochs.npy' should hold epoch numbers (>= 1), found [1.0, nan]"),
+    ("epoch_zero", "eval_epochs.npy' should hold epoch numbers (>= 1), found [0, 1]"),
 ])
 def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, capsys, monkeypatch, damage, expected):
     pre, cls = copy_outputs(run_outputs, tmp_path)
@@ -713,8 +752,14 @@ def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, cap
         np.save(cls / "scratch_val_acc.npy", np.full(3, np.nan))
     elif damage == "preds":
         np.save(cls / "pretrained_val_preds.npy", np.full(32, 10, dtype=np.int64))  # class 10 of 10
-    elif damage == "dpi":
-        extra = ["--dpi", "10"]
+    elif damage == "negative_preds":  # bincount would fail on it, deep inside the confusion matrix
+        preds = np.load(cls / "pretrained_val_preds.npy")
+        preds[0] = -1
+        np.save(cls / "pretrained_val_preds.npy", preds)
+    elif damage == "short_preds":
+        np.save(cls / "pretrained_val_preds.npy", np.load(cls / "pretrained_val_preds.npy")[:-1])
+    elif damage in ("dpi", "dpi_601"):
+        extra = ["--dpi", "10" if damage == "dpi" else "601"]
     elif damage == "report":
         extra = ["--report", tmp_path / "no" / "such" / "folder" / "r.md"]
     elif damage == "read_only_cls_dir":
@@ -735,6 +780,8 @@ def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, cap
         extra = ["--cls_dir", cls / "scratch_val_acc.npy"]
     elif damage == "epoch_gap":
         np.save(pre / "eval_epochs.npy", np.array([1.0, np.inf]))
+    elif damage == "epoch_zero":
+        np.save(pre / "eval_epochs.npy", np.array([0, 1]))
     elif damage == "report_replaces_input":
         extra = ["--report", pre / "args.json"]
     else:
