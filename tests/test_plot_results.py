@@ -236,6 +236,65 @@ def test_the_best_epoch_is_the_earliest_of_equal_bests():
     assert plot_results.run_numbers(run) == {"epochs": 4, "best_val_acc": 0.3, "best_epoch": 2, "final_val_acc": 0.2}
 
 
+def test_the_best_pretraining_epoch_is_the_earliest_of_equal_losses():
+    """As for an accuracy, the earliest of equal bests: its reconstructions are the ones best_recon.png copies."""
+    pre = plot_results.Pretraining("pre", np.array([0.5, 0.3, 0.4, 0.3]), {}, [])
+    assert pre.best_epoch == 2
+    assert (plot_results.pretrain_numbers(pre)["best_loss"], plot_results.pretrain_numbers(pre)["best_epoch"]) == (
+        0.3, 2)
+
+
+def test_a_run_is_labelled_by_what_its_summary_says_it_trained_from():
+    """The label comes from the summary, not the flag that named the run: a run named by --scratch_run that
+    started from an MAE checkpoint is the pretrained fine-tune, one named by --pretrained_run without a checkpoint
+    is from scratch; without a summary, the flag's role."""
+    def label(role, summary):
+        return plot_results.ClassifierRun("r", role, {}, summary).label
+    assert label("scratch", {"pretrained_model_path": "mae.pt", "linear_probe": False}) == "MAE-pretrained, fine-tuned"
+    assert label("pretrained", {"pretrained_model_path": "", "linear_probe": False}) == "from scratch"
+    assert label("pretrained", {}) == "MAE-pretrained, fine-tuned" and label("scratch", {}) == "from scratch"
+
+
+def test_per_class_accuracy_lists_the_runs_of_the_first_runs_classes_and_na_for_a_class_without_images():
+    """The per-class table's columns are the runs with the first run's classes (another run's classes would not
+    line up with its rows); a class with no val image reads n/a, not nan%."""
+    first = plot_results.ClassifierRun("a", "scratch", {}, {}, preds=np.array([0, 1, 1, 0]),
+                                       labels=np.array([0, 1, 1, 1]), classes=["cat", "dog", "eel"])
+    other = plot_results.ClassifierRun("b", "pretrained", {}, {}, preds=np.array([0, 1]), labels=np.array([0, 1]),
+                                       classes=["x", "y"])
+    report = plot_results.report_classifiers([first, other], {}, str)
+    at = report.index("Per-class val accuracy (last epoch):")
+    assert report[at + 2:at + 7] == ["| class | a |", "| --- | --- |", "| cat | 100.00% |", "| dog | 66.67% |",
+                                     "| eel | n/a |"]
+
+
+def test_the_training_loss_figure_follows_the_summarys_linear_probe(run_outputs, tmp_path, monkeypatch):
+    """A run named by --linprobe_run whose summary says it was fine-tuned (linear_probe false) has the recipe's loss
+    and is drawn with the fine-tunes: the summary, not the flag, says what the run is."""
+    pre, cls = copy_outputs(run_outputs, tmp_path)
+    summary = json.loads((cls / "linprobe_summary.json").read_text())
+    (cls / "linprobe_summary.json").write_text(json.dumps({**summary, "linear_probe": False}))
+    drawn, real = {}, plot_results.plot_run_comparison
+    monkeypatch.setattr(plot_results, "plot_run_comparison",
+                        lambda runs, curve, log_scale: drawn.setdefault(curve, [r.name for r in runs]) and
+                        real(runs, curve, log_scale))
+    plot("--pretrain_dir", pre, "--cls_dir", cls, "--report", tmp_path / "r.md")
+    assert drawn["train_loss"] == ["scratch", "pretrained", "linprobe"]
+
+
+def test_a_comparisons_data_caption_comes_from_the_runs_it_draws():
+    """The accuracy figure's caption names the data of the runs drawn on it: a run without val accuracy (another
+    dataset) draws nothing there and does not take the caption away."""
+    runs = [plot_results.ClassifierRun("scratch", "scratch", {"val_acc": np.array([0.3, 0.4])}, {},
+                                       args={"dataset": "fake", "val_split": 0}),
+            plot_results.ClassifierRun("pretrained", "pretrained", {"train_loss": np.array([2.0, 1.0])}, {},
+                                       args={"dataset": "cifar10", "val_split": 0})]
+    fig = plot_results.plot_run_comparison(runs, "val_acc", False)
+    plot_results.plt.close(fig)
+    assert fig.axes[0].get_title() == ("Validation accuracy: from scratch\nsynthetic images (--dataset fake); val: "
+                                       "synthetic val set")
+
+
 def test_an_accuracy_of_100_percent_stays_on_an_axis_that_ends_at_100(run_outputs):
     pre = plot_results.load_pretraining(str(run_outputs[0]), [], [])
     pre.evals["knn_acc"] = np.array([0.5, 1.0])  # a perfect kNN, as on separable synthetic data
@@ -617,6 +676,20 @@ def test_a_pretrained_run_without_predictions_or_grid_is_named_and_a_run_without
     assert "scratch_preds_grid" not in missing and "scratch_val_{preds" not in missing
     assert (cls / "cls_val_acc_compare.png").is_file() and not (cls / "cls_train_loss_compare.png").exists()
     assert "cls_train_loss_compare" not in (tmp_path / "r.md").read_text()
+
+
+def test_last_recon_is_the_last_trained_epochs_not_the_last_evaluated_ones(tmp_path):
+    """A run of 3 epochs evaluated at epoch 2 only: last_recon.png is epoch 3's reconstructions."""
+    pre = tmp_path / "outputs"
+    pre.mkdir()
+    np.save(pre / "losses.npy", np.array([0.5, 0.3, 0.4]))
+    np.save(pre / "eval_epochs.npy", np.array([2]))
+    np.save(pre / "knn_acc.npy", np.array([0.5]))
+    for epoch, colour in ((2, (255, 0, 0)), (3, (0, 255, 0))):
+        Image.new("RGB", (300, 300), colour).save(pre / f"recon_epoch_{epoch:03d}.png")
+    plot("--pretrain_dir", pre, "--cls_dir", tmp_path / "none", "--report", tmp_path / "r.md")
+    assert (pre / "last_recon.png").read_bytes() == (pre / "recon_epoch_003.png").read_bytes()
+    assert (pre / "best_recon.png").read_bytes() == (pre / "recon_epoch_002.png").read_bytes()
 
 
 def test_only_pretraining_plots_it_and_names_the_missing_runs(run_outputs, tmp_path):
