@@ -386,7 +386,11 @@ class MAE(nn.Module):
         if not masked_only:
             return masked_mse(pred, target, mask), pred, mask
         target = to_shuffled_order(target, ids_restore)[:, latent.shape[1] - 1:]  # the decoder's masked patches
-        return masked_mse(pred, target, pred.new_ones(pred.shape[:2], dtype=torch.float32)), pred, mask
+        # Every row is a masked patch, so masked_mse's mean is the plain mean (0 when nothing is masked), written
+        # without a mask: a mask of ones, its sum clamped, made torch 2.11's inductor fuse a loss kernel that
+        # Triton 3.6 failed to compile at patch size 4 (H200, 2026-11-30).
+        sq_err = (pred.float() - target.float()).pow(2)
+        return sq_err.sum() / max(sq_err.numel(), 1), pred, mask
 
 
 class ViTClassifier(nn.Module):
