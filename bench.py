@@ -17,10 +17,12 @@ Seconds on a CPU (a small model at batch 64 / 32 unless flags say otherwise; the
 """
 import argparse
 import contextlib
+import cProfile
 import dataclasses
 import datetime
 import json
 import os
+import pstats
 import re
 import shlex
 import statistics
@@ -327,6 +329,45 @@ def device_time_profile(run_steps, steps: int, device: torch.device) -> dict:
                     for name, t, calls in ms]}
 
 
+def host_function_name(file: str, line: int, function: str) -> str:
+    """cProfile's (file, line, function) as `function (path:line)`, the path from the package root (torch/...) or
+    the file's name; a built-in (file "~") as cProfile names it, say <method 'item' of 'torch._C.TensorBase' ...>."""
+    if file == "~":
+        return function
+    path = os.path.normpath(file).split(os.sep)
+    # the last site-packages (or dist-packages) folder in the path: the package's own folders follow it
+    cut = max((i for i, part in enumerate(path) if part in ("site-packages", "dist-packages")), default=len(path) - 2)
+    return f"{function} ({'/'.join(path[cut + 1:])}:{line})"
+
+
+def host_time_profile(run_step, steps: int, device: torch.device) -> dict:
+    """Where the host's time goes while it queues a step: cProfile over `steps` steps, each begun with the device
+    idle (it waits for the device between steps, outside the profile), so that no call waits for room in CUDA's
+    launch queue and counts the device's pace as the host's. For each Python function and built-in, its self time
+    (tottime) and cumulative time per step, the largest first. This is the host's side that device_time_profile
+    cannot see: on a GPU, a step whose host_ms_per_step is close to its ms_per_step waits for the host (torch's CUDA
+    graph trees, Dynamo's guards, the optimizer's Python, the launches). cProfile's own cost per Python call
+    inflates the Python-heavy parts, so the shares compare, not the sum with host_ms_per_step."""
+    profiler = cProfile.Profile()
+    for _ in range(steps):
+        synchronize(device)
+        profiler.enable()
+        run_step()
+        profiler.disable()
+    synchronize(device)
+    # pstats' table: (file, line, function) -> (primitive calls, calls, self s, cumulative s, callers)
+    rows = [(host_function_name(*where), self_s * 1e3 / steps, cumulative_s * 1e3 / steps, calls / steps)
+            for where, (_, calls, self_s, cumulative_s, _) in pstats.Stats(profiler).stats.items()]
+    rows.sort(key=lambda row: -row[1])
+    by_cumulative = sorted(rows, key=lambda row: -row[2])
+    return {"what": "host (cProfile)", "ms_per_step": sum(row[1] for row in rows),
+            "top_self": [[name[:PROFILE_NAME_CHARS], ms] for name, ms, _, _ in rows[:PROFILE_TOP]],
+            "top_cumulative": [[name[:PROFILE_NAME_CHARS], ms] for name, _, ms, _ in by_cumulative[:PROFILE_TOP]],
+            # the functions with at least a microsecond of self time per step, whole names
+            "all": [{"name": name, "self_ms_per_step": self_ms, "cumulative_ms_per_step": cumulative_ms,
+                     "calls_per_step": calls} for name, self_ms, cumulative_ms, calls in rows if self_ms >= 1e-3]}
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -556,8 +597,8 @@ def bench_phase(phase: Phase, args, device: torch.device, data_device: torch.dev
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     train_model = utils.compile_model(model, args) if args.compile else model
     chunk = chunk_size(phase.batch_size, args)
-    # The last: the host-sync check; then --profile's.
-    total_steps = args.warmup_steps + args.repeats * args.steps + 1 + (args.steps if args.profile else 0)
+    # The last: the host-sync check; then --profile's two runs (the device's kernels, the host's functions).
+    total_steps = args.warmup_steps + args.repeats * args.steps + 1 + (2 * args.steps if args.profile else 0)
     # Successive epochs' permutations cut into index batches, made before the clock starts as an epoch makes
     # them before its loop.
     batches, epoch = [], 0
@@ -617,6 +658,7 @@ def bench_phase(phase: Phase, args, device: torch.device, data_device: torch.dev
                                        for _ in range(args.repeats))
     profiled = device_time_profile(lambda: [one_step() for _ in range(args.steps)], args.steps, device) \
         if args.profile else None
+    host_profiled = host_time_profile(one_step, args.steps, device) if args.profile else None
     train_flops = TRAIN_FLOPS_PER_FORWARD * phase.flops_forward
     tflops = train_flops * phase.batch_size / seconds / 1e12
     return {
@@ -630,7 +672,7 @@ def bench_phase(phase: Phase, args, device: torch.device, data_device: torch.dev
         "mean_loss": loss_sum.item() / (total_steps * (phase.batch_size // chunk)),
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
         "host_syncs": sorted(set(recorder.syncs)), "input_ms_per_step": input_ms(phase.inputs),
-        "input_ms_per_step_eager": input_ms(phase.inputs_eager), "profile": profiled,
+        "input_ms_per_step_eager": input_ms(phase.inputs_eager), "profile": profiled, "host_profile": host_profiled,
     }
 
 
@@ -845,6 +887,14 @@ def main(args):
         print("  by kind: " + ", ".join(f"{kind} {ms:.3f} ms" for kind, ms in prof["kinds_ms_per_step"].items()))
         for name, ms in prof["top"]:
             print(f"  {ms:8.3f} ms {100 * ms / prof['busy_ms_per_step']:5.1f}%  {name}")
+        host = r["host_profile"]
+        print(f"where the host's time goes while it queues a {r['phase']} step (cProfile, {args.steps} steps, each "
+              f"begun with the device idle; self time per step, cProfile's own cost included): "
+              f"{host['ms_per_step']:.2f} ms, against {r['host_ms_per_step']:.2f} ms unprofiled")
+        for name, ms in host["top_self"]:
+            print(f"  {ms:8.3f} ms {100 * ms / host['ms_per_step']:5.1f}%  {name}")
+        print("  by cumulative time (a function and what it calls): "
+              + "; ".join(f"{name} {ms:.3f} ms" for name, ms in host["top_cumulative"]))
     if not both:
         print(f"evaluation and projection: left out (--phases {args.phases}; they need both phases)")
     else:

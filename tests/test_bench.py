@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -362,6 +363,21 @@ def test_profile_lists_where_each_steps_time_goes(tmp_path, capsys):
             (2 if name == "pretrain" else 1) + groups
         assert kinds["matrix products"] > 0 and kinds["attention"] > 0 and kinds["other"] > 0
         assert f"where a {name} step's time goes" in printed and f"%  {names[0]}\n" in printed
+        # the host's side, by cProfile: the largest self and cumulative times per step, each list largest first
+        host = r[name]["host_profile"]
+        assert host["what"] == "host (cProfile)"
+        for key in ("top_self", "top_cumulative"):
+            times = [ms for _, ms in host[key]]
+            assert len(times) == bench.PROFILE_TOP and times == sorted(times, reverse=True) and times[-1] > 0
+        assert sum(e["self_ms_per_step"] for e in host["all"]) <= host["ms_per_step"] + 1e-9
+        assert [e["name"][:bench.PROFILE_NAME_CHARS] for e in host["all"][:bench.PROFILE_TOP]] == \
+            [n for n, _ in host["top_self"]]
+        # the script's own train_step (one call per step) holds nearly all of the step's host time
+        script = "mae_pretrain.py" if name == "pretrain" else "train_classifier.py"
+        train_step = next(e for e in host["all"] if e["name"].startswith(f"train_step ({script}:"))
+        assert train_step["calls_per_step"] == 1 and train_step["cumulative_ms_per_step"] > 0.5 * host["ms_per_step"]
+        assert f"where the host's time goes while it queues a {name} step" in printed
+        assert f"%  {host['top_self'][0][0]}\n" in printed
 
 
 @pytest.mark.parametrize("phase, other", [("pretrain", "finetune"), ("finetune", "pretrain")])
@@ -775,6 +791,41 @@ def test_device_time_profile_gives_each_operators_self_time_per_step_largest_fir
         {"name": "aten::add_", "kind": "other", "ms_per_step": pytest.approx(0.1), "calls_per_step": 1.0}]
 
 
+def test_host_time_profile_times_each_function_per_step_with_the_device_idle_before_each_step(monkeypatch):
+    """cProfile's self and cumulative time per step of every function and built-in, largest self time first; it
+    waits for the device before each step and after the last, outside the profile."""
+    waits, steps = [], []
+    monkeypatch.setattr(bench, "synchronize", lambda device: waits.append(len(steps)))
+
+    def inner():
+        time.sleep(0.003)
+
+    def run_step():
+        steps.append(1)
+        inner()
+    prof = bench.host_time_profile(run_step, 3, torch.device("cpu"))
+    assert waits == [0, 1, 2, 3]
+    by_name = {e["name"].split(" (")[0]: e for e in prof["all"]}
+    sleep, wrapper = by_name["<built-in method time.sleep>"], by_name["inner"]
+    assert sleep["calls_per_step"] == wrapper["calls_per_step"] == by_name["run_step"]["calls_per_step"] == 1
+    assert sleep["self_ms_per_step"] >= 3 * 0.95 and sleep["cumulative_ms_per_step"] == sleep["self_ms_per_step"]
+    assert wrapper["self_ms_per_step"] < sleep["self_ms_per_step"] <= wrapper["cumulative_ms_per_step"]
+    assert wrapper["name"].startswith("inner (test_bench.py:")  # a file outside any package: its name
+    assert prof["top_self"][0] == [sleep["name"], sleep["self_ms_per_step"]]
+    assert prof["top_cumulative"][0][0].startswith("run_step (test_bench.py:")
+    assert prof["ms_per_step"] >= sum(e["self_ms_per_step"] for e in prof["all"])
+
+
+@pytest.mark.parametrize("where, name", [
+    (("~", 0, "<method 'item' of 'torch._C.TensorBase' objects>"), "<method 'item' of 'torch._C.TensorBase' objects>"),
+    (("/venv/lib/python3.11/site-packages/torch/_inductor/cudagraph_trees.py", 12, "run"),
+     "run (torch/_inductor/cudagraph_trees.py:12)"),
+    (("/usr/lib/python3/dist-packages/a/site-packages/b/c.py", 3, "f"), "f (b/c.py:3)"),  # the last such folder
+    (("/work/repo/utils.py", 404, "backward"), "backward (utils.py:404)")])
+def test_host_function_names_keep_the_package_path_or_the_files_name(where, name):
+    assert bench.host_function_name(*where) == name
+
+
 def test_cpu_command_runs_in_seconds_and_its_numbers_agree(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--device", "cpu", "--json", str(out)],
@@ -811,7 +862,7 @@ def test_cpu_command_runs_in_seconds_and_its_numbers_agree(tmp_path):
         # The recipe's augmentation, mixup, accumulation and fused AdamW queue a whole step without reading
         # anything back (HostSyncRecorder is tested below).
         assert p["host_syncs"] == []
-        assert p["profile"] is None  # --profile only
+        assert p["profile"] is None and p["host_profile"] is None  # --profile only
         # One epoch of the script's own loop over the first 256 images: 4 steps of 64, 8 of 32.
         assert p["epoch_steps"] == 256 // p["batch_size"] and p["epoch_s"] > 0
         assert p["epoch_ms_per_step"] == pytest.approx(p["epoch_s"] / p["epoch_steps"] * 1e3)
@@ -868,7 +919,7 @@ def test_the_printed_report_gives_the_projection_the_input_shares_and_a_note_off
                 "ms_per_step": times[0], "epoch_ms_per_step": times[1], "compile_s": times[2], "images_per_sec": 1.0,
                 "tflops": 0.5, "percent_of_peak": 50.0, "peak_memory_gib": None, "host_syncs": [],
                 "flops_per_image_train": 1e9, "input_ms_per_step": 2.0 if phase.name == "finetune" else None,
-                "input_ms_per_step_eager": None, "profile": None}
+                "input_ms_per_step_eager": None, "profile": None, "host_profile": None}
     monkeypatch.setattr(bench, "bench_phase", bench_phase)
     monkeypatch.setattr(bench, "bench_evaluation", lambda *_: {
         "val_images": 64, "bank_images": 320, "pretrain_eval_s": 1.0, "finetune_eval_s": 0.1,
