@@ -129,7 +129,9 @@ def get_args_parser():
     # Output
     parser.add_argument("--profile", action="store_true",
                         help="also run --steps more steps of each phase under torch.profiler and print where the "
-                             "device's time goes: the kernels (CPU: operators) with the most self time per step")
+                             "device's time goes: the kernels (CPU: operators) with the most self time per step; "
+                             "then --steps more under cProfile, for where the host's time goes: the Python "
+                             "functions and built-ins with the most self and cumulative time per step")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     return parser
 
