@@ -785,6 +785,7 @@ def flops_line(parts: dict) -> str:
     return " + ".join(f"{name} {value / 1e9:.4g}" for name, value in parts.items())
 
 
+@utils.explains_compile_failure
 @utils.explains_out_of_memory
 @utils.with_attention_kernel
 def main(args):

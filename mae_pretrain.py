@@ -241,6 +241,7 @@ def evaluate(model, train, val, val_noise, args, device, amp_dtype):
     return metrics
 
 
+@utils.explains_compile_failure
 @utils.explains_out_of_memory
 @utils.with_attention_kernel
 def main(args):

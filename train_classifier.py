@@ -510,6 +510,7 @@ def evaluate(net, inputs, labels, prepare, batch_size, device, amp_dtype):
 
 # ----------------------------------------------------------------------------------------------------------
 
+@utils.explains_compile_failure
 @utils.explains_out_of_memory
 @utils.with_attention_kernel
 def main(args):

@@ -502,6 +502,37 @@ def with_attention_kernel(main):
 OUT_OF_MEMORY_STATUSES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED")
 
 
+def cause_chain(error: BaseException) -> list:
+    """The error, then what caused it (raise ... from), or was being handled when it was raised, and so on."""
+    chain, cause = [], error
+    while cause is not None and all(cause is not seen for seen in chain):
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return chain
+
+
+COMPILE_FAILURE_NOTE = "torch.compile failed to compile this model (above): --no-compile runs the same training " \
+                       "without it, slower"
+
+
+def explains_compile_failure(main):
+    """Decorates a script's main(args): when torch.compile's backend fails while compiling (inductor, or Triton
+    under it: Triton 3.6 could not compile one loss kernel at the tests' tiny model, H200, 2026-11-30), the
+    traceback stays, as the report to file with torch or Triton, and ends with COMPILE_FAILURE_NOTE, the way to
+    go on meanwhile. Python 3.11's exception notes carry it; older Pythons show the traceback alone."""
+    @functools.wraps(main)
+    def run(args):
+        try:
+            return main(args)
+        except Exception as error:
+            import torch._dynamo
+            if hasattr(error, "add_note") and any(isinstance(cause, torch._dynamo.exc.BackendCompilerFailed)
+                                                  for cause in cause_chain(error)):
+                error.add_note(COMPILE_FAILURE_NOTE)  # inductor's InductorError is a BackendCompilerFailed too
+            raise
+    return run
+
+
 def explains_out_of_memory(main):
     """Decorates a script's main(args): the GPU running out of memory ends the run with one line that names the
     flag to lower, exit status 2, instead of a traceback. A training step's memory grows with its chunk (at most
@@ -520,11 +551,7 @@ def explains_out_of_memory(main):
         try:
             return main(args)
         except Exception as error:
-            chain, cause = [], error
-            while cause is not None and all(cause is not seen for seen in chain):
-                chain.append(cause)
-                cause = cause.__cause__ or cause.__context__
-            matches = [cause for cause in chain if out_of_memory(cause)]
+            matches = [cause for cause in cause_chain(error) if out_of_memory(cause)]
             if not matches:
                 raise
             cause = matches[-1]

@@ -531,6 +531,56 @@ def test_every_script_explains_running_out_of_gpu_memory(tmp_path, monkeypatch, 
                                                          "does not depend on it")), err
 
 
+def failing_backend(graph_module, example_inputs):
+    """A torch.compile backend that fails as Triton did on an H200 (2026-11-30)."""
+    raise RuntimeError("PassManager::run failed")
+
+
+def test_a_compiler_failure_keeps_its_traceback_and_ends_with_how_to_train_without_compilation():
+    @utils.explains_compile_failure
+    def main(args):
+        return torch.compile(lambda x: x * 2, backend=failing_backend)(torch.ones(2))
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as error:  # the same error, not a SystemExit
+        main(None)
+    assert "PassManager::run failed" in str(error.value)
+    assert error.value.__notes__ == [utils.COMPILE_FAILURE_NOTE] and "--no-compile" in utils.COMPILE_FAILURE_NOTE
+
+    @utils.explains_compile_failure
+    def wrapped(args):  # a compiler failure that another error reports
+        try:
+            main.__wrapped__(args)
+        except RuntimeError as failure:
+            raise ValueError("the step failed") from failure
+    with pytest.raises(ValueError) as error:
+        wrapped(None)
+    assert error.value.__notes__ == [utils.COMPILE_FAILURE_NOTE]
+
+    @utils.explains_compile_failure
+    def other(args):
+        raise RuntimeError("a bug")
+    with pytest.raises(RuntimeError) as error:  # anything else surfaces as it is
+        other(None)
+    assert not hasattr(error.value, "__notes__")
+
+
+@pytest.mark.parametrize("script", ["mae_pretrain", "train_classifier", "bench"])
+def test_every_script_says_how_to_train_without_compilation_when_the_compiler_fails(tmp_path, monkeypatch, script):
+    import importlib
+
+    from conftest import TINY_MODEL, tiny_pretrain_argv
+    module = importlib.import_module(script)
+    monkeypatch.setattr(utils, "compile_model", lambda model, args: torch.compile(model, backend=failing_backend))
+    argv = {"mae_pretrain": tiny_pretrain_argv(tmp_path, "--compile"),
+            # --recipe plain: no augmentation, which would compile with inductor itself
+            "train_classifier": ["--dataset", "fake", "--fake_size", "64", "--batch_size", "32", "--device", "cpu",
+                                 "--recipe", "plain", "--compile", "--output_model_path", str(tmp_path / "cls.pt"),
+                                 "--output_dir", str(tmp_path), "--log_dir", str(tmp_path / "logs"), *TINY_MODEL],
+            "bench": ["--device", "cpu", "--compile", "--phases", "pretrain", "--max_device_batch_size", "16"]}[script]
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as error:
+        module.main(module.get_args_parser().parse_args(argv))
+    assert error.value.__notes__ == [utils.COMPILE_FAILURE_NOTE]
+
+
 def test_the_data_lives_on_the_gpu_when_it_fits_else_on_the_host(monkeypatch, capsys):
     import data
     train = data.fake_images(100, seed=1)  # 100 x 3 KB
