@@ -821,7 +821,7 @@ def test_host_time_profile_times_each_function_per_step_with_the_device_idle_bef
     (("/venv/lib/python3.11/site-packages/torch/_inductor/cudagraph_trees.py", 12, "run"),
      "run (torch/_inductor/cudagraph_trees.py:12)"),
     (("/usr/lib/python3/dist-packages/a/site-packages/b/c.py", 3, "f"), "f (b/c.py:3)"),  # the last such folder
-    (("/work/repo/utils.py", 404, "backward"), "backward (utils.py:404)")])
+    (("/home/user/repo/utils.py", 404, "backward"), "backward (utils.py:404)")])
 def test_host_function_names_keep_the_package_path_or_the_files_name(where, name):
     assert bench.host_function_name(*where) == name
 
