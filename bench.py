@@ -16,6 +16,7 @@ Seconds on a CPU (a small model at batch 64 / 32 unless flags say otherwise; the
     python bench.py --device cpu
 """
 import argparse
+import collections
 import contextlib
 import cProfile
 import dataclasses
@@ -307,28 +308,55 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(name)), "other")
 
 
+def kernel_launchers(events, steps: int) -> dict:
+    """Who launched each kernel: for each kernel name, [operator, outermost, launches per step] for each pair seen,
+    the most launches first. `operator` is the profiler's innermost record open when the kernel was queued (an
+    eager kernel's ATen operator; a CUDA graph's kernels, whatever record was open around its replay) and
+    `outermost` the top of its stack of records (an autograd node, Optimizer.step, a compiled graph's call). This is
+    how a card's profile tells an eager kernel, with its host-side launch, from one a graph replays, and where in
+    the step an eager one comes from. events: torch.profiler's events(), whose CPU records hold their kernels."""
+    launches = collections.Counter()
+    for event in events:
+        kernels = getattr(event, "kernels", None)
+        if not kernels:
+            continue
+        outermost = event
+        while outermost.cpu_parent is not None:
+            outermost = outermost.cpu_parent
+        for kernel in kernels:
+            launches[kernel.name, event.name, outermost.name] += 1
+    launchers = {}
+    for (kernel, operator, outer), count in launches.most_common():
+        launchers.setdefault(kernel, []).append([operator, outer, count / steps])
+    return launchers
+
+
 def device_time_profile(run_steps, steps: int, device: torch.device) -> dict:
     """Self time per step of each kernel (CPU: operator) over `steps` steps run by run_steps() under torch.profiler,
     the largest first, and their sum: the device's busy time per step. On a GPU the kernels of one stream run one
     after another, so a step's time minus its busy time is the device waiting, for the host or for nothing."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     on_cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU]) as prof:
+    # On a GPU the host's records are kept too, for kernel_launchers; only the kernels' own records are summed (an
+    # operator's device time is its kernels').
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])]) as prof:
         run_steps()
         synchronize(device)
     # (name, ms per step, launches per step); the profiler counts microseconds
     ms = [(e.key, (e.self_device_time_total if on_cuda else e.self_cpu_time_total) / 1e3 / steps, e.count / steps)
-          for e in prof.key_averages()]
+          for e in prof.key_averages() if not on_cuda or e.device_type != DeviceType.CPU]
     ms = sorted((item for item in ms if item[1] > 0), key=lambda item: -item[1])
     kinds = dict.fromkeys([*(kind for kind, _ in KERNEL_KINDS), "other"], 0.0)
     for name, t, _ in ms:
         kinds[kernel_kind(name)] += t
+    launchers = kernel_launchers(prof.events(), steps) if on_cuda else {}
     # "all" keeps every kernel, whole names and launch counts, so that a card's run can be read apart afterwards
     # (what a kind holds, a kernel launched once per parameter, ...) without another lease.
     return {"what": "CUDA kernels" if on_cuda else "CPU operators", "busy_ms_per_step": sum(t for _, t, _ in ms),
             "kinds_ms_per_step": kinds, "top": [[name[:PROFILE_NAME_CHARS], t] for name, t, _ in ms[:PROFILE_TOP]],
-            "all": [{"name": name, "kind": kernel_kind(name), "ms_per_step": t, "calls_per_step": calls}
-                    for name, t, calls in ms]}
+            "all": [{"name": name, "kind": kernel_kind(name), "ms_per_step": t, "calls_per_step": calls,
+                     **({"launched_by": launchers.get(name, [])} if on_cuda else {})} for name, t, calls in ms]}
 
 
 def host_function_name(file: str, line: int, function: str) -> str:
@@ -888,8 +916,11 @@ def main(args):
         print(f"where a {r['phase']} step's time goes (torch.profiler, {args.steps} steps; self time per step): "
               f"{prof['busy_ms_per_step']:.2f} ms in {prof['what']}, against {r['ms_per_step']:.2f} ms per timed step")
         print("  by kind: " + ", ".join(f"{kind} {ms:.3f} ms" for kind, ms in prof["kinds_ms_per_step"].items()))
-        for name, ms in prof["top"]:
-            print(f"  {ms:8.3f} ms {100 * ms / prof['busy_ms_per_step']:5.1f}%  {name}")
+        for (name, ms), kernel in zip(prof["top"], prof["all"]):
+            # the most frequent launcher, where the profile has them (a GPU's)
+            by = "".join(f"  <- {operator} in {outer} ({calls:g} per step)"
+                         for operator, outer, calls in kernel.get("launched_by", [])[:1])
+            print(f"  {ms:8.3f} ms {100 * ms / prof['busy_ms_per_step']:5.1f}%  {name}{by}")
         host = r["host_profile"]
         print(f"where the host's time goes while it queues a {r['phase']} step (cProfile, {args.steps} steps, each "
               f"begun with the device idle; self time per step, cProfile's own cost included): "

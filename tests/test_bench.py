@@ -791,6 +791,70 @@ def test_device_time_profile_gives_each_operators_self_time_per_step_largest_fir
         {"name": "aten::add_", "kind": "other", "ms_per_step": pytest.approx(0.1), "calls_per_step": 1.0}]
 
 
+def profiler_record(name, parent=None, kernels=()):
+    """A CPU record of torch.profiler's events(): its name, the record around it, the kernels it launched."""
+    return SimpleNamespace(name=name, cpu_parent=parent,
+                           kernels=[SimpleNamespace(name=k, device=0, duration=1.0) for k in kernels])
+
+
+def test_kernel_launchers_name_each_kernels_operator_and_outermost_record_per_step():
+    """Each kernel's launches per step by (innermost record, outermost record), the most first; records that
+    launched nothing, and kernels nobody launched, are absent."""
+    backward = profiler_record("autograd::engine::evaluate_function: CompiledFunctionBackward")
+    graph_call = profiler_record("## Call CompiledFxGraph abc ##", backward)
+    optimizer = profiler_record("Optimizer.step#AdamW.step")
+    events = [backward, graph_call,
+              *(profiler_record("aten::sum", graph_call, ["reduce_kernel"]) for _ in range(6)),
+              profiler_record("aten::sum", profiler_record("aten::mean", optimizer), ["reduce_kernel"]),
+              profiler_record("aten::_fused_adamw_", optimizer, ["FusedOptimizer", "FusedOptimizer"]),
+              profiler_record("aten::mm", None, ["nvjet"]), optimizer, profiler_record("aten::empty")]
+    launchers = bench.kernel_launchers(events, steps=2)
+    assert launchers == {
+        "reduce_kernel": [["aten::sum", backward.name, 3.0], ["aten::sum", optimizer.name, 0.5]],
+        "FusedOptimizer": [["aten::_fused_adamw_", optimizer.name, 1.0]],
+        "nvjet": [["aten::mm", "aten::mm", 0.5]]}
+
+
+def test_device_time_profile_on_a_gpu_times_kernels_alone_and_says_who_launched_them(monkeypatch):
+    """On CUDA the host's records are profiled too, to name each kernel's launcher (launched_by in the JSON), but
+    only the kernels' records are summed: an operator's device time is its kernels', counted once. The profiler is
+    a stand-in; the device is never touched."""
+    from torch.autograd import DeviceType
+    host, device = DeviceType.CPU, DeviceType.CUDA
+    averages = [SimpleNamespace(key="aten::sum", self_device_time_total=300.0, count=2, device_type=host),
+                SimpleNamespace(key="reduce_kernel", self_device_time_total=300.0, count=2, device_type=device),
+                SimpleNamespace(key="nvjet_gemm", self_device_time_total=900.0, count=4, device_type=device)]
+    backward = profiler_record("CompiledFunctionBackward")
+    events = [backward, profiler_record("aten::sum", backward, ["reduce_kernel", "reduce_kernel"])]
+    profiled = []
+
+    class Profile:  # torch.profiler.profile's interface
+        def __init__(self, activities):
+            profiled.extend(activities)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return averages
+
+        def events(self):
+            return events
+    monkeypatch.setattr(torch.profiler, "profile", Profile)
+    monkeypatch.setattr(bench, "synchronize", lambda device: None)
+    prof = bench.device_time_profile(lambda: None, 2, torch.device("cuda"))
+    assert set(profiled) == {torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA}
+    assert prof["what"] == "CUDA kernels" and prof["busy_ms_per_step"] == pytest.approx(0.6)
+    assert prof["all"] == [
+        {"name": "nvjet_gemm", "kind": "matrix products", "ms_per_step": pytest.approx(0.45), "calls_per_step": 2.0,
+         "launched_by": []},
+        {"name": "reduce_kernel", "kind": "other", "ms_per_step": pytest.approx(0.15), "calls_per_step": 1.0,
+         "launched_by": [["aten::sum", "CompiledFunctionBackward", 1.0]]}]
+
+
 def test_host_time_profile_times_each_function_per_step_with_the_device_idle_before_each_step(monkeypatch):
     """cProfile's self and cumulative time per step of every function and built-in, largest self time first; it
     waits for the device before each step and after the last, outside the profile."""
