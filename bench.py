@@ -825,11 +825,12 @@ def main(args):
     resolve_defaults(args, device)
     cfg = check_args(args)
     amp_dtype = utils.autocast_dtype(args, device)
-    attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, class_token_query=True,
-                                       decoder=True)
     inductor = inductor_settings(args)
     for build in (lambda: MAE(cfg), lambda: ViTClassifier(cfg, args.num_classes)):
         utils.check_model_fits(build, device)
+    # after the size check: it runs attention at the model's shapes, on the device
+    attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, class_token_query=True,
+                                       decoder=True)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = shlex.join(["python", os.path.basename(sys.argv[0]) or "bench.py", *sys.argv[1:]])
     print(f"config: {vars(args)}")

@@ -273,7 +273,7 @@ def load_pretrained(path: str):
         with torch.device("meta"):  # the model's shapes, without its memory
             mae = MAE(MAEConfig(**ckpt["config"]))
     except (TypeError, ValueError) as e:
-        utils.die(f"{flag}: its config is not an MAEConfig ({e})")
+        utils.die(f"{flag}: its config is not an MAEConfig ({str(e).splitlines()[0]})")
     # The whole MAE must match its own config: this tells a wrong file (a classifier, another model) from a
     # checkpoint whose encoder we can use.
     mismatch = utils.load_state_dict_checked(mae, ckpt["model"])
@@ -524,7 +524,6 @@ def main(args):
     device = utils.resolve_device(args)
     utils.resolve_runtime(args, device)
     amp_dtype = utils.autocast_dtype(args, device)
-    attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, args.global_pool == "token")
     train, val, steps_per_epoch = utils.load_training_data(args, cfg.img_size)
     classes, num_classes = list(train.classes), len(train.classes)
     # --data_path may change on a resume (the images may have moved), so the classes are compared: another number
@@ -533,6 +532,8 @@ def main(args):
         utils.die(f"--resume {args.resume!r} trained on {ckpt['num_classes']} classes ({ckpt.get('classes')}); "
                   f"these images have {num_classes} ({classes})")
     utils.check_model_fits(lambda: build_model(args, cfg, num_classes, None), device)
+    # after the size check: it runs attention at the model's shapes, on the device
+    attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, args.global_pool == "token")
     utils.init_distributed(device)
     data_device = utils.data_device(train, val, device, args)  # after init: the processes decide together
     rank, world_size, _ = utils.dist_env()

@@ -240,8 +240,11 @@ def check_model_fits(build, device: torch.device) -> None:
     exceed all of the device's memory (--embed_dim 100000, say), which would otherwise end in an allocation error's
     traceback. build() runs on the meta device, allocating nothing. The device's total, not what is free now, is
     the bound: no model that could run is refused."""
-    with torch.device("meta"):
-        params = count_params(build())
+    try:
+        with torch.device("meta"):
+            params = count_params(build())
+    except RuntimeError as e:  # sizes past int64's range even for the shapes: "Storage size calculation overflowed"
+        die(f"model-size flags (--embed_dim, --depth, ...): no such model can be built ({str(e).splitlines()[0]})")
     need = TRAINING_BYTES_PER_PARAMETER * params
     total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
              else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))

@@ -644,6 +644,7 @@ def test_attention_flag_sets_the_kernel_of_training_and_evaluation(tmp_path, run
     (["--mask_ratio", "1.0"], "--mask_ratio must be in (0, 1)"),
     (["--mask_ratio", "0"], "--mask_ratio must be in (0, 1), got 0.0"),
     (["--embed_dim", "400000"], "parameters need"),  # terabytes: more than any machine's memory
+    (["--embed_dim", str(2 ** 40), "--num_heads", "1"], "no such model can be built"),  # past int64, even on meta
     (["--mask_ratio", "-0.5"], "--mask_ratio must be in (0, 1)"),
     (["--dataset", "folder", "--data_path", "/nonexistent/cifar"], "--data_path"),
     (["--resume", "/nonexistent/ckpt.pt"], "--resume"),

@@ -1110,6 +1110,8 @@ def _make_bad_checkpoints(tmp_path, mae_ckpt):
     torch.save({"model": ViTClassifier(cfg, 10).state_dict(), "config": good["config"]}, folder / "classifier.pt")
     torch.save({**good, "config": {**good["config"], "embed_dim": 64}}, folder / "other_size.pt")
     torch.save({**good, "config": {**good["config"], "patch_size": 0}}, folder / "zero_patch.pt")
+    # a hand-edited config: torch's error at the model's build runs to a dozen lines, C++ frames included
+    torch.save({**good, "config": {**good["config"], "mlp_ratio": "4"}}, folder / "text_mlp_ratio.pt")
     (folder / "blocked_last.pt").mkdir()  # where --output_model_path blocked.pt would put its last epoch
     shutil.copyfile(mae_ckpt, folder / "pre_last.pt")  # an MAE checkpoint named as --output_model_path pre.pt's last
     return folder
@@ -1136,6 +1138,12 @@ def _make_bad_checkpoints(tmp_path, mae_ckpt):
                                                  "schedule (the plain recipe's) ends at 0"),
     (["--schedule", "reference", "--min_lr", "1e-5"], "--min_lr 1e-05 is for --schedule warmup_cosine"),
     (["--embed_dim", "400000"], "parameters need"),  # terabytes: more than any machine's memory
+    # Attention is tried at the model's shapes on the device: only after the size check, which allocates nothing
+    # (at this width one head's 65 queries alone are 26 GB, more than the test machine's memory).
+    (["--embed_dim", "100000000", "--num_heads", "1"], "parameters need"),
+    (["--embed_dim", str(2 ** 40), "--num_heads", "1"], "no such model can be built (Storage size calculation "
+                                                         "overflowed"),
+    (["--pretrained_model_path", "{ckpts}/text_mlp_ratio.pt"], "its config is not an MAEConfig"),
     (["--layer_decay", "0"], "--layer_decay must be in (0, 1]"),
     (["--crop_padding", "32"], "--crop_padding must be in [0, 32)"),
     (["--linear_probe", "--drop_path", "0.1"], "--drop_path and --layer_decay do not apply"),
