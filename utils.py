@@ -299,6 +299,9 @@ def check_schedule_args(args) -> None:
     if args.base_learning_rate <= 0 or args.weight_decay < 0 or args.min_lr < 0:
         die(f"--base_learning_rate must be > 0, --weight_decay and --min_lr >= 0, got {args.base_learning_rate}, "
             f"{args.weight_decay} and {args.min_lr}")
+    if not math.isfinite(peak_lr(args)):
+        die(f"--base_learning_rate {args.base_learning_rate} x --batch_size {args.batch_size} / 256 overflows to an "
+            "infinite peak lr: give a smaller --base_learning_rate")
     if args.min_lr > peak_lr(args):
         die(f"--min_lr {args.min_lr} is above the peak lr {peak_lr(args):.2e} (--base_learning_rate x --batch_size / "
             "256), so the cosine would raise the lr: give a smaller --min_lr")
@@ -1149,7 +1152,8 @@ def shard(n: int, rank: int, world_size: int) -> slice:
 def shard_chunks(n: int, chunk: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """This process's shard of range(n), in order, as index tensors on `device` of at most `chunk` items each:
     how every evaluation walks a split, so that gathering the shards in rank order restores the split's order."""
-    return torch.arange(n, device=device)[shard(n, *dist_env()[:2])].split(chunk)
+    # A chunk past the split is the split (and split() takes no size past int64: 4 x --max_device_batch_size 2**61).
+    return torch.arange(n, device=device)[shard(n, *dist_env()[:2])].split(max(1, min(chunk, n)))
 
 
 @torch.no_grad()

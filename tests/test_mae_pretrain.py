@@ -654,6 +654,8 @@ def test_attention_flag_sets_the_kernel_of_training_and_evaluation(tmp_path, run
     (["--knn_temperature", "inf"], "argument --knn_temperature: must be a finite number, got 'inf'"),
     (["--weight_decay", "x"], "argument --weight_decay: must be a number, got 'x'"),
     (["--base_learning_rate", "-1"], "--base_learning_rate must be > 0, --weight_decay and --min_lr >= 0, got -1.0"),
+    (["--base_learning_rate", "1e308"], "--base_learning_rate 1e+308 x --batch_size 32 / 256 overflows to an "
+                                         "infinite peak lr"),
     (["--mask_ratio", "0.01"], "--mask_ratio 0.01 masks none of the 64 patches"),
     (["--min_lr", "0.1"], "--min_lr 0.1 is above the peak lr 1.87e-05 (--base_learning_rate x --batch_size / 256)"),
     (["--decoder_num_heads", "3"], "model flags: decoder_embed_dim 32 must be divisible by decoder_num_heads 3"),

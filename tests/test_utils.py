@@ -270,6 +270,9 @@ def test_shard_chunks_walk_this_process_shard_in_order(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert [c.tolist() for c in utils.shard_chunks(7, 2, cpu)] == [[3, 4], [5, 6]]  # shard(7, 1, 2) is 3..6
+    # A chunk larger than the split is the whole split, however large: 4 x --max_device_batch_size 2**61 is past
+    # what split() takes (int64).
+    assert [c.tolist() for c in utils.shard_chunks(7, 4 * 2 ** 61, cpu)] == [[3, 4, 5, 6]]
 
 
 # A script's last moments: an epoch's outputs handed to the background writer, the next epoch under way, and then
