@@ -23,6 +23,7 @@ import dataclasses
 import datetime
 import json
 import os
+import platform
 import pstats
 import re
 import shlex
@@ -130,7 +131,8 @@ def get_args_parser():
     # Output
     parser.add_argument("--profile", action="store_true",
                         help="also run --steps more steps of each phase under torch.profiler and print where the "
-                             "device's time goes: the kernels (CPU: operators) with the most self time per step; "
+                             "device's time goes: the kernels (CPU: operators) with the most self time per step "
+                             "(on a GPU, with who launched each, and the host's guard checks and optimizer step); "
                              "then --steps more under cProfile, for where the host's time goes: the Python "
                              "functions and built-ins with the most self and cumulative time per step")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
@@ -290,6 +292,10 @@ def timed_with_host(fn, iters: int, device: torch.device) -> tuple:
 
 PROFILE_TOP = 12  # kernels listed per phase by --profile
 PROFILE_NAME_CHARS = 90  # CUTLASS and Triton kernel names run to hundreds of characters
+# The host's records that --profile prints for a GPU's steps (the JSON's host_records keeps all of them): Dynamo's
+# guard checks before each compiled call, and the optimizer.
+HOST_RECORDS_SHOWN = ("TorchDynamo Cache Lookup", "Pregraph bytecode", "Optimizer.step#AdamW.step",
+                      "Optimizer.zero_grad#AdamW.zero_grad")
 # What --profile sums each kernel (CPU: operator) under, by its name: the first pattern that matches wins.
 # Inductor names a fused kernel after the operators it fuses, which may include attention's or a matmul's
 # (triton_poi_fused__scaled_dot_product_..., a layout copy): its names are read first, its GEMM templates (with
@@ -344,8 +350,9 @@ def device_time_profile(run_steps, steps: int, device: torch.device) -> dict:
         run_steps()
         synchronize(device)
     # (name, ms per step, launches per step); the profiler counts microseconds
+    averages = prof.key_averages()
     ms = [(e.key, (e.self_device_time_total if on_cuda else e.self_cpu_time_total) / 1e3 / steps, e.count / steps)
-          for e in prof.key_averages() if not on_cuda or e.device_type != DeviceType.CPU]
+          for e in averages if not on_cuda or e.device_type != DeviceType.CPU]
     ms = sorted((item for item in ms if item[1] > 0), key=lambda item: -item[1])
     kinds = dict.fromkeys([*(kind for kind, _ in KERNEL_KINDS), "other"], 0.0)
     for name, t, _ in ms:
@@ -353,10 +360,19 @@ def device_time_profile(run_steps, steps: int, device: torch.device) -> dict:
     launchers = kernel_launchers(prof.events(), steps) if on_cuda else {}
     # "all" keeps every kernel, whole names and launch counts, so that a card's run can be read apart afterwards
     # (what a kind holds, a kernel launched once per parameter, ...) without another lease.
-    return {"what": "CUDA kernels" if on_cuda else "CPU operators", "busy_ms_per_step": sum(t for _, t, _ in ms),
-            "kinds_ms_per_step": kinds, "top": [[name[:PROFILE_NAME_CHARS], t] for name, t, _ in ms[:PROFILE_TOP]],
-            "all": [{"name": name, "kind": kernel_kind(name), "ms_per_step": t, "calls_per_step": calls,
-                     **({"launched_by": launchers.get(name, [])} if on_cuda else {})} for name, t, calls in ms]}
+    result = {"what": "CUDA kernels" if on_cuda else "CPU operators", "busy_ms_per_step": sum(t for _, t, _ in ms),
+              "kinds_ms_per_step": kinds, "top": [[name[:PROFILE_NAME_CHARS], t] for name, t, _ in ms[:PROFILE_TOP]],
+              "all": [{"name": name, "kind": kernel_kind(name), "ms_per_step": t, "calls_per_step": calls,
+                       **({"launched_by": launchers.get(name, [])} if on_cuda else {})} for name, t, calls in ms]}
+    if on_cuda:
+        # The host's records of the same steps, their time with what runs inside them and without, the most
+        # first (at least a microsecond per step): Dynamo's guard checks ("TorchDynamo Cache Lookup"), the
+        # optimizer's step, the operators run eagerly. The profiler's own cost per record is in them.
+        host = sorted(((e.key, e.cpu_time_total / 1e3 / steps, e.self_cpu_time_total / 1e3 / steps, e.count / steps)
+                       for e in averages if e.device_type == DeviceType.CPU), key=lambda row: -row[1])
+        result["host_records"] = [{"name": name, "cpu_ms_per_step": total, "self_cpu_ms_per_step": own,
+                                   "calls_per_step": calls} for name, total, own, calls in host if total >= 1e-3]
+    return result
 
 
 def host_function_name(file: str, line: int, function: str) -> str:
@@ -798,8 +814,9 @@ def library_versions() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    # Python's too: torch.compile's per-call guard checks take a faster path from CPython 3.12 on
     return {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-            "triton": triton_version}
+            "triton": triton_version, "python": platform.python_version()}
 
 
 def describe_device(device: torch.device) -> str:
@@ -922,6 +939,10 @@ def main(args):
             by = "".join(f"  <- {operator} in {outer} ({calls:g} per step)"
                          for operator, outer, calls in kernel.get("launched_by", [])[:1])
             print(f"  {ms:8.3f} ms {100 * ms / prof['busy_ms_per_step']:5.1f}%  {name}{by}")
+        shown = [record for record in prof.get("host_records", []) if record["name"] in HOST_RECORDS_SHOWN]
+        if shown:
+            print("  the host's side of the same steps (the profiler's records, its own cost included): " + "; ".join(
+                f"{r['name']} {r['cpu_ms_per_step']:.3f} ms in {r['calls_per_step']:g} calls" for r in shown))
         host = r["host_profile"]
         print(f"where the host's time goes while it queues a {r['phase']} step (cProfile, {args.steps} steps, each "
               f"begun with the device idle; self time per step, cProfile's own cost included): "

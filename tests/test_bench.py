@@ -8,6 +8,7 @@ bench.py on a GPU.
 """
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -378,6 +379,33 @@ def test_profile_lists_where_each_steps_time_goes(tmp_path, capsys):
         assert train_step["calls_per_step"] == 1 and train_step["cumulative_ms_per_step"] > 0.5 * host["ms_per_step"]
         assert f"where the host's time goes while it queues a {name} step" in printed
         assert f"%  {host['top_self'][0][0]}\n" in printed
+
+
+def test_profile_prints_a_gpus_launchers_and_host_records(monkeypatch, capsys):
+    """What --profile prints from a GPU's profile, which only a card makes: each listed kernel's most frequent
+    launcher after an arrow, and a line of the host's records (the guard checks, the optimizer). A CPU run's profile,
+    given those fields, stands in for the card's."""
+    profile_on_cpu = bench.device_time_profile
+
+    def as_on_a_gpu(run_steps, steps, device):
+        prof = profile_on_cpu(run_steps, steps, device)
+        for kernel in prof["all"]:
+            kernel["launched_by"] = [["aten::sum", "CompiledFunctionBackward", 46.0], ["aten::mean", "x", 1.0]]
+        prof["host_records"] = [{"name": "Optimizer.step#AdamW.step", "cpu_ms_per_step": 0.5,
+                                 "self_cpu_ms_per_step": 0.1, "calls_per_step": 1.0},
+                                {"name": "aten::empty", "cpu_ms_per_step": 0.4, "self_cpu_ms_per_step": 0.4,
+                                 "calls_per_step": 9.0},
+                                {"name": "TorchDynamo Cache Lookup", "cpu_ms_per_step": 0.25,
+                                 "self_cpu_ms_per_step": 0.25, "calls_per_step": 2.0}]
+        return prof
+    monkeypatch.setattr(bench, "device_time_profile", as_on_a_gpu)
+    bench.main(bench.get_args_parser().parse_args(["--device", "cpu", "--phases", "finetune", "--profile",
+                                                   "--steps", "1", "--repeats", "1", "--eval_images", "8"]))
+    lines = capsys.readouterr().out.splitlines()
+    listed = [line for line in lines if line.endswith("  <- aten::sum in CompiledFunctionBackward (46 per step)")]
+    assert len(listed) == bench.PROFILE_TOP  # the most frequent launcher only
+    assert "  the host's side of the same steps (the profiler's records, its own cost included): " \
+           "Optimizer.step#AdamW.step 0.500 ms in 1 calls; TorchDynamo Cache Lookup 0.250 ms in 2 calls" in lines
 
 
 @pytest.mark.parametrize("phase, other", [("pretrain", "finetune"), ("finetune", "pretrain")])
@@ -816,14 +844,19 @@ def test_kernel_launchers_name_each_kernels_operator_and_outermost_record_per_st
 
 
 def test_device_time_profile_on_a_gpu_times_kernels_alone_and_says_who_launched_them(monkeypatch):
-    """On CUDA the host's records are profiled too, to name each kernel's launcher (launched_by in the JSON), but
-    only the kernels' records are summed: an operator's device time is its kernels', counted once. The profiler is
-    a stand-in; the device is never touched."""
+    """On CUDA the host's records are profiled too, to name each kernel's launcher (launched_by in the JSON) and
+    to time the host's side (host_records), but only the kernels' records are summed: an operator's device time is
+    its kernels', counted once. The profiler is a stand-in; the device is never touched."""
     from torch.autograd import DeviceType
     host, device = DeviceType.CPU, DeviceType.CUDA
-    averages = [SimpleNamespace(key="aten::sum", self_device_time_total=300.0, count=2, device_type=host),
-                SimpleNamespace(key="reduce_kernel", self_device_time_total=300.0, count=2, device_type=device),
-                SimpleNamespace(key="nvjet_gemm", self_device_time_total=900.0, count=4, device_type=device)]
+    def record(key, device_us, count, device_type, cpu_us=0.0, self_cpu_us=0.0):  # one of key_averages()
+        return SimpleNamespace(key=key, self_device_time_total=device_us, count=count, device_type=device_type,
+                               cpu_time_total=cpu_us, self_cpu_time_total=self_cpu_us)
+    averages = [record("aten::sum", 300.0, 2, host, cpu_us=40.0, self_cpu_us=30.0),
+                record("reduce_kernel", 300.0, 2, device),
+                record("nvjet_gemm", 900.0, 4, device),
+                record("TorchDynamo Cache Lookup", 0.0, 2, host, cpu_us=600.0, self_cpu_us=600.0),
+                record("aten::empty", 0.0, 2, host, cpu_us=1.0, self_cpu_us=1.0)]
     backward = profiler_record("CompiledFunctionBackward")
     events = [backward, profiler_record("aten::sum", backward, ["reduce_kernel", "reduce_kernel"])]
     profiled = []
@@ -853,6 +886,12 @@ def test_device_time_profile_on_a_gpu_times_kernels_alone_and_says_who_launched_
          "launched_by": []},
         {"name": "reduce_kernel", "kind": "other", "ms_per_step": pytest.approx(0.15), "calls_per_step": 1.0,
          "launched_by": [["aten::sum", "CompiledFunctionBackward", 1.0]]}]
+    # the host's records, by their time with what runs inside them, those under a microsecond a step left out
+    assert prof["host_records"] == [
+        {"name": "TorchDynamo Cache Lookup", "cpu_ms_per_step": pytest.approx(0.3),
+         "self_cpu_ms_per_step": pytest.approx(0.3), "calls_per_step": 1.0},
+        {"name": "aten::sum", "cpu_ms_per_step": pytest.approx(0.02), "self_cpu_ms_per_step": pytest.approx(0.015),
+         "calls_per_step": 1.0}]
 
 
 def test_host_time_profile_times_each_function_per_step_with_the_device_idle_before_each_step(monkeypatch):
@@ -901,7 +940,8 @@ def test_cpu_command_runs_in_seconds_and_its_numbers_agree(tmp_path):
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     if commit.returncode == 0:  # a git checkout, as CI's clone: the JSON names its commit
         assert r["code"] in (commit.stdout.strip(), commit.stdout.strip() + "+changes")
-    assert r["versions"]["torch"] == torch.__version__ and set(r["versions"]) == {"torch", "cuda", "cudnn", "triton"}
+    assert r["versions"]["torch"] == torch.__version__ and r["versions"]["python"] == platform.python_version()
+    assert set(r["versions"]) == {"torch", "cuda", "cudnn", "triton", "python"}
     assert r["compile"] is False and r["config"]["preset"] == "small" and r["config"]["compile_mode"] == "default"
     cfg = MAEConfig(**r["model"])
     peak = r["matmul_peak"]["tflops"]
