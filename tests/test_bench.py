@@ -782,6 +782,28 @@ def test_projection_counts_the_reference_steps_compilations_evaluations_and_flop
     assert (reference["pretrain_steps"], reference["finetune_steps"]) == (14_550, 39_000)
 
 
+def stand_in_profiler(averages, events=(), activities_seen=None):
+    """A stand-in for torch.profiler.profile whose key_averages() and events() hold the given made-up records;
+    it notes the activities it was asked for in activities_seen."""
+    class Profile:
+        def __init__(self, activities):
+            if activities_seen is not None:
+                activities_seen.extend(activities)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return averages
+
+        def events(self):
+            return list(events)
+    return Profile
+
+
 def test_device_time_profile_gives_each_operators_self_time_per_step_largest_first(monkeypatch):
     """Per step of 4: each operator's self time (the profiler's microseconds, in ms) and launches, largest first,
     those with no self time left out; each summed under its kind, the busy time their sum; the listed names cut to
@@ -792,19 +814,7 @@ def test_device_time_profile_gives_each_operators_self_time_per_step_largest_fir
               SimpleNamespace(key="aten::empty", self_cpu_time_total=0.0, count=12),
               SimpleNamespace(key=attention, self_cpu_time_total=2000.0, count=4)]
 
-    class Profile:  # torch.profiler.profile's interface
-        def __init__(self, activities):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def key_averages(self):
-            return events
-    monkeypatch.setattr(torch.profiler, "profile", Profile)
+    monkeypatch.setattr(torch.profiler, "profile", stand_in_profiler(events))
     ran = []
     prof = bench.device_time_profile(lambda: ran.append("steps"), 4, torch.device("cpu"))
     assert ran == ["steps"] and prof["what"] == "CPU operators"
@@ -860,23 +870,7 @@ def test_device_time_profile_on_a_gpu_times_kernels_alone_and_says_who_launched_
     backward = profiler_record("CompiledFunctionBackward")
     events = [backward, profiler_record("aten::sum", backward, ["reduce_kernel", "reduce_kernel"])]
     profiled = []
-
-    class Profile:  # torch.profiler.profile's interface
-        def __init__(self, activities):
-            profiled.extend(activities)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def key_averages(self):
-            return averages
-
-        def events(self):
-            return events
-    monkeypatch.setattr(torch.profiler, "profile", Profile)
+    monkeypatch.setattr(torch.profiler, "profile", stand_in_profiler(averages, events, profiled))
     monkeypatch.setattr(bench, "synchronize", lambda device: None)
     prof = bench.device_time_profile(lambda: None, 2, torch.device("cuda"))
     assert set(profiled) == {torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA}
