@@ -240,3 +240,26 @@ def test_fp16_under_cuda_graphs_skips_and_learns_as_fp16_eager_does(tmp_path, ru
               for name in ("eager", "graphs")}
     assert scales["eager"] == scales["graphs"] < 2.0 ** 24, scales  # the same steps were skipped, and some were
     assert len(losses["graphs"]) == 2 and all(close(a, b, 2 ** -8) for a, b in zip(*losses.values())), losses
+
+
+def test_profile_on_the_gpu_names_kernel_launchers_and_the_hosts_records(tmp_path):
+    """bench.py --profile on CUDA (compiled, CUDA graphs, the pretrained fine-tune's 2 x (depth + 2) optimizer
+    groups): every kernel carries its launchers, fused AdamW's kernels are launched inside the optimizer's step, and
+    the host's records hold Dynamo's guard checks and that step. The CPU tests give the profiler stand-ins; only a
+    card's profiler links kernels to the records that launched them."""
+    import bench
+    out = tmp_path / "bench.json"
+    bench.main(bench.get_args_parser().parse_args([
+        "--device", "cuda", "--preset", "small", "--phases", "finetune", "--finetune_batch_size", "32",
+        "--max_device_batch_size", "32", "--steps", "3", "--warmup_steps", "3", "--repeats", "1",
+        "--epoch_images", "256", "--eval_images", "64", "--compile_cache", "shared", "--profile",
+        "--json", str(out)]))
+    prof = json.loads(out.read_text())["finetune"]["profile"]
+    assert all("launched_by" in kernel for kernel in prof["all"])
+    # the fused AdamW kernel (torch's FusedOptimizerTensorListMetadata), launched by the optimizer's own operator
+    adamw = [kernel for kernel in prof["all"] if "FusedOptimizer" in kernel["name"]]
+    assert adamw and all(any(operator == "aten::_fused_adamw_" and outer.startswith("Optimizer.step")
+                             for operator, outer, _ in kernel["launched_by"]) for kernel in adamw), adamw
+    host = {record["name"]: record for record in prof["host_records"]}
+    assert host["TorchDynamo Cache Lookup"]["calls_per_step"] >= 1  # the model's and the augmentation's guards
+    assert host["Optimizer.step#AdamW.step"]["calls_per_step"] == 1
