@@ -137,3 +137,17 @@ def test_the_readme_names_every_flag_of_bench():
                if action.option_strings[0] not in {"-h", *model_size}
                and not re.search(rf"{action.option_strings[0]}\b(?!-)", text)]
     assert unnamed == [], unnamed
+
+
+def test_readme_counts_the_gpu_checks_pytest_collects():
+    """The set-up section's count of tests/test_gpu.py's checks (each parametrized case one) and of its test
+    functions, against pytest's own collection of the file (on a machine without CUDA it collects them all, then
+    skips them)."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    stated = re.search(r"The (\d+) checks in `tests/test_gpu.py` \((\d+) tests", text)
+    assert stated, "the README no longer counts the GPU checks"
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                                "tests/test_gpu.py"], capture_output=True, text=True, cwd=ROOT)
+    checks = [line for line in collected.stdout.splitlines() if line.startswith("tests/test_gpu.py::")]
+    functions = {check.split("::")[1].split("[")[0] for check in checks}
+    assert (int(stated[1]), int(stated[2])) == (len(checks), len(functions)), collected.stdout
