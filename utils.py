@@ -93,15 +93,31 @@ def make_output_folders(folders: dict, device: torch.device) -> None:
     error = None
     if dist_env()[0] == 0:
         for flag, folder in folders.items():
-            try:
-                os.makedirs(folder, exist_ok=True)
-                with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
-                    pass
-            except OSError as e:
-                error = f"{flag}: cannot write in folder {folder!r} ({e.strerror or e})"
+            error = write_refusal(flag, folder)
+            if error:
                 break
     if not all_processes(error is None, device):
         die(error or "rank 0 could not make the output folders (its own line says which)")
+
+
+def write_refusal(flag: str, folder: str) -> str | None:
+    """Make `folder` if it is missing and write and delete a file in it: None if that worked, else the one-line
+    reason, naming the flag."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        return f"{flag}: cannot write in folder {folder!r} ({e.strerror or e})"
+    return None
+
+
+def check_writes(flag: str, folder: str) -> None:
+    """One-line death unless a file can be written in `folder` (made if missing): os.access, which
+    check_output_folder asks, passes /proc for root, where no file can be made."""
+    why = write_refusal(flag, folder)
+    if why:
+        die(why)
 
 
 def check_not_a_file(flag: str, folder: str) -> None:

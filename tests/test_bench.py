@@ -1087,6 +1087,8 @@ def test_host_sync_recorder_flags_what_makes_the_host_wait_and_nothing_else():
     (["--eval_images", "10001"], "--eval_images must be at most the reference's 10,000"),
     (["--embed_dim", "64", "--num_heads", "3"], "model flags"),
     (["--embed_dim", "400000"], "parameters need"),  # terabytes: more than any machine's memory
+    # /proc: root passes os.access there, but no file can be made (another user is refused by os.access first)
+    (["--json", "/proc/out.json"], "--json: cannot write in"),
     # attention runs at the model's shapes only after the size check (one head's queries: 26 GB)
     (["--embed_dim", "100000000", "--num_heads", "1"], "parameters need"),
     (["--embed_dim", str(2 ** 40), "--num_heads", "1"], "no such model can be built"),  # past int64, even on meta

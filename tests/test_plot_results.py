@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -806,6 +807,10 @@ def test_no_input_at_all_is_one_line_with_status_2_and_writes_nothing(tmp_path):
     ("report", "--report"),
     ("report_replaces_input", "--report must name a .md file"),
     ("read_only_cls_dir", "--cls_dir: cannot write in"),
+    # refusals os.access does not foresee: a file system that makes no files in the folder (an ACL, a kernel file
+    # system), and /proc, where root passes os.access (another user is refused there by os.access first)
+    ("unwritable_cls_dir", "--cls_dir: cannot write in folder"),
+    ("report_in_proc", "--report: cannot write in"),
     ("names", "--scratch_run, --pretrained_run and --linprobe_run must differ"),
     ("summary_type", "pretrained_summary.json' has classes = 5, which should be a list of class names"),
     ("summary_bool", "pretrained_summary.json' has best_epoch = true, which should be an integer"),
@@ -840,6 +845,18 @@ def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, cap
         real_access = os.access
         monkeypatch.setattr(os, "access", lambda path, mode: os.path.abspath(path) != str(cls) and
                             real_access(path, mode))
+    elif damage == "unwritable_cls_dir":
+        real_temporary_file = tempfile.NamedTemporaryFile
+
+        def temporary_file(*args, dir=None, **kwargs):
+            if dir is not None and os.path.abspath(dir) == str(cls):
+                raise PermissionError(1, "Operation not permitted", dir)
+            return real_temporary_file(*args, dir=dir, **kwargs)
+        monkeypatch.setattr(tempfile, "NamedTemporaryFile", temporary_file)
+    elif damage == "report_in_proc":
+        if not os.path.isdir("/proc"):
+            pytest.skip("no /proc on this system")
+        extra = ["--report", "/proc/r.md"]
     elif damage in ("summary_type", "summary_bool", "args_type", "args_bool"):  # hand-edited files
         path = cls / "pretrained_summary.json" if damage.startswith("summary") else pre / "args.json"
         key, value = {"summary_type": ("classes", 5), "summary_bool": ("best_epoch", True),
@@ -859,10 +876,14 @@ def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, cap
         extra = ["--report", pre / "args.json"]
     else:
         extra = ["--linprobe_run", "scratch"]
-    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    # Every file and folder as it was, each file unwritten. A folder's own time may move: the check that a folder
+    # takes files makes one there and deletes it (utils.check_writes).
+    def state():
+        return {p: p.stat().st_mtime_ns if p.is_file() else "folder" for p in tmp_path.rglob("*")}
+    before = state()
     with pytest.raises(SystemExit) as exc:
         plot("--pretrain_dir", pre, "--cls_dir", cls, "--report", tmp_path / "r.md", *extra)
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected.format(pre=pre, cls=cls) in err, err
-    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+    assert state() == before
