@@ -716,9 +716,7 @@ def main(args):
                                ("--cls_dir", args.cls_dir, bool(runs))):
         if used:
             utils.check_output_folder(flag, folder, create=False)
-            utils.check_writes(flag, folder)
     report_dir = os.path.dirname(os.path.abspath(args.report))
-    utils.check_writes("--report", report_dir)
 
     # ---- figures
     figures = {}

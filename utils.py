@@ -112,14 +112,6 @@ def write_refusal(flag: str, folder: str) -> str | None:
     return None
 
 
-def check_writes(flag: str, folder: str) -> None:
-    """One-line death unless a file can be written in `folder` (made if missing): os.access, which
-    check_output_folder asks, passes /proc for root, where no file can be made."""
-    why = write_refusal(flag, folder)
-    if why:
-        die(why)
-
-
 def check_not_a_file(flag: str, folder: str) -> None:
     """One-line death when `folder` names a file: a folder may be missing, not a file."""
     if os.path.exists(folder) and not os.path.isdir(folder):
@@ -141,6 +133,10 @@ def check_output_folder(flag: str, folder: str, create: bool = True) -> None:
             die(f"{flag}: {existing!r} is a file, so folder {folder!r} cannot be made")
     if not os.access(existing, os.W_OK | os.X_OK):
         die(f"{flag}: cannot write in {existing!r} (no permission, or a read-only file system)")
+    # os.access passes some folders that take no file (/proc, for root). A folder to be made is tried when the run
+    # makes it (make_output_folders); one that must exist already is tried now, before any work.
+    if not create and (why := write_refusal(flag, folder)):
+        die(why)
 
 
 # ----------------------------------------------------------------------------------------------------------

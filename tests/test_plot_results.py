@@ -877,7 +877,7 @@ def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, cap
     else:
         extra = ["--linprobe_run", "scratch"]
     # Every file and folder as it was, each file unwritten. A folder's own time may move: the check that a folder
-    # takes files makes one there and deletes it (utils.check_writes).
+    # takes files makes one there and deletes it (utils.check_output_folder).
     def state():
         return {p: p.stat().st_mtime_ns if p.is_file() else "folder" for p in tmp_path.rglob("*")}
     before = state()
