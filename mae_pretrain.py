@@ -33,7 +33,8 @@ RUN_DEFINING_FLAGS = ("seed", "batch_size", "base_learning_rate", "weight_decay"
 # Flags a resume may change that change what the kNN accuracy measures: its epochs before and after the change are
 # then two protocols in one curve, so a resume that changes them says so (--eval_every changes only when it is taken).
 KNN_PROTOCOL_FLAGS = ("knn_k", "knn_temperature", "knn_feature")
-CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "epoch", "losses", "evals", "args", "config")
+CHECKPOINT_FIELDS = {"model": dict, "optimizer": dict, "scaler": dict, "epoch": int, "losses": list, "evals": list,
+                     "args": dict, "config": dict}
 EVAL_METRICS = ("knn_acc", "val_loss", "val_psnr")
 NUM_VIS = 16  # val images in the per-epoch reconstruction figure (2 rows of 8)
 
@@ -100,8 +101,14 @@ def check_args(args) -> None:
 
 def load_resume(args, cfg):
     """-> (checkpoint, the log records of its epochs), or one-line death; read before anything is written."""
-    ckpt = utils.load_checkpoint(args.resume, "--resume", CHECKPOINT_KEYS)
+    ckpt = utils.load_checkpoint(args.resume, "--resume", CHECKPOINT_FIELDS)
     utils.check_resumable(ckpt, args, RUN_DEFINING_FLAGS)
+    # The curves go on from these lists, one loss per epoch and the kNN evaluations so far.
+    if len(ckpt["losses"]) != ckpt["epoch"] or not all(map(utils.is_number, ckpt["losses"])) or not all(
+            isinstance(e, dict) and type(e.get("epoch")) is int and utils.is_number(e.get("knn_acc"))
+            for e in ckpt["evals"]):
+        utils.die(f"--resume {args.resume!r}: its losses are not {ckpt['epoch']} numbers (one per epoch) or its evals "
+                  "are not records with an integer epoch and a knn_acc")
     with torch.device("meta"):  # the model's shapes, without its memory
         model = MAE(cfg)
     utils.check_resume_state(ckpt, args, model, optimizer_groups(model, args))

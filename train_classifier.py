@@ -208,7 +208,10 @@ def last_path(args) -> str:
 def load_resume(args, cfg: MAEConfig, pretrained_sha256: str | None):
     """-> (the run's last-epoch checkpoint, the log records of its epochs), or one-line death; read before
     anything is written."""
-    ckpt = utils.load_checkpoint(args.resume, "--resume", ("model", "epoch", "args", "config"))
+    # The keys an MAE checkpoint has too are required; the others are checked below, for what their absence means.
+    ckpt = utils.load_checkpoint(args.resume, "--resume", {"model": dict, "epoch": int, "args": dict, "config": dict},
+                                 optional={"num_classes": int, "optimizer": dict, "scaler": dict, "classes": list,
+                                           "pretrained_sha256": (str, type(None))})
     if "num_classes" not in ckpt:  # an MAE checkpoint has the other keys too
         utils.die(f"--resume {args.resume!r} is not a train_classifier.py checkpoint (no num_classes); an MAE "
                   "checkpoint to start from goes to --pretrained_model_path")
@@ -235,7 +238,7 @@ def load_resume(args, cfg: MAEConfig, pretrained_sha256: str | None):
     log = [r for r in utils.read_jsonl(log_path, "--output_dir") if r["epoch"] <= ckpt["epoch"]]
     # The curves and the best epoch are rebuilt from these records: all of the checkpoint's epochs must be there.
     if [r["epoch"] for r in log] != list(range(1, ckpt["epoch"] + 1)) or \
-            not all(isinstance(r.get(name), (int, float)) for r in log for name in CURVES):
+            not all(utils.is_number(r.get(name)) for r in log for name in CURVES):
         utils.die(f"--resume: {log_path!r} does not hold epochs 1 to {ckpt['epoch']} of the checkpoint with their "
                   f"{', '.join(CURVES)} (is --output_dir or --run_name that run's?)")
     return ckpt, log
@@ -266,9 +269,7 @@ def load_pretrained(path: str):
     """-> (MAE state_dict, config dict, args dict: {} if it has none) of a mae_pretrain.py checkpoint, or one-line
     death if it is not one."""
     flag = f"--pretrained_model_path {path!r}"
-    ckpt = utils.load_checkpoint(path, "--pretrained_model_path", ("model", "config"))
-    if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["model"], dict):
-        utils.die(f"{flag}: not an MAE checkpoint (its 'model' and 'config' must be dicts)")
+    ckpt = utils.load_checkpoint(path, "--pretrained_model_path", {"model": dict, "config": dict})
     try:
         with torch.device("meta"):  # the model's shapes, without its memory
             mae = MAE(MAEConfig(**ckpt["config"]))

@@ -891,6 +891,8 @@ def encoder_digest(mae_state: dict) -> str:
 def check_resumable(ckpt: dict, args, run_defining_flags) -> None:
     """One-line death unless the --resume checkpoint ran under this run's values of the flags that define a run,
     and has epochs left to run (before --stop_after, when given)."""
+    if ckpt["epoch"] < 1:  # checkpoints are written after an epoch: this one was edited, or is another program's
+        die(f"--resume {args.resume!r} records epoch {ckpt['epoch']}, but a run's checkpoint follows epoch 1 or later")
     for name in run_defining_flags:
         given = getattr(args, name)
         if name not in ckpt["args"]:  # written before the flag existed, or edited: its value is unknown
@@ -908,9 +910,11 @@ def check_resumable(ckpt: dict, args, run_defining_flags) -> None:
             "stopped: no epoch would run; pass a later epoch, or 0 to run to --total_epoch")
 
 
-def load_checkpoint(path: str, flag: str, required_keys) -> dict:
+def load_checkpoint(path: str, flag: str, fields: dict, optional: dict | None = None) -> dict:
     """Load a checkpoint safely (weights_only: plain tensors and containers, no code runs) or die in one line
-    naming the flag."""
+    naming the flag. `fields` maps each key it must hold to the type (or tuple of types) of its value; `optional`
+    does the same for keys it may lack. A value of the wrong type (a hand-edited file, another program's) would
+    otherwise fail far from here, in a comparison or a loop, with a traceback."""
     if not os.path.isfile(path):
         die(f"{flag} {path!r}: no such file")
     with open(path, "rb") as f:
@@ -926,10 +930,29 @@ def load_checkpoint(path: str, flag: str, required_keys) -> dict:
         die(f"{flag} {path!r}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
     if not isinstance(ckpt, dict):
         die(f"{flag} {path!r}: not a checkpoint of this project (expected a dict, found {type(ckpt).__name__})")
-    missing = [k for k in required_keys if k not in ckpt]
+    missing = [k for k in fields if k not in ckpt]
     if missing:
         die(f"{flag} {path!r}: not a checkpoint of this project (missing {', '.join(missing)})")
+    wrong = [f"its {key} is of type {type(ckpt[key]).__name__}, not {_type_names(kind)}"
+             for key, kind in [*fields.items(), *(optional or {}).items()] if key in ckpt and not _is_a(ckpt[key], kind)]
+    if wrong:
+        die(f"{flag} {path!r}: not a checkpoint of this project ({'; '.join(wrong)})")
     return ckpt
+
+
+def _is_a(value, kind) -> bool:
+    """isinstance, except that a bool is not an int: True is no epoch or class count."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+
+
+def is_number(value) -> bool:
+    """An int or float, not a bool: a value a curve can hold."""
+    return _is_a(value, (int, float))
+
+
+def _type_names(kind) -> str:
+    return " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
 
 
 def load_state_dict_checked(module: torch.nn.Module, state) -> str:

@@ -800,6 +800,36 @@ def test_resume_of_a_checkpoint_whose_state_does_not_fit_is_refused_before_anyth
     assert files_under(tmp_path / "run") == before
 
 
+def test_resume_of_a_checkpoint_with_fields_of_the_wrong_kind_is_refused_before_anything_changes(tmp_path,
+                                                                                                 run_pretrain, capsys):
+    """A hand-edited checkpoint whose fields hold values of the wrong type or range (an epoch as text, True, or 0;
+    losses as a number, or not one per epoch; evals without their epoch): refused in one line, exit status 2, no
+    file changed. They failed after the run had begun, with a traceback (a str compared with an int, an int
+    iterated), or ran a schedule from a negative epoch."""
+    run_pretrain(tiny_pretrain_argv(tmp_path, "--stop_after", "1"))
+    capsys.readouterr()
+    path = tmp_path / "run" / "mae.pt"
+    saved = torch.load(path, weights_only=True)
+    losses_or_evals = "its losses are not 1 numbers (one per epoch) or its evals are not records with an integer epoch"
+    for key, value, expected in (
+            ("epoch", "1", "not a checkpoint of this project (its epoch is of type str, not int)"),
+            ("epoch", True, "not a checkpoint of this project (its epoch is of type bool, not int)"),
+            ("losses", 7, "not a checkpoint of this project (its losses is of type int, not list)"),
+            ("scaler", [], "not a checkpoint of this project (its scaler is of type list, not dict)"),
+            ("epoch", 0, "records epoch 0, but a run's checkpoint follows epoch 1 or later"),
+            ("losses", ["a"], losses_or_evals),
+            ("losses", [0.5, 0.4], losses_or_evals),
+            ("evals", [{"knn_acc": 0.1}], losses_or_evals)):
+        torch.save({**saved, key: value}, path)
+        before = files_under(tmp_path / "run")
+        with pytest.raises(SystemExit) as exc:
+            run_pretrain(tiny_pretrain_argv(tmp_path, "--resume", str(path)))
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"--resume {str(path)!r}" in err and expected in err, (key, value, err)
+        assert files_under(tmp_path / "run") == before
+
+
 def test_resume_of_a_non_checkpoint_leaves_files_untouched(tmp_path, run_pretrain, capsys):
     run_dir = tmp_path / "run"
     (run_dir / "outputs").mkdir(parents=True)

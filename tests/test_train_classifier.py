@@ -427,6 +427,26 @@ def test_resume_of_a_checkpoint_whose_state_does_not_fit_is_refused_before_anyth
     assert f"--resume {str(last)!r}: {expected}" in err, err
 
 
+def test_resume_of_a_checkpoint_with_fields_of_the_wrong_kind_is_refused_before_anything_changes(tmp_path, capsys):
+    """A hand-edited _last.pt whose fields hold the wrong type (the class count as text, the encoder's digest as a
+    number, the epoch as True) or an epoch before 1: refused in one line, exit status 2, no file changed. The class
+    count and the digest are optional (older checkpoints lack them), so they are checked only when present."""
+    argv = cls_argv(tmp_path, epochs=2)
+    run_cls(argv + ["--stop_after", "1"])
+    last = tmp_path / "run" / "cls_last.pt"
+    saved = torch.load(last, weights_only=True)
+    for key, value, expected in (
+            ("num_classes", "10", "not a checkpoint of this project (its num_classes is of type str, not int)"),
+            ("pretrained_sha256", 5,
+             "not a checkpoint of this project (its pretrained_sha256 is of type int, not str or NoneType)"),
+            ("classes", "airplane", "not a checkpoint of this project (its classes is of type str, not list)"),
+            ("epoch", True, "not a checkpoint of this project (its epoch is of type bool, not int)"),
+            ("epoch", 0, "records epoch 0, but a run's checkpoint follows epoch 1 or later")):
+        torch.save({**saved, key: value}, last)
+        err = refused_in_one_line(argv + ["--resume", str(last)], tmp_path / "run", capsys)
+        assert f"--resume {str(last)!r}" in err and expected in err, (key, value, err)
+
+
 def test_resume_checks_the_pretrained_weights_not_their_path(tmp_path, mae_ckpt, capsys):
     """A pretrained fine-tune resumes with its MAE checkpoint at another path (the same weights). It is refused,
     in one line with status 2 and nothing changed, when its path now holds another encoder (as a pretraining's does

@@ -90,9 +90,9 @@ def test_each_process_chunk_is_its_share_of_the_batch_at_most_max_device_batch_s
     assert err.endswith("error: --batch_size 96 is not divisible by --max_device_batch_size 32 x 2 processes"), err
 
 
-def test_check_resumable_refuses_a_checkpoint_that_has_run_all_its_epochs(capsys):
+def test_check_resumable_refuses_a_checkpoint_that_has_run_all_its_epochs_or_none(capsys):
     """A checkpoint with epochs left resumes; one whose epoch is --total_epoch (or beyond) has nothing left to run
-    and is refused in one line, exit status 2."""
+    and is refused in one line, exit status 2, as is one before epoch 1."""
     args = SimpleNamespace(resume="last.pt", total_epoch=3, stop_after=0, seed=1)
     utils.check_resumable({"args": {"seed": 1}, "epoch": 2}, args, ("seed",))
     assert capsys.readouterr().err == ""
@@ -103,6 +103,12 @@ def test_check_resumable_refuses_a_checkpoint_that_has_run_all_its_epochs(capsys
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1
         assert err.endswith("error: --resume 'last.pt' has already finished all 3 epochs"), err
+    for epoch in (0, -1):  # written after an epoch, a checkpoint never holds these: an edited or foreign file
+        with pytest.raises(SystemExit) as exc:
+            utils.check_resumable({"args": {"seed": 1}, "epoch": epoch}, args, ("seed",))
+        assert exc.value.code == 2
+        assert capsys.readouterr().err.strip().endswith(
+            f"error: --resume 'last.pt' records epoch {epoch}, but a run's checkpoint follows epoch 1 or later")
 
 
 def test_check_resumable_refuses_a_checkpoint_that_does_not_record_a_run_defining_flag(capsys):
@@ -1212,17 +1218,44 @@ def test_load_checkpoint_loads_plain_tensors_only_and_says_what_is_wrong(tmp_pat
     good = {"model": {"w": torch.arange(3.0)}, "epoch": 2}
     for zip_format in (True, False):
         torch.save(good, path, _use_new_zipfile_serialization=zip_format)
-        ckpt = utils.load_checkpoint(str(path), "--resume", ("model", "epoch"))
+        ckpt = utils.load_checkpoint(str(path), "--resume", {"model": dict, "epoch": int})
         assert torch.equal(ckpt["model"]["w"], good["model"]["w"]) and ckpt["epoch"] == 2
     for obj, expected in ((torch.zeros(3), "not a checkpoint of this project (expected a dict, found Tensor)"),
                           ({"model": {}}, "not a checkpoint of this project (missing epoch)"),
                           ({"model": {}, "epoch": SimpleNamespace(step=2)}, "not a readable checkpoint")):
         torch.save(obj, path)
         with pytest.raises(SystemExit) as exc:
-            utils.load_checkpoint(str(path), "--resume", ("model", "epoch"))
+            utils.load_checkpoint(str(path), "--resume", {"model": dict, "epoch": int})
         assert exc.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and f"--resume {str(path)!r}: {expected}" in err, err
+
+
+def test_load_checkpoint_checks_the_type_of_each_field_and_of_optional_ones_that_are_there(tmp_path, capsys):
+    """Each field, and each optional one the file holds, must have its type (a bool is not an int); a missing
+    optional field is no error. Every wrong field is named, in one line."""
+    path = tmp_path / "ckpt.pt"
+    fields, optional = {"model": dict, "epoch": int}, {"sha": (str, type(None)), "classes": list}
+    for good in ({"model": {}, "epoch": 3}, {"model": {}, "epoch": 3, "sha": None, "classes": ["a"]},
+                 {"model": {}, "epoch": 3, "sha": "ab"}):
+        torch.save(good, path)
+        assert utils.load_checkpoint(str(path), "--resume", fields, optional) == good
+    for bad, expected in (
+            ({"model": [], "epoch": 3}, "its model is of type list, not dict"),
+            ({"model": {}, "epoch": True}, "its epoch is of type bool, not int"),
+            ({"model": {}, "epoch": 3.0, "sha": 5},
+             "its epoch is of type float, not int; its sha is of type int, not str or NoneType"),
+            ({"model": {}, "epoch": 3, "classes": "ab"}, "its classes is of type str, not list")):
+        torch.save(bad, path)
+        with pytest.raises(SystemExit) as exc:
+            utils.load_checkpoint(str(path), "--resume", fields, optional)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.endswith(f"not a checkpoint of this project ({expected})"), err
+
+
+def test_is_number_takes_ints_and_floats_but_not_bools_or_text():
+    assert [utils.is_number(v) for v in (1, 0.5, float("nan"), True, "1", None)] == [True] * 3 + [False] * 3
 
 
 def test_a_state_loads_into_a_meta_module_by_assignment_without_a_warning_and_into_a_real_one_by_copy():
