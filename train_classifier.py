@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -164,8 +165,10 @@ def check_args(args) -> None:
     for name in utils.MODEL_SIZE_FLAGS:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             utils.die(f"--{name} must be >= 1, got {getattr(args, name)}")
-    allowed = {"crop_padding": (lambda v: v >= 0, ">= 0"), "mixup": (lambda v: v >= 0, ">= 0"),
-               "cutmix": (lambda v: v >= 0, ">= 0"), "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    # A Beta draw at a subnormal alpha (below the smallest normal float) is NaN in numpy, and so would be the loss.
+    alpha = (lambda v: v == 0 or v >= sys.float_info.min, f"0 (off) or >= {sys.float_info.min!r}")
+    allowed = {"crop_padding": (lambda v: v >= 0, ">= 0"), "mixup": alpha, "cutmix": alpha,
+               "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
                "drop_path": (lambda v: 0 <= v < 1, "in [0, 1)"), "layer_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
                "random_erase": (lambda v: 0 <= v <= 1, "in [0, 1]")}
     for name, (ok, allowed_text) in allowed.items():

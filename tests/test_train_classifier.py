@@ -1186,8 +1186,9 @@ def _make_bad_checkpoints(tmp_path, mae_ckpt):
     # CutMix alone mixes too (the plain recipe has neither, the finetune recipe both).
     (["--recipe", "plain", "--cutmix", "1", "--batch_size", "30", "--max_device_batch_size", "15"],
      "--max_device_batch_size 15 gives chunks of 15 images, which must be even with --mixup/--cutmix"),
-    (["--mixup", "-0.1"], "--mixup must be >= 0, got -0.1"),
-    (["--cutmix", "-1"], "--cutmix must be >= 0, got -1.0"),
+    (["--mixup", "-0.1"], "--mixup must be 0 (off) or >= 2.2250738585072014e-308, got -0.1"),
+    (["--cutmix", "-1"], "--cutmix must be 0 (off) or >= 2.2250738585072014e-308, got -1.0"),
+    (["--mixup", "1e-309"], "--mixup must be 0 (off) or >= 2.2250738585072014e-308, got 1e-309"),  # NaN draws
     (["--drop_path", "1.0"], "--drop_path must be in [0, 1), got 1.0"),  # every residual branch dropped
     (["--random_erase", "1.5"], "--random_erase must be in [0, 1], got 1.5"),
     (["--crop_padding", "-1"], "--crop_padding must be >= 0, got -1"),
