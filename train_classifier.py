@@ -67,6 +67,9 @@ PROBE_SETTINGS = {name: value for name, value in RECIPES["plain"].items() if nam
 NUM_VIS = 16  # val images in the prediction grids (4 x 4)
 DECODER_FLAGS = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")  # accepted, unused: no decoder here
 CURVES = ("train_loss", "train_acc", "val_loss", "val_acc")  # one value per epoch, each to <run>_<name>.npy
+# What a run writes in --output_dir, each as <run>_<name>.
+OUTPUT_NAMES = (*(f"{curve}.npy" for curve in CURVES), "log.jsonl", "summary.json", "val_preds.npy", "val_labels.npy",
+                "args.json", "preds_grid.png")
 
 
 def get_args_parser():
@@ -187,6 +190,8 @@ def check_args(args) -> None:
         utils.die("--drop_path and --layer_decay do not apply with --linear_probe (the encoder is frozen)")
     if not args.run_name or args.run_name in (".", "..") or "/" in args.run_name or os.sep in args.run_name:
         utils.die(f"--run_name must be a plain file-name prefix, got {args.run_name!r}")
+    longest = max(OUTPUT_NAMES, key=len)
+    utils.check_name_length("--run_name", os.path.join(args.output_dir, f"{args.run_name}_{longest}"))
     if args.pretrained_model_path == "":
         utils.die("--pretrained_model_path must name a file (leave the flag out to train from scratch)")
     if args.stop_after < 0:
@@ -548,9 +553,7 @@ def main(args):
     utils.broadcast_state(model)
 
     run, out = args.run_name, args.output_dir
-    path = {name: os.path.join(out, f"{run}_{name}") for name in (
-        *(f"{curve}.npy" for curve in CURVES), "log.jsonl", "summary.json", "val_preds.npy", "val_labels.npy",
-        "args.json", "preds_grid.png")}
+    path = {name: os.path.join(out, f"{run}_{name}") for name in OUTPUT_NAMES}
     last_model_path = last_path(args)
     log_print(f"config: {vars(args)}")
     log_print(f"data: {args.dataset}, {len(train)} train / {len(val)} val images, {num_classes} classes, "

@@ -71,10 +71,27 @@ def check_output_file(flag: str, path: str, suffixes: tuple, create_folder: bool
         die(f"{flag} must name a {' or '.join(suffixes)} file, got {path!r}")
     if os.path.isdir(path):
         die(f"{flag} {path!r} is a folder, not a file")
+    check_name_length(flag, path)
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isfile(folder):
         die(f"{flag} {path!r}: {folder!r} is a file, not a folder")
     check_output_folder(flag, folder, create=create_folder)
+
+
+def check_name_length(flag: str, path: str) -> None:
+    """One-line death when the file name of `path` is longer than its file system takes (255 bytes on most): found
+    at the first save, it would cost an epoch."""
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):  # the folder may be made later, on the file system of its nearest ancestor
+        existing = os.path.dirname(existing)
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):  # no such query here: the common limit
+        limit = 255
+    name = os.path.basename(path)
+    if len(os.fsencode(name)) > limit:
+        die(f"{flag}: the file name {name[:24]!r}... is {len(os.fsencode(name))} bytes, longer than the {limit} its "
+            "file system allows")
 
 
 def check_run_outputs(args, checkpoint_flag: str) -> None:
@@ -819,7 +836,10 @@ def atomic_path(path: str):
     temporary file is deleted. The name is new for each call: a stale file or folder, or another writer of the
     same path, never collides with it."""
     stem, ext = os.path.splitext(path)
-    tmp = f"{stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{ext}"
+    # The stem is cut short, so that the temporary name is not longer than the file system takes when the name
+    # itself is close to it (50 characters of it still say whose temporary file a leftover one is).
+    folder, name = os.path.split(stem)
+    tmp = os.path.join(folder, f"{name[:50]}.tmp-{os.getpid()}-{secrets.token_hex(4)}{ext}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -933,8 +953,9 @@ def load_checkpoint(path: str, flag: str, fields: dict, optional: dict | None = 
     missing = [k for k in fields if k not in ckpt]
     if missing:
         die(f"{flag} {path!r}: not a checkpoint of this project (missing {', '.join(missing)})")
+    checked = [*fields.items(), *(optional or {}).items()]
     wrong = [f"its {key} is of type {type(ckpt[key]).__name__}, not {_type_names(kind)}"
-             for key, kind in [*fields.items(), *(optional or {}).items()] if key in ckpt and not _is_a(ckpt[key], kind)]
+             for key, kind in checked if key in ckpt and not _is_a(ckpt[key], kind)]
     if wrong:
         die(f"{flag} {path!r}: not a checkpoint of this project ({'; '.join(wrong)})")
     return ckpt

@@ -666,6 +666,9 @@ def test_attention_flag_sets_the_kernel_of_training_and_evaluation(tmp_path, run
     (["--fake_size", "0"], "--fake_size must be in [1, 1,000,000], got 0"),
     (["--model_path", "{tmp}/run/outputs/args.json"], "--model_path must name a .pt or .pth file"),
     (["--model_path", ""], "--model_path must name a .pt or .pth file, got ''"),
+    # a name longer than the file system allows (255 bytes on most), found at the first save before
+    (["--model_path", "{tmp}/run/" + "m" * 300 + ".pt"], "--model_path: the file name '" + "m" * 24 + "'... is 303 "
+                                                         "bytes, longer than the"),
     (["--output_dir", ""], "--output_dir must name a folder, got ''"),
     (["--log_dir", "{tmp}/a_file/logs"], "--log_dir: '{tmp}/a_file' is a file, so folder"),
     (["--model_path", "{tmp}/a_file/mae.pt"], "--model_path '{tmp}/a_file/mae.pt': '{tmp}/a_file' is a file, not"),

@@ -1194,6 +1194,8 @@ def _make_bad_checkpoints(tmp_path, mae_ckpt):
     (["--crop_padding", "-1"], "--crop_padding must be >= 0, got -1"),
     (["--log_interval", "0"], "--log_interval must be >= 1, got 0"),
     (["--run_name", ".."], "--run_name must be a plain file-name prefix, got '..'"),
+    # its longest output names (<run>_ and 14 characters) longer than the file system allows (255 bytes on most)
+    (["--run_name", "r" * 300], "--run_name: the file name '" + "r" * 24 + "'... is 315 bytes, longer than the"),
     (["--linear_probe", "--pretrained_model_path", "{mae}", "--layer_decay", "0.8"],
      "--drop_path and --layer_decay do not apply with --linear_probe"),
     # The decoder flags build nothing here, but given with a checkpoint they must be its MAE's too.

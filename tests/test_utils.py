@@ -1190,6 +1190,25 @@ def test_each_atomic_write_has_a_temporary_name_of_its_own_beside_the_file_with_
     assert torch.load(path, weights_only=True) == {"epoch": 2} and os.listdir(tmp_path) == ["mae.pt"]
 
 
+def test_a_file_name_at_its_file_systems_limit_is_written_atomically_and_a_longer_one_is_refused(tmp_path, capsys):
+    """A name as long as the file system allows is written (atomic_path's temporary name, which adds about 20
+    characters, cuts the stem short rather than fail at the first save); check_name_length passes it, also in a
+    folder still to be made, and refuses one byte more in one line naming the flag, exit status 2."""
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    path = tmp_path / ("m" * (limit - 3) + ".pt")
+    utils.check_name_length("--model_path", str(tmp_path / "to_make" / path.name))
+    utils.atomic_save({"epoch": 1}, str(path))
+    assert torch.load(path, weights_only=True) == {"epoch": 1} and os.listdir(tmp_path) == [path.name]
+    assert capsys.readouterr().err == ""
+    with pytest.raises(SystemExit) as exc:
+        utils.check_name_length("--model_path", str(tmp_path / "to_make" / ("m" + path.name)))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.endswith(
+        f"--model_path: the file name {'m' * 24!r}... is {limit + 1} bytes, longer than the {limit} its file system "
+        "allows"), err
+
+
 def test_a_jsonl_log_reads_back_what_was_written_and_anything_else_is_one_line(tmp_path, capsys):
     """write_jsonl writes one JSON object a line; read_jsonl gives them back, skipping blank lines, and [] for no
     log. A line that is not an object with an integer epoch ends the run in one line naming the flag, status 2."""
