@@ -36,6 +36,9 @@ KNN_PROTOCOL_FLAGS = ("knn_k", "knn_temperature", "knn_feature")
 CHECKPOINT_FIELDS = {"model": dict, "optimizer": dict, "scaler": dict, "epoch": int, "losses": list, "evals": list,
                      "args": dict, "config": dict}
 EVAL_METRICS = ("knn_acc", "val_loss", "val_psnr")
+# What a run writes in --output_dir.
+OUTPUT_NAMES = ("args.json", "log.jsonl", "losses.npy", "eval_epochs.npy", *(f"{name}.npy" for name in EVAL_METRICS),
+                "recon_epoch_*.png")
 NUM_VIS = 16  # val images in the per-epoch reconstruction figure (2 rows of 8)
 
 
@@ -96,6 +99,7 @@ def check_args(args) -> None:
     if args.stop_after < 0:
         utils.die(f"--stop_after must be >= 0, got {args.stop_after}")
     utils.check_run_outputs(args, "--model_path")
+    utils.check_no_folder_at("--output_dir", args.output_dir, OUTPUT_NAMES)
     utils.check_data_args(args)
 
 

@@ -42,6 +42,9 @@ STYLE = {
 MONITOR_FILES = ("eval_epochs", "knn_acc", "val_loss", "val_psnr")
 LOWER_IS_BETTER = ("val_loss",)  # of the monitor's metrics; the others are best at their highest
 RUN_CURVES = ("train_loss", "train_acc", "val_loss", "val_acc")
+# The figures drawn beside the runs' files, in --pretrain_dir and in --cls_dir.
+PRETRAIN_FIGURES = ("loss_curve.png", "pretrain_monitor.png", "best_recon.png", "last_recon.png")
+CLS_FIGURES = ("cls_train_loss_compare.png", "cls_val_acc_compare.png", "confusion_matrix.png")
 
 
 def get_args_parser():
@@ -712,10 +715,11 @@ def main(args):
         utils.die(f"nothing to plot: no {os.path.join(args.pretrain_dir, 'losses.npy')} (--pretrain_dir) and no "
                   f"classifier run ({run_names}) in --cls_dir {args.cls_dir!r}")
     # The figures go beside the runs' files: those folders must take them, checked before the first is drawn.
-    for flag, folder, used in (("--pretrain_dir", args.pretrain_dir, pre is not None),
-                               ("--cls_dir", args.cls_dir, bool(runs))):
+    for flag, folder, used, figure_names in (("--pretrain_dir", args.pretrain_dir, pre is not None, PRETRAIN_FIGURES),
+                                             ("--cls_dir", args.cls_dir, bool(runs), CLS_FIGURES)):
         if used:
             utils.check_output_folder(flag, folder, create=False)
+            utils.check_no_folder_at(flag, folder, figure_names)
     report_dir = os.path.dirname(os.path.abspath(args.report))
 
     # ---- figures

@@ -19,6 +19,7 @@ A tiny CPU run that needs no files (seconds):
 """
 import argparse
 import dataclasses
+import glob
 import math
 import os
 import sys
@@ -67,7 +68,8 @@ PROBE_SETTINGS = {name: value for name, value in RECIPES["plain"].items() if nam
 NUM_VIS = 16  # val images in the prediction grids (4 x 4)
 DECODER_FLAGS = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")  # accepted, unused: no decoder here
 CURVES = ("train_loss", "train_acc", "val_loss", "val_acc")  # one value per epoch, each to <run>_<name>.npy
-# What a run writes in --output_dir, each as <run>_<name>.
+# What a run writes in --output_dir, each as <run>_<name>, besides a prediction figure at some epochs,
+# <run>_preds_epoch_<epoch>.png.
 OUTPUT_NAMES = (*(f"{curve}.npy" for curve in CURVES), "log.jsonl", "summary.json", "val_preds.npy", "val_labels.npy",
                 "args.json", "preds_grid.png")
 
@@ -190,13 +192,15 @@ def check_args(args) -> None:
         utils.die("--drop_path and --layer_decay do not apply with --linear_probe (the encoder is frozen)")
     if not args.run_name or args.run_name in (".", "..") or "/" in args.run_name or os.sep in args.run_name:
         utils.die(f"--run_name must be a plain file-name prefix, got {args.run_name!r}")
-    longest = max(OUTPUT_NAMES, key=len)
+    longest = max((*OUTPUT_NAMES, f"preds_epoch_{args.total_epoch}.png"), key=len)
     utils.check_name_length("--run_name", os.path.join(args.output_dir, f"{args.run_name}_{longest}"))
     if args.pretrained_model_path == "":
         utils.die("--pretrained_model_path must name a file (leave the flag out to train from scratch)")
     if args.stop_after < 0:
         utils.die(f"--stop_after must be >= 0, got {args.stop_after}")
     utils.check_run_outputs(args, "--output_model_path")
+    utils.check_no_folder_at("--output_dir", args.output_dir, [glob.escape(f"{args.run_name}_") + name
+                                                               for name in (*OUTPUT_NAMES, "preds_epoch_*.png")])
     # The last epoch's checkpoint goes beside it: found a folder there only at the end of the first epoch, the
     # run would already have rewritten the last run's log and best checkpoint.
     utils.check_output_file("--output_model_path", last_path(args), utils.CHECKPOINT_SUFFIXES)

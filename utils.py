@@ -1,6 +1,7 @@
 """What the scripts share: argument errors, the lr schedule, optimizer groups, checkpoints, logs, figures."""
 import argparse
 import contextlib
+import fnmatch
 import functools
 import hashlib
 import json
@@ -133,6 +134,18 @@ def check_not_a_file(flag: str, folder: str) -> None:
     """One-line death when `folder` names a file: a folder may be missing, not a file."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         die(f"{flag} {folder!r} is a file, not a folder")
+
+
+def check_no_folder_at(flag: str, folder: str, names) -> None:
+    """One-line death when `folder` holds a folder under the name of a file the run writes there (`names`: the
+    names, or fnmatch patterns): the write would fail with a traceback, at the end of an epoch or between two
+    figures, after other files had been rewritten."""
+    if not os.path.isdir(folder):
+        return
+    for entry in os.scandir(folder):
+        # A link to a folder is replaced by the file, as any link is: only a real folder is in the way.
+        if entry.is_dir(follow_symlinks=False) and any(fnmatch.fnmatchcase(entry.name, name) for name in names):
+            die(f"{flag}: {entry.path!r} is a folder: this script writes a file of that name there")
 
 
 def check_output_folder(flag: str, folder: str, create: bool = True) -> None:

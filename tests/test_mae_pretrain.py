@@ -750,6 +750,25 @@ def test_unwritable_outputs_are_refused_before_the_last_runs_files_change(tmp_pa
         assert files_under(run_dir) == before
 
 
+def test_a_folder_under_the_name_of_an_output_file_is_refused_before_anything_is_written(tmp_path, run_pretrain,
+                                                                                        capsys):
+    """A folder in --output_dir under the name of a file the run writes there (each name, and a later epoch's
+    figure) ends the run at the start, in one line naming it: the first save failed on it with a traceback, after
+    an epoch and after args.json had been rewritten."""
+    out = tmp_path / "run" / "outputs"
+    for name in ("args.json", "log.jsonl", "losses.npy", "eval_epochs.npy", "knn_acc.npy", "val_loss.npy",
+                 "val_psnr.npy", "recon_epoch_001.png", "recon_epoch_150.png"):
+        (out / name).mkdir(parents=True)
+        with pytest.raises(SystemExit) as exc:
+            run_pretrain(tiny_pretrain_argv(tmp_path))
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.endswith(
+            f"--output_dir: {str(out / name)!r} is a folder: this script writes a file of that name there"), err
+        assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == sorted(["outputs", name])
+        (out / name).rmdir()
+
+
 def test_resume_with_a_damaged_log_is_refused_before_anything_changes(tmp_path, run_pretrain, capsys):
     run_pretrain(tiny_pretrain_argv(tmp_path, "--stop_after", "1"))
     capsys.readouterr()

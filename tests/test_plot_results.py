@@ -106,6 +106,11 @@ def test_every_figure_is_a_valid_png_of_sensible_size(full_report):
             if path.name not in ("best_recon.png", "last_recon.png"):  # those are the run's own figures, copied
                 assert im.info["dpi"][0] == pytest.approx(200, abs=1)
     assert not list(pre.glob("*.tmp*")) and not list(cls.glob("*.tmp*"))
+    # The names it checks for a folder in the way before drawing (plot_results' own lists) are the ones it wrote.
+    assert {p.name for p in pre.glob("*.png") if not p.name.startswith("recon_epoch_")} == \
+        set(plot_results.PRETRAIN_FIGURES) == set(PRETRAIN_FIGURES)
+    assert {p.name for p in cls.glob("*.png") if "_preds_" not in p.name} == \
+        set(plot_results.CLS_FIGURES) == set(CLS_FIGURES)
 
 
 def test_best_and_last_recon_are_the_figures_of_those_epochs(full_report):
@@ -820,6 +825,11 @@ def test_no_input_at_all_is_one_line_with_status_2_and_writes_nothing(tmp_path):
     ("cls_dir_is_a_file", "--cls_dir '{cls}/scratch_val_acc.npy' is a file, not a folder"),
     ("epoch_gap", "eval_epochs.npy' should hold epoch numbers (>= 1), found [1.0, nan]"),
     ("epoch_zero", "eval_epochs.npy' should hold epoch numbers (>= 1), found [0, 1]"),
+    # a folder under a figure's name: found when that figure was saved, after the figures before it
+    ("figure_is_a_folder", "--pretrain_dir: '{pre}/last_recon.png' is a folder: this script writes a file of that "
+                           "name there"),
+    ("cls_figure_is_a_folder", "--cls_dir: '{cls}/confusion_matrix.png' is a folder: this script writes a file of "
+                               "that name there"),
 ])
 def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, capsys, monkeypatch, damage, expected):
     pre, cls = copy_outputs(run_outputs, tmp_path)
@@ -872,6 +882,10 @@ def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, cap
         np.save(pre / "eval_epochs.npy", np.array([1.0, np.inf]))
     elif damage == "epoch_zero":
         np.save(pre / "eval_epochs.npy", np.array([0, 1]))
+    elif damage in ("figure_is_a_folder", "cls_figure_is_a_folder"):
+        figure = pre / "last_recon.png" if damage == "figure_is_a_folder" else cls / "confusion_matrix.png"
+        figure.unlink(missing_ok=True)
+        figure.mkdir()
     elif damage == "report_replaces_input":
         extra = ["--report", pre / "args.json"]
     else:

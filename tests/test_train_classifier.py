@@ -447,6 +447,25 @@ def test_resume_of_a_checkpoint_with_fields_of_the_wrong_kind_is_refused_before_
         assert f"--resume {str(last)!r}" in err and expected in err, (key, value, err)
 
 
+def test_a_folder_under_the_name_of_an_output_file_is_refused_before_anything_is_written(tmp_path, capsys):
+    """A folder in --output_dir under the name of a file the run writes there (<run>_<name>; a run name with
+    characters that are wildcards to fnmatch): one line at the start, no file written. The save failed on it with
+    a traceback at the end of the first epoch."""
+    out = tmp_path / "run" / "outputs"
+    for run, name in (("scratch", "args.json"), ("scratch", "summary.json"), ("scratch", "val_acc.npy"),
+                      ("scratch", "preds_epoch_7.png"), ("a[1]*", "preds_grid.png"), ("a[1]*", "log.jsonl")):
+        (out / f"{run}_{name}").mkdir(parents=True)
+        argv = cls_argv(tmp_path, "--run_name", run, "--output_dir", str(out))
+        err = refused_in_one_line(argv, tmp_path / "run", capsys)
+        assert err.endswith(f"--output_dir: {str(out / f'{run}_{name}')!r} is a folder: this script writes a file of "
+                            "that name there"), err
+        assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == sorted(["outputs", f"{run}_{name}"])
+        (out / f"{run}_{name}").rmdir()
+    (out / "a1x_log.jsonl").mkdir()  # what the wildcards would match, were they not escaped: no output's name
+    run_cls(cls_argv(tmp_path, "--run_name", "a[1]*", "--output_dir", str(out), epochs=1))
+    assert (out / "a[1]*_log.jsonl").is_file()
+
+
 def test_resume_checks_the_pretrained_weights_not_their_path(tmp_path, mae_ckpt, capsys):
     """A pretrained fine-tune resumes with its MAE checkpoint at another path (the same weights). It is refused,
     in one line with status 2 and nothing changed, when its path now holds another encoder (as a pretraining's does
@@ -1194,8 +1213,9 @@ def _make_bad_checkpoints(tmp_path, mae_ckpt):
     (["--crop_padding", "-1"], "--crop_padding must be >= 0, got -1"),
     (["--log_interval", "0"], "--log_interval must be >= 1, got 0"),
     (["--run_name", ".."], "--run_name must be a plain file-name prefix, got '..'"),
-    # its longest output names (<run>_ and 14 characters) longer than the file system allows (255 bytes on most)
-    (["--run_name", "r" * 300], "--run_name: the file name '" + "r" * 24 + "'... is 315 bytes, longer than the"),
+    # its longest output name, <run>_preds_epoch_<total_epoch>.png, longer than the file system allows (255 bytes on
+    # most): found when its first file was saved
+    (["--run_name", "r" * 300], "--run_name: the file name '" + "r" * 24 + "'... is 318 bytes, longer than the"),
     (["--linear_probe", "--pretrained_model_path", "{mae}", "--layer_decay", "0.8"],
      "--drop_path and --layer_decay do not apply with --linear_probe"),
     # The decoder flags build nothing here, but given with a checkpoint they must be its MAE's too.
