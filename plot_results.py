@@ -498,9 +498,11 @@ def plot_confusion(run: ClassifierRun):
 
 
 def save_figure(fig, path: str, dpi: int) -> None:
-    with utils.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
+    try:
+        with utils.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:  # pyplot keeps every open figure: one left by a failed save would stay for the process's life
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -113,6 +113,17 @@ def test_every_figure_is_a_valid_png_of_sensible_size(full_report):
         set(plot_results.CLS_FIGURES) == set(CLS_FIGURES)
 
 
+def test_a_figure_is_closed_whether_or_not_its_save_succeeds(tmp_path):
+    """pyplot keeps every figure until it is closed: save_figure closes it after a save, and after a failed one."""
+    plt = plot_results.plt
+    for path in (tmp_path / "ok.png", tmp_path / "no_such_folder" / "fails.png"):
+        fig = plt.figure()
+        with contextlib.suppress(FileNotFoundError):
+            plot_results.save_figure(fig, str(path), dpi=72)
+        assert fig.number not in plt.get_fignums()
+    assert [p.name for p in tmp_path.iterdir()] == ["ok.png"]
+
+
 def test_best_and_last_recon_are_the_figures_of_those_epochs(full_report):
     pre, *_ = full_report
     losses = np.load(pre / "losses.npy").tolist()
