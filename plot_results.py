@@ -114,6 +114,12 @@ class ClassifierRun:
         return ROLES["pretrained" if pretrained else "scratch"][0]
 
 
+MAX_MAGNITUDE = 1e300
+# Without the class names of a run's summary, its classes are the indices its predictions and labels use, up to
+# ImageNet's count: a confusion matrix of n classes takes n**2 counts (8 GB at 30,000).
+MAX_UNNAMED_CLASSES = 1000
+
+
 def load_vector(path: str, flag: str) -> np.ndarray:
     try:
         with open(path, "rb") as f:
@@ -123,11 +129,17 @@ def load_vector(path: str, flag: str) -> np.ndarray:
         values = np.load(path, allow_pickle=False)
     except Exception as e:  # truncated, pickled objects, unreadable
         utils.die(f"{flag}: {path!r} is not a readable .npy file ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
-    if values.ndim != 1 or len(values) == 0 or not np.issubdtype(values.dtype, np.number):
-        utils.die(f"{flag}: {path!r} should hold a non-empty 1-D array of numbers, found {values.dtype} "
+    real = np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)  # not complex
+    if values.ndim != 1 or len(values) == 0 or not real:
+        utils.die(f"{flag}: {path!r} should hold a non-empty 1-D array of real numbers, found {values.dtype} "
                   f"{values.shape}")
-    if not np.isfinite(values).any():  # a nan here and there is drawn as a gap; with nothing else, nothing to draw
+    finite = values[np.isfinite(values)]
+    if not len(finite):  # a nan here and there is drawn as a gap; with nothing else, nothing to draw
         utils.die(f"{flag}: {path!r} holds no finite value (all {len(values)} are nan or inf)")
+    # No loss, accuracy or PSNR comes near; an axis's span and margins, or a percentage, overflow at about 1e308.
+    if np.abs(finite).max() > MAX_MAGNITUDE:
+        utils.die(f"{flag}: {path!r} holds {finite[np.abs(finite).argmax()]:g}, beyond the +-{MAX_MAGNITUDE:g} a "
+                  "figure can draw")
     # An inf too (a damaged or hand-edited file): matplotlib cannot scale an axis to it, nor a best point be it.
     return np.where(np.isinf(values), np.nan, values) if np.issubdtype(values.dtype, np.floating) else values
 
@@ -217,14 +229,16 @@ def load_classifier_run(folder: str, name: str, role: str, missing: list, notes:
     if os.path.isfile(f"{prefix}val_preds.npy") and os.path.isfile(f"{prefix}val_labels.npy"):
         run.preds = load_vector(f"{prefix}val_preds.npy", "--cls_dir")
         run.labels = load_vector(f"{prefix}val_labels.npy", "--cls_dir")
-        num_classes = len(run.classes) if run.classes else int(max(run.preds.max(), run.labels.max())) + 1
         if len(run.preds) != len(run.labels):
             utils.die(f"--cls_dir: {prefix}val_preds.npy has {len(run.preds)} predictions for "
                       f"{len(run.labels)} labels in {prefix}val_labels.npy")
+        bound = len(run.classes) if run.classes else MAX_UNNAMED_CLASSES
         for path, v in ((f"{prefix}val_preds.npy", run.preds), (f"{prefix}val_labels.npy", run.labels)):
-            if not np.issubdtype(v.dtype, np.integer) or v.min() < 0 or v.max() >= num_classes:
-                utils.die(f"--cls_dir: {path!r} should hold class indices in [0, {num_classes}), found "
+            if not np.issubdtype(v.dtype, np.integer) or v.min() < 0 or v.max() >= bound:
+                unnamed = "" if run.classes else f" (no class names in {prefix}summary.json)"
+                utils.die(f"--cls_dir: {path!r} should hold class indices in [0, {bound}){unnamed}, found "
                           f"{v.dtype} values in [{v.min()}, {v.max()}]")
+        num_classes = len(run.classes) if run.classes else int(max(run.preds.max(), run.labels.max())) + 1
         run.classes = list(run.classes or [str(i) for i in range(num_classes)])
     elif role == "pretrained":
         missing.append(f"{prefix}val_{{preds,labels}}.npy (no confusion matrix)")
@@ -354,6 +368,22 @@ def make_room(ax, y, lowest: bool, share: float = 0.17, ceiling: float | None = 
         ax.set_ylim(from_axis(lo), from_axis(top))
         return top - y >= share * (top - lo)
     return True
+
+
+def check_log_scale(pre, runs: list, cls_dir: str) -> None:
+    """One-line death when a loss that --log_scale puts on a log axis holds a value <= 0: matplotlib leaves such
+    points out with a warning at most, and the curve would be drawn without them."""
+    drawn = []
+    if pre is not None:
+        drawn += [("--pretrain_dir", os.path.join(pre.folder, f"{name}.npy"), values)
+                  for name, values in (("losses", pre.losses), ("val_loss", pre.evals.get("val_loss"))) if
+                  values is not None]
+    drawn += [("--cls_dir", os.path.join(cls_dir, f"{run.name}_train_loss.npy"), run.curves["train_loss"])
+              for run in runs if not run.linear_probe and "train_loss" in run.curves]  # a probe's is not drawn
+    for flag, path, values in drawn:
+        if (values <= 0).any():
+            utils.die(f"--log_scale: {path!r} ({flag}) holds a loss of {values[values <= 0].min():g}, which a log "
+                      "axis cannot show; leave out --log_scale")
 
 
 def plot_loss_curve(pre: Pretraining, log_scale: bool):
@@ -716,6 +746,8 @@ def main(args):
         run_names = ", ".join(n for n, _ in names if n) or "none"
         utils.die(f"nothing to plot: no {os.path.join(args.pretrain_dir, 'losses.npy')} (--pretrain_dir) and no "
                   f"classifier run ({run_names}) in --cls_dir {args.cls_dir!r}")
+    if args.log_scale:
+        check_log_scale(pre, runs, args.cls_dir)
     # The figures go beside the runs' files: those folders must take them, checked before the first is drawn.
     for flag, folder, used, figure_names in (("--pretrain_dir", args.pretrain_dir, pre is not None, PRETRAIN_FIGURES),
                                              ("--cls_dir", args.cls_dir, bool(runs), CLS_FIGURES)):

@@ -788,13 +788,19 @@ def test_an_inf_in_a_curve_is_a_gap_and_a_time_that_is_no_number_leaves_the_time
 
 def test_a_curves_infinities_of_either_sign_are_gaps_and_a_curve_of_no_finite_value_or_another_shape_is_refused(
         tmp_path, capsys):
-    """load_vector: +inf and -inf become nan (gaps in the figures); an array with no finite value, or not 1-D, is
-    refused in one line with exit status 2, naming the flag and the file."""
+    """load_vector: +inf and -inf become nan (gaps in the figures); an array with no finite value, not 1-D, of
+    complex numbers, or with a value no axis can span (matplotlib's limits overflowed on +-1e308) is refused in
+    one line with exit status 2, naming the flag and the file."""
     path = tmp_path / "curve.npy"
     np.save(path, np.array([1.0, -np.inf, np.inf, 2.0]))
     np.testing.assert_array_equal(plot_results.load_vector(str(path), "--cls_dir"), [1.0, np.nan, np.nan, 2.0])
+    np.save(path, np.array([1e300, -1e300]))
+    np.testing.assert_array_equal(plot_results.load_vector(str(path), "--cls_dir"), [1e300, -1e300])
+    not_1d = "should hold a non-empty 1-D array of real numbers, found"
     for values, expected in ((np.array([np.inf, -np.inf, np.nan]), "holds no finite value (all 3 are nan or inf)"),
-                             (np.zeros((2, 3)), "should hold a non-empty 1-D array of numbers, found float64 (2, 3)")):
+                             (np.zeros((2, 3)), f"{not_1d} float64 (2, 3)"),
+                             (np.array([1 + 1j]), f"{not_1d} complex128 (1,)"),
+                             (np.array([0.5, -1e308, np.nan]), "holds -1e+308, beyond the +-1e+300 a figure can draw")):
         np.save(path, values)
         with pytest.raises(SystemExit) as exc:
             plot_results.load_vector(str(path), "--cls_dir")
@@ -836,6 +842,13 @@ def test_no_input_at_all_is_one_line_with_status_2_and_writes_nothing(tmp_path):
     ("cls_dir_is_a_file", "--cls_dir '{cls}/scratch_val_acc.npy' is a file, not a folder"),
     ("epoch_gap", "eval_epochs.npy' should hold epoch numbers (>= 1), found [1.0, nan]"),
     ("epoch_zero", "eval_epochs.npy' should hold epoch numbers (>= 1), found [0, 1]"),
+    # without the summary's class names, the classes are the indices used, up to 1000: the confusion counts of
+    # a label 100000 took 75 GiB
+    ("unnamed_classes", "pretrained_val_labels.npy' should hold class indices in [0, 1000) (no class names in "
+                        "{cls}/pretrained_summary.json), found int64 values in [0, 100000]"),
+    # a log axis left a loss <= 0 out, with a warning at most
+    ("log_scale_zero", "--log_scale: '{cls}/scratch_train_loss.npy' (--cls_dir) holds a loss of 0, which a log axis "
+                       "cannot show"),
     # a folder under a figure's name: found when that figure was saved, after the figures before it
     ("figure_is_a_folder", "--pretrain_dir: '{pre}/last_recon.png' is a folder: this script writes a file of that "
                            "name there"),
@@ -897,6 +910,14 @@ def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, cap
         figure = pre / "last_recon.png" if damage == "figure_is_a_folder" else cls / "confusion_matrix.png"
         figure.unlink(missing_ok=True)
         figure.mkdir()
+    elif damage == "unnamed_classes":
+        (cls / "pretrained_summary.json").unlink()
+        labels = np.load(cls / "pretrained_val_labels.npy")
+        labels[0] = 100000
+        np.save(cls / "pretrained_val_labels.npy", labels)
+    elif damage == "log_scale_zero":
+        np.save(cls / "scratch_train_loss.npy", np.array([0.0, 0.5, 0.25]))
+        extra = ["--log_scale"]
     elif damage == "report_replaces_input":
         extra = ["--report", pre / "args.json"]
     else:
