@@ -22,7 +22,6 @@ import dataclasses
 import glob
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -68,6 +67,7 @@ PROBE_SETTINGS = {name: value for name, value in RECIPES["plain"].items() if nam
 NUM_VIS = 16  # val images in the prediction grids (4 x 4)
 DECODER_FLAGS = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")  # accepted, unused: no decoder here
 CURVES = ("train_loss", "train_acc", "val_loss", "val_acc")  # one value per epoch, each to <run>_<name>.npy
+MIN_MIX_ALPHA = 1e-300  # the smallest --mixup/--cutmix alpha but 0 (check_args says why)
 # What a run writes in --output_dir, each as <run>_<name>, besides a prediction figure at some epochs,
 # <run>_preds_epoch_<epoch>.png.
 OUTPUT_NAMES = (*(f"{curve}.npy" for curve in CURVES), "log.jsonl", "summary.json", "val_preds.npy", "val_labels.npy",
@@ -170,8 +170,9 @@ def check_args(args) -> None:
     for name in utils.MODEL_SIZE_FLAGS:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             utils.die(f"--{name} must be >= 1, got {getattr(args, name)}")
-    # A Beta draw at a subnormal alpha (below the smallest normal float) is NaN in numpy, and so would be the loss.
-    alpha = (lambda v: v == 0 or v >= sys.float_info.min, f"0 (off) or >= {sys.float_info.min!r}")
+    # numpy's Beta draw at a tiny alpha takes log(U) / alpha, which overflows to a NaN draw (and loss) below about
+    # 4e-306 (log(U) >= -745); 1e-300 leaves room, and mixes as 0 would: each draw is 0 or 1.
+    alpha = (lambda v: v == 0 or v >= MIN_MIX_ALPHA, f"0 (off) or >= {MIN_MIX_ALPHA:g}")
     allowed = {"crop_padding": (lambda v: v >= 0, ">= 0"), "mixup": alpha, "cutmix": alpha,
                "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
                "drop_path": (lambda v: 0 <= v < 1, "in [0, 1)"), "layer_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -199,8 +200,9 @@ def check_args(args) -> None:
     if args.stop_after < 0:
         utils.die(f"--stop_after must be >= 0, got {args.stop_after}")
     utils.check_run_outputs(args, "--output_model_path")
-    utils.check_no_folder_at("--output_dir", args.output_dir, [glob.escape(f"{args.run_name}_") + name
-                                                               for name in (*OUTPUT_NAMES, "preds_epoch_*.png")])
+    run = args.run_name
+    utils.check_no_folder_at("--output_dir", args.output_dir, [f"{run}_{name}" for name in OUTPUT_NAMES],
+                             [glob.escape(f"{run}_") + "preds_epoch_*.png"])
     # The last epoch's checkpoint goes beside it: found a folder there only at the end of the first epoch, the
     # run would already have rewritten the last run's log and best checkpoint.
     utils.check_output_file("--output_model_path", last_path(args), utils.CHECKPOINT_SUFFIXES)

@@ -126,6 +126,9 @@ def check_run_outputs(run_dir, run, epochs, argv):
     assert sorted(p for p in os.listdir(out) if p.endswith(".png")) == sorted(
         [f"{run}_preds_grid.png"] + [f"{run}_preds_epoch_{e}.png" for e in {0, (epochs + 1) // 2, epochs}])
     assert (out / f"{run}_preds_grid.png").read_bytes() == (out / f"{run}_preds_epoch_{epochs}.png").read_bytes()
+    # What the run checks for a folder in the way at its start (OUTPUT_NAMES and the epochs' figures) is what it wrote.
+    assert sorted(os.listdir(out)) == sorted([f"{run}_{name}" for name in train_classifier.OUTPUT_NAMES] + [
+        f"{run}_preds_epoch_{e}.png" for e in {0, (epochs + 1) // 2, epochs}])
     saved = json.load(open(out / f"{run}_args.json"))
     assert saved["run_name"] == run and saved["compile_mode"] == "default"  # resolved, not the flag's None
 
@@ -1156,6 +1159,15 @@ def _make_bad_checkpoints(tmp_path, mae_ckpt):
     return folder
 
 
+def test_the_smallest_mixing_alpha_allowed_draws_no_nan_where_a_smaller_one_does():
+    """numpy's Beta draw (timm's Mixup takes its lambda from it) is NaN now and then at an alpha near the smallest
+    normal float, which the check used to allow; at the bound check_args sets, a million draws hold none."""
+    rng = np.random.RandomState(0)
+    assert np.isnan(rng.beta(2.3e-308, 2.3e-308, size=1_000_000)).any()
+    draws = rng.beta(train_classifier.MIN_MIX_ALPHA, train_classifier.MIN_MIX_ALPHA, size=1_000_000)
+    assert not np.isnan(draws).any() and set(np.unique(draws)) <= {0.0, 1.0}
+
+
 @pytest.mark.parametrize("bad_flags, expected", [
     (["--batch_size", "30", "--max_device_batch_size", "16"], "--batch_size 30 is not divisible"),
     (["--batch_size", "30", "--max_device_batch_size", "15"], "--max_device_batch_size 15 gives chunks of 15 "
@@ -1205,9 +1217,9 @@ def _make_bad_checkpoints(tmp_path, mae_ckpt):
     # CutMix alone mixes too (the plain recipe has neither, the finetune recipe both).
     (["--recipe", "plain", "--cutmix", "1", "--batch_size", "30", "--max_device_batch_size", "15"],
      "--max_device_batch_size 15 gives chunks of 15 images, which must be even with --mixup/--cutmix"),
-    (["--mixup", "-0.1"], "--mixup must be 0 (off) or >= 2.2250738585072014e-308, got -0.1"),
-    (["--cutmix", "-1"], "--cutmix must be 0 (off) or >= 2.2250738585072014e-308, got -1.0"),
-    (["--mixup", "1e-309"], "--mixup must be 0 (off) or >= 2.2250738585072014e-308, got 1e-309"),  # NaN draws
+    (["--mixup", "-0.1"], "--mixup must be 0 (off) or >= 1e-300, got -0.1"),
+    (["--cutmix", "-1"], "--cutmix must be 0 (off) or >= 1e-300, got -1.0"),
+    (["--mixup", "2.3e-308"], "--mixup must be 0 (off) or >= 1e-300, got 2.3e-308"),  # NaN draws, now and then
     (["--drop_path", "1.0"], "--drop_path must be in [0, 1), got 1.0"),  # every residual branch dropped
     (["--random_erase", "1.5"], "--random_erase must be in [0, 1], got 1.5"),
     (["--crop_padding", "-1"], "--crop_padding must be >= 0, got -1"),
