@@ -36,9 +36,8 @@ KNN_PROTOCOL_FLAGS = ("knn_k", "knn_temperature", "knn_feature")
 CHECKPOINT_FIELDS = {"model": dict, "optimizer": dict, "scaler": dict, "epoch": int, "losses": list, "evals": list,
                      "args": dict, "config": dict}
 EVAL_METRICS = ("knn_acc", "val_loss", "val_psnr")
-# What a run writes in --output_dir.
-OUTPUT_NAMES = ("args.json", "log.jsonl", "losses.npy", "eval_epochs.npy", *(f"{name}.npy" for name in EVAL_METRICS),
-                "recon_epoch_*.png")
+# What a run writes in --output_dir, besides each epoch's figure, recon_epoch_<epoch>.png.
+OUTPUT_NAMES = ("args.json", "log.jsonl", "losses.npy", "eval_epochs.npy", *(f"{name}.npy" for name in EVAL_METRICS))
 NUM_VIS = 16  # val images in the per-epoch reconstruction figure (2 rows of 8)
 
 
@@ -99,7 +98,7 @@ def check_args(args) -> None:
     if args.stop_after < 0:
         utils.die(f"--stop_after must be >= 0, got {args.stop_after}")
     utils.check_run_outputs(args, "--model_path")
-    utils.check_no_folder_at("--output_dir", args.output_dir, OUTPUT_NAMES)
+    utils.check_no_folder_at("--output_dir", args.output_dir, OUTPUT_NAMES, ["recon_epoch_*.png"])
     utils.check_data_args(args)
 
 
@@ -107,12 +106,16 @@ def load_resume(args, cfg):
     """-> (checkpoint, the log records of its epochs), or one-line death; read before anything is written."""
     ckpt = utils.load_checkpoint(args.resume, "--resume", CHECKPOINT_FIELDS)
     utils.check_resumable(ckpt, args, RUN_DEFINING_FLAGS)
-    # The curves go on from these lists, one loss per epoch and the kNN evaluations so far.
-    if len(ckpt["losses"]) != ckpt["epoch"] or not all(map(utils.is_number, ckpt["losses"])) or not all(
-            isinstance(e, dict) and type(e.get("epoch")) is int and utils.is_number(e.get("knn_acc"))
-            for e in ckpt["evals"]):
-        utils.die(f"--resume {args.resume!r}: its losses are not {ckpt['epoch']} numbers (one per epoch) or its evals "
-                  "are not records with an integer epoch and a knn_acc")
+    # The curves go on from these lists: one loss per epoch, and the kNN evaluations so far.
+    losses, epoch = ckpt["losses"], ckpt["epoch"]
+    if len(losses) != epoch or not all(map(utils.is_number, losses)):
+        shown = f"{losses[:4]!r}"[:-1] + (", ...]" if len(losses) > 4 else "]")
+        utils.die(f"--resume {args.resume!r}: its losses should be one number per epoch up to its epoch {epoch}, "
+                  f"found {len(losses)}: {shown[:100]}")
+    if not all(isinstance(e, dict) and type(e.get("epoch")) is int and utils.is_number(e.get("knn_acc"))
+               for e in ckpt["evals"]):
+        utils.die(f"--resume {args.resume!r}: its evals should be records with an integer epoch and a number "
+                  "knn_acc each")
     with torch.device("meta"):  # the model's shapes, without its memory
         model = MAE(cfg)
     utils.check_resume_state(ckpt, args, model, optimizer_groups(model, args))

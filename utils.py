@@ -10,6 +10,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -136,16 +137,31 @@ def check_not_a_file(flag: str, folder: str) -> None:
         die(f"{flag} {folder!r} is a file, not a folder")
 
 
-def check_no_folder_at(flag: str, folder: str, names) -> None:
-    """One-line death when `folder` holds a folder under the name of a file the run writes there (`names`: the
-    names, or fnmatch patterns): the write would fail with a traceback, at the end of an epoch or between two
-    figures, after other files had been rewritten."""
+def check_no_folder_at(flag: str, folder: str, names, patterns=()) -> None:
+    """One-line death when `folder` holds a folder under the name of a file the script writes there (`names`, and
+    the fnmatch `patterns` of names that vary, such as an epoch's figure): the write would fail with a traceback,
+    at the end of an epoch or between two figures, after other files had been rewritten. A link to a folder is not
+    in the way (the file replaces the link, as any link)."""
     if not os.path.isdir(folder):
         return
-    for entry in os.scandir(folder):
-        # A link to a folder is replaced by the file, as any link is: only a real folder is in the way.
-        if entry.is_dir(follow_symlinks=False) and any(fnmatch.fnmatchcase(entry.name, name) for name in names):
-            die(f"{flag}: {entry.path!r} is a folder: this script writes a file of that name there")
+    in_the_way = [name for name in names if stat.S_ISDIR(_lstat_mode(os.path.join(folder, name)))]
+    if patterns:
+        try:  # a folder one may write in but not list (mode 333) is written all the same: its patterns go unchecked
+            in_the_way += [entry.name for entry in os.scandir(folder) if entry.is_dir(follow_symlinks=False)
+                           and any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in patterns)]
+        except OSError:
+            pass
+    if in_the_way:
+        die(f"{flag}: {os.path.join(folder, in_the_way[0])!r} is a folder: this script writes a file of that name "
+            "there")
+
+
+def _lstat_mode(path: str) -> int:
+    """The mode of `path` itself (not of what a link points to); 0 if there is nothing there."""
+    try:
+        return os.lstat(path).st_mode
+    except OSError:
+        return 0
 
 
 def check_output_folder(flag: str, folder: str, create: bool = True) -> None:

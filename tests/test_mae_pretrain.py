@@ -61,6 +61,10 @@ def test_two_epoch_run_writes_every_output(tmp_path, run_pretrain):
         assert [(e.step, e.value) for e in events.Scalars(name)] == [(2, pytest.approx(values[0], rel=1e-6))]
         assert ckpt["evals"][0][name] == pytest.approx(values[0])
     assert 0.0 <= np.load(out / "knn_acc.npy")[0] <= 1.0
+    # What the run checks for a folder in the way at its start (its OUTPUT_NAMES and the figures' pattern) is what
+    # it wrote.
+    import mae_pretrain
+    assert sorted(os.listdir(out)) == sorted([*mae_pretrain.OUTPUT_NAMES, "recon_epoch_001.png", "recon_epoch_002.png"])
 
 
 def test_resume_continues_the_same_run(tmp_path, run_pretrain):
@@ -832,16 +836,17 @@ def test_resume_of_a_checkpoint_with_fields_of_the_wrong_kind_is_refused_before_
     capsys.readouterr()
     path = tmp_path / "run" / "mae.pt"
     saved = torch.load(path, weights_only=True)
-    losses_or_evals = "its losses are not 1 numbers (one per epoch) or its evals are not records with an integer epoch"
+    evals = "its evals should be records with an integer epoch and a number knn_acc each"
     for key, value, expected in (
             ("epoch", "1", "not a checkpoint of this project (its epoch is of type str, not int)"),
             ("epoch", True, "not a checkpoint of this project (its epoch is of type bool, not int)"),
             ("losses", 7, "not a checkpoint of this project (its losses is of type int, not list)"),
             ("scaler", [], "not a checkpoint of this project (its scaler is of type list, not dict)"),
             ("epoch", 0, "records epoch 0, but a run's checkpoint follows epoch 1 or later"),
-            ("losses", ["a"], losses_or_evals),
-            ("losses", [0.5, 0.4], losses_or_evals),
-            ("evals", [{"knn_acc": 0.1}], losses_or_evals)):
+            ("losses", ["a"], "its losses should be one number per epoch up to its epoch 1, found 1: ['a']"),
+            ("losses", [0.5, 0.4, 0.3, 0.2, 0.1],
+             "its losses should be one number per epoch up to its epoch 1, found 5: [0.5, 0.4, 0.3, 0.2, ...]"),
+            ("evals", [{"knn_acc": 0.1}], evals)):
         torch.save({**saved, key: value}, path)
         before = files_under(tmp_path / "run")
         with pytest.raises(SystemExit) as exc:

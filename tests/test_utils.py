@@ -1209,6 +1209,40 @@ def test_a_file_name_at_its_file_systems_limit_is_written_atomically_and_a_longe
         "allows"), err
 
 
+def test_a_folder_under_an_output_name_or_pattern_is_refused_and_a_link_or_an_unlistable_folder_is_not(
+        tmp_path, capsys, monkeypatch):
+    """check_no_folder_at: a real folder under one of the names, or matching a pattern, ends the run in one line
+    (status 2); a file, a link to a folder (the write replaces the link) and a folder of another name do not. In a
+    folder that cannot be listed (write and search permission only, which a run needs), the names are still
+    checked, with no traceback."""
+    (tmp_path / "other").mkdir()
+    (tmp_path / "args.json").write_text("{}")
+    (tmp_path / "log.jsonl").symlink_to(tmp_path / "other")
+    (tmp_path / "recon_epoch_001.png").write_bytes(b"png")
+    names, patterns = ["args.json", "log.jsonl", "losses.npy"], ["recon_epoch_*.png"]
+    utils.check_no_folder_at("--output_dir", str(tmp_path), names, patterns)
+    utils.check_no_folder_at("--output_dir", str(tmp_path / "missing"), names, patterns)
+    for folder in ("losses.npy", "recon_epoch_012.png"):
+        (tmp_path / folder).mkdir()
+        with pytest.raises(SystemExit) as exc:
+            utils.check_no_folder_at("--output_dir", str(tmp_path), names, patterns)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.endswith(
+            f"--output_dir: {str(tmp_path / folder)!r} is a folder: this script writes a file of that name there")
+        (tmp_path / folder).rmdir()
+
+    def unlistable(path):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(os, "scandir", unlistable)
+    (tmp_path / "recon_epoch_012.png").mkdir()
+    utils.check_no_folder_at("--output_dir", str(tmp_path), names, patterns)  # the pattern cannot be checked
+    (tmp_path / "losses.npy").mkdir()
+    with pytest.raises(SystemExit):
+        utils.check_no_folder_at("--output_dir", str(tmp_path), names, patterns)
+    assert "losses.npy' is a folder" in capsys.readouterr().err
+
+
 def test_a_jsonl_log_reads_back_what_was_written_and_anything_else_is_one_line(tmp_path, capsys):
     """write_jsonl writes one JSON object a line; read_jsonl gives them back, skipping blank lines, and [] for no
     log. A line that is not an object with an integer epoch ends the run in one line naming the flag, status 2."""
