@@ -332,6 +332,9 @@ def test_the_training_loss_figure_leaves_out_the_probe(run_outputs, tmp_path, mo
                         real(runs, curve, log_scale))
     plot("--pretrain_dir", pre, "--cls_dir", cls, "--report", tmp_path / "r.md")
     assert drawn == {"train_loss": ["scratch", "pretrained"], "val_acc": ["scratch", "pretrained", "linprobe"]}
+    # So --log_scale, which refuses a drawn loss <= 0, takes one in the probe's loss: that curve is not drawn.
+    np.save(cls / "linprobe_train_loss.npy", np.array([0.0, 0.5]))
+    plot("--pretrain_dir", pre, "--cls_dir", cls, "--report", tmp_path / "r.md", "--log_scale")
 
 
 def test_a_best_epoch_picked_on_the_test_set_is_flagged():
@@ -849,6 +852,8 @@ def test_no_input_at_all_is_one_line_with_status_2_and_writes_nothing(tmp_path):
     # a log axis left a loss <= 0 out, with a warning at most
     ("log_scale_zero", "--log_scale: '{cls}/scratch_train_loss.npy' (--cls_dir) holds a loss of 0, which a log axis "
                        "cannot show"),
+    ("log_scale_val_loss", "--log_scale: '{pre}/val_loss.npy' (--pretrain_dir) holds a loss of -0.5, which a log "
+                           "axis cannot show"),
     # a folder under a figure's name: found when that figure was saved, after the figures before it
     ("figure_is_a_folder", "--pretrain_dir: '{pre}/last_recon.png' is a folder: this script writes a file of that "
                            "name there"),
@@ -917,6 +922,9 @@ def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, cap
         np.save(cls / "pretrained_val_labels.npy", labels)
     elif damage == "log_scale_zero":
         np.save(cls / "scratch_train_loss.npy", np.array([0.0, 0.5, 0.25]))
+        extra = ["--log_scale"]
+    elif damage == "log_scale_val_loss":
+        np.save(pre / "val_loss.npy", np.array([0.5, -0.5]))
         extra = ["--log_scale"]
     elif damage == "report_replaces_input":
         extra = ["--report", pre / "args.json"]
