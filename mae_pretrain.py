@@ -11,6 +11,7 @@ A tiny CPU run that needs no files (under a minute on 2 cores):
         --batch_size 64 --max_device_batch_size 32 --depth 2 --decoder_depth 1 --model_path /tmp/mae.pt \
         --output_dir /tmp/mae_out --log_dir /tmp/mae_logs
 """
+import contextlib
 import dataclasses
 import math
 import os
@@ -366,13 +367,20 @@ def save_epoch_outputs(args, writer, stats, evals, log, figures, checkpoint):
     writer.add_scalar("mae_loss", stats["loss"], epoch)
     writer.add_scalar("images_per_sec", stats["images_per_sec"], epoch)
     writer.add_image("mae_image", utils.recon_grid_tensor(masked, recon, original), epoch)
+    names = [name for name in EVAL_METRICS if evals and name in evals[-1]]  # no val_psnr with --norm_pix_loss
     if evals and evals[-1]["epoch"] == epoch:
-        names = [name for name in EVAL_METRICS if name in evals[-1]]  # no val_psnr with --norm_pix_loss
         for name in names:
             writer.add_scalar(name, stats[name], epoch)
         for name in ("epoch", *names):
             utils.save_npy(os.path.join(args.output_dir, f"{'eval_epochs' if name == 'epoch' else name}.npy"),
                            [e[name] for e in evals])
+    # A monitor array this run does not write (none before its first evaluation) is an earlier run's in the same
+    # --output_dir, which plot_results would draw beside this run's losses as this run's.
+    written = ["eval_epochs", *names] if evals else []
+    for name in ("eval_epochs", *EVAL_METRICS):
+        if name not in written:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(args.output_dir, f"{name}.npy"))
     writer.flush()
     utils.save_npy(os.path.join(args.output_dir, "losses.npy"), checkpoint["losses"])
     utils.write_jsonl(os.path.join(args.output_dir, "log.jsonl"), log)

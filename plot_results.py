@@ -198,6 +198,10 @@ def load_pretraining(folder: str, missing: list, notes: list):
     epochs = load_vector(epochs_path, "--pretrain_dir")
     if not (np.isfinite(epochs).all() and (epochs >= 1).all()):  # the x of every other curve: no gaps here
         utils.die(f"--pretrain_dir: {epochs_path!r} should hold epoch numbers (>= 1), found {epochs.tolist()[:8]}")
+    if epochs.max() > len(pre.losses):  # an earlier, longer run's, left by a version that did not remove them
+        notes.append(f"{epochs_path} holds epochs up to {epochs.max():g}, past the {len(pre.losses)} of losses.npy "
+                     "(an earlier run's evaluations?): no pretrain_monitor.png")
+        return pre
     pre.eval_epochs = np.rint(epochs).astype(np.int64)
     for name in present[1:]:
         values = load_vector(os.path.join(folder, f"{name}.npy"), "--pretrain_dir").astype(np.float64)

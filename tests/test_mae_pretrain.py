@@ -67,6 +67,19 @@ def test_two_epoch_run_writes_every_output(tmp_path, run_pretrain):
     assert sorted(os.listdir(out)) == sorted([*mae_pretrain.OUTPUT_NAMES, "recon_epoch_001.png", "recon_epoch_002.png"])
 
 
+def test_a_fresh_run_leaves_no_monitor_array_of_an_earlier_run_in_its_output_dir(tmp_path, run_pretrain):
+    """A new run in the --output_dir of an earlier one removes the monitor arrays it does not write itself: all of
+    them before its first evaluation, val_psnr.npy under --norm_pix_loss. plot_results drew the earlier run's kNN
+    accuracy as this run's."""
+    out = tmp_path / "run" / "outputs"
+    run_pretrain(tiny_pretrain_argv(tmp_path, "--eval_every", "1"))
+    assert {"eval_epochs.npy", "knn_acc.npy", "val_loss.npy", "val_psnr.npy"} <= set(os.listdir(out))
+    run_pretrain(tiny_pretrain_argv(tmp_path, "--eval_every", "1", "--norm_pix_loss", "--total_epoch", "1"))
+    assert np.load(out / "eval_epochs.npy").tolist() == [1] and not (out / "val_psnr.npy").exists()
+    run_pretrain(tiny_pretrain_argv(tmp_path, "--eval_every", "0", "--total_epoch", "1"))
+    assert not {"eval_epochs.npy", "knn_acc.npy", "val_loss.npy", "val_psnr.npy"} & set(os.listdir(out))
+
+
 def test_resume_continues_the_same_run(tmp_path, run_pretrain):
     run_pretrain(tiny_pretrain_argv(tmp_path, "--eval_every", "1", name="straight"))
     split = tiny_pretrain_argv(tmp_path, "--eval_every", "1", name="split")

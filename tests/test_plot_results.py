@@ -698,6 +698,17 @@ def test_a_pretrained_run_without_predictions_or_grid_is_named_and_a_run_without
     assert "cls_train_loss_compare" not in (tmp_path / "r.md").read_text()
 
 
+def test_evaluations_past_the_runs_last_epoch_are_an_earlier_runs_and_left_out_with_a_note(run_outputs, tmp_path):
+    """Monitor arrays whose epochs go past losses.npy's (an earlier, longer run's in the same folder; or a damaged
+    file, epoch 1e20) are not drawn as this run's: a note, no pretrain_monitor.png, no kNN row."""
+    pre, cls = copy_outputs(run_outputs, tmp_path)
+    np.save(pre / "eval_epochs.npy", np.array([1.0, 1e20]))
+    plot("--pretrain_dir", pre, "--cls_dir", cls, "--report", tmp_path / "r.md")
+    report = (tmp_path / "r.md").read_text()
+    assert f"{pre}/eval_epochs.npy holds epochs up to 1e+20, past the 2 of losses.npy" in report
+    assert not (pre / "pretrain_monitor.png").exists() and "kNN" not in report
+
+
 def test_last_recon_is_the_last_trained_epochs_not_the_last_evaluated_ones(tmp_path):
     """A run of 3 epochs evaluated at epoch 2 only: last_recon.png is epoch 3's reconstructions."""
     pre = tmp_path / "outputs"
