@@ -320,8 +320,10 @@ def main(args):
         stats = train_one_epoch(train_model, optimizer, scaler, train.images, args, epoch, steps_per_epoch, device,
                                 amp_dtype, writer)
         if not math.isfinite(stats["loss"]):
-            raise SystemExit(f"epoch {epoch}: the loss is {stats['loss']}; stopping. The checkpoint at "
-                             f"{args.model_path} still holds epoch {epoch - 1}. Try a lower --base_learning_rate.")
+            kept = f"The checkpoint at {args.model_path} still holds epoch {epoch - 1}" if epoch > 1 else \
+                "This run wrote no checkpoint"
+            raise SystemExit(f"epoch {epoch}: the loss is {stats['loss']}; stopping. {kept}. Try a lower "
+                             "--base_learning_rate.")
         losses.append(stats["loss"])
         if args.eval_every and (epoch % args.eval_every == 0 or epoch == args.total_epoch):
             metrics = evaluate(model, train, val, val_noise, args, device, amp_dtype)

@@ -655,9 +655,10 @@ def main(args):
         stats = train_one_epoch(net, frozen, optimizer, scaler, train_inputs, train_labels, prepare_train, mixup,
                                 criterion, args, epoch, steps_per_epoch, device, amp_dtype, writer)
         if not math.isfinite(stats["train_loss"]):
-            raise SystemExit(f"epoch {epoch}: the training loss is {stats['train_loss']}; stopping. "
-                             f"{args.output_model_path} and {last_model_path} still hold earlier epochs. "
-                             "Try a lower --base_learning_rate.")
+            kept = f"{args.output_model_path} and {last_model_path} still hold earlier epochs" if epoch > 1 else \
+                "This run wrote no checkpoint"
+            raise SystemExit(f"epoch {epoch}: the training loss is {stats['train_loss']}; stopping. {kept}. Try a "
+                             "lower --base_learning_rate.")
         if world_size > 1:
             # Each process's BatchNorm (the probe's head_norm) tracked its own shard's statistics: evaluate and
             # save their mean. Training normalises each chunk with its own statistics, on one GPU as on several.

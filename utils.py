@@ -360,6 +360,10 @@ def check_schedule_args(args) -> None:
     if not math.isfinite(peak_lr(args)):
         die(f"--base_learning_rate {args.base_learning_rate} x --batch_size {args.batch_size} / 256 overflows to an "
             "infinite peak lr: give a smaller --base_learning_rate")
+    if peak_lr(args) * args.weight_decay >= 1:  # AdamW scales the weights by 1 - lr x decay at every step
+        die(f"--weight_decay {args.weight_decay} x the peak lr {peak_lr(args):.2e} is "
+            f"{peak_lr(args) * args.weight_decay:.3g}: AdamW scales the weights by 1 minus that at every step, so it "
+            "must be below 1: give a smaller --weight_decay")
     if args.min_lr > peak_lr(args):
         die(f"--min_lr {args.min_lr} is above the peak lr {peak_lr(args):.2e} (--base_learning_rate x --batch_size / "
             "256), so the cosine would raise the lr: give a smaller --min_lr")

@@ -206,6 +206,18 @@ def test_a_non_finite_loss_stops_the_run_and_its_outputs_stay_those_of_the_last_
     assert [json.loads(line)["epoch"] for line in open(out / "log.jsonl")] == [1]
 
 
+def test_a_non_finite_loss_in_the_first_epoch_says_no_checkpoint_was_written(tmp_path, run_pretrain, monkeypatch):
+    """At epoch 1 there is no checkpoint of the run to point to (it said the checkpoint held epoch 0)."""
+    import mae_pretrain
+    real_epoch = mae_pretrain.train_one_epoch
+    monkeypatch.setattr(mae_pretrain, "train_one_epoch", lambda *args: {**real_epoch(*args), "loss": math.nan})
+    with pytest.raises(SystemExit) as exc:
+        run_pretrain(tiny_pretrain_argv(tmp_path))
+    assert exc.value.code == "epoch 1: the loss is nan; stopping. This run wrote no checkpoint. Try a lower " \
+                             "--base_learning_rate."
+    assert not (tmp_path / "run" / "mae.pt").exists()
+
+
 def test_sigterm_ends_the_script_with_status_143_and_the_outputs_of_its_last_finished_epoch(tmp_path):
     """The script run as a command, stopped by SIGTERM in the middle of a long run: it exits with 128 + 15 after
     writing what its last finished epoch left (the checkpoint, losses.npy and log.jsonl agree), with no temporary
@@ -698,6 +710,9 @@ def test_attention_flag_sets_the_kernel_of_training_and_evaluation(tmp_path, run
     (["--log_interval", "0"], "--log_interval must be >= 1, got 0"),  # the progress bar's step % 0
     (["--stop_after", "-1"], "--stop_after must be >= 0, got -1"),  # a run of no epoch
     (["--eval_every", "-1"], "--eval_every must be >= 0 and --knn_temperature > 0, got -1 and 0.07"),
+    # AdamW's decay step scales the weights by 1 - lr x decay, here by about -1.9e303: a nan loss after an epoch
+    (["--weight_decay", "1e308"], "--weight_decay 1e+308 x the peak lr 1.87e-05 is 1.87e+303: AdamW scales the "
+                                  "weights by 1 minus that at every step, so it must be below 1"),
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, run_pretrain, capsys, bad_flags, expected):
     (tmp_path / "a_file").write_text("in the way")

@@ -313,6 +313,18 @@ def test_a_non_finite_training_loss_stops_the_run_and_its_checkpoints_stay_those
     assert [json.loads(line)["epoch"] for line in open(run / "cls_outputs" / "scratch_log.jsonl")] == [1]
 
 
+def test_a_non_finite_training_loss_in_the_first_epoch_says_no_checkpoint_was_written(tmp_path, monkeypatch):
+    """At epoch 1 there is no checkpoint of the run to point to (it said both held earlier epochs)."""
+    real_epoch = train_classifier.train_one_epoch
+    monkeypatch.setattr(train_classifier, "train_one_epoch",
+                        lambda *args: {**real_epoch(*args), "train_loss": math.nan})
+    with pytest.raises(SystemExit) as exc:
+        run_cls(cls_argv(tmp_path))
+    assert exc.value.code == "epoch 1: the training loss is nan; stopping. This run wrote no checkpoint. Try a " \
+                             "lower --base_learning_rate."
+    assert not (tmp_path / "run" / "cls.pt").exists() and not (tmp_path / "run" / "cls_last.pt").exists()
+
+
 def test_sigterm_ends_the_script_with_status_143_and_the_outputs_of_its_last_finished_epoch(tmp_path):
     """The script run as a command, stopped by SIGTERM in the middle of a long run: it exits with 128 + 15 after
     writing what its last finished epoch left (the last checkpoint and the log agree), with no temporary file left
