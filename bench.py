@@ -167,16 +167,18 @@ def check_args(args) -> MAEConfig:
             utils.die(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.eval_images > REFERENCE_VAL_IMAGES:
         utils.die(f"--eval_images must be at most the reference's {REFERENCE_VAL_IMAGES:,}, got {args.eval_images}")
-    for name in ("pretrain_batch_size", "finetune_batch_size"):
+    # Only the phases that run: a batch size of the other one is not used (its default need not fit the chunk).
+    timed = [f"{phase}_batch_size" for phase in ("pretrain", "finetune") if args.phases in ("both", phase)]
+    for name in timed:
         batch = getattr(args, name)
         if batch > REFERENCE_TRAIN_IMAGES:
             utils.die(f"--{name} must be at most the {REFERENCE_TRAIN_IMAGES:,} images of CIFAR-10, got {batch}")
         if batch % chunk_size(batch, args):
             utils.die(f"--{name} {batch} is not divisible by --max_device_batch_size {args.max_device_batch_size}")
-    if not max(args.pretrain_batch_size, args.finetune_batch_size) <= args.epoch_images <= REFERENCE_TRAIN_IMAGES:
-        utils.die(f"--epoch_images must be in [{max(args.pretrain_batch_size, args.finetune_batch_size)}, "
-                  f"{REFERENCE_TRAIN_IMAGES:,}] (a batch of each phase at least, CIFAR-10's images at most), got "
-                  f"{args.epoch_images}")
+    largest = max(getattr(args, name) for name in timed)
+    if not largest <= args.epoch_images <= REFERENCE_TRAIN_IMAGES:
+        utils.die(f"--epoch_images must be in [{largest}, {REFERENCE_TRAIN_IMAGES:,}] (a batch of each phase timed at "
+                  f"least, CIFAR-10's images at most), got {args.epoch_images}")
     if not 0.0 < args.mask_ratio < 1.0:  # the loss is a mean over the masked patches: some must be masked
         utils.die(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
     if args.inductor and not args.compile:

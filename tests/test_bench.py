@@ -1069,6 +1069,24 @@ def test_host_sync_recorder_flags_what_makes_the_host_wait_and_nothing_else():
     assert recorder.syncs == []
 
 
+def test_only_the_batch_sizes_of_the_phases_timed_are_checked(capsys):
+    """--phases finetune with chunks of 31 runs, though the default pretraining batch (64) is not a multiple of 31:
+    that phase is not timed. Both phases check both batch sizes, and --epoch_images' floor is the timed phases'."""
+    argv = ["--device", "cpu", "--finetune_recipe", "plain", "--finetune_batch_size", "31",
+            "--max_device_batch_size", "31"]
+    def check(*flags):
+        args = bench.get_args_parser().parse_args([*argv, *flags])
+        bench.resolve_defaults(args, torch.device("cpu"))
+        bench.check_args(args)
+    check("--phases", "finetune", "--epoch_images", "31")
+    assert capsys.readouterr().err == ""
+    for phases, expected in (("both", "--pretrain_batch_size 64 is not divisible by --max_device_batch_size 31"),
+                             ("finetune", "--epoch_images must be in [31, 50,000]")):
+        with pytest.raises(SystemExit) as exc:
+            check("--phases", phases, "--epoch_images", "30")
+        assert exc.value.code == 2 and expected in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags, expected", [
     (["--steps", "0"], "--steps must be >= 1, got 0"),
     (["--repeats", "0"], "--repeats must be >= 1, got 0"),
