@@ -287,7 +287,9 @@ def load_pretrained(path: str):
     try:
         with torch.device("meta"):  # the model's shapes, without its memory
             mae = MAE(MAEConfig(**ckpt["config"]))
-    except (TypeError, ValueError) as e:
+    # a field of the wrong type or an unknown one (TypeError, ValueError); a size that overflows (an mlp_ratio of
+    # 1e308: OverflowError) or is negative (RuntimeError)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as e:
         utils.die(f"{flag}: its config is not an MAEConfig ({str(e).splitlines()[0]})")
     # The whole MAE must match its own config: this tells a wrong file (a classifier, another model) from a
     # checkpoint whose encoder we can use.

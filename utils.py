@@ -301,7 +301,9 @@ def check_model_fits(build, device: torch.device) -> None:
     try:
         with torch.device("meta"):
             params = count_params(build())
-    except RuntimeError as e:  # sizes past int64's range even for the shapes: "Storage size calculation overflowed"
+    # Sizes past int64's range even for the shapes: "Storage size calculation overflowed" (RuntimeError), or a size
+    # itself past it (TypeError: "Overflow when unpacking long long").
+    except (RuntimeError, TypeError, OverflowError) as e:
         die(f"model-size flags (--embed_dim, --depth, ...): no such model can be built ({str(e).splitlines()[0]})")
     need = TRAINING_BYTES_PER_PARAMETER * params
     total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
@@ -1015,6 +1017,10 @@ def load_state_dict_checked(module: torch.nn.Module, state) -> str:
     assignment: copying into a meta tensor does nothing but warn."""
     if not isinstance(state, dict):
         return f"its weights are a {type(state).__name__}, not a state_dict"
+    odd = [key for key, value in state.items() if not isinstance(key, str) or not isinstance(value, torch.Tensor)
+           or value.is_meta]  # load_state_dict fails on a key that is no name; a meta tensor has no values to copy
+    if odd:
+        return f"entries that are not a name with a tensor of values: {', '.join(map(repr, odd[:3]))}"
     meta = any(t.is_meta for t in module.state_dict().values())
     try:
         result = module.load_state_dict(state, strict=False, assign=meta)

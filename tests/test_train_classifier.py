@@ -1166,6 +1166,9 @@ def _make_bad_checkpoints(tmp_path, mae_ckpt):
     torch.save({**good, "config": {**good["config"], "patch_size": 0}}, folder / "zero_patch.pt")
     # a hand-edited config: torch's error at the model's build runs to a dozen lines, C++ frames included
     torch.save({**good, "config": {**good["config"], "mlp_ratio": "4"}}, folder / "text_mlp_ratio.pt")
+    for name, ratio in (("huge_mlp_ratio", 1e308), ("negative_mlp_ratio", -1.0)):  # OverflowError, RuntimeError
+        torch.save({**good, "config": {**good["config"], "mlp_ratio": ratio}}, folder / f"{name}.pt")
+    torch.save({**good, "model": {**good["model"], 5: torch.zeros(1)}}, folder / "int_key.pt")
     (folder / "blocked_last.pt").mkdir()  # where --output_model_path blocked.pt would put its last epoch
     shutil.copyfile(mae_ckpt, folder / "pre_last.pt")  # an MAE checkpoint named as --output_model_path pre.pt's last
     return folder
@@ -1207,6 +1210,10 @@ def test_the_smallest_mixing_alpha_allowed_draws_no_nan_where_a_smaller_one_does
     (["--embed_dim", str(2 ** 40), "--num_heads", "1"], "no such model can be built (Storage size calculation "
                                                          "overflowed"),
     (["--pretrained_model_path", "{ckpts}/text_mlp_ratio.pt"], "its config is not an MAEConfig"),
+    (["--pretrained_model_path", "{ckpts}/huge_mlp_ratio.pt"], "its config is not an MAEConfig"),
+    (["--pretrained_model_path", "{ckpts}/negative_mlp_ratio.pt"], "its config is not an MAEConfig"),
+    (["--pretrained_model_path", "{ckpts}/int_key.pt"], "entries that are not a name with a tensor of values: 5"),
+    (["--embed_dim", str(2 ** 64), "--num_heads", "1"], "no such model can be built"),  # a size past int64
     (["--layer_decay", "0"], "--layer_decay must be in (0, 1]"),
     (["--crop_padding", "32"], "--crop_padding must be in [0, 32)"),
     (["--linear_probe", "--drop_path", "0.1"], "--drop_path and --layer_decay do not apply"),

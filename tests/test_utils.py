@@ -1340,6 +1340,27 @@ def test_a_state_loads_into_a_meta_module_by_assignment_without_a_warning_and_in
         assert torch.equal(t, state[name]) and t.data_ptr() != state[name].data_ptr(), name
 
 
+def test_a_state_with_an_entry_that_is_no_named_tensor_with_values_is_said_in_a_few_words():
+    """A key that is no name (load_state_dict's AttributeError), a value that is no tensor, or a meta tensor (no
+    values: copying it out raised NotImplementedError) is named, not a traceback."""
+    module = torch.nn.Linear(3, 2)
+    state = module.state_dict()
+    for key, value in ((5, torch.zeros(1)), ("weight", [1.0]), ("bias", torch.zeros(2, device="meta"))):
+        assert utils.load_state_dict_checked(module, {**state, key: value}) == \
+            f"entries that are not a name with a tensor of values: {key!r}"
+
+
+def test_model_sizes_past_int64_are_one_line(capsys):
+    """An --embed_dim of 2**64 fails in torch.empty with TypeError ("Overflow when unpacking long long"), past the
+    shapes' int64 product ones with RuntimeError: both are one line."""
+    for dim in (2 ** 64, 2 ** 40):
+        with pytest.raises(SystemExit) as exc:
+            utils.check_model_fits(lambda: torch.nn.Linear(dim, dim), torch.device("cpu"))
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "no such model can be built" in err, err
+
+
 @pytest.mark.parametrize("optimizer", ["a tensor", "a list", "state a list", "a group a tensor",
                                        "a group without params", "params a tensor"])
 def test_an_optimizer_state_that_is_not_a_state_dict_is_refused_in_one_line(capsys, optimizer):
