@@ -113,10 +113,11 @@ def load_resume(args, cfg):
         shown = f"{losses[:4]!r}"[:-1] + (", ...]" if len(losses) > 4 else "]")
         utils.die(f"--resume {args.resume!r}: its losses should be one number per epoch up to its epoch {epoch}, "
                   f"found {len(losses)}: {shown[:100]}")
-    if not all(isinstance(e, dict) and type(e.get("epoch")) is int and utils.is_number(e.get("knn_acc"))
-               for e in ckpt["evals"]):
-        utils.die(f"--resume {args.resume!r}: its evals should be records with an integer epoch and a number "
-                  "knn_acc each")
+    metrics = [name for name in EVAL_METRICS if name != "val_psnr" or not args.norm_pix_loss]  # what evaluate gives
+    if not all(isinstance(e, dict) and sorted(e) == sorted(["epoch", *metrics]) and type(e["epoch"]) is int
+               and all(utils.is_number(e[name]) for name in metrics) for e in ckpt["evals"]):
+        utils.die(f"--resume {args.resume!r}: its evals should be records of an integer epoch and the numbers "
+                  f"{', '.join(metrics)} each")
     with torch.device("meta"):  # the model's shapes, without its memory
         model = MAE(cfg)
     utils.check_resume_state(ckpt, args, model, optimizer_groups(model, args))

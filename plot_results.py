@@ -115,9 +115,9 @@ class ClassifierRun:
 
 
 MAX_MAGNITUDE = 1e300
-# Without the class names of a run's summary, its classes are the indices its predictions and labels use, up to
-# ImageNet's count: a confusion matrix of n classes takes n**2 counts (8 GB at 30,000).
-MAX_UNNAMED_CLASSES = 1000
+# Classes a confusion matrix is drawn for, at most: ImageNet's count. It takes n**2 counts (8 GB at 30,000). Without
+# the class names of a run's summary, its classes are the indices its predictions and labels use.
+MAX_CLASSES = 1000
 
 
 def load_vector(path: str, flag: str) -> np.ndarray:
@@ -158,8 +158,8 @@ def is_kind(value, kind: str) -> bool:
         return isinstance(value, bool)
     if isinstance(value, bool):  # JSON's true is not 1 here
         return False
-    if kind in (NUMBER, INTEGER):
-        return isinstance(value, int) or (kind == NUMBER and isinstance(value, float))
+    if kind in (NUMBER, INTEGER):  # one a float can hold: the report computes with it
+        return utils.is_number(value) and (kind == NUMBER or isinstance(value, int))
     if kind == TEXT:
         return isinstance(value, str)
     return isinstance(value, list) and len(value) > 0 and all(isinstance(v, str) for v in value)
@@ -236,12 +236,16 @@ def load_classifier_run(folder: str, name: str, role: str, missing: list, notes:
         if len(run.preds) != len(run.labels):
             utils.die(f"--cls_dir: {prefix}val_preds.npy has {len(run.preds)} predictions for "
                       f"{len(run.labels)} labels in {prefix}val_labels.npy")
-        bound = len(run.classes) if run.classes else MAX_UNNAMED_CLASSES
+        if run.classes and len(run.classes) > MAX_CLASSES:
+            utils.die(f"--cls_dir: {prefix}summary.json names {len(run.classes)} classes, more than the {MAX_CLASSES} "
+                      "a confusion matrix is drawn for")
+        bound = len(run.classes) if run.classes else MAX_CLASSES
         for path, v in ((f"{prefix}val_preds.npy", run.preds), (f"{prefix}val_labels.npy", run.labels)):
             if not np.issubdtype(v.dtype, np.integer) or v.min() < 0 or v.max() >= bound:
                 unnamed = "" if run.classes else f" (no class names in {prefix}summary.json)"
                 utils.die(f"--cls_dir: {path!r} should hold class indices in [0, {bound}){unnamed}, found "
                           f"{v.dtype} values in [{v.min()}, {v.max()}]")
+        run.preds, run.labels = run.preds.astype(np.int64), run.labels.astype(np.int64)  # uint64 and int64 mix as float
         num_classes = len(run.classes) if run.classes else int(max(run.preds.max(), run.labels.max())) + 1
         run.classes = list(run.classes or [str(i) for i in range(num_classes)])
     elif role == "pretrained":
@@ -603,7 +607,7 @@ def report_pretraining(pre: Pretraining, n: dict, figures: dict, rel) -> list:
              f"| best loss (epoch) | {n['best_loss']:.5f} ({n['best_epoch']}) |",
              f"| final loss | {n['final_loss']:.5f} |"]
     seconds = [r["seconds"] for r in pre.log  # a hand-edited log may hold anything: a number or no row
-               if type(r.get("seconds")) in (int, float) and r["epoch"] <= n["epochs"]]
+               if utils.is_number(r.get("seconds")) and r["epoch"] <= n["epochs"]]
     if len(seconds) == n["epochs"]:
         lines.append(f"| training time (sum of epochs, log.jsonl) | {duration(sum(seconds))} |")
     for name, label, show in (("knn_acc", "kNN top-1 on val", pct),

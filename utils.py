@@ -916,6 +916,8 @@ def read_jsonl(path: str, flag: str) -> list:
     naming the flag, if it is not such a log."""
     if not os.path.exists(path):
         return []
+    if not os.path.isfile(path):  # a fifo would block the read for ever
+        die(f"{flag}: {path!r} is not a regular file")
     try:
         with open(path) as f:
             records = [json.loads(line) for line in f if line.strip()]
@@ -1003,8 +1005,15 @@ def _is_a(value, kind) -> bool:
 
 
 def is_number(value) -> bool:
-    """An int or float, not a bool: a value a curve can hold."""
-    return _is_a(value, (int, float))
+    """An int or float a float can hold: a value a curve can hold. Not a bool, nor an int past 1.8e308 (JSON and
+    pickles take any int; float() of it raises OverflowError)."""
+    if not _is_a(value, (int, float)):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def _type_names(kind) -> str:

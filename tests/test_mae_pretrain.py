@@ -864,7 +864,7 @@ def test_resume_of_a_checkpoint_with_fields_of_the_wrong_kind_is_refused_before_
     capsys.readouterr()
     path = tmp_path / "run" / "mae.pt"
     saved = torch.load(path, weights_only=True)
-    evals = "its evals should be records with an integer epoch and a number knn_acc each"
+    evals = "its evals should be records of an integer epoch and the numbers knn_acc, val_loss, val_psnr each"
     for key, value, expected in (
             ("epoch", "1", "not a checkpoint of this project (its epoch is of type str, not int)"),
             ("epoch", True, "not a checkpoint of this project (its epoch is of type bool, not int)"),
@@ -874,7 +874,10 @@ def test_resume_of_a_checkpoint_with_fields_of_the_wrong_kind_is_refused_before_
             ("losses", ["a"], "its losses should be one number per epoch up to its epoch 1, found 1: ['a']"),
             ("losses", [0.5, 0.4, 0.3, 0.2, 0.1],
              "its losses should be one number per epoch up to its epoch 1, found 5: [0.5, 0.4, 0.3, 0.2, ...]"),
-            ("evals", [{"knn_acc": 0.1}], evals)):
+            ("evals", [{"knn_acc": 0.1}], evals),
+            ("evals", [{"epoch": 1, "knn_acc": 0.5}], evals),  # a KeyError at the next evaluation's save
+            ("losses", [10 ** 400], "its losses should be one number per epoch"),  # float() overflows
+            ("evals", [{"epoch": 1, "knn_acc": 0.5, "val_loss": 0.1, "val_psnr": 10 ** 400}], evals)):
         torch.save({**saved, key: value}, path)
         before = files_under(tmp_path / "run")
         with pytest.raises(SystemExit) as exc:

@@ -709,6 +709,25 @@ def test_evaluations_past_the_runs_last_epoch_are_an_earlier_runs_and_left_out_w
     assert not (pre / "pretrain_monitor.png").exists() and "kNN" not in report
 
 
+def test_predictions_of_another_integer_type_than_the_labels_and_a_time_no_float_holds_are_reported(run_outputs,
+                                                                                                    tmp_path):
+    """uint64 predictions beside int64 labels (numpy mixes them as float64, which bincount refused) give the same
+    confusion matrix; an epoch's time of 10**400 seconds in log.jsonl (float() overflowed) leaves the training
+    time out, as any time that is no number does."""
+    pre, cls = copy_outputs(run_outputs, tmp_path)
+    plot("--pretrain_dir", pre, "--cls_dir", cls, "--report", tmp_path / "before.md")
+    preds = cls / "pretrained_val_preds.npy"
+    np.save(preds, np.load(preds).astype(np.uint64))
+    log = [json.loads(line) for line in (pre / "log.jsonl").read_text().splitlines()]
+    log[0]["seconds"] = 10 ** 400
+    (pre / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    plot("--pretrain_dir", pre, "--cls_dir", cls, "--report", tmp_path / "after.md")
+    before, after = (tmp_path / "before.md").read_text(), (tmp_path / "after.md").read_text()
+    assert "training time" in before and "training time" not in after
+    confusions = [line for line in before.splitlines() if " -> " in line]
+    assert confusions and confusions == [line for line in after.splitlines() if " -> " in line]
+
+
 def test_last_recon_is_the_last_trained_epochs_not_the_last_evaluated_ones(tmp_path):
     """A run of 3 epochs evaluated at epoch 2 only: last_recon.png is epoch 3's reconstructions."""
     pre = tmp_path / "outputs"
@@ -860,6 +879,11 @@ def test_no_input_at_all_is_one_line_with_status_2_and_writes_nothing(tmp_path):
     # a label 100000 took 75 GiB
     ("unnamed_classes", "pretrained_val_labels.npy' should hold class indices in [0, 1000) (no class names in "
                         "{cls}/pretrained_summary.json), found int64 values in [0, 100000]"),
+    # a summary naming more classes than a confusion matrix is drawn for: 100,000 took 75 GiB, after 6 figures
+    ("many_classes", "pretrained_summary.json names 100000 classes, more than the 1000 a confusion matrix is drawn "
+                     "for"),
+    # an int no float can hold: float() raised OverflowError
+    ("huge_json_number", "pretrained_summary.json' has best_val_acc = 1000000000000"),
     # a log axis left a loss <= 0 out, with a warning at most
     ("log_scale_zero", "--log_scale: '{cls}/scratch_train_loss.npy' (--cls_dir) holds a loss of 0, which a log axis "
                        "cannot show"),
@@ -926,6 +950,13 @@ def test_bad_input_is_one_line_and_nothing_is_written(run_outputs, tmp_path, cap
         figure = pre / "last_recon.png" if damage == "figure_is_a_folder" else cls / "confusion_matrix.png"
         figure.unlink(missing_ok=True)
         figure.mkdir()
+    elif damage in ("many_classes", "huge_json_number"):
+        summary = json.loads((cls / "pretrained_summary.json").read_text())
+        if damage == "many_classes":
+            summary["classes"] = [f"c{i}" for i in range(100000)]
+        else:
+            summary["best_val_acc"] = 10 ** 400
+        (cls / "pretrained_summary.json").write_text(json.dumps(summary))
     elif damage == "unnamed_classes":
         (cls / "pretrained_summary.json").unlink()
         labels = np.load(cls / "pretrained_val_labels.npy")

@@ -1307,8 +1307,19 @@ def test_load_checkpoint_checks_the_type_of_each_field_and_of_optional_ones_that
         assert len(err.splitlines()) == 1 and err.endswith(f"not a checkpoint of this project ({expected})"), err
 
 
-def test_is_number_takes_ints_and_floats_but_not_bools_or_text():
-    assert [utils.is_number(v) for v in (1, 0.5, float("nan"), True, "1", None)] == [True] * 3 + [False] * 3
+def test_is_number_takes_ints_and_floats_but_not_bools_text_or_ints_no_float_holds():
+    assert [utils.is_number(v) for v in (1, 0.5, float("nan"), 2 ** 1000, True, "1", None, 10 ** 400)] == \
+        [True] * 4 + [False] * 4
+
+
+def test_a_log_that_is_no_regular_file_is_refused_in_one_line_not_read(tmp_path, capsys):
+    """A fifo under a log's name blocked the read for ever."""
+    path = tmp_path / "log.jsonl"
+    os.mkfifo(path)
+    with pytest.raises(SystemExit) as exc:
+        utils.read_jsonl(str(path), "--output_dir")
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"--output_dir: {str(path)!r} is not a regular file")
 
 
 def test_a_state_loads_into_a_meta_module_by_assignment_without_a_warning_and_into_a_real_one_by_copy():
