@@ -245,8 +245,15 @@ def load_resume(args, cfg: MAEConfig, pretrained_sha256: str | None):
     if ckpt["config"] != dataclasses.asdict(cfg):
         utils.die(f"--resume {args.resume!r} holds another model than these flags give (its config: "
                   f"{ckpt['config']})")
-    with torch.device("meta"):  # the model's shapes, without its memory
-        model = build_model(args, cfg, ckpt["num_classes"], None)
+    num_classes, names = ckpt["num_classes"], ckpt.get("classes")
+    if num_classes < 1 or (names is not None and len(names) != num_classes):
+        utils.die(f"--resume {args.resume!r}: its num_classes {num_classes} is not a count of classes"
+                  + (f" (it names {len(names)})" if names is not None else ""))
+    try:
+        with torch.device("meta"):  # the model's shapes, without its memory
+            model = build_model(args, cfg, num_classes, None)
+    except (RuntimeError, TypeError, OverflowError):  # a count past int64 (an old checkpoint names no classes)
+        utils.die(f"--resume {args.resume!r}: its num_classes {num_classes} builds no classifier")
     utils.check_resume_state(ckpt, args, model, optimizer_groups(model, args))
     log_path = os.path.join(args.output_dir, f"{args.run_name}_log.jsonl")
     log = [r for r in utils.read_jsonl(log_path, "--output_dir") if r["epoch"] <= ckpt["epoch"]]

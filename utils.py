@@ -1063,6 +1063,21 @@ def check_resume_state(ckpt: dict, args, model: torch.nn.Module, param_groups: l
     if saved_sizes != sizes:
         die(f"--resume {args.resume!r}: its optimizer state does not fit this run's optimizer (parameters per group: "
             f"{saved_sizes}, this run's {sizes})")
+    # AdamW's own hyperparameters come from the saved groups (torch fills in only the keys newer versions added).
+    for group in saved["param_groups"]:
+        if missing := [key for key in ("lr", "betas", "eps", "weight_decay") if key not in group]:
+            die(f"--resume {args.resume!r}: its optimizer state has a parameter group without {', '.join(missing)}")
+    # Each parameter's moments must have its shape: the fused step reads them at the parameter's size, and one of
+    # another size was a segmentation fault (or memory silently overwritten) an epoch into the run.
+    for saved_group, group in zip(saved["param_groups"], param_groups):
+        for index, param in zip(saved_group["params"], group["params"]):
+            moments = saved["state"].get(index, {})
+            if not isinstance(moments, dict):
+                die(f"--resume {args.resume!r}: its optimizer state for parameter {index} is not a dict")
+            for name, value in moments.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    die(f"--resume {args.resume!r}: its optimizer state's {name} of parameter {index} has shape "
+                        f"{tuple(value.shape)}, the parameter {tuple(param.shape)}")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -815,12 +815,13 @@ def test_resume_with_a_damaged_log_is_refused_before_anything_changes(tmp_path, 
 
 
 @pytest.mark.parametrize("edit", ["missing weight", "unexpected weight", "weight size", "optimizer groups",
-                                  "group sizes"])
+                                  "group sizes", "moment size", "group without betas"])
 def test_resume_of_a_checkpoint_whose_state_does_not_fit_is_refused_before_anything_changes(tmp_path, run_pretrain,
                                                                                             capsys, edit):
     """A checkpoint of another version of this code, or an edited one, whose weights or optimizer state do not fit
     the model and optimizer the flags give: refused in one line, exit status 2, before any file is written
-    (utils.check_resume_state). load_state_dict found it only after args.json had been rewritten, with a traceback."""
+    (utils.check_resume_state). load_state_dict found it only after args.json had been rewritten, with a traceback;
+    a moment of the wrong size was a segmentation fault."""
     run_pretrain(tiny_pretrain_argv(tmp_path, "--stop_after", "1"))
     capsys.readouterr()
     path = tmp_path / "run" / "mae.pt"
@@ -837,6 +838,13 @@ def test_resume_of_a_checkpoint_whose_state_does_not_fit_is_refused_before_anyth
         groups[0]["params"].append(groups[1]["params"].pop())
         expected = (f"its optimizer state does not fit this run's optimizer (parameters per group: "
                     f"{[sizes[0] + 1, sizes[1] - 1]}, this run's {sizes})")
+    elif edit == "moment size":  # the fused step read past it: a segmentation fault an epoch later
+        index = groups[0]["params"][0]
+        ckpt["optimizer"]["state"][index]["exp_avg"] = torch.zeros(3)
+        expected = f"its optimizer state's exp_avg of parameter {index} has shape (3,), the parameter ("
+    elif edit == "group without betas":  # a KeyError in the first step, after args.json was rewritten
+        del groups[1]["betas"]
+        expected = "its optimizer state has a parameter group without betas"
     elif edit == "weight size":
         ckpt["model"]["decoder.pred.bias"] = ckpt["model"]["decoder.pred.bias"][:-1]
         expected = "its weights do not fit this model (size mismatch for decoder.pred.bias: copying a param with shape"

@@ -416,7 +416,7 @@ def test_bad_resume_is_one_line_and_changes_nothing(tmp_path, mae_ckpt, capsys):
     assert not moved.exists()
 
 
-@pytest.mark.parametrize("edit", ["missing weight", "optimizer groups"])
+@pytest.mark.parametrize("edit", ["missing weight", "optimizer groups", "moment size"])
 def test_resume_of_a_checkpoint_whose_state_does_not_fit_is_refused_before_anything_changes(tmp_path, mae_ckpt,
                                                                                             capsys, edit):
     """A _last.pt of another version of this code, or an edited one, whose weights or optimizer state do not fit the
@@ -431,6 +431,10 @@ def test_resume_of_a_checkpoint_whose_state_does_not_fit_is_refused_before_anyth
     if edit == "missing weight":
         del ckpt["model"]["head.weight"]
         expected = "its weights do not fit this model (1 missing: head.weight)"
+    elif edit == "moment size":  # an epoch ran on memory the fused step overwrote, then a segmentation fault
+        index = groups[-1]["params"][-1]
+        ckpt["optimizer"]["state"][index]["exp_avg_sq"] = torch.zeros(3)
+        expected = f"its optimizer state's exp_avg_sq of parameter {index} has shape (3,), the parameter ("
     else:
         sizes = [len(group["params"]) for group in groups]
         groups[0]["params"] += groups.pop()["params"]
@@ -456,10 +460,16 @@ def test_resume_of_a_checkpoint_with_fields_of_the_wrong_kind_is_refused_before_
              "not a checkpoint of this project (its pretrained_sha256 is of type int, not str or NoneType)"),
             ("classes", "airplane", "not a checkpoint of this project (its classes is of type str, not list)"),
             ("epoch", True, "not a checkpoint of this project (its epoch is of type bool, not int)"),
-            ("epoch", 0, "records epoch 0, but a run's checkpoint follows epoch 1 or later")):
+            ("epoch", 0, "records epoch 0, but a run's checkpoint follows epoch 1 or later"),
+            ("num_classes", -1, "its num_classes -1 is not a count of classes (it names 10)"),
+            ("num_classes", 11, "its num_classes 11 is not a count of classes (it names 10)")):
         torch.save({**saved, key: value}, last)
         err = refused_in_one_line(argv + ["--resume", str(last)], tmp_path / "run", capsys)
         assert f"--resume {str(last)!r}" in err and expected in err, (key, value, err)
+    # An older checkpoint names no classes: a count past int64 fails in torch, and is one line too.
+    torch.save({**{k: v for k, v in saved.items() if k != "classes"}, "num_classes": 10 ** 20}, last)
+    err = refused_in_one_line(argv + ["--resume", str(last)], tmp_path / "run", capsys)
+    assert err.endswith(f"--resume {str(last)!r}: its num_classes {10 ** 20} builds no classifier"), err
 
 
 def test_a_folder_under_the_name_of_an_output_file_is_refused_before_anything_is_written(tmp_path, capsys):
