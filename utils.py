@@ -342,6 +342,9 @@ def data_device(train, val, device: torch.device, args) -> torch.device:
     return torch.device("cpu")
 
 
+MAX_EPOCHS = 10 ** 9  # for --total_epoch and --warmup_epoch: far past any run, far inside a float's range
+
+
 def check_schedule_args(args) -> None:
     """The shared flags' checks, including the split of the global batch over processes and chunks."""
     for name in ("batch_size", "max_device_batch_size", "total_epoch"):
@@ -356,6 +359,10 @@ def check_schedule_args(args) -> None:
             f"{args.max_device_batch_size}" + (f" x {world_size} processes" if world_size > 1 else ""))
     if args.warmup_epoch < 0:
         die(f"--warmup_epoch must be >= 0, got {args.warmup_epoch}")
+    # The schedule is computed in floats: an epoch count of hundreds of digits overflowed float() after the run began.
+    for name in ("total_epoch", "warmup_epoch"):
+        if getattr(args, name) > MAX_EPOCHS:
+            die(f"--{name} must be at most {MAX_EPOCHS:,}, got {getattr(args, name)}")
     if args.base_learning_rate <= 0 or args.weight_decay < 0 or args.min_lr < 0:
         die(f"--base_learning_rate must be > 0, --weight_decay and --min_lr >= 0, got {args.base_learning_rate}, "
             f"{args.weight_decay} and {args.min_lr}")

@@ -710,6 +710,7 @@ def test_attention_flag_sets_the_kernel_of_training_and_evaluation(tmp_path, run
     (["--log_interval", "0"], "--log_interval must be >= 1, got 0"),  # the progress bar's step % 0
     (["--stop_after", "-1"], "--stop_after must be >= 0, got -1"),  # a run of no epoch
     (["--eval_every", "-1"], "--eval_every must be >= 0 and --knn_temperature > 0, got -1 and 0.07"),
+    (["--warmup_epoch", "9" * 401], "--warmup_epoch must be at most 1,000,000,000, got 999"),  # float() overflowed
     # AdamW's decay step scales the weights by 1 - lr x decay, here by about -1.9e303: a nan loss after an epoch
     (["--weight_decay", "1e308"], "--weight_decay 1e+308 x the peak lr 1.87e-05 is 1.87e+303: AdamW scales the "
                                   "weights by 1 minus that at every step, so it must be below 1"),

@@ -1253,6 +1253,7 @@ def test_the_smallest_mixing_alpha_allowed_draws_no_nan_where_a_smaller_one_does
     (["--random_erase", "1.5"], "--random_erase must be in [0, 1], got 1.5"),
     (["--crop_padding", "-1"], "--crop_padding must be >= 0, got -1"),
     (["--log_interval", "0"], "--log_interval must be >= 1, got 0"),
+    (["--total_epoch", "1" * 400], "--total_epoch must be at most 1,000,000,000, got 111"),
     (["--run_name", ".."], "--run_name must be a plain file-name prefix, got '..'"),
     # its longest output name, <run>_preds_epoch_<total_epoch>.png, longer than the file system allows (255 bytes on
     # most): found when its first file was saved
