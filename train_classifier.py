@@ -67,7 +67,7 @@ PROBE_SETTINGS = {name: value for name, value in RECIPES["plain"].items() if nam
 NUM_VIS = 16  # val images in the prediction grids (4 x 4)
 DECODER_FLAGS = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")  # accepted, unused: no decoder here
 CURVES = ("train_loss", "train_acc", "val_loss", "val_acc")  # one value per epoch, each to <run>_<name>.npy
-MIN_MIX_ALPHA = 1e-300  # the smallest --mixup/--cutmix alpha but 0 (check_args says why)
+MAX_MIX_ALPHA = 1e300  # --mixup/--cutmix alphas but 0 lie in [1 / this, this] (check_args says why)
 # What a run writes in --output_dir, each as <run>_<name>, besides a prediction figure at some epochs,
 # <run>_preds_epoch_<epoch>.png.
 OUTPUT_NAMES = (*(f"{curve}.npy" for curve in CURVES), "log.jsonl", "summary.json", "val_preds.npy", "val_labels.npy",
@@ -171,8 +171,10 @@ def check_args(args) -> None:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             utils.die(f"--{name} must be >= 1, got {getattr(args, name)}")
     # numpy's Beta draw at a tiny alpha takes log(U) / alpha, which overflows to a NaN draw (and loss) below about
-    # 4e-306 (log(U) >= -745); 1e-300 leaves room, and mixes as 0 would: each draw is 0 or 1.
-    alpha = (lambda v: v == 0 or v >= MIN_MIX_ALPHA, f"0 (off) or >= {MIN_MIX_ALPHA:g}")
+    # 4e-306 (log(U) >= -745); 1e-300 leaves room, and mixes as 0 would: each draw is 0 or 1. At a huge one the sum
+    # of the two alphas overflows (from about 9e307) and every draw is 0, no mixing at all, with no word.
+    alpha = (lambda v: v == 0 or 1 / MAX_MIX_ALPHA <= v <= MAX_MIX_ALPHA,
+             f"0 (off) or in [{1 / MAX_MIX_ALPHA:g}, {MAX_MIX_ALPHA:g}]")
     allowed = {"crop_padding": (lambda v: v >= 0, ">= 0"), "mixup": alpha, "cutmix": alpha,
                "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
                "drop_path": (lambda v: 0 <= v < 1, "in [0, 1)"), "layer_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),

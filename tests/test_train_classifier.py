@@ -1184,13 +1184,17 @@ def _make_bad_checkpoints(tmp_path, mae_ckpt):
     return folder
 
 
-def test_the_smallest_mixing_alpha_allowed_draws_no_nan_where_a_smaller_one_does():
+def test_the_mixing_alphas_allowed_draw_what_a_beta_distribution_does_where_smaller_and_larger_ones_do_not():
     """numpy's Beta draw (timm's Mixup takes its lambda from it) is NaN now and then at an alpha near the smallest
-    normal float, which the check used to allow; at the bound check_args sets, a million draws hold none."""
-    rng = np.random.RandomState(0)
+    normal float, which the check used to allow, and always 0 (no mixing) at one near the largest. At the bounds
+    check_args sets, a million draws are 0 or 1 at the low one (as Beta(a, a) is as a -> 0) and 0.5 at the high
+    one (as it is as a -> inf)."""
+    rng, low, high = np.random.RandomState(0), 1 / train_classifier.MAX_MIX_ALPHA, train_classifier.MAX_MIX_ALPHA
     assert np.isnan(rng.beta(2.3e-308, 2.3e-308, size=1_000_000)).any()
-    draws = rng.beta(train_classifier.MIN_MIX_ALPHA, train_classifier.MIN_MIX_ALPHA, size=1_000_000)
-    assert not np.isnan(draws).any() and set(np.unique(draws)) <= {0.0, 1.0}
+    assert set(np.unique(rng.beta(1e308, 1e308, size=1000))) == {0.0}
+    draws = rng.beta(low, low, size=1_000_000)
+    assert set(np.unique(draws)) == {0.0, 1.0} and 0.49 < draws.mean() < 0.51
+    assert set(np.unique(rng.beta(high, high, size=1000))) == {0.5}
 
 
 @pytest.mark.parametrize("bad_flags, expected", [
@@ -1246,9 +1250,10 @@ def test_the_smallest_mixing_alpha_allowed_draws_no_nan_where_a_smaller_one_does
     # CutMix alone mixes too (the plain recipe has neither, the finetune recipe both).
     (["--recipe", "plain", "--cutmix", "1", "--batch_size", "30", "--max_device_batch_size", "15"],
      "--max_device_batch_size 15 gives chunks of 15 images, which must be even with --mixup/--cutmix"),
-    (["--mixup", "-0.1"], "--mixup must be 0 (off) or >= 1e-300, got -0.1"),
-    (["--cutmix", "-1"], "--cutmix must be 0 (off) or >= 1e-300, got -1.0"),
-    (["--mixup", "2.3e-308"], "--mixup must be 0 (off) or >= 1e-300, got 2.3e-308"),  # NaN draws, now and then
+    (["--mixup", "-0.1"], "--mixup must be 0 (off) or in [1e-300, 1e+300], got -0.1"),
+    (["--cutmix", "-1"], "--cutmix must be 0 (off) or in [1e-300, 1e+300], got -1.0"),
+    (["--mixup", "2.3e-308"], "--mixup must be 0 (off) or in [1e-300, 1e+300], got 2.3e-308"),  # NaN draws at times
+    (["--cutmix", "1e308"], "--cutmix must be 0 (off) or in [1e-300, 1e+300], got 1e+308"),  # no mixing, silently
     (["--drop_path", "1.0"], "--drop_path must be in [0, 1), got 1.0"),  # every residual branch dropped
     (["--random_erase", "1.5"], "--random_erase must be in [0, 1], got 1.5"),
     (["--crop_padding", "-1"], "--crop_padding must be >= 0, got -1"),
