@@ -846,7 +846,7 @@ def main(args):
     amp_dtype = utils.autocast_dtype(args, device)
     inductor = inductor_settings(args)
     for build in (lambda: MAE(cfg), lambda: ViTClassifier(cfg, args.num_classes)):
-        utils.check_model_fits(build, device)
+        utils.check_model_fits(build, device, cfg)
     # after the size check: it runs attention at the model's shapes, on the device
     attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, class_token_query=True,
                                        decoder=True)

@@ -265,7 +265,7 @@ def main(args):
     check_args(args)
     cfg = utils.mae_config(args, norm_pix_loss=args.norm_pix_loss)
     device = utils.resolve_device(args)
-    utils.check_model_fits(lambda: MAE(cfg), device)
+    utils.check_model_fits(lambda: MAE(cfg), device, cfg)
     utils.resolve_runtime(args, device)
     ckpt, resumed_log = load_resume(args, cfg) if args.resume else (None, [])
     train, val, steps_per_epoch = utils.load_training_data(args, cfg.img_size)

@@ -557,7 +557,7 @@ def main(args):
     if ckpt is not None and (ckpt["num_classes"] != num_classes or ckpt.get("classes", classes) != classes):
         utils.die(f"--resume {args.resume!r} trained on {ckpt['num_classes']} classes ({ckpt.get('classes')}); "
                   f"these images have {num_classes} ({classes})")
-    utils.check_model_fits(lambda: build_model(args, cfg, num_classes, None), device)
+    utils.check_model_fits(lambda: build_model(args, cfg, num_classes, None), device, cfg)
     # after the size check: it runs attention at the model's shapes, on the device
     attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, args.global_pool == "token")
     utils.init_distributed(device)

@@ -293,24 +293,33 @@ def load_training_data(args, img_size: int):
 TRAINING_BYTES_PER_PARAMETER = 16
 
 
-def check_model_fits(build, device: torch.device) -> None:
+def check_model_fits(build, device: torch.device, cfg: MAEConfig | None = None) -> None:
     """One-line death when the model-size flags ask for a model whose weights, gradients and AdamW moments alone
     exceed all of the device's memory (--embed_dim 100000, say), which would otherwise end in an allocation error's
     traceback. build() runs on the meta device, allocating nothing. The device's total, not what is free now, is
-    the bound: no model that could run is refused."""
+    the bound: no model that could run is refused. With the model's `cfg`, its encoder's blocks (cfg.depth copies
+    of one) are counted first: building a depth of 100,000 on the meta device alone took minutes."""
+    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     try:
         with torch.device("meta"):
+            if cfg is not None:
+                blocks = cfg.depth * count_params(Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio))
+                _die_if_over(blocks, total, device, "at least ", " (its encoder's blocks alone)")
             params = count_params(build())
     # Sizes past int64's range even for the shapes: "Storage size calculation overflowed" (RuntimeError), or a size
     # itself past it (TypeError: "Overflow when unpacking long long").
     except (RuntimeError, TypeError, OverflowError) as e:
         die(f"model-size flags (--embed_dim, --depth, ...): no such model can be built ({str(e).splitlines()[0]})")
+    _die_if_over(params, total, device)
+
+
+def _die_if_over(params: int, total: int, device: torch.device, at_least: str = "", counted: str = "") -> None:
     need = TRAINING_BYTES_PER_PARAMETER * params
-    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
-             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     if need > total:
-        die(f"model-size flags (--embed_dim, --depth, ...): {params:,} parameters need {need / 2 ** 30:,.1f} GiB for "
-            f"weights, gradients and AdamW's moments, more than the {total / 2 ** 30:,.1f} GiB of {device.type}")
+        die(f"model-size flags (--embed_dim, --depth, ...): {at_least}{params:,} parameters need {need / 2 ** 30:,.1f} "
+            f"GiB for weights, gradients and AdamW's moments{counted}, more than the {total / 2 ** 30:,.1f} GiB of "
+            f"{device.type}")
 
 
 def memory_name(data_device: torch.device) -> str:

@@ -677,6 +677,24 @@ def test_check_model_fits_counts_16_bytes_a_parameter_against_all_of_the_memory(
     assert built_on == ["meta", "meta"]  # counted without allocating
 
 
+def test_check_model_fits_refuses_a_deep_model_by_its_encoder_blocks_before_building_it(capsys):
+    """Given the config, cfg.depth copies of one encoder block are counted first: a model they alone do not fit
+    is refused without building it (a depth of 100,000 took minutes to build on the meta device), and one they
+    fit is built and counted whole."""
+    built = []
+    cfg = MAEConfig(embed_dim=32, depth=10 ** 9, num_heads=2)
+    with pytest.raises(SystemExit) as exc:
+        utils.check_model_fits(lambda: built.append(cfg), torch.device("cpu"), cfg)
+    assert exc.value.code == 2 and built == []
+    per_block = 12 * 32 ** 2 + 13 * 32  # qkv, proj and the 4x MLP's weights; their biases and two LayerNorms'
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"at least {10 ** 9 * per_block:,} parameters need" in err and \
+        "AdamW's moments (its encoder's blocks alone), more than" in err, err
+    small = MAEConfig(embed_dim=32, depth=2, num_heads=2)
+    utils.check_model_fits(lambda: built.append(small) or torch.nn.Linear(2, 2), torch.device("cpu"), small)
+    assert built == [small] and capsys.readouterr().err == ""
+
+
 def test_embed_all_embeds_every_image_in_order_onto_the_given_device():
     import data
     images = torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8)
