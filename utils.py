@@ -83,11 +83,8 @@ def check_output_file(flag: str, path: str, suffixes: tuple, create_folder: bool
 def check_name_length(flag: str, path: str) -> None:
     """One-line death when the file name of `path` is longer than its file system takes (255 bytes on most): found
     at the first save, it would cost an epoch."""
-    existing = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(existing):  # the folder may be made later, on the file system of its nearest ancestor
-        existing = os.path.dirname(existing)
-    try:
-        limit = os.pathconf(existing, "PC_NAME_MAX")
+    try:  # the folder may be made later, on the file system of its nearest ancestor
+        limit = os.pathconf(nearest_existing(os.path.dirname(os.path.abspath(path))), "PC_NAME_MAX")
     except (OSError, ValueError):  # no such query here: the common limit
         limit = 255
     name = os.path.basename(path)
@@ -164,14 +161,19 @@ def _lstat_mode(path: str) -> int:
         return 0
 
 
+def nearest_existing(path: str) -> str:
+    """`path` (absolute) if it exists, else its nearest ancestor that does."""
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
 def check_output_folder(flag: str, folder: str, create: bool = True) -> None:
     """An output folder that exists and is writable, or (with create) can be made inside a writable folder."""
     if not folder:
         die(f"{flag} must name a folder, got ''")
     check_not_a_file(flag, folder)
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):  # the nearest ancestor that exists: where the folder would be made
-        existing = os.path.dirname(existing)
+    existing = nearest_existing(os.path.abspath(folder))  # where the folder would be made
     if existing != os.path.abspath(folder):
         if not create:
             die(f"{flag}: folder {folder!r} does not exist")
