@@ -1044,10 +1044,12 @@ def load_state_dict_checked(module: torch.nn.Module, state) -> str:
     assignment: copying into a meta tensor does nothing but warn."""
     if not isinstance(state, dict):
         return f"its weights are a {type(state).__name__}, not a state_dict"
+    # load_state_dict fails on a key that is no name; a meta tensor has no values to copy; a complex one is taken
+    # whole into a model on the meta device, and loses its imaginary part, with a warning, into a real one.
     odd = [key for key, value in state.items() if not isinstance(key, str) or not isinstance(value, torch.Tensor)
-           or value.is_meta]  # load_state_dict fails on a key that is no name; a meta tensor has no values to copy
+           or value.is_meta or value.is_complex()]
     if odd:
-        return f"entries that are not a name with a tensor of values: {', '.join(map(repr, odd[:3]))}"
+        return f"entries that are not a name with a real tensor of values: {', '.join(map(repr, odd[:3]))}"
     meta = any(t.is_meta for t in module.state_dict().values())
     try:
         result = module.load_state_dict(state, strict=False, assign=meta)

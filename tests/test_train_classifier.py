@@ -1226,7 +1226,7 @@ def test_the_mixing_alphas_allowed_draw_what_a_beta_distribution_does_where_smal
     (["--pretrained_model_path", "{ckpts}/text_mlp_ratio.pt"], "its config is not an MAEConfig"),
     (["--pretrained_model_path", "{ckpts}/huge_mlp_ratio.pt"], "its config is not an MAEConfig"),
     (["--pretrained_model_path", "{ckpts}/negative_mlp_ratio.pt"], "its config is not an MAEConfig"),
-    (["--pretrained_model_path", "{ckpts}/int_key.pt"], "entries that are not a name with a tensor of values: 5"),
+    (["--pretrained_model_path", "{ckpts}/int_key.pt"], "entries that are not a name with a real tensor of values: 5"),
     (["--embed_dim", str(2 ** 64), "--num_heads", "1"], "no such model can be built"),  # a size past int64
     (["--layer_decay", "0"], "--layer_decay must be in (0, 1]"),
     (["--crop_padding", "32"], "--crop_padding must be in [0, 32)"),

@@ -1370,13 +1370,15 @@ def test_a_state_loads_into_a_meta_module_by_assignment_without_a_warning_and_in
 
 
 def test_a_state_with_an_entry_that_is_no_named_tensor_with_values_is_said_in_a_few_words():
-    """A key that is no name (load_state_dict's AttributeError), a value that is no tensor, or a meta tensor (no
-    values: copying it out raised NotImplementedError) is named, not a traceback."""
+    """A key that is no name (load_state_dict's AttributeError), a value that is no tensor, a meta tensor (no
+    values: copying it out raised NotImplementedError) or a complex one (loaded with a warning at most) is named,
+    not a traceback."""
     module = torch.nn.Linear(3, 2)
     state = module.state_dict()
-    for key, value in ((5, torch.zeros(1)), ("weight", [1.0]), ("bias", torch.zeros(2, device="meta"))):
+    for key, value in ((5, torch.zeros(1)), ("weight", [1.0]), ("bias", torch.zeros(2, device="meta")),
+                       ("bias", torch.zeros(2, dtype=torch.complex64))):
         assert utils.load_state_dict_checked(module, {**state, key: value}) == \
-            f"entries that are not a name with a tensor of values: {key!r}"
+            f"entries that are not a name with a real tensor of values: {key!r}"
 
 
 def test_model_sizes_past_int64_are_one_line(capsys):
