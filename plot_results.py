@@ -378,6 +378,13 @@ def make_room(ax, y, lowest: bool, share: float = 0.17, ceiling: float | None = 
     return True
 
 
+def loss_compared(runs: list) -> list:
+    """The runs whose training losses the comparison figure draws: the fine-tunes. The probe's training loss is
+    plain cross-entropy on its frozen features, the fine-tunes' the recipe's (on mixed, smoothed targets with
+    `finetune`): not one quantity, so it has no place on their axes."""
+    return [run for run in runs if not run.linear_probe]
+
+
 def check_log_scale(pre, runs: list, cls_dir: str) -> None:
     """One-line death when a loss that --log_scale puts on a log axis holds a value <= 0: matplotlib leaves such
     points out with a warning at most, and the curve would be drawn without them."""
@@ -387,7 +394,7 @@ def check_log_scale(pre, runs: list, cls_dir: str) -> None:
                   for name, values in (("losses", pre.losses), ("val_loss", pre.evals.get("val_loss"))) if
                   values is not None]
     drawn += [("--cls_dir", os.path.join(cls_dir, f"{run.name}_train_loss.npy"), run.curves["train_loss"])
-              for run in runs if not run.linear_probe and "train_loss" in run.curves]  # a probe's is not drawn
+              for run in loss_compared(runs) if "train_loss" in run.curves]
     for flag, path, values in drawn:
         if (values <= 0).any():
             utils.die(f"--log_scale: {path!r} ({flag}) holds a loss of {values[values <= 0].min():g}, which a log "
@@ -781,9 +788,7 @@ def main(args):
                 else:
                     missing.append(f"{src} (no {key}.png)")
         if runs:
-            # The probe's training loss is plain cross-entropy on its frozen features, the fine-tunes' the recipe's
-            # (on mixed, smoothed targets with `finetune`): not one quantity, so it has no place on their axes.
-            for key, curve, shown in (("cls_train_loss_compare", "train_loss", [r for r in runs if not r.linear_probe]),
+            for key, curve, shown in (("cls_train_loss_compare", "train_loss", loss_compared(runs)),
                                       ("cls_val_acc_compare", "val_acc", runs)):
                 if any(curve in r.curves for r in shown):
                     figures[key] = os.path.join(args.cls_dir, f"{key}.png")
