@@ -113,7 +113,7 @@ def load_resume(args, cfg):
         shown = f"{losses[:4]!r}"[:-1] + (", ...]" if len(losses) > 4 else "]")
         utils.die(f"--resume {args.resume!r}: its losses should be one number per epoch up to its epoch {epoch}, "
                   f"found {len(losses)}: {shown[:100]}")
-    metrics = [name for name in EVAL_METRICS if name != "val_psnr" or not args.norm_pix_loss]  # what evaluate gives
+    metrics = monitor_metrics(args.norm_pix_loss)
     if not all(isinstance(e, dict) and sorted(e) == sorted(["epoch", *metrics]) and type(e["epoch"]) is int
                and all(utils.is_number(e[name]) for name in metrics) for e in ckpt["evals"]):
         utils.die(f"--resume {args.resume!r}: its evals should be records of an integer epoch and the numbers "
@@ -217,6 +217,11 @@ def reconstruct_val(model, val_imgs, noise, cfg, amp_dtype):
 
 @torch.no_grad()
 @utils.eager()
+def monitor_metrics(norm_pix_loss: bool) -> list:
+    """The numbers each evaluation gives (evaluate says why there is no PSNR with norm_pix_loss)."""
+    return [name for name in EVAL_METRICS if name != "val_psnr" or not norm_pix_loss]
+
+
 def evaluate(model, train, val, val_noise, args, device, amp_dtype):
     """kNN accuracy of the encoder's features (train split as the bank, val split as queries), and the val
     reconstruction under fixed masks: masked MSE (the training loss) and PSNR of the masked patches in
@@ -370,7 +375,7 @@ def save_epoch_outputs(args, writer, stats, evals, log, figures, checkpoint):
     writer.add_scalar("mae_loss", stats["loss"], epoch)
     writer.add_scalar("images_per_sec", stats["images_per_sec"], epoch)
     writer.add_image("mae_image", utils.recon_grid_tensor(masked, recon, original), epoch)
-    names = [name for name in EVAL_METRICS if evals and name in evals[-1]]  # no val_psnr with --norm_pix_loss
+    names = monitor_metrics(args.norm_pix_loss) if evals else []
     if evals and evals[-1]["epoch"] == epoch:
         for name in names:
             writer.add_scalar(name, stats[name], epoch)
