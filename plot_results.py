@@ -18,7 +18,7 @@ matplotlib.use("Agg")  # files only: no display needed, none opened
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.legend_handler import HandlerTuple  # noqa: E402
-from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, Locator, LogLocator, MaxNLocator  # noqa: E402
 
 import utils  # noqa: E402
 
@@ -321,9 +321,36 @@ def epoch_axis(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+# Below this ratio of an axis's highest to lowest value, a log axis's own ticks label one or two values at most (0.27
+# to 0.33: only "0.3"), so log_y_axis spaces its ticks evenly there instead: the scale is nearly linear anyway.
+NARROW_LOG_RANGE = 3.0
+
+
+class LogAxisTicks(Locator):
+    """A log axis's major or minor ticks (matplotlib's LogLocator), or, across less than NARROW_LOG_RANGE, evenly
+    spaced major ticks and no minor ones. Decided at draw time, after every limit change."""
+
+    def __init__(self, minor: bool):
+        self.minor = minor
+
+    def __call__(self):
+        return self.tick_values(*self.axis.get_view_interval())
+
+    def tick_values(self, vmin, vmax):
+        lo, hi = sorted((vmin, vmax))
+        if hi < NARROW_LOG_RANGE * lo:
+            if self.minor:
+                return []
+            return [v for v in MaxNLocator(nbins=5, steps=[1, 2, 5, 10]).tick_values(lo, hi) if v > 0]
+        log = LogLocator(subs="auto" if self.minor else (1.0,))
+        log.set_axis(self.axis)
+        return log.tick_values(lo, hi)
+
+
 def log_y_axis(ax) -> None:
     """Log y axis labelled with plain numbers (0.05, 0.1, 0.2), not 5 x 10^-2; within a decade or two the powers
-    of ten alone would leave the axis nearly unlabelled, so some minor ticks get a label too."""
+    of ten alone would leave the axis nearly unlabelled, so some minor ticks get a label too, and within less than
+    a factor of NARROW_LOG_RANGE the ticks are evenly spaced (LogAxisTicks)."""
     ax.set_yscale("log")
 
     def minor(value, _):
@@ -332,6 +359,8 @@ def log_y_axis(ax) -> None:
         mantissas = range(2, 10) if decades <= 1.2 else (2, 5) if decades <= 2.5 else ()
         mantissa = value / 10 ** np.floor(np.log10(value) + 1e-9)
         return f"{value:g}" if any(np.isclose(mantissa, m) for m in mantissas) else ""
+    ax.yaxis.set_major_locator(LogAxisTicks(minor=False))
+    ax.yaxis.set_minor_locator(LogAxisTicks(minor=True))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     ax.yaxis.set_minor_formatter(FuncFormatter(minor))
 

@@ -602,6 +602,30 @@ def test_best_points_are_annotated_and_log_scale_is_an_option(run_outputs):
         assert text.endswith(f"best {min(loss):.4f} at epoch {loss.index(min(loss)) + 1}")
 
 
+@pytest.mark.parametrize("low, high", [(0.27, 0.33), (1.0, 2.2), (2.30, 2.31), (0.0402, 0.2381), (0.01, 1.0),
+                                       (1e-3, 10.0)])
+def test_a_log_loss_axis_labels_at_least_three_values_whatever_its_range(low, high):
+    """--log_scale's axis names at least three distinct values between its limits, as plain numbers: across less
+    than a factor of 3 (a short run's losses, 0.27 to 0.33), powers of ten and their multiples had left one label or
+    none, so the axis could not be read."""
+    fig = plot_results.plt.figure()
+    try:
+        ax = fig.add_subplot()
+        ax.plot([1, 2], [low, high])
+        plot_results.log_y_axis(ax)
+        fig.canvas.draw()
+        bottom, top = ax.get_ylim()
+        labels = [formatter(value, i) for locs, formatter in (
+            (ax.yaxis.get_majorticklocs(), ax.yaxis.get_major_formatter()),
+            (ax.yaxis.get_minorticklocs(), ax.yaxis.get_minor_formatter())) for i, value in enumerate(locs)
+            if bottom <= value <= top]
+    finally:
+        plot_results.plt.close(fig)
+    labels = [label for label in labels if label]
+    assert len(labels) == len(set(labels)) >= 3, labels
+    assert all(float(label) > 0 for label in labels), labels  # plain numbers: no 10^-2 in mathtext
+
+
 @pytest.mark.parametrize("knn", [[0.3, 0.6], [1.0, 1.0], [1.0, 0.9], [0.2, 1.0]])
 def test_the_best_points_label_lies_inside_its_panel(run_outputs, knn):
     """The monitor's kNN label stays inside its axes, clear of the panel's title, wherever the best point is: at
