@@ -720,7 +720,7 @@ def report_classifiers(runs: list, figures: dict, rel) -> list:
         lines += [f"Most frequent confusions of `{focus.name}` (share of the true class):", ""]
         lines += [f"- {t} -> {p}: {s:.1f}% ({c} images)" for t, p, s, c in top_confusions(focus)] + [""]
     for key, caption in (("cls_train_loss_compare", "training loss"), ("cls_val_acc_compare", "validation accuracy"),
-                         ("preds_grid", "predictions (P) vs true labels (T)"),
+                         ("preds_grid", "predictions on val images: ✓ right, ✗ wrong (true class in brackets)"),
                          ("confusion_matrix", "confusion matrix")):
         if key in figures:
             lines += [f"![{caption}]({rel(figures[key])})", ""]

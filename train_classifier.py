@@ -648,7 +648,8 @@ def main(args):
         utils.atomic_save(snapshot, last_model_path)
         utils.save_json(path["summary.json"], summary)
         if stats["epoch"] in grid_epochs:
-            save_grid(stats["epoch"], val_predicted[vis_idx], f", val acc {stats['val_acc']:.2%}")
+            save_grid(stats["epoch"], val_predicted[vis_idx],
+                      f", val acc {stats['val_acc']:.2%} over all {len(val):,} val images")
 
     if main_process and ckpt is None:
         with torch.no_grad(), utils.eager(), utils.autocast(device, amp_dtype):

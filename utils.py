@@ -1196,27 +1196,41 @@ def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay:
     return list(groups.values())
 
 
-def save_prediction_grid(path: str, images, predicted, true, classes, title: str = "", ncol: int = 4) -> None:
-    """Images (B, 3, H, W) in [0, 1], each titled 'P: <predicted> / T: <true>', green when right, red when
-    wrong."""
+# A right prediction's title, a wrong one's: Okabe-Ito blue and vermillion, which readers with a red-green colour
+# deficiency tell apart, and a mark that a greyscale print keeps (matplotlib's red and green are equally grey).
+RIGHT_COLOUR, WRONG_COLOUR = "#0072B2", "#D55E00"
+
+
+def prediction_grid(images, predicted, true, classes, title: str = "", ncol: int = 4):
+    """A matplotlib Figure of images (B, 3, H, W) in [0, 1], each titled '✓ <predicted>' when right and
+    '✗ <predicted> (true: <true>)' when wrong; under `title`, how many of the images shown are right."""
     # matplotlib's object API, not pyplot: pyplot keeps global state and this runs in a background thread.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     nrow = math.ceil(len(images) / ncol)
-    fig = Figure(figsize=(2.2 * ncol, 2.3 * nrow + 0.5))
+    fig = Figure(figsize=(2.2 * ncol, 2.3 * nrow + 0.7))
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrow, ncol, squeeze=False)
+    right = 0
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= len(images):
             continue
         p, t = int(predicted[i]), int(true[i])
+        right += p == t
         ax.imshow(images[i].float().cpu().permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_title(f"P: {classes[p]} / T: {classes[t]}", fontsize=8, color="green" if p == t else "red")
-    if title:
-        fig.suptitle(title, fontsize=11)
+        text = f"✓ {classes[p]}" if p == t else f"✗ {classes[p]} (true: {classes[t]})"
+        ax.set_title(text, fontsize=8, color=RIGHT_COLOUR if p == t else WRONG_COLOUR)
+    shown = f"{right} of these {len(images)} predicted right (✓), {len(images) - right} wrong (✗)"
+    fig.suptitle(f"{title}\n{shown}" if title else shown, fontsize=11)
     fig.tight_layout()
+    return fig
+
+
+def save_prediction_grid(path: str, images, predicted, true, classes, title: str = "", ncol: int = 4) -> None:
+    """prediction_grid's figure, saved as a PNG."""
+    fig = prediction_grid(images, predicted, true, classes, title, ncol)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=150)
 

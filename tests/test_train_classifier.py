@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -1141,22 +1142,31 @@ def test_layer_decay_gives_each_block_its_lr_scale():
     assert sum(len(g["params"]) for g in groups) == 2
 
 
-def test_prediction_grid_colours_right_green_and_wrong_red(tmp_path):
-    images = torch.full((2, 3, 32, 32), 0.5)
+def test_prediction_grid_marks_each_image_right_or_wrong_in_colour_and_in_its_text(tmp_path):
+    """Right and wrong differ in a sign a greyscale print keeps (✓, ✗, the true class), not only in colour (the
+    red and green of before were the same grey), and the title counts them among the images shown."""
+    images = torch.full((3, 3, 32, 32), 0.5)
+    fig = utils.prediction_grid(images, [0, 0, 1], [0, 1, 1], ["cat", "dog"], title="scratch, epoch 2")
+    titles = [(ax.get_title(), ax.title.get_color()) for ax in fig.axes if ax.get_title()]
+    assert titles == [("✓ cat", utils.RIGHT_COLOUR), ("✗ cat (true: dog)", utils.WRONG_COLOUR),
+                      ("✓ dog", utils.RIGHT_COLOUR)]
+    assert fig._suptitle.get_text() == "scratch, epoch 2\n2 of these 3 predicted right (✓), 1 wrong (✗)"
 
-    def colour_pixels(predicted):
+    def colour_pixels(predicted):  # the file shows those colours: the one that was right, the other that was wrong
         path = str(tmp_path / "grid.png")
-        utils.save_prediction_grid(path, images, predicted, [0, 1], ["cat", "dog"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a glyph the font lacks is a warning, and a box in the figure
+            utils.save_prediction_grid(path, images[:2], predicted, [0, 1], ["cat", "dog"])
         rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
-        r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-        return ((g > 100) & (r < 60) & (b < 60)).sum(), ((r > 200) & (g < 60) & (b < 60)).sum()
+        return [(np.abs(rgb - np.array(Image.new("RGB", (1, 1), colour).getpixel((0, 0)))).sum(-1) < 40).sum()
+                for colour in (utils.RIGHT_COLOUR, utils.WRONG_COLOUR)]
 
-    green, red = colour_pixels([0, 1])
-    assert green > 20 and red == 0
-    green, red = colour_pixels([1, 1])
-    assert green > 20 and red > 20
-    green, red = colour_pixels([1, 0])
-    assert green == 0 and red > 20
+    right, wrong = colour_pixels([0, 1])
+    assert right > 20 and wrong == 0
+    right, wrong = colour_pixels([1, 1])
+    assert right > 20 and wrong > 20
+    right, wrong = colour_pixels([1, 0])
+    assert right == 0 and wrong > 20
 
 
 # ----------------------------------------------------------------------------------------------------------
