@@ -292,6 +292,7 @@ def main(args):
                                "--model_path": os.path.dirname(os.path.abspath(args.model_path))}, device)
     if main_process:
         utils.save_json(os.path.join(args.output_dir, "args.json"), vars(args))
+        utils.remove_epoch_files(args.output_dir, "recon_epoch_", ".png", after=ckpt["epoch"] if ckpt else -1)
 
     # ---- data: the whole uint8 dataset lives on the device (or, when it does not fit there, on the host)
     train, val = train.to(data_device), val.to(data_device)

@@ -18,6 +18,7 @@ A tiny CPU run that needs no files (seconds):
         --output_model_path /tmp/cls.pt --output_dir /tmp/cls_out --log_dir /tmp/cls_logs
 """
 import argparse
+import contextlib
 import dataclasses
 import glob
 import math
@@ -591,6 +592,11 @@ def main(args):
                               device)
     if main_process:
         utils.save_json(path["args.json"], vars(args))
+        # An earlier run's grids: those of epochs this run has not trained, and the final one, which this run
+        # writes at its last epoch. plot_results reports <run>_preds_grid.png as this run's.
+        utils.remove_epoch_files(out, f"{run}_preds_epoch_", ".png", after=ckpt["epoch"] if ckpt else -1)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path["preds_grid.png"])
 
     # ---- data: the whole uint8 dataset lives on the device (or, when it does not fit there, on the host)
     train_images, val_images = train.images.to(data_device), val.images.to(data_device)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -927,6 +928,22 @@ def write_jsonl(path: str, records: list) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
+
+
+def remove_epoch_files(folder: str, prefix: str, suffix: str, after: int) -> None:
+    """Remove the files <prefix><epoch><suffix> in `folder` (an epoch's figure) whose epoch is past `after`, the
+    last epoch this run holds (-1 for a new run): a run writes them epoch by epoch, so these are an earlier run's in
+    the same folder, which would sit among this run's as its own. A folder that cannot be listed keeps them."""
+    epoch_file = re.compile(re.escape(prefix) + "([0-9]+)" + re.escape(suffix))
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        match = epoch_file.fullmatch(name)
+        if match and int(match.group(1)) > after:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
 
 
 def read_jsonl(path: str, flag: str) -> list:

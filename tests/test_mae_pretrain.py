@@ -67,15 +67,21 @@ def test_two_epoch_run_writes_every_output(tmp_path, run_pretrain):
     assert sorted(os.listdir(out)) == sorted([*mae_pretrain.OUTPUT_NAMES, "recon_epoch_001.png", "recon_epoch_002.png"])
 
 
-def test_a_fresh_run_leaves_no_monitor_array_of_an_earlier_run_in_its_output_dir(tmp_path, run_pretrain):
+def test_a_fresh_run_leaves_no_monitor_array_or_figure_of_an_earlier_run_in_its_output_dir(tmp_path, run_pretrain):
     """A new run in the --output_dir of an earlier one removes the monitor arrays it does not write itself: all of
     them before its first evaluation, val_psnr.npy under --norm_pix_loss. plot_results drew the earlier run's kNN
-    accuracy as this run's."""
+    accuracy as this run's. The earlier run's figures of epochs this one does not reach go too; other files stay."""
     out = tmp_path / "run" / "outputs"
     run_pretrain(tiny_pretrain_argv(tmp_path, "--eval_every", "1"))
     assert {"eval_epochs.npy", "knn_acc.npy", "val_loss.npy", "val_psnr.npy"} <= set(os.listdir(out))
+    others = ["recon_epoch_7.png.bak", "recon_epoch_x.png", "notes.txt", "recon_epoch_٣.png"]
+    for name in others:
+        (out / name).write_text("kept")
     run_pretrain(tiny_pretrain_argv(tmp_path, "--eval_every", "1", "--norm_pix_loss", "--total_epoch", "1"))
     assert np.load(out / "eval_epochs.npy").tolist() == [1] and not (out / "val_psnr.npy").exists()
+    assert sorted(name for name in os.listdir(out) if name.startswith("recon_epoch_") and name not in others) == [
+        "recon_epoch_001.png"]
+    assert all((out / name).read_text() == "kept" for name in others)
     run_pretrain(tiny_pretrain_argv(tmp_path, "--eval_every", "0", "--total_epoch", "1"))
     assert not {"eval_epochs.npy", "knn_acc.npy", "val_loss.npy", "val_psnr.npy"} & set(os.listdir(out))
 
@@ -85,7 +91,14 @@ def test_resume_continues_the_same_run(tmp_path, run_pretrain):
     split = tiny_pretrain_argv(tmp_path, "--eval_every", "1", name="split")
     run_pretrain(split + ["--stop_after", "1"])
     assert len(np.load(tmp_path / "split" / "outputs" / "losses.npy")) == 1
+    # The figure of an epoch past the checkpoint's is an earlier run's (one that went on from it, or another one):
+    # the resume removes it, and keeps its own epochs' figures as they are.
+    first = (tmp_path / "split" / "outputs" / "recon_epoch_001.png").read_bytes()
+    (tmp_path / "split" / "outputs" / "recon_epoch_007.png").write_bytes(first)
     run_pretrain(split + ["--resume", str(tmp_path / "split" / "mae.pt")])
+    assert sorted(name for name in os.listdir(tmp_path / "split" / "outputs") if name.endswith(".png")) == [
+        "recon_epoch_001.png", "recon_epoch_002.png"]
+    assert (tmp_path / "split" / "outputs" / "recon_epoch_001.png").read_bytes() == first
 
     straight = np.load(tmp_path / "straight" / "outputs" / "losses.npy")
     resumed = np.load(tmp_path / "split" / "outputs" / "losses.npy")

@@ -365,20 +365,32 @@ def test_resume_continues_the_same_run(tmp_path, mae_ckpt, extra, monkeypatch):
     """Three epochs straight, and one then two more with --resume: the same curves, best epoch and weights. The
     finetune recipe draws augmentation, mixup and drop path from per-epoch seeds, so a resumed epoch draws what
     the straight run's did. The resume draws the grids of its own epochs only: the one before training stays the
-    first run's."""
+    first run's. Grids in the folder of epochs a run has not trained, and the final grid, are an earlier run's:
+    plot_results showed such a final grid as the run's. Each run removes its own of those, not another run's."""
     flags = ["--pretrained_model_path", mae_ckpt, *extra]
     run_cls(cls_argv(tmp_path, *flags, name="straight", epochs=3))
     split = cls_argv(tmp_path, *flags, name="split", epochs=3)
-    run_cls(split + ["--stop_after", "1"])
     out = tmp_path / "split" / "cls_outputs"
     run = "linprobe" if extra else "pretrained"
+    out.mkdir(parents=True)
+    for name in (f"{run}_preds_grid.png", f"{run}_preds_epoch_3.png"):  # an earlier run of the same name's
+        shutil.copy(tmp_path / "straight" / "cls_outputs" / name, out / name)
+    (out / "scratch_preds_epoch_3.png").write_bytes(b"another run's")
+    run_cls(split + ["--stop_after", "1"])
     assert len(np.load(out / f"{run}_val_acc.npy")) == 1
     assert not (out / f"{run}_preds_grid.png").exists()  # the run's final grid comes at its last epoch
+    assert sorted(name for name in os.listdir(out) if name.endswith(".png")) == [
+        f"{run}_preds_epoch_0.png", "scratch_preds_epoch_3.png"]  # grids at epochs 0, 2 and 3
+    before = (out / f"{run}_preds_epoch_0.png").read_bytes()
+    shutil.copy(out / f"{run}_preds_epoch_0.png", out / f"{run}_preds_epoch_9.png")
     grids, save_grid = [], utils.save_prediction_grid
     monkeypatch.setattr(utils, "save_prediction_grid", lambda path, *args, **kwargs: (
         grids.append(os.path.basename(path)), save_grid(path, *args, **kwargs)))
     run_cls(split + ["--resume", str(tmp_path / "split" / "cls_last.pt")])
     assert sorted(grids) == [f"{run}_preds_epoch_2.png", f"{run}_preds_epoch_3.png"]
+    assert not (out / f"{run}_preds_epoch_9.png").exists()
+    assert (out / f"{run}_preds_epoch_0.png").read_bytes() == before
+    assert (out / "scratch_preds_epoch_3.png").read_bytes() == b"another run's"
 
     straight = tmp_path / "straight" / "cls_outputs"
     for name in train_classifier.CURVES:
