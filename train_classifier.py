@@ -579,8 +579,9 @@ def main(args):
               f"attention {attention}; images in {utils.memory_name(data_device)}")
     start = "from scratch" if mae_state is None else \
         f"encoder from {args.pretrained_model_path} (its encoder's SHA-256 {pretrained_sha256[:12]})"
-    log_print(f"model: {count_params(model) / 1e6:.2f}M parameters, {start}"
-              f"{', linear probe' if args.linear_probe else ''}; recipe {args.recipe}: "
+    settings = f"linear probe, with the probe's settings and recipe {args.recipe}'s lr schedule" if args.linear_probe \
+        else f"recipe {args.recipe}"  # a probe's recipe gives it its schedule alone (PROBE_SETTINGS)
+    log_print(f"model: {count_params(model) / 1e6:.2f}M parameters, {start}; {settings}: "
               f"{ {name: getattr(args, name) for name in RECIPE_FLAGS} }")
     seen = val_images_pretrained_on(args, pretrain_args)
     if seen and main_process:  # allowed (the labels were never seen), but the val accuracy is then optimistic

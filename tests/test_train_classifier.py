@@ -625,12 +625,16 @@ def test_pretrained_plain_run_writes_every_output_with_the_reference_schedule(tm
     assert [e.value for e in events.Scalars("lr")] == pytest.approx(expected, rel=1e-6)
 
 
-def test_linear_probe_trains_the_head_only(tmp_path, mae_ckpt):
+def test_linear_probe_trains_the_head_only(tmp_path, mae_ckpt, capsys):
     argv = cls_argv(tmp_path, "--pretrained_model_path", mae_ckpt, "--linear_probe")
     run_cls(argv)
     summary = check_run_outputs(tmp_path / "run", "linprobe", 2, argv)
     assert summary["linear_probe"] is True
     assert summary["recipe_settings"] == {**train_classifier.PROBE_SETTINGS, "schedule": "warmup_cosine"}
+    # The settings line says they are the probe's, not --recipe's (finetune, by default): those are its schedule only.
+    model_line, = [line for line in capsys.readouterr().out.splitlines() if line.startswith("model: ")]
+    assert "; linear probe, with the probe's settings and recipe finetune's lr schedule: {'crop_padding': 0, " in \
+        model_line
 
     pretrained = mae_encoder(mae_ckpt)
     args = parse(argv)
