@@ -366,13 +366,24 @@ def main(args):
     utils.close_distributed()
 
 
+def recon_title(stats: dict, images: int) -> str:
+    """The epoch's reconstruction figure's title: what its images are, and the epoch's numbers, the val ones (which
+    are of the same images, under the same masks, and more) when the epoch was evaluated."""
+    title = f"epoch {stats['epoch']}: the first {images} val images, fixed masks | train loss {stats['loss']:.4f}"
+    if "val_loss" in stats:
+        title += f" | val loss {stats['val_loss']:.4f}"
+    if "val_psnr" in stats:
+        title += f", masked patches' PSNR {stats['val_psnr']:.2f} dB"
+    return title
+
+
 def save_epoch_outputs(args, writer, stats, evals, log, figures, checkpoint):
     """Everything an epoch leaves on disk (main process, background thread): figure, TensorBoard, arrays,
     log, checkpoint. Takes CPU copies only, so training may go on meanwhile."""
     epoch = stats["epoch"]
     masked, recon, original = figures
     utils.save_recon_figure(os.path.join(args.output_dir, f"recon_epoch_{epoch:03d}.png"), masked, recon,
-                            original, title=f"epoch {epoch}, train loss {stats['loss']:.4f}")
+                            original, title=recon_title(stats, len(masked)))
     writer.add_scalar("mae_loss", stats["loss"], epoch)
     writer.add_scalar("images_per_sec", stats["images_per_sec"], epoch)
     writer.add_image("mae_image", utils.recon_grid_tensor(masked, recon, original), epoch)

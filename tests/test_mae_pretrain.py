@@ -86,6 +86,20 @@ def test_a_fresh_run_leaves_no_monitor_array_or_figure_of_an_earlier_run_in_its_
     assert not {"eval_epochs.npy", "knn_acc.npy", "val_loss.npy", "val_psnr.npy"} & set(os.listdir(out))
 
 
+def test_the_reconstruction_figures_title_says_what_it_shows_and_the_epochs_val_numbers_when_evaluated():
+    """The figure shows val images under fixed masks: its title says so, beside the training loss, and gives the val
+    loss and PSNR of an evaluated epoch (no PSNR under --norm_pix_loss)."""
+    import mae_pretrain
+    stats = {"epoch": 3, "loss": 0.123456, "lr": 1e-4, "images_per_sec": 10.0, "seconds": 1.0}
+    title = mae_pretrain.recon_title(stats, 16)
+    assert title == "epoch 3: the first 16 val images, fixed masks | train loss 0.1235"
+    assert mae_pretrain.recon_title({**stats, "knn_acc": 0.5, "val_loss": 0.2, "val_psnr": 17.256}, 9) == (
+        "epoch 3: the first 9 val images, fixed masks | train loss 0.1235 | val loss 0.2000, masked patches' PSNR "
+        "17.26 dB")
+    assert mae_pretrain.recon_title({**stats, "knn_acc": 0.5, "val_loss": 0.2}, 16).endswith(
+        "| train loss 0.1235 | val loss 0.2000")
+
+
 def test_resume_continues_the_same_run(tmp_path, run_pretrain):
     run_pretrain(tiny_pretrain_argv(tmp_path, "--eval_every", "1", name="straight"))
     split = tiny_pretrain_argv(tmp_path, "--eval_every", "1", name="split")
