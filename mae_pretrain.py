@@ -215,13 +215,13 @@ def reconstruct_val(model, val_imgs, noise, cfg, amp_dtype):
     return data.denormalize(masked), data.denormalize(recon), data.denormalize(val_imgs)
 
 
-@torch.no_grad()
-@utils.eager()
 def monitor_metrics(norm_pix_loss: bool) -> list:
     """The numbers each evaluation gives (evaluate says why there is no PSNR with norm_pix_loss)."""
     return [name for name in EVAL_METRICS if name != "val_psnr" or not norm_pix_loss]
 
 
+@torch.no_grad()
+@utils.eager()
 def evaluate(model, train, val, val_noise, args, device, amp_dtype):
     """kNN accuracy of the encoder's features (train split as the bank, val split as queries), and the val
     reconstruction under fixed masks: masked MSE (the training loss) and PSNR of the masked patches in

@@ -345,11 +345,12 @@ def test_validation_metrics_use_fixed_masks(tmp_path, monkeypatch):
     from model import MAE, MAEConfig
     args = mae_pretrain.get_args_parser().parse_args(tiny_pretrain_argv(tmp_path))
     args.max_device_batch_size = 3  # evaluation's chunks of 4 x 3: the 32 val images in 12, 12 and 8
-    chunk_sizes, shard_chunks = [], utils.shard_chunks
+    chunk_sizes, shard_chunks, grad_modes = [], utils.shard_chunks, []
 
     def spy(n, chunk, device):
         chunks = shard_chunks(n, chunk, device)
         chunk_sizes.append([len(c) for c in chunks])
+        grad_modes.append(torch.is_grad_enabled())  # off: with it, the bank's features would hold their graphs
         return chunks
     monkeypatch.setattr(utils, "shard_chunks", spy)
     train, val = data.load_data(args)
@@ -364,6 +365,7 @@ def test_validation_metrics_use_fixed_masks(tmp_path, monkeypatch):
     # Each evaluation: the 128 train images' kNN features, the 32 val images' features, then their reconstruction.
     assert (len(train), len(val)) == (128, 32)
     assert chunk_sizes == 2 * [[12] * 10 + [8], [12, 12, 8], [12, 12, 8]]
+    assert grad_modes == 6 * [False]
     # The val loss is the model's own masked loss over the whole val split: the uneven chunks are weighted by size.
     with torch.no_grad():
         direct = model(data.normalize(val.images), noise=val_noise)[0].item()
