@@ -564,8 +564,11 @@ def test_confusion_matrix_is_normalised_per_true_class_with_named_axes(run_outpu
         counts[t, p] += 1
     present = counts.sum(axis=1) > 0
     assert share[present] == pytest.approx(100 * counts[present] / counts[present].sum(axis=1, keepdims=True))
-    assert [t.get_text() for t in ax.get_yticklabels()] == run.classes
-    assert ax.get_xlabel() == "predicted class" and ax.get_ylabel() == "true class"
+    # Each true class is named with its number of val images.
+    assert [t.get_text() for t in ax.get_yticklabels()] == [f"{name} ({int(n):,})" for name, n in
+                                                            zip(run.classes, counts.sum(axis=1))]
+    assert [t.get_text() for t in ax.get_xticklabels()] == run.classes
+    assert ax.get_xlabel() == "predicted class" and ax.get_ylabel() == "true class (images)"
 
 
 def test_best_points_are_annotated_and_log_scale_is_an_option(run_outputs):
