@@ -514,7 +514,9 @@ def plot_run_comparison(runs: list, curve: str, log_scale: bool):
         values = run.curves[curve] * scale
         epochs = np.arange(1, len(values) + 1)
         longest = max(longest, len(values))
-        line, = ax.plot(epochs, values, color=color, linestyle=linestyle, **curve_style(len(values)))
+        # Broken lines above solid ones: where two runs' curves meet, both stay visible.
+        line, = ax.plot(epochs, values, color=color, linestyle=linestyle, zorder=2 if linestyle == "-" else 2.5,
+                        **curve_style(len(values)))
         best = first_argmax(values) if accuracy else int(np.nanargmin(values))
         star, = ax.plot([best + 1], [values[best]], marker="*", markersize=11, color=color, markeredgecolor="black",
                         markeredgewidth=0.5, linestyle="none", zorder=5)

@@ -598,6 +598,9 @@ def test_best_points_are_annotated_and_log_scale_is_an_option(run_outputs):
         assert text.endswith(f"best {100 * max(acc):.2f}% at epoch {acc.index(max(acc)) + 1}")
     ax = plot_results.plot_run_comparison(runs, "train_loss", log_scale=True).axes[0]
     assert ax.get_yscale() == "log"
+    # Where curves meet (equal accuracies, a short run), the broken lines lie above the solid one.
+    assert {line.get_linestyle(): line.get_zorder() for line in fig.axes[0].lines if len(line.get_xdata()) > 1} == {
+        "-": 2, "--": 2.5, "-.": 2.5}
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert len(legend) == len(runs)
     for run, text in zip(runs, legend):
