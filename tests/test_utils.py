@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import utils
@@ -326,8 +327,12 @@ def test_each_attention_flag_enables_its_own_kernel_alone():
         with utils.attention_kernel(name):
             assert {other for other, enabled in switches.items() if enabled()} == {name}
         assert {other: enabled() for other, enabled in switches.items()} == before
-    with utils.attention_kernel("auto"):
-        assert {other: enabled() for other, enabled in switches.items()} == before
+    # auto leaves them as they were, whatever they were: one switched off beforehand stays off.
+    with sdpa_kernel([SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        off = {name: enabled() for name, enabled in switches.items()}
+        assert not off["flash"]
+        with utils.attention_kernel("auto"):
+            assert {other: enabled() for other, enabled in switches.items()} == off
 
 
 def test_the_background_writer_runs_its_jobs_in_order_and_reraises_a_failed_ones_error():
