@@ -609,6 +609,11 @@ def test_trivial_augment_draws_one_op_per_image():
     assert 0.75 < changed < 0.99  # identity and zero magnitudes leave about 1/14 + a little unchanged
     torch.manual_seed(0)
     assert torch.equal(data.trivial_augment(x), out)  # seeded by torch's RNG
+    # Each image gets its own drawn op and magnitude: the batch gives what each image gives alone with its draw.
+    op, magnitude = data.trivial_augment_draws(64, x.device)
+    assert set(op.tolist()) == set(range(len(data.AUGMENT_OPS)))  # every op among 64 draws (seeded)
+    alone = torch.cat([data.apply_augment_ops(x[i:i + 1], op[i:i + 1], magnitude[i:i + 1]) for i in range(64)])
+    assert torch.allclose(data.trivial_augment(x[:64], (op, magnitude)), alone, atol=1e-6)
 
 
 def test_random_erasing_fills_one_rectangle_per_erased_image():
