@@ -150,11 +150,22 @@ def test_linear_probe_and_finetune_recipe_run_under_torchrun(tmp_path):
     assert pretrain.returncode == 0, pretrain.stderr[-2000:]
     ckpt = str(tmp_path / "mae" / "mae.pt")
     for extra, run_name in ((["--linear_probe"], "linprobe"), ([], "pretrained")):
-        proc = run(classifier_cmd(TORCHRUN, tmp_path, "--pretrained_model_path", ckpt, *extra, name=run_name),
-                   tmp_path)
+        # The fine-tune records each process's augmentation draws (tests/helpers/classifier_draws.py).
+        cmd = classifier_cmd(TORCHRUN, tmp_path, "--pretrained_model_path", ckpt, *extra, name=run_name)
+        if run_name == "pretrained":
+            cmd[len(TORCHRUN)] = os.path.join(ROOT, "tests", "helpers", "classifier_draws.py")
+        proc = run(cmd, tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         acc = np.load(tmp_path / run_name / "cls_outputs" / f"{run_name}_val_acc.npy")
         assert acc.shape == (2,) and np.all((0 <= acc) & (acc <= 1))
+    # The finetune recipe seeds each epoch's draws from (--seed, epoch, rank): the two processes, which hold other
+    # images, draw other crops, ops and erasing for them, chunk after chunk.
+    ranks = [torch.load(tmp_path / f"draws_rank{rank}.pt") for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) > 0  # a chunk's draws each: 16 images a process
+    for chunk0, chunk1 in zip(*ranks):
+        assert set(chunk0) >= {"crop", "trivial", "erase"}
+        assert not torch.equal(chunk0["crop"], chunk1["crop"])
+        assert not torch.equal(chunk0["erase"]["noise"], chunk1["erase"]["noise"])
     # The probe draws no random numbers: its head, and the BatchNorm statistics it evaluates with (averaged over the
     # processes), follow one process's run up to the order of floating-point sums.
     single = run(classifier_cmd([sys.executable], tmp_path, "--pretrained_model_path", ckpt, "--linear_probe",
