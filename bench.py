@@ -534,9 +534,10 @@ def second_finetune_compile_s(args) -> float | None:
     and the projection then counts the first fine-tune's compilation twice, an upper bound."""
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "second.json")
-        # One repeat and the shortest epoch check_args allows: the compile seconds are what is wanted.
+        # One repeat and the shortest epoch check_args allows for the fine-tuning phase alone, one step: the
+        # compile seconds are what is wanted.
         argv = command_line(args, phases="finetune", compile_cache="shared", profile=False, json=out, repeats=1,
-                            epoch_images=max(args.pretrain_batch_size, args.finetune_batch_size))
+                            epoch_images=args.finetune_batch_size)
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], capture_output=True, text=True)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -847,7 +848,7 @@ def main(args):
     inductor = inductor_settings(args)
     for build in (lambda: MAE(cfg), lambda: ViTClassifier(cfg, args.num_classes)):
         utils.check_model_fits(build, device, cfg)
-    # after the size check: it runs attention at the model's shapes, on the device
+    # after the size check: it puts tensors of the model's shapes on the device, to ask which kernel would run
     attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, class_token_query=True,
                                        decoder=True)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -240,7 +240,7 @@ def evaluate(model, train, val, val_noise, args, device, amp_dtype):
     queries = utils.embed_all(features, val.images, bs, amp_dtype, device)
     pred = utils.knn_predict(bank, train.labels.to(device), queries, len(train.classes), args.knn_k,
                              args.knn_temperature)
-    knn_acc = (pred == val.labels.to(device)).float().mean().item()
+    knn_acc = (pred == val.labels.to(device)).float().mean()  # the same on every process: all features gathered
 
     zero = torch.zeros((), device=device)
     loss_sum, sq_err_sum, masked_pixels = zero, zero, zero
@@ -256,7 +256,7 @@ def evaluate(model, train, val, val_noise, args, device, amp_dtype):
             masked_pixels = masked_pixels + mask.sum() * model.cfg.patch_size ** 2 * imgs.shape[1]
     loss_sum, sq_err_sum, masked_pixels = utils.all_reduce_sum(
         torch.stack([loss_sum, sq_err_sum, masked_pixels])).tolist()
-    metrics = {"knn_acc": knn_acc, "val_loss": loss_sum / len(val)}
+    metrics = {"knn_acc": knn_acc.item(), "val_loss": loss_sum / len(val)}
     if not model.cfg.norm_pix_loss:
         metrics["val_psnr"] = 10 * math.log10(1 / max(sq_err_sum / max(masked_pixels, 1), 1e-10))
     return metrics

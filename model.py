@@ -281,9 +281,10 @@ class MAEEncoder(nn.Module):
     def embed(self, imgs: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, D) patch tokens with positions added."""
         # Kernel = stride: the conv is a linear map on each patch flattened as (c p1 p2), its weight's own order,
-        # and is applied as one. As a conv its backward is ATen's, which sums the bias gradient in a slow reduction
-        # of its own (README, Speed); as a linear, torch.compile fuses that sum into its kernels. The parameters
-        # stay the conv's: checkpoints do not change.
+        # and is applied as one. As a conv its backward is ATen's convolution backward, bias-gradient sum included;
+        # as a linear, torch.compile lowers that sum into kernels of its own. (The 46 ATen sums of a fine-tuning
+        # step were first put down to this bias gradient; they stayed after the change: README, Speed.) The
+        # parameters stay the conv's: checkpoints do not change.
         p = self.cfg.patch_size
         patches = rearrange(imgs, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)
         x = F.linear(patches, self.patch_embed.weight.flatten(1), self.patch_embed.bias)  # (B, N, D)

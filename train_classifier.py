@@ -559,7 +559,7 @@ def main(args):
         utils.die(f"--resume {args.resume!r} trained on {ckpt['num_classes']} classes ({ckpt.get('classes')}); "
                   f"these images have {num_classes} ({classes})")
     utils.check_model_fits(lambda: build_model(args, cfg, num_classes, None), device, cfg)
-    # after the size check: it runs attention at the model's shapes, on the device
+    # after the size check: it puts tensors of the model's shapes on the device, to ask which kernel would run
     attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, args.global_pool == "token")
     utils.init_distributed(device)
     data_device = utils.data_device(train, val, device, args)  # after init: the processes decide together

@@ -407,7 +407,8 @@ def peak_lr(args) -> float:
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:
-    """Linear warmup from 0 to peak_lr over warmup_steps, then half-cosine down to min_lr at total_steps."""
+    """Linear warmup to peak_lr over warmup_steps (step 0 already at peak_lr / warmup_steps, not 0), then
+    half-cosine down to min_lr at total_steps."""
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -1070,7 +1071,7 @@ def load_state_dict_checked(module: torch.nn.Module, state) -> str:
     meta = any(t.is_meta for t in module.state_dict().values())
     try:
         result = module.load_state_dict(state, strict=False, assign=meta)
-    except RuntimeError as e:  # a size mismatch, or a value that is not a tensor
+    except RuntimeError as e:  # a size mismatch (odd entries were refused above)
         lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or str(e).splitlines()
         return lines[0][:200]
     return "; ".join(f"{len(keys)} {label}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"

@@ -488,7 +488,7 @@ def test_the_second_fine_tunes_compilation_is_measured_in_a_new_process(tmp_path
     measures them, timing the fine-tuning phase alone from the cache this one filled (its environment, so a fresh
     cache's folder, is inherited). Here that process is a stand-in that checks its flags and reports 2.5 s; if it
     fails, the projection counts the first fine-tune's seconds again, and says so. The flags it gets pass bench's own
-    checks (an epoch shorter than the pretraining batch would make it die at once, unmeasured). With --compile_cache
+    checks (an epoch shorter than the fine-tuning batch would make it die at once, unmeasured), and run one step. With --compile_cache
     shared (runs that compare step times) no such process starts. (Compiled with Dynamo's counting backend: the
     plumbing, not inductor, is under test.)"""
     children, real_run = [], subprocess.run
@@ -523,7 +523,7 @@ def test_the_second_fine_tunes_compilation_is_measured_in_a_new_process(tmp_path
     assert (flags.phases, flags.compile_cache, flags.profile, flags.repeats, flags.compile) == \
         ("finetune", "shared", False, 1, True)
     assert (flags.finetune_batch_size, flags.preset, flags.device) == (32, "small", "cpu")  # as this run's
-    assert flags.epoch_images == 64  # the shortest epoch check_args allows: a batch of the larger phase, 64
+    assert flags.epoch_images == 32  # the shortest epoch check_args allows with --phases finetune: one batch
     if case == "child fails":
         assert "second fine-tune's compilation: not measured, its process failed (RuntimeError: no room)" in printed
         assert "the second fine-tune as much (not measured)" in printed
