@@ -563,15 +563,18 @@ def test_augment_ops_match_torchvision_per_image():
 
 def test_autocontrast_stretches_each_channel_and_leaves_a_constant_one_as_it_is():
     """autocontrast maps each channel's lowest value to 0 and highest to 1, as torchvision's autocontrast does; a
-    channel of one value has nothing to stretch and is left as it is (torchvision's too)."""
-    x = torch.rand(2, 3, 8, 8) * 0.5 + 0.2
+    channel of one value has nothing to stretch and is left as it is (torchvision's too), and one of two grey levels
+    a step apart is stretched all the same."""
+    x = torch.rand(3, 3, 8, 8) * 0.5 + 0.2
     x[0, 1] = 0.6
     x[1] = 0.3
-    out = _apply(x, "autocontrast", [0.0, 1.0])
-    for i in range(2):
-        assert torch.allclose(out[i], TF.autocontrast(x[i:i + 1])[0], atol=1e-6), i
+    x[2] = 0.5 + (torch.rand(3, 8, 8) < 0.5) / 255  # nearly flat: two levels, one uint8 step apart
+    out = _apply(x, "autocontrast", [0.0, 0.0, 1.0])
+    for i in range(3):
+        assert torch.allclose(out[i], TF.autocontrast(x[i:i + 1])[0], atol=1e-5), i
     assert torch.equal(out[0, 1], x[0, 1]) and torch.equal(out[1], x[1])
     assert out[0, 0].min() == 0 and out[0, 0].max() == 1
+    assert set(out[2].unique().tolist()) == {0.0, 1.0}
 
 
 def test_geometric_ops_translate_exactly_and_mix_per_image():
@@ -626,6 +629,9 @@ def test_random_erasing_fills_one_rectangle_per_erased_image():
     rows, cols = erased[:, 0].any(dim=2), erased[:, 0].any(dim=1)
     assert torch.equal(erased[:, 0], rows[:, :, None] & cols[:, None, :])  # exactly one axis-aligned rectangle
     assert area.min() >= 1 and area.max() <= 256 / 3 * 1.5 and area.mean() > 0.05 * 256
+    # The noise is timm's 'pixel' mode: drawn for each channel of each pixel, not one grey value across the channels.
+    noise = out.permute(0, 2, 3, 1)[erased[:, 0]]  # (erased pixels, 3)
+    assert (noise[:, 0] != noise[:, 1]).all() and abs(torch.corrcoef(noise.T)[0, 1]) < 0.05
     assert torch.equal(data.random_erasing(x, prob=0.0), x)
     share = (data.random_erasing(x, prob=0.25) != 0).flatten(1).any(dim=1).float().mean().item()
     assert 0.21 < share < 0.29
