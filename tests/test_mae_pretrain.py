@@ -34,6 +34,9 @@ def test_two_epoch_run_writes_every_output(tmp_path, run_pretrain):
     assert [r["epoch"] for r in records] == [1, 2]
     assert [r["loss"] for r in records] == pytest.approx(losses.tolist())
     assert {"lr", "images_per_sec", "seconds"} <= set(records[0])
+    # An epoch's lr is that of its last step, as the per-step TensorBoard curve has it (4 steps an epoch).
+    step_lrs = [e.value for e in EventAccumulator(str(logs), size_guidance={"scalars": 0}).Reload().Scalars("lr")]
+    assert [r["lr"] for r in records] == pytest.approx([step_lrs[3], step_lrs[7]], rel=1e-6)
     saved = json.load(open(out / "args.json"))
     assert saved["total_epoch"] == 2
     # What ran, not the flags' None: fp32 and eager are the CPU's defaults, and CUDA graphs need CUDA.
@@ -65,6 +68,29 @@ def test_two_epoch_run_writes_every_output(tmp_path, run_pretrain):
     # it wrote.
     import mae_pretrain
     assert sorted(os.listdir(out)) == sorted([*mae_pretrain.OUTPUT_NAMES, "recon_epoch_001.png", "recon_epoch_002.png"])
+
+
+def test_the_model_starts_from_the_seeds_initialisation(tmp_path, run_pretrain, monkeypatch):
+    """--seed sets the MAE's initial weights: the model a run builds is MAE(cfg) built right after
+    torch.manual_seed(--seed), and another seed's differs (several seeds of a study start from other models)."""
+    import mae_pretrain
+    import utils
+    built, real_mae = [], mae_pretrain.MAE
+
+    def recording(cfg):
+        model = real_mae(cfg)
+        if not any(p.is_meta for p in model.parameters()):  # not the size checks' meta builds
+            built.append({k: v.clone() for k, v in model.state_dict().items()})
+        return model
+    monkeypatch.setattr(mae_pretrain, "MAE", recording)
+    for seed in (7, 8):
+        run_pretrain(tiny_pretrain_argv(tmp_path, "--seed", str(seed), "--total_epoch", "1", "--eval_every", "0",
+                                        name=f"seed{seed}"))
+    cfg = utils.mae_config(mae_pretrain.get_args_parser().parse_args(tiny_pretrain_argv(tmp_path)))
+    torch.manual_seed(7)
+    expected = real_mae(cfg).state_dict()
+    assert len(built) == 2 and all(torch.equal(built[0][k], v) for k, v in expected.items())
+    assert not torch.equal(built[0]["encoder.patch_embed.weight"], built[1]["encoder.patch_embed.weight"])
 
 
 def test_a_fresh_run_leaves_no_monitor_array_or_figure_of_an_earlier_run_in_its_output_dir(tmp_path, run_pretrain):
@@ -387,6 +413,23 @@ def _tiny_mae(tmp_path, *extra):
     return args, MAE(utils.mae_config(args, norm_pix_loss=args.norm_pix_loss))
 
 
+def test_the_reconstruction_figure_under_norm_pix_loss_maps_predictions_back_with_each_patchs_mean_and_std(tmp_path):
+    """Under --norm_pix_loss the model predicts per-patch normalised pixels: the figure's reconstruction puts them
+    back with each true patch's mean and std (model.reconstruct's norm_pix_loss), not as pixels themselves."""
+    import data
+    import mae_pretrain
+    from model import reconstruct
+    args, model = _tiny_mae(tmp_path, "--norm_pix_loss")
+    imgs = data.normalize(data.fake_images(4, seed=1).images)
+    noise = torch.rand(4, model.cfg.num_patches, generator=torch.Generator().manual_seed(0))
+    _, recon, original = mae_pretrain.reconstruct_val(model, imgs, noise, model.cfg, None)
+    with torch.no_grad():
+        _, pred, mask = model(imgs, noise=noise)
+    mapped, raw = (data.denormalize(reconstruct(imgs, pred, mask, 4, norm_pix_loss=norm)[1]) for norm in (True, False))
+    assert torch.allclose(recon, mapped, atol=1e-6) and not torch.allclose(recon, raw, atol=1e-2)
+    assert torch.allclose(original, data.denormalize(imgs))
+
+
 @pytest.mark.parametrize("feature", ["avg", "token"])
 def test_knn_bank_and_queries_are_the_l2_normalised_pooled_features(tmp_path, monkeypatch, feature):
     """evaluate's kNN compares cosine similarities: the bank (train split) and the queries (val split) it hands
@@ -484,6 +527,7 @@ def test_augmented_step_crops_with_columns_0_to_3_and_flips_with_column_4_of_one
 
     def crop(imgs, *a, rand, **kw):
         crops.append(rand.clone())
+        assert kw == {"scale": (0.2, 1.0)} and not a  # the MAE paper's crop scale, not timm's ImageNet 0.08
         return random_resized_crop(imgs, *a, rand=rand, **kw)
 
     def flip(imgs, rand):
