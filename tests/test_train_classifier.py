@@ -174,6 +174,30 @@ def test_scratch_run_writes_every_output(tmp_path):
     # finetune: linear warmup over --warmup_epoch, then cosine to --min_lr 0, one value per optimizer step.
     expected = warmup_cosine_lrs(1e-3 * BATCH / 256, warmup=STEPS, total=2 * STEPS)
     assert [e.value for e in events.Scalars("lr")] == pytest.approx(expected, rel=1e-6)
+    # An epoch's logged lr is that of its last step.
+    log = [json.loads(line) for line in open(tmp_path / "run" / "cls_outputs" / "scratch_log.jsonl")]
+    assert [r["lr"] for r in log] == pytest.approx([expected[STEPS - 1], expected[2 * STEPS - 1]], rel=1e-6)
+
+
+def test_a_scratch_model_starts_from_the_seeds_initialisation(tmp_path, monkeypatch):
+    """--seed sets the classifier's initial weights: the model a run builds is build_model's right after
+    torch.manual_seed(--seed), and another seed's differs."""
+    built, real_build = [], train_classifier.build_model
+
+    def recording(*args):
+        model = real_build(*args)
+        if not any(p.is_meta for p in model.parameters()):  # not the size check's meta build
+            built.append({k: v.clone() for k, v in model.state_dict().items()})
+        return model
+    monkeypatch.setattr(train_classifier, "build_model", recording)
+    for seed in (7, 8):
+        run_cls(cls_argv(tmp_path, "--seed", str(seed), name=f"seed{seed}", epochs=1))
+    args = parse(cls_argv(tmp_path, "--seed", "7"))
+    train_classifier.resolve_recipe(args)
+    torch.manual_seed(7)
+    expected = real_build(args, train_classifier.model_config(args, None), 10, None).state_dict()
+    assert len(built) == 2 and all(torch.equal(built[0][k], v) for k, v in expected.items())
+    assert not torch.equal(built[0]["head.weight"], built[1]["head.weight"])
 
 
 def test_plain_run_learns_the_fake_classes_and_shows_its_predictions(tmp_path, monkeypatch):
@@ -182,7 +206,9 @@ def test_plain_run_learns_the_fake_classes_and_shows_its_predictions(tmp_path, m
 
     def spy(path, images, predicted, true, classes, title=""):
         shown[os.path.basename(path)] = (images.clone(), list(map(int, predicted)), list(map(int, true)))
+        titles[os.path.basename(path)] = title
         save_grid(path, images, predicted, true, classes, title=title)
+    titles = {}
     monkeypatch.setattr(utils, "save_prediction_grid", spy)
     # Catches what the output checks cannot: labels out of step with images, a head that does not train.
     argv = cls_argv(tmp_path, "--recipe", "plain", "--fake_size", "256", "--base_learning_rate", "3e-3", epochs=8)
@@ -190,6 +216,7 @@ def test_plain_run_learns_the_fake_classes_and_shows_its_predictions(tmp_path, m
     out = tmp_path / "run" / "cls_outputs"
     val_acc = np.load(out / "scratch_val_acc.npy")
     assert val_acc[0] < 0.5 < val_acc[-1]  # 10 classes: chance is 0.1
+    assert titles["scratch_preds_epoch_8.png"] == f"scratch, epoch 8, val acc {val_acc[-1]:.2%} over all 64 val images"
 
     # The last grid shows 16 different val images with the predictions and labels saved for them.
     preds, labels = np.load(out / "scratch_val_preds.npy"), np.load(out / "scratch_val_labels.npy")
@@ -238,13 +265,14 @@ def script_val_accuracies(monkeypatch, accuracies) -> None:
     monkeypatch.setattr(train_classifier, "evaluate", scripted_evaluate)
 
 
-def test_the_best_checkpoint_is_the_first_epoch_of_the_best_val_accuracy(tmp_path, monkeypatch):
+def test_the_best_checkpoint_is_the_first_epoch_of_the_best_val_accuracy(tmp_path, monkeypatch, capsys):
     """With val accuracies 0.5, 0.5, 0.4 (evaluate's own, replaced), the best epoch is 1: a later epoch that only
     equals the best does not replace its checkpoint. The last checkpoint is epoch 3's."""
     script_val_accuracies(monkeypatch, [0.5, 0.5, 0.4])
     run_cls(cls_argv(tmp_path, epochs=3))
     summary = json.load(open(tmp_path / "run" / "cls_outputs" / "scratch_summary.json"))
     assert (summary["best_epoch"], summary["best_val_acc"], summary["final_val_acc"]) == (1, 0.5, 0.4)
+    assert "done (scratch): best val acc 50.00% at epoch 1, final 40.00% (epoch 3)" in capsys.readouterr().out
     best, last = (torch.load(tmp_path / "run" / name, map_location="cpu", weights_only=True)
                   for name in ("cls.pt", "cls_last.pt"))
     assert (best["epoch"], best["val_acc"], last["epoch"], last["val_acc"]) == (1, 0.5, 3, 0.4)
