@@ -569,6 +569,10 @@ def test_confusion_matrix_is_normalised_per_true_class_with_named_axes(run_outpu
                                                             zip(run.classes, counts.sum(axis=1))]
     assert [t.get_text() for t in ax.get_xticklabels()] == run.classes
     assert ax.get_xlabel() == "predicted class" and ax.get_ylabel() == "true class (images)"
+    # Each cell's printed percentage is that cell's: column = predicted class, row = true class.
+    cells = {(int(t.get_position()[1]), int(t.get_position()[0])): float(t.get_text()) for t in ax.texts}
+    assert set(cells) == set(zip(*np.nonzero(counts)))
+    assert all(value == pytest.approx(share[row, column], abs=0.5) for (row, column), value in cells.items())
 
 
 def test_best_points_are_annotated_and_log_scale_is_an_option(run_outputs):
@@ -598,6 +602,7 @@ def test_best_points_are_annotated_and_log_scale_is_an_option(run_outputs):
         assert text.endswith(f"best {100 * max(acc):.2f}% at epoch {acc.index(max(acc)) + 1}")
     ax = plot_results.plot_run_comparison(runs, "train_loss", log_scale=True).axes[0]
     assert ax.get_yscale() == "log"
+    assert ax.get_title().endswith("\nsynthetic images (--dataset fake)")  # training data: no val split named
     # Where curves meet (equal accuracies, a short run), the broken lines lie above the solid one.
     assert {line.get_linestyle(): line.get_zorder() for line in fig.axes[0].lines if len(line.get_xdata()) > 1} == {
         "-": 2, "--": 2.5, "-.": 2.5}
@@ -606,6 +611,19 @@ def test_best_points_are_annotated_and_log_scale_is_an_option(run_outputs):
     for run, text in zip(runs, legend):
         loss = run.curves["train_loss"].tolist()
         assert text.endswith(f"best {min(loss):.4f} at epoch {loss.index(min(loss)) + 1}")
+
+
+def test_the_reports_pretraining_line_and_the_loss_axis_say_what_the_run_did():
+    """The report's pretraining configuration gives each flag's own value (batch 512, not the 256 of the chunks), and
+    the loss axis names the targets of the run: per-patch normalised pixels under --norm_pix_loss, else pixels."""
+    args = {"dataset": "cifar10", "total_epoch": 150, "batch_size": 512, "max_device_batch_size": 256,
+            "mask_ratio": 0.75, "device": "cuda", "embed_dim": 192, "depth": 12, "decoder_embed_dim": 128,
+            "decoder_depth": 4, "patch_size": 2, "val_split": 0}
+    assert plot_results.pretrain_config(plot_results.Pretraining("outputs", np.ones(150), args, [])) == (
+        "--dataset cifar10, --total_epoch 150, --batch_size 512, --mask_ratio 0.75, --device cuda; encoder 192 x 12 "
+        "blocks, decoder 128 x 4, patch 2; val numbers on the test set")
+    assert "per-patch normalised pixels" in plot_results.loss_label({"norm_pix_loss": True})
+    assert "pixels scaled to [-1, 1]" in plot_results.loss_label({"norm_pix_loss": False})
 
 
 @pytest.mark.parametrize("low, high", [(0.27, 0.33), (1.0, 2.2), (2.30, 2.31), (0.0402, 0.2381), (0.01, 1.0),
