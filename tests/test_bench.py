@@ -409,9 +409,19 @@ def test_profile_prints_a_gpus_launchers_and_host_records(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("phase, other", [("pretrain", "finetune"), ("finetune", "pretrain")])
-def test_one_phase_alone_times_that_phase_and_projects_nothing(tmp_path, capsys, phase, other):
+def test_one_phase_alone_times_that_phase_and_projects_nothing(tmp_path, capsys, monkeypatch, phase, other):
     """--phases pretrain|finetune times that step alone (its row, its epoch), and leaves out what needs both: the
-    evaluations and the projection. The fine-tuning rule on odd chunks binds only when fine-tuning is timed."""
+    evaluations and the projection. The fine-tuning rule on odd chunks binds only when fine-tuning is timed. The
+    epoch runs --epoch_images images (its ms per step divides by their steps), and the printed row gives the
+    JSON's images/s and share of the peak."""
+    import mae_pretrain
+    import train_classifier
+    epoch_images = []
+    for script, images_arg in ((mae_pretrain, 3), (train_classifier, 4)):  # train_one_epoch's images argument
+        def recording(*a, real=script.train_one_epoch, at=images_arg, **kw):
+            epoch_images.append(len(a[at]))
+            return real(*a, **kw)
+        monkeypatch.setattr(script, "train_one_epoch", recording)
     out = tmp_path / "bench.json"
     odd = ["--finetune_batch_size", "31"] if phase == "pretrain" else []  # chunks of 31: odd
     bench.main(bench.get_args_parser().parse_args(["--device", "cpu", "--phases", phase, "--steps", "1",
@@ -421,6 +431,10 @@ def test_one_phase_alone_times_that_phase_and_projects_nothing(tmp_path, capsys,
     assert r[other] is None and r["evaluation"] is None and r["projection"] is None
     assert r[phase]["ms_per_step"] > 0 and r[phase]["epoch_ms_per_step"] > 0
     assert re.search(rf"^{phase} +\d+", printed, re.M) and not re.search(rf"^{other} +\d+", printed, re.M)
+    assert epoch_images == [r["config"]["epoch_images"]] == [256]
+    row = re.search(rf"^{phase} .*$", printed, re.M).group(0).split()
+    assert row[5:8] == [f"{r[phase]['images_per_sec']:,.0f}", f"{r[phase]['tflops']:.3f}",
+                        f"{r[phase]['percent_of_peak']:.1f}%"], row
     assert f"evaluation and projection: left out (--phases {phase}" in printed
     assert "projected wall time" not in printed
     assert ("fine-tuning input work alone" in printed) == (phase == "finetune")
@@ -488,8 +502,8 @@ def test_the_second_fine_tunes_compilation_is_measured_in_a_new_process(tmp_path
     measures them, timing the fine-tuning phase alone from the cache this one filled (its environment, so a fresh
     cache's folder, is inherited). Here that process is a stand-in that checks its flags and reports 2.5 s; if it
     fails, the projection counts the first fine-tune's seconds again, and says so. The flags it gets pass bench's own
-    checks (an epoch shorter than the fine-tuning batch would make it die at once, unmeasured), and run one step. With --compile_cache
-    shared (runs that compare step times) no such process starts. (Compiled with Dynamo's counting backend: the
+    checks (an epoch shorter than the fine-tuning batch would make it die at once, unmeasured), and run one step.
+    With --compile_cache shared (runs that compare step times) no such process starts. (Compiled with Dynamo's counting backend: the
     plumbing, not inductor, is under test.)"""
     children, real_run = [], subprocess.run
 
