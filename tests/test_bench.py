@@ -503,8 +503,8 @@ def test_the_second_fine_tunes_compilation_is_measured_in_a_new_process(tmp_path
     cache's folder, is inherited). Here that process is a stand-in that checks its flags and reports 2.5 s; if it
     fails, the projection counts the first fine-tune's seconds again, and says so. The flags it gets pass bench's own
     checks (an epoch shorter than the fine-tuning batch would make it die at once, unmeasured), and run one step.
-    With --compile_cache shared (runs that compare step times) no such process starts. (Compiled with Dynamo's counting backend: the
-    plumbing, not inductor, is under test.)"""
+    With --compile_cache shared (runs that compare step times) no such process starts. (Compiled with Dynamo's
+    counting backend: the plumbing, not inductor, is under test.)"""
     children, real_run = [], subprocess.run
 
     def child(argv, **kwargs):
