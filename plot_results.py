@@ -21,10 +21,9 @@ from matplotlib.legend_handler import HandlerTuple  # noqa: E402
 from matplotlib.ticker import FuncFormatter, Locator, LogLocator, MaxNLocator  # noqa: E402
 
 import utils  # noqa: E402
+from utils import BLUE, GREEN, ORANGE, PURPLE, VERMILLION  # noqa: E402  (Okabe-Ito)
 
-# Okabe-Ito colours (distinguishable with every common colour-vision deficiency), plus a line style per role so
-# the figures also survive a greyscale print.
-BLUE, ORANGE, GREEN, VERMILLION, PURPLE = "#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7"
+# Each role's colour comes with a line style, so that the figures also survive a greyscale print.
 ROLES = {  # classifier run role -> (legend label, colour, line style)
     "scratch": ("from scratch", ORANGE, "--"),
     "pretrained": ("MAE-pretrained, fine-tuned", BLUE, "-"),

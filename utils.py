@@ -1214,9 +1214,12 @@ def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay:
     return list(groups.values())
 
 
-# A right prediction's title, a wrong one's: Okabe-Ito blue and vermillion, which readers with a red-green colour
-# deficiency tell apart, and a mark that a greyscale print keeps (matplotlib's red and green are equally grey).
-RIGHT_COLOUR, WRONG_COLOUR = "#0072B2", "#D55E00"
+# Okabe-Ito colours, distinguishable with every common colour-vision deficiency: the prediction grids' here, and
+# plot_results' figures'.
+BLUE, ORANGE, GREEN, VERMILLION, PURPLE = "#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7"
+# A right prediction's title, a wrong one's: blue and vermillion, which readers with a red-green colour deficiency
+# tell apart, and a mark that a greyscale print keeps (matplotlib's red and green are equally grey).
+RIGHT_COLOUR, WRONG_COLOUR = BLUE, VERMILLION
 
 
 def prediction_grid(images, predicted, true, classes, title: str = "", ncol: int = 4):
