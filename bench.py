@@ -653,7 +653,7 @@ def bench_phase(phase: Phase, args, device: torch.device, data_device: torch.dev
     batches, epoch = [], 0
     while len(batches) < total_steps:
         epoch += 1
-        batches += data.epoch_batches(REFERENCE_TRAIN_IMAGES, phase.batch_size, args.seed * 100_003 + epoch,
+        batches += data.epoch_batches(REFERENCE_TRAIN_IMAGES, phase.batch_size, data.epoch_seed(args.seed, epoch),
                                       data_device)
     batches = iter(batches[:total_steps])
     loss_sum = torch.zeros((), device=device)

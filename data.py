@@ -206,6 +206,13 @@ def denormalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float() * PIXEL_STD + PIXEL_MEAN).clamp(0, 1)
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch `epoch`'s permutation (epoch_batches) in a run of --seed `seed`. A function of the two
+    alone, so that every process cuts the same permutation and a resumed run shuffles as an uninterrupted one. For
+    epochs below 100,003 (a prime), no two epochs share a seed, in one run or across two runs' seeds."""
+    return seed * 100_003 + epoch
+
+
 def epoch_batches(num_images: int, batch_size: int, epoch_seed: int, device) -> list:
     """A fresh permutation for the epoch, cut into full batches of indices on `device`.
 

@@ -180,7 +180,7 @@ def train_one_epoch(model, optimizer, scaler, train_images, args, epoch, steps_p
     model.train()
     rank, world_size, _ = utils.dist_env()
     chunks_per_step = utils.chunks_per_step(args)
-    batches = data.epoch_batches(len(train_images), args.batch_size, args.seed * 100_003 + epoch,
+    batches = data.epoch_batches(len(train_images), args.batch_size, data.epoch_seed(args.seed, epoch),
                                  train_images.device)
     peak_lr = utils.peak_lr(args)
     total_steps, warmup_steps = args.total_epoch * steps_per_epoch, args.warmup_epoch * steps_per_epoch

@@ -493,7 +493,7 @@ def train_one_epoch(net, frozen, optimizer, scaler, inputs, labels, prepare, mix
         frozen.eval()  # the probed encoder stays exactly as pretrained
     rank, world_size, _ = utils.dist_env()
     chunks_per_step = utils.chunks_per_step(args)
-    batches = data.epoch_batches(len(labels), args.batch_size, args.seed * 100_003 + epoch, inputs.device)
+    batches = data.epoch_batches(len(labels), args.batch_size, data.epoch_seed(args.seed, epoch), inputs.device)
     peak_lr = utils.peak_lr(args)
     total_steps, warmup_steps = args.total_epoch * steps_per_epoch, args.warmup_epoch * steps_per_epoch
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
