@@ -36,8 +36,8 @@ STYLE = {
     "grid.alpha": 0.3, "grid.linewidth": 0.6, "lines.linewidth": 1.6, "legend.frameon": False,
     "figure.constrained_layout.use": True, "savefig.bbox": "tight", "savefig.pad_inches": 0.04,
 }
-# The scripts' outputs, read as files so that plotting needs no training code (tests pin them to the scripts'
-# mae_pretrain.EVAL_METRICS and train_classifier.CURVES).
+# The names of the scripts' outputs, as the files give them: plot_results reads files and imports neither
+# training script (tests pin these to mae_pretrain.EVAL_METRICS and train_classifier.CURVES).
 MONITOR_FILES = ("eval_epochs", "knn_acc", "val_loss", "val_psnr")
 LOWER_IS_BETTER = ("val_loss",)  # of the monitor's metrics; the others are best at their highest
 RUN_CURVES = ("train_loss", "train_acc", "val_loss", "val_acc")
@@ -275,12 +275,18 @@ def first_argmax(values: np.ndarray) -> int:
     return int(np.nanargmax(values))
 
 
+def best_index(name: str, values: np.ndarray) -> int:
+    """Index of a monitor metric's best value: its lowest in LOWER_IS_BETTER, else its highest; the earliest on
+    ties."""
+    return int(np.nanargmin(values)) if name in LOWER_IS_BETTER else first_argmax(values)
+
+
 def pretrain_numbers(pre: Pretraining) -> dict:
     losses = pre.losses
     out = {"epochs": len(losses), "first5": losses[:5], "last5": losses[-5:], "best_loss": losses[pre.best_epoch - 1],
            "best_epoch": pre.best_epoch, "final_loss": losses[-1]}
     for name, values in pre.evals.items():
-        best = int(np.nanargmin(values)) if name in LOWER_IS_BETTER else first_argmax(values)
+        best = best_index(name, values)
         out[name] = {"final": values[-1], "final_epoch": int(pre.eval_epochs[-1]), "best": values[best],
                      "best_epoch": int(pre.eval_epochs[best])}
     return out
@@ -477,10 +483,10 @@ def plot_monitor(pre: Pretraining, log_scale: bool):
         ax.tick_params(labelbottom=True)
         ax.set_ylabel(ylabel)
         ax.set_title(title)
-        best = first_argmax(values)
-        room = make_room(ax, values[best], lowest=False, ceiling=100.0 if name == "knn_acc" else None)
-        annotate_best(ax, pre.eval_epochs[best], values[best],
-                      f"best {values[best]:.2f}{unit} (epoch {pre.eval_epochs[best]})", color, lowest=not room)
+        best, lowest = best_index(name, values), name in LOWER_IS_BETTER
+        room = make_room(ax, values[best], lowest, ceiling=100.0 if name == "knn_acc" else None)
+        annotate_best(ax, pre.eval_epochs[best], values[best], f"best {values[best]:.2f}{unit} (epoch "
+                      f"{pre.eval_epochs[best]})", color, lowest=lowest or not room)
     caption = data_caption(pre.args)
     fig.suptitle(f"MAE pretraining monitor{': ' + caption if caption else ''}", fontsize=11)
     return fig

@@ -253,6 +253,14 @@ def test_the_best_epoch_is_the_earliest_of_equal_bests():
     assert plot_results.run_numbers(run) == {"epochs": 4, "best_val_acc": 0.3, "best_epoch": 2, "final_val_acc": 0.2}
 
 
+def test_a_monitor_metric_is_best_at_its_lowest_or_highest_as_it_should_be():
+    """val_loss (LOWER_IS_BETTER) is best at its minimum, the others at their maximum; the earliest on ties. The
+    monitor figure and the report both take their best points from best_index."""
+    values = np.array([0.4, 0.2, 0.9, 0.2, 0.9])
+    assert plot_results.best_index("val_loss", values) == 1
+    assert plot_results.best_index("knn_acc", values) == plot_results.best_index("val_psnr", values) == 2
+
+
 def test_the_best_pretraining_epoch_is_the_earliest_of_equal_losses():
     """As for an accuracy, the earliest of equal bests: its reconstructions are the ones best_recon.png copies."""
     pre = plot_results.Pretraining("pre", np.array([0.5, 0.3, 0.4, 0.3]), {}, [])
