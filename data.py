@@ -290,8 +290,9 @@ def random_crop(x: torch.Tensor, padding: int, offsets=None) -> torch.Tensor:
 
 # TrivialAugment (Müller & Hutter, 2021), "wide" ranges as in torchvision's TrivialAugmentWide: each image gets one
 # op, drawn uniformly, at a magnitude drawn uniformly from 31 levels, with a random sign for the signed ops.
-AUGMENT_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
-               "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
+GEOMETRIC_OPS = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")  # one grid_sample does them all
+AUGMENT_OPS = ("identity", *GEOMETRIC_OPS, "brightness", "color", "contrast", "sharpness", "posterize", "solarize",
+               "autocontrast", "equalize")
 MAGNITUDE_LEVELS = 31
 MAX_SHEAR, MAX_TRANSLATE_PX, MAX_ROTATE_DEG, MAX_ENHANCE = 0.99, 32.0, 135.0, 0.99
 
@@ -360,7 +361,7 @@ def apply_augment_ops(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor
     for name, degenerate in blends.items():
         results[name] = (degenerate + factor * (x - degenerate)).clamp(0, 1)
 
-    geometric = is_op["shear_x"] | is_op["shear_y"] | is_op["translate_x"] | is_op["translate_y"] | is_op["rotate"]
+    geometric = torch.stack([is_op[name] for name in GEOMETRIC_OPS]).any(dim=0)
     out = torch.where(geometric.view(B, 1, 1, 1), warped, x)
     for name, result in results.items():
         out = torch.where(is_op[name].view(B, 1, 1, 1), result, out)

@@ -291,9 +291,11 @@ def test_trivial_augment_draws_every_op_and_all_31_magnitude_levels():
     op's maximum inclusive (torchvision: linspace(0, max, 31)), and a random sign."""
     torch.manual_seed(0)
     op, magnitude = data.trivial_augment_draws(20_000, "cpu")
-    counts = torch.bincount(op, minlength=len(data.AUGMENT_OPS))
-    assert len(data.AUGMENT_OPS) == 14 and len(counts) == 14
-    assert (counts - 20_000 / 14).abs().max() < 160  # 4.4 standard deviations of a binomial count
+    num_ops = len(data.AUGMENT_OPS)
+    assert num_ops == 14, "TrivialAugmentWide's op set has 14 ops"
+    counts = torch.bincount(op, minlength=num_ops)
+    assert len(counts) == num_ops
+    assert (counts - 20_000 / num_ops).abs().max() < 160  # 4.4 standard deviations of a binomial count
     levels = magnitude.abs().unique()
     torch.testing.assert_close(levels, torch.linspace(0.0, 1.0, 31))
     assert magnitude.max() == 1.0 and magnitude.min() == -1.0
