@@ -1,7 +1,8 @@
 """Masked autoencoder (MAE) with a ViT-Tiny encoder for 32x32 images, and the ViT classifier built from it.
 
 The split follows the MAE paper (He et al., 2021): patchify -> random_masking -> encoder on the visible
-patches -> decoder on all positions (mask tokens for the hidden ones) -> MSE on the masked patches only.
+patches -> decoder on all positions (mask tokens for the hidden ones; in training its last block and pixel head
+compute the masked positions alone, all the loss reads) -> MSE on the masked patches only.
 Only nn.Modules and pure tensor functions live here: no argparse, files, optimizers or data.
 """
 from dataclasses import dataclass
