@@ -111,7 +111,8 @@ def test_the_readme_flag_tables_name_every_flag_with_its_default(module, heading
     table, text = flag_table(readme, heading)
     actions = {action.option_strings[0]: action  # --compile for --compile/--no-compile
                for action in module.get_args_parser()._actions if action.option_strings != ["-h", "--help"]}
-    assert set(table) <= set(actions), set(table) - set(actions)
+    unknown = set(table) - set(actions)
+    assert not unknown, f"the README's Flags table under {heading!r} names flags the parser lacks: {unknown}"
     for flag, cell in table.items():
         default = actions[flag].default
         if default is not None:
@@ -119,7 +120,8 @@ def test_the_readme_flag_tables_name_every_flag_with_its_default(module, heading
     pretrain_defaults = {action.option_strings[0]: action.default
                          for action in mae_pretrain.get_args_parser()._actions}
     for flag in set(actions) - set(table):
-        assert module is train_classifier and f"`{flag}`" in text, flag
+        named = module is train_classifier and f"`{flag}`" in text
+        assert named, f"{flag} is missing from the Flags table under the README's {heading!r}"
         if actions[flag].default is not None:  # the model-size flags' None: from the checkpoint, or ViT-T
             assert actions[flag].default == pretrain_defaults[flag], flag
 
