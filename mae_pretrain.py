@@ -114,10 +114,13 @@ def load_resume(args, cfg):
         utils.die(f"--resume {args.resume!r}: its losses should be one number per epoch up to its epoch {epoch}, "
                   f"found {len(losses)}: {shown[:100]}")
     metrics = monitor_metrics(args.norm_pix_loss)
-    if not all(isinstance(e, dict) and sorted(e) == sorted(["epoch", *metrics]) and type(e["epoch"]) is int
-               and all(utils.is_number(e[name]) for name in metrics) for e in ckpt["evals"]):
+    bad = [e for e in ckpt["evals"] if not (isinstance(e, dict) and sorted(e) == sorted(["epoch", *metrics])
+                                            and type(e["epoch"]) is int
+                                            and all(utils.is_number(e[name]) for name in metrics))]
+    if bad:  # the record shown says which name is missing or extra (a checkpoint from before a metric was added)
+        shown = repr(bad[0]) if len(repr(bad[0])) <= 100 else repr(bad[0])[:97] + "..."
         utils.die(f"--resume {args.resume!r}: its evals should be records of an integer epoch and the numbers "
-                  f"{', '.join(metrics)} each")
+                  f"{', '.join(metrics)} each, found {shown}")
     with torch.device("meta"):  # the model's shapes, without its memory
         model = MAE(cfg)
     utils.check_resume_state(ckpt, args, model, optimizer_groups(model, args))

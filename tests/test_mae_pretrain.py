@@ -956,7 +956,7 @@ def test_resume_of_a_checkpoint_with_fields_of_the_wrong_kind_is_refused_before_
             ("losses", ["a"], "its losses should be one number per epoch up to its epoch 1, found 1: ['a']"),
             ("losses", [0.5, 0.4, 0.3, 0.2, 0.1],
              "its losses should be one number per epoch up to its epoch 1, found 5: [0.5, 0.4, 0.3, 0.2, ...]"),
-            ("evals", [{"knn_acc": 0.1}], evals),
+            ("evals", [{"knn_acc": 0.1}], evals + ", found {'knn_acc': 0.1}"),
             ("evals", [{"epoch": 1, "knn_acc": 0.5}], evals),  # a KeyError at the next evaluation's save
             ("losses", [10 ** 400], "its losses should be one number per epoch"),  # float() overflows
             ("evals", [{"epoch": 1, "knn_acc": 0.5, "val_loss": 0.1, "val_psnr": 10 ** 400}], evals)):
