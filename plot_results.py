@@ -40,6 +40,12 @@ STYLE = {
 # training script (tests pin these to mae_pretrain.EVAL_METRICS and train_classifier.CURVES).
 MONITOR_FILES = ("eval_epochs", "knn_acc", "val_loss", "val_psnr")
 LOWER_IS_BETTER = ("val_loss",)  # of the monitor's metrics; the others are best at their highest
+# The monitor figure's panels after the loss (which also draws val_loss): metric -> (scale, colour, y label, title,
+# unit). Every other metric has one; a test fails for a metric added without its panel.
+MONITOR_PANELS = {
+    "val_psnr": (1.0, VERMILLION, "PSNR of masked patches (dB)", "val reconstruction", " dB"),
+    "knn_acc": (100.0, PURPLE, "top-1 accuracy (%)", "weighted kNN on val", "%"),
+}
 RUN_CURVES = ("train_loss", "train_acc", "val_loss", "val_acc")
 # The figures drawn beside the runs' files, in --pretrain_dir and in --cls_dir.
 PRETRAIN_FIGURES = ("loss_curve.png", "pretrain_monitor.png", "best_recon.png", "last_recon.png")
@@ -455,7 +461,7 @@ def plot_loss_curve(pre: Pretraining, log_scale: bool):
 
 def plot_monitor(pre: Pretraining, log_scale: bool):
     """Training loss (with the val loss under fixed masks), val PSNR and kNN accuracy against epoch."""
-    panels = ["loss"] + [n for n in ("val_psnr", "knn_acc") if n in pre.evals]
+    panels = ["loss"] + [n for n in MONITOR_PANELS if n in pre.evals]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.5), squeeze=False, sharex=True)
     axes = axes[0]
     epochs = np.arange(1, len(pre.losses) + 1)
@@ -472,11 +478,9 @@ def plot_monitor(pre: Pretraining, log_scale: bool):
     ax.set_xlim(0, 1.04 * max(len(pre.losses), int(pre.eval_epochs.max())) + 0.5)
     ax.legend(loc="best")
     for ax, name in zip(axes[1:], panels[1:]):
-        scale, color, ylabel, title, unit = {
-            "val_psnr": (1.0, VERMILLION, "PSNR of masked patches (dB)", "val reconstruction", " dB"),
-            "knn_acc": (100.0, PURPLE, "top-1 accuracy (%)",
-                        "weighted kNN on val" + (f" ({pre.args['knn_k']}-NN)" if "knn_k" in pre.args else ""), "%"),
-        }[name]
+        scale, color, ylabel, title, unit = MONITOR_PANELS[name]
+        if name == "knn_acc" and "knn_k" in pre.args:
+            title += f" ({pre.args['knn_k']}-NN)"
         values = pre.evals[name] * scale
         ax.plot(pre.eval_epochs, values, color=color, marker="o", markersize=4)
         epoch_axis(ax)

@@ -165,6 +165,8 @@ def test_report_names_the_pretrained_model_and_reads_the_files_the_scripts_write
     assert caption in report_path.read_text()
     assert plot_results.MONITOR_FILES == ("eval_epochs", *mae_pretrain.EVAL_METRICS)
     assert set(plot_results.LOWER_IS_BETTER) <= set(mae_pretrain.EVAL_METRICS)
+    undrawn = set(mae_pretrain.EVAL_METRICS) - {"val_loss"} - set(plot_results.MONITOR_PANELS)
+    assert not undrawn, f"no panel of the monitor figure draws {undrawn}: give each one in MONITOR_PANELS"
     assert plot_results.RUN_CURVES == train_classifier.CURVES
 
 
