@@ -327,9 +327,13 @@ def loss_label(args: dict) -> str:
     return f"MSE on masked patches\n({target})"
 
 
-def epoch_axis(ax) -> None:
+def epoch_axis(ax, last_epoch: int, stretch: float = 1.0) -> None:
+    """An axis of whole epochs up to last_epoch. A short run's (at most 30 epochs, a tick each) keeps half an epoch
+    clear on either side of its points; a longer one's starts at 0. `stretch` widens the right for a label."""
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    short = last_epoch <= 30
+    ax.set_xlim(0.5 if short else 0, stretch * last_epoch + (0.5 if short else 1))
 
 
 # Below this ratio of an axis's highest to lowest value, a log axis's own ticks label one or two values at most (0.27
@@ -448,8 +452,7 @@ def plot_loss_curve(pre: Pretraining, log_scale: bool):
     ax.plot(epochs, losses, color=BLUE, **curve_style(len(losses)))
     if log_scale:
         log_y_axis(ax)
-    epoch_axis(ax)
-    ax.set_xlim(0.5 if len(losses) <= 30 else 0, len(losses) + (0.5 if len(losses) <= 30 else 1))
+    epoch_axis(ax, len(losses))
     best = pre.best_epoch
     make_room(ax, losses[best - 1], lowest=True)
     annotate_best(ax, best, losses[best - 1], f"best {losses[best - 1]:.5f} (epoch {best})", BLUE, lowest=True)
@@ -472,10 +475,10 @@ def plot_monitor(pre: Pretraining, log_scale: bool):
                 markersize=4, label="val (fixed masks)")
     if log_scale:
         log_y_axis(ax)
-    epoch_axis(ax)
+    last_epoch = max(len(pre.losses), int(pre.eval_epochs.max()))
+    epoch_axis(ax, last_epoch, stretch=1.04)  # stretched: a label at the last epoch fits
     ax.set_ylabel(loss_label(pre.args))
     ax.set_title("reconstruction loss")
-    ax.set_xlim(0, 1.04 * max(len(pre.losses), int(pre.eval_epochs.max())) + 0.5)
     ax.legend(loc="best")
     for ax, name in zip(axes[1:], panels[1:]):
         scale, color, ylabel, title, unit = MONITOR_PANELS[name]
@@ -483,7 +486,7 @@ def plot_monitor(pre: Pretraining, log_scale: bool):
             title += f" ({pre.args['knn_k']}-NN)"
         values = pre.evals[name] * scale
         ax.plot(pre.eval_epochs, values, color=color, marker="o", markersize=4)
-        epoch_axis(ax)
+        epoch_axis(ax, last_epoch, stretch=1.04)
         ax.tick_params(labelbottom=True)
         ax.set_ylabel(ylabel)
         ax.set_title(title)
@@ -534,8 +537,7 @@ def plot_run_comparison(runs: list, curve: str, log_scale: bool):
         labels.append(f"{label}\nbest {text} at epoch {best + 1}")
     if log_scale and not accuracy:
         log_y_axis(ax)
-    epoch_axis(ax)
-    ax.set_xlim(0.5 if longest <= 30 else 0, longest + (0.5 if longest <= 30 else 1))
+    epoch_axis(ax, longest)
     captions = {data_caption(run.args, val=accuracy) for run in runs if curve in run.curves and run.args}
     caption = f"\n{captions.pop()}" if len(captions) == 1 else ""  # runs on different data: no one caption
     drawn = comparison_subject([run.label for run in runs if curve in run.curves])

@@ -263,6 +263,26 @@ def test_a_monitor_metric_is_best_at_its_lowest_or_highest_as_it_should_be():
     assert plot_results.best_index("knn_acc", values) == plot_results.best_index("val_psnr", values) == 2
 
 
+@pytest.mark.parametrize("num_epochs, left", [(12, 0.5), (30, 0.5), (150, 0.0)])
+def test_every_epoch_axis_starts_alike(num_epochs, left):
+    """The loss curve, every panel of the monitor and the classifier comparison share one rule: a short run keeps
+    half an epoch clear before its first point, a long one starts at 0; each ends past its last epoch."""
+    losses = np.linspace(0.3, 0.1, num_epochs)
+    eval_epochs = np.array([num_epochs // 2, num_epochs])
+    evals = {"knn_acc": np.array([0.3, 0.4]), "val_loss": np.array([0.2, 0.15]), "val_psnr": np.array([10.0, 12.0])}
+    pre = plot_results.Pretraining("pre", losses, {}, [], eval_epochs, evals)
+    run = plot_results.ClassifierRun("scratch", "scratch", {"val_acc": np.linspace(0.1, 0.5, num_epochs)}, {})
+    figures = [plot_results.plot_loss_curve(pre, False), plot_results.plot_monitor(pre, False),
+               plot_results.plot_run_comparison([run], "val_acc", False)]
+    axes = [ax for fig in figures for ax in fig.axes]
+    assert len(axes) == 5
+    for ax in axes:
+        low, high = ax.get_xlim()
+        assert low == left and num_epochs < high <= 1.04 * num_epochs + 1, (ax.get_title(), low, high)
+    for fig in figures:
+        plot_results.plt.close(fig)
+
+
 def test_the_best_pretraining_epoch_is_the_earliest_of_equal_losses():
     """As for an accuracy, the earliest of equal bests: its reconstructions are the ones best_recon.png copies."""
     pre = plot_results.Pretraining("pre", np.array([0.5, 0.3, 0.4, 0.3]), {}, [])
