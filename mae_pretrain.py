@@ -114,7 +114,7 @@ def load_resume(args, cfg):
         utils.die(f"--resume {args.resume!r}: its losses should be one number per epoch up to its epoch {epoch}, "
                   f"found {len(losses)}: {shown[:100]}")
     metrics = monitor_metrics(args.norm_pix_loss)
-    bad = [e for e in ckpt["evals"] if not (isinstance(e, dict) and sorted(e) == sorted(["epoch", *metrics])
+    bad = [e for e in ckpt["evals"] if not (isinstance(e, dict) and e.keys() == {"epoch", *metrics}
                                             and type(e["epoch"]) is int
                                             and all(utils.is_number(e[name]) for name in metrics))]
     if bad:  # the record shown says which name is missing or extra (a checkpoint from before a metric was added)

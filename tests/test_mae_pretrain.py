@@ -958,6 +958,7 @@ def test_resume_of_a_checkpoint_with_fields_of_the_wrong_kind_is_refused_before_
              "its losses should be one number per epoch up to its epoch 1, found 5: [0.5, 0.4, 0.3, 0.2, ...]"),
             ("evals", [{"knn_acc": 0.1}], evals + ", found {'knn_acc': 0.1}"),
             ("evals", [{"epoch": 1, "knn_acc": 0.5}], evals),  # a KeyError at the next evaluation's save
+            ("evals", [{"epoch": 1, 7: 0.5}], evals + ", found {'epoch': 1, 7: 0.5}"),  # sorted() raised TypeError
             ("losses", [10 ** 400], "its losses should be one number per epoch"),  # float() overflows
             ("evals", [{"epoch": 1, "knn_acc": 0.5, "val_loss": 0.1, "val_psnr": 10 ** 400}], evals)):
         torch.save({**saved, key: value}, path)
