@@ -870,15 +870,18 @@ def test_kernel_launchers_name_each_kernels_operator_and_outermost_record_per_st
 def test_device_time_profile_on_a_gpu_times_kernels_alone_and_says_who_launched_them(monkeypatch):
     """On CUDA the host's records are profiled too, to name each kernel's launcher (launched_by in the JSON) and
     to time the host's side (host_records), but only the kernels' records are summed: an operator's device time is
-    its kernels', counted once. The profiler is a stand-in; the device is never touched."""
+    its kernels', and an annotation's span on the device is theirs too, counted once. The profiler is a stand-in; the
+    device is never touched."""
     from torch.autograd import DeviceType
     host, device = DeviceType.CPU, DeviceType.CUDA
-    def record(key, device_us, count, device_type, cpu_us=0.0, self_cpu_us=0.0):  # one of key_averages()
+    def record(key, device_us, count, device_type, cpu_us=0.0, self_cpu_us=0.0, annotation=False):  # key_averages'
         return SimpleNamespace(key=key, self_device_time_total=device_us, count=count, device_type=device_type,
-                               cpu_time_total=cpu_us, self_cpu_time_total=self_cpu_us)
+                               cpu_time_total=cpu_us, self_cpu_time_total=self_cpu_us, is_user_annotation=annotation)
     averages = [record("aten::sum", 300.0, 2, host, cpu_us=40.0, self_cpu_us=30.0),
                 record("reduce_kernel", 300.0, 2, device),
                 record("nvjet_gemm", 900.0, 4, device),
+                # the span of the optimizer's kernels on the device's timeline, which is no kernel of its own
+                record("Optimizer.step#AdamW.step", 1500.0, 2, device, annotation=True),
                 record("TorchDynamo Cache Lookup", 0.0, 2, host, cpu_us=600.0, self_cpu_us=600.0),
                 record("aten::empty", 0.0, 2, host, cpu_us=1.0, self_cpu_us=1.0)]
     backward = profiler_record("CompiledFunctionBackward")
