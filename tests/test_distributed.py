@@ -5,6 +5,7 @@ Run: python -m pytest -q tests/test_distributed.py
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -15,9 +16,17 @@ from conftest import ROOT, TINY_MODEL, TORCHRUN, tiny_pretrain_argv
 TIMEOUT = 300  # generous for a loaded 2-core machine; a hang would exceed it and fail the test
 
 
-def run(cmd, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run(cmd, cwd, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=TIMEOUT)
+
+
+def run_side_by_side(cwd, *cmds_and_envs):
+    """run() each (command, extra environment) at once, each in its own processes: most of a short run is its
+    start-up (imports, on one core), which two cores overlap. At most one torchrun among them, so that no two
+    launchers look for free ports at the same time. -> their CompletedProcesses, in order."""
+    with ThreadPoolExecutor(len(cmds_and_envs)) as pool:
+        return list(pool.map(lambda cmd_env: run(cmd_env[0], cwd, cmd_env[1]), cmds_and_envs))
 
 
 def pretrain_cmd(launcher, tmp_path, *extra, name):
@@ -25,12 +34,22 @@ def pretrain_cmd(launcher, tmp_path, *extra, name):
             *tiny_pretrain_argv(tmp_path, "--eval_every", "1", *extra, name=name)]
 
 
+@pytest.fixture(scope="module")
+def one_process_pretraining(tmp_path_factory):
+    """The one-process pretraining that the torchrun pretrainings are compared with, and whose checkpoint the
+    classifier runs start from: the same command for each, so run once for the module. -> its folder (mae.pt,
+    outputs/)."""
+    tmp_path = tmp_path_factory.mktemp("one_process")
+    proc = run(pretrain_cmd([sys.executable], tmp_path, name="single"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return tmp_path / "single"
+
+
 # The second: each process compiles its model and averages the gradients outside the graphs (the blocks scope,
 # which compiles fastest: inductor's C++ backend, about 20 s), against the same eager one-process run.
 @pytest.mark.parametrize("double_flags", [[], ["--compile", "--compile_scope", "blocks"]])
-def test_two_processes_match_one_process_and_write_one_set_of_outputs(tmp_path, double_flags):
-    single = run(pretrain_cmd([sys.executable], tmp_path, name="single"), tmp_path)
-    assert single.returncode == 0, single.stderr[-2000:]
+def test_two_processes_match_one_process_and_write_one_set_of_outputs(tmp_path, double_flags,
+                                                                     one_process_pretraining):
     double = run(pretrain_cmd(TORCHRUN, tmp_path, *double_flags, name="double"), tmp_path)
     assert double.returncode == 0, double.stderr[-2000:]
 
@@ -38,7 +57,7 @@ def test_two_processes_match_one_process_and_write_one_set_of_outputs(tmp_path, 
     # (two half-batch gradients averaged by all-reduce vs two accumulated chunks, and compiled kernels), hence a
     # tolerance.
     for name in ("losses", "knn_acc", "val_loss", "val_psnr"):
-        one = np.load(tmp_path / "single" / "outputs" / f"{name}.npy")
+        one = np.load(one_process_pretraining / "outputs" / f"{name}.npy")
         two = np.load(tmp_path / "double" / "outputs" / f"{name}.npy")
         assert two == pytest.approx(one, rel=1e-4), name
 
@@ -49,16 +68,14 @@ def test_two_processes_match_one_process_and_write_one_set_of_outputs(tmp_path, 
     assert "x 2 process(es)" in double.stdout
 
 
-def test_resume_on_another_number_of_processes(tmp_path):
-    straight = run(pretrain_cmd([sys.executable], tmp_path, name="straight"), tmp_path)
-    assert straight.returncode == 0, straight.stderr[-2000:]
+def test_resume_on_another_number_of_processes(tmp_path, one_process_pretraining):
     first = run(pretrain_cmd(TORCHRUN, tmp_path, "--stop_after", "1", name="split"), tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     ckpt = str(tmp_path / "split" / "mae.pt")
     second = run(pretrain_cmd([sys.executable], tmp_path, "--resume", ckpt, name="split"), tmp_path)
     assert second.returncode == 0, second.stderr[-2000:]
     resumed = np.load(tmp_path / "split" / "outputs" / "losses.npy")
-    assert resumed == pytest.approx(np.load(tmp_path / "straight" / "outputs" / "losses.npy"), rel=1e-4)
+    assert resumed == pytest.approx(np.load(one_process_pretraining / "outputs" / "losses.npy"), rel=1e-4)
 
 
 def check_world_size_error(script_cmd, script, tmp_path):
@@ -67,17 +84,17 @@ def check_world_size_error(script_cmd, script, tmp_path):
     per-rank half sets torchrun's variables by hand: the check runs before any process group exists, and under
     torchrun the first rank to fail may get the others killed before they print."""
     bad = ["--batch_size", "31", "--max_device_batch_size", "31"]
-    proc = run(script_cmd(TORCHRUN, tmp_path, *bad, name="bad"), tmp_path)
+    alone_cmd = script_cmd([sys.executable], tmp_path, *bad, name="bad")
+    proc, *alone = run_side_by_side(
+        tmp_path, (script_cmd(TORCHRUN, tmp_path, *bad, name="bad"), None),
+        *((alone_cmd, {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": "2"}) for rank in ("0", "1")))
     assert proc.returncode != 0
     assert "not divisible by the 2 processes" in proc.stderr
     # torchrun reports the failed children with a traceback of its own; none comes from our script.
     assert f'{script}", line' not in proc.stderr
-    for rank in ("0", "1"):
-        env = {**os.environ, "RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
-        alone = subprocess.run(script_cmd([sys.executable], tmp_path, *bad, name="bad"), capture_output=True,
-                               text=True, cwd=tmp_path, env=env, timeout=TIMEOUT)
-        assert alone.returncode == 2
-        assert alone.stderr.strip().splitlines() == [
+    for rank_alone in alone:
+        assert rank_alone.returncode == 2
+        assert rank_alone.stderr.strip().splitlines() == [
             f"{script}: error: --batch_size 31 is not divisible by the 2 processes of this run "
             "(torchrun --nproc_per_node x --nnodes)"]
     assert not (tmp_path / "bad").exists()
@@ -131,9 +148,10 @@ def classifier_cmd(launcher, tmp_path, *extra, name):
 
 def test_classifier_on_two_processes_matches_one_process(tmp_path):
     # The plain recipe has no random augmentation, so the only difference is the order of floating-point sums.
-    single = run(classifier_cmd([sys.executable], tmp_path, "--recipe", "plain", name="single"), tmp_path)
+    single, double = run_side_by_side(
+        tmp_path, *((classifier_cmd(launcher, tmp_path, "--recipe", "plain", name=name), None)
+                    for launcher, name in (([sys.executable], "single"), (TORCHRUN, "double"))))
     assert single.returncode == 0, single.stderr[-2000:]
-    double = run(classifier_cmd(TORCHRUN, tmp_path, "--recipe", "plain", name="double"), tmp_path)
     assert double.returncode == 0, double.stderr[-2000:]
     for name in ("train_loss", "train_acc", "val_loss", "val_acc"):
         one = np.load(tmp_path / "single" / "cls_outputs" / f"scratch_{name}.npy")
@@ -145,16 +163,17 @@ def test_classifier_on_two_processes_matches_one_process(tmp_path):
     assert double.stdout.count("epoch   2/2 |") == 1
 
 
-def test_linear_probe_and_finetune_recipe_run_under_torchrun(tmp_path):
-    pretrain = run(pretrain_cmd([sys.executable], tmp_path, "--eval_every", "0", name="mae"), tmp_path)
-    assert pretrain.returncode == 0, pretrain.stderr[-2000:]
-    ckpt = str(tmp_path / "mae" / "mae.pt")
-    for extra, run_name in ((["--linear_probe"], "linprobe"), ([], "pretrained")):
-        # The fine-tune records each process's augmentation draws (tests/helpers/classifier_draws.py).
-        cmd = classifier_cmd(TORCHRUN, tmp_path, "--pretrained_model_path", ckpt, *extra, name=run_name)
-        if run_name == "pretrained":
-            cmd[len(TORCHRUN)] = os.path.join(ROOT, "tests", "helpers", "classifier_draws.py")
-        proc = run(cmd, tmp_path)
+def test_linear_probe_and_finetune_recipe_run_under_torchrun(tmp_path, one_process_pretraining):
+    probe = ["--pretrained_model_path", str(one_process_pretraining / "mae.pt"), "--linear_probe"]
+    # The fine-tune records each process's augmentation draws (tests/helpers/classifier_draws.py).
+    finetune = classifier_cmd(TORCHRUN, tmp_path, *probe[:2], name="pretrained")
+    finetune[len(TORCHRUN)] = os.path.join(ROOT, "tests", "helpers", "classifier_draws.py")
+    # The probe on two processes beside its one-process reference, then the fine-tune.
+    linprobe, single = run_side_by_side(tmp_path, (classifier_cmd(TORCHRUN, tmp_path, *probe, name="linprobe"), None),
+                                        (classifier_cmd([sys.executable], tmp_path, *probe, name="linprobe_single"),
+                                         None))
+    pretrained = run(finetune, tmp_path)
+    for proc, run_name in ((linprobe, "linprobe"), (pretrained, "pretrained")):
         assert proc.returncode == 0, proc.stderr[-2000:]
         acc = np.load(tmp_path / run_name / "cls_outputs" / f"{run_name}_val_acc.npy")
         assert acc.shape == (2,) and np.all((0 <= acc) & (acc <= 1))
@@ -168,8 +187,6 @@ def test_linear_probe_and_finetune_recipe_run_under_torchrun(tmp_path):
         assert not torch.equal(chunk0["erase"]["noise"], chunk1["erase"]["noise"])
     # The probe draws no random numbers: its head, and the BatchNorm statistics it evaluates with (averaged over the
     # processes), follow one process's run up to the order of floating-point sums.
-    single = run(classifier_cmd([sys.executable], tmp_path, "--pretrained_model_path", ckpt, "--linear_probe",
-                                name="linprobe_single"), tmp_path)
     assert single.returncode == 0, single.stderr[-2000:]
     for name in ("train_loss", "val_loss", "val_acc"):
         one = np.load(tmp_path / "linprobe_single" / "cls_outputs" / f"linprobe_{name}.npy")
