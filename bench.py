@@ -356,7 +356,7 @@ def device_time_profile(run_steps, steps: int, device: torch.device) -> dict:
     # With the host's records kept, the profiler also puts a user annotation's span on the device's timeline
     # ("Optimizer.step#AdamW.step": from its first kernel's start to its last's end): a device record, but no
     # kernel. Summed, it counted the optimizer's kernels twice (1.26 ms of a 9.11 ms fine-tuning step on an H200,
-    # 744b996), as torch's own table does not (it skips is_user_annotation too).
+    # 744b996); torch's own table (key_averages().table()) leaves is_user_annotation records out too.
     ms = [(e.key, (e.self_device_time_total if on_cuda else e.self_cpu_time_total) / 1e3 / steps, e.count / steps)
           for e in averages if not on_cuda or (e.device_type != DeviceType.CPU and not e.is_user_annotation)]
     ms = sorted((item for item in ms if item[1] > 0), key=lambda item: -item[1])
