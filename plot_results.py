@@ -477,6 +477,14 @@ def plot_monitor(pre: Pretraining, log_scale: bool):
         log_y_axis(ax)
     last_epoch = max(len(pre.losses), int(pre.eval_epochs.max()))
     epoch_axis(ax, last_epoch, stretch=1.04)  # stretched: a label at the last epoch fits
+    if "val_loss" in pre.evals:
+        # The held-out loss is this panel's measure, as each other panel's metric is its own: its best is starred.
+        # (The training loss's best has its own figure, loss_curve.png.)
+        values, epochs_evaluated = pre.evals["val_loss"], pre.eval_epochs
+        best = best_index("val_loss", values)
+        make_room(ax, values[best], lowest=True)
+        annotate_best(ax, epochs_evaluated[best], values[best], f"best val {values[best]:.5f} (epoch "
+                      f"{epochs_evaluated[best]})", VERMILLION, lowest=True)
     ax.set_ylabel(loss_label(pre.args))
     ax.set_title("reconstruction loss")
     ax.legend(loc="best")

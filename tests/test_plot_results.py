@@ -422,7 +422,7 @@ def test_every_point_is_drawn_at_its_own_epoch():
     assert [points(line) for line in plot_results.plot_loss_curve(pre, False).axes[0].lines] == [
         losses, ([6], [0.52])]
     loss_ax, psnr_ax, knn_ax = plot_results.plot_monitor(pre, False).axes
-    assert [points(line) for line in loss_ax.lines] == [losses, ([2, 4, 6], [0.5, 0.3, 0.4])]
+    assert [points(line) for line in loss_ax.lines] == [losses, ([2, 4, 6], [0.5, 0.3, 0.4]), ([4], [0.3])]
     assert [points(line) for line in psnr_ax.lines] == [([2, 4, 6], [10.0, 12.0, 11.0]), ([4], [12.0])]
     assert [points(line) for line in knn_ax.lines] == [([2, 4, 6], [40.0, 60.0, 60.0]), ([4], [60.0])]
     runs = [plot_results.ClassifierRun("scratch", "scratch", {"val_acc": np.array([0.25, 0.5, 0.75, 0.5])}, {}),
@@ -692,6 +692,25 @@ def test_the_best_points_label_lies_inside_its_panel(run_outputs, knn):
     renderer = fig.canvas.get_renderer()
     inside, label = ax.get_window_extent(renderer), ax.texts[0].get_window_extent(renderer)
     assert ax.texts[0].get_text().startswith(f"best {100 * max(knn):.2f}%")
+    assert inside.y0 <= label.y0 and label.y1 <= inside.y1, (label, inside)
+    assert not label.overlaps(ax.title.get_window_extent(renderer))
+
+
+@pytest.mark.parametrize("val_loss", [[0.30, 0.20], [0.20, 0.30], [0.25, 0.25]])
+def test_the_monitors_loss_panel_stars_the_lowest_val_loss_inside_the_panel(run_outputs, val_loss):
+    """The monitor's loss panel stars the lowest val loss (the earliest on a tie) and names it with its epoch, the
+    label inside the axes, as each other panel stars its own metric; the training loss's best is loss_curve.png's."""
+    pre = plot_results.load_pretraining(str(run_outputs[0]), [], [])
+    pre.evals["val_loss"] = np.array(val_loss)
+    fig = plot_results.plot_monitor(pre, False)
+    ax = fig.axes[0]
+    best = int(np.argmin(val_loss))
+    assert [t.get_text() for t in ax.texts] == [f"best val {val_loss[best]:.5f} (epoch {pre.eval_epochs[best]})"]
+    stars = [line for line in ax.lines if line.get_marker() == "*"]
+    assert [(star.get_xdata()[0], star.get_ydata()[0]) for star in stars] == [(pre.eval_epochs[best], val_loss[best])]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    inside, label = ax.get_window_extent(renderer), ax.texts[0].get_window_extent(renderer)
     assert inside.y0 <= label.y0 and label.y1 <= inside.y1, (label, inside)
     assert not label.overlaps(ax.title.get_window_extent(renderer))
 
