@@ -462,6 +462,18 @@ def plot_loss_curve(pre: Pretraining, log_scale: bool):
     return fig
 
 
+def star_best_evaluation(ax, pre: Pretraining, name: str, values: np.ndarray, color: str, shown,
+                         ceiling: float | None = None) -> None:
+    """Star a monitor metric's best evaluated epoch (best_index) on ax, labelled `best <shown(value)> (epoch e)`,
+    with room made for the label (below a maximum at its ceiling, where there is none above). Call after the axes
+    limits are final."""
+    best, lowest = best_index(name, values), name in LOWER_IS_BETTER
+    room = make_room(ax, values[best], lowest, ceiling=ceiling)
+    epoch = pre.eval_epochs[best]
+    annotate_best(ax, epoch, values[best], f"best {shown(values[best])} (epoch {epoch})", color,
+                  lowest=lowest or not room)
+
+
 def plot_monitor(pre: Pretraining, log_scale: bool):
     """Training loss (with the val loss under fixed masks), val PSNR and kNN accuracy against epoch."""
     panels = ["loss"] + [n for n in MONITOR_PANELS if n in pre.evals]
@@ -480,11 +492,7 @@ def plot_monitor(pre: Pretraining, log_scale: bool):
     if "val_loss" in pre.evals:
         # The held-out loss is this panel's measure, as each other panel's metric is its own: its best is starred.
         # (The training loss's best has its own figure, loss_curve.png.)
-        values, epochs_evaluated = pre.evals["val_loss"], pre.eval_epochs
-        best = best_index("val_loss", values)
-        make_room(ax, values[best], lowest=True)
-        annotate_best(ax, epochs_evaluated[best], values[best], f"best val {values[best]:.5f} (epoch "
-                      f"{epochs_evaluated[best]})", VERMILLION, lowest=True)
+        star_best_evaluation(ax, pre, "val_loss", pre.evals["val_loss"], VERMILLION, lambda v: f"val {v:.5f}")
     ax.set_ylabel(loss_label(pre.args))
     ax.set_title("reconstruction loss")
     ax.legend(loc="best")
@@ -498,10 +506,8 @@ def plot_monitor(pre: Pretraining, log_scale: bool):
         ax.tick_params(labelbottom=True)
         ax.set_ylabel(ylabel)
         ax.set_title(title)
-        best, lowest = best_index(name, values), name in LOWER_IS_BETTER
-        room = make_room(ax, values[best], lowest, ceiling=100.0 if name == "knn_acc" else None)
-        annotate_best(ax, pre.eval_epochs[best], values[best], f"best {values[best]:.2f}{unit} (epoch "
-                      f"{pre.eval_epochs[best]})", color, lowest=lowest or not room)
+        star_best_evaluation(ax, pre, name, values, color, lambda v: f"{v:.2f}{unit}",
+                             ceiling=100.0 if name == "knn_acc" else None)
     caption = data_caption(pre.args)
     fig.suptitle(f"MAE pretraining monitor{': ' + caption if caption else ''}", fontsize=11)
     return fig
