@@ -183,6 +183,10 @@ def check_args(args) -> MAEConfig:
         utils.die(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
     if args.inductor and not args.compile:
         utils.die("--inductor needs compilation, which is off (pass --compile)")
+    if args.capture_step and args.warmup_steps <= utils.StepGraphs.WARMUP:
+        # The step after the eager ones captures its graphs: the warm-up, not the timing, must hold it.
+        utils.die(f"--warmup_steps must be at least {utils.StepGraphs.WARMUP + 1} with --capture_step, got "
+                  f"{args.warmup_steps}")
     if args.json:  # checked now, not after minutes of timing
         utils.check_output_file("--json", args.json, (".json",), create_folder=False)
     recipe = train_classifier.RECIPES[args.finetune_recipe]
@@ -493,11 +497,11 @@ class Phase:
     make_optimizer: object  # (model) -> the script's optimizer for it: its groups, lr, betas
     peak_lr: float  # the script's lr at the end of warm-up (a group's lr_scale multiplies it)
     batch_size: int
-    step: object  # (model, optimizer, scaler, batch_idx, lr, loss_sum, amp_dtype) -> None: one optimizer step
+    step: object  # (model, optimizer, scaler, batch_idx, lr, loss_sum, amp_dtype, graphs) -> None: one step
     flops_forward: int  # analytic forward FLOPs per image
     inputs: object = None  # (batch_idx) -> None: the step's input work alone, as the step does it; None: not timed
     inputs_eager: object = None  # the same, eager, where the step runs it compiled; else None
-    epoch: object = None  # (model, optimizer, scaler, amp_dtype, writer) -> None: train_one_epoch, --epoch_images
+    epoch: object = None  # (model, optimizer, scaler, amp_dtype, writer, graphs) -> None: train_one_epoch
 
 
 def compile_cache(args):
@@ -584,13 +588,13 @@ def pretrain_phase(cfg: MAEConfig, images, args, device: torch.device) -> Phase:
         "--batch_size", str(args.pretrain_batch_size), "--max_device_batch_size", str(args.max_device_batch_size),
         "--patch_size", str(cfg.patch_size), "--total_epoch", str(REFERENCE_PRETRAIN_EPOCHS)])
 
-    def step(model, optimizer, scaler, batch_idx, lr, loss_sum, amp_dtype):
+    def step(model, optimizer, scaler, batch_idx, lr, loss_sum, amp_dtype, graphs):
         mae_pretrain.train_step(model, optimizer, scaler, images, batch_idx, lr, script_args, device, amp_dtype,
-                                loss_sum)
+                                loss_sum, graphs)
 
-    def epoch(model, optimizer, scaler, amp_dtype, writer):
+    def epoch(model, optimizer, scaler, amp_dtype, writer, graphs):
         mae_pretrain.train_one_epoch(model, optimizer, scaler, images[:args.epoch_images], script_args, 1,
-                                     args.epoch_images // args.pretrain_batch_size, device, amp_dtype, writer)
+                                     args.epoch_images // args.pretrain_batch_size, device, amp_dtype, writer, graphs)
     return Phase("pretrain", MAE(cfg), lambda net: mae_pretrain.make_optimizer(net, script_args, device),
                  utils.peak_lr(script_args), args.pretrain_batch_size, step, sum(mae_forward_flops(cfg).values()),
                  epoch=epoch)
@@ -609,9 +613,9 @@ def finetune_phase(cfg: MAEConfig, images, labels, args, device: torch.device) -
 
     correct = torch.zeros((), device=device)  # the step adds into it, as the script's into its epoch's count
 
-    def step(model, optimizer, scaler, batch_idx, lr, loss_sum, amp_dtype):
+    def step(model, optimizer, scaler, batch_idx, lr, loss_sum, amp_dtype, graphs):
         train_classifier.train_step(model, optimizer, scaler, images, labels, batch_idx, lr, prepare, mixup,
-                                    criterion, script_args, device, amp_dtype, loss_sum, correct)
+                                    criterion, script_args, device, amp_dtype, loss_sum, correct, graphs)
 
     def input_work(view):
         # train_step's input work, chunk by chunk, without the model: eager, hundreds of small operators per chunk
@@ -623,10 +627,11 @@ def finetune_phase(cfg: MAEConfig, images, labels, args, device: torch.device) -
                     mixup(x, y)
         return inputs
 
-    def epoch(model, optimizer, scaler, amp_dtype, writer):
+    def epoch(model, optimizer, scaler, amp_dtype, writer, graphs):
         train_classifier.train_one_epoch(model, None, optimizer, scaler, images[:args.epoch_images],
                                          labels[:args.epoch_images], prepare, mixup, criterion, script_args, 1,
-                                         args.epoch_images // args.finetune_batch_size, device, amp_dtype, writer)
+                                         args.epoch_images // args.finetune_batch_size, device, amp_dtype, writer,
+                                         graphs)
 
     model = ViTClassifier(cfg, args.num_classes, script_args.global_pool, script_args.drop_path)
     # The pretrained fine-tune's optimizer: with the recipe's layer decay, one group per layer and weight decay,
@@ -649,6 +654,7 @@ def bench_phase(phase: Phase, args, device: torch.device, data_device: torch.dev
     optimizer = phase.make_optimizer(model)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     train_model = utils.compile_model(model, args) if args.compile else model
+    graphs = utils.StepGraphs(optimizer) if args.capture_step else None  # captured in the warm-up
     chunk = chunk_size(phase.batch_size, args)
     # The last: the host-sync check; then --profile's two runs (the device's kernels, the host's functions).
     total_steps = args.warmup_steps + args.repeats * args.steps + 1 + (2 * args.steps if args.profile else 0)
@@ -667,7 +673,7 @@ def bench_phase(phase: Phase, args, device: torch.device, data_device: torch.dev
         nonlocal step
         # Warmup then cosine, so the lr changes every step as it does in training.
         lr = utils.lr_at(step, total_steps, min(10, total_steps // 2), phase.peak_lr)
-        phase.step(step_model, optimizer, scaler, next(batches), lr, loss_sum, amp_dtype)
+        phase.step(step_model, optimizer, scaler, next(batches), lr, loss_sum, amp_dtype, graphs)
         step += 1
 
     model.train()
@@ -688,7 +694,7 @@ def bench_phase(phase: Phase, args, device: torch.device, data_device: torch.dev
     with tempfile.TemporaryDirectory() as logs, SummaryWriter(logs) as writer:
         synchronize(device)
         begin = time.perf_counter()
-        phase.epoch(train_model, optimizer, scaler, amp_dtype, writer)
+        phase.epoch(train_model, optimizer, scaler, amp_dtype, writer, graphs)
         synchronize(device)
         epoch_s = time.perf_counter() - begin
     epoch_steps = args.epoch_images // phase.batch_size
@@ -861,7 +867,8 @@ def main(args):
     compiled = (f"on ({args.compile_mode}, scope {args.compile_scope}, {args.compile_cache} cache"
                 f"{''.join(f', {key}={value}' for key, value in inductor.items())})")
     print(f"bench: {date}, {describe_device(device)}, torch {torch.__version__}, autocast {amp_dtype}, "
-          f"compile {compiled if args.compile else 'off'}, data on {args.data_on}, attention {args.attention}"
+          f"compile {compiled if args.compile else 'off'}{', step captured' if args.capture_step else ''}, "
+          f"data on {args.data_on}, attention {args.attention}"
           f"{f' ({attention})' if args.attention == 'auto' else ''}")
     print(f"model: {args.preset} preset + flags: patch {cfg.patch_size} ({cfg.num_patches} tokens), encoder "
           f"{cfg.embed_dim} x {cfg.depth} blocks ({cfg.num_heads} heads), decoder {cfg.decoder_embed_dim} x "

@@ -146,8 +146,10 @@ def make_optimizer(model, args, device):
     return utils.make_adamw(optimizer_groups(model, args), utils.peak_lr(args), (0.9, 0.95), device)
 
 
-def train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, device, amp_dtype, loss_sum):
+def train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, device, amp_dtype, loss_sum,
+               graphs=None):
     """One optimizer step on the global batch `batch_idx`; adds each chunk's loss to the device-side loss_sum.
+    With `graphs` (a utils.StepGraphs, --capture_step) each chunk's model work and the update replay its graphs.
 
     Under torchrun every process draws the same random numbers for the whole global batch, then takes its own
     slice: the processes see disjoint images, and each image gets the same mask (and crop) whatever the number
@@ -162,6 +164,14 @@ def train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, devi
     noise = torch.rand(args.batch_size, num_patches, device=device)[mine]
     # Per image: 4 numbers for random_resized_crop (area, aspect ratio, x, y), the 5th for the flip.
     crop_rand = torch.rand(args.batch_size, 5, device=device)[mine] if args.augment else None
+
+    def forward_backward(imgs, chunk_noise):
+        with utils.autocast(device, amp_dtype):
+            loss, _, _ = model(imgs, noise=chunk_noise, masked_only=True)  # the loss reads no other patch
+        # Chunks are equal-sized, so dividing by their number makes the summed gradient the batch mean.
+        utils.backward(scaler.scale(loss / accum_steps), optimizer)
+        return loss.detach()
+
     for c, chunk_idx in enumerate(batch_idx[mine].split(chunk)):
         utils.mark_chunk_begin()
         part = slice(c * chunk, (c + 1) * chunk)
@@ -169,15 +179,15 @@ def train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, devi
         if args.augment:
             imgs = data.random_resized_crop(imgs, scale=(0.2, 1.0), rand=crop_rand[part, :4])
             imgs = data.random_hflip(imgs, rand=crop_rand[part, 4])
-        with utils.autocast(device, amp_dtype):
-            loss, _, _ = model(imgs, noise=noise[part], masked_only=True)  # the loss reads no other patch
-        # Chunks are equal-sized, so dividing by their number makes the summed gradient the batch mean.
-        utils.backward(scaler.scale(loss / accum_steps), optimizer)
-        loss_sum += loss.detach()
-    utils.optimizer_step(optimizer, scaler)
+        loss_sum += graphs.chunk(forward_backward, imgs, noise[part]) if graphs else forward_backward(imgs, noise[part])
+    if graphs:
+        graphs.update()
+    else:
+        utils.optimizer_step(optimizer, scaler)
 
 
-def train_one_epoch(model, optimizer, scaler, train_images, args, epoch, steps_per_epoch, device, amp_dtype, writer):
+def train_one_epoch(model, optimizer, scaler, train_images, args, epoch, steps_per_epoch, device, amp_dtype, writer,
+                    graphs=None):
     """One pass over the training set, every process cutting the same permutation. The loss stays on the
     device and is read only every log_interval steps and at the end, so the GPU never waits for the host."""
     model.train()
@@ -193,7 +203,7 @@ def train_one_epoch(model, optimizer, scaler, train_images, args, epoch, steps_p
     for i, batch_idx in enumerate(bar):
         step = (epoch - 1) * steps_per_epoch + i
         lr = utils.lr_at(step, total_steps, warmup_steps, peak_lr, args.min_lr)
-        train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, device, amp_dtype, loss_sum)
+        train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, device, amp_dtype, loss_sum, graphs)
         if writer:
             writer.add_scalar("lr", lr, step)
         if (i + 1) % args.log_interval == 0 and rank == 0:
@@ -320,6 +330,7 @@ def main(args):
         log_print(f"resumed from {args.resume} at epoch {start_epoch}")
     utils.broadcast_state(model)
     train_model = utils.compile_model(model, args) if args.compile else model
+    graphs = utils.StepGraphs(optimizer) if args.capture_step else None  # after the resume's load_state_dict
     writer = SummaryWriter(args.log_dir) if main_process else None
     background = utils.BackgroundWriter()  # figures, logs and checkpoints, written while the next epoch trains
 
@@ -328,7 +339,7 @@ def main(args):
     for epoch in range(start_epoch, last_epoch + 1):
         utils.seed_epoch(args.seed, epoch)
         stats = train_one_epoch(train_model, optimizer, scaler, train.images, args, epoch, steps_per_epoch, device,
-                                amp_dtype, writer)
+                                amp_dtype, writer, graphs)
         if not math.isfinite(stats["loss"]):
             kept = f"The checkpoint at {args.model_path} still holds epoch {epoch - 1}" if epoch > 1 else \
                 "This run wrote no checkpoint"
@@ -342,7 +353,7 @@ def main(args):
         log.append(stats)
         if main_process:
             figures = [t.cpu() for t in reconstruct_val(model, vis_imgs, vis_noise, cfg, amp_dtype)]
-            checkpoint = utils.to_cpu({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            checkpoint = utils.to_cpu({"model": model.state_dict(), "optimizer": utils.optimizer_state(optimizer),
                                        "scaler": scaler.state_dict(), "epoch": epoch, "losses": list(losses),
                                        "evals": list(evals), "args": vars(args),
                                        "config": dataclasses.asdict(cfg)})

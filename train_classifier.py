@@ -463,29 +463,40 @@ def training_inputs(model: ViTClassifier, train_images, val_images, eval_chunk: 
 # Training and evaluation
 
 def train_step(net, optimizer, scaler, inputs, labels, batch_idx, lr, prepare, mixup, criterion, args, device,
-               amp_dtype, loss_sum, correct):
+               amp_dtype, loss_sum, correct, graphs=None):
     """One optimizer step on this process's slice of the global batch `batch_idx`; adds each chunk's loss and
-    correct count (against the unmixed labels) to the device-side sums."""
+    correct count (against the unmixed labels) to the device-side sums. With `graphs` (a utils.StepGraphs,
+    --capture_step) each chunk's model work and the update replay its graphs; the input work and mixup stay eager
+    (mixup draws on the host)."""
     rank, world_size, _ = utils.dist_env()
     chunk = utils.device_chunk(args)
     accum_steps = utils.chunks_per_step(args)
     utils.set_lr(optimizer, lr)
-    for chunk_idx in batch_idx[utils.shard(args.batch_size, rank, world_size)].split(chunk):
-        utils.mark_chunk_begin()
-        x, y = prepare(data.take(inputs, chunk_idx, device)), data.take(labels, chunk_idx, device)
-        x, target = mixup(x, y) if mixup is not None else (x, y)
+
+    def forward_backward(x, target, y):
         with utils.autocast(device, amp_dtype):
             logits = net(x)
         loss = criterion(logits.float(), target)
         # Chunks are equal-sized, so dividing by their number makes the summed gradient the batch mean.
         utils.backward(scaler.scale(loss / accum_steps), optimizer)
-        loss_sum += loss.detach()
-        correct += (logits.argmax(dim=-1) == y).sum()
-    utils.optimizer_step(optimizer, scaler)
+        return loss.detach(), (logits.argmax(dim=-1) == y).sum()
+
+    for chunk_idx in batch_idx[utils.shard(args.batch_size, rank, world_size)].split(chunk):
+        utils.mark_chunk_begin()
+        x, y = prepare(data.take(inputs, chunk_idx, device)), data.take(labels, chunk_idx, device)
+        x, target = mixup(x, y) if mixup is not None else (x, y)
+        loss, chunk_correct = (graphs.chunk(forward_backward, x, target, y) if graphs
+                               else forward_backward(x, target, y))
+        loss_sum += loss
+        correct += chunk_correct
+    if graphs:
+        graphs.update()
+    else:
+        utils.optimizer_step(optimizer, scaler)
 
 
 def train_one_epoch(net, frozen, optimizer, scaler, inputs, labels, prepare, mixup, criterion, args, epoch,
-                    steps_per_epoch, device, amp_dtype, writer):
+                    steps_per_epoch, device, amp_dtype, writer, graphs=None):
     """One pass over the training set, every process cutting the same permutation. Loss and correct counts stay
     on the device and are read only every log_interval steps and at the end."""
     net.train()
@@ -503,7 +514,7 @@ def train_one_epoch(net, frozen, optimizer, scaler, inputs, labels, prepare, mix
         step = (epoch - 1) * steps_per_epoch + i
         lr = lr_at_step(step, total_steps, warmup_steps, peak_lr, args)
         train_step(net, optimizer, scaler, inputs, labels, batch_idx, lr, prepare, mixup, criterion, args, device,
-                   amp_dtype, loss_sum, correct)
+                   amp_dtype, loss_sum, correct, graphs)
         if writer:
             writer.add_scalar("lr", lr, step)
         if (i + 1) % args.log_interval == 0 and rank == 0:
@@ -630,6 +641,7 @@ def main(args):
         start_epoch = ckpt["epoch"] + 1
         utils.broadcast_state(model)  # rank 0's, as at the start: each process read the file on its own
         log_print(f"resumed from {args.resume} at epoch {start_epoch}")
+    graphs = utils.StepGraphs(optimizer) if args.capture_step else None  # after the resume's load_state_dict
     mixup = make_mixup(args, num_classes)
     criterion = make_criterion(args, mixup)
     writer = SummaryWriter(args.log_dir) if main_process else None
@@ -672,7 +684,7 @@ def main(args):
     for epoch in range(start_epoch, last_epoch + 1):
         utils.seed_epoch(args.seed, epoch, rank)  # augmentation and mixup differ per process, as images do
         stats = train_one_epoch(net, frozen, optimizer, scaler, train_inputs, train_labels, prepare_train, mixup,
-                                criterion, args, epoch, steps_per_epoch, device, amp_dtype, writer)
+                                criterion, args, epoch, steps_per_epoch, device, amp_dtype, writer, graphs)
         if not math.isfinite(stats["train_loss"]):
             kept = f"{args.output_model_path} and {last_model_path} still hold earlier epochs" if epoch > 1 else \
                 "This run wrote no checkpoint"
@@ -691,8 +703,9 @@ def main(args):
             best_acc, best_epoch = val_acc, epoch
         if main_process:
             snapshot = utils.to_cpu({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "val_acc": val_acc, "args": vars(args), "config": dataclasses.asdict(cfg),
+                "model": model.state_dict(), "optimizer": utils.optimizer_state(optimizer),
+                "scaler": scaler.state_dict(), "epoch": epoch, "val_acc": val_acc, "args": vars(args),
+                "config": dataclasses.asdict(cfg),
                 "num_classes": num_classes, "classes": classes, "pretrained_sha256": pretrained_sha256})
             summary = {
                 "run": run, "best_val_acc": best_acc, "best_epoch": best_epoch, "final_val_acc": val_acc,

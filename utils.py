@@ -418,7 +418,23 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr
 def set_lr(optimizer, lr: float) -> None:
     # lr_scale lets layer-wise decay's groups keep their ratio to the scheduled lr.
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        value = lr * group.get("lr_scale", 1.0)
+        if isinstance(group["lr"], torch.Tensor):  # StepGraphs': the captured update reads the lr from there
+            group["lr"].fill_(value)
+        else:
+            group["lr"] = value
+
+
+def optimizer_state(optimizer) -> dict:
+    """optimizer.state_dict() as a checkpoint keeps it: the same whether or not StepGraphs captured the updates,
+    which hold each group's lr in a tensor and set capturable. A run without them (a CPU one, say) then resumes it
+    as it would its own."""
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:  # state_dict's own copies of the groups' settings
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"] = group["lr"].item()  # once per checkpoint, not per step
+        group["capturable"] = False
+    return state
 
 
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list:
@@ -514,6 +530,86 @@ def optimizer_step(optimizer, scaler) -> None:
     optimizer.zero_grad(set_to_none=False)
 
 
+class StepGraphs:
+    """--capture_step: each chunk's forward, loss, backward and gradient adds as one CUDA graph, and the optimizer's
+    update with the zeroing of the .grad buffers as another, both captured here (torch.cuda.graph) and replayed every
+    step. A replay is one launch for the whole graph, where torch's CUDA-graph trees (--compile_mode reduce-overhead)
+    still leave the host its checks, autograd's engine, the gradients' add and AdamW's launches: on an H200 the host
+    took 9.0 ms to queue a 9.1 ms fine-tuning step (bench.py --profile, 744b996, 2026-11-30), so it set the pace.
+
+    The first `warmup` calls of each graph run eagerly: they compile, make AdamW's state and initialise cuBLAS and
+    cuDNN, none of which a capture may do. The next call captures and then replays, so every call does its work.
+    A graph replays what it captured, reading and writing the same memory each time. So:
+    - a chunk's input tensors are copied into the graph's own (chunk() takes them; same shapes every call);
+    - what the chunk function returns is the graph's memory, overwritten by the next replay: read it, or add it into
+      a sum, before the next call;
+    - each group's lr lives in a tensor the update reads (utils.set_lr fills it; optimizer_state saves a float);
+    - the function passed at the capture is the one replayed: one StepGraphs per model and optimizer.
+    Random draws inside (drop path) stay random: torch advances the generator's offset at every replay. What runs between the graphs stays eager: the input work, mixup's host-side draws and,
+    under torchrun, the gradients' all-reduce."""
+
+    WARMUP = 2  # eager calls of each graph before its capture
+
+    def __init__(self, optimizer, warmup: int = WARMUP):
+        for group in optimizer.param_groups:  # capturable: AdamW keeps its step count on the device
+            group["capturable"] = True
+            group["lr"] = torch.tensor(float(group["lr"]), device=group["params"][0].device)
+        self.optimizer, self.warmup = optimizer, warmup
+        self.chunk_calls = self.update_calls = 0
+        self.chunk_graph = self.update_graph = None
+        self.inputs = self.outputs = None
+
+    def chunk(self, fn, *inputs: torch.Tensor):
+        """fn(*inputs) for one chunk: eager during the warm-up, then captured, then replayed on `inputs`' values."""
+        if self.chunk_graph is not None:
+            if [t.shape for t in inputs] != [t.shape for t in self.inputs]:
+                raise ValueError(f"StepGraphs.chunk: inputs of shapes {[tuple(t.shape) for t in inputs]}, captured "
+                                 f"with {[tuple(t.shape) for t in self.inputs]}")
+            torch._foreach_copy_(self.inputs, list(inputs))
+        else:
+            self.chunk_calls += 1
+            if self.chunk_calls <= self.warmup:
+                return _warm_up(fn, *inputs)
+            self.inputs = [t.clone() for t in inputs]
+            self.chunk_graph, self.outputs = _capture(fn, *self.inputs)
+        self.chunk_graph.replay()
+        return self.outputs
+
+    def update(self) -> None:
+        """The step after a batch's last chunk (optimizer_step's, less fp16's scaler, which reads back to the host)."""
+        average_gradients(self.optimizer)  # eager, between the graphs: an all-reduce under torchrun
+        if self.update_graph is None:
+            self.update_calls += 1
+            if self.update_calls <= self.warmup:
+                _warm_up(self._update)
+                return
+            self.update_graph, _ = _capture(self._update)
+        self.update_graph.replay()
+
+    def _update(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=False)
+
+
+def _warm_up(fn, *inputs):
+    """fn(*inputs) on a side stream, as torch's recipe warms up before a capture, then waited for: a warm-up call
+    happens twice per graph, and a full wait spares the allocator's cross-stream bookkeeping."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        outputs = fn(*inputs)
+    torch.cuda.synchronize()
+    return outputs
+
+
+def _capture(fn, *inputs) -> tuple:
+    """(the CUDA graph of fn(*inputs), its outputs). Capturing records the kernels without running them."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn(*inputs)
+    return graph, outputs
+
+
 def average_gradients(optimizer) -> None:
     """Under torchrun: replace every process's accumulated .grad by the mean over the processes, once per
     optimizer step, after its last chunk. A single process does nothing.
@@ -559,11 +655,16 @@ def add_runtime_args(parser) -> None:
                         choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                         help="torch.compile mode; reduce-overhead adds CUDA graphs, the max-autotune modes "
                              "search kernels for minutes first (default: reduce-overhead when compiling on "
-                             "CUDA, under torchrun too; else default)")
+                             "CUDA without --capture_step, under torchrun too; else default)")
     parser.add_argument("--compile_scope", default="model", choices=("model", "blocks"),
                         help="what torch.compile compiles: the whole training model as one graph, or each "
                              "transformer block on its own (one graph per block shape, shared by all the blocks "
                              "of that shape: a fraction of the compile time; the rest runs eager)")
+    parser.add_argument("--capture_step", action="store_true",
+                        help="capture each chunk's forward and backward, and the optimizer's update, as two CUDA "
+                             "graphs of this project's own, replayed every step (utils.StepGraphs): CUDA, bf16 or "
+                             "fp32; the model then compiles without torch's CUDA graphs (--compile_mode default, "
+                             "or max-autotune-no-cudagraphs)")
     parser.add_argument("--attention", default="auto", choices=("auto", *ATTENTION_BACKENDS),
                         help="the kernel every attention runs with: auto lets torch choose per shape; a name "
                              "restricts it to that kernel (cudnn and efficient need CUDA)")
@@ -781,8 +882,24 @@ def resolve_runtime(args, device: torch.device) -> None:
              f"below 8.0), so it runs emulated, slower than fp32, and torch.compile leaves its graphs eager; "
              f"fp16, this GPU's default, does neither")
     args.compile = compile_enabled(args, device)
+    if args.capture_step:
+        check_capture_step(args, device)
     if args.compile_mode is None:
-        args.compile_mode = "reduce-overhead" if device.type == "cuda" and args.compile else "default"
+        trees = device.type == "cuda" and args.compile and not args.capture_step
+        args.compile_mode = "reduce-overhead" if trees else "default"
+
+
+def check_capture_step(args, device: torch.device) -> None:
+    """One-line death where --capture_step cannot run (call with --precision resolved)."""
+    if args.compile_mode in ("reduce-overhead", "max-autotune"):
+        # torch's CUDA-graph trees would capture inside StepGraphs' capture, which CUDA does not allow.
+        die(f"--capture_step captures CUDA graphs of its own; --compile_mode {args.compile_mode} adds torch's: "
+            "use default or max-autotune-no-cudagraphs")
+    if device.type != "cuda":
+        die(f"--capture_step captures CUDA graphs: it needs a CUDA device, not {device}")
+    if args.precision == "fp16":
+        die("--capture_step: fp16's grad scaler reads its overflow check back to the host every step, which a "
+            "captured step cannot; use --precision bf16 or fp32")
 
 
 def compile_model(model: torch.nn.Module, args) -> torch.nn.Module:

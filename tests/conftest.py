@@ -120,6 +120,42 @@ def compile_counter(monkeypatch):
     torch._dynamo.reset()
 
 
+class ReplayedFunction:
+    """A CPU stand-in for a CUDA graph that utils.StepGraphs captured: replay() runs the captured function again on the
+    captured input tensors and writes what it returns into the tensors the capture returned, as a graph rewrites its
+    own memory. A real capture records without running; this one runs the function once, so the replay StepGraphs
+    makes right after a capture runs nothing. What CUDA makes of a capture only a GPU checks (tests/test_gpu.py)."""
+
+    def __init__(self, fn, inputs):
+        self.fn, self.inputs, self.replays = fn, inputs, 0
+        self.outputs = fn(*inputs)
+
+    def replay(self):
+        self.replays += 1
+        if self.replays == 1:
+            return
+        outputs = self.fn(*self.inputs)
+        if self.outputs is not None:
+            pairs = zip(self.outputs, outputs) if isinstance(outputs, tuple) else [(self.outputs, outputs)]
+            for captured, new in pairs:
+                captured.copy_(new)
+
+
+@pytest.fixture
+def cpu_step_graphs(monkeypatch) -> list:
+    """utils.StepGraphs on the CPU: its captures make ReplayedFunctions (listed, in order), its warm-up calls run in
+    place (no side stream)."""
+    import utils
+    graphs = []
+
+    def capture(fn, *inputs):
+        graphs.append(ReplayedFunction(fn, inputs))
+        return graphs[-1], graphs[-1].outputs
+    monkeypatch.setattr(utils, "_capture", capture)
+    monkeypatch.setattr(utils, "_warm_up", lambda fn, *inputs: fn(*inputs))
+    return graphs
+
+
 def _another_value(value):
     """A value of the same kind that differs from value (None, a flag left out, becomes a string)."""
     if isinstance(value, bool):

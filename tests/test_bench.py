@@ -130,7 +130,7 @@ def test_step_with_accumulation_follows_the_full_batch_gradient(phase):
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         loss_sum = torch.zeros(())
         torch.manual_seed(2)  # the scripts' train_step draws the batch's noise first, as the reference did above
-        step.step(step.model, optimizer, scaler, batch_idx, lr, loss_sum, None)
+        step.step(step.model, optimizer, scaler, batch_idx, lr, loss_sum, None, None)
         got = dict(step.model.named_parameters())
         for name, value in expected.items():
             torch.testing.assert_close(got[name].detach(), value, rtol=1e-5, atol=1e-6, msg=f"{name}, chunk {chunk}")
@@ -159,7 +159,7 @@ def test_steps_accumulate_into_the_grad_buffers_the_optimizer_allocated(phase):
     before = [p.detach().clone() for p in params]
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for _ in range(2):
-        step.step(step.model, optimizer, scaler, torch.randperm(40)[:16], 1e-3, torch.zeros(()), None)
+        step.step(step.model, optimizer, scaler, torch.randperm(40)[:16], 1e-3, torch.zeros(()), None, None)
     assert all(p.grad is g and not g.any() for p, g in zip(params, buffers))
     assert all(not torch.equal(p, b) for p, b in zip(params, before))  # every parameter was trained
 
@@ -212,7 +212,7 @@ def test_each_chunk_marks_a_new_cuda_graph_step_between_the_last_backward_and_it
     monkeypatch.setattr(utils, "backward", lambda *a: (events.append("backward"), backward(*a)))
     step.model.register_forward_pre_hook(lambda *_: events.append("forward"))
     step.step(step.model, optimizer, torch.amp.GradScaler("cpu", enabled=False), torch.randperm(40)[:16], 1e-3,
-              torch.zeros(()), None)
+              torch.zeros(()), None, None)
     assert events == ["mark", "forward", "backward"] * 2
 
 
@@ -233,7 +233,7 @@ def test_a_scripts_epoch_reads_values_back_only_every_log_interval_steps(phase, 
         bench.finetune_phase(cfg, images, labels, args, cpu)
     optimizer = timed.make_optimizer(timed.model)
     with bench.HostSyncRecorder() as recorder:
-        timed.epoch(timed.model, optimizer, torch.amp.GradScaler("cpu", enabled=False), None, None)
+        timed.epoch(timed.model, optimizer, torch.amp.GradScaler("cpu", enabled=False), None, None, None)
     assert recorder.syncs == ["_local_scalar_dense"] * expected_reads
 
 
@@ -698,7 +698,7 @@ def test_bench_phase_reports_the_median_repeat_and_the_rates_it_implies(monkeypa
     monkeypatch.setattr(bench, "timed", timed)
     batches, lrs = [], []
 
-    def step(model, optimizer, scaler, batch_idx, lr, loss_sum, amp_dtype):
+    def step(model, optimizer, scaler, batch_idx, lr, loss_sum, amp_dtype, graphs):
         batches.append(len(batch_idx))
         lrs.append(lr)
         clock.advance(warmup_step_s)
@@ -707,8 +707,8 @@ def test_bench_phase_reports_the_median_repeat_and_the_rates_it_implies(monkeypa
                         0.1, 8, step, 10 ** 9, inputs=lambda idx: inputs.append(("compiled", len(idx))),
                         inputs_eager=lambda idx: inputs.append(("eager", len(idx))),
                         epoch=lambda *_: clock.advance(0.6))
-    args = SimpleNamespace(compile=False, warmup_steps=3, repeats=3, steps=2, profile=False, seed=0, epoch_images=24,
-                           max_device_batch_size=4)
+    args = SimpleNamespace(compile=False, capture_step=False, warmup_steps=3, repeats=3, steps=2, profile=False,
+                           seed=0, epoch_images=24, max_device_batch_size=4)
     cpu = torch.device("cpu")
     r = bench.bench_phase(phase, args, cpu, cpu, None, 4.0)
     assert batches == [8] * (3 + 3 * 2 + 1)  # warm-up, the repeats, the host-sync check
@@ -1148,6 +1148,7 @@ def test_only_the_batch_sizes_of_the_phases_timed_are_checked(capsys):
     (["--device", "meta"], "--device must be cuda, cuda:N or cpu, got 'meta'"),
     (["--device", "cpu:1"], "--device must be cuda, cuda:N or cpu, got 'cpu:1'"),  # torch has one CPU device
     (["--attention", "cudnn"], "--attention cudnn cannot run on cpu"),  # a CUDA kernel
+    (["--capture_step"], "--capture_step captures CUDA graphs: it needs a CUDA device, not cpu"),
     pytest.param(["--device", "cuda"], "CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
@@ -1159,6 +1160,21 @@ def test_bad_flags_are_one_line_and_status_2(flags, expected, capsys, tmp_path, 
     captured = capsys.readouterr()
     assert len(captured.err.strip().splitlines()) == 1 and expected in captured.err
     assert captured.out == "" and os.listdir(tmp_path) == []
+
+
+def test_capture_step_needs_warm_up_steps_that_hold_the_capture(capsys):
+    """With --capture_step the step after StepGraphs' eager ones captures the graphs: it must fall in the warm-up,
+    not in the timed steps. (On a CPU resolve_runtime refuses --capture_step itself, so the check is asked here.)"""
+    args = bench.get_args_parser().parse_args(["--device", "cpu", "--warmup_steps", str(utils.StepGraphs.WARMUP)])
+    bench.resolve_defaults(args, torch.device("cpu"))
+    args.capture_step = True  # as on a CUDA device
+    with pytest.raises(SystemExit) as exc:
+        bench.check_args(args)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"--warmup_steps must be at least {utils.StepGraphs.WARMUP + 1} with --capture_step, got 2")
+    args.warmup_steps = utils.StepGraphs.WARMUP + 1
+    bench.check_args(args)
 
 
 def test_torchrun_is_refused_in_one_line(capsys, tmp_path, monkeypatch):

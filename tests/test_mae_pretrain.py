@@ -582,6 +582,39 @@ def test_a_step_in_chunks_is_the_step_of_the_whole_batch_under_the_same_masks(tm
     assert loss_sum.item() == pytest.approx(sum(chunk_losses), rel=1e-5)
 
 
+def test_captured_steps_train_as_the_uncaptured_ones_do(tmp_path, cpu_step_graphs):
+    """--capture_step's bookkeeping (utils.StepGraphs), its CUDA graphs replaced by CPU stand-ins that rerun what
+    they captured on the captured tensors (conftest.ReplayedFunction): six AdamW steps of two chunks, the lr changing
+    every step, train to the bit as the same steps without it. So each chunk's images and mask noise reach the
+    captured inputs, its loss is read from the captured outputs before the next chunk overwrites them, and the
+    update follows each step's last chunk; the first two calls of each graph run eagerly, the third captures, and
+    every call does its work once."""
+    import copy
+
+    import data
+    import mae_pretrain
+    import utils
+    args, model = _tiny_mae(tmp_path, "--max_device_batch_size", "16")
+    models = {"plain": model, "captured": copy.deepcopy(model)}
+    images = data.fake_images(64, seed=1).images
+    cpu, losses = torch.device("cpu"), {}
+    for name, net in models.items():
+        optimizer = mae_pretrain.make_optimizer(net, args, cpu)
+        graphs = utils.StepGraphs(optimizer) if name == "captured" else None
+        torch.manual_seed(3)  # the same batches and masks
+        losses[name] = []
+        for lr in (2 ** -10, 2 ** -11, 2 ** -9, 2 ** -13, 2 ** -10, 3 * 2 ** -12):  # float32's: see test_set_lr_fills
+            loss_sum = torch.zeros(())
+            mae_pretrain.train_step(net, optimizer, torch.amp.GradScaler("cpu", enabled=False), images,
+                                    torch.randperm(64)[:32], lr, args, cpu, None, loss_sum, graphs)
+            losses[name].append(loss_sum.item())
+    chunk_graph, update_graph = cpu_step_graphs
+    assert (chunk_graph.replays, update_graph.replays) == (12 - 2, 6 - 2)  # every call after the two eager ones
+    assert losses["captured"] == losses["plain"]
+    for a, b in zip(models["captured"].parameters(), models["plain"].parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_each_epoch_trains_on_its_own_order_at_the_scheduled_lr_and_reports_its_mean_chunk_loss(tmp_path,
                                                                                               monkeypatch):
     """train_one_epoch over 128 images, 4 steps of 32 in chunks of 16, for epochs 1 to 3 of a 3-epoch run with
@@ -673,8 +706,8 @@ def test_the_reconstruction_figure_masks_the_patches_its_fixed_noise_masks(tmp_p
 # The flags a resumed pretraining may change: how it runs (chunking, devices, precision, compilation, attention),
 # what it monitors and where its files are. Every other flag defines the run.
 MAY_CHANGE_ON_RESUME = {"max_device_batch_size", "eval_every", "knn_k", "knn_temperature", "knn_feature", "data_path",
-                        "data_on", "device", "precision", "compile", "compile_mode", "compile_scope", "attention",
-                        "log_interval", "model_path", "output_dir", "log_dir", "resume", "stop_after"}
+                        "data_on", "device", "precision", "compile", "compile_mode", "compile_scope", "capture_step",
+                        "attention", "log_interval", "model_path", "output_dir", "log_dir", "resume", "stop_after"}
 
 
 def test_resume_refuses_a_change_of_every_flag_that_defines_the_run(tmp_path, capsys):
@@ -764,6 +797,7 @@ def test_attention_flag_sets_the_kernel_of_training_and_evaluation(tmp_path, run
     (["--seed", "-1"], "--seed must be in [0, 2^31), got -1"),
     (["--device", "mps"], "--device must be cuda, cuda:N or cpu, got 'mps'"),
     (["--attention", "cudnn"], "--attention cudnn cannot run on cpu"),  # a CUDA kernel
+    (["--capture_step"], "--capture_step captures CUDA graphs: it needs a CUDA device, not cpu"),
     (["--fake_size", "2000000"], "--fake_size must be in [1, 1,000,000]"),
     (["--fake_size", "0"], "--fake_size must be in [1, 1,000,000], got 0"),
     (["--model_path", "{tmp}/run/outputs/args.json"], "--model_path must name a .pt or .pth file"),

@@ -621,8 +621,8 @@ def test_resuming_a_finished_run_is_refused_and_changes_nothing(tmp_path, capsys
 # logging) and where its files are. The model-size flags must give the checkpoint's config (load_resume compares
 # the two); every other flag defines the run.
 MAY_CHANGE_ON_RESUME = {"max_device_batch_size", "data_path", "data_on", "device", "precision", "compile",
-                        "compile_mode", "compile_scope", "attention", "log_interval", "output_model_path",
-                        "output_dir", "run_name", "log_dir", "resume", "stop_after",
+                        "compile_mode", "compile_scope", "capture_step", "attention", "log_interval",
+                        "output_model_path", "output_dir", "run_name", "log_dir", "resume", "stop_after",
                         "pretrained_model_path"}  # its weights must be the same (check_same_start), not its name
 
 
@@ -823,6 +823,44 @@ def test_train_step_accumulates_the_batch_mean_gradient_and_counts_against_the_u
         torch.testing.assert_close(p.detach(), p0 - 0.5 * g, rtol=0, atol=1e-6)
     assert loss_sum.item() == pytest.approx(sum(chunk_losses), rel=1e-5)
     assert correct.item() == 5
+
+
+def test_captured_steps_with_the_finetune_recipe_train_as_the_uncaptured_ones_do(cpu_step_graphs):
+    """--capture_step's bookkeeping (utils.StepGraphs) with the reference fine-tune's recipe, its CUDA graphs
+    replaced by CPU stand-ins that rerun what they captured on the captured tensors (conftest.ReplayedFunction): the
+    augmentation and mixup/CutMix (numpy's draws on the host) stay eager between the graphs, and drop path draws
+    inside the chunk's. Six steps of two chunks, the lr changing every step, train to the bit as without it: loss and
+    correct counts read from the captured outputs, every call doing its work once."""
+    import copy
+    args = train_classifier.get_args_parser().parse_args(["--batch_size", "32", "--max_device_batch_size", "16",
+                                                          *TINY_MODEL])
+    train_classifier.resolve_recipe(args)
+    assert args.drop_path > 0 and args.mixup > 0  # the recipe's random parts are in the step
+    torch.manual_seed(0)
+    cfg = MAEConfig(**{name: getattr(args, name) for name in utils.MODEL_SIZE_FLAGS})
+    nets = {"plain": ViTClassifier(cfg, 10, args.global_pool, args.drop_path)}
+    nets["captured"] = copy.deepcopy(nets["plain"])
+    images = data.fake_images(64, seed=1)
+    cpu, sums = torch.device("cpu"), {}
+    prepare, mixup = train_classifier.augmentation(args, compiled=False), train_classifier.make_mixup(args, 10)
+    criterion = train_classifier.make_criterion(args, mixup)
+    for name, net in nets.items():
+        net.train()
+        optimizer = train_classifier.make_optimizer(net, args, cpu)
+        graphs = utils.StepGraphs(optimizer) if name == "captured" else None
+        utils.seed_epoch(0, 1)  # torch's and numpy's generators: the same batches, views, mixes and drops
+        sums[name] = []
+        for lr in (2 ** -10, 2 ** -11, 2 ** -9, 2 ** -13, 2 ** -10, 3 * 2 ** -12):  # float32's (test_utils.py)
+            loss_sum, correct = torch.zeros(()), torch.zeros(())
+            train_classifier.train_step(net, optimizer, torch.amp.GradScaler("cpu", enabled=False), images.images,
+                                        images.labels, torch.randperm(64)[:32], lr, prepare, mixup, criterion, args,
+                                        cpu, None, loss_sum, correct, graphs)
+            sums[name].append((loss_sum.item(), correct.item()))
+    chunk_graph, update_graph = cpu_step_graphs
+    assert (chunk_graph.replays, update_graph.replays) == (12 - 2, 6 - 2)  # every call after the two eager ones
+    assert sums["captured"] == sums["plain"]
+    for a, b in zip(nets["captured"].parameters(), nets["plain"].parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_each_epoch_shows_the_training_images_in_its_own_order_at_the_scheduled_lr():
@@ -1303,6 +1341,7 @@ def test_the_mixing_alphas_allowed_draw_what_a_beta_distribution_does_where_smal
     (["--output_dir", "{ckpts}/text.pt"], "is a file, not a folder"),
     (["--device", "meta"], "--device must be cuda, cuda:N or cpu"),
     (["--attention", "cudnn"], "--attention cudnn cannot run on cpu"),  # a CUDA kernel
+    (["--capture_step"], "--capture_step captures CUDA graphs: it needs a CUDA device, not cpu"),
     (["--output_model_path", "{ckpts}/blocked.pt"], "blocked_last.pt' is a folder, not a file"),
     (["--linear_probe", "--pretrained_model_path", "{mae}", "--max_device_batch_size", "1"],
      "--max_device_batch_size 1 gives chunks of 1 image: the linear probe's BatchNorm needs at least 2"),

@@ -757,7 +757,8 @@ def test_compile_mode_defaults_to_cuda_graphs_on_cuda(monkeypatch, device, compi
     monkeypatch.setenv("WORLD_SIZE", world_size)
     monkeypatch.setattr(utils, "_compile_unavailable", lambda device: None)  # Triton needs no GPU to be asked about
     monkeypatch.setattr(utils, "native_bf16", lambda device: True)  # an H100's answer
-    args = SimpleNamespace(precision=None, compile=compile, compile_mode=None, compile_scope="model")
+    args = SimpleNamespace(precision=None, compile=compile, compile_mode=None, compile_scope="model",
+                           capture_step=False)
     utils.resolve_runtime(args, torch.device(device))  # needs no GPU: it only reads the device's type
     assert args.compile_mode == expected
     if args.compile:
@@ -770,7 +771,7 @@ def test_compile_mode_defaults_to_cuda_graphs_on_cuda(monkeypatch, device, compi
                                    {"compile_scope": "blocks"}])
 def test_compile_flags_without_compilation_are_refused(capsys, flags):
     args = SimpleNamespace(**{"precision": None, "compile": None, "compile_mode": None, "compile_scope": "model",
-                              **flags})
+                              "capture_step": False, **flags})
     with pytest.raises(SystemExit) as exc:
         utils.resolve_runtime(args, torch.device("cpu"))  # the CPU compiles only when asked
     (flag, value), = flags.items()
@@ -778,7 +779,8 @@ def test_compile_flags_without_compilation_are_refused(capsys, flags):
     assert capsys.readouterr().err.strip().endswith(
         f"--{flag} {value} needs compilation, which is off (pass --compile)")
     # "default" names no compilation of its own, so it goes with either.
-    args = SimpleNamespace(precision=None, compile=False, compile_mode="default", compile_scope="model")
+    args = SimpleNamespace(precision=None, compile=False, compile_mode="default", compile_scope="model",
+                           capture_step=False)
     utils.resolve_runtime(args, torch.device("cpu"))
     assert args.compile is False
 
@@ -789,12 +791,14 @@ def test_resolved_runtime_names_what_runs(monkeypatch, capsys, device, precision
     """args.json records the precision and whether the run compiles, not the flags' None."""
     monkeypatch.setattr(utils, "_compile_unavailable", lambda device: None)
     monkeypatch.setattr(utils, "native_bf16", lambda device: True)  # an H100's answer
-    args = SimpleNamespace(precision=precision, compile=None, compile_mode=None, compile_scope="model")
+    args = SimpleNamespace(precision=precision, compile=None, compile_mode=None, compile_scope="model",
+                           capture_step=False)
     utils.resolve_runtime(args, torch.device(device))
     assert args.precision == expected and args.compile is (device == "cuda")
     # Where torch.compile cannot work, the run is eager, and so is what it records: no CUDA graphs either.
     monkeypatch.setattr(utils, "_compile_unavailable", lambda device: "no compiler here")
-    args = SimpleNamespace(precision=precision, compile=True, compile_mode=None, compile_scope="model")
+    args = SimpleNamespace(precision=precision, compile=True, compile_mode=None, compile_scope="model",
+                           capture_step=False)
     capsys.readouterr()
     utils.resolve_runtime(args, torch.device(device))
     assert "warning: torch.compile is unavailable (no compiler here); running eager" in capsys.readouterr().err
@@ -813,7 +817,8 @@ def test_precision_defaults_to_fp16_on_gpus_without_bf16_arithmetic(monkeypatch,
     monkeypatch.setattr(utils, "_compile_unavailable", lambda device: None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
-    args = SimpleNamespace(precision=precision, compile=None, compile_mode=None, compile_scope="model")
+    args = SimpleNamespace(precision=precision, compile=None, compile_mode=None, compile_scope="model",
+                           capture_step=False)
     utils.resolve_runtime(args, torch.device("cuda"))
     assert args.precision == expected and utils.autocast_dtype(args, torch.device("cuda")) == {
         "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[expected]
@@ -849,7 +854,8 @@ def test_compile_falls_back_to_eager_on_cuda_without_triton(monkeypatch, capsys)
     import torch.utils._triton
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
     monkeypatch.setattr(utils, "native_bf16", lambda device: True)
-    args = SimpleNamespace(precision=None, compile=None, compile_mode=None, compile_scope="model")
+    args = SimpleNamespace(precision=None, compile=None, compile_mode=None, compile_scope="model",
+                           capture_step=False)
     utils.resolve_runtime(args, torch.device("cuda"))
     assert args.compile is False and args.compile_mode == "default"
     assert capsys.readouterr().err.strip().endswith("warning: torch.compile is unavailable (Triton is not installed, "
@@ -1090,6 +1096,77 @@ def test_set_lr_gives_a_plain_group_the_lr_and_a_scaled_group_its_share():
     optimizer = torch.optim.AdamW([{"params": [a]}, {"params": [b], "lr_scale": 0.25}], lr=1.0)
     utils.set_lr(optimizer, 0.1)
     assert [g["lr"] for g in optimizer.param_groups] == [0.1, 0.1 * 0.25]
+
+
+def test_set_lr_fills_the_lr_tensors_of_captured_updates_in_place_and_they_train_as_floats_do():
+    """utils.StepGraphs keeps each group's lr in a tensor, which its captured update reads at every replay: set_lr
+    must fill those tensors, not replace them. Fused AdamW (utils.make_adamw's) then takes the steps it takes with
+    float lrs, layer decay's lr_scale included, to the last bit: at lrs that float32, the tensors' dtype, holds
+    exactly (at others the update differs by the lr's rounding to float32, a few parts in 10^8)."""
+    torch.manual_seed(0)
+    nets = {kind: torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)) for kind in ("float", "tensor")}
+    nets["tensor"].load_state_dict(nets["float"].state_dict())
+    optimizers = {kind: utils.make_adamw([{"params": net[0].parameters(), "lr_scale": 0.5},
+                                          {"params": net[1].parameters()}], 1.0, (0.9, 0.95), torch.device("cpu"))
+                  for kind, net in nets.items()}
+    for group in optimizers["tensor"].param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]))
+    lr_tensors = [group["lr"] for group in optimizers["tensor"].param_groups]
+    x = torch.randn(8, 4)
+    for lr in (2 ** -4, 3 * 2 ** -7, 0.0):
+        for kind, optimizer in optimizers.items():
+            utils.set_lr(optimizer, lr)
+            utils.backward(nets[kind](x).square().mean(), optimizer)
+            utils.optimizer_step(optimizer, torch.amp.GradScaler("cpu", enabled=False))
+        assert [group["lr"] for group in optimizers["tensor"].param_groups] == lr_tensors  # the same tensors
+        assert [t.item() for t in lr_tensors] == pytest.approx([lr * 0.5, lr])
+        for a, b in zip(nets["float"].parameters(), nets["tensor"].parameters(), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_optimizer_state_saves_float_lrs_and_no_capturable_and_leaves_the_optimizer_as_it_was():
+    """A checkpoint written under --capture_step holds what one without it would: float lrs and capturable off, so
+    that a run without StepGraphs (on a CPU, say) resumes it. The optimizer keeps its lr tensors."""
+    net = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.5)
+    optimizer.param_groups[0].update(lr=torch.tensor(0.25), capturable=True)
+    saved = utils.optimizer_state(optimizer)
+    assert saved["param_groups"][0]["lr"] == 0.25 and type(saved["param_groups"][0]["lr"]) is float
+    assert saved["param_groups"][0]["capturable"] is False
+    assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor) and optimizer.param_groups[0]["capturable"]
+    plain = utils.make_adamw(net.parameters(), 0.5, (0.9, 0.999), torch.device("cpu"))
+    plain.load_state_dict(saved)
+    net(torch.randn(3, 2)).sum().backward()
+    plain.step()  # a CPU run steps with what it loaded
+    assert plain.param_groups[0]["lr"] == 0.25
+
+
+@pytest.mark.parametrize("device, flags, expected", [
+    ("cuda", {}, "default"),  # compiled without torch's CUDA graphs: StepGraphs captures its own
+    ("cuda", {"compile_mode": "max-autotune-no-cudagraphs"}, "max-autotune-no-cudagraphs"),
+    ("cuda", {"compile": False}, "default"),  # an eager model's kernels are captured as well
+    ("cuda", {"compile_mode": "reduce-overhead"},
+     "--capture_step captures CUDA graphs of its own; --compile_mode reduce-overhead adds torch's: use default or "
+     "max-autotune-no-cudagraphs"),
+    ("cuda", {"compile_mode": "max-autotune"}, "--compile_mode max-autotune adds torch's"),
+    ("cuda", {"precision": "fp16"}, "--capture_step: fp16's grad scaler reads its overflow check back to the host"),
+    ("cpu", {}, "--capture_step captures CUDA graphs: it needs a CUDA device, not cpu"),
+])
+def test_capture_step_compiles_without_torchs_cuda_graphs_and_refuses_what_cannot_be_captured(
+        monkeypatch, capsys, device, flags, expected):
+    monkeypatch.setattr(utils, "_compile_unavailable", lambda device: None)
+    monkeypatch.setattr(utils, "native_bf16", lambda device: True)  # an H100's answer
+    args = SimpleNamespace(**{"precision": None, "compile": None, "compile_mode": None, "compile_scope": "model",
+                              "capture_step": True, **flags})
+    if "--" not in expected:
+        utils.resolve_runtime(args, torch.device(device))  # needs no GPU: it only reads the device's type
+        assert args.compile_mode == expected
+        return
+    with pytest.raises(SystemExit) as exc:
+        utils.resolve_runtime(args, torch.device(device))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1, err
 
 
 SCHEDULE = dict(batch_size=64, max_device_batch_size=32, total_epoch=2, warmup_epoch=0, base_learning_rate=1e-3,
