@@ -202,17 +202,20 @@ def test_captured_steps_replay_what_the_uncaptured_steps_compute():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
 
 
+@pytest.mark.parametrize("scope", ["model", "blocks"])
 @pytest.mark.parametrize("script", ["pretrain", "finetune"])
-def test_captured_steps_learn_as_the_uncaptured_ones_do(tmp_path, run_pretrain, script):
+def test_captured_steps_learn_as_the_uncaptured_ones_do(tmp_path, run_pretrain, script, scope):
     """The scripts with --capture_step (bf16, compiled in torch.compile's default mode, two chunks per step) against
     the same flags without it: the same kernels, captured and replayed, so the curves agree to far better than
-    bf16's rounding; and both stay as close to fp32 eager as the other fast paths' do. Fine-tuning runs the plain
+    bf16's rounding; and both stay as close to fp32 eager as the other fast paths' do. With --compile_scope blocks
+    the capture holds the blocks' compiled kernels and the eager work between them. Fine-tuning runs the plain
     recipe here (nothing random inside the graph); the next test runs the finetune recipe's."""
     import train_classifier
     losses = {}
+    compiled = ["--precision", "bf16", "--compile", "--compile_scope", scope]
     for name, flags in (("plain", ["--precision", "fp32", "--no-compile"]),
-                        ("compiled", ["--precision", "bf16", "--compile", "--compile_mode", "default"]),
-                        ("captured", ["--precision", "bf16", "--compile", "--capture_step"])):
+                        ("compiled", [*compiled, "--compile_mode", "default"]),
+                        ("captured", [*compiled, "--capture_step"])):
         if script == "pretrain":
             run_pretrain(tiny_pretrain_argv(tmp_path, "--device", "cuda", *flags, name=name))
             losses[name] = [r["loss"] for r in read_log(tmp_path / name / "outputs" / "log.jsonl")]
