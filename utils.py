@@ -545,8 +545,9 @@ class StepGraphs:
       a sum, before the next call;
     - each group's lr lives in a tensor the update reads (utils.set_lr fills it; optimizer_state saves a float);
     - the function passed at the capture is the one replayed: one StepGraphs per model and optimizer.
-    Random draws inside (drop path) stay random: torch advances the generator's offset at every replay. What runs between the graphs stays eager: the input work, mixup's host-side draws and,
-    under torchrun, the gradients' all-reduce."""
+    Random draws inside (drop path) stay random: torch advances the generator's offset at every replay. What runs
+    between the graphs stays eager: the input work, mixup's host-side draws and, under torchrun, the gradients'
+    all-reduce."""
 
     WARMUP = 2  # eager calls of each graph before its capture
 

@@ -135,6 +135,23 @@ def test_utils_backward_under_cuda_graphs_accumulates_what_autograd_does():
     accumulated_grads_match_autograd(torch.device("cuda"), "reduce-overhead")
 
 
+def training_curve(tmp_path, run_pretrain, script, name, flags) -> list:
+    """Each epoch's training loss of a 2-epoch run on CUDA, batch 32 in chunks of 16, the tiny model, with `flags`:
+    mae_pretrain.py's (tiny_pretrain_argv) or train_classifier.py's from scratch with the plain recipe; its files
+    under tmp_path / name."""
+    import train_classifier
+    if script == "pretrain":
+        run_pretrain(tiny_pretrain_argv(tmp_path, "--device", "cuda", *flags, name=name))
+        return [r["loss"] for r in read_log(tmp_path / name / "outputs" / "log.jsonl")]
+    out = tmp_path / name
+    train_classifier.main(train_classifier.get_args_parser().parse_args([
+        "--dataset", "fake", "--fake_size", "128", "--batch_size", "32", "--max_device_batch_size", "16",
+        "--total_epoch", "2", "--warmup_epoch", "1", "--device", "cuda", "--recipe", "plain", "--run_name", "run",
+        "--output_dir", str(out), "--output_model_path", str(out / "cls.pt"), "--log_dir", str(out / "logs"),
+        *TINY_MODEL, *flags]))
+    return [r["train_loss"] for r in read_log(out / "run_log.jsonl")]
+
+
 @pytest.mark.parametrize("scope", ["model", "blocks"])
 @pytest.mark.parametrize("script", ["pretrain", "finetune"])
 def test_cuda_graphs_with_gradient_accumulation_learn_as_fp32_does(tmp_path, run_pretrain, script, scope):
@@ -143,22 +160,9 @@ def test_cuda_graphs_with_gradient_accumulation_learn_as_fp32_does(tmp_path, run
     memory, which the next chunk's replay reuses. The curve stays as close to fp32 eager as torch.compile's default
     mode's (above). With --compile_scope blocks, one graph serves every block of a shape, replayed block after block
     with eager work between them."""
-    import train_classifier
-    losses = {}
-    for name, flags in (("plain", ["--precision", "fp32", "--no-compile"]),
-                        ("graphs", ["--precision", "bf16", "--compile", "--compile_mode", "reduce-overhead",
-                                    "--compile_scope", scope])):
-        if script == "pretrain":
-            run_pretrain(tiny_pretrain_argv(tmp_path, "--device", "cuda", *flags, name=name))
-            losses[name] = [r["loss"] for r in read_log(tmp_path / name / "outputs" / "log.jsonl")]
-            continue
-        out = tmp_path / name
-        train_classifier.main(train_classifier.get_args_parser().parse_args([
-            "--dataset", "fake", "--fake_size", "128", "--batch_size", "32", "--max_device_batch_size", "16",
-            "--total_epoch", "2", "--warmup_epoch", "1", "--device", "cuda", "--recipe", "plain", "--run_name", "run",
-            "--output_dir", str(out), "--output_model_path", str(out / "cls.pt"), "--log_dir", str(out / "logs"),
-            *TINY_MODEL, *flags]))
-        losses[name] = [r["train_loss"] for r in read_log(out / "run_log.jsonl")]
+    graphs = ["--precision", "bf16", "--compile", "--compile_mode", "reduce-overhead", "--compile_scope", scope]
+    losses = {name: training_curve(tmp_path, run_pretrain, script, name, flags)
+              for name, flags in (("plain", ["--precision", "fp32", "--no-compile"]), ("graphs", graphs))}
     assert len(losses["graphs"]) == 2 and all(
         close(a, b, 2 ** -8) for a, b in zip(losses["plain"], losses["graphs"], strict=True)), losses
 
@@ -210,23 +214,10 @@ def test_captured_steps_learn_as_the_uncaptured_ones_do(tmp_path, run_pretrain, 
     bf16's rounding; and both stay as close to fp32 eager as the other fast paths' do. With --compile_scope blocks
     the capture holds the blocks' compiled kernels and the eager work between them. Fine-tuning runs the plain
     recipe here (nothing random inside the graph); the next test runs the finetune recipe's."""
-    import train_classifier
-    losses = {}
     compiled = ["--precision", "bf16", "--compile", "--compile_scope", scope]
-    for name, flags in (("plain", ["--precision", "fp32", "--no-compile"]),
-                        ("compiled", [*compiled, "--compile_mode", "default"]),
-                        ("captured", [*compiled, "--capture_step"])):
-        if script == "pretrain":
-            run_pretrain(tiny_pretrain_argv(tmp_path, "--device", "cuda", *flags, name=name))
-            losses[name] = [r["loss"] for r in read_log(tmp_path / name / "outputs" / "log.jsonl")]
-            continue
-        out = tmp_path / name
-        train_classifier.main(train_classifier.get_args_parser().parse_args([
-            "--dataset", "fake", "--fake_size", "128", "--batch_size", "32", "--max_device_batch_size", "16",
-            "--total_epoch", "2", "--warmup_epoch", "1", "--device", "cuda", "--recipe", "plain", "--run_name", "run",
-            "--output_dir", str(out), "--output_model_path", str(out / "cls.pt"), "--log_dir", str(out / "logs"),
-            *TINY_MODEL, *flags]))
-        losses[name] = [r["train_loss"] for r in read_log(out / "run_log.jsonl")]
+    losses = {name: training_curve(tmp_path, run_pretrain, script, name, flags) for name, flags in (
+        ("plain", ["--precision", "fp32", "--no-compile"]), ("compiled", [*compiled, "--compile_mode", "default"]),
+        ("captured", [*compiled, "--capture_step"]))}
     assert len(losses["captured"]) == 2, losses
     assert all(close(a, b, 1e-3) for a, b in zip(losses["compiled"], losses["captured"], strict=True)), losses
     assert all(close(a, b, 2 ** -8) for a, b in zip(losses["plain"], losses["captured"], strict=True)), losses
@@ -252,17 +243,22 @@ def test_captured_fine_tuning_with_the_finetune_recipe_learns(tmp_path):
     assert all(type(group["lr"]) is float and group["capturable"] is False for group in saved)
 
 
-def test_bench_times_captured_steps(tmp_path):
-    """bench.py --capture_step (its graphs captured in the warm-up): both phases time, in the compile mode it
-    resolves to, and the projection is made."""
+def small_bench(tmp_path, *flags) -> dict:
+    """The JSON of bench.py on CUDA with `flags`: the small preset, fine-tuning at batch 32, 3 steps timed once after
+    3 of warm-up, the shared inductor cache."""
     import bench
     out = tmp_path / "bench.json"
     bench.main(bench.get_args_parser().parse_args([
-        "--device", "cuda", "--preset", "small", "--pretrain_batch_size", "64", "--finetune_batch_size", "32",
-        "--max_device_batch_size", "32", "--steps", "3", "--warmup_steps", "3", "--repeats", "1",
-        "--epoch_images", "256", "--eval_images", "64", "--compile_cache", "shared", "--capture_step",
-        "--json", str(out)]))
-    result = json.loads(out.read_text())
+        "--device", "cuda", "--preset", "small", "--finetune_batch_size", "32", "--max_device_batch_size", "32",
+        "--steps", "3", "--warmup_steps", "3", "--repeats", "1", "--epoch_images", "256", "--eval_images", "64",
+        "--compile_cache", "shared", "--json", str(out), *flags]))
+    return json.loads(out.read_text())
+
+
+def test_bench_times_captured_steps(tmp_path):
+    """bench.py --capture_step (its graphs captured in the warm-up): both phases time, in the compile mode it
+    resolves to, and the projection is made."""
+    result = small_bench(tmp_path, "--pretrain_batch_size", "64", "--capture_step")
     assert result["config"]["capture_step"] and result["config"]["compile_mode"] == "default"
     for phase in ("pretrain", "finetune"):
         assert result[phase]["ms_per_step"] > 0 and 0 < result[phase]["mean_loss"] < 10, result[phase]
@@ -356,14 +352,7 @@ def test_profile_on_the_gpu_names_kernel_launchers_and_the_hosts_records(tmp_pat
     groups): every kernel carries its launchers, fused AdamW's kernels are launched inside the optimizer's step, and
     the host's records hold Dynamo's guard checks and that step. The CPU tests give the profiler stand-ins; only a
     card's profiler links kernels to the records that launched them."""
-    import bench
-    out = tmp_path / "bench.json"
-    bench.main(bench.get_args_parser().parse_args([
-        "--device", "cuda", "--preset", "small", "--phases", "finetune", "--finetune_batch_size", "32",
-        "--max_device_batch_size", "32", "--steps", "3", "--warmup_steps", "3", "--repeats", "1",
-        "--epoch_images", "256", "--eval_images", "64", "--compile_cache", "shared", "--profile",
-        "--json", str(out)]))
-    prof = json.loads(out.read_text())["finetune"]["profile"]
+    prof = small_bench(tmp_path, "--phases", "finetune", "--profile")["finetune"]["profile"]
     assert all("launched_by" in kernel for kernel in prof["all"])
     # the fused AdamW kernel (torch's FusedOptimizerTensorListMetadata), launched by the optimizer's own operator
     adamw = [kernel for kernel in prof["all"] if "FusedOptimizer" in kernel["name"]]
