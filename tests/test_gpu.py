@@ -172,7 +172,10 @@ def test_captured_steps_replay_what_the_uncaptured_steps_compute():
     in fp32 on an eager model, against the same steps without graphs. The first two calls of each graph run eagerly,
     the third captures and replays, the rest replay: every one of them must do its step, with the step's lr and
     inputs (a replay of stale inputs or of the captured lr, or a capture that did not also run its step, would be
-    off by whole updates). The kernels are the same, so only atomics' order can differ."""
+    off by whole updates, a fifth of how far the five steps move the weights). The kernels are the same, so only
+    atomics' order can differ, and with it, where a gradient is near 0, the sign of AdamW's first steps: a few
+    weights off by 2 lr, a few thousandths of the distance moved. The lrs are float32's, as the graphs' lr tensors
+    hold them (tests/test_utils.py, test_set_lr_fills...)."""
     import copy
 
     import mae_pretrain
@@ -187,6 +190,7 @@ def test_captured_steps_replay_what_the_uncaptured_steps_compute():
     args = mae_pretrain.get_args_parser().parse_args(["--batch_size", "32", "--max_device_batch_size", "16",
                                                       "--patch_size", "4"])
     images = torch.randint(0, 256, (160, 3, 32, 32), dtype=torch.uint8, device=device)
+    start = [p.detach().clone() for p in models["plain"].parameters()]
     losses = {}
     for name, model in models.items():
         optimizer = mae_pretrain.make_optimizer(model, args, device)
@@ -194,16 +198,18 @@ def test_captured_steps_replay_what_the_uncaptured_steps_compute():
         scaler = torch.amp.GradScaler("cuda", enabled=False)
         torch.manual_seed(1)  # the same masks and crops
         losses[name] = []
-        for step, lr in enumerate((1e-3, 5e-4, 2e-3, 1e-4, 1e-3)):
+        for step, lr in enumerate((2 ** -10, 2 ** -11, 2 ** -9, 2 ** -13, 2 ** -10)):
             loss_sum = torch.zeros((), device=device)
             batch_idx = torch.arange(step * 32, (step + 1) * 32, device=device)
             mae_pretrain.train_step(model, optimizer, scaler, images, batch_idx, lr, args, device, None, loss_sum,
                                     graphs)
             losses[name].append(loss_sum.item())
     assert graphs.chunk_graph is not None and graphs.update_graph is not None  # captured, and replayed since
-    torch.testing.assert_close(losses["captured"], losses["plain"], rtol=1e-5, atol=0)
-    for (key, a), b in zip(models["captured"].state_dict().items(), models["plain"].state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    torch.testing.assert_close(losses["captured"], losses["plain"], rtol=1e-4, atol=0)
+    moved = sum((p - p0).abs().sum().item() for p, p0 in zip(models["plain"].parameters(), start, strict=True))
+    apart = sum((a - b).abs().sum().item()
+                for a, b in zip(models["captured"].parameters(), models["plain"].parameters(), strict=True))
+    assert apart < 1e-3 * moved, (apart, moved)
 
 
 @pytest.mark.parametrize("scope", ["model", "blocks"])
