@@ -552,8 +552,7 @@ class StepGraphs:
     WARMUP = 2  # eager calls of each graph before its capture
 
     def __init__(self, optimizer, warmup: int = WARMUP):
-        for group in optimizer.param_groups:  # capturable: AdamW keeps its step count on the device
-            group["capturable"] = True
+        for group in optimizer.param_groups:
             group["lr"] = torch.tensor(float(group["lr"]), device=group["params"][0].device)
         self.optimizer, self.warmup = optimizer, warmup
         self.chunk_calls = self.update_calls = 0
@@ -584,6 +583,10 @@ class StepGraphs:
             if self.update_calls <= self.warmup:
                 _warm_up(self._update)
                 return
+            # Only now: torch refuses to capture AdamW's step without it, and warns when a step runs uncaptured with
+            # it. The fused step keeps its step count on the device either way.
+            for group in self.optimizer.param_groups:
+                group["capturable"] = True
             self.update_graph, _ = _capture(self._update)
         self.update_graph.replay()
 
