@@ -554,45 +554,56 @@ class StepGraphs:
     def __init__(self, optimizer, warmup: int = WARMUP):
         for group in optimizer.param_groups:
             group["lr"] = torch.tensor(float(group["lr"]), device=group["params"][0].device)
-        self.optimizer, self.warmup = optimizer, warmup
-        self.chunk_calls = self.update_calls = 0
-        self.chunk_graph = self.update_graph = None
-        self.inputs = self.outputs = None
+        self.optimizer = optimizer
+        self.chunk_graph = CapturedCall(warmup)
+        self.update_graph = CapturedCall(warmup, before_capture=self._make_capturable)
 
     def chunk(self, fn, *inputs: torch.Tensor):
         """fn(*inputs) for one chunk: eager during the warm-up, then captured, then replayed on `inputs`' values."""
-        if self.chunk_graph is not None:
-            if [t.shape for t in inputs] != [t.shape for t in self.inputs]:
-                raise ValueError(f"StepGraphs.chunk: inputs of shapes {[tuple(t.shape) for t in inputs]}, captured "
-                                 f"with {[tuple(t.shape) for t in self.inputs]}")
-            torch._foreach_copy_(self.inputs, list(inputs))
-        else:
-            self.chunk_calls += 1
-            if self.chunk_calls <= self.warmup:
-                return _warm_up(fn, *inputs)
-            self.inputs = [t.clone() for t in inputs]
-            self.chunk_graph, self.outputs = _capture(fn, *self.inputs)
-        self.chunk_graph.replay()
-        return self.outputs
+        return self.chunk_graph(fn, *inputs)
 
     def update(self) -> None:
         """The step after a batch's last chunk (optimizer_step's, less fp16's scaler, which reads back to the host)."""
         average_gradients(self.optimizer)  # eager, between the graphs: an all-reduce under torchrun
-        if self.update_graph is None:
-            self.update_calls += 1
-            if self.update_calls <= self.warmup:
-                _warm_up(self._update)
-                return
-            # Only now: torch refuses to capture AdamW's step without it, and warns when a step runs uncaptured with
-            # it. The fused step keeps its step count on the device either way.
-            for group in self.optimizer.param_groups:
-                group["capturable"] = True
-            self.update_graph, _ = _capture(self._update)
-        self.update_graph.replay()
+        self.update_graph(self._update)
 
     def _update(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=False)
+
+    def _make_capturable(self) -> None:
+        # Only at the capture: torch refuses to capture AdamW's step without it, and warns when a step runs
+        # uncaptured with it. The fused step keeps its step count on the device either way.
+        for group in self.optimizer.param_groups:
+            group["capturable"] = True
+
+
+class CapturedCall:
+    """fn(*inputs): eager for the first `warmup` calls, captured as a CUDA graph at the next (then replayed, so that
+    it too does its work), replayed after that on the values of the tensors passed, copied into the captured ones.
+    It returns the captured outputs, which every replay rewrites."""
+
+    def __init__(self, warmup: int, before_capture=None):
+        self.warmup, self.before_capture, self.calls = warmup, before_capture, 0
+        self.graph = self.inputs = self.outputs = None
+
+    def __call__(self, fn, *inputs: torch.Tensor):
+        if self.graph is not None:
+            if [t.shape for t in inputs] != [t.shape for t in self.inputs]:
+                raise ValueError(f"CapturedCall: inputs of shapes {[tuple(t.shape) for t in inputs]}, captured "
+                                 f"with {[tuple(t.shape) for t in self.inputs]}")
+            if inputs:
+                torch._foreach_copy_(self.inputs, list(inputs))
+        else:
+            self.calls += 1
+            if self.calls <= self.warmup:
+                return _warm_up(fn, *inputs)
+            if self.before_capture is not None:
+                self.before_capture()
+            self.inputs = [t.clone() for t in inputs]
+            self.graph, self.outputs = _capture(fn, *self.inputs)
+        self.graph.replay()
+        return self.outputs
 
 
 def _warm_up(fn, *inputs):
