@@ -1109,16 +1109,16 @@ def test_set_lr_fills_the_lr_tensors_of_captured_updates_in_place_and_they_train
     optimizers = {kind: utils.make_adamw([{"params": net[0].parameters(), "lr_scale": 0.5},
                                           {"params": net[1].parameters()}], 1.0, (0.9, 0.95), torch.device("cpu"))
                   for kind, net in nets.items()}
-    for group in optimizers["tensor"].param_groups:
-        group["lr"] = torch.tensor(float(group["lr"]))
+    utils.StepGraphs(optimizers["tensor"])  # puts each group's lr in a tensor; nothing is captured here
     lr_tensors = [group["lr"] for group in optimizers["tensor"].param_groups]
+    assert all(isinstance(t, torch.Tensor) for t in lr_tensors)
     x = torch.randn(8, 4)
     for lr in (2 ** -4, 3 * 2 ** -7, 0.0):
         for kind, optimizer in optimizers.items():
             utils.set_lr(optimizer, lr)
             utils.backward(nets[kind](x).square().mean(), optimizer)
             utils.optimizer_step(optimizer, torch.amp.GradScaler("cpu", enabled=False))
-        assert [group["lr"] for group in optimizers["tensor"].param_groups] == lr_tensors  # the same tensors
+        assert all(group["lr"] is t for group, t in zip(optimizers["tensor"].param_groups, lr_tensors, strict=True))
         assert [t.item() for t in lr_tensors] == pytest.approx([lr * 0.5, lr])
         for a, b in zip(nets["float"].parameters(), nets["tensor"].parameters(), strict=True):
             assert torch.equal(a, b)
