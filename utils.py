@@ -555,17 +555,17 @@ class StepGraphs:
         for group in optimizer.param_groups:
             group["lr"] = torch.tensor(float(group["lr"]), device=group["params"][0].device)
         self.optimizer = optimizer
-        self.chunk_graph = CapturedCall(warmup)
-        self.update_graph = CapturedCall(warmup, before_capture=self._make_capturable)
+        self.chunk_call = CapturedCall(warmup)
+        self.update_call = CapturedCall(warmup, before_capture=self._make_capturable)
 
     def chunk(self, fn, *inputs: torch.Tensor):
         """fn(*inputs) for one chunk: eager during the warm-up, then captured, then replayed on `inputs`' values."""
-        return self.chunk_graph(fn, *inputs)
+        return self.chunk_call(fn, *inputs)
 
     def update(self) -> None:
         """The step after a batch's last chunk (optimizer_step's, less fp16's scaler, which reads back to the host)."""
         average_gradients(self.optimizer)  # eager, between the graphs: an all-reduce under torchrun
-        self.update_graph(self._update)
+        self.update_call(self._update)
 
     def _update(self) -> None:
         self.optimizer.step()

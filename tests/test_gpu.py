@@ -204,7 +204,7 @@ def test_captured_steps_replay_what_the_uncaptured_steps_compute():
             mae_pretrain.train_step(model, optimizer, scaler, images, batch_idx, lr, args, device, None, loss_sum,
                                     graphs)
             losses[name].append(loss_sum.item())
-    assert graphs.chunk_graph.graph is not None and graphs.update_graph.graph is not None  # captured, replayed since
+    assert graphs.chunk_call.graph is not None and graphs.update_call.graph is not None  # captured, replayed since
     torch.testing.assert_close(losses["captured"], losses["plain"], rtol=1e-4, atol=0)
     moved = sum((p - p0).abs().sum().item() for p, p0 in zip(models["plain"].parameters(), start, strict=True))
     apart = sum((a - b).abs().sum().item()
