@@ -185,8 +185,8 @@ def check_args(args) -> MAEConfig:
         utils.die("--inductor needs compilation, which is off (pass --compile)")
     if args.capture_step and args.warmup_steps <= utils.StepGraphs.WARMUP:
         # The step after the eager ones captures its graphs: the warm-up, not the timing, must hold it.
-        utils.die(f"--warmup_steps must be at least {utils.StepGraphs.WARMUP + 1} with --capture_step, got "
-                  f"{args.warmup_steps}")
+        utils.die(f"--warmup_steps must be at least {utils.StepGraphs.WARMUP + 1} with --capture_step (on by default "
+                  f"on CUDA; --no-capture_step turns it off), got {args.warmup_steps}")
     if args.json:  # checked now, not after minutes of timing
         utils.check_output_file("--json", args.json, (".json",), create_folder=False)
     recipe = train_classifier.RECIPES[args.finetune_recipe]

@@ -669,17 +669,19 @@ def add_runtime_args(parser) -> None:
     parser.add_argument("--compile_mode", default=None,
                         choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                         help="torch.compile mode; reduce-overhead adds CUDA graphs, the max-autotune modes "
-                             "search kernels for minutes first (default: reduce-overhead when compiling on "
-                             "CUDA without --capture_step, under torchrun too; else default)")
+                             "search kernels for minutes first (default: default when compiling on CUDA "
+                             "with --capture_step, its default there; reduce-overhead when compiling on CUDA "
+                             "without it, as with fp16; else default)")
     parser.add_argument("--compile_scope", default="model", choices=("model", "blocks"),
                         help="what torch.compile compiles: the whole training model as one graph, or each "
                              "transformer block on its own (one graph per block shape, shared by all the blocks "
                              "of that shape: a fraction of the compile time; the rest runs eager)")
-    parser.add_argument("--capture_step", action="store_true",
+    parser.add_argument("--capture_step", action=argparse.BooleanOptionalAction, default=None,
                         help="capture each chunk's forward and backward, and the optimizer's update, as two CUDA "
                              "graphs of this project's own, replayed every step (utils.StepGraphs): CUDA, bf16 or "
                              "fp32; the model then compiles without torch's CUDA graphs (--compile_mode default, "
-                             "or max-autotune-no-cudagraphs)")
+                             "or max-autotune-no-cudagraphs). Default: on when compiling on CUDA in bf16 or fp32 "
+                             "with no --compile_mode given, else off")
     parser.add_argument("--attention", default="auto", choices=("auto", *ATTENTION_BACKENDS),
                         help="the kernel every attention runs with: auto lets torch choose per shape; a name "
                              "restricts it to that kernel (cudnn and efficient need CUDA)")
@@ -876,11 +878,12 @@ def compile_requested(args, device: torch.device) -> bool:
 
 
 def resolve_runtime(args, device: torch.device) -> None:
-    """Fill the defaults of --precision, --compile and --compile_mode in place, so that args.json and the printed
-    config name what runs: --compile becomes whether torch.compile will run (compile_enabled: False, after one
-    warning, where it cannot work). A compile mode or scope given without compilation is refused.
+    """Fill the defaults of --precision, --compile, --capture_step and --compile_mode in place, so that args.json
+    and the printed config name what runs: --compile becomes whether torch.compile will run (compile_enabled: False,
+    after one warning, where it cannot work). A compile mode or scope given without compilation is refused.
 
-    --compile_mode: reduce-overhead (CUDA graphs) when compiling on CUDA: without them a ViT-T step is bound by the
+    On CUDA a compiled step runs as CUDA graphs: the step's own (--capture_step, the default where it can run), or
+    torch's (reduce-overhead, the default mode without it). Without graphs a ViT-T step is bound by the
     host launching its kernels one by one (bench.py on an H200, 2026-11-28: 80.4 ms per pretraining step at batch
     512 in the default mode, 21.6 ms with CUDA graphs; 26.8 ms and 9.6 ms per fine-tuning step at 128). Under
     torchrun too: each process compiles the one-GPU model and averages the gradients itself (average_gradients),
@@ -897,6 +900,13 @@ def resolve_runtime(args, device: torch.device) -> None:
              f"below 8.0), so it runs emulated, slower than fp32, and torch.compile leaves its graphs eager; "
              f"fp16, this GPU's default, does neither")
     args.compile = compile_enabled(args, device)
+    if args.capture_step is None:
+        # The default where the step would otherwise replay torch's CUDA graphs: bench.py on an H200 at 6ceebee
+        # (2026-11-30), 9.07 ms per fine-tuning step captured against 10.98 with reduce-overhead (the host queued
+        # it in 2.65 ms, against 10.62), pretraining 19.79 against 19.92. A --compile_mode given keeps its own
+        # graphs or none; fp16's grad scaler cannot be captured (check_capture_step).
+        args.capture_step = (device.type == "cuda" and args.compile and args.compile_mode is None
+                             and args.precision != "fp16")
     if args.capture_step:
         check_capture_step(args, device)
     if args.compile_mode is None:

@@ -1172,7 +1172,8 @@ def test_capture_step_needs_warm_up_steps_that_hold_the_capture(capsys):
         bench.check_args(args)
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip().endswith(
-        f"--warmup_steps must be at least {utils.StepGraphs.WARMUP + 1} with --capture_step, got 2")
+        f"--warmup_steps must be at least {utils.StepGraphs.WARMUP + 1} with --capture_step (on by default on CUDA; "
+        "--no-capture_step turns it off), got 2")
     args.warmup_steps = utils.StepGraphs.WARMUP + 1
     bench.check_args(args)
 

@@ -745,22 +745,35 @@ def test_compile_falls_back_to_eager_with_one_warning_where_it_cannot_work(capsy
     assert not utils.compile_enabled(SimpleNamespace(compile=None), cpu)  # off by default on the CPU
 
 
-@pytest.mark.parametrize("device, compile, world_size, expected", [
-    ("cuda", None, "1", "reduce-overhead"),  # compiled by default on CUDA: CUDA graphs
-    ("cuda", True, "1", "reduce-overhead"),
-    ("cuda", False, "1", "default"),  # nothing compiled: no mode that needs compilation
-    ("cuda", None, "2", "reduce-overhead"),  # under torchrun too: no DDP comes between graphs and all-reduce
-    ("cpu", None, "1", "default"),
-    ("cpu", True, "1", "default"),  # CUDA graphs need CUDA
+@pytest.mark.parametrize("device, compile, precision, world_size, capture, expected", [
+    ("cuda", None, None, "1", True, "default"),  # compiled by default on CUDA: the step captured as CUDA graphs
+    ("cuda", True, "fp32", "1", True, "default"),
+    ("cuda", None, None, "2", True, "default"),  # under torchrun too: no DDP comes between graphs and all-reduce
+    ("cuda", None, "fp16", "1", False, "reduce-overhead"),  # the grad scaler cannot be captured: torch's graphs
+    ("cuda", False, None, "1", False, "default"),  # nothing compiled: no mode that needs compilation
+    ("cpu", None, None, "1", False, "default"),
+    ("cpu", True, None, "1", False, "default"),  # CUDA graphs need CUDA
 ])
-def test_compile_mode_defaults_to_cuda_graphs_on_cuda(monkeypatch, device, compile, world_size, expected):
+def test_cuda_compiles_and_captures_the_step_by_default(monkeypatch, device, compile, precision, world_size, capture,
+                                                        expected):
     monkeypatch.setenv("WORLD_SIZE", world_size)
     monkeypatch.setattr(utils, "_compile_unavailable", lambda device: None)  # Triton needs no GPU to be asked about
     monkeypatch.setattr(utils, "native_bf16", lambda device: True)  # an H100's answer
-    args = SimpleNamespace(precision=None, compile=compile, compile_mode=None, compile_scope="model",
-                           capture_step=False)
+    args = SimpleNamespace(precision=precision, compile=compile, compile_mode=None, compile_scope="model",
+                           capture_step=None)
     utils.resolve_runtime(args, torch.device(device))  # needs no GPU: it only reads the device's type
-    assert args.compile_mode == expected
+    assert (args.capture_step, args.compile_mode) == (capture, expected)
+    if args.compile and device == "cuda":
+        # A mode given keeps torch's graphs, or none, instead of the captured step.
+        args.capture_step, args.compile_mode = None, "reduce-overhead"
+        utils.resolve_runtime(args, torch.device(device))
+        assert (args.capture_step, args.compile_mode) == (False, "reduce-overhead")
+        args.capture_step, args.compile_mode = None, "default"
+        utils.resolve_runtime(args, torch.device(device))
+        assert (args.capture_step, args.compile_mode) == (False, "default")
+        args.capture_step, args.compile_mode = False, None  # --no-capture_step: torch's graphs, as before
+        utils.resolve_runtime(args, torch.device(device))
+        assert (args.capture_step, args.compile_mode) == (False, "reduce-overhead")
     if args.compile:
         args.compile_mode = "max-autotune"
         utils.resolve_runtime(args, torch.device(device))
@@ -771,7 +784,7 @@ def test_compile_mode_defaults_to_cuda_graphs_on_cuda(monkeypatch, device, compi
                                    {"compile_scope": "blocks"}])
 def test_compile_flags_without_compilation_are_refused(capsys, flags):
     args = SimpleNamespace(**{"precision": None, "compile": None, "compile_mode": None, "compile_scope": "model",
-                              "capture_step": False, **flags})
+                              "capture_step": None, **flags})
     with pytest.raises(SystemExit) as exc:
         utils.resolve_runtime(args, torch.device("cpu"))  # the CPU compiles only when asked
     (flag, value), = flags.items()
@@ -780,7 +793,7 @@ def test_compile_flags_without_compilation_are_refused(capsys, flags):
         f"--{flag} {value} needs compilation, which is off (pass --compile)")
     # "default" names no compilation of its own, so it goes with either.
     args = SimpleNamespace(precision=None, compile=False, compile_mode="default", compile_scope="model",
-                           capture_step=False)
+                           capture_step=None)
     utils.resolve_runtime(args, torch.device("cpu"))
     assert args.compile is False
 
@@ -792,13 +805,13 @@ def test_resolved_runtime_names_what_runs(monkeypatch, capsys, device, precision
     monkeypatch.setattr(utils, "_compile_unavailable", lambda device: None)
     monkeypatch.setattr(utils, "native_bf16", lambda device: True)  # an H100's answer
     args = SimpleNamespace(precision=precision, compile=None, compile_mode=None, compile_scope="model",
-                           capture_step=False)
+                           capture_step=None)
     utils.resolve_runtime(args, torch.device(device))
     assert args.precision == expected and args.compile is (device == "cuda")
     # Where torch.compile cannot work, the run is eager, and so is what it records: no CUDA graphs either.
     monkeypatch.setattr(utils, "_compile_unavailable", lambda device: "no compiler here")
     args = SimpleNamespace(precision=precision, compile=True, compile_mode=None, compile_scope="model",
-                           capture_step=False)
+                           capture_step=None)
     capsys.readouterr()
     utils.resolve_runtime(args, torch.device(device))
     assert "warning: torch.compile is unavailable (no compiler here); running eager" in capsys.readouterr().err
@@ -818,7 +831,7 @@ def test_precision_defaults_to_fp16_on_gpus_without_bf16_arithmetic(monkeypatch,
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     args = SimpleNamespace(precision=precision, compile=None, compile_mode=None, compile_scope="model",
-                           capture_step=False)
+                           capture_step=None)
     utils.resolve_runtime(args, torch.device("cuda"))
     assert args.precision == expected and utils.autocast_dtype(args, torch.device("cuda")) == {
         "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[expected]
@@ -855,7 +868,7 @@ def test_compile_falls_back_to_eager_on_cuda_without_triton(monkeypatch, capsys)
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
     monkeypatch.setattr(utils, "native_bf16", lambda device: True)
     args = SimpleNamespace(precision=None, compile=None, compile_mode=None, compile_scope="model",
-                           capture_step=False)
+                           capture_step=None)
     utils.resolve_runtime(args, torch.device("cuda"))
     assert args.compile is False and args.compile_mode == "default"
     assert capsys.readouterr().err.strip().endswith("warning: torch.compile is unavailable (Triton is not installed, "
