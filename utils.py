@@ -671,9 +671,9 @@ def add_runtime_args(parser) -> None:
     parser.add_argument("--compile_mode", default=None,
                         choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                         help="torch.compile mode; reduce-overhead adds CUDA graphs, the max-autotune modes "
-                             "search kernels for minutes first (default: default when compiling on CUDA "
-                             "with --capture_step, its default there; reduce-overhead when compiling on CUDA "
-                             "without it, as with fp16; else default)")
+                             "search kernels for minutes first (default: reduce-overhead when compiling on "
+                             "CUDA without --capture_step, as with --no-capture_step or fp16, under torchrun "
+                             "too; else default)")
     parser.add_argument("--compile_scope", default="model", choices=("model", "blocks"),
                         help="what torch.compile compiles: the whole training model as one graph, or each "
                              "transformer block on its own (one graph per block shape, shared by all the blocks "
@@ -903,10 +903,8 @@ def resolve_runtime(args, device: torch.device) -> None:
              f"fp16, this GPU's default, does neither")
     args.compile = compile_enabled(args, device)
     if args.capture_step is None:
-        # The default where the step would otherwise replay torch's CUDA graphs: bench.py on an H200 at 6ceebee
-        # (2026-11-30), 9.07 ms per fine-tuning step captured against 10.98 with reduce-overhead (the host queued
-        # it in 2.65 ms, against 10.62), pretraining 19.79 against 19.92. A --compile_mode given keeps its own
-        # graphs or none; fp16's grad scaler cannot be captured (check_capture_step).
+        # On where the step would otherwise replay torch's CUDA graphs, which it beats (StepGraphs' H200 numbers).
+        # A --compile_mode given keeps its own graphs or none; fp16's grad scaler cannot be captured.
         args.capture_step = (device.type == "cuda" and args.compile and args.compile_mode is None
                              and args.precision != "fp16")
     if args.capture_step:
