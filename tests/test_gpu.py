@@ -274,9 +274,9 @@ def test_bench_times_captured_steps(tmp_path):
 def test_augmented_probe_under_cuda_graphs_resumes_where_it_stopped(tmp_path, run_pretrain):
     """With --hflip the probe's frozen encoder runs every step, so the whole classifier is compiled and its step
     captured as CUDA graphs (the defaults on CUDA), and model.RunningMeanBatchNorm updates its statistics inside the
-    graph. A run stopped
-    after its first epoch and resumed (the weights loaded in place, under the graphs' parameters) continues the
-    straight run: same batches, flips and kernels, so the curves agree to far better than bf16's rounding."""
+    graph. A run stopped after its first epoch and resumed (the weights loaded in place, under the graphs'
+    parameters) continues the straight run: same batches, flips and kernels, so the curves agree to far better than
+    bf16's rounding."""
     import train_classifier
     run_pretrain(tiny_pretrain_argv(tmp_path, "--device", "cuda", "--total_epoch", "1", name="mae"))
 
@@ -302,10 +302,10 @@ def test_augmented_probe_under_cuda_graphs_resumes_where_it_stopped(tmp_path, ru
 
 def test_two_processes_with_cuda_graphs_learn_as_one_fp32_process_does(tmp_path, run_pretrain):
     """torchrun's path with the scripts' defaults (bf16, compiled, the step captured under torchrun too): each
-    process replays the one-GPU graphs and averages the gradients between them (utils.average_gradients). Two processes
-    share the one GPU over gloo (tests/helpers/shared_gpu.py; NCCL refuses two ranks on one device). Each takes
-    half of the batch of 32, one chunk of 16, so the curve is compared with one fp32 eager process as the other
-    CUDA-graph tests compare theirs."""
+    process replays the one-GPU graphs and averages the gradients between them (utils.average_gradients). Two
+    processes share the one GPU over gloo (tests/helpers/shared_gpu.py; NCCL refuses two ranks on one device). Each
+    takes half of the batch of 32, one chunk of 16, so the curve is compared with one fp32 eager process as the
+    other CUDA-graph tests compare theirs."""
     run_pretrain(tiny_pretrain_argv(tmp_path, "--device", "cuda", "--precision", "fp32", "--no-compile",
                                     name="plain"))
     helper = os.path.join(ROOT, "tests", "helpers", "shared_gpu.py")
