@@ -851,7 +851,7 @@ def main(args):
     if utils.dist_env()[1] > 1:  # its steps would wait for a process group it never joins
         utils.die(f"bench.py times one process: run it with python, not torchrun (WORLD_SIZE="
                   f"{utils.dist_env()[1]})")
-    device = utils.resolve_device(args)
+    device_flag, device = args.device, utils.resolve_device(args)
     resolve_defaults(args, device)
     cfg = check_args(args)
     amp_dtype = utils.autocast_dtype(args, device)
@@ -861,6 +861,7 @@ def main(args):
     # after the size check: it puts tensors of the model's shapes on the device, to ask which kernel would run
     attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, class_token_query=True,
                                        decoder=True)
+    utils.warn_cpu_fallback(device_flag, device)  # after the checks: a bad input's error stays one line
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = shlex.join(["python", os.path.basename(sys.argv[0]) or "bench.py", *sys.argv[1:]])
     print(f"config: {vars(args)}")

@@ -282,7 +282,7 @@ def main(args):
     # ---- setup: validate everything before touching the disk
     check_args(args)
     cfg = utils.mae_config(args, norm_pix_loss=args.norm_pix_loss)
-    device = utils.resolve_device(args)
+    device_flag, device = args.device, utils.resolve_device(args)
     utils.check_model_fits(lambda: MAE(cfg), device, cfg)
     utils.resolve_runtime(args, device)
     ckpt, resumed_log = load_resume(args, cfg) if args.resume else (None, [])
@@ -303,6 +303,7 @@ def main(args):
               f"images in {utils.memory_name(data_device)}")
     utils.make_output_folders({"--output_dir": args.output_dir, "--log_dir": args.log_dir,
                                "--model_path": os.path.dirname(os.path.abspath(args.model_path))}, device)
+    utils.warn_cpu_fallback(device_flag, device)  # after the last check: a bad input's error stays one line
     if main_process:
         utils.save_json(os.path.join(args.output_dir, "args.json"), vars(args))
         utils.remove_epoch_files(args.output_dir, "recon_epoch_", ".png", after=ckpt["epoch"] if ckpt else -1)

@@ -559,7 +559,7 @@ def main(args):
     pretrained_sha256 = None if mae_state is None else utils.encoder_digest(mae_state)
     cfg = model_config(args, pretrained_config)
     ckpt, resumed_log = load_resume(args, cfg, pretrained_sha256) if args.resume else (None, [])
-    device = utils.resolve_device(args)
+    device_flag, device = args.device, utils.resolve_device(args)
     utils.resolve_runtime(args, device)
     amp_dtype = utils.autocast_dtype(args, device)
     train, val, steps_per_epoch = utils.load_training_data(args, cfg.img_size)
@@ -602,6 +602,7 @@ def main(args):
     utils.make_output_folders({"--output_dir": out, "--log_dir": args.log_dir,
                                "--output_model_path": os.path.dirname(os.path.abspath(args.output_model_path))},
                               device)
+    utils.warn_cpu_fallback(device_flag, device)  # after the last check: a bad input's error stays one line
     if main_process:
         utils.save_json(path["args.json"], vars(args))
         # An earlier run's grids: those of epochs this run has not trained, and the final one, which this run

@@ -804,12 +804,9 @@ def attention_choice(cfg: MAEConfig, name: str, device: torch.device, amp_dtype,
 
 def resolve_device(args) -> torch.device:
     """--device as a torch.device (its default filled in args); under torchrun each process takes the GPU of its
-    local rank."""
+    local rank. Without --device and without a GPU that is the CPU, which warn_cpu_fallback announces."""
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if args.device == "cpu" and dist_env()[0] == 0:  # a torch without CUDA, or no driver, is a common surprise
-            warn("no CUDA GPU is available (torch.cuda.is_available() is False), so this runs on the CPU, far more "
-                 "slowly; pass --device cpu to run there without this warning")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         die(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
     try:
@@ -828,6 +825,15 @@ def resolve_device(args) -> torch.device:
         # The current device too: what names no device (CUDA events, streams, bench.py's timing) follows it.
         torch.cuda.set_device(device)
     return device
+
+
+def warn_cpu_fallback(device_flag: str | None, device: torch.device):
+    """One warning, from rank 0, when the run is on the CPU because --device was not given (device_flag None) and no
+    GPU answered: a torch without CUDA, or a machine without a driver, is a common surprise. The scripts call it once
+    their inputs are checked, so that a bad input's error is the one line they print."""
+    if device_flag is None and device.type == "cpu" and dist_env()[0] == 0:
+        warn("no CUDA GPU is available (torch.cuda.is_available() is False), so this runs on the CPU, far more "
+             "slowly; pass --device cpu to run there without this warning")
 
 
 def default_precision(device: torch.device) -> str:

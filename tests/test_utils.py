@@ -440,16 +440,21 @@ def test_a_numbered_gpu_becomes_the_current_device_and_a_missing_one_is_refused(
 
 @pytest.mark.parametrize("cuda", [True, False])
 def test_the_default_device_is_cuda_where_available_and_the_cpu_only_after_a_warning(monkeypatch, capsys, cuda):
-    """A torch built without CUDA, or a machine without a driver, would otherwise train on the CPU unannounced."""
+    """A torch built without CUDA, or a machine without a driver, would otherwise train on the CPU unannounced.
+    resolve_device only decides; warn_cpu_fallback says so, when the scripts have checked their inputs."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     args = SimpleNamespace(device=None)
-    assert utils.resolve_device(args) == torch.device("cuda" if cuda else "cpu")
+    device = utils.resolve_device(args)
+    assert device == torch.device("cuda" if cuda else "cpu")
     assert args.device == ("cuda" if cuda else "cpu")  # what args.json records
+    assert capsys.readouterr().err == ""
+    utils.warn_cpu_fallback(None, device)
     err = capsys.readouterr().err.strip()
     assert err == ("" if cuda else f"{utils._prog()}: warning: no CUDA GPU is available (torch.cuda.is_available() "
                    "is False), so this runs on the CPU, far more slowly; pass --device cpu to run there without "
                    "this warning")
-    assert utils.resolve_device(SimpleNamespace(device="cpu")) == torch.device("cpu")  # asked for: no warning
+    args = SimpleNamespace(device="cpu")
+    utils.warn_cpu_fallback("cpu", utils.resolve_device(args))  # asked for: no warning
     assert capsys.readouterr().err == ""
 
 
@@ -460,9 +465,47 @@ def test_the_cpu_fallback_warning_comes_from_rank_0_alone(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, warned in (("1", False), ("0", True)):
         monkeypatch.setenv("RANK", rank)
-        assert utils.resolve_device(SimpleNamespace(device=None)) == torch.device("cpu")
+        device = utils.resolve_device(SimpleNamespace(device=None))
+        assert device == torch.device("cpu")
+        utils.warn_cpu_fallback(None, device)
         err = capsys.readouterr().err
         assert err.count("\n") == warned and ("warning: no CUDA GPU is available" in err) == warned
+
+
+@pytest.mark.parametrize("script", ["mae_pretrain", "train_classifier", "bench"])
+def test_without_a_gpu_a_bad_input_is_one_line_and_a_good_one_warns_before_any_work(tmp_path, monkeypatch, capsys,
+                                                                                    script):
+    """No --device on a machine without a GPU: an input refused once the device is resolved (--capture_step, which
+    needs CUDA) is the one line printed, with no warning before it; inputs that pass get the warning before the run's
+    first piece of work (its args.json, or bench's matmul peak)."""
+    import importlib
+
+    from conftest import TINY_MODEL
+    module = importlib.import_module(script)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fake = ["--dataset", "fake", "--fake_size", "64", "--batch_size", "32", "--log_dir", str(tmp_path / "logs"),
+            "--output_dir", str(tmp_path / "out"), *TINY_MODEL]
+    argv = {"mae_pretrain": [*fake, "--model_path", str(tmp_path / "mae.pt")],
+            "train_classifier": [*fake, "--output_model_path", str(tmp_path / "cls.pt")],
+            "bench": ["--phases", "pretrain", "--max_device_batch_size", "16"]}[script]
+    with pytest.raises(SystemExit) as exit_:
+        module.main(module.get_args_parser().parse_args([*argv, "--capture_step"]))
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"{utils._prog()}: error: --capture_step captures CUDA graphs: it needs a CUDA device, not cpu"]
+    assert not (tmp_path / "out").exists()
+
+    class FirstWork(Exception):
+        pass
+
+    def first_work(*args, **kwargs):
+        raise FirstWork
+    monkeypatch.setattr(*((module, "matmul_peak") if script == "bench" else (utils, "save_json")), first_work)
+    with pytest.raises(FirstWork):
+        module.main(module.get_args_parser().parse_args(argv))
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith("warning: no CUDA GPU is available (torch.cuda.is_available() is False), so this runs on "
+                         "the CPU, far more slowly; pass --device cpu to run there without this warning")
 
 
 def _explained(raise_it, capsys, max_device_batch_size: int, batch_size: int) -> str:
