@@ -594,15 +594,16 @@ def main(args):
         else f"recipe {args.recipe}"  # a probe's recipe gives it its schedule alone (PROBE_SETTINGS)
     log_print(f"model: {count_params(model) / 1e6:.2f}M parameters, {start}; {settings}: "
               f"{ {name: getattr(args, name) for name in RECIPE_FLAGS} }")
+    utils.make_output_folders({"--output_dir": out, "--log_dir": args.log_dir,
+                               "--output_model_path": os.path.dirname(os.path.abspath(args.output_model_path))},
+                              device)
+    # The warnings come after the last check, so that a bad input's error is the one line printed.
+    utils.warn_cpu_fallback(device_flag, device)
     seen = val_images_pretrained_on(args, pretrain_args)
     if seen and main_process:  # allowed (the labels were never seen), but the val accuracy is then optimistic
         utils.warn(f"--pretrained_model_path: its MAE trained on {seen} of these {args.val_split} val images (it held "
                    f"out --val_split {pretrain_args['val_split']}); pretrain with --val_split {args.val_split} or more "
                    f"for a val accuracy on unseen images")
-    utils.make_output_folders({"--output_dir": out, "--log_dir": args.log_dir,
-                               "--output_model_path": os.path.dirname(os.path.abspath(args.output_model_path))},
-                              device)
-    utils.warn_cpu_fallback(device_flag, device)  # after the last check: a bad input's error stays one line
     if main_process:
         utils.save_json(path["args.json"], vars(args))
         # An earlier run's grids: those of epochs this run has not trained, and the final one, which this run

@@ -725,7 +725,7 @@ def test_a_probe_trains_on_features_computed_once_only_when_its_images_are_not_a
             torch.testing.assert_close(features, model.eval().features(data.normalize(split)))
 
 
-def test_val_images_the_mae_trained_on_are_counted_and_warned_about(tmp_path, mae_ckpt, capsys):
+def test_val_images_the_mae_trained_on_are_counted_and_warned_about(tmp_path, mae_ckpt, capsys, monkeypatch):
     """--val_split N holds out the first N of one fixed permutation: a pretraining on the same images that held
     out M < N trained on N - M of the fine-tune's val images; other data, or the dataset's own val split, none."""
     def seen(pretrain, **flags):
@@ -747,6 +747,11 @@ def test_val_images_the_mae_trained_on_are_counted_and_warned_about(tmp_path, ma
     run_cls(cls_argv(tmp_path, "--pretrained_model_path", mae_ckpt, "--val_split", "32", epochs=1))
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "its MAE trained on 32 of these 32 val images" in warnings[0], warnings
+
+    # The warning waits for the last check (the output folders, refused here): a bad input's error is the one line.
+    monkeypatch.setattr(utils, "write_refusal", lambda flag, folder: f"{flag}: cannot write in folder {folder!r} (x)")
+    argv = cls_argv(tmp_path, "--pretrained_model_path", mae_ckpt, "--val_split", "32", epochs=1, name="refused")
+    assert "error: --output_dir: cannot write in folder" in refused_in_one_line(argv, tmp_path, capsys)
 
 
 def test_pretrained_encoder_gets_exactly_the_checkpoints_weights_and_only_the_head_is_new(tmp_path, mae_ckpt):
