@@ -848,20 +848,20 @@ def flops_line(parts: dict) -> str:
 @utils.with_attention_kernel
 def main(args):
     # ---- setup: validate everything before any work or file
-    if utils.dist_env()[1] > 1:  # its steps would wait for a process group it never joins
-        utils.die(f"bench.py times one process: run it with python, not torchrun (WORLD_SIZE="
-                  f"{utils.dist_env()[1]})")
-    device_flag, device = args.device, utils.resolve_device(args)
-    resolve_defaults(args, device)
-    cfg = check_args(args)
-    amp_dtype = utils.autocast_dtype(args, device)
-    inductor = inductor_settings(args)
-    for build in (lambda: MAE(cfg), lambda: ViTClassifier(cfg, args.num_classes)):
-        utils.check_model_fits(build, device, cfg)
-    # after the size check: it puts tensors of the model's shapes on the device, to ask which kernel would run
-    attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, class_token_query=True,
-                                       decoder=True)
-    utils.warn_cpu_fallback(device_flag, device)  # after the checks: a bad input's error stays one line
+    with utils.warnings_after_checks():  # the checks' warnings print when all of them have passed
+        if utils.dist_env()[1] > 1:  # its steps would wait for a process group it never joins
+            utils.die(f"bench.py times one process: run it with python, not torchrun (WORLD_SIZE="
+                      f"{utils.dist_env()[1]})")
+        device = utils.resolve_device(args)
+        resolve_defaults(args, device)
+        cfg = check_args(args)
+        amp_dtype = utils.autocast_dtype(args, device)
+        inductor = inductor_settings(args)
+        for build in (lambda: MAE(cfg), lambda: ViTClassifier(cfg, args.num_classes)):
+            utils.check_model_fits(build, device, cfg)
+        # after the size check: it puts tensors of the model's shapes on the device, to ask which kernel would run
+        attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, class_token_query=True,
+                                           decoder=True)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = shlex.join(["python", os.path.basename(sys.argv[0]) or "bench.py", *sys.argv[1:]])
     print(f"config: {vars(args)}")

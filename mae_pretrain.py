@@ -280,30 +280,30 @@ def evaluate(model, train, val, val_noise, args, device, amp_dtype):
 @utils.with_attention_kernel
 def main(args):
     # ---- setup: validate everything before touching the disk
-    check_args(args)
-    cfg = utils.mae_config(args, norm_pix_loss=args.norm_pix_loss)
-    device_flag, device = args.device, utils.resolve_device(args)
-    utils.check_model_fits(lambda: MAE(cfg), device, cfg)
-    utils.resolve_runtime(args, device)
-    ckpt, resumed_log = load_resume(args, cfg) if args.resume else (None, [])
-    train, val, steps_per_epoch = utils.load_training_data(args, cfg.img_size)
-    amp_dtype = utils.autocast_dtype(args, device)
-    attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, args.knn_feature == "token",
-                                       decoder=True)
-    utils.init_distributed(device)
-    data_device = utils.data_device(train, val, device, args)  # after init: the processes decide together
-    rank, world_size, _ = utils.dist_env()
-    main_process = rank == 0  # only it prints and writes files
-    log_print = print if main_process else (lambda *a, **k: None)
-    torch.manual_seed(args.seed)
+    with utils.warnings_after_checks():  # the checks' warnings print when all of them have passed
+        check_args(args)
+        cfg = utils.mae_config(args, norm_pix_loss=args.norm_pix_loss)
+        device = utils.resolve_device(args)
+        utils.check_model_fits(lambda: MAE(cfg), device, cfg)
+        utils.resolve_runtime(args, device)
+        ckpt, resumed_log = load_resume(args, cfg) if args.resume else (None, [])
+        train, val, steps_per_epoch = utils.load_training_data(args, cfg.img_size)
+        amp_dtype = utils.autocast_dtype(args, device)
+        attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, args.knn_feature == "token",
+                                           decoder=True)
+        utils.init_distributed(device)
+        data_device = utils.data_device(train, val, device, args)  # after init: the processes decide together
+        rank, world_size, _ = utils.dist_env()
+        main_process = rank == 0  # only it prints and writes files
+        log_print = print if main_process else (lambda *a, **k: None)
+        torch.manual_seed(args.seed)
 
-    log_print(f"config: {vars(args)}")
-    log_print(f"data: {args.dataset}, {len(train)} train / {len(val)} val images, {steps_per_epoch} steps per "
-              f"epoch; device {device} x {world_size} process(es), autocast {amp_dtype}, attention {attention}; "
-              f"images in {utils.memory_name(data_device)}")
-    utils.make_output_folders({"--output_dir": args.output_dir, "--log_dir": args.log_dir,
-                               "--model_path": os.path.dirname(os.path.abspath(args.model_path))}, device)
-    utils.warn_cpu_fallback(device_flag, device)  # after the last check: a bad input's error stays one line
+        log_print(f"config: {vars(args)}")
+        log_print(f"data: {args.dataset}, {len(train)} train / {len(val)} val images, {steps_per_epoch} steps per "
+                  f"epoch; device {device} x {world_size} process(es), autocast {amp_dtype}, attention {attention}; "
+                  f"images in {utils.memory_name(data_device)}")
+        utils.make_output_folders({"--output_dir": args.output_dir, "--log_dir": args.log_dir,
+                                   "--model_path": os.path.dirname(os.path.abspath(args.model_path))}, device)
     if main_process:
         utils.save_json(os.path.join(args.output_dir, "args.json"), vars(args))
         utils.remove_epoch_files(args.output_dir, "recon_epoch_", ".png", after=ckpt["epoch"] if ckpt else -1)

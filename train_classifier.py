@@ -553,57 +553,56 @@ def evaluate(net, inputs, labels, prepare, batch_size, device, amp_dtype):
 @utils.with_attention_kernel
 def main(args):
     # ---- setup: validate everything before touching the disk
-    check_args(args)
-    mae_state, pretrained_config, pretrain_args = load_pretrained(args.pretrained_model_path) \
-        if args.pretrained_model_path else (None, None, {})
-    pretrained_sha256 = None if mae_state is None else utils.encoder_digest(mae_state)
-    cfg = model_config(args, pretrained_config)
-    ckpt, resumed_log = load_resume(args, cfg, pretrained_sha256) if args.resume else (None, [])
-    device_flag, device = args.device, utils.resolve_device(args)
-    utils.resolve_runtime(args, device)
-    amp_dtype = utils.autocast_dtype(args, device)
-    train, val, steps_per_epoch = utils.load_training_data(args, cfg.img_size)
-    classes, num_classes = list(train.classes), len(train.classes)
-    # --data_path may change on a resume (the images may have moved), so the classes are compared: another number
-    # would not fit the head, and other names would continue the run on another labelling.
-    if ckpt is not None and (ckpt["num_classes"] != num_classes or ckpt.get("classes", classes) != classes):
-        utils.die(f"--resume {args.resume!r} trained on {ckpt['num_classes']} classes ({ckpt.get('classes')}); "
-                  f"these images have {num_classes} ({classes})")
-    utils.check_model_fits(lambda: build_model(args, cfg, num_classes, None), device, cfg)
-    # after the size check: it puts tensors of the model's shapes on the device, to ask which kernel would run
-    attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, args.global_pool == "token")
-    utils.init_distributed(device)
-    data_device = utils.data_device(train, val, device, args)  # after init: the processes decide together
-    rank, world_size, _ = utils.dist_env()
-    main_process = rank == 0  # only it prints and writes files
-    log_print = print if main_process else (lambda *a, **k: None)
-    torch.manual_seed(args.seed)  # the same initial weights on every process
-    model = build_model(args, cfg, num_classes, mae_state).to(device)
-    utils.broadcast_state(model)
+    with utils.warnings_after_checks():  # the checks' warnings print when all of them have passed
+        check_args(args)
+        mae_state, pretrained_config, pretrain_args = load_pretrained(args.pretrained_model_path) \
+            if args.pretrained_model_path else (None, None, {})
+        pretrained_sha256 = None if mae_state is None else utils.encoder_digest(mae_state)
+        cfg = model_config(args, pretrained_config)
+        ckpt, resumed_log = load_resume(args, cfg, pretrained_sha256) if args.resume else (None, [])
+        device = utils.resolve_device(args)
+        utils.resolve_runtime(args, device)
+        amp_dtype = utils.autocast_dtype(args, device)
+        train, val, steps_per_epoch = utils.load_training_data(args, cfg.img_size)
+        classes, num_classes = list(train.classes), len(train.classes)
+        # --data_path may change on a resume (the images may have moved), so the classes are compared: another number
+        # would not fit the head, and other names would continue the run on another labelling.
+        if ckpt is not None and (ckpt["num_classes"] != num_classes or ckpt.get("classes", classes) != classes):
+            utils.die(f"--resume {args.resume!r} trained on {ckpt['num_classes']} classes ({ckpt.get('classes')}); "
+                      f"these images have {num_classes} ({classes})")
+        utils.check_model_fits(lambda: build_model(args, cfg, num_classes, None), device, cfg)
+        # after the size check: it puts tensors of the model's shapes on the device, to ask which kernel would run
+        attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, args.global_pool == "token")
+        utils.init_distributed(device)
+        data_device = utils.data_device(train, val, device, args)  # after init: the processes decide together
+        rank, world_size, _ = utils.dist_env()
+        main_process = rank == 0  # only it prints and writes files
+        log_print = print if main_process else (lambda *a, **k: None)
+        torch.manual_seed(args.seed)  # the same initial weights on every process
+        model = build_model(args, cfg, num_classes, mae_state).to(device)
+        utils.broadcast_state(model)
 
-    run, out = args.run_name, args.output_dir
-    path = {name: os.path.join(out, f"{run}_{name}") for name in OUTPUT_NAMES}
-    last_model_path = last_path(args)
-    log_print(f"config: {vars(args)}")
-    log_print(f"data: {args.dataset}, {len(train)} train / {len(val)} val images, {num_classes} classes, "
-              f"{steps_per_epoch} steps per epoch; device {device} x {world_size} process(es), autocast {amp_dtype}, "
-              f"attention {attention}; images in {utils.memory_name(data_device)}")
-    start = "from scratch" if mae_state is None else \
-        f"encoder from {args.pretrained_model_path} (its encoder's SHA-256 {pretrained_sha256[:12]})"
-    settings = f"linear probe, with the probe's settings and recipe {args.recipe}'s lr schedule" if args.linear_probe \
-        else f"recipe {args.recipe}"  # a probe's recipe gives it its schedule alone (PROBE_SETTINGS)
-    log_print(f"model: {count_params(model) / 1e6:.2f}M parameters, {start}; {settings}: "
-              f"{ {name: getattr(args, name) for name in RECIPE_FLAGS} }")
-    utils.make_output_folders({"--output_dir": out, "--log_dir": args.log_dir,
-                               "--output_model_path": os.path.dirname(os.path.abspath(args.output_model_path))},
-                              device)
-    # The warnings come after the last check, so that a bad input's error is the one line printed.
-    utils.warn_cpu_fallback(device_flag, device)
-    seen = val_images_pretrained_on(args, pretrain_args)
-    if seen and main_process:  # allowed (the labels were never seen), but the val accuracy is then optimistic
-        utils.warn(f"--pretrained_model_path: its MAE trained on {seen} of these {args.val_split} val images (it held "
-                   f"out --val_split {pretrain_args['val_split']}); pretrain with --val_split {args.val_split} or more "
-                   f"for a val accuracy on unseen images")
+        run, out = args.run_name, args.output_dir
+        path = {name: os.path.join(out, f"{run}_{name}") for name in OUTPUT_NAMES}
+        last_model_path = last_path(args)
+        log_print(f"config: {vars(args)}")
+        log_print(f"data: {args.dataset}, {len(train)} train / {len(val)} val images, {num_classes} classes, "
+                  f"{steps_per_epoch} steps per epoch; device {device} x {world_size} process(es), autocast "
+                  f"{amp_dtype}, attention {attention}; images in {utils.memory_name(data_device)}")
+        start = "from scratch" if mae_state is None else \
+            f"encoder from {args.pretrained_model_path} (its encoder's SHA-256 {pretrained_sha256[:12]})"
+        settings = f"linear probe, with the probe's settings and recipe {args.recipe}'s lr schedule" \
+            if args.linear_probe else f"recipe {args.recipe}"  # a probe's recipe gives it its schedule alone
+        log_print(f"model: {count_params(model) / 1e6:.2f}M parameters, {start}; {settings}: "
+                  f"{ {name: getattr(args, name) for name in RECIPE_FLAGS} }")
+        seen = val_images_pretrained_on(args, pretrain_args)
+        if seen and main_process:  # allowed (the labels were never seen), but the val accuracy is then optimistic
+            utils.warn(f"--pretrained_model_path: its MAE trained on {seen} of these {args.val_split} val images (it "
+                       f"held out --val_split {pretrain_args['val_split']}); pretrain with --val_split "
+                       f"{args.val_split} or more for a val accuracy on unseen images")
+        utils.make_output_folders({"--output_dir": out, "--log_dir": args.log_dir,
+                                   "--output_model_path": os.path.dirname(os.path.abspath(args.output_model_path))},
+                                  device)
     if main_process:
         utils.save_json(path["args.json"], vars(args))
         # An earlier run's grids: those of epochs this run has not trained, and the final one, which this run

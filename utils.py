@@ -39,9 +39,39 @@ def die(message: str):
     raise SystemExit(2)
 
 
+# Warnings held back while a script checks its inputs (warnings_after_checks); None when they print at once.
+_held_warnings = None
+
+
 def warn(message: str) -> None:
     """One line on stderr about input that is allowed but probably not meant."""
-    print(f"{_prog()}: warning: {message}", file=sys.stderr)
+    _emit_warning(f"{_prog()}: warning: {message}")
+
+
+def _emit_warning(line: str) -> None:
+    if _held_warnings is not None:
+        _held_warnings.append(line)
+    else:
+        print(line, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def warnings_after_checks():
+    """The scripts check their inputs inside this block, and the warnings those checks give print when it ends.
+    A bad input found by a later check (die) is then the one line printed, without warnings about a run that will
+    not start. Any other exception prints them before it propagates."""
+    global _held_warnings
+    previous, held = _held_warnings, []
+    _held_warnings = held
+    try:
+        yield
+    except SystemExit:
+        held.clear()
+        raise
+    finally:
+        _held_warnings = previous
+        for line in held:
+            _emit_warning(line)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -804,9 +834,12 @@ def attention_choice(cfg: MAEConfig, name: str, device: torch.device, amp_dtype,
 
 def resolve_device(args) -> torch.device:
     """--device as a torch.device (its default filled in args); under torchrun each process takes the GPU of its
-    local rank. Without --device and without a GPU that is the CPU, which warn_cpu_fallback announces."""
+    local rank."""
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.device == "cpu" and dist_env()[0] == 0:  # a torch without CUDA, or no driver, is a common surprise
+            warn("no CUDA GPU is available (torch.cuda.is_available() is False), so this runs on the CPU, far more "
+                 "slowly; pass --device cpu to run there without this warning")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         die(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
     try:
@@ -825,15 +858,6 @@ def resolve_device(args) -> torch.device:
         # The current device too: what names no device (CUDA events, streams, bench.py's timing) follows it.
         torch.cuda.set_device(device)
     return device
-
-
-def warn_cpu_fallback(device_flag: str | None, device: torch.device):
-    """One warning, from rank 0, when the run is on the CPU because --device was not given (device_flag None) and no
-    GPU answered: a torch without CUDA, or a machine without a driver, is a common surprise. The scripts call it once
-    their inputs are checked, so that a bad input's error is the one line they print."""
-    if device_flag is None and device.type == "cpu" and dist_env()[0] == 0:
-        warn("no CUDA GPU is available (torch.cuda.is_available() is False), so this runs on the CPU, far more "
-             "slowly; pass --device cpu to run there without this warning")
 
 
 def default_precision(device: torch.device) -> str:

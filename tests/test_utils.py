@@ -440,21 +440,16 @@ def test_a_numbered_gpu_becomes_the_current_device_and_a_missing_one_is_refused(
 
 @pytest.mark.parametrize("cuda", [True, False])
 def test_the_default_device_is_cuda_where_available_and_the_cpu_only_after_a_warning(monkeypatch, capsys, cuda):
-    """A torch built without CUDA, or a machine without a driver, would otherwise train on the CPU unannounced.
-    resolve_device only decides; warn_cpu_fallback says so, when the scripts have checked their inputs."""
+    """A torch built without CUDA, or a machine without a driver, would otherwise train on the CPU unannounced."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     args = SimpleNamespace(device=None)
-    device = utils.resolve_device(args)
-    assert device == torch.device("cuda" if cuda else "cpu")
+    assert utils.resolve_device(args) == torch.device("cuda" if cuda else "cpu")
     assert args.device == ("cuda" if cuda else "cpu")  # what args.json records
-    assert capsys.readouterr().err == ""
-    utils.warn_cpu_fallback(None, device)
     err = capsys.readouterr().err.strip()
     assert err == ("" if cuda else f"{utils._prog()}: warning: no CUDA GPU is available (torch.cuda.is_available() "
                    "is False), so this runs on the CPU, far more slowly; pass --device cpu to run there without "
                    "this warning")
-    args = SimpleNamespace(device="cpu")
-    utils.warn_cpu_fallback("cpu", utils.resolve_device(args))  # asked for: no warning
+    assert utils.resolve_device(SimpleNamespace(device="cpu")) == torch.device("cpu")  # asked for: no warning
     assert capsys.readouterr().err == ""
 
 
@@ -465,11 +460,31 @@ def test_the_cpu_fallback_warning_comes_from_rank_0_alone(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, warned in (("1", False), ("0", True)):
         monkeypatch.setenv("RANK", rank)
-        device = utils.resolve_device(SimpleNamespace(device=None))
-        assert device == torch.device("cpu")
-        utils.warn_cpu_fallback(None, device)
+        assert utils.resolve_device(SimpleNamespace(device=None)) == torch.device("cpu")
         err = capsys.readouterr().err
         assert err.count("\n") == warned and ("warning: no CUDA GPU is available" in err) == warned
+
+
+def test_warnings_given_while_the_inputs_are_checked_wait_for_the_checks_to_pass(capsys):
+    """Inside warnings_after_checks a warning waits: the block's end prints them in order; a die() (SystemExit)
+    drops them, so that its error is the one line; another exception prints them as it propagates. Either way the
+    hold ends with the block."""
+    prefix = f"{utils._prog()}: warning: "
+    with utils.warnings_after_checks():
+        utils.warn("first")
+        utils.warn("second")
+        assert capsys.readouterr().err == ""
+    assert capsys.readouterr().err == f"{prefix}first\n{prefix}second\n"
+    with pytest.raises(SystemExit), utils.warnings_after_checks():
+        utils.warn("moot")
+        utils.die("bad input")
+    assert capsys.readouterr().err == f"{utils._prog()}: error: bad input\n"
+    with pytest.raises(ZeroDivisionError), utils.warnings_after_checks():
+        utils.warn("before a bug")
+        1 / 0
+    assert capsys.readouterr().err == f"{prefix}before a bug\n"
+    utils.warn("after")
+    assert capsys.readouterr().err == f"{prefix}after\n"
 
 
 @pytest.mark.parametrize("script", ["mae_pretrain", "train_classifier", "bench"])
