@@ -197,7 +197,8 @@ def test_phases_step_the_optimizers_the_scripts_build():
 def test_each_chunk_marks_a_new_cuda_graph_step_between_the_last_backward_and_its_forward(phase, monkeypatch):
     """utils.mark_chunk_begin (torch.compiler.cudagraph_mark_step_begin) once per chunk, after the chunk before has
     been through backward and before the chunk's forward: CUDA-graph trees may then reuse the memory of the chunk
-    before's outputs. tests/test_gpu.py runs both compile scopes under CUDA graphs."""
+    before's outputs. tests/test_gpu.py runs both compile scopes under CUDA graphs. Without CUDA there are no CUDA
+    graphs, and no marks (the first would import inductor's graph trees, for nothing)."""
     cfg = MAEConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
                     decoder_num_heads=2)
     images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
@@ -211,9 +212,12 @@ def test_each_chunk_marks_a_new_cuda_graph_step_between_the_last_backward_and_it
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: events.append("mark"))
     monkeypatch.setattr(utils, "backward", lambda *a: (events.append("backward"), backward(*a)))
     step.model.register_forward_pre_hook(lambda *_: events.append("forward"))
-    step.step(step.model, optimizer, torch.amp.GradScaler("cpu", enabled=False), torch.randperm(40)[:16], 1e-3,
-              torch.zeros(()), None, None)
-    assert events == ["mark", "forward", "backward"] * 2
+    for cuda, expected in ((True, ["mark", "forward", "backward"] * 2), (False, ["forward", "backward"] * 2)):
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: cuda)  # the step itself runs on the CPU here
+        events.clear()
+        step.step(step.model, optimizer, torch.amp.GradScaler("cpu", enabled=False), torch.randperm(40)[:16], 1e-3,
+                  torch.zeros(()), None, None)
+        assert events == expected
 
 
 @pytest.mark.parametrize("phase, expected_reads", [("pretrain", 3), ("finetune", 4)])
