@@ -641,7 +641,17 @@ def test_every_script_says_how_to_train_without_compilation_when_the_compiler_fa
 
     from conftest import TINY_MODEL, tiny_pretrain_argv
     module = importlib.import_module(script)
-    monkeypatch.setattr(utils, "compile_model", lambda model, args: torch.compile(model, backend=failing_backend))
+
+    def compile_model(model, args):
+        # The model's first forward calls a compiled function whose backend fails: the same error, raised by Dynamo
+        # from the script's step, without tracing the whole model first (seconds on 2 cores).
+        failing = torch.compile(lambda x: x * 2, backend=failing_backend)
+
+        def compile_first(module, inputs):
+            failing(torch.ones(2))  # and return None: a value would replace the forward's inputs
+        model.register_forward_pre_hook(compile_first)
+        return model
+    monkeypatch.setattr(utils, "compile_model", compile_model)
     argv = {"mae_pretrain": tiny_pretrain_argv(tmp_path, "--compile"),
             # --recipe plain: no augmentation, which would compile with inductor itself
             "train_classifier": ["--dataset", "fake", "--fake_size", "64", "--batch_size", "32", "--device", "cpu",
