@@ -29,7 +29,7 @@ from model import MAE, count_params, reconstruct
 # Flags that define the run: a checkpoint only resumes under the same values (the schedule and the model
 # must be the ones it was trained with). max_device_batch_size, devices and output paths may change.
 RUN_DEFINING_FLAGS = ("seed", "batch_size", "base_learning_rate", "weight_decay", "min_lr", "mask_ratio",
-                      "total_epoch", "warmup_epoch", "norm_pix_loss", "augment", "dataset", "val_split",
+                      "total_epoch", "warmup_epoch", "schedule", "norm_pix_loss", "augment", "dataset", "val_split",
                       "fake_size", *utils.MODEL_SIZE_FLAGS)
 # Flags a resume may change that change what the kNN accuracy measures: its epochs before and after the change are
 # then two protocols in one curve, so a resume that changes them says so (--eval_every changes only when it is taken).
@@ -46,7 +46,7 @@ def get_args_parser():
     parser = utils.ArgumentParser(description="MAE pretraining of a ViT on CIFAR-10")
     # Schedule and optimisation (the reference's flags, same names and meaning)
     utils.add_schedule_args(parser, batch_size=512, max_device_batch_size=256, base_learning_rate=1.5e-4,
-                            total_epoch=150, warmup_epoch=10)
+                            total_epoch=150, warmup_epoch=10, schedule="warmup_cosine")
     # MAE
     parser.add_argument("--mask_ratio", type=utils.finite_float, default=0.75,
                         help="share of patches masked, in (0, 1)")
@@ -87,6 +87,9 @@ def get_args_parser():
 def check_args(args) -> None:
     """Every flag checked before anything is read or written, so bad input costs nothing."""
     utils.check_schedule_args(args)
+    if args.schedule == "reference" and args.min_lr:  # its cosine ends at 0: the flag would be ignored
+        utils.die(f"--min_lr {args.min_lr} is for --schedule warmup_cosine; the reference schedule ends at 0: pass "
+                  "--schedule warmup_cosine, or leave --min_lr out")
     positive = ("log_interval", "knn_k", *utils.MODEL_SIZE_FLAGS)
     for name in positive:
         if getattr(args, name) < 1:
@@ -106,6 +109,9 @@ def check_args(args) -> None:
 def load_resume(args, cfg):
     """-> (checkpoint, the log records of its epochs), or one-line death; read before anything is written."""
     ckpt = utils.load_checkpoint(args.resume, "--resume", CHECKPOINT_FIELDS)
+    # A checkpoint from before --schedule existed ran warmup_cosine, the only schedule then (load_checkpoint has
+    # checked that its args are a dict).
+    ckpt["args"].setdefault("schedule", "warmup_cosine")
     utils.check_resumable(ckpt, args, RUN_DEFINING_FLAGS)
     # The curves go on from these lists: one loss per epoch, and the kNN evaluations so far.
     losses, epoch = ckpt["losses"], ckpt["epoch"]
@@ -202,7 +208,7 @@ def train_one_epoch(model, optimizer, scaler, train_images, args, epoch, steps_p
     bar = tqdm(batches, desc=f"epoch {epoch}/{args.total_epoch}", leave=False, dynamic_ncols=True, disable=rank > 0)
     for i, batch_idx in enumerate(bar):
         step = (epoch - 1) * steps_per_epoch + i
-        lr = utils.lr_at(step, total_steps, warmup_steps, peak_lr, args.min_lr)
+        lr = utils.scheduled_lr(step, total_steps, warmup_steps, peak_lr, args)
         train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, device, amp_dtype, loss_sum, graphs)
         if writer:
             writer.add_scalar("lr", lr, step)

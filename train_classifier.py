@@ -78,9 +78,9 @@ OUTPUT_NAMES = (*(f"{curve}.npy" for curve in CURVES), "log.jsonl", "summary.jso
 def get_args_parser():
     parser = utils.ArgumentParser(description="ViT classifier on CIFAR-10: from scratch, from MAE, or linear probe")
     # Schedule and optimisation (the reference's flags, same names and meaning; --min_lr only with the
-    # warmup_cosine schedule, the reference's goes to 0)
+    # warmup_cosine schedule, the reference's goes to 0). --schedule defaults to --recipe's (resolve_recipe).
     utils.add_schedule_args(parser, batch_size=128, max_device_batch_size=128, base_learning_rate=1e-3,
-                            total_epoch=100, warmup_epoch=5)
+                            total_epoch=100, warmup_epoch=5, schedule=None)
     # Starting point
     parser.add_argument("--pretrained_model_path", default=None,
                         help="mae_pretrain.py checkpoint whose encoder starts the classifier (default: from scratch)")
@@ -108,9 +108,6 @@ def get_args_parser():
                         help="layer-wise lr decay in (0, 1] (1: off): block i's lr scales by decay**(depth - i)")
     parser.add_argument("--random_erase", type=utils.finite_float, default=None,
                         help="random erasing probability per image")
-    parser.add_argument("--schedule", default=None, choices=("warmup_cosine", "reference"),
-                        help="warmup_cosine: linear warmup then cosine to --min_lr; reference: min(warmup, "
-                             "cosine over the whole run), the reference's schedule (per step here, per epoch there)")
     # Model size from scratch (ViT-Tiny by default); with --pretrained_model_path the checkpoint's, and a flag
     # given must agree with it. The decoder flags are accepted so that mae_pretrain.py's flags work here too.
     utils.add_model_size_args(parser, vit_t_defaults=False, unused=DECODER_FLAGS)
@@ -361,15 +358,6 @@ def build_model(args, cfg: MAEConfig, num_classes: int, mae_state: dict | None) 
     return model
 
 
-def lr_at_step(step: int, total_steps: int, warmup_steps: int, peak_lr: float, args) -> float:
-    if args.schedule == "reference":
-        # The reference's LambdaLR: min(linear warmup, half-cosine over the whole run, warmup included), down to
-        # 0. It steps once per epoch; we evaluate the same curve at every optimizer step.
-        warmup = (step + 1) / warmup_steps if warmup_steps else 1.0
-        return peak_lr * min(warmup, 0.5 * (1 + math.cos(math.pi * step / total_steps)))
-    return utils.lr_at(step, total_steps, warmup_steps, peak_lr, args.min_lr)
-
-
 def augments_images(args) -> bool:
     return any(getattr(args, name) != RECIPES["plain"][name] for name in IMAGE_FLAGS)
 
@@ -512,7 +500,7 @@ def train_one_epoch(net, frozen, optimizer, scaler, inputs, labels, prepare, mix
     bar = tqdm(batches, desc=f"epoch {epoch}/{args.total_epoch}", leave=False, dynamic_ncols=True, disable=rank > 0)
     for i, batch_idx in enumerate(bar):
         step = (epoch - 1) * steps_per_epoch + i
-        lr = lr_at_step(step, total_steps, warmup_steps, peak_lr, args)
+        lr = utils.scheduled_lr(step, total_steps, warmup_steps, peak_lr, args)
         train_step(net, optimizer, scaler, inputs, labels, batch_idx, lr, prepare, mixup, criterion, args, device,
                    amp_dtype, loss_sum, correct, graphs)
         if writer:

@@ -222,8 +222,9 @@ def check_output_folder(flag: str, folder: str, create: bool = True) -> None:
 # Schedule and optimizer
 
 def add_schedule_args(parser, batch_size: int, max_device_batch_size: int, base_learning_rate: float,
-                      total_epoch: int, warmup_epoch: int) -> None:
-    """The optimisation flags both training scripts share: the reference's names and meanings, their defaults."""
+                      total_epoch: int, warmup_epoch: int, schedule: str | None) -> None:
+    """The optimisation flags both training scripts share: the reference's names and meanings, their defaults
+    (a schedule of None: the script sets it after parsing)."""
     parser.add_argument("--seed", type=int, default=42, help="seeds initialisation, shuffling, masks, augmentation")
     parser.add_argument("--batch_size", type=int, default=batch_size,
                         help="effective (global) batch per optimizer step, gradients accumulated over chunks")
@@ -236,6 +237,10 @@ def add_schedule_args(parser, batch_size: int, max_device_batch_size: int, base_
     parser.add_argument("--min_lr", type=finite_float, default=0.0, help="lr at the end of the cosine")
     parser.add_argument("--total_epoch", type=int, default=total_epoch, help="epochs of training")
     parser.add_argument("--warmup_epoch", type=int, default=warmup_epoch, help="epochs of linear lr warmup")
+    parser.add_argument("--schedule", default=schedule, choices=("warmup_cosine", "reference"),
+                        help="warmup_cosine: linear warmup, then a cosine down to --min_lr; reference: the reference "
+                             "implementation's min(linear warmup, a cosine over the whole run) down to 0, per step "
+                             "here, per epoch there")
 
 
 def device_chunk(args) -> int:
@@ -418,7 +423,9 @@ def check_schedule_args(args) -> None:
     if args.min_lr > peak_lr(args):
         die(f"--min_lr {args.min_lr} is above the peak lr {peak_lr(args):.2e} (--base_learning_rate x --batch_size / "
             "256), so the cosine would raise the lr: give a smaller --min_lr")
-    if args.warmup_epoch > args.total_epoch and dist_env()[0] == 0:  # a short trial run with the default warmup
+    # A short trial run with the default warmup. (Under the reference schedule the lr never reaches its peak anyway,
+    # and a warmup past the run is the reference's own setting: 200 of 150 epochs.)
+    if args.warmup_epoch > args.total_epoch and args.schedule != "reference" and dist_env()[0] == 0:
         warn(f"--warmup_epoch {args.warmup_epoch} is longer than --total_epoch {args.total_epoch}: the lr rises "
              f"for the whole run and never reaches its peak {peak_lr(args):.2e}")
     check_seed(args.seed)
@@ -443,6 +450,16 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr
         return peak_lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def scheduled_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float, args) -> float:
+    """The lr of optimizer step `step` under --schedule: warmup_cosine (lr_at, down to --min_lr) or reference."""
+    if args.schedule == "reference":
+        # The reference's LambdaLR: min(linear warmup, half-cosine over the whole run, warmup included), down to
+        # 0. It steps once per epoch; we evaluate the same curve at every optimizer step.
+        warmup = (step + 1) / warmup_steps if warmup_steps else 1.0
+        return peak_lr * min(warmup, 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+    return lr_at(step, total_steps, warmup_steps, peak_lr, args.min_lr)
 
 
 def set_lr(optimizer, lr: float) -> None:

@@ -660,6 +660,28 @@ def test_each_epoch_trains_on_its_own_order_at_the_scheduled_lr_and_reports_its_
     assert [lr for _, lr in writer.lr] == pytest.approx(expected + expected[4:8], rel=1e-9)
 
 
+def test_reference_schedule_sets_the_reference_lr_at_every_step(tmp_path):
+    """--schedule reference with the reference's proportions, a warmup longer than the run (5 of 3 epochs, as its
+    200 of 150): each optimizer step's lr is peak * min((s + 1) / W, (1 + cos(pi s / T)) / 2), written out here,
+    for 3 epochs of 4 steps. The lr rises, meets the cosine, and falls, never reaching the peak."""
+    import data
+    import mae_pretrain
+    args, model = _tiny_mae(tmp_path, "--total_epoch", "3", "--warmup_epoch", "5", "--schedule", "reference",
+                            "--base_learning_rate", "1e-3")
+    mae_pretrain.check_args(args)
+    cpu, writer = torch.device("cpu"), LrRecorder()
+    optimizer = mae_pretrain.make_optimizer(model, args, cpu)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    images = data.fake_images(128, seed=1).images
+    for epoch in (1, 2, 3):
+        mae_pretrain.train_one_epoch(model, optimizer, scaler, images, args, epoch, 4, cpu, None, writer)
+    peak = 1e-3 * 32 / 256
+    expected = [peak * min((s + 1) / 20, 0.5 * (1 + math.cos(math.pi * s / 12))) for s in range(12)]
+    assert [step for step, _ in writer.lr] == list(range(12))
+    assert [lr for _, lr in writer.lr] == pytest.approx(expected, rel=1e-9)
+    assert max(expected) < peak and expected.index(max(expected)) not in (0, 11)
+
+
 def test_a_stop_after_past_the_last_epoch_ends_the_run_at_its_last_epoch(tmp_path, run_pretrain):
     """--stop_after beyond --total_epoch stops where the schedule ends: one epoch of a one-epoch run, not three."""
     run_pretrain(tiny_pretrain_argv(tmp_path, "--total_epoch", "1", "--warmup_epoch", "0", "--stop_after", "3"))
@@ -793,6 +815,9 @@ def test_attention_flag_sets_the_kernel_of_training_and_evaluation(tmp_path, run
                                          "infinite peak lr"),
     (["--mask_ratio", "0.01"], "--mask_ratio 0.01 masks none of the 64 patches"),
     (["--min_lr", "0.1"], "--min_lr 0.1 is above the peak lr 1.87e-05 (--base_learning_rate x --batch_size / 256)"),
+    (["--schedule", "reference", "--min_lr", "1e-6"], "--min_lr 1e-06 is for --schedule warmup_cosine; the reference "
+                                                       "schedule ends at 0"),
+    (["--schedule", "cosine"], "argument --schedule: invalid choice: 'cosine'"),
     (["--decoder_num_heads", "3"], "model flags: decoder_embed_dim 32 must be divisible by decoder_num_heads 3"),
     (["--seed", "-1"], "--seed must be in [0, 2^31), got -1"),
     (["--device", "mps"], "--device must be cuda, cuda:N or cpu, got 'mps'"),
@@ -1031,15 +1056,30 @@ def test_resume_of_a_non_checkpoint_leaves_files_untouched(tmp_path, run_pretrai
 
 
 def test_resume_with_a_different_schedule_is_refused(tmp_path, run_pretrain, capsys):
+    """Another batch size, or another --schedule, is refused before anything changes. A checkpoint written before
+    --schedule existed (its args without one) ran warmup_cosine: it resumes under that and is refused under
+    reference."""
     argv = tiny_pretrain_argv(tmp_path, "--stop_after", "1")
     run_pretrain(argv)
+    capsys.readouterr()
     ckpt = tmp_path / "run" / "mae.pt"
     before = ckpt.read_bytes()
-    with pytest.raises(SystemExit) as exc:
-        run_pretrain(tiny_pretrain_argv(tmp_path, "--resume", str(ckpt), "--batch_size", "64"))
-    assert exc.value.code == 2
-    assert "--batch_size" in capsys.readouterr().err
-    assert ckpt.read_bytes() == before
+    old = torch.load(ckpt, weights_only=True)
+    del old["args"]["schedule"]
+    torch.save(old, tmp_path / "old.pt")
+    for path, flags, expected in ((ckpt, ["--batch_size", "64"], "--batch_size"),
+                                  (ckpt, ["--schedule", "reference"], "with --schedule warmup_cosine, this run has "
+                                                                      "reference"),
+                                  (tmp_path / "old.pt", ["--schedule", "reference"], "with --schedule warmup_cosine, "
+                                                                                      "this run has reference")):
+        with pytest.raises(SystemExit) as exc:
+            run_pretrain(tiny_pretrain_argv(tmp_path, "--resume", str(path), *flags))
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+        assert ckpt.read_bytes() == before
+    run_pretrain(tiny_pretrain_argv(tmp_path, "--resume", str(tmp_path / "old.pt")))
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 2
 
 
 def test_command_line_error_has_no_traceback(tmp_path):

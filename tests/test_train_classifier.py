@@ -1188,18 +1188,6 @@ def test_make_optimizer_decays_the_lr_by_layer_for_a_pretrained_encoder_only():
             assert group[id(p)]["lr"] == pytest.approx(1e-3 * 64 / 256) and group[id(p)]["betas"] == (0.9, 0.999)
 
 
-def test_reference_schedule_is_the_minimum_of_warmup_and_a_cosine_over_the_whole_run():
-    """--schedule reference, step s of T with W warmup steps: peak * min((s + 1) / W, (1 + cos(pi s / T)) / 2), the
-    reference's LambdaLR evaluated per step; with no warmup the cosine alone, the peak at step 0."""
-    args = SimpleNamespace(schedule="reference", min_lr=0.0)
-    lr = [train_classifier.lr_at_step(s, 20, 5, 2.0, args) for s in range(20)]
-    assert lr == pytest.approx([2.0 * min((s + 1) / 5, 0.5 * (1 + math.cos(math.pi * s / 20))) for s in range(20)])
-    assert lr[:5] == pytest.approx([0.4, 0.8, 1.2, 1.6, 2.0 * 0.5 * (1 + math.cos(math.pi * 4 / 20))])
-    no_warmup = [train_classifier.lr_at_step(s, 8, 0, 2.0, args) for s in range(8)]
-    assert no_warmup == pytest.approx([1.0 + math.cos(math.pi * s / 8) for s in range(8)])
-    assert no_warmup[0] == 2.0
-
-
 def test_layer_decay_gives_each_block_its_lr_scale():
     depth, decay = 3, 0.75
     model = ViTClassifier(MAEConfig(embed_dim=32, depth=depth, num_heads=2, patch_size=4), num_classes=10)

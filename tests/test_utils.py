@@ -45,6 +45,19 @@ def test_lr_cosine_runs_from_the_peak_down_to_min_lr():
     assert lrs == pytest.approx(warmup_cosine_lrs(peak, warm, total, min_lr, steps=total + 1), rel=1e-9)
 
 
+def test_reference_schedule_is_the_minimum_of_warmup_and_a_cosine_over_the_whole_run():
+    """utils.scheduled_lr under --schedule reference, step s of T with W warmup steps: peak * min((s + 1) / W,
+    (1 + cos(pi s / T)) / 2), the reference's LambdaLR evaluated per step; with no warmup the cosine alone, the peak
+    at step 0."""
+    args = SimpleNamespace(schedule="reference", min_lr=0.0)
+    lr = [utils.scheduled_lr(s, 20, 5, 2.0, args) for s in range(20)]
+    assert lr == pytest.approx([2.0 * min((s + 1) / 5, 0.5 * (1 + math.cos(math.pi * s / 20))) for s in range(20)])
+    assert lr[:5] == pytest.approx([0.4, 0.8, 1.2, 1.6, 2.0 * 0.5 * (1 + math.cos(math.pi * 4 / 20))])
+    no_warmup = [utils.scheduled_lr(s, 8, 0, 2.0, args) for s in range(8)]
+    assert no_warmup == pytest.approx([1.0 + math.cos(math.pi * s / 8) for s in range(8)])
+    assert no_warmup[0] == 2.0
+
+
 def test_seed_epoch_draws_differ_by_seed_epoch_and_rank_and_repeat_for_the_same_ones():
     """seed_epoch(seed, epoch, rank) seeds torch's and numpy's RNGs: the same three give the same draws (a resumed
     epoch draws what the straight run's did), and any two keys that differ, in one place or in several, other draws:
@@ -76,7 +89,7 @@ def test_each_process_chunk_is_its_share_of_the_batch_at_most_max_device_batch_s
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert utils.dist_env() == (0, 2, 0)
     args = SimpleNamespace(batch_size=32, max_device_batch_size=64, total_epoch=2, warmup_epoch=1,
-                           base_learning_rate=1e-3, weight_decay=0.05, min_lr=0.0, seed=0)
+                           base_learning_rate=1e-3, weight_decay=0.05, min_lr=0.0, seed=0, schedule="warmup_cosine")
     assert (utils.device_chunk(args), utils.chunks_per_step(args)) == (16, 1)
     utils.check_schedule_args(args)  # passes: 16 images a process in chunks of 16
     args.max_device_batch_size = 4
@@ -141,12 +154,17 @@ def test_check_resumable_refuses_a_stop_after_that_leaves_no_epoch_to_run(capsys
                             "stopped: no epoch would run; pass a later epoch, or 0 to run to --total_epoch"), err
 
 
-@pytest.mark.parametrize("warmup, total, rank, warned", [(10, 2, "0", True), (2, 2, "0", False), (10, 2, "1", False)])
+@pytest.mark.parametrize("warmup, total, rank, schedule, warned", [
+    (10, 2, "0", "warmup_cosine", True), (2, 2, "0", "warmup_cosine", False), (10, 2, "1", "warmup_cosine", False),
+    (10, 2, "0", "reference", False)])
 def test_a_warmup_longer_than_the_run_is_a_one_line_warning_from_rank_0(monkeypatch, capsys, warmup, total, rank,
-                                                                        warned):
+                                                                        schedule, warned):
+    """Under warmup_cosine, from rank 0 only. Under the reference schedule the lr never reaches its peak, whatever
+    the warmup (min(warmup, cosine) is below 1 wherever the warmup line is), and a warmup past the run is the
+    reference's own: no warning."""
     monkeypatch.setenv("RANK", rank)
     args = SimpleNamespace(batch_size=64, max_device_batch_size=32, total_epoch=total, warmup_epoch=warmup,
-                           base_learning_rate=1e-3, weight_decay=0.05, min_lr=0.0, seed=0)
+                           base_learning_rate=1e-3, weight_decay=0.05, min_lr=0.0, seed=0, schedule=schedule)
     utils.check_schedule_args(args)
     err = capsys.readouterr().err
     assert err.count("\n") == warned
@@ -1251,7 +1269,7 @@ def test_capture_step_compiles_without_torchs_cuda_graphs_and_refuses_what_canno
 
 
 SCHEDULE = dict(batch_size=64, max_device_batch_size=32, total_epoch=2, warmup_epoch=0, base_learning_rate=1e-3,
-                weight_decay=0.0, min_lr=0.0, seed=0)
+                weight_decay=0.0, min_lr=0.0, seed=0, schedule="warmup_cosine")
 
 
 @pytest.mark.parametrize("flag, value, expected", [
