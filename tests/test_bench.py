@@ -502,16 +502,16 @@ def test_command_line_gives_back_the_resolved_flags():
 
 
 @pytest.mark.parametrize("case", ["measured", "child fails", "shared cache"])
-def test_the_second_fine_tunes_compilation_is_measured_in_a_new_process(tmp_path, capsys, monkeypatch,
-                                                                        compile_counter, case):
+def test_the_second_fine_tunes_compilation_is_measured_in_a_new_process(tmp_path, capsys, monkeypatch, case):
     """With compilation on, the projection counts the second fine-tune's compile seconds as a new bench.py process
     measures them, timing the fine-tuning phase alone from the cache this one filled (its environment, so a fresh
     cache's folder, is inherited). Here that process is a stand-in that checks its flags and reports 2.5 s; if it
     fails, the projection counts the first fine-tune's seconds again, and says so. The flags it gets pass bench's own
     checks (an epoch shorter than the fine-tuning batch would make it die at once, unmeasured), and run one step.
-    With --compile_cache shared (runs that compare step times) no such process starts. (Compiled with Dynamo's
-    counting backend: the plumbing, not inductor, is under test.)"""
+    With --compile_cache shared (runs that compare step times) no such process starts. (torch.compile is the
+    identity here: the plumbing, not compilation, is under test, and tracing each case's models took seconds.)"""
     children, real_run = [], subprocess.run
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)
 
     def child(argv, **kwargs):
         if argv[:2] != [sys.executable, os.path.join(ROOT, "bench.py")]:
