@@ -78,30 +78,37 @@ def test_resume_on_another_number_of_processes(tmp_path, one_process_pretraining
     assert resumed == pytest.approx(np.load(one_process_pretraining / "outputs" / "losses.npy"), rel=1e-4)
 
 
-def check_world_size_error(script_cmd, script, tmp_path):
+def check_world_size_error(script_cmd, module, tmp_path, monkeypatch, capsys):
     """A world size that does not divide --batch_size: under torchrun the run ends non-zero without a hang and
     without writing anything; and each rank, whichever it is, stops by itself with status 2 and one line. The
-    per-rank half sets torchrun's variables by hand: the check runs before any process group exists, and under
-    torchrun the first rank to fail may get the others killed before they print."""
+    per-rank half runs the script's main in this process with torchrun's variables set by hand: the check runs
+    before any process group exists, and under torchrun the first rank to fail may get the others killed before
+    they print."""
+    script = f"{module.__name__}.py"
     bad = ["--batch_size", "31", "--max_device_batch_size", "31"]
-    alone_cmd = script_cmd([sys.executable], tmp_path, *bad, name="bad")
-    proc, *alone = run_side_by_side(
-        tmp_path, (script_cmd(TORCHRUN, tmp_path, *bad, name="bad"), None),
-        *((alone_cmd, {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": "2"}) for rank in ("0", "1")))
+    proc = run(script_cmd(TORCHRUN, tmp_path, *bad, name="bad"), tmp_path)
     assert proc.returncode != 0
     assert "not divisible by the 2 processes" in proc.stderr
     # torchrun reports the failed children with a traceback of its own; none comes from our script.
     assert f'{script}", line' not in proc.stderr
-    for rank_alone in alone:
-        assert rank_alone.returncode == 2
-        assert rank_alone.stderr.strip().splitlines() == [
+    argv = script_cmd([], tmp_path, *bad, name="bad")[1:]  # the flags, after the script's path
+    monkeypatch.setattr(sys, "argv", [os.path.join(ROOT, script)])  # the error names the script, as it would
+    for rank in ("0", "1"):
+        for name in ("RANK", "LOCAL_RANK"):
+            monkeypatch.setenv(name, rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        with pytest.raises(SystemExit) as exc:
+            module.main(module.get_args_parser().parse_args(argv))
+        assert exc.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
             f"{script}: error: --batch_size 31 is not divisible by the 2 processes of this run "
             "(torchrun --nproc_per_node x --nnodes)"]
     assert not (tmp_path / "bad").exists()
 
 
-def test_world_size_that_does_not_divide_the_batch_fails_on_every_rank(tmp_path):
-    check_world_size_error(pretrain_cmd, "mae_pretrain.py", tmp_path)
+def test_world_size_that_does_not_divide_the_batch_fails_on_every_rank(tmp_path, monkeypatch, capsys):
+    import mae_pretrain
+    check_world_size_error(pretrain_cmd, mae_pretrain, tmp_path, monkeypatch, capsys)
 
 
 def test_a_failing_rank_ends_the_whole_run(tmp_path):
@@ -194,5 +201,6 @@ def test_linear_probe_and_finetune_recipe_run_under_torchrun(tmp_path, one_proce
         assert two == pytest.approx(one, rel=1e-4, abs=1e-6), name
 
 
-def test_classifier_world_size_that_does_not_divide_the_batch_fails(tmp_path):
-    check_world_size_error(classifier_cmd, "train_classifier.py", tmp_path)
+def test_classifier_world_size_that_does_not_divide_the_batch_fails(tmp_path, monkeypatch, capsys):
+    import train_classifier
+    check_world_size_error(classifier_cmd, train_classifier, tmp_path, monkeypatch, capsys)
