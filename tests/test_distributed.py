@@ -123,18 +123,24 @@ def test_a_failing_rank_ends_the_whole_run(tmp_path):
     assert not (tmp_path / "crash" / "outputs" / "recon_epoch_002.png").exists()
 
 
-def test_a_start_up_decision_holds_only_if_it_holds_on_every_process(tmp_path):
+@pytest.fixture(scope="module")
+def collectives(tmp_path_factory):
+    """tests/helpers/collectives.py run once under torchrun for the two tests below (a launch is most of their
+    time): -> the folder of its rank<N>.txt and rank<N>.pt."""
+    tmp_path = tmp_path_factory.mktemp("collectives")
+    proc = run([*TORCHRUN, os.path.join(ROOT, "tests", "helpers", "collectives.py")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return tmp_path
+
+
+def test_a_start_up_decision_holds_only_if_it_holds_on_every_process(collectives):
     # utils.data_device's --data_on auto: one process short of GPU memory puts every process's data in host memory.
-    proc = run([*TORCHRUN, os.path.join(ROOT, "tests", "helpers", "all_processes.py")], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)] == ["False True", "False True"]
+    assert [(collectives / f"rank{rank}.txt").read_text() for rank in (0, 1)] == ["False True", "False True"]
 
 
-def test_processes_start_from_rank_0s_state_and_step_with_the_mean_gradient(tmp_path):
+def test_processes_start_from_rank_0s_state_and_step_with_the_mean_gradient(collectives):
     # What DistributedDataParallel would guarantee, done by utils.broadcast_state and utils.average_gradients.
-    proc = run([*TORCHRUN, os.path.join(ROOT, "tests", "helpers", "gradients.py")], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    ranks = [torch.load(collectives / f"rank{rank}.pt") for rank in (0, 1)]
     assert not torch.equal(ranks[0]["built"]["0.weight"], ranks[1]["built"]["0.weight"])  # different seeds
     for r in ranks:
         for name, tensor in ranks[0]["built"].items():

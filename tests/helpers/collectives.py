@@ -1,7 +1,11 @@
-"""utils.broadcast_state and utils.average_gradients under torchrun (gloo on the CPU). Each rank builds a small
-model from a seed of its own, makes its state rank 0's, then fills its .grad buffers with its own numbers and
-averages them in place; it saves what it started from and ends with to rank<N>.pt in the working folder. Run by
-tests/test_distributed.py."""
+"""utils' collectives under torchrun (gloo on the CPU), in one launch for tests/test_distributed.py's two tests of
+them; each rank writes its results in the working folder, a file each (the ranks' prints would interleave).
+
+- rank<N>.txt: what utils.all_processes gives each rank when only rank 1's value is false, and when every value
+  is true.
+- rank<N>.pt: utils.broadcast_state and utils.average_gradients. Each rank builds a small model from a seed of its
+  own, makes its state rank 0's, then fills its .grad buffers with its own numbers and averages them in place; the
+  file holds what it started from and ends with."""
 import os
 import sys
 
@@ -13,6 +17,9 @@ import utils  # noqa: E402
 cpu = torch.device("cpu")
 utils.init_distributed(cpu)
 rank = utils.dist_env()[0]
+with open(f"rank{rank}.txt", "w") as f:
+    f.write(f"{utils.all_processes(rank != 1, cpu)} {utils.all_processes(True, cpu)}")
+
 torch.manual_seed(rank)
 model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
 model[1].running_mean.normal_()  # a buffer that differs between the ranks too
