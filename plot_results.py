@@ -647,7 +647,10 @@ def pretrain_config(pre: Pretraining) -> str:
     a = pre.args
     if not a:
         return "no args.json"
-    return (f"--dataset {a.get('dataset')}, --total_epoch {a.get('total_epoch')}, --batch_size "
+    # The schedule decides how the first losses compare with the reference's; args.json from before --schedule
+    # existed ran warmup_cosine, the only one then.
+    return (f"--dataset {a.get('dataset')}, --total_epoch {a.get('total_epoch')}, --warmup_epoch "
+            f"{a.get('warmup_epoch')}, --schedule {a.get('schedule', 'warmup_cosine')}, --batch_size "
             f"{a.get('batch_size')}, --mask_ratio {a.get('mask_ratio')}, --device {a.get('device')}; encoder "
             f"{a.get('embed_dim')} x {a.get('depth')} blocks, decoder {a.get('decoder_embed_dim')} x "
             f"{a.get('decoder_depth')}, patch {a.get('patch_size')}; val numbers on the {val_split(a)}")

@@ -644,14 +644,19 @@ def test_best_points_are_annotated_and_log_scale_is_an_option(run_outputs):
 
 
 def test_the_reports_pretraining_line_and_the_loss_axis_say_what_the_run_did():
-    """The report's pretraining configuration gives each flag's own value (batch 512, not the 256 of the chunks), and
-    the loss axis names the targets of the run: per-patch normalised pixels under --norm_pix_loss, else pixels."""
-    args = {"dataset": "cifar10", "total_epoch": 150, "batch_size": 512, "max_device_batch_size": 256,
-            "mask_ratio": 0.75, "device": "cuda", "embed_dim": 192, "depth": 12, "decoder_embed_dim": 128,
-            "decoder_depth": 4, "patch_size": 2, "val_split": 0}
+    """The report's pretraining configuration gives each flag's own value (batch 512, not the 256 of the chunks), the
+    lr schedule (warmup_cosine for an args.json from before --schedule existed), and the loss axis names the targets
+    of the run: per-patch normalised pixels under --norm_pix_loss, else pixels."""
+    args = {"dataset": "cifar10", "total_epoch": 150, "warmup_epoch": 200, "schedule": "reference", "batch_size": 512,
+            "max_device_batch_size": 256, "mask_ratio": 0.75, "device": "cuda", "embed_dim": 192, "depth": 12,
+            "decoder_embed_dim": 128, "decoder_depth": 4, "patch_size": 2, "val_split": 0}
     assert plot_results.pretrain_config(plot_results.Pretraining("outputs", np.ones(150), args, [])) == (
-        "--dataset cifar10, --total_epoch 150, --batch_size 512, --mask_ratio 0.75, --device cuda; encoder 192 x 12 "
-        "blocks, decoder 128 x 4, patch 2; val numbers on the test set")
+        "--dataset cifar10, --total_epoch 150, --warmup_epoch 200, --schedule reference, --batch_size 512, "
+        "--mask_ratio 0.75, --device cuda; encoder 192 x 12 blocks, decoder 128 x 4, patch 2; val numbers on the "
+        "test set")
+    del args["schedule"]
+    assert ", --warmup_epoch 200, --schedule warmup_cosine, " in plot_results.pretrain_config(
+        plot_results.Pretraining("outputs", np.ones(150), args, []))
     assert "per-patch normalised pixels" in plot_results.loss_label({"norm_pix_loss": True})
     assert "pixels scaled to [-1, 1]" in plot_results.loss_label({"norm_pix_loss": False})
 
