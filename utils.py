@@ -59,14 +59,17 @@ def _emit_warning(line: str) -> None:
 def warnings_after_checks():
     """The scripts check their inputs inside this block, and the warnings those checks give print when it ends.
     A bad input found by a later check (die) is then the one line printed, without warnings about a run that will
-    not start. Any other exception prints them before it propagates."""
+    not start; so is the GPU running out of memory in a check (attention_choice runs attention at the model's
+    shapes), which explains_out_of_memory turns into one line. Any other exception prints them before it
+    propagates."""
     global _held_warnings
     previous, held = _held_warnings, []
     _held_warnings = held
     try:
         yield
-    except SystemExit:
-        held.clear()
+    except BaseException as error:
+        if isinstance(error, SystemExit) or any(map(_out_of_memory, cause_chain(error))):
+            held.clear()
         raise
     finally:
         _held_warnings = previous
@@ -761,6 +764,12 @@ def with_attention_kernel(main):
 OUT_OF_MEMORY_STATUSES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED")
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether this one error (not its causes) is the GPU running out of memory, as torch or cuBLAS/cuDNN say it."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and any(status in str(error) for status in OUT_OF_MEMORY_STATUSES))
+
+
 def cause_chain(error: BaseException) -> list:
     """The error, then what caused it (raise ... from), or was being handled when it was raised, and so on."""
     chain, cause = [], error
@@ -801,16 +810,12 @@ def explains_out_of_memory(main):
     cuBLAS and cuDNN, which make some allocations of their own, report it as a RuntimeError naming their status
     (OUT_OF_MEMORY_STATUSES), and that counts too. NCCL's own report ("unhandled cuda error") does not say what
     failed, so it stays as it is."""
-    def out_of_memory(error: BaseException) -> bool:
-        return isinstance(error, torch.OutOfMemoryError) or (
-            isinstance(error, RuntimeError) and any(status in str(error) for status in OUT_OF_MEMORY_STATUSES))
-
     @functools.wraps(main)
     def run(args):
         try:
             return main(args)
         except Exception as error:
-            matches = [cause for cause in cause_chain(error) if out_of_memory(cause)]
+            matches = [cause for cause in cause_chain(error) if _out_of_memory(cause)]
             if not matches:
                 raise
             cause = matches[-1]

@@ -485,8 +485,9 @@ def test_the_cpu_fallback_warning_comes_from_rank_0_alone(monkeypatch, capsys):
 
 def test_warnings_given_while_the_inputs_are_checked_wait_for_the_checks_to_pass(capsys):
     """Inside warnings_after_checks a warning waits: the block's end prints them in order; a die() (SystemExit)
-    drops them, so that its error is the one line; another exception prints them as it propagates. Either way the
-    hold ends with the block."""
+    drops them, so that its error is the one line, and so does the GPU running out of memory (torch's error, or
+    cuBLAS's status, or either as the cause of another), which explains_out_of_memory makes one line; another
+    exception prints them as it propagates. Either way the hold ends with the block."""
     prefix = f"{utils._prog()}: warning: "
     with utils.warnings_after_checks():
         utils.warn("first")
@@ -497,6 +498,22 @@ def test_warnings_given_while_the_inputs_are_checked_wait_for_the_checks_to_pass
         utils.warn("moot")
         utils.die("bad input")
     assert capsys.readouterr().err == f"{utils._prog()}: error: bad input\n"
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    cublas = RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+
+    def raise_(error):
+        raise error
+
+    def wrapped_oom():
+        try:
+            raise_(oom)
+        except torch.OutOfMemoryError as cause:
+            raise RuntimeError("compiled graph failed") from cause
+    for raise_it in (lambda: raise_(oom), lambda: raise_(cublas), wrapped_oom):
+        with pytest.raises(RuntimeError), utils.warnings_after_checks():
+            utils.warn("moot")
+            raise_it()
+        assert capsys.readouterr().err == ""
     with pytest.raises(ZeroDivisionError), utils.warnings_after_checks():
         utils.warn("before a bug")
         1 / 0
