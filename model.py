@@ -42,6 +42,11 @@ class MAEConfig:
             if getattr(self, width) % getattr(self, heads):
                 raise ValueError(f"{width} {getattr(self, width)} must be divisible by {heads} "
                                  f"{getattr(self, heads)}")
+            # The fixed sin-cos position embedding gives a quarter of the width to each of sin(row), sin(column),
+            # cos(row) and cos(column).
+            if getattr(self, width) % 4:
+                raise ValueError(f"{width} {getattr(self, width)} must be divisible by 4 (the sin-cos position "
+                                 "embedding's four parts)")
         check_mask_ratio(self.mask_ratio)
 
     @property

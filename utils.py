@@ -272,8 +272,9 @@ def eval_chunk(max_device_batch_size: int) -> int:
 
 
 # The model-size flags of all three scripts, named as MAEConfig's fields (whose defaults are ViT-T's).
-MODEL_SIZE_FLAGS = {"patch_size": "patch side in pixels", "embed_dim": "encoder width", "depth": "encoder blocks",
-                    "num_heads": "encoder attention heads", "decoder_embed_dim": "decoder width",
+MODEL_SIZE_FLAGS = {"patch_size": "patch side in pixels", "embed_dim": "encoder width, a multiple of 4 and of "
+                    "--num_heads", "depth": "encoder blocks", "num_heads": "encoder attention heads",
+                    "decoder_embed_dim": "decoder width, a multiple of 4 and of --decoder_num_heads",
                     "decoder_depth": "decoder blocks", "decoder_num_heads": "decoder attention heads"}
 
 

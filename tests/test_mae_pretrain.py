@@ -819,6 +819,8 @@ def test_attention_flag_sets_the_kernel_of_training_and_evaluation(tmp_path, run
                                                        "schedule ends at 0"),
     (["--schedule", "cosine"], "argument --schedule: invalid choice: 'cosine'"),
     (["--decoder_num_heads", "3"], "model flags: decoder_embed_dim 32 must be divisible by decoder_num_heads 3"),
+    (["--embed_dim", "30", "--num_heads", "3"], "model flags: embed_dim 30 must be divisible by 4 (the sin-cos "
+                                                 "position embedding's four parts)"),
     (["--seed", "-1"], "--seed must be in [0, 2^31), got -1"),
     (["--device", "mps"], "--device must be cuda, cuda:N or cpu, got 'mps'"),
     (["--attention", "cudnn"], "--attention cudnn cannot run on cpu"),  # a CUDA kernel

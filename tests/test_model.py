@@ -647,3 +647,12 @@ def test_config_refuses_a_decoder_width_its_heads_do_not_divide():
         MAEConfig(**{**SMALL, "decoder_num_heads": 5})
     with pytest.raises(ValueError, match="embed_dim 32 must be divisible by num_heads 3"):
         MAEConfig(**{**SMALL, "num_heads": 3})
+
+
+@pytest.mark.parametrize("name", ["embed_dim", "decoder_embed_dim"])
+def test_config_refuses_a_width_the_position_embedding_cannot_split_in_four(name):
+    """The sin-cos position embedding gives each of its four parts a quarter of the width: 30 (3 heads of 10) is
+    refused in one ValueError naming the field, not by an assertion deep inside the embedding."""
+    heads = "num_heads" if name == "embed_dim" else "decoder_num_heads"
+    with pytest.raises(ValueError, match=f"{name} 30 must be divisible by 4"):
+        MAEConfig(**{**SMALL, name: 30, heads: 3})
