@@ -11,8 +11,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
-from timm.layers import Mlp
 
 
 @dataclass
@@ -154,9 +152,14 @@ def reconstruct(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patc
 # ----------------------------------------------------------------------------------------------------------
 # Modules
 
-def _sincos_pos_embed(grid_size: int, dim: int) -> torch.Tensor:
-    # Fixed 2-D sin-cos position embedding (MAE paper): no parameters to learn, (1, N, dim).
-    return build_sincos2d_pos_embed([grid_size, grid_size], dim).unsqueeze(0)
+def sincos_pos_embed(grid_size: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding (MAE paper), (1, N, dim), patches in row-major order: sin(row · f),
+    sin(column · f), cos(row · f), cos(column · f), a quarter of the width each, at dim / 4 frequencies
+    f = 10000^(-i / (dim / 4)). The layout of timm's build_sincos2d_pos_embed, to the bit (tests/test_model.py)."""
+    freqs = 1.0 / 10000.0 ** (torch.arange(dim // 4) / (dim // 4))  # (dim/4,)
+    rows, columns = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    angles = torch.stack([rows.flatten(), columns.flatten()], dim=1).float().unsqueeze(-1) * freqs  # (N, 2, dim/4)
+    return torch.cat([angles.sin(), angles.cos()], dim=1).flatten(1).unsqueeze(0)
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -233,6 +236,22 @@ class Attention(nn.Module):
         return self.proj(rearrange(x, "b h q d -> b q (h d)"))
 
 
+class Mlp(nn.Module):
+    """The transformer's feed-forward part, fc1 -> GELU (exact, as MAE's) -> fc2; its parameters are named as timm's
+    Mlp's, which has dropout and norm slots that ViT leaves empty. Written out rather than imported, with the
+    sin-cos embedding above, so that model.py needs nothing beyond torch and einops: importing timm.layers (which
+    loads torchvision's models) cost every process that imports model.py about 2.5 s on a 2-core CPU."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
 class Block(nn.Module):
     """Pre-norm transformer block (ViT, MAE): x + attn(norm1(x)), then x + mlp(norm2(x)).
 
@@ -269,7 +288,7 @@ class MAEEncoder(nn.Module):
         self.cfg = cfg
         self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
-        self.register_buffer("pos_embed", _sincos_pos_embed(cfg.grid_size, cfg.embed_dim), persistent=False)
+        self.register_buffer("pos_embed", sincos_pos_embed(cfg.grid_size, cfg.embed_dim), persistent=False)
         # Stochastic depth grows linearly with depth, as in DeiT and the MAE fine-tuning recipe; with any, every
         # block gets a DropPath (the first one at rate 0) so that all blocks have the same structure.
         # On the CPU whatever the default device: the rates are read back as Python floats, which a module
@@ -331,7 +350,7 @@ class MAEDecoder(nn.Module):
         super().__init__()
         self.decoder_embed = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_embed_dim))
-        self.register_buffer("pos_embed", _sincos_pos_embed(cfg.grid_size, cfg.decoder_embed_dim),
+        self.register_buffer("pos_embed", sincos_pos_embed(cfg.grid_size, cfg.decoder_embed_dim),
                              persistent=False)
         self.blocks = nn.ModuleList(
             Block(cfg.decoder_embed_dim, cfg.decoder_num_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth))

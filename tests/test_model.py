@@ -6,12 +6,13 @@ from functools import partial
 
 import pytest
 import timm.models.vision_transformer
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 import torch
 import torch.nn as nn
 
 from model import (MAE, Block, DropPath, MAEConfig, MAEDecoder, MAEEncoder, RunningMeanBatchNorm, ViTClassifier,
                    encoder_state_from_mae, masked_mse, normalize_patches, num_masked_patches, patchify,
-                   random_masking, reconstruct, to_shuffled_order, unpatchify)
+                   random_masking, reconstruct, sincos_pos_embed, to_shuffled_order, unpatchify)
 
 SMALL = dict(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=24, decoder_depth=1, decoder_num_heads=2)
 
@@ -559,6 +560,16 @@ def test_position_embeddings_are_the_2d_sin_cos_of_each_patchs_row_and_column():
         expected = torch.cat([r.sin(), c.sin(), r.cos(), c.cos()], dim=1)
         assert module.pos_embed.shape == (1, cfg.num_patches, dim)
         torch.testing.assert_close(module.pos_embed[0].double(), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("grid_size, dim", [(16, 192), (8, 32), (4, 24), (1, 4)])
+def test_position_embedding_is_timms_to_the_bit(grid_size, dim):
+    """model.sincos_pos_embed is written out (model.py imports no timm) but must equal timm's
+    build_sincos2d_pos_embed exactly, the function the models used before: every model trained with it keeps its
+    positions bit for bit, not to the 1e-6 of the longhand test above."""
+    ours = sincos_pos_embed(grid_size, dim)
+    assert ours.shape == (1, grid_size ** 2, dim) and ours.dtype == torch.float32
+    assert torch.equal(ours[0], build_sincos2d_pos_embed([grid_size, grid_size], dim))
 
 
 def test_weights_start_as_maes_initialisation_not_torchs_defaults():
