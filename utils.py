@@ -1010,11 +1010,15 @@ def _compile_unavailable(device: torch.device):
     return None
 
 
+@contextlib.contextmanager
 def eager():
-    """A context in which compiled code runs eagerly. Evaluation runs in it: compiled, it would compile again (for
-    no_grad, and for a last partial batch) at a cost far above what it saves, and with --compile_scope blocks
-    the evaluated model's blocks are the compiled ones."""
-    return torch.compiler.set_stance("force_eager")
+    """A context (or decorator) in which compiled code runs eagerly. Evaluation runs in it: compiled, it would
+    compile again (for no_grad, and for a last partial batch) at a cost far above what it saves, and with
+    --compile_scope blocks the evaluated model's blocks are the compiled ones. The stance is set on entry, not when
+    a module decorates a function with it: set_stance imports torch._dynamo, 2 s of a CPU process's start-up that
+    an eager run would otherwise pay for nothing."""
+    with torch.compiler.set_stance("force_eager"):
+        yield
 
 
 def _has_cpp_compiler() -> bool:
