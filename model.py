@@ -154,8 +154,9 @@ def reconstruct(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patc
 
 def sincos_pos_embed(grid_size: int, dim: int) -> torch.Tensor:
     """Fixed 2-D sin-cos position embedding (MAE paper), (1, N, dim), patches in row-major order: sin(row · f),
-    sin(column · f), cos(row · f), cos(column · f), a quarter of the width each, at dim / 4 frequencies
-    f = 10000^(-i / (dim / 4)). The layout of timm's build_sincos2d_pos_embed, to the bit (tests/test_model.py)."""
+    sin(column · f), cos(row · f), cos(column · f), a quarter of the width each, at the dim / 4 frequencies
+    f_i = 10000^(-i / (dim / 4)), i < dim / 4. The layout of timm's build_sincos2d_pos_embed, to the bit
+    (tests/test_model.py)."""
     freqs = 1.0 / 10000.0 ** (torch.arange(dim // 4) / (dim // 4))  # (dim/4,)
     rows, columns = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
     angles = torch.stack([rows.flatten(), columns.flatten()], dim=1).float().unsqueeze(-1) * freqs  # (N, 2, dim/4)

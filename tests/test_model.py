@@ -6,9 +6,9 @@ from functools import partial
 
 import pytest
 import timm.models.vision_transformer
-from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 import torch
 import torch.nn as nn
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 
 from model import (MAE, Block, DropPath, MAEConfig, MAEDecoder, MAEEncoder, RunningMeanBatchNorm, ViTClassifier,
                    encoder_state_from_mae, masked_mse, normalize_patches, num_masked_patches, patchify,
