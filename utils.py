@@ -1015,8 +1015,8 @@ def eager():
     """A context (or decorator) in which compiled code runs eagerly. Evaluation runs in it: compiled, it would
     compile again (for no_grad, and for a last partial batch) at a cost far above what it saves, and with
     --compile_scope blocks the evaluated model's blocks are the compiled ones. The stance is set on entry, not when
-    a module decorates a function with it: set_stance imports torch._dynamo, about 2.5 s of a 2-core CPU process's start-up that
-    an eager run would otherwise pay for nothing."""
+    a module decorates a function with it: set_stance imports torch._dynamo, about 2.5 s of a process's start-up on
+    a 2-core CPU, which an eager run would otherwise pay for nothing."""
     with torch.compiler.set_stance("force_eager"):
         yield
 
