@@ -29,9 +29,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
-from timm.utils import distribute_bn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -420,8 +417,9 @@ def make_optimizer(model: ViTClassifier, args, device):
 
 
 def make_criterion(args, mixup):
-    """timm's soft-target cross-entropy for mixed targets (Mixup has smoothed them), else cross-entropy."""
-    return SoftTargetCrossEntropy() if mixup is not None else nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    """Cross-entropy. Mixup's targets are class probabilities, which torch's cross-entropy takes as they are; Mixup
+    has already smoothed them, so the loss smooths only the hard labels of unmixed runs."""
+    return nn.CrossEntropyLoss(label_smoothing=0.0 if mixup is not None else args.label_smoothing)
 
 
 def make_mixup(args, num_classes: int):
@@ -429,6 +427,9 @@ def make_mixup(args, num_classes: int):
     label smoothing to the mixed targets; None when both mixup and cutmix are off."""
     if not (args.mixup or args.cutmix):
         return None
+    # Imported here, not at the top: importing timm loads torchvision's models and costs every process about 3 s
+    # of start-up, which --help, a flag error and the runs that do not mix would pay for nothing.
+    from timm.data import Mixup
     return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.label_smoothing,
                  num_classes=num_classes)
 
@@ -682,6 +683,7 @@ def main(args):
         if world_size > 1:
             # Each process's BatchNorm (the probe's head_norm) tracked its own shard's statistics: evaluate and
             # save their mean. Training normalises each chunk with its own statistics, on one GPU as on several.
+            from timm.utils import distribute_bn  # here, as make_mixup's Mixup: only runs on several processes use it
             distribute_bn(model, world_size, reduce=True)
         val_loss, val_acc, val_predicted = evaluate(eval_net, val_inputs, val_labels, prepare_eval, eval_chunk,
                                                     device, amp_dtype)

@@ -1706,13 +1706,15 @@ def test_save_npy_keeps_float64_by_default(tmp_path):
     assert saved.dtype == np.float64 and saved.tolist() == values
 
 
-def test_pretraining_and_plotting_start_without_timm_or_the_compiler():
-    """A fresh process that imports the pretraining and plotting scripts (and with them model, utils and data) loads
-    neither timm nor torch._dynamo: each cost about 2.5 s of a 2-core CPU's start-up, which `--help`, a one-line
-    flag error and an eager run would pay for nothing. model.py writes out the two pieces it took from timm.layers,
-    and utils.eager sets its stance when entered, not when a module decorates a function with it (that evaluation
-    still runs eager under --compile, the compiled runs' tests check: no graph beyond training's)."""
-    code = "import sys, mae_pretrain, plot_results; print(sorted({'timm', 'torch._dynamo'} & set(sys.modules)))"
+def test_the_scripts_start_without_timm_or_the_compiler():
+    """A fresh process that imports the three scripts (and with them model, utils and data) loads neither timm nor
+    torch._dynamo: each cost about 2.5 s of a 2-core CPU's start-up, which `--help`, a one-line flag error and an
+    eager run would pay for nothing. model.py writes out the two pieces it took from timm.layers, train_classifier
+    imports timm's Mixup only when a run mixes, and utils.eager sets its stance when entered, not when a module
+    decorates a function with it (that evaluation still runs eager under --compile, the compiled runs' tests check:
+    no graph beyond training's)."""
+    code = ("import sys, mae_pretrain, train_classifier, plot_results; "
+            "print(sorted({'timm', 'torch._dynamo'} & set(sys.modules)))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
