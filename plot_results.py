@@ -860,6 +860,18 @@ def main(args):
                 figures["confusion_matrix"] = os.path.join(args.cls_dir, "confusion_matrix.png")
                 save_figure(plot_confusion(pretrained), figures["confusion_matrix"], args.dpi)
 
+    # A figure of this script's in a folder it drew into, which this call did not draw, is an earlier call's from
+    # inputs that have changed since (a rerun without evaluations, a run no longer named): it would sit beside
+    # this call's figures as theirs. The training scripts remove an earlier run's leftovers the same way.
+    removed = []
+    for folder, used, figure_names in ((args.pretrain_dir, pre is not None, PRETRAIN_FIGURES),
+                                       (args.cls_dir, bool(runs), CLS_FIGURES)):
+        for name in figure_names if used else ():
+            path = os.path.join(folder, name)
+            if name.removesuffix(".png") not in figures and os.path.isfile(path):
+                os.remove(path)
+                removed.append(path)
+
     # ---- numbers: printed and written to the report
     def rel(path):
         return os.path.relpath(os.path.abspath(path), report_dir).replace(os.sep, "/")
@@ -881,6 +893,8 @@ def main(args):
         print(f"note: {note}")
     if missing:
         print(f"missing: {'; '.join(missing)}")
+    if removed:
+        print(f"removed an earlier call's figures, which these inputs no longer draw: {', '.join(removed)}")
     print(f"wrote {args.report} and {len([k for k in figures if k != 'preds_grid'])} figures: "
           + ", ".join(v for k, v in figures.items() if k != "preds_grid"))
 

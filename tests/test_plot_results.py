@@ -844,6 +844,33 @@ def test_last_recon_is_the_last_trained_epochs_not_the_last_evaluated_ones(tmp_p
     assert (pre / "best_recon.png").read_bytes() == (pre / "recon_epoch_002.png").read_bytes()
 
 
+def test_a_figure_these_inputs_no_longer_draw_is_removed_and_named(run_outputs, tmp_path):
+    """A second call after the pretraining was rerun without evaluations and with the pretrained run's predictions
+    gone: the earlier call's monitor and confusion matrix would sit beside the new report as its own, so they are
+    removed and named; every figure the second call draws is there. A folder the call draws nothing into (no
+    losses.npy there) keeps its files."""
+    pre, cls = copy_outputs(run_outputs, tmp_path)
+    plot("--pretrain_dir", pre, "--cls_dir", cls, "--report", tmp_path / "r.md")
+    assert all((pre / f).is_file() for f in PRETRAIN_FIGURES) and all((cls / f).is_file() for f in CLS_FIGURES)
+    for name in ("eval_epochs", "knn_acc", "val_loss", "val_psnr"):
+        (pre / f"{name}.npy").unlink()
+    (cls / "pretrained_val_preds.npy").unlink()
+    stdout = plot("--pretrain_dir", pre, "--cls_dir", cls, "--report", tmp_path / "r.md")
+    assert not (pre / "pretrain_monitor.png").exists() and not (cls / "confusion_matrix.png").exists()
+    removed = [line for line in stdout.splitlines() if line.startswith("removed")]
+    assert removed == ["removed an earlier call's figures, which these inputs no longer draw: "
+                       f"{pre / 'pretrain_monitor.png'}, {cls / 'confusion_matrix.png'}"]
+    assert {f for f in PRETRAIN_FIGURES + CLS_FIGURES if (pre / f).is_file() or (cls / f).is_file()} == \
+        set(PRETRAIN_FIGURES + CLS_FIGURES) - {"pretrain_monitor.png", "confusion_matrix.png"}
+    embedded = [line for line in (tmp_path / "r.md").read_text().splitlines() if line.startswith("![")]
+    assert embedded and not [line for line in embedded if "pretrain_monitor" in line or "confusion_matrix" in line]
+
+    (pre / "losses.npy").unlink()  # now nothing is drawn into --pretrain_dir: its figures stay as they were
+    stdout = plot("--pretrain_dir", pre, "--cls_dir", cls, "--report", tmp_path / "r.md")
+    assert all((pre / f).is_file() for f in ("loss_curve.png", "best_recon.png", "last_recon.png"))
+    assert not any(line.startswith("removed") for line in stdout.splitlines())
+
+
 def test_only_pretraining_plots_it_and_names_the_missing_runs(run_outputs, tmp_path):
     pre, _ = copy_outputs(run_outputs, tmp_path)
     shutil.rmtree(tmp_path / "cls_outputs")
