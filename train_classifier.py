@@ -229,12 +229,6 @@ def load_resume(args, cfg: MAEConfig, pretrained_sha256: str | None):
     if "optimizer" not in ckpt:
         utils.die(f"--resume {args.resume!r} is a best-epoch checkpoint, which keeps no optimizer state: resume from "
                   "the run's <stem>_last.pt")
-    # mae_pretrain.py resumes a run from its --model_path; here the file to resume is the run's <stem>_last.pt, and
-    # --output_model_path names the best epoch's, which would replace it with a checkpoint that cannot resume.
-    if os.path.realpath(args.resume) == os.path.realpath(args.output_model_path):
-        utils.die(f"--output_model_path {args.output_model_path!r} is the --resume file: it would become the best "
-                  "epoch's checkpoint, which cannot resume; pass the run's best-checkpoint name (the one without "
-                  "_last), whose _last.pt is --resume")
     check_same_start(ckpt, args, pretrained_sha256)  # first: a recipe's defaults follow the starting point
     # The reference schedule ignores --min_lr (check_args refuses one now, as it did not always): not compared.
     ignored = ("min_lr",) if args.schedule == "reference" else ()
@@ -259,6 +253,13 @@ def load_resume(args, cfg: MAEConfig, pretrained_sha256: str | None):
             not all(utils.is_number(r.get(name)) for r in log for name in CURVES):
         utils.die(f"--resume: {log_path!r} does not hold epochs 1 to {ckpt['epoch']} of the checkpoint with their "
                   f"{', '.join(CURVES)} (is --output_dir or --run_name that run's?)")
+    # The run's best epoch so far is in the best checkpoint beside --resume. Under another --output_model_path the
+    # resumed run would name as its best a file that holds none of its epochs until one beats that best (and the
+    # resume file itself as the best would be replaced by a checkpoint that cannot resume).
+    if os.path.realpath(args.resume) != os.path.realpath(last_path(args)):
+        utils.die(f"--resume {args.resume!r} is not the _last.pt of --output_model_path {args.output_model_path!r}, "
+                  f"{last_path(args)!r}: pass the run's best-checkpoint name, whose _last.pt is --resume (it was "
+                  f"{ckpt['args'].get('output_model_path')!r})")
     return ckpt, log
 
 

@@ -449,9 +449,13 @@ def test_bad_resume_is_one_line_and_changes_nothing(tmp_path, mae_ckpt, capsys):
             (["--resume", last, "--output_dir", str(moved)], "does not hold epochs 1 to 1 of the checkpoint"),
             (["--resume", last, "--stop_after", "-1"], "--stop_after must be >= 0, got -1"),
             (["--resume", last, "--stop_after", "1"], "--stop_after 1 is not after epoch 1, where --resume"),
-            # The file to resume named as the best checkpoint too (mae_pretrain.py's way), however it is spelled.
+            # The file to resume named as the best checkpoint too (mae_pretrain.py's way), however it is spelled; and
+            # a new name, where the resumed run would report as its best a file it has not written.
             (["--resume", last, "--output_model_path", f"{run_dir}/./cls_last.pt"],
-             "run/./cls_last.pt' is the --resume file: it would become the best epoch's checkpoint")):
+             f"is not the _last.pt of --output_model_path '{run_dir}/./cls_last.pt', '{run_dir}/./cls_last_last.pt': "
+             f"pass the run's best-checkpoint name, whose _last.pt is --resume (it was '{best}')"),
+            (["--resume", last, "--output_model_path", f"{run_dir}/other.pt"],
+             f"is not the _last.pt of --output_model_path '{run_dir}/other.pt', '{run_dir}/other_last.pt'")):
         err = refused_in_one_line(argv + flags, run_dir, capsys)
         assert expected in err, err
     assert not moved.exists()
