@@ -196,13 +196,12 @@ def check_args(args) -> None:
         utils.die("--pretrained_model_path must name a file (leave the flag out to train from scratch)")
     if args.stop_after < 0:
         utils.die(f"--stop_after must be >= 0, got {args.stop_after}")
-    utils.check_run_outputs(args, "--output_model_path")
+    # The last epoch's checkpoint goes beside the best: found a folder there only at the end of the first epoch, the
+    # run would already have rewritten the last run's log and best checkpoint.
+    utils.check_run_outputs(args, "--output_model_path", last_path(args))
     run = args.run_name
     utils.check_no_folder_at("--output_dir", args.output_dir, [f"{run}_{name}" for name in OUTPUT_NAMES],
                              [glob.escape(f"{run}_") + "preds_epoch_*.png"])
-    # The last epoch's checkpoint goes beside it: found a folder there only at the end of the first epoch, the
-    # run would already have rewritten the last run's log and best checkpoint.
-    utils.check_output_file("--output_model_path", last_path(args), utils.CHECKPOINT_SUFFIXES)
     if args.pretrained_model_path:
         pretrained = os.path.realpath(args.pretrained_model_path)
         if pretrained in (os.path.realpath(args.output_model_path), os.path.realpath(last_path(args))):

@@ -127,11 +127,20 @@ def check_name_length(flag: str, path: str) -> None:
             "file system allows")
 
 
-def check_run_outputs(args, checkpoint_flag: str) -> None:
-    """A training script's outputs: its checkpoint (named by checkpoint_flag), --output_dir and --log_dir."""
-    check_output_file(checkpoint_flag, getattr(args, checkpoint_flag.lstrip("-")), CHECKPOINT_SUFFIXES)
+def check_run_outputs(args, checkpoint_flag: str, *beside: str) -> None:
+    """A training script's outputs: its checkpoint (named by checkpoint_flag; `beside`, the ones it writes next to
+    it), --output_dir and --log_dir."""
+    checkpoints = [getattr(args, checkpoint_flag.lstrip("-")), *beside]
+    for path in checkpoints:
+        check_output_file(checkpoint_flag, path, CHECKPOINT_SUFFIXES)
     check_output_folder("--output_dir", args.output_dir)
     check_output_folder("--log_dir", args.log_dir)
+    # The run makes its folders first: a checkpoint named as one of them would fail when the first epoch is saved.
+    for path in checkpoints:
+        for flag, folder in (("--output_dir", args.output_dir), ("--log_dir", args.log_dir)):
+            if os.path.realpath(path) == os.path.realpath(folder):
+                die(f"{checkpoint_flag}: {path!r} is also {flag}, the folder its figures and logs go to: choose "
+                    "another name for one of them")
 
 
 def make_output_folders(folders: dict, device: torch.device) -> None:

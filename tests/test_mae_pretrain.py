@@ -836,6 +836,10 @@ def test_attention_flag_sets_the_kernel_of_training_and_evaluation(tmp_path, run
     (["--log_dir", "{tmp}/a_file/logs"], "--log_dir: '{tmp}/a_file' is a file, so folder"),
     (["--model_path", "{tmp}/a_file/mae.pt"], "--model_path '{tmp}/a_file/mae.pt': '{tmp}/a_file' is a file, not"),
     (["--output_dir", "{tmp}/a_file"], "--output_dir '{tmp}/a_file' is a file, not a folder"),
+    # the run makes its folders before training: the checkpoint, saved after an epoch, would find a folder there
+    (["--model_path", "{tmp}/x/m.pt", "--output_dir", "{tmp}/x/m.pt"], "--model_path: '{tmp}/x/m.pt' is also "
+                                                                      "--output_dir, the folder its figures"),
+    (["--model_path", "{tmp}/x/m.pt", "--log_dir", "{tmp}/x/./m.pt"], "is also --log_dir"),
     (["--knn_k", "0"], "--knn_k must be >= 1, got 0"),  # topk(0): every image voted class 0
     (["--knn_temperature", "0"], "--knn_temperature > 0, got 25 and 0.0"),  # the votes' weights divide by it
     (["--val_split", "-1"], "--val_split must be >= 0, got -1"),

@@ -1340,6 +1340,10 @@ def test_the_mixing_alphas_allowed_draw_what_a_beta_distribution_does_where_smal
     (["--attention", "cudnn"], "--attention cudnn cannot run on cpu"),  # a CUDA kernel
     (["--capture_step"], "--capture_step captures CUDA graphs: it needs a CUDA device, not cpu"),
     (["--output_model_path", "{ckpts}/blocked.pt"], "blocked_last.pt' is a folder, not a file"),
+    # the run makes its folders before training: the checkpoints, saved after an epoch, would find a folder there
+    (["--output_model_path", "{ckpts}/c.pt", "--output_dir", "{ckpts}/c_last.pt"],
+     "/c_last.pt' is also --output_dir, the folder its figures and logs go to: choose another name for one"),
+    (["--output_model_path", "{ckpts}/c.pt", "--log_dir", "{ckpts}/c.pt"], "c.pt' is also --log_dir"),
     (["--linear_probe", "--pretrained_model_path", "{mae}", "--max_device_batch_size", "1"],
      "--max_device_batch_size 1 gives chunks of 1 image: the linear probe's BatchNorm needs at least 2"),
     # CutMix alone mixes too (the plain recipe has neither, the finetune recipe both).
