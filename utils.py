@@ -1218,6 +1218,8 @@ def load_checkpoint(path: str, flag: str, fields: dict, optional: dict | None = 
     naming the flag. `fields` maps each key it must hold to the type (or tuple of types) of its value; `optional`
     does the same for keys it may lack. A value of the wrong type (a hand-edited file, another program's) would
     otherwise fail far from here, in a comparison or a loop, with a traceback."""
+    if os.path.isdir(path):
+        die(f"{flag} {path!r} is a folder, not a file")
     if not os.path.isfile(path):
         die(f"{flag} {path!r}: no such file")
     with open(path, "rb") as f:
@@ -1241,6 +1243,13 @@ def load_checkpoint(path: str, flag: str, fields: dict, optional: dict | None = 
              for key, kind in checked if key in ckpt and not _is_a(ckpt[key], kind)]
     if wrong:
         die(f"{flag} {path!r}: not a checkpoint of this project ({'; '.join(wrong)})")
+    # A weight of NaN or infinity (a damaged file) would train into a non-finite loss an epoch later, whose message
+    # blames the learning rate. The scripts never save one: a non-finite loss stops a run before its checkpoint.
+    broken = [str(name) for name, value in ckpt.get("model", {}).items()
+              if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.isfinite().all()]
+    if broken:
+        die(f"{flag} {path!r}: its weights hold NaN or infinite values ({', '.join(broken[:3])}"
+            f"{f' and {len(broken) - 3} more' if len(broken) > 3 else ''}): a damaged file")
     return ckpt
 
 

@@ -804,7 +804,8 @@ def test_attention_flag_sets_the_kernel_of_training_and_evaluation(tmp_path, run
     (["--embed_dim", str(2 ** 40), "--num_heads", "1"], "no such model can be built"),  # past int64, even on meta
     (["--mask_ratio", "-0.5"], "--mask_ratio must be in (0, 1)"),
     (["--dataset", "folder", "--data_path", "/nonexistent/cifar"], "--data_path"),
-    (["--resume", "/nonexistent/ckpt.pt"], "--resume"),
+    (["--resume", "/nonexistent/ckpt.pt"], "--resume '/nonexistent/ckpt.pt': no such file"),
+    (["--resume", "{tmp}"], "--resume '{tmp}' is a folder, not a file"),
     (["--total_epoch", "0"], "--total_epoch"),
     (["--dataset", "imagenet"], "--dataset"),
     (["--base_learning_rate", "nan"], "argument --base_learning_rate: must be a finite number, got 'nan'"),

@@ -1273,6 +1273,10 @@ def _make_bad_checkpoints(tmp_path, mae_ckpt):
     for name, ratio in (("huge_mlp_ratio", 1e308), ("negative_mlp_ratio", -1.0)):  # OverflowError, RuntimeError
         torch.save({**good, "config": {**good["config"], "mlp_ratio": ratio}}, folder / f"{name}.pt")
     torch.save({**good, "model": {**good["model"], 5: torch.zeros(1)}}, folder / "int_key.pt")
+    nan = good["model"]["encoder.cls_token"].clone()
+    nan[0, 0, 3] = math.nan
+    torch.save({**good, "model": {**good["model"], "encoder.cls_token": nan}}, folder / "nan_weight.pt")
+    (folder / "a_folder.pt").mkdir()
     (folder / "blocked_last.pt").mkdir()  # where --output_model_path blocked.pt would put its last epoch
     shutil.copyfile(mae_ckpt, folder / "pre_last.pt")  # an MAE checkpoint named as --output_model_path pre.pt's last
     return folder
@@ -1297,6 +1301,10 @@ def test_the_mixing_alphas_allowed_draw_what_a_beta_distribution_does_where_smal
                                                               "images, which must be even with --mixup/--cutmix"),
     (["--batch_size", "15", "--max_device_batch_size", "16"], "--batch_size 15 gives chunks of 15 images"),
     (["--pretrained_model_path", "/nonexistent/mae.pt"], "no such file"),
+    (["--pretrained_model_path", "{ckpts}/a_folder.pt"], "a_folder.pt' is a folder, not a file"),
+    # a damaged file: it trained into a NaN loss whose message blamed the learning rate
+    (["--pretrained_model_path", "{ckpts}/nan_weight.pt"], "nan_weight.pt': its weights hold NaN or infinite values "
+                                                           "(encoder.cls_token): a damaged file"),
     (["--pretrained_model_path", "{ckpts}/text.pt"], "not a torch checkpoint (torch.save writes a zip archive; "
                                                      "this file starts b'this')"),
     (["--pretrained_model_path", "{ckpts}/array.npy"], "not a torch checkpoint"),
