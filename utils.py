@@ -149,19 +149,28 @@ def make_output_folders(folders: dict, device: torch.device) -> None:
     a kernel file system such as /proc, where root passes it), so a folder that cannot be made or written in ends
     the run here in one line that names its flag, before any file is written; under torchrun every process learns
     of it and stops with it, rather than in a collective rank 0 left."""
-    error = None
+    error, made = None, []
     if dist_env()[0] == 0:
         for flag, folder in folders.items():
-            error = write_refusal(flag, folder)
+            error = write_refusal(flag, folder, made)
             if error:
                 break
     if not all_processes(error is None, device):
+        for top in reversed(made):  # a refused run leaves nothing behind, not even the folders it made for it
+            for folder, _, _ in os.walk(top, topdown=False):
+                with contextlib.suppress(OSError):  # only empty ones: rmdir refuses the others
+                    os.rmdir(folder)
         die(error or "rank 0 could not make the output folders (its own line says which)")
 
 
-def write_refusal(flag: str, folder: str) -> str | None:
+def write_refusal(flag: str, folder: str, made: list | None = None) -> str | None:
     """Make `folder` if it is missing and write and delete a file in it: None if that worked, else the one-line
-    reason, naming the flag."""
+    reason, naming the flag. The topmost folder it would make goes to `made`, for removal if the run is refused."""
+    top, parent = None, os.path.abspath(folder)
+    while not os.path.lexists(parent) and parent != os.path.dirname(parent):
+        top, parent = parent, os.path.dirname(parent)
+    if top is not None and made is not None:
+        made.append(top)
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):

@@ -753,7 +753,8 @@ def test_val_images_the_mae_trained_on_are_counted_and_warned_about(tmp_path, ma
     assert len(warnings) == 1 and "its MAE trained on 32 of these 32 val images" in warnings[0], warnings
 
     # The warning waits for the last check (the output folders, refused here): a bad input's error is the one line.
-    monkeypatch.setattr(utils, "write_refusal", lambda flag, folder: f"{flag}: cannot write in folder {folder!r} (x)")
+    monkeypatch.setattr(utils, "write_refusal",
+                        lambda flag, folder, made=None: f"{flag}: cannot write in folder {folder!r} (x)")
     argv = cls_argv(tmp_path, "--pretrained_model_path", mae_ckpt, "--val_split", "32", epochs=1, name="refused")
     assert "error: --output_dir: cannot write in folder" in refused_in_one_line(argv, tmp_path, capsys)
 

@@ -1670,19 +1670,21 @@ def test_an_output_folder_must_be_writable_and_searchable_and_exist_unless_it_ma
 
 def test_output_folders_are_made_by_rank_0_alone_and_stop_at_the_first_that_fails(tmp_path, monkeypatch, capsys):
     """make_output_folders makes the folders in order and stops at the first that cannot be made, in one line that
-    names its flag, without making the ones after it. Under torchrun rank 0 alone makes them, and every other rank
+    names its flag, without making the ones after it, and removes those it made before it (a refused run leaves
+    nothing behind) but no folder that was there. Under torchrun rank 0 alone makes them, and every other rank
     stops too, in one line, when rank 0 could not (utils.all_processes is played by a stand-in here)."""
     cpu = torch.device("cpu")
     (tmp_path / "a_file").write_text("in the way")
-    folders = {"--output_dir": str(tmp_path / "out"), "--log_dir": str(tmp_path / "a_file" / "logs"),
-               "--cls_dir": str(tmp_path / "after")}
+    (tmp_path / "there" / "empty").mkdir(parents=True)
+    folders = {"--output_dir": str(tmp_path / "out" / "nested"), "--model_path": str(tmp_path / "there" / "new"),
+               "--log_dir": str(tmp_path / "a_file" / "logs"), "--cls_dir": str(tmp_path / "after")}
     with pytest.raises(SystemExit) as exc:
         utils.make_output_folders(folders, cpu)
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert f"error: --log_dir: cannot write in folder {str(tmp_path / 'a_file' / 'logs')!r}" in err, err
-    assert sorted(os.listdir(tmp_path)) == ["a_file", "out"] and os.listdir(tmp_path / "out") == []
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "there"] and os.listdir(tmp_path / "there") == ["empty"]
 
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
