@@ -143,6 +143,21 @@ def check_run_outputs(args, checkpoint_flag: str, *beside: str) -> None:
                     "another name for one of them")
 
 
+def check_replaces_own(flag: str, path: str, own, script: str) -> None:
+    """One-line death when `path` holds a file that `own` (ckpt dict -> bool) does not take for a checkpoint of
+    `script`: a rerun replaces its own earlier checkpoint, never another file. The other script's checkpoint, named
+    by a slip of the flag (the pretraining's under the fine-tune's --output_model_path), is the training it took."""
+    if not os.path.isfile(path):
+        return
+    try:  # mmap: the keys, without reading the tensors
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a torch zip archive, or not one of plain tensors and containers
+        ckpt = None
+    if not (isinstance(ckpt, dict) and own(ckpt)):
+        die(f"{flag} {path!r} is a file but not a {script} checkpoint, and this run would replace it: choose "
+            "another name, or move that file")
+
+
 def make_output_folders(folders: dict, device: torch.device) -> None:
     """Make the run's output folders, {flag: folder}, on rank 0 (the one process that writes), and write and delete
     a file in each. The checks above ask os.access, which cannot foresee every refusal (a read-only mount, an ACL,

@@ -461,6 +461,39 @@ def test_bad_resume_is_one_line_and_changes_nothing(tmp_path, mae_ckpt, capsys):
     assert not moved.exists()
 
 
+def test_a_run_replaces_its_own_checkpoints_and_no_other_file(tmp_path, mae_ckpt, capsys):
+    """A rerun under the same names replaces its earlier checkpoints; a file under a checkpoint's name that is not
+    this script's checkpoint (the pretraining's, named by a slip of the flag; the fine-tune's under the pretraining's
+    --model_path; any other file) is refused in one line, exit status 2, and stays as it was."""
+    import mae_pretrain
+    run_cls(cls_argv(tmp_path, epochs=1))
+    run_cls(cls_argv(tmp_path, "--recipe", "plain", epochs=1))  # the same names again: replaced
+    assert torch.load(tmp_path / "run" / "cls_last.pt", weights_only=True)["args"]["recipe"] == "plain"
+    run_dir = tmp_path / "run"
+    shutil.copyfile(mae_ckpt, run_dir / "mae.pt")
+    shutil.copyfile(mae_ckpt, run_dir / "other_last.pt")
+    (run_dir / "notes.pt").write_text("not a checkpoint")
+    for path, named in ((run_dir / "mae.pt", run_dir / "mae.pt"), (run_dir / "other.pt", run_dir / "other_last.pt"),
+                        (run_dir / "notes.pt", run_dir / "notes.pt")):
+        argv = cls_argv(tmp_path, epochs=1)
+        argv[argv.index("--output_model_path") + 1] = str(path)
+        assert f"--output_model_path {str(named)!r} is a file but not a train_classifier.py checkpoint, and this run " \
+               "would replace it: choose another name, or move that file" in refused_in_one_line(argv, run_dir, capsys)
+
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    argv = tiny_pretrain_argv(tmp_path, name="pre")
+    argv[argv.index("--model_path") + 1] = str(run_dir / "cls.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        mae_pretrain.main(mae_pretrain.get_args_parser().parse_args(argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"--model_path {str(run_dir / 'cls.pt')!r} is a file but not a mae_pretrain.py checkpoint, "
+                        "and this run would replace it: choose another name, or move that file"), err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "pre").exists()
+
+
 @pytest.mark.parametrize("edit", ["missing weight", "optimizer groups", "moment size"])
 def test_resume_of_a_checkpoint_whose_state_does_not_fit_is_refused_before_anything_changes(tmp_path, mae_ckpt,
                                                                                             capsys, edit):
