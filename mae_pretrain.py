@@ -432,5 +432,5 @@ def save_epoch_outputs(args, writer, stats, evals, log, figures, checkpoint):
 
 
 if __name__ == "__main__":
-    utils.exit_on_sigterm()
+    utils.exit_on_stop_signals()
     main(get_args_parser().parse_args())

@@ -723,5 +723,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    utils.exit_on_sigterm()
+    utils.exit_on_stop_signals()
     main(get_args_parser().parse_args())

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm import tqdm
 
 import data
 from model import Block, MAEConfig, count_params, num_masked_patches
@@ -1109,12 +1110,19 @@ class BackgroundWriter:
         self._pool.shutdown()
 
 
-def exit_on_sigterm() -> None:
-    """Make SIGTERM (a scheduler's time limit, torchrun stopping its workers) end the script as an exception
-    does: the interpreter exits normally, so the BackgroundWriter's thread finishes the epoch outputs it holds
-    (the default handler kills the process mid-job and the last finished epoch would be lost). Exit status
-    128 + 15, as a shell reports a process ended by SIGTERM."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+def exit_on_stop_signals() -> None:
+    """Make SIGTERM (a scheduler's time limit, torchrun stopping its workers) and SIGINT (Ctrl-C) end the script as
+    an exception does: the interpreter exits normally, so the BackgroundWriter's thread finishes the epoch outputs
+    it holds (SIGTERM's default handler kills the process mid-job and the last finished epoch would be lost). One
+    line says so, in place of Ctrl-C's traceback; exit status 128 + the signal's number, as a shell reports a
+    process the signal ended (143, 130)."""
+    def stop(signum, frame):
+        # tqdm.write: on a line of its own, not after the progress bar's
+        tqdm.write(f"{os.path.basename(sys.argv[0])}: stopped by {signal.Signals(signum).name}: the files hold every "
+                   "finished epoch", file=sys.stderr)
+        sys.exit(128 + signum)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
 
 
 @contextlib.contextmanager

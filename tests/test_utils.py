@@ -307,7 +307,7 @@ import sys, time
 sys.path.insert(0, sys.argv[1])
 import utils
 if sys.argv[3] == "handler":
-    utils.exit_on_sigterm()
+    utils.exit_on_stop_signals()
 def write_epoch_outputs(path):
     time.sleep(1.0)
     with open(path, "w") as f:
@@ -319,16 +319,18 @@ time.sleep(60)
 """
 
 
-@pytest.mark.parametrize("handler", [True, False])
-def test_sigterm_lets_the_background_writer_finish_its_job(tmp_path, handler):
+@pytest.mark.parametrize("signum, handler", [(signal.SIGTERM, True), (signal.SIGTERM, False), (signal.SIGINT, True)])
+def test_sigterm_lets_the_background_writer_finish_its_job(tmp_path, signum, handler):
+    """SIGTERM and Ctrl-C's SIGINT end the script in one line, after the background writer's job."""
     out = tmp_path / "outputs.txt"
     proc = subprocess.Popen([sys.executable, "-c", SIGTERM_SCRIPT, ROOT, str(out), "handler" if handler else "none"],
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "submitted"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     returncode = proc.wait(timeout=30)
     if handler:
-        assert returncode == 128 + signal.SIGTERM and out.read_text() == "epoch 1"
+        assert returncode == 128 + signum and out.read_text() == "epoch 1"
+        assert proc.stderr.read().splitlines() == [f"-c: stopped by {signum.name}: the files hold every finished epoch"]
     else:  # the default handler: killed mid-write, the epoch's outputs lost (what the handler is for)
         assert returncode == -signal.SIGTERM and not os.path.exists(out)
 
