@@ -102,9 +102,10 @@ def check_args(args) -> None:
     if args.stop_after < 0:
         utils.die(f"--stop_after must be >= 0, got {args.stop_after}")
     utils.check_run_outputs(args, "--model_path")
-    if not (args.resume and os.path.realpath(args.resume) == os.path.realpath(args.model_path)):  # load_resume's
-        utils.check_replaces_own("--model_path", args.model_path, lambda ckpt: CHECKPOINT_FIELDS.keys() <= ckpt.keys()
-                                 and "num_classes" not in ckpt, "mae_pretrain.py")
+    # A run resumed from its --model_path replaces the file it resumes, which load_resume checks as such.
+    if not (args.resume and os.path.realpath(args.resume) == os.path.realpath(args.model_path)):
+        utils.check_replaces_own("--model_path", args.model_path, lambda ckpt: {"model", "config", "losses"} <=
+                                 ckpt.keys() and "num_classes" not in ckpt, "mae_pretrain.py")
     utils.check_no_folder_at("--output_dir", args.output_dir, OUTPUT_NAMES, ["recon_epoch_*.png"])
     utils.check_data_args(args)
 

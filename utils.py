@@ -1276,7 +1276,7 @@ def load_checkpoint(path: str, flag: str, fields: dict, optional: dict | None = 
     if wrong:
         die(f"{flag} {path!r}: not a checkpoint of this project ({'; '.join(wrong)})")
     # A weight of NaN or infinity (a damaged file) would train into a non-finite loss an epoch later, whose message
-    # blames the learning rate. The scripts never save one: a non-finite loss stops a run before its checkpoint.
+    # blames the learning rate. The scripts stop a run at a non-finite loss, before that epoch's checkpoint.
     broken = [str(name) for name, value in ckpt.get("model", {}).items()
               if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.isfinite().all()]
     if broken:
