@@ -747,6 +747,10 @@ def report_classifiers(runs: list, figures: dict, rel) -> list:
         for i, name in enumerate(classes):
             lines.append(f"| {name} | " + " | ".join(pct(acc[r.name][i]) for r in same) + " |")
         lines.append("")
+        others = [r.name for r in with_preds if r.classes != classes]
+        if others:  # their rows would be other classes' under these names
+            lines += [f"Left out of that table: {', '.join(f'`{name}`' for name in others)}, on other classes than "
+                      f"`{with_preds[0].name}`'s.", ""]
         focus = next((r for r in with_preds if r.role == "pretrained"), with_preds[0])
         lines += [f"Most frequent confusions of `{focus.name}` (share of the true class):", ""]
         lines += [f"- {t} -> {p}: {s:.1f}% ({c} images)" for t, p, s, c in top_confusions(focus)] + [""]

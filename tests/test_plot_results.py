@@ -304,15 +304,16 @@ def test_a_run_is_labelled_by_what_its_summary_says_it_trained_from():
 
 def test_per_class_accuracy_lists_the_runs_of_the_first_runs_classes_and_na_for_a_class_without_images():
     """The per-class table's columns are the runs with the first run's classes (another run's classes would not
-    line up with its rows); a class with no val image reads n/a, not nan%."""
+    line up with its rows), and a line under it names the others; a class with no val image reads n/a, not nan%."""
     first = plot_results.ClassifierRun("a", "scratch", {}, {}, preds=np.array([0, 1, 1, 0]),
                                        labels=np.array([0, 1, 1, 1]), classes=["cat", "dog", "eel"])
     other = plot_results.ClassifierRun("b", "pretrained", {}, {}, preds=np.array([0, 1]), labels=np.array([0, 1]),
                                        classes=["x", "y"])
     report = plot_results.report_classifiers([first, other], {}, str)
     at = report.index("Per-class val accuracy (last epoch):")
-    assert report[at + 2:at + 7] == ["| class | a |", "| --- | --- |", "| cat | 100.00% |", "| dog | 66.67% |",
-                                     "| eel | n/a |"]
+    assert report[at + 2:at + 10] == ["| class | a |", "| --- | --- |", "| cat | 100.00% |", "| dog | 66.67% |",
+                                      "| eel | n/a |", "", "Left out of that table: `b`, on other classes than `a`'s.",
+                                      ""]
 
 
 def test_the_training_loss_figure_follows_the_summarys_linear_probe(run_outputs, tmp_path, monkeypatch):
