@@ -148,18 +148,36 @@ def _torchvision_cifar(name: str, root: str):
                           torch.tensor(s.targets, dtype=torch.int64), list(s.classes)) for s in splits)
 
 
+def _hidden(path: str, root: str) -> bool:
+    """Whether a part of `path` below `root` is hidden: .ipynb_checkpoints/, .cache/, macOS's ._<name> files."""
+    return any(part.startswith(".") for part in os.path.relpath(path, root).split(os.sep))
+
+
 def _image_folder(root: str, img_size: int) -> ImageSet:
-    from PIL import Image
+    from PIL import Image, ImageOps
     from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    class VisibleImageFolder(ImageFolder):
+        """ImageFolder without hidden entries: a hidden folder in train/ would be a class of its own (its labels
+        shifted by one), a hidden file an image."""
+        def find_classes(self, directory):
+            classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not _hidden(e.path, directory))
+            if not classes:
+                raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+            return classes, {name: i for i, name in enumerate(classes)}
+
     try:
-        folder = ImageFolder(root)
+        folder = VisibleImageFolder(root, is_valid_file=lambda path: not _hidden(path, root) and
+                                    has_file_allowed_extension(path, IMG_EXTENSIONS))
     except (FileNotFoundError, OSError) as e:
         raise DataError(f"--data_path: cannot read image folder {root!r} ({e})") from None
 
     def load(path):
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")
+                # upright as a viewer shows it (a phone's JPEG is stored sideways, with an EXIF orientation)
+                im = ImageOps.exif_transpose(im).convert("RGB")
                 if im.size != (img_size, img_size):
                     im = im.resize((img_size, img_size), Image.BICUBIC)
                 return np.asarray(im)

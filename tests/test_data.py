@@ -416,6 +416,30 @@ def test_image_folder_converts_grey_and_transparent_images_and_resizes_one_side_
         assert torch.equal(train.images[i], torch.from_numpy(expected).permute(2, 0, 1)), name
 
 
+def test_image_folder_skips_hidden_folders_and_files_and_turns_images_upright(tmp_path):
+    """A hidden folder (Jupyter's .ipynb_checkpoints, a .cache) is no class, in train/ or inside a class, and a
+    hidden file (macOS's ._<name>, which is no image) no image: the classes and labels are the visible folders'. A
+    JPEG stored sideways with an EXIF orientation (a phone's) loads as a viewer shows it: PIL's exif_transpose."""
+    import numpy as np
+    from PIL import Image
+    pixels = torch.randint(0, 256, (16, 48, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    sideways = Image.fromarray(pixels.numpy())
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    for split in ("train", "val"):
+        for name in ("a", "b", ".ipynb_checkpoints", "a/.cache"):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (32, 32), (10, 20, 30)).save(tmp_path / split / name / "0.png")
+        (tmp_path / split / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble, not a PNG")
+        sideways.save(tmp_path / split / "b" / "phone.jpg", exif=exif, quality=95)
+    train, val = data.load_data(data_args(dataset="folder", data_path=str(tmp_path)))
+    assert train.classes == val.classes == ["a", "b"] and train.labels.tolist() == [0, 1, 1]
+    with Image.open(tmp_path / "train" / "b" / "phone.jpg") as im:
+        assert im.size == (48, 16)  # stored sideways
+        upright = im.transpose(Image.Transpose.ROTATE_270).convert("RGB").resize((32, 32), Image.BICUBIC)
+    assert torch.equal(train.images[2], torch.from_numpy(np.array(upright)).permute(2, 0, 1))
+
+
 def test_an_image_folder_with_both_val_and_test_is_scored_on_val(tmp_path):
     """val/ is the held-out split when both val/ and test/ exist: the test split stays untouched for the end."""
     root = _folder_dataset(tmp_path, {"train": {"a": 2}, "val": {"a": 3}, "test": {"a": 5}})
