@@ -122,17 +122,28 @@ def _download_lock(root: str):
     before any process group exists, and torchvision writes the archive under its final name as it arrives: two
     processes downloading at once would write one file together. With the lock the first one downloads and the
     others find the archive complete (torchvision checks its MD5) and only extract it. Where no lock file can be
-    made (a read-only folder, a system without fcntl), nothing can be downloaded into it by us either: no lock."""
+    made (a read-only folder, a system without fcntl), nothing can be downloaded into it by us either: no lock.
+    A failed load leaves no lock file it made, nor a folder it made that holds nothing else."""
+    path = os.path.join(root, ".download.lock")
+    made_root, made_lock = not os.path.lexists(root), not os.path.lexists(path)
     try:
         import fcntl
         os.makedirs(root, exist_ok=True)
-        lock = open(os.path.join(root, ".download.lock"), "a")
+        lock = open(path, "a")
     except (ImportError, OSError):
         yield
         return
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
-        yield
+    try:
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+            yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if made_lock:
+                os.remove(path)
+            if made_root:
+                os.rmdir(root)  # refused where a download left a file
+        raise
 
 
 def _torchvision_cifar(name: str, root: str):

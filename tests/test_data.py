@@ -217,6 +217,25 @@ def test_cifar_is_downloaded_under_an_exclusive_lock(tmp_path, monkeypatch):
         fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+def test_a_cifar_download_that_fails_leaves_no_folder_or_lock_it_made(tmp_path, monkeypatch):
+    """No internet: one line naming --data_path, and neither the folder the download would have gone to nor its lock
+    file is left behind; an existing folder stays, with what it held."""
+    import torchvision
+
+    class Offline:
+        def __init__(self, root, train, download):
+            raise RuntimeError("no internet")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    (tmp_path / "empty").mkdir()
+    for name in ("new", "kept", "empty"):
+        with pytest.raises(data.DataError, match=r"--dataset cifar10: could not load or download it into --data_path"):
+            data.load_data(data_args(dataset="cifar10", data_path=str(tmp_path / name)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "kept"]
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["notes.txt"] and not list((tmp_path / "empty").iterdir())
+
+
 def test_cifar_images_are_torchvisions_arrays_as_channels_first_with_their_labels(tmp_path, monkeypatch):
     """torchvision keeps CIFAR as (N, H, W, C) uint8 arrays and a list of labels: each image becomes (C, H, W) with
     pixel [c, y, x] = array [y, x, c], each label its target, for both splits."""
