@@ -173,7 +173,7 @@ def _image_folder(root: str, img_size: int) -> ImageSet:
         """ImageFolder without hidden entries: a hidden folder in train/ would be a class of its own (its labels
         shifted by one), a hidden file an image."""
         def find_classes(self, directory):
-            classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not _hidden(e.path, directory))
+            classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
             if not classes:
                 raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
             return classes, {name: i for i, name in enumerate(classes)}
