@@ -301,8 +301,8 @@ def test_shard_chunks_walk_this_process_shard_in_order(monkeypatch):
 
 
 # A script's last moments: an epoch's outputs handed to the background writer, the next epoch under way, and then
-# SIGTERM, while the write is still going.
-SIGTERM_SCRIPT = """
+# a stop signal (SIGTERM, Ctrl-C's SIGINT), while the write is still going.
+STOP_SIGNAL_SCRIPT = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
 import utils
@@ -320,11 +320,11 @@ time.sleep(60)
 
 
 @pytest.mark.parametrize("signum, handler", [(signal.SIGTERM, True), (signal.SIGTERM, False), (signal.SIGINT, True)])
-def test_sigterm_lets_the_background_writer_finish_its_job(tmp_path, signum, handler):
+def test_a_stop_signal_lets_the_background_writer_finish_its_job(tmp_path, signum, handler):
     """SIGTERM and Ctrl-C's SIGINT end the script in one line, after the background writer's job."""
     out = tmp_path / "outputs.txt"
-    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_SCRIPT, ROOT, str(out), "handler" if handler else "none"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", STOP_SIGNAL_SCRIPT, ROOT, str(out),
+                             "handler" if handler else "none"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "submitted"
     proc.send_signal(signum)
     returncode = proc.wait(timeout=30)
