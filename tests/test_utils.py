@@ -323,8 +323,8 @@ time.sleep(60)
 def test_a_stop_signal_lets_the_background_writer_finish_its_job(tmp_path, signum, handler):
     """SIGTERM and Ctrl-C's SIGINT end the script in one line, after the background writer's job."""
     out = tmp_path / "outputs.txt"
-    proc = subprocess.Popen([sys.executable, "-c", STOP_SIGNAL_SCRIPT, ROOT, str(out),
-                             "handler" if handler else "none"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    argv = [sys.executable, "-c", STOP_SIGNAL_SCRIPT, ROOT, str(out), "handler" if handler else "none"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "submitted"
     proc.send_signal(signum)
     returncode = proc.wait(timeout=30)
