@@ -165,7 +165,7 @@ def _hidden(path: str, root: str) -> bool:
 
 
 def _image_folder(root: str, img_size: int) -> ImageSet:
-    from PIL import Image, ImageOps
+    from PIL import Image, ImageOps, UnidentifiedImageError
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
@@ -187,16 +187,31 @@ def _image_folder(root: str, img_size: int) -> ImageSet:
     def load(path):
         try:
             with Image.open(path) as im:
+                sixteen_bit = im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG")
+                if im.mode in ("I", "F") and not sixteen_bit:
+                    kind = "32-bit integer" if im.mode == "I" else "floating-point"
+                    raise DataError(f"--data_path: cannot read image {path!r} ({kind} pixels, PIL mode {im.mode}, "
+                                    "whose range is unknown; 8- and 16-bit images are read)")
                 # upright as a viewer shows it (a phone's JPEG is stored sideways, with an EXIF orientation)
-                im = ImageOps.exif_transpose(im).convert("RGB")
+                im = ImageOps.exif_transpose(im)
+                if sixteen_bit:
+                    # PIL's convert clips 16-bit grey (a PNG's, a TIFF's) to 255, an all-white image: keep the top
+                    # 8 bits instead, as PIL does when it reads 16-bit colour.
+                    im = Image.fromarray((np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
+                elif im.mode == "P" and "transparency" in im.info:
+                    im = im.convert("RGBA")  # the same RGB in the end, without PIL's warning about the palette
+                im = im.convert("RGB")
                 if im.size != (img_size, img_size):
                     im = im.resize((img_size, img_size), Image.BICUBIC)
                 return np.asarray(im)
-        # PIL's UnidentifiedImageError for a file that is not an image, a truncated one, ...; its
-        # DecompressionBombError, not an OSError, for one too large to decode safely, whose size it then gives.
+        # PIL's UnidentifiedImageError for a file that is not an image (its message repeats the path), an OSError
+        # for a truncated one ("Truncated File Read") or an unreadable one (its strerror, without the path);
+        # its DecompressionBombError, not an OSError, for one too large to decode safely, whose message then gives
+        # the size.
         except (OSError, Image.DecompressionBombError) as e:
-            size = "" if isinstance(e, OSError) else f": {str(e).split(',')[0]}"
-            raise DataError(f"--data_path: cannot read image {path!r} ({type(e).__name__}{size})") from None
+            said = getattr(e, "strerror", None) or str(e).split(",")[0]
+            said = f": {said}" if said and not isinstance(e, UnidentifiedImageError) else ""
+            raise DataError(f"--data_path: cannot read image {path!r} ({type(e).__name__}{said})") from None
 
     # PIL releases the GIL while decoding, so threads decode tens of thousands of small files in seconds.
     with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 2)) as pool:

@@ -176,6 +176,63 @@ def test_an_image_too_large_to_decode_is_named_in_one_line(tmp_path, monkeypatch
         data.load_data(data_args(dataset="folder", data_path=str(root)))
 
 
+def test_a_truncated_or_unreadable_image_is_named_in_one_line_with_what_went_wrong(tmp_path, monkeypatch):
+    from PIL import Image
+    root = _folder_dataset(tmp_path, {"train": {"a": 2}, "val": {"a": 1}})
+    image = sorted((root / "train" / "a").iterdir())[1]
+    whole = image.read_bytes()
+    image.write_bytes(whole[:len(whole) // 2])
+    # PIL says "Truncated File Read" for a JPEG, "image file is truncated" for a PNG
+    with pytest.raises(data.DataError, match=f"(?i)cannot read image '{image}' \\(OSError: [^)]*truncated"):
+        data.load_data(data_args(dataset="folder", data_path=str(root)))
+    image.write_bytes(whole)
+
+    def unreadable(path, *args, **kwargs):  # as open() fails on a file without read permission (root reads any)
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(Image, "open", unreadable)
+    with pytest.raises(data.DataError, match="cannot read image '.*' \\(PermissionError: Permission denied\\)$"):
+        data.load_data(data_args(dataset="folder", data_path=str(root)))
+
+
+def test_16_bit_grey_images_keep_their_top_8_bits_and_images_of_unknown_range_are_refused(tmp_path):
+    """PIL's convert("RGB") clips 16-bit grey to 255, an all-white image: the loader keeps the top 8 bits, as PIL
+    does for 16-bit colour. A 32-bit integer or floating-point image has no known range: it is refused by name."""
+    import numpy as np
+    from PIL import Image
+    grey16 = torch.randint(0, 65536, (32, 32), generator=torch.Generator().manual_seed(0)).numpy().astype(np.uint16)
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.fromarray(grey16).save(tmp_path / split / "a" / "grey16.png")
+    with Image.open(tmp_path / "train" / "a" / "grey16.png") as im:
+        assert im.mode in ("I;16", "I") and np.array_equal(np.asarray(im), grey16)  # the file holds all 16 bits
+    train, _ = data.load_data(data_args(dataset="folder", data_path=str(tmp_path)))
+    assert torch.equal(train.images[0], torch.from_numpy(grey16 >> 8).to(torch.uint8).expand(3, 32, 32))
+    for name, pixels, kind in (("float.tiff", np.full((32, 32), 0.5, np.float32), "floating-point pixels, PIL mode F"),
+                               ("int32.tiff", np.full((32, 32), 7, np.int32), "32-bit integer pixels, PIL mode I")):
+        path = tmp_path / "train" / "a" / name
+        Image.fromarray(pixels).save(path)
+        with pytest.raises(data.DataError, match=f"^--data_path: cannot read image '{path}' \\({kind}, whose range "
+                                                 "is unknown; 8- and 16-bit images are read\\)$"):
+            data.load_data(data_args(dataset="folder", data_path=str(tmp_path)))
+        path.unlink()
+
+
+def test_a_palette_image_with_transparency_loads_its_palette_colours_without_a_warning(tmp_path):
+    import warnings
+    import numpy as np
+    from PIL import Image
+    pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    palette = Image.fromarray(pixels.numpy()).convert("P", palette=Image.Palette.ADAPTIVE)
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        palette.save(tmp_path / split / "a" / "p.png", transparency=bytes([0] * 10 + [128] * 246))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train, _ = data.load_data(data_args(dataset="folder", data_path=str(tmp_path)))
+    expected = np.array(palette.convert("RGB"))  # the palette's colours, transparency left out
+    assert torch.equal(train.images[0], torch.from_numpy(expected).permute(2, 0, 1))
+
+
 def test_val_folder_with_other_classes_is_refused_unless_val_split_holds_out_training_images(tmp_path):
     """Labels are indices into the sorted class folders: with other folders, val label 1 would be another class, so
     such a val/ is refused in one error naming the folders in only one split. With --val_split N the val set is N
