@@ -344,6 +344,7 @@ def main(args):
     graphs = utils.StepGraphs(optimizer) if args.capture_step else None  # after the resume's load_state_dict
     writer = SummaryWriter(args.log_dir) if main_process else None
     background = utils.BackgroundWriter()  # figures, logs and checkpoints, written while the next epoch trains
+    digests = {}  # epoch -> its checkpoint's encoder SHA-256: filled and read by the writer thread only
 
     # ---- loop
     last_epoch = min(args.total_epoch, args.stop_after or args.total_epoch)
@@ -369,7 +370,7 @@ def main(args):
                                        "evals": list(evals), "args": vars(args),
                                        "config": dataclasses.asdict(cfg)})
             background.submit(save_epoch_outputs, args, writer, dict(stats), list(evals), list(log), figures,
-                              checkpoint)
+                              checkpoint, digests)
         monitor = (f" | kNN {stats['knn_acc']:.2%} | val loss {stats['val_loss']:.4f}" if "knn_acc" in stats else "")
         monitor += f" | val PSNR {stats['val_psnr']:.2f} dB" if "val_psnr" in stats else ""
         log_print(f"epoch {epoch:3d}/{args.total_epoch} | loss {stats['loss']:.5f} | lr {stats['lr']:.2e} | "
@@ -383,7 +384,7 @@ def main(args):
         # The digest train_classifier.py prints and keeps for the encoder it starts from: the two logs then tell
         # which pretraining, and which of its epochs, a fine-tune used.
         log_print(f"done: best loss {losses[best]:.5f} at epoch {best + 1}, last {losses[-1]:.5f}; checkpoint "
-                  f"{args.model_path} (its encoder's SHA-256 {utils.encoder_digest(model.state_dict())[:12]})")
+                  f"{args.model_path} (its encoder's SHA-256 {digests[len(losses)][:12]})")
     if evals:
         best_knn = max(evals, key=lambda e: e["knn_acc"])
         log_print(f"kNN accuracy: last {evals[-1]['knn_acc']:.2%} (epoch {evals[-1]['epoch']}), best "
@@ -402,10 +403,15 @@ def recon_title(stats: dict, images: int) -> str:
     return title
 
 
-def save_epoch_outputs(args, writer, stats, evals, log, figures, checkpoint):
+def save_epoch_outputs(args, writer, stats, evals, log, figures, checkpoint, digests):
     """Everything an epoch leaves on disk (main process, background thread): figure, TensorBoard, arrays,
     log, checkpoint. Takes CPU copies only, so training may go on meanwhile."""
     epoch = stats["epoch"]
+    # Each epoch's log line names the encoder its checkpoint held, as train_classifier.py names the one it starts
+    # from: plot_results.py tells from the two whether a fine-tune started from this run's last epoch. Hashed
+    # here, off the training's critical path (a resumed run's earlier lines keep theirs).
+    digests[epoch] = utils.encoder_digest(checkpoint["model"])
+    log = [{**r, "encoder_sha256": digests[r["epoch"]]} if r["epoch"] in digests else r for r in log]
     masked, recon, original = figures
     utils.save_recon_figure(os.path.join(args.output_dir, f"recon_epoch_{epoch:03d}.png"), masked, recon,
                             original, title=recon_title(stats, len(masked)))

@@ -706,6 +706,26 @@ def encoder_starts(runs: list) -> dict:
     return starts
 
 
+def other_pretraining_notes(pre: Pretraining, starts: dict) -> list:
+    """Notes for the runs that did not start from the encoder of --pretrain_dir's last epoch, told by the SHA-256
+    each line of its log.jsonl names: a rerun of the pretraining after the fine-tunes would otherwise be reported
+    beside them as their start. Nothing is said when a line names none (written before 2026-11-30)."""
+    written = {r.get("encoder_sha256"): r["epoch"] for r in pre.log}
+    if not pre.log or not all(isinstance(digest, str) for digest in written):
+        return []
+    last = len(pre.losses)
+    notes = []
+    for (path, digest), names in starts.items():
+        runs = ", ".join(names)
+        if digest not in written:
+            notes.append(f"{runs} started from an MAE encoder ({path}, SHA-256 {digest[:12]}) that the pretraining "
+                         f"in {pre.folder} never wrote: the pretraining reported here is not theirs")
+        elif written[digest] != last:
+            notes.append(f"{runs} started from the encoder of epoch {written[digest]} of the pretraining in "
+                         f"{pre.folder}, not of its last epoch ({last}), which the pretraining section reports")
+    return notes
+
+
 def report_classifiers(runs: list, figures: dict, rel) -> list:
     lines = ["## Classification", "",
              "| run | init | recipe | data (val split) | epochs | best val acc (epoch) | final val acc | "
@@ -821,6 +841,8 @@ def main(args):
         notes.append("the classifier runs started from different MAE encoders (" + "; ".join(
             f"{', '.join(names)}: {path}, SHA-256 {digest[:12]}" for (path, digest), names in starts.items())
             + "): their numbers are not one experiment's")
+    if pre is not None:
+        notes += other_pretraining_notes(pre, starts)
     if pre is None and not runs:
         run_names = ", ".join(n for n, _ in names if n) or "none"
         utils.die(f"nothing to plot: no {os.path.join(args.pretrain_dir, 'losses.npy')} (--pretrain_dir) and no "

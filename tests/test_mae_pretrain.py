@@ -127,10 +127,14 @@ def test_the_reconstruction_figures_title_says_what_it_shows_and_the_epochs_val_
 
 
 def test_resume_continues_the_same_run(tmp_path, run_pretrain):
+    import utils
     run_pretrain(tiny_pretrain_argv(tmp_path, "--eval_every", "1", name="straight"))
     split = tiny_pretrain_argv(tmp_path, "--eval_every", "1", name="split")
     run_pretrain(split + ["--stop_after", "1"])
     assert len(np.load(tmp_path / "split" / "outputs" / "losses.npy")) == 1
+    # Each log line names its epoch's checkpointed encoder: a resume keeps the earlier lines' as they were.
+    first_digest = json.loads(open(tmp_path / "split" / "outputs" / "log.jsonl").readline())["encoder_sha256"]
+    assert first_digest == utils.encoder_digest(torch.load(tmp_path / "split" / "mae.pt", weights_only=True)["model"])
     # The figure of an epoch past the checkpoint's is an earlier run's (one that went on from it, or another one):
     # the resume removes it, and keeps its own epochs' figures as they are.
     first = (tmp_path / "split" / "outputs" / "recon_epoch_001.png").read_bytes()
@@ -146,6 +150,8 @@ def test_resume_continues_the_same_run(tmp_path, run_pretrain):
     assert resumed == pytest.approx(straight, rel=1e-5)
     records = [json.loads(line) for line in open(tmp_path / "split" / "outputs" / "log.jsonl")]
     assert [r["epoch"] for r in records] == [1, 2]
+    last_digest = utils.encoder_digest(torch.load(tmp_path / "split" / "mae.pt", weights_only=True)["model"])
+    assert [r["encoder_sha256"] for r in records] == [first_digest, last_digest] and first_digest != last_digest
     for name in ("eval_epochs", "knn_acc", "val_loss", "val_psnr"):
         resumed_metric = np.load(tmp_path / "split" / "outputs" / f"{name}.npy")
         assert resumed_metric == pytest.approx(np.load(tmp_path / "straight" / "outputs" / f"{name}.npy"), rel=1e-5)

@@ -263,6 +263,37 @@ def test_a_monitor_metric_is_best_at_its_lowest_or_highest_as_it_should_be():
     assert plot_results.best_index("knn_acc", values) == plot_results.best_index("val_psnr", values) == 2
 
 
+def test_a_run_that_did_not_start_from_the_pretrainings_last_encoder_gets_a_note(run_outputs, full_report, tmp_path):
+    """Each line of the pretraining's log.jsonl names its epoch's checkpointed encoder: a fine-tune that started
+    from an earlier epoch's (run while the pretraining went on), or from one the pretraining never wrote (a rerun
+    of it since), is named in a note; a log whose lines name none (an older run's) gets none."""
+    import utils
+    pre, _, report_path, out = full_report
+    records = [json.loads(line) for line in (pre / "log.jsonl").read_text().splitlines()]
+    ckpt = run_outputs[0].parent / "mae.pt"
+    digest = utils.encoder_digest(torch.load(ckpt, weights_only=True)["model"])
+    assert [r["epoch"] for r in records] == [1, 2] and records[1]["encoder_sha256"] == digest
+    assert "pretraining in" not in out and "pretraining in" not in report_path.read_text()
+
+    pre, cls = copy_outputs(run_outputs, tmp_path)
+    cases = (([digest, "1" * 64], f"pretrained, linprobe started from the encoder of epoch 1 of the pretraining in "
+                                  f"{pre}, not of its last epoch (2), which the pretraining section reports"),
+             (["1" * 64, "2" * 64], f"pretrained, linprobe started from an MAE encoder ({ckpt}, SHA-256 "
+                                    f"{digest[:12]}) that the pretraining in {pre} never wrote: the pretraining "
+                                    "reported here is not theirs"),
+             ([digest, None], None))
+    for digests, note in cases:
+        lines = [{**r, "encoder_sha256": d} if d else {k: v for k, v in r.items() if k != "encoder_sha256"}
+                 for r, d in zip(records, digests)]
+        (pre / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        out = plot("--pretrain_dir", pre, "--cls_dir", cls, "--report", tmp_path / "results.md")
+        if note:
+            assert f"note: {note}" in out and f"- {note}" in (tmp_path / "results.md").read_text()
+        else:
+            assert "pretraining in" not in out
+
+
+
 @pytest.mark.parametrize("num_epochs, left", [(12, 0.5), (30, 0.5), (150, 0.0)])
 def test_every_epoch_axis_starts_alike(num_epochs, left):
     """The loss curve, every panel of the monitor and the classifier comparison share one rule: a short run keeps
