@@ -159,28 +159,49 @@ def _torchvision_cifar(name: str, root: str):
                           torch.tensor(s.targets, dtype=torch.int64), list(s.classes)) for s in splits)
 
 
-def _hidden(path: str, root: str) -> bool:
-    """Whether a part of `path` below `root` is hidden: .ipynb_checkpoints/, .cache/, macOS's ._<name> files."""
-    return any(part.startswith(".") for part in os.path.relpath(path, root).split(os.sep))
+def _image_files(class_dir: str, extensions: tuple) -> list:
+    """The image files under a class folder, in torchvision's ImageFolder order (folders by path, files by name),
+    without hidden entries (.ipynb_checkpoints/, .cache/, macOS's ._<name> files: a hidden file is no image), and
+    each real folder walked once: a link back up to a folder above (a loop) would list its images again at every
+    level, some 40 times over, before the system's limit on nested links stops the walk."""
+    walked, found = set(), []
+    for folder, subfolders, files in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in walked:
+            subfolders.clear()
+            continue
+        walked.add(real)
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))  # the first path is kept
+        found.append((folder, sorted(name for name in files
+                                     if not name.startswith(".") and name.lower().endswith(extensions))))
+    return [os.path.join(folder, name) for folder, names in sorted(found) for name in names]
 
 
 def _image_folder(root: str, img_size: int) -> ImageSet:
     from PIL import Image, ImageOps, UnidentifiedImageError
     from torchvision.datasets import ImageFolder
-    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+    from torchvision.datasets.folder import IMG_EXTENSIONS
 
     class VisibleImageFolder(ImageFolder):
-        """ImageFolder without hidden entries: a hidden folder in train/ would be a class of its own (its labels
-        shifted by one), a hidden file an image."""
+        """ImageFolder without hidden entries (a hidden folder in train/ would be a class of its own, its labels
+        shifted by one) and without the images a link loop would repeat: see _image_files."""
         def find_classes(self, directory):
             classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
             if not classes:
                 raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
             return classes, {name: i for i, name in enumerate(classes)}
 
+        @staticmethod
+        def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+            per_class = {name: _image_files(os.path.join(directory, name), IMG_EXTENSIONS) for name in class_to_idx}
+            empty = [name for name, paths in sorted(per_class.items()) if not paths]
+            if empty:
+                raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}. Supported "
+                                        f"extensions are: {', '.join(IMG_EXTENSIONS)}")
+            return [(path, class_to_idx[name]) for name, paths in sorted(per_class.items()) for path in paths]
+
     try:
-        folder = VisibleImageFolder(root, is_valid_file=lambda path: not _hidden(path, root) and
-                                    has_file_allowed_extension(path, IMG_EXTENSIONS))
+        folder = VisibleImageFolder(root)
     except (FileNotFoundError, OSError) as e:
         raise DataError(f"--data_path: cannot read image folder {root!r} ({e})") from None
 

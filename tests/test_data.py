@@ -5,6 +5,7 @@ Run: python -m pytest -q tests/test_data.py
 """
 import argparse
 import math
+import os
 import pathlib
 import shutil
 
@@ -514,6 +515,29 @@ def test_image_folder_skips_hidden_folders_and_files_and_turns_images_upright(tm
         assert im.size == (48, 16)  # stored sideways
         upright = im.transpose(Image.Transpose.ROTATE_270).convert("RGB").resize((32, 32), Image.BICUBIC)
     assert torch.equal(train.images[2], torch.from_numpy(np.array(upright)).permute(2, 0, 1))
+
+
+def test_image_folder_reads_each_image_once_through_link_loops_in_torchvisions_order(tmp_path):
+    """A link back up to a class folder (a loop) or a second link to one of its folders would list their images
+    again at every level of the walk; each real folder is walked once, so every image is read once. Without links,
+    the images come in torchvision's ImageFolder order (folders by path: "b-x" before "b/c"), as before."""
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+    for split in ("train", "val"):
+        for i, sub in enumerate(("a", "a/b", "a/b/c", "a/b-x", "z")):
+            (tmp_path / split / sub).mkdir(parents=True)
+            Image.new("RGB", (32, 32), (i, 0, 0)).save(tmp_path / split / sub / f"{i}.png")
+    plain, _ = data.load_data(data_args(dataset="folder", data_path=str(tmp_path)))
+    reference = ImageFolder(str(tmp_path / "train"))
+    order = [img[0, 0, 0].item() for img in plain.images]  # each image's red value is its folder's index
+    assert order == [reference[i][0].getpixel((0, 0))[0] for i in range(5)] == [0, 1, 3, 2, 4]
+    assert plain.labels.tolist() == [0, 0, 0, 0, 1]
+
+    os.symlink("..", tmp_path / "train" / "a" / "b" / "up")  # a loop: a/b/up/b/up/... is a/b again
+    os.symlink(tmp_path / "train" / "a" / "b-x", tmp_path / "train" / "z" / "again")  # another class's folder
+    linked, _ = data.load_data(data_args(dataset="folder", data_path=str(tmp_path)))
+    assert [img[0, 0, 0].item() for img in linked.images] == [0, 1, 3, 2, 4, 3]
+    assert linked.labels.tolist() == [0, 0, 0, 0, 1, 1]
 
 
 def test_an_image_folder_with_both_val_and_test_is_scored_on_val(tmp_path):
