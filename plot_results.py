@@ -18,7 +18,7 @@ matplotlib.use("Agg")  # files only: no display needed, none opened
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.legend_handler import HandlerTuple  # noqa: E402
-from matplotlib.ticker import FuncFormatter, Locator, LogLocator, MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, Locator, LogLocator, MaxNLocator, MultipleLocator  # noqa: E402
 
 import utils  # noqa: E402
 from utils import BLUE, GREEN, ORANGE, PURPLE, VERMILLION  # noqa: E402  (Okabe-Ito)
@@ -322,19 +322,32 @@ def per_class_accuracy(counts: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 # Figures
 
-def loss_label(args: dict) -> str:
+def loss_label(args: dict, log_scale: bool = False) -> str:
     target = "per-patch normalised pixels" if args.get("norm_pix_loss") else "pixels scaled to [-1, 1]"
-    return f"MSE on masked patches\n({target})"
+    return f"MSE on masked patches{LOG_SCALE if log_scale else ''}\n({target})"
+
+
+def epoch_tick_step(last_epoch: int) -> int:
+    """Epochs between the ticks of an epoch axis: a round number giving at most 8 ticks, one that divides last_epoch
+    when one does, so that the last epoch is labelled (0, 25, ..., 150, not 0, 20, ..., 140)."""
+    steps = [1, 2, 5] + [int(m * 10 ** k) for k in range(1, len(str(last_epoch))) for m in (1, 2, 2.5, 5)]
+    fits = [step for step in steps if last_epoch <= 8 * step]  # never empty: 5 * 10 ** (digits - 1) fits
+    return next((step for step in fits if last_epoch % step == 0), fits[0])
 
 
 def epoch_axis(ax, last_epoch: int, stretch: float = 1.0) -> None:
-    """An axis of whole epochs up to last_epoch. A short run's (at most 30 epochs, a tick each) keeps half an epoch
-    clear on either side of its points; a longer one's starts at 0. `stretch` widens the right for a label."""
+    """An axis of whole epochs up to last_epoch, ticked every epoch_tick_step. A short run's (at most 30 epochs)
+    keeps half an epoch clear on either side of its points; a longer one's starts at 0. `stretch` widens the right
+    for a label."""
     ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    # MaxNLocator(integer=True) would tick a 1-epoch run at 0.6, 0.8, ... and a 150-epoch one up to 140 only
+    ax.xaxis.set_major_locator(MultipleLocator(epoch_tick_step(last_epoch)))
     short = last_epoch <= 30
     ax.set_xlim(0.5 if short else 0, stretch * last_epoch + (0.5 if short else 1))
 
+
+# Said in the label of a log y axis: over a narrow range its evenly spaced ticks (below) look linear.
+LOG_SCALE = ", log scale"
 
 # Below this ratio of an axis's highest to lowest value, a log axis's own ticks label one or two values at most (0.27
 # to 0.33: only "0.3"), so log_y_axis spaces its ticks evenly there instead: the scale is nearly linear anyway.
@@ -371,7 +384,7 @@ def log_y_axis(ax) -> None:
     def minor(value, _):
         lo, hi = ax.get_ylim()  # at draw time, after every limit change
         decades = np.log10(hi / lo)
-        mantissas = range(2, 10) if decades <= 1.2 else (2, 5) if decades <= 2.5 else ()
+        mantissas = (2, 3, 4, 5, 6, 8) if decades <= 1.2 else (2, 5) if decades <= 2.5 else ()
         mantissa = value / 10 ** np.floor(np.log10(value) + 1e-9)
         return f"{value:g}" if any(np.isclose(mantissa, m) for m in mantissas) else ""
     ax.yaxis.set_major_locator(LogAxisTicks(minor=False))
@@ -456,9 +469,10 @@ def plot_loss_curve(pre: Pretraining, log_scale: bool):
     best = pre.best_epoch
     make_room(ax, losses[best - 1], lowest=True)
     annotate_best(ax, best, losses[best - 1], f"best {losses[best - 1]:.5f} (epoch {best})", BLUE, lowest=True)
-    ax.set_ylabel(loss_label(pre.args))
+    ax.set_ylabel(loss_label(pre.args, log_scale))
     on = data_caption(pre.args, val=False)
-    ax.set_title(f"MAE pretraining{' on ' + on if on else ''}: training loss per epoch ({len(losses)} epochs)")
+    count = f"{len(losses)} epoch{'s' if len(losses) > 1 else ''}"
+    ax.set_title(f"MAE pretraining{' on ' + on if on else ''}: training loss per epoch ({count})")
     return fig
 
 
@@ -493,7 +507,7 @@ def plot_monitor(pre: Pretraining, log_scale: bool):
         # The held-out loss is this panel's measure, as each other panel's metric is its own: its best is starred.
         # (The training loss's best has its own figure, loss_curve.png.)
         star_best_evaluation(ax, pre, "val_loss", pre.evals["val_loss"], VERMILLION, lambda v: f"val {v:.5f}")
-    ax.set_ylabel(loss_label(pre.args))
+    ax.set_ylabel(loss_label(pre.args, log_scale))
     ax.set_title("reconstruction loss")
     ax.legend(loc="best")
     for ax, name in zip(axes[1:], panels[1:]):
@@ -559,7 +573,7 @@ def plot_run_comparison(runs: list, curve: str, log_scale: bool):
         ax.set_ylabel("validation top-1 accuracy (%)")
         ax.set_title(f"Validation accuracy: {drawn}{caption}")
     else:
-        ax.set_ylabel("training loss (cross-entropy,\nthe recipe's targets)")
+        ax.set_ylabel(f"training loss{LOG_SCALE if log_scale else ''}\n(cross-entropy, the recipe's targets)")
         ax.set_title(f"Fine-tuning training loss: {drawn}{caption}")  # main leaves a linear probe's out
     # The legend goes beside the axes: curves of any shape stay uncovered.
     ax.legend(handles, labels, handler_map={tuple: HandlerTuple(ndivide=None, pad=0.6)}, handlelength=3.2,

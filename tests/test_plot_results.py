@@ -314,6 +314,22 @@ def test_every_epoch_axis_starts_alike(num_epochs, left):
         plot_results.plt.close(fig)
 
 
+@pytest.mark.parametrize("num_epochs, ticks", [(1, [1]), (12, [2, 4, 6, 8, 10, 12]),
+                                               (37, [0, 5, 10, 15, 20, 25, 30, 35]),
+                                               (100, [0, 20, 40, 60, 80, 100]), (150, [0, 25, 50, 75, 100, 125, 150])])
+def test_epoch_axes_are_ticked_at_round_whole_epochs_the_last_among_them_when_it_can_be(num_epochs, ticks):
+    """matplotlib's MaxNLocator(integer=True) ticked a 1-epoch run at 0.6, 0.8, ..., 1.4, leaving epoch 1 itself
+    unlabelled, and a 150-epoch run up to 140: each axis is ticked every 1, 2, 5, 10, 20, 25, 50, ... epochs, at
+    most 8 ticks, the step dividing the number of epochs when one does."""
+    pre = plot_results.Pretraining("pre", np.linspace(0.3, 0.1, num_epochs), {}, [])
+    fig = plot_results.plot_loss_curve(pre, False)
+    ax = fig.axes[0]
+    low, high = ax.get_xlim()
+    assert [t for t in ax.get_xticks() if low <= t <= high] == ticks
+    assert ax.get_title().endswith(f"({num_epochs} epoch{'s' if num_epochs > 1 else ''})")
+    plot_results.plt.close(fig)
+
+
 def test_the_best_pretraining_epoch_is_the_earliest_of_equal_losses():
     """As for an accuracy, the earliest of equal bests: its reconstructions are the ones best_recon.png copies."""
     pre = plot_results.Pretraining("pre", np.array([0.5, 0.3, 0.4, 0.3]), {}, [])
@@ -649,8 +665,13 @@ def test_best_points_are_annotated_and_log_scale_is_an_option(run_outputs):
         ax = fig.axes[0]
         assert ax.get_yscale() == ("log" if log_scale else "linear")
         assert [t.get_text() for t in ax.texts] == [f"best {losses[best]:.5f} (epoch {best + 1})"]
-        assert ax.get_xlabel() == "epoch" and ax.get_ylabel()
+        # the label says so: over a narrow range the evenly spaced ticks of a log axis look linear
+        assert ax.get_xlabel() == "epoch" and ax.get_ylabel().startswith(
+            "MSE on masked patches, log scale\n" if log_scale else "MSE on masked patches\n")
         assert ax.get_title().startswith("MAE pretraining on synthetic images (--dataset fake):")  # what it ran on
+        monitor = plot_results.plot_monitor(pre, log_scale)
+        assert monitor.axes[0].get_ylabel() == ax.get_ylabel()
+        plot_results.plt.close(monitor)
     runs = [plot_results.load_classifier_run(str(cls), r, r, [], []) for r in RUNS]
     fig = plot_results.plot_run_comparison(runs, "val_acc", log_scale=True)
     ax = fig.axes[0]
@@ -663,7 +684,7 @@ def test_best_points_are_annotated_and_log_scale_is_an_option(run_outputs):
         acc = run.curves["val_acc"].tolist()
         assert text.endswith(f"best {100 * max(acc):.2f}% at epoch {acc.index(max(acc)) + 1}")
     ax = plot_results.plot_run_comparison(runs, "train_loss", log_scale=True).axes[0]
-    assert ax.get_yscale() == "log"
+    assert ax.get_yscale() == "log" and ax.get_ylabel().startswith("training loss, log scale\n")
     assert ax.get_title().endswith("\nsynthetic images (--dataset fake)")  # training data: no val split named
     # Where curves meet (equal accuracies, a short run), the broken lines lie above the solid one.
     assert {line.get_linestyle(): line.get_zorder() for line in fig.axes[0].lines if len(line.get_xdata()) > 1} == {
