@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import data
 import utils
-from model import MAE, count_params, reconstruct
+from model import MAE, POOLS, count_params, reconstruct
 
 # Flags that define the run: a checkpoint only resumes under the same values (the schedule and the model
 # must be the ones it was trained with). max_device_batch_size, devices and output paths may change.
@@ -63,7 +63,7 @@ def get_args_parser():
                              "costs under one epoch's FLOPs, so 25 keeps them under 5%% of the run (0: never)")
     parser.add_argument("--knn_k", type=int, default=20, help="neighbours in the weighted kNN vote")
     parser.add_argument("--knn_temperature", type=utils.finite_float, default=0.07, help="temperature of the kNN vote")
-    parser.add_argument("--knn_feature", default="avg", choices=("avg", "token"),
+    parser.add_argument("--knn_feature", default="avg", choices=POOLS,
                         help="kNN feature, named as train_classifier.py's --global_pool: mean patch token "
                              "(default; MAE's class token gets no loss of its own in pretraining) or class token")
     # Data

@@ -12,6 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+# The features MAEEncoder.pooled gives: the class token's output, or the mean patch token.
+POOLS = ("token", "avg")
+
 
 @dataclass
 class MAEConfig:
@@ -336,7 +339,9 @@ class MAEEncoder(nn.Module):
         (bench.classifier_forward_flops), the same numbers."""
         if pool == "token":
             return self.forward(imgs, class_token_only=True)[:, 0]
-        return self.forward(imgs)[:, 1:].mean(dim=1)
+        if pool == "avg":
+            return self.forward(imgs)[:, 1:].mean(dim=1)
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")  # a new one must not pass as 'avg'
 
     def forward_masked(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
         """Visible patches only: latent (B, 1 + N_visible, D), mask (B, N), ids_restore (B, N)."""
@@ -430,8 +435,8 @@ class ViTClassifier(nn.Module):
     def __init__(self, cfg: MAEConfig, num_classes: int, global_pool: str = "token", drop_path_rate: float = 0.0,
                  linear_probe: bool = False):
         super().__init__()
-        if global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        if global_pool not in POOLS:
+            raise ValueError(f"global_pool must be one of {POOLS}, got {global_pool!r}")
         self.cfg = cfg
         self.global_pool = global_pool
         self.encoder = MAEEncoder(cfg, drop_path_rate)

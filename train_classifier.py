@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import data
 import utils
-from model import MAE, MAEConfig, ViTClassifier, count_params, encoder_state_from_mae
+from model import MAE, POOLS, MAEConfig, ViTClassifier, count_params, encoder_state_from_mae
 
 # Every recipe part is a flag; a flag given on the command line overrides the recipe's value.
 # finetune: the MAE paper's fine-tuning recipe (He et al. 2021, appendix A.2: mixup 0.8, cutmix 1.0, label
@@ -84,7 +84,7 @@ def get_args_parser():
     parser.add_argument("--linear_probe", action="store_true",
                         help="freeze the encoder and train only BatchNorm (no affine) + a linear head (without "
                              "--pretrained_model_path: a random encoder, the probe's baseline)")
-    parser.add_argument("--global_pool", default="token", choices=("token", "avg"),
+    parser.add_argument("--global_pool", default="token", choices=POOLS,
                         help="classify the class token (as the reference) or the mean patch token")
     # Recipe: each part below defaults to the recipe's value, or the probe's (no augmentation) with --linear_probe
     parser.add_argument("--recipe", default="finetune", choices=tuple(RECIPES),

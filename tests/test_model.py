@@ -419,6 +419,11 @@ def test_avg_pooling_is_the_mean_of_the_patch_tokens_without_the_class_token():
     expected = sum(tokens[:, 1 + n] for n in range(256)) / 256
     torch.testing.assert_close(model.encoder.pooled(imgs, "avg"), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model.features(imgs), expected, rtol=1e-5, atol=1e-5)
+    # Any other name is refused, not taken for the mean: a pooling added to POOLS must be added here too.
+    with pytest.raises(ValueError, match="pool must be one of \\('token', 'avg'\\), got 'max'"):
+        model.encoder.pooled(imgs, "max")
+    with pytest.raises(ValueError, match="global_pool must be one of"):
+        ViTClassifier(MAEConfig(**SMALL), num_classes=10, global_pool="max")
 
 
 def test_linear_probe_normalises_the_features_with_the_running_statistics_before_the_head():
