@@ -234,9 +234,11 @@ def load_resume(args, cfg: MAEConfig, pretrained_sha256: str | None):
     # The reference schedule ignores --min_lr (check_args refuses one now, as it did not always): not compared.
     ignored = ("min_lr",) if args.schedule == "reference" else ()
     utils.check_resumable(ckpt, args, [name for name in RUN_DEFINING_FLAGS if name not in ignored])
-    if ckpt["config"] != dataclasses.asdict(cfg):
-        utils.die(f"--resume {args.resume!r} holds another model than these flags give (its config: "
-                  f"{ckpt['config']})")
+    there, here = ckpt["config"], dataclasses.asdict(cfg)
+    if there != here:  # named field by field: a whole config of 12 fields hides the one that differs
+        differ = [f"{name} {there.get(name, '(absent)')} there, {here.get(name, '(absent)')} here"
+                  for name in sorted({*there, *here}) if there.get(name, ...) != here.get(name, ...)]
+        utils.die(f"--resume {args.resume!r} holds another model than these flags give: {'; '.join(differ)}")
     num_classes, names = ckpt["num_classes"], ckpt.get("classes")
     if num_classes < 1 or (names is not None and len(names) != num_classes):
         utils.die(f"--resume {args.resume!r}: its num_classes {num_classes} is not a count of classes"

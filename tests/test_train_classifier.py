@@ -461,6 +461,22 @@ def test_bad_resume_is_one_line_and_changes_nothing(tmp_path, mae_ckpt, capsys):
     assert not moved.exists()
 
 
+def test_a_resume_of_another_model_names_the_config_fields_that_differ(tmp_path, capsys):
+    """A _last.pt whose model config is not the one these flags give (another version of this code, which had
+    another field or lacked one; an edited file) is refused naming each field that differs, with both values."""
+    argv = cls_argv(tmp_path, epochs=2)
+    run_cls(argv + ["--stop_after", "1"])
+    last = tmp_path / "run" / "cls_last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    del ckpt["config"]["norm_pix_loss"]
+    ckpt["config"].update(depth=ckpt["config"]["depth"] + 1, loss="l1")
+    torch.save(ckpt, last)
+    depth = ckpt["config"]["depth"]
+    err = refused_in_one_line(argv + ["--resume", str(last)], tmp_path / "run", capsys)
+    assert err.endswith(f"--resume {str(last)!r} holds another model than these flags give: depth {depth} there, "
+                        f"{depth - 1} here; loss l1 there, (absent) here; norm_pix_loss (absent) there, False here"), err
+
+
 def test_a_run_replaces_its_own_checkpoints_and_no_other_file(tmp_path, mae_ckpt, capsys):
     """A rerun under the same names replaces its earlier checkpoints; a file under a checkpoint's name that is not
     this script's checkpoint (the pretraining's, named by a slip of the flag; the fine-tune's under the pretraining's
