@@ -474,7 +474,8 @@ def test_a_resume_of_another_model_names_the_config_fields_that_differ(tmp_path,
     depth = ckpt["config"]["depth"]
     err = refused_in_one_line(argv + ["--resume", str(last)], tmp_path / "run", capsys)
     assert err.endswith(f"--resume {str(last)!r} holds another model than these flags give: depth {depth} there, "
-                        f"{depth - 1} here; loss l1 there, (absent) here; norm_pix_loss (absent) there, False here"), err
+                        f"{depth - 1} here; loss l1 there, (absent) here; norm_pix_loss (absent) there, False "
+                        "here"), err
 
 
 def test_a_run_replaces_its_own_checkpoints_and_no_other_file(tmp_path, mae_ckpt, capsys):
