@@ -142,7 +142,7 @@ def load_vector(path: str, flag: str) -> np.ndarray:
     if not len(finite):  # a nan here and there is drawn as a gap; with nothing else, nothing to draw
         utils.die(f"{flag}: {path!r} holds no finite value (all {len(values)} are nan or inf)")
     # No loss, accuracy or PSNR comes near; an axis's span and margins, or a percentage, overflow at about 1e308.
-    if np.abs(finite).max() > MAX_MAGNITUDE:
+    if float(np.abs(finite).max()) > MAX_MAGNITUDE:  # float: compared in float32, 1e300 overflows with a warning
         utils.die(f"{flag}: {path!r} holds {finite[np.abs(finite).argmax()]:g}, beyond the +-{MAX_MAGNITUDE:g} a "
                   "figure can draw")
     # An inf too (a damaged or hand-edited file): matplotlib cannot scale an axis to it, nor a best point be it.

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import numpy as np
 import pytest
@@ -1011,6 +1012,10 @@ def test_a_curves_infinities_of_either_sign_are_gaps_and_a_curve_of_no_finite_va
     np.testing.assert_array_equal(plot_results.load_vector(str(path), "--cls_dir"), [1.0, np.nan, np.nan, 2.0])
     np.save(path, np.array([1e300, -1e300]))
     np.testing.assert_array_equal(plot_results.load_vector(str(path), "--cls_dir"), [1e300, -1e300])
+    np.save(path, np.array([0.5, 0.25], dtype=np.float32))  # another program's float32: read without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(plot_results.load_vector(str(path), "--cls_dir"), [0.5, 0.25])
     not_1d = "should hold a non-empty 1-D array of real numbers, found"
     for values, expected in ((np.array([np.inf, -np.inf, np.nan]), "holds no finite value (all 3 are nan or inf)"),
                              (np.zeros((2, 3)), f"{not_1d} float64 (2, 3)"),
