@@ -723,7 +723,7 @@ def encoder_starts(runs: list) -> dict:
 def other_pretraining_notes(pre: Pretraining, starts: dict) -> list:
     """Notes for the runs that did not start from the encoder of --pretrain_dir's last epoch, told by the SHA-256
     each line of its log.jsonl names: a rerun of the pretraining after the fine-tunes would otherwise be reported
-    beside them as their start. Nothing is said when a line names none (written before 2026-11-30)."""
+    beside them as their start. Nothing is said when a line names none (an older version wrote the log)."""
     written = {r.get("encoder_sha256"): r["epoch"] for r in pre.log}
     if not pre.log or not all(isinstance(digest, str) for digest in written):
         return []
