@@ -24,10 +24,11 @@ from tqdm import tqdm
 
 import data
 import utils
-from model import MAE, POOLS, count_params, reconstruct
+from model import MAE, POOLS, count_params, num_masked_patches, reconstruct
 
 # Flags that define the run: a checkpoint only resumes under the same values (the schedule and the model
-# must be the ones it was trained with). max_device_batch_size, devices and output paths may change.
+# must be the ones it was trained with). max_device_batch_size, devices, --model_path and --log_dir may change;
+# --output_dir must hold the run's log.jsonl (load_resume).
 RUN_DEFINING_FLAGS = ("seed", "batch_size", "base_learning_rate", "weight_decay", "min_lr", "mask_ratio",
                       "total_epoch", "warmup_epoch", "schedule", "norm_pix_loss", "augment", "dataset", "val_split",
                       "fake_size", *utils.MODEL_SIZE_FLAGS)
@@ -142,8 +143,14 @@ def load_resume(args, cfg):
         utils.warn(f"{now}, where --resume {args.resume!r} had {before}: the kNN accuracies from here on are not "
                    f"comparable with its {len(ckpt['evals'])} kNN evaluations (epochs up to "
                    f"{ckpt['evals'][-1]['epoch']}), though they share one curve")
-    log = utils.read_jsonl(os.path.join(args.output_dir, "log.jsonl"), "--output_dir")
-    return ckpt, [r for r in log if r["epoch"] <= ckpt["epoch"]]
+    # losses.npy goes on from the checkpoint, log.jsonl from this file: it must hold the checkpoint's epochs with
+    # its losses, or the two would disagree (a resume into another --output_dir, or one holding another run's log).
+    log_path = os.path.join(args.output_dir, "log.jsonl")
+    log = [r for r in utils.read_jsonl(log_path, "--output_dir") if r["epoch"] <= epoch]
+    if [(r["epoch"], r.get("loss")) for r in log] != list(enumerate(losses, start=1)):
+        utils.die(f"--resume: {log_path!r} does not hold epochs 1 to {epoch} of the checkpoint with its losses (is "
+                  "--output_dir that run's?)")
+    return ckpt, log
 
 
 def optimizer_groups(model, args) -> list:
@@ -298,6 +305,9 @@ def main(args):
         utils.resolve_runtime(args, device)
         ckpt, resumed_log = load_resume(args, cfg) if args.resume else (None, [])
         train, val, steps_per_epoch = utils.load_training_data(args, cfg.img_size)
+        if args.eval_every and args.knn_k > len(train):  # the vote would use fewer, and the figure name this k
+            utils.die(f"--knn_k {args.knn_k} is more than the {len(train)} training images the kNN vote takes its "
+                      f"neighbours from: pass at most {len(train)}")
         amp_dtype = utils.autocast_dtype(args, device)
         attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, args.knn_feature == "token",
                                            decoder=True)
@@ -327,8 +337,9 @@ def main(args):
 
     # ---- model and optimizer
     model = MAE(cfg).to(device)  # same initial weights on every process: same seed
+    masked = num_masked_patches(cfg.num_patches, cfg.mask_ratio)  # what --mask_ratio rounds to: 0.999 keeps one
     log_print(f"model: {count_params(model.encoder) / 1e6:.2f}M encoder + {count_params(model.decoder) / 1e6:.2f}M "
-              f"decoder parameters, {cfg.num_patches} patches, {cfg.mask_ratio:.0%} masked")
+              f"decoder parameters, {cfg.num_patches} patches, {masked} masked ({masked / cfg.num_patches:.1%})")
     optimizer = make_optimizer(model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start_epoch, losses, evals, log = 1, [], [], resumed_log

@@ -960,6 +960,42 @@ def test_resume_with_a_damaged_log_is_refused_before_anything_changes(tmp_path, 
     assert files_under(tmp_path / "run") == before
 
 
+def test_resume_into_a_folder_without_the_runs_log_is_refused_before_anything_changes(tmp_path, run_pretrain, capsys):
+    """losses.npy goes on from the checkpoint and log.jsonl from --output_dir's: a resume into another folder, or
+    one holding another run's log, would leave the two disagreeing (log.jsonl without the checkpoint's epochs, or
+    with another run's losses for them). Refused in one line, exit status 2, nothing written."""
+    run_pretrain(tiny_pretrain_argv(tmp_path, "--stop_after", "1"))
+    run_pretrain(tiny_pretrain_argv(tmp_path, "--stop_after", "1", "--seed", "7", name="other"))
+    resume = ["--resume", str(tmp_path / "run" / "mae.pt")]
+    for folder in (tmp_path / "elsewhere", tmp_path / "other" / "outputs"):
+        argv = tiny_pretrain_argv(tmp_path, *resume)
+        argv[argv.index("--output_dir") + 1] = str(folder)
+        before = files_under(tmp_path)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            run_pretrain(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"--resume: {str(folder / 'log.jsonl')!r} does not hold epochs 1 to 1 of the checkpoint "
+                            "with its losses (is --output_dir that run's?)"), err
+        assert len(err.splitlines()) == 1 and files_under(tmp_path) == before
+
+
+def test_a_knn_k_above_the_training_images_is_refused_and_the_log_names_the_masked_patches(tmp_path, run_pretrain,
+                                                                                          capsys):
+    """The kNN vote cannot take more neighbours than the training images (the bank): a larger --knn_k would be cut
+    down without a word while args.json and the figure named it. And the model line counts the patches masked,
+    which --mask_ratio rounds to: 0.999 keeps one of 64."""
+    with pytest.raises(SystemExit) as exc:
+        run_pretrain(tiny_pretrain_argv(tmp_path, "--knn_k", "129"))
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "--knn_k 129 is more than the 128 training images the kNN vote takes its neighbours from: pass at most 128")
+    assert not (tmp_path / "run").exists()
+    run_pretrain(tiny_pretrain_argv(tmp_path, "--knn_k", "128", "--mask_ratio", "0.999", "--total_epoch", "1"))
+    assert "64 patches, 63 masked (98.4%)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("edit", ["missing weight", "unexpected weight", "weight size", "optimizer groups",
                                   "group sizes", "moment size", "group without betas"])
 def test_resume_of_a_checkpoint_whose_state_does_not_fit_is_refused_before_anything_changes(tmp_path, run_pretrain,
