@@ -400,6 +400,9 @@ def main(args):
         best_knn = max(evals, key=lambda e: e["knn_acc"])
         log_print(f"kNN accuracy: last {evals[-1]['knn_acc']:.2%} (epoch {evals[-1]['epoch']}), best "
                   f"{best_knn['knn_acc']:.2%} (epoch {best_knn['epoch']})")
+    if last_epoch < args.total_epoch:
+        log_print(f"stopped after epoch {last_epoch} of {args.total_epoch} (--stop_after): the same command with "
+                  f"--resume {args.model_path} continues the run")
     utils.close_distributed()
 
 

@@ -721,6 +721,9 @@ def main(args):
     if log:
         log_print(f"done ({run}): best val acc {best_acc:.2%} at epoch {best_epoch}, final {log[-1]['val_acc']:.2%} "
                   f"(epoch {log[-1]['epoch']}); best checkpoint {args.output_model_path}, last {last_model_path}")
+    if last_epoch < args.total_epoch:
+        log_print(f"stopped after epoch {last_epoch} of {args.total_epoch} (--stop_after): the same command with "
+                  f"--resume {last_model_path} continues the run")
     utils.close_distributed()
 
 

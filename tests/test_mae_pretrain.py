@@ -126,11 +126,14 @@ def test_the_reconstruction_figures_title_says_what_it_shows_and_the_epochs_val_
         "| train loss 0.1235 | val loss 0.2000")
 
 
-def test_resume_continues_the_same_run(tmp_path, run_pretrain):
+def test_resume_continues_the_same_run(tmp_path, run_pretrain, capsys):
     import utils
     run_pretrain(tiny_pretrain_argv(tmp_path, "--eval_every", "1", name="straight"))
     split = tiny_pretrain_argv(tmp_path, "--eval_every", "1", name="split")
+    capsys.readouterr()
     run_pretrain(split + ["--stop_after", "1"])
+    assert capsys.readouterr().out.endswith(f"stopped after epoch 1 of 2 (--stop_after): the same command with "
+                                            f"--resume {tmp_path / 'split' / 'mae.pt'} continues the run\n")
     assert len(np.load(tmp_path / "split" / "outputs" / "losses.npy")) == 1
     # Each log line names its epoch's checkpointed encoder: a resume keeps the earlier lines' as they were.
     first_digest = json.loads(open(tmp_path / "split" / "outputs" / "log.jsonl").readline())["encoder_sha256"]
@@ -140,6 +143,7 @@ def test_resume_continues_the_same_run(tmp_path, run_pretrain):
     first = (tmp_path / "split" / "outputs" / "recon_epoch_001.png").read_bytes()
     (tmp_path / "split" / "outputs" / "recon_epoch_007.png").write_bytes(first)
     run_pretrain(split + ["--resume", str(tmp_path / "split" / "mae.pt")])
+    assert "stopped after" not in capsys.readouterr().out
     assert sorted(name for name in os.listdir(tmp_path / "split" / "outputs") if name.endswith(".png")) == [
         "recon_epoch_001.png", "recon_epoch_002.png"]
     assert (tmp_path / "split" / "outputs" / "recon_epoch_001.png").read_bytes() == first

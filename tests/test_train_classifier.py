@@ -389,7 +389,7 @@ def test_drop_path_flag_sets_each_blocks_rate_rising_linearly_with_depth(tmp_pat
 
 
 @pytest.mark.parametrize("extra", [[], ["--linear_probe"]])  # the probe trains its head on precomputed features
-def test_resume_continues_the_same_run(tmp_path, mae_ckpt, extra, monkeypatch):
+def test_resume_continues_the_same_run(tmp_path, mae_ckpt, extra, monkeypatch, capsys):
     """Three epochs straight, and one then two more with --resume: the same curves, best epoch and weights. The
     finetune recipe draws augmentation, mixup and drop path from per-epoch seeds, so a resumed epoch draws what
     the straight run's did. The resume draws the grids of its own epochs only: the one before training stays the
@@ -404,7 +404,10 @@ def test_resume_continues_the_same_run(tmp_path, mae_ckpt, extra, monkeypatch):
     for name in (f"{run}_preds_grid.png", f"{run}_preds_epoch_3.png"):  # an earlier run of the same name's
         shutil.copy(tmp_path / "straight" / "cls_outputs" / name, out / name)
     (out / "scratch_preds_epoch_3.png").write_bytes(b"another run's")
+    capsys.readouterr()
     run_cls(split + ["--stop_after", "1"])
+    assert capsys.readouterr().out.endswith(f"stopped after epoch 1 of 3 (--stop_after): the same command with "
+                                            f"--resume {tmp_path / 'split' / 'cls_last.pt'} continues the run\n")
     assert len(np.load(out / f"{run}_val_acc.npy")) == 1
     assert not (out / f"{run}_preds_grid.png").exists()  # the run's final grid comes at its last epoch
     assert sorted(name for name in os.listdir(out) if name.endswith(".png")) == [
