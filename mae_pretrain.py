@@ -409,7 +409,8 @@ def main(args):
 def recon_title(stats: dict, images: int) -> str:
     """The epoch's reconstruction figure's title: what its images are, and the epoch's numbers, the val ones (which
     are of the same images, under the same masks, and more) when the epoch was evaluated."""
-    title = f"epoch {stats['epoch']}: the first {images} val images, fixed masks | train loss {stats['loss']:.4f}"
+    shown = "the val image" if images == 1 else f"the first {images} val images"  # --val_split 1 holds out one
+    title = f"epoch {stats['epoch']}: {shown}, fixed masks | train loss {stats['loss']:.4f}"
     if "val_loss" in stats:
         title += f" | val loss {stats['val_loss']:.4f}"
     if "val_psnr" in stats:

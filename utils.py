@@ -1393,13 +1393,15 @@ def save_recon_figure(path: str, masked, recon, original, title: str = "", ncol:
                              .mul(255).round().byte().permute(1, 2, 0).numpy()) for _, imgs in panels]
     w, h = grids[0].width * scale, grids[0].height * scale
     line, margin = 24, 10  # a text line's height, the border
-    canvas = Image.new("RGB", (w + 2 * margin, line + 3 * (line + h) + margin), "white")
+    # As wide as the widest line of text too: a val set of a few images makes a grid narrower than the title.
+    width = max(w, *(math.ceil(font.getlength(text)) for text in (title, *(label for label, _ in panels))))
+    canvas = Image.new("RGB", (width + 2 * margin, line + 3 * (line + h) + margin), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((canvas.width // 2, 4), title, fill="black", font=font, anchor="ma")
     for i, ((label, _), grid) in enumerate(zip(panels, grids)):
         top = line + i * (line + h)
         draw.text((canvas.width // 2, top + 4), label, fill="black", font=font, anchor="ma")
-        canvas.paste(grid.resize((w, h), Image.NEAREST), (margin, top + line))
+        canvas.paste(grid.resize((w, h), Image.NEAREST), ((canvas.width - w) // 2, top + line))
     with atomic_path(path) as tmp:
         canvas.save(tmp)
 

@@ -124,6 +124,7 @@ def test_the_reconstruction_figures_title_says_what_it_shows_and_the_epochs_val_
         "17.26 dB")
     assert mae_pretrain.recon_title({**stats, "knn_acc": 0.5, "val_loss": 0.2}, 16).endswith(
         "| train loss 0.1235 | val loss 0.2000")
+    assert mae_pretrain.recon_title(stats, 1) == "epoch 3: the val image, fixed masks | train loss 0.1235"
 
 
 def test_resume_continues_the_same_run(tmp_path, run_pretrain, capsys):

@@ -1037,6 +1037,22 @@ def test_recon_figure_stacks_title_masked_reconstruction_original(tmp_path):
     assert ((r[:black_rows.min()] + g[:black_rows.min()] + b[:black_rows.min()]) < 300).any()  # the title's text
 
 
+def test_recon_figure_of_a_few_images_is_as_wide_as_its_text(tmp_path):
+    """A val set of one image (--val_split 1) makes a grid 30 pixels wide: the figure widens to its longest line of
+    text, which it had cut off, and centres the panels under it."""
+    import numpy as np
+    from PIL import Image
+    one = torch.zeros(1, 3, 8, 8)
+    path = tmp_path / "recon.png"
+    title = "epoch 1: the val image, fixed masks | train loss 0.2753 | val loss 0.2750"
+    utils.save_recon_figure(str(path), one, one, one, title=title)
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    dark = rgb.sum(axis=2) < 300
+    assert rgb.shape[1] > 400 and not dark[:, :10].any() and not dark[:, -10:].any()  # the 10-pixel border is clear
+    columns = np.flatnonzero(dark.sum(axis=0) >= 3 * 8 * 3)  # black down three enlarged images: the panels'
+    assert len(columns) == 8 * 3 and abs((columns.min() + columns.max()) / 2 - rgb.shape[1] / 2) <= 2
+
+
 def test_recon_grid_for_tensorboard_stacks_masked_reconstruction_original_top_to_bottom():
     """The TensorBoard image: the three panels one above another, in the figure's order, each a grid of ncol images
     a row, one white (1.0) pixel around and between them, written out longhand here. 10 images of 6 x 5 pixels in
