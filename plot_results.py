@@ -152,9 +152,10 @@ def load_vector(path: str, flag: str) -> np.ndarray:
 # The fields of the scripts' JSON files that this script reads, and what each must be. A hand-edited file with
 # another type stops here with one line, not with a traceback from deep inside a figure.
 NUMBER, INTEGER, TEXT, FLAG = "a number", "an integer", "a string", "true or false"
-ARGS_FIELDS = {"norm_pix_loss": FLAG, "knn_k": INTEGER, "val_split": INTEGER, "dataset": TEXT}
+ARGS_FIELDS = {"norm_pix_loss": FLAG, "knn_k": INTEGER, "val_split": INTEGER, "dataset": TEXT, "total_epoch": INTEGER}
 SUMMARY_FIELDS = {"classes": "a list of class names", "linear_probe": FLAG, "recipe": TEXT,
                   "best_val_acc": NUMBER, "final_val_acc": NUMBER, "best_epoch": INTEGER, "epochs": INTEGER,
+                  "total_epoch": INTEGER,
                   "pretrained_model_path": TEXT, "pretrained_sha256": TEXT}
 
 
@@ -285,6 +286,22 @@ def best_index(name: str, values: np.ndarray) -> int:
     """Index of a monitor metric's best value: its lowest in LOWER_IS_BETTER, else its highest; the earliest on
     ties."""
     return int(np.nanargmin(values)) if name in LOWER_IS_BETTER else first_argmax(values)
+
+
+def epoch_count(done: int, total) -> str:
+    """'3', or '3 of 10' for a run stopped before its --total_epoch (--stop_after, a time limit): beside a finished
+    run it would otherwise read as one. `total` is None where the run's files do not say."""
+    return f"{done} of {total}" if isinstance(total, int) and total > done else f"{done}"
+
+
+def epochs_text(done: int, total) -> str:
+    """epoch_count with its unit: '1 epoch', '3 epochs', '1 of 2 epochs'."""
+    return f"{epoch_count(done, total)} epoch{'' if epoch_count(done, total) == '1' else 's'}"
+
+
+def run_total_epoch(run: ClassifierRun):
+    """The --total_epoch a classifier run was started for, from its summary (or its args)."""
+    return run.summary.get("total_epoch", run.args.get("total_epoch"))
 
 
 def pretrain_numbers(pre: Pretraining) -> dict:
@@ -471,7 +488,7 @@ def plot_loss_curve(pre: Pretraining, log_scale: bool):
     annotate_best(ax, best, losses[best - 1], f"best {losses[best - 1]:.5f} (epoch {best})", BLUE, lowest=True)
     ax.set_ylabel(loss_label(pre.args, log_scale))
     on = data_caption(pre.args, val=False)
-    count = f"{len(losses)} epoch{'s' if len(losses) > 1 else ''}"
+    count = epochs_text(len(losses), pre.args.get("total_epoch"))
     ax.set_title(f"MAE pretraining{' on ' + on if on else ''}: training loss per epoch ({count})")
     return fig
 
@@ -682,7 +699,7 @@ def command_line(args) -> str:
 def report_pretraining(pre: Pretraining, n: dict, figures: dict, rel) -> list:
     lines = ["## MAE pretraining", "", f"From `{pre.folder}` ({pretrain_config(pre)}).", "",
              "| quantity | value |", "| --- | --- |",
-             f"| epochs | {n['epochs']} |",
+             f"| epochs | {epoch_count(n['epochs'], pre.args.get('total_epoch'))} |",
              f"| first 5 losses | {fmt_losses(n['first5'])} |",
              f"| last 5 losses | {fmt_losses(n['last5'])} |",
              f"| best loss (epoch) | {n['best_loss']:.5f} ({n['best_epoch']}) |",
@@ -754,7 +771,8 @@ def report_classifiers(runs: list, figures: dict, rel) -> list:
         # schedule only: naming the recipe would claim augmentation it did not have.
         recipe = "linear probe" if run.linear_probe else run.summary.get("recipe", "")
         split = f"{run.args.get('dataset')} ({val_split(run.args)})" if run.args else ""
-        lines.append(f"| {run.name} | {run.label} | {recipe} | {split} | {n.get('epochs', '')} | {best} | "
+        epochs = epoch_count(n["epochs"], run_total_epoch(run)) if "epochs" in n else ""
+        lines.append(f"| {run.name} | {run.label} | {recipe} | {split} | {epochs} | {best} | "
                      f"{final} | {loss} |")
     lines.append("")
     for (path, digest), names in encoder_starts(runs).items():
@@ -812,8 +830,8 @@ def summary_lines(pre, runs) -> list:
     lines = []
     if pre is not None:
         n = pretrain_numbers(pre)
-        lines += [f"pretraining ({pre.folder}): {n['epochs']} epochs, best loss {n['best_loss']:.5f} at epoch "
-                  f"{n['best_epoch']}, final {n['final_loss']:.5f}",
+        lines += [f"pretraining ({pre.folder}): {epochs_text(n['epochs'], pre.args.get('total_epoch'))}, best loss "
+                  f"{n['best_loss']:.5f} at epoch {n['best_epoch']}, final {n['final_loss']:.5f}",
                   f"  first 5: {fmt_losses(n['first5'])}", f"  last 5:  {fmt_losses(n['last5'])}"]
         if "knn_acc" in n:
             k = n["knn_acc"]
@@ -823,7 +841,8 @@ def summary_lines(pre, runs) -> list:
         n = run_numbers(run)
         if "best_val_acc" in n:
             lines.append(f"{run.name} ({run.label}): best val acc {pct(n['best_val_acc'])} at epoch "
-                         f"{n['best_epoch']}, final {pct(n['final_val_acc'])} ({n['epochs']} epochs)")
+                         f"{n['best_epoch']}, final {pct(n['final_val_acc'])} "
+                         f"({epochs_text(n['epochs'], run_total_epoch(run))})")
     return lines
 
 

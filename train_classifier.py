@@ -580,8 +580,9 @@ def main(args):
         last_model_path = last_path(args)
         log_print(f"config: {vars(args)}")
         log_print(f"data: {args.dataset}, {len(train)} train / {len(val)} val images, {num_classes} classes, "
-                  f"{steps_per_epoch} steps per epoch; device {device} x {world_size} process(es), autocast "
-                  f"{amp_dtype}, attention {attention}; images in {utils.memory_name(data_device)}")
+                  f"{steps_per_epoch} step{'s' * (steps_per_epoch != 1)} per epoch; device {device} x {world_size} "
+                  f"process(es), autocast {amp_dtype}, attention {attention}; images in "
+                  f"{utils.memory_name(data_device)}")
         start = "from scratch" if mae_state is None else \
             f"encoder from {args.pretrained_model_path} (its encoder's SHA-256 {pretrained_sha256[:12]})"
         settings = f"linear probe, with the probe's settings and recipe {args.recipe}'s lr schedule" \

@@ -171,6 +171,34 @@ def test_report_names_the_pretrained_model_and_reads_the_files_the_scripts_write
     assert plot_results.RUN_CURVES == train_classifier.CURVES
 
 
+def test_a_run_stopped_before_its_total_epoch_reads_as_such_in_the_report_and_the_output(run_outputs, full_report,
+                                                                                          tmp_path):
+    """A run stopped by --stop_after (or a time limit) beside finished ones would be compared as if complete: its
+    epochs read "2 of 5" in the report's tables, in what the script prints, and in the loss curve's title; a
+    finished run's read as before, and one epoch is "1 epoch"."""
+    _, _, report_path, out = full_report
+    assert "pretraining (" in out and ": 2 epochs, best loss" in out and "(3 epochs)" in out and " of " not in out
+    assert "| epochs | 2 |" in report_path.read_text()
+
+    pre, cls = copy_outputs(run_outputs, tmp_path)
+    args = json.loads((pre / "args.json").read_text())
+    (pre / "args.json").write_text(json.dumps({**args, "total_epoch": 5}))
+    summary = json.loads((cls / "scratch_summary.json").read_text())
+    (cls / "scratch_summary.json").write_text(json.dumps({**summary, "total_epoch": 4}))
+    out = plot("--pretrain_dir", pre, "--cls_dir", cls, "--report", tmp_path / "results.md")
+    report = (tmp_path / "results.md").read_text()
+    assert ": 2 of 5 epochs, best loss" in out and "| epochs | 2 of 5 |" in report
+    scratch_row = next(line for line in report.splitlines() if line.startswith("| scratch |"))
+    assert scratch_row.split("|")[5].strip() == "3 of 4" and "scratch (from scratch): best val acc" in out
+    assert next(line for line in out.splitlines() if line.startswith("scratch ")).endswith("(3 of 4 epochs)")
+    assert next(line for line in out.splitlines() if line.startswith("pretrained ")).endswith("(3 epochs)")
+    pretraining = plot_results.load_pretraining(str(pre), [], [])
+    fig = plot_results.plot_loss_curve(pretraining, False)
+    assert fig.axes[0].get_title().endswith("(2 of 5 epochs)")
+    plot_results.plt.close(fig)
+    assert plot_results.epochs_text(1, None) == plot_results.epochs_text(1, 1) == "1 epoch"
+
+
 def test_report_names_the_encoder_the_runs_started_from_and_notes_when_they_differ(run_outputs, full_report,
                                                                                       tmp_path):
     """The fine-tune and the probe of one MAE checkpoint are listed under its path and its encoder's digest (the
