@@ -158,10 +158,27 @@ def resolve_defaults(args, device: torch.device) -> None:
             setattr(args, name, value)
 
 
+def check_replaces_a_result(path: str) -> None:
+    """One-line death when --json names an existing file that is not an earlier bench.py result (a training
+    script's args.json or summary, a result of another tool): a rerun replaces its own result, never another file,
+    as the training scripts replace only their own checkpoints."""
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, ValueError):  # unreadable, or not JSON
+        result = None
+    if not (isinstance(result, dict) and str(result.get("command", "")).startswith("python bench.py")
+            and "matmul_peak" in result):
+        utils.die(f"--json {path!r} is a file but not a bench.py result, and this run would replace it: choose "
+                  "another name, or move that file")
+
+
 def check_args(args) -> MAEConfig:
     """Every flag checked before any work, and before --json is written."""
     positive = ("pretrain_batch_size", "finetune_batch_size", "max_device_batch_size", "num_classes", "steps",
-                "warmup_steps", "repeats", "eval_images", "epoch_images", *utils.MODEL_SIZE_FLAGS)
+                "warmup_steps", "repeats", "eval_images", *utils.MODEL_SIZE_FLAGS)  # --epoch_images: its range below
     for name in positive:
         if getattr(args, name) < 1:
             utils.die(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -183,12 +200,15 @@ def check_args(args) -> MAEConfig:
         utils.die(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
     if args.inductor and not args.compile:
         utils.die("--inductor needs compilation, which is off (pass --compile)")
+    if args.compile_cache != "fresh" and not args.compile:  # else kept in the config as if it had counted
+        utils.die(f"--compile_cache {args.compile_cache} needs compilation, which is off (pass --compile)")
     if args.capture_step and args.warmup_steps <= utils.StepGraphs.WARMUP:
         # The step after the eager ones captures its graphs: the warm-up, not the timing, must hold it.
         utils.die(f"--warmup_steps must be at least {utils.StepGraphs.WARMUP + 1} with --capture_step (on by default "
                   f"on CUDA; --no-capture_step turns it off), got {args.warmup_steps}")
     if args.json:  # checked now, not after minutes of timing
         utils.check_output_file("--json", args.json, (".json",), create_folder=False)
+        check_replaces_a_result(args.json)
     recipe = train_classifier.RECIPES[args.finetune_recipe]
     if args.phases != "pretrain" and (recipe["mixup"] or recipe["cutmix"]) \
             and chunk_size(args.finetune_batch_size, args) % 2:
@@ -927,8 +947,11 @@ def main(args):
               f"{r['percent_of_peak']:>9.1f}% {memory:>6} {r['epoch_ms_per_step']:>9.2f}")
     print(f"(ms/step: median of {args.repeats} x {args.steps} steps after {args.warmup_steps} warm-up; compile s: "
           f"the warm-up's extra time{'' if args.compile else ', here without compilation: first-step set-up'}; "
-          f"in epoch: ms per step of one epoch of {args.epoch_images:,} images run by the script's train_one_epoch, "
-          f"which the projection uses; fine-tune: train_classifier.py's step with --recipe {args.finetune_recipe})")
+          f"in epoch: ms per step of one epoch run by the script's train_one_epoch, which the projection uses, of "
+          + ", ".join(f"{args.epoch_images // r['batch_size']} x {r['batch_size']} images ({r['phase']})"
+                      for r in results)
+          + (f"; fine-tune: train_classifier.py's step with --recipe {args.finetune_recipe})" if finetune is not None
+             else ")"))
     for r in results:
         print(f"host syncs in one {r['phase']} step (eager, every operator recorded): "
               f"{', '.join(r['host_syncs']) or 'none'}")

@@ -339,6 +339,9 @@ def mae_config(args, **fields) -> MAEConfig:
     the masked patches, --mask_ratio must mask at least one of them at this --patch_size."""
     cfg = model_config(mask_ratio=args.mask_ratio, **{name: getattr(args, name) for name in MODEL_SIZE_FLAGS},
                        **fields)
+    if cfg.num_patches == 1:  # no --mask_ratio below 1 masks the only patch: the flag at fault is this one
+        die(f"--patch_size {args.patch_size} cuts the {cfg.img_size}x{cfg.img_size} image into 1 patch, but the MAE "
+            f"hides some patches and shows others: pass at most {cfg.img_size // 2}")
     if num_masked_patches(cfg.num_patches, cfg.mask_ratio) == 0:
         die(f"--mask_ratio {args.mask_ratio} masks none of the {cfg.num_patches} patches (--patch_size "
             f"{args.patch_size}): at least one must be masked, i.e. mask_ratio >= 1/{cfg.num_patches}")

@@ -444,6 +444,11 @@ def test_one_phase_alone_times_that_phase_and_projects_nothing(tmp_path, capsys,
     assert f"evaluation and projection: left out (--phases {phase}" in printed
     assert "projected wall time" not in printed
     assert ("fine-tuning input work alone" in printed) == (phase == "finetune")
+    # The footnote gives the epoch the phase ran (4 steps of 64, 8 of 32), and names the fine-tuning recipe only
+    # when fine-tuning was timed.
+    batch = r["config"][f"{phase}_batch_size"]
+    assert f"which the projection uses, of {256 // batch} x {batch} images ({phase})" in printed
+    assert ("train_classifier.py's step with --recipe" in printed) == (phase == "finetune")
 
 
 @pytest.mark.parametrize("device, preset, sizes, batch_sizes, timing", [
@@ -1124,6 +1129,11 @@ def test_only_the_batch_sizes_of_the_phases_timed_are_checked(capsys):
     (["--mask_ratio", "1.0"], "--mask_ratio must be in (0, 1)"),
     (["--mask_ratio", "0.01"], "--mask_ratio 0.01 masks none of the"),  # the loss would be a mean over no patch
     (["--eval_images", "0"], "--eval_images must be >= 1"),
+    (["--epoch_images", "0"], "--epoch_images must be in [64, 50,000]"),  # its one range, not ">= 1" first
+    # no mask ratio in (0, 1) masks one patch of one: the flag to change is --patch_size
+    (["--patch_size", "32"], "--patch_size 32 cuts the 32x32 image into 1 patch, but the MAE hides some patches and "
+                             "shows others: pass at most 16"),
+    (["--compile_cache", "shared"], "--compile_cache shared needs compilation, which is off"),
     (["--epoch_images", "32"], "--epoch_images must be in [64, 50,000]"),  # less than a pretraining batch
     (["--eval_images", "10001"], "--eval_images must be at most the reference's 10,000"),
     (["--embed_dim", "64", "--num_heads", "3"], "model flags"),
@@ -1164,6 +1174,28 @@ def test_bad_flags_are_one_line_and_status_2(flags, expected, capsys, tmp_path, 
     captured = capsys.readouterr()
     assert len(captured.err.strip().splitlines()) == 1 and expected in captured.err
     assert captured.out == "" and os.listdir(tmp_path) == []
+
+
+def test_json_replaces_an_earlier_result_only(tmp_path, capsys):
+    """--json replaces an earlier bench.py result; another file under its name (a training script's args.json or
+    summary, named by a slip) is refused in one line, exit status 2, and stays as it was, as the training scripts
+    replace only their own checkpoints. Checked before any timing."""
+    args_json = tmp_path / "args.json"
+    args_json.write_text('{"seed": 42, "batch_size": 512}')
+    earlier = tmp_path / "bench.json"
+    earlier.write_text(json.dumps({"command": "python bench.py --device cpu", "matmul_peak": {}}))
+    bench.check_replaces_a_result(str(earlier))  # its own: replaced
+    bench.check_replaces_a_result(str(tmp_path / "new.json"))  # nothing there
+    for path in (args_json, tmp_path / "notes.json"):
+        path.write_text(path.read_text() if path.exists() else "not JSON")
+        before = path.read_bytes()
+        with pytest.raises(SystemExit) as exc:
+            bench.main(bench.get_args_parser().parse_args(["--device", "cpu", "--json", str(path)]))
+        assert exc.value.code == 2 and path.read_bytes() == before
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.strip().endswith(
+            f"--json {str(path)!r} is a file but not a bench.py result, and this run would replace it: choose another "
+            "name, or move that file")
 
 
 def test_capture_step_needs_warm_up_steps_that_hold_the_capture(capsys):
