@@ -327,11 +327,12 @@ def add_model_size_args(parser, vit_t_defaults: bool, unused=()) -> None:
 
 
 def model_config(**fields) -> MAEConfig:
-    """MAEConfig(**fields), with its complaint as one-line death (its fields are the flags' names)."""
+    """MAEConfig(**fields), with its complaint as one-line death. Its fields are the flags' names: the complaint
+    names them as flags ("--embed_dim 30 must be divisible by ..."); the others (img_size) stay as they are."""
     try:
         return MAEConfig(**fields)
     except ValueError as e:
-        die(f"model flags: {e}")
+        die(re.sub(rf"\b({'|'.join(map(re.escape, fields))})\b", r"--\1", str(e)))
 
 
 def mae_config(args, **fields) -> MAEConfig:

@@ -1136,7 +1136,7 @@ def test_only_the_batch_sizes_of_the_phases_timed_are_checked(capsys):
     (["--compile_cache", "shared"], "--compile_cache shared needs compilation, which is off"),
     (["--epoch_images", "32"], "--epoch_images must be in [64, 50,000]"),  # less than a pretraining batch
     (["--eval_images", "10001"], "--eval_images must be at most the reference's 10,000"),
-    (["--embed_dim", "64", "--num_heads", "3"], "model flags"),
+    (["--embed_dim", "64", "--num_heads", "3"], "--embed_dim 64 must be divisible by --num_heads 3"),
     (["--embed_dim", "400000"], "parameters need"),  # terabytes: more than any machine's memory
     # /proc: root passes os.access there, but no file can be made (another user is refused by os.access first)
     (["--json", "/proc/out.json"], "--json: cannot write in"),

@@ -830,8 +830,8 @@ def test_attention_flag_sets_the_kernel_of_training_and_evaluation(tmp_path, run
     (["--schedule", "reference", "--min_lr", "1e-6"], "--min_lr 1e-06 is for --schedule warmup_cosine; the reference "
                                                        "schedule ends at 0"),
     (["--schedule", "cosine"], "argument --schedule: invalid choice: 'cosine'"),
-    (["--decoder_num_heads", "3"], "model flags: decoder_embed_dim 32 must be divisible by decoder_num_heads 3"),
-    (["--embed_dim", "30", "--num_heads", "3"], "model flags: embed_dim 30 must be divisible by 4 (the sin-cos "
+    (["--decoder_num_heads", "3"], "--decoder_embed_dim 32 must be divisible by --decoder_num_heads 3"),
+    (["--embed_dim", "30", "--num_heads", "3"], "--embed_dim 30 must be divisible by 4 (the sin-cos "
                                                  "position embedding's four parts)"),
     (["--seed", "-1"], "--seed must be in [0, 2^31), got -1"),
     (["--device", "mps"], "--device must be cuda, cuda:N or cpu, got 'mps'"),
