@@ -1398,7 +1398,8 @@ def save_recon_figure(path: str, masked, recon, original, title: str = "", ncol:
     w, h = grids[0].width * scale, grids[0].height * scale
     line, margin = 24, 10  # a text line's height, the border
     # As wide as the widest line of text too: a val set of a few images makes a grid narrower than the title.
-    width = max(w, *(math.ceil(font.getlength(text)) for text in (title, *(label for label, _ in panels))))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = max(w, *(math.ceil(measure.textlength(text, font=font)) for text in (title, *(n for n, _ in panels))))
     canvas = Image.new("RGB", (width + 2 * margin, line + 3 * (line + h) + margin), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((canvas.width // 2, 4), title, fill="black", font=font, anchor="ma")
