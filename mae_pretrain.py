@@ -439,7 +439,7 @@ def save_epoch_outputs(args, writer, stats, evals, log, figures, checkpoint, dig
             writer.add_scalar(name, stats[name], epoch)
         for name in ("epoch", *names):
             utils.save_npy(os.path.join(args.output_dir, f"{'eval_epochs' if name == 'epoch' else name}.npy"),
-                           [e[name] for e in evals])
+                           [e[name] for e in evals], "int64" if name == "epoch" else "float64")
     # A monitor array this run does not write (none before its first evaluation) is an earlier run's in the same
     # --output_dir, which plot_results would draw beside this run's losses as this run's.
     written = ["eval_epochs", *names] if evals else []

@@ -56,7 +56,7 @@ def test_two_epoch_run_writes_every_output(tmp_path, run_pretrain):
 
     # The default --eval_every (25) is longer than this run: the encoder is evaluated once, at the end,
     # and every sink gets the same numbers.
-    assert np.load(out / "eval_epochs.npy").tolist() == [2]
+    assert np.load(out / "eval_epochs.npy").tolist() == [2] and np.load(out / "eval_epochs.npy").dtype == np.int64
     for name in ("knn_acc", "val_loss", "val_psnr"):
         values = np.load(out / f"{name}.npy")
         assert values.shape == (1,) and np.isfinite(values).all()
@@ -189,7 +189,7 @@ def test_an_epoch_without_evaluation_after_one_with_adds_no_monitor_numbers(tmp_
     out = tmp_path / "run" / "outputs"
     records = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [(r["epoch"], "knn_acc" in r) for r in records] == [(1, False), (2, True), (3, False)]
-    assert np.load(out / "eval_epochs.npy").tolist() == [2]
+    assert np.load(out / "eval_epochs.npy").tolist() == [2] and np.load(out / "eval_epochs.npy").dtype == np.int64
     events = EventAccumulator(str(tmp_path / "run" / "logs"), size_guidance={"scalars": 0}).Reload()
     for name in ("knn_acc", "val_loss", "val_psnr"):
         assert [e.step for e in events.Scalars(name)] == [2], name
