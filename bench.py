@@ -158,21 +158,15 @@ def resolve_defaults(args, device: torch.device) -> None:
             setattr(args, name, value)
 
 
-def check_replaces_a_result(path: str) -> None:
-    """One-line death when --json names an existing file that is not an earlier bench.py result (a training
-    script's args.json or summary, a result of another tool): a rerun replaces its own result, never another file,
-    as the training scripts replace only their own checkpoints."""
-    if not os.path.isfile(path):
-        return
-    try:
-        with open(path) as f:
-            result = json.load(f)
-    except (OSError, ValueError):  # unreadable, or not JSON
-        result = None
-    if not (isinstance(result, dict) and str(result.get("command", "")).startswith("python bench.py")
-            and "matmul_peak" in result):
-        utils.die(f"--json {path!r} is a file but not a bench.py result, and this run would replace it: choose "
-                  "another name, or move that file")
+def load_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def is_a_result(obj: dict) -> bool:
+    """Whether a JSON object is a bench.py result (what --json writes): a rerun may replace it, and no other file
+    (a training script's args.json or summary named by a slip)."""
+    return str(obj.get("command", "")).startswith("python bench.py") and "matmul_peak" in obj
 
 
 def check_args(args) -> MAEConfig:
@@ -208,7 +202,7 @@ def check_args(args) -> MAEConfig:
                   f"on CUDA; --no-capture_step turns it off), got {args.warmup_steps}")
     if args.json:  # checked now, not after minutes of timing
         utils.check_output_file("--json", args.json, (".json",), create_folder=False)
-        check_replaces_a_result(args.json)
+        utils.check_replaces_own("--json", args.json, is_a_result, "a bench.py result", load=load_json)
     recipe = train_classifier.RECIPES[args.finetune_recipe]
     if args.phases != "pretrain" and (recipe["mixup"] or recipe["cutmix"]) \
             and chunk_size(args.finetune_batch_size, args) % 2:
@@ -572,8 +566,7 @@ def second_finetune_compile_s(args) -> float | None:
             print(f"second fine-tune's compilation: not measured, its process failed ({last}); the projection "
                   "counts the first's twice")
             return None
-        with open(out) as f:
-            return json.load(f)["finetune"]["compile_s"]
+        return load_json(out)["finetune"]["compile_s"]
 
 
 def inductor_settings(args) -> dict:

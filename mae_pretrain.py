@@ -106,7 +106,7 @@ def check_args(args) -> None:
     # A run resumed from its --model_path replaces the file it resumes, which load_resume checks as such.
     if not (args.resume and os.path.realpath(args.resume) == os.path.realpath(args.model_path)):
         utils.check_replaces_own("--model_path", args.model_path, lambda ckpt: {"model", "config", "losses"} <=
-                                 ckpt.keys() and "num_classes" not in ckpt, "mae_pretrain.py")
+                                 ckpt.keys() and "num_classes" not in ckpt, "a mae_pretrain.py checkpoint")
     utils.check_no_folder_at("--output_dir", args.output_dir, OUTPUT_NAMES, ["recon_epoch_*.png"])
     utils.check_data_args(args)
 

@@ -208,7 +208,8 @@ def check_args(args) -> None:
             utils.die(f"--output_model_path {args.output_model_path!r} would overwrite --pretrained_model_path "
                       f"{args.pretrained_model_path!r} (it or its _last.pt): choose another name")
     for path in (args.output_model_path, last_path(args)):
-        utils.check_replaces_own("--output_model_path", path, lambda ckpt: "num_classes" in ckpt, "train_classifier.py")
+        utils.check_replaces_own("--output_model_path", path, lambda ckpt: "num_classes" in ckpt,
+                                 "a train_classifier.py checkpoint")
     utils.check_data_args(args)
 
 

@@ -144,19 +144,25 @@ def check_run_outputs(args, checkpoint_flag: str, *beside: str) -> None:
                     "another name for one of them")
 
 
-def check_replaces_own(flag: str, path: str, own, script: str) -> None:
-    """One-line death when `path` holds a file that `own` (ckpt dict -> bool) does not take for a checkpoint of
-    `script`: a rerun replaces its own earlier checkpoint, never another file. The other script's checkpoint, named
-    by a slip of the flag (the pretraining's under the fine-tune's --output_model_path), is the training it took."""
+def load_checkpoint_keys(path: str):
+    """A checkpoint's dict, its tensors mapped rather than read (mmap): enough to look at its keys."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def check_replaces_own(flag: str, path: str, own, what: str, load=load_checkpoint_keys) -> None:
+    """One-line death when `path` holds a file that `own` (the dict load(path) gives -> bool) does not take for
+    `what` ("a mae_pretrain.py checkpoint"): a rerun replaces its own earlier output, never another file. The other
+    script's checkpoint, named by a slip of the flag (the pretraining's under the fine-tune's --output_model_path),
+    is the training it took."""
     if not os.path.isfile(path):
         return
-    try:  # mmap: the keys, without reading the tensors
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not a torch zip archive, or not one of plain tensors and containers
-        ckpt = None
-    if not (isinstance(ckpt, dict) and own(ckpt)):
-        die(f"{flag} {path!r} is a file but not a {script} checkpoint, and this run would replace it: choose "
-            "another name, or move that file")
+    try:
+        obj = load(path)
+    except Exception:  # not the format `load` reads (not a torch zip archive of plain tensors, not JSON, ...)
+        obj = None
+    if not (isinstance(obj, dict) and own(obj)):
+        die(f"{flag} {path!r} is a file but not {what}, and this run would replace it: choose another name, or move "
+            "that file")
 
 
 def make_output_folders(folders: dict, device: torch.device) -> None:

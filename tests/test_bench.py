@@ -1184,8 +1184,8 @@ def test_json_replaces_an_earlier_result_only(tmp_path, capsys):
     args_json.write_text('{"seed": 42, "batch_size": 512}')
     earlier = tmp_path / "bench.json"
     earlier.write_text(json.dumps({"command": "python bench.py --device cpu", "matmul_peak": {}}))
-    bench.check_replaces_a_result(str(earlier))  # its own: replaced
-    bench.check_replaces_a_result(str(tmp_path / "new.json"))  # nothing there
+    for path in (earlier, tmp_path / "new.json"):  # its own, replaced; nothing there
+        utils.check_replaces_own("--json", str(path), bench.is_a_result, "a bench.py result", load=bench.load_json)
     for path in (args_json, tmp_path / "notes.json"):
         path.write_text(path.read_text() if path.exists() else "not JSON")
         before = path.read_bytes()
