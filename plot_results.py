@@ -296,7 +296,8 @@ def epoch_count(done: int, total) -> str:
 
 def epochs_text(done: int, total) -> str:
     """epoch_count with its unit: '1 epoch', '3 epochs', '1 of 2 epochs'."""
-    return f"{epoch_count(done, total)} epoch{'' if epoch_count(done, total) == '1' else 's'}"
+    count = epoch_count(done, total)
+    return f"{count} epoch{'' if count == '1' else 's'}"
 
 
 def run_total_epoch(run: ClassifierRun):
