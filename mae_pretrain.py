@@ -145,12 +145,8 @@ def load_resume(args, cfg):
                    f"{ckpt['evals'][-1]['epoch']}), though they share one curve")
     # losses.npy goes on from the checkpoint, log.jsonl from this file: it must hold the checkpoint's epochs with
     # its losses, or the two would disagree (a resume into another --output_dir, or one holding another run's log).
-    log_path = os.path.join(args.output_dir, "log.jsonl")
-    log = [r for r in utils.read_jsonl(log_path, "--output_dir") if r["epoch"] <= epoch]
-    if [(r["epoch"], r.get("loss")) for r in log] != list(enumerate(losses, start=1)):
-        utils.die(f"--resume: {log_path!r} does not hold epochs 1 to {epoch} of the checkpoint with its losses (is "
-                  "--output_dir that run's?)")
-    return ckpt, log
+    return ckpt, utils.resumed_log(os.path.join(args.output_dir, "log.jsonl"), epoch,
+                                   lambda r: r.get("loss") == losses[r["epoch"] - 1], "its losses", "--output_dir")
 
 
 def optimizer_groups(model, args) -> list:

@@ -250,13 +250,10 @@ def load_resume(args, cfg: MAEConfig, pretrained_sha256: str | None):
     except (RuntimeError, TypeError, OverflowError):  # a count past int64 (an old checkpoint names no classes)
         utils.die(f"--resume {args.resume!r}: its num_classes {num_classes} builds no classifier")
     utils.check_resume_state(ckpt, args, model, optimizer_groups(model, args))
-    log_path = os.path.join(args.output_dir, f"{args.run_name}_log.jsonl")
-    log = [r for r in utils.read_jsonl(log_path, "--output_dir") if r["epoch"] <= ckpt["epoch"]]
     # The curves and the best epoch are rebuilt from these records: all of the checkpoint's epochs must be there.
-    if [r["epoch"] for r in log] != list(range(1, ckpt["epoch"] + 1)) or \
-            not all(utils.is_number(r.get(name)) for r in log for name in CURVES):
-        utils.die(f"--resume: {log_path!r} does not hold epochs 1 to {ckpt['epoch']} of the checkpoint with their "
-                  f"{', '.join(CURVES)} (is --output_dir or --run_name that run's?)")
+    log = utils.resumed_log(os.path.join(args.output_dir, f"{args.run_name}_log.jsonl"), ckpt["epoch"],
+                            lambda r: all(utils.is_number(r.get(name)) for name in CURVES),
+                            f"their {', '.join(CURVES)}", "--output_dir or --run_name")
     # The run's best epoch so far is in the best checkpoint beside --resume. Under another --output_model_path the
     # resumed run would name as its best a file that holds none of its epochs until one beats that best (and the
     # resume file itself as the best would be replaced by a checkpoint that cannot resume).

@@ -1216,6 +1216,17 @@ def read_jsonl(path: str, flag: str) -> list:
     return records
 
 
+def resumed_log(path: str, epoch: int, holds, what: str, folder_flags: str) -> list:
+    """The records of a run's per-epoch log up to its --resume checkpoint's epoch, or one-line death unless they are
+    epochs 1 to `epoch`, each taken by holds(record) for the checkpoint's: the resumed run goes on from them, so a
+    log of another folder or run (a resume into another --output_dir) would leave it disagreeing with itself."""
+    log = [r for r in read_jsonl(path, "--output_dir") if r["epoch"] <= epoch]
+    if [r["epoch"] for r in log] != list(range(1, epoch + 1)) or not all(map(holds, log)):
+        die(f"--resume: {path!r} does not hold epochs 1 to {epoch} of the checkpoint with {what} (is {folder_flags} "
+            "that run's?)")
+    return log
+
+
 def weights_digest(state_dict: dict) -> str:
     """SHA-256 of a state_dict's names, dtypes, shapes and bytes: which weights a checkpoint holds, whatever its
     file's name and wherever it lies."""
