@@ -311,9 +311,8 @@ class MAEEncoder(nn.Module):
         """(B, C, H, W) -> (B, N, D) patch tokens with positions added."""
         # Kernel = stride: the conv is a linear map on each patch flattened as (c p1 p2), its weight's own order,
         # and is applied as one. As a conv its backward is ATen's convolution backward, bias-gradient sum included;
-        # as a linear, torch.compile lowers that sum into kernels of its own. (The 46 ATen sums of a fine-tuning
-        # step were first put down to this bias gradient; they stayed after the change: README, Speed.) The
-        # parameters stay the conv's: checkpoints do not change.
+        # as a linear, torch.compile lowers that sum into kernels of its own. The parameters stay the conv's:
+        # checkpoints do not change.
         p = self.cfg.patch_size
         patches = rearrange(imgs, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)
         x = F.linear(patches, self.patch_embed.weight.flatten(1), self.patch_embed.bias)  # (B, N, D)
@@ -412,17 +411,25 @@ class MAE(nn.Module):
         check_mask_ratio(mask_ratio)
         latent, mask, ids_restore = self.encoder.forward_masked(imgs, mask_ratio, noise)
         pred = self.decoder(latent, ids_restore, masked_only)
-        target = patchify(imgs, self.cfg.patch_size)
+        return self.forward_loss(imgs, pred, mask, ids_restore, masked_only), pred, mask
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, ids_restore: torch.Tensor,
+                     masked_only: bool = False) -> torch.Tensor:
+        """MSE over the masked patches, for both forwards (training's and evaluation's), so that a change to the
+        loss reaches the val loss too. pred: the full forward's (B, N, P) in image order, or with masked_only the
+        masked patches' (B, N_masked, P) in the decoder's shuffled order."""
+        target = patchify(imgs, self.cfg.patch_size)  # (B, N, P)
         if self.cfg.norm_pix_loss:
             target = normalize_patches(target)[0]
         if not masked_only:
-            return masked_mse(pred, target, mask), pred, mask
-        target = to_shuffled_order(target, ids_restore)[:, latent.shape[1] - 1:]  # the decoder's masked patches
+            return masked_mse(pred, target, mask)
+        # The masked patches come last in the shuffled order.
+        target = to_shuffled_order(target, ids_restore)[:, target.shape[1] - pred.shape[1]:]
         # Every row is a masked patch, so masked_mse's mean is the plain mean (0 when nothing is masked), written
         # without a mask: a mask of ones, its sum clamped, made torch 2.11's inductor fuse a loss kernel that
         # Triton 3.6 failed to compile at patch size 4 (H200, 2026-11-30).
         sq_err = (pred.float() - target.float()).pow(2)
-        return sq_err.sum() / max(sq_err.numel(), 1), pred, mask
+        return sq_err.sum() / max(sq_err.numel(), 1)
 
 
 class ViTClassifier(nn.Module):
