@@ -606,8 +606,8 @@ def pretrain_phase(cfg: MAEConfig, images, args, device: torch.device) -> Phase:
                                 loss_sum, graphs)
 
     def epoch(model, optimizer, scaler, amp_dtype, writer, graphs):
-        mae_pretrain.train_one_epoch(model, optimizer, scaler, images[:args.epoch_images], script_args, 1,
-                                     args.epoch_images // args.pretrain_batch_size, device, amp_dtype, writer, graphs)
+        mae_pretrain.train_one_epoch(model, optimizer, scaler, images[:args.epoch_images], script_args, 1, device,
+                                     amp_dtype, writer, graphs)
     return Phase("pretrain", MAE(cfg), lambda net: mae_pretrain.make_optimizer(net, script_args, device),
                  utils.peak_lr(script_args), args.pretrain_batch_size, step, sum(mae_forward_flops(cfg).values()),
                  epoch=epoch)
@@ -643,8 +643,7 @@ def finetune_phase(cfg: MAEConfig, images, labels, args, device: torch.device) -
     def epoch(model, optimizer, scaler, amp_dtype, writer, graphs):
         train_classifier.train_one_epoch(model, None, optimizer, scaler, images[:args.epoch_images],
                                          labels[:args.epoch_images], prepare, mixup, criterion, script_args, 1,
-                                         args.epoch_images // args.finetune_batch_size, device, amp_dtype, writer,
-                                         graphs)
+                                         device, amp_dtype, writer, graphs)
 
     model = ViTClassifier(cfg, args.num_classes, script_args.global_pool, script_args.drop_path)
     # The pretrained fine-tune's optimizer: with the recipe's layer decay, one group per layer and weight decay,

@@ -199,8 +199,7 @@ def train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, devi
         utils.optimizer_step(optimizer, scaler)
 
 
-def train_one_epoch(model, optimizer, scaler, train_images, args, epoch, steps_per_epoch, device, amp_dtype, writer,
-                    graphs=None):
+def train_one_epoch(model, optimizer, scaler, train_images, args, epoch, device, amp_dtype, writer, graphs=None):
     """One pass over the training set, every process cutting the same permutation. The loss stays on the
     device and is read only every log_interval steps and at the end, so the GPU never waits for the host."""
     model.train()
@@ -208,7 +207,7 @@ def train_one_epoch(model, optimizer, scaler, train_images, args, epoch, steps_p
     chunks_per_step = utils.chunks_per_step(args)
     batches = data.epoch_batches(len(train_images), args.batch_size, data.epoch_seed(args.seed, epoch),
                                  train_images.device)
-    peak_lr = utils.peak_lr(args)
+    steps_per_epoch, peak_lr = len(batches), utils.peak_lr(args)
     total_steps, warmup_steps = args.total_epoch * steps_per_epoch, args.warmup_epoch * steps_per_epoch
     loss_sum = torch.zeros((), device=device)
     start = time.perf_counter()
@@ -351,14 +350,14 @@ def main(args):
     graphs = utils.StepGraphs(optimizer) if args.capture_step else None  # after the resume's load_state_dict
     writer = SummaryWriter(args.log_dir) if main_process else None
     background = utils.BackgroundWriter()  # figures, logs and checkpoints, written while the next epoch trains
-    digests = {}  # epoch -> its checkpoint's encoder SHA-256: filled and read by the writer thread only
+    digests = {}  # epoch -> its checkpoint's encoder SHA-256: filled by the writer thread, read after its close()
 
     # ---- loop
     last_epoch = min(args.total_epoch, args.stop_after or args.total_epoch)
     for epoch in range(start_epoch, last_epoch + 1):
         utils.seed_epoch(args.seed, epoch)
-        stats = train_one_epoch(train_model, optimizer, scaler, train.images, args, epoch, steps_per_epoch, device,
-                                amp_dtype, writer, graphs)
+        stats = train_one_epoch(train_model, optimizer, scaler, train.images, args, epoch, device, amp_dtype, writer,
+                                graphs)
         if not math.isfinite(stats["loss"]):
             kept = f"The checkpoint at {args.model_path} still holds epoch {epoch - 1}" if epoch > 1 else \
                 "This run wrote no checkpoint"
@@ -386,7 +385,7 @@ def main(args):
     background.close()
     if writer:
         writer.close()
-    if losses and main_process:
+    if main_process:  # an epoch always ran: a resume with none left is refused
         best = min(range(len(losses)), key=losses.__getitem__)
         # The digest train_classifier.py prints and keeps for the encoder it starts from: the two logs then tell
         # which pretraining, and which of its epochs, a fine-tune used.

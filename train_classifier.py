@@ -486,8 +486,8 @@ def train_step(net, optimizer, scaler, inputs, labels, batch_idx, lr, prepare, m
         utils.optimizer_step(optimizer, scaler)
 
 
-def train_one_epoch(net, frozen, optimizer, scaler, inputs, labels, prepare, mixup, criterion, args, epoch,
-                    steps_per_epoch, device, amp_dtype, writer, graphs=None):
+def train_one_epoch(net, frozen, optimizer, scaler, inputs, labels, prepare, mixup, criterion, args, epoch, device,
+                    amp_dtype, writer, graphs=None):
     """One pass over the training set, every process cutting the same permutation. Loss and correct counts stay
     on the device and are read only every log_interval steps and at the end."""
     net.train()
@@ -496,7 +496,7 @@ def train_one_epoch(net, frozen, optimizer, scaler, inputs, labels, prepare, mix
     rank, world_size, _ = utils.dist_env()
     chunks_per_step = utils.chunks_per_step(args)
     batches = data.epoch_batches(len(labels), args.batch_size, data.epoch_seed(args.seed, epoch), inputs.device)
-    peak_lr = utils.peak_lr(args)
+    steps_per_epoch, peak_lr = len(batches), utils.peak_lr(args)
     total_steps, warmup_steps = args.total_epoch * steps_per_epoch, args.warmup_epoch * steps_per_epoch
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
     start = time.perf_counter()
@@ -613,19 +613,19 @@ def main(args):
 
     # ---- what trains on what
     eval_chunk = utils.eval_chunk(args.max_device_batch_size)  # no gradients: larger chunks than training's
-    eval_net, frozen, train_inputs, val_inputs, prepare_train, prepare_eval = training_inputs(
+    net, frozen, train_inputs, val_inputs, prepare_train, prepare_eval = training_inputs(
         model, train_images, val_images, eval_chunk, args, device, amp_dtype)
     # Batches are cut where the inputs live: the labels go there too.
     train_labels, val_labels = train.labels.to(train_inputs.device), val.labels.to(val_inputs.device)
     # Evaluation runs eager (utils.eager); a probe's head alone, on precomputed features, has nothing to compile.
-    net = utils.compile_model(eval_net, args) if args.compile and eval_net is model else eval_net
+    train_net = utils.compile_model(net, args) if args.compile and net is model else net
 
     # ---- optimizer and loss
     optimizer = make_optimizer(model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     log, start_epoch = resumed_log, 1
     if ckpt is not None:
-        # In place, so a compiled net and its CUDA graphs see the loaded weights. A probe's features were computed
+        # In place, so train_net and its CUDA graphs see the loaded weights. A probe's features were computed
         # above from the encoder as pretrained, which the probe froze: the checkpoint holds the same encoder.
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -676,8 +676,8 @@ def main(args):
     last_epoch = min(args.total_epoch, args.stop_after or args.total_epoch)
     for epoch in range(start_epoch, last_epoch + 1):
         utils.seed_epoch(args.seed, epoch, rank)  # augmentation and mixup differ per process, as images do
-        stats = train_one_epoch(net, frozen, optimizer, scaler, train_inputs, train_labels, prepare_train, mixup,
-                                criterion, args, epoch, steps_per_epoch, device, amp_dtype, writer, graphs)
+        stats = train_one_epoch(train_net, frozen, optimizer, scaler, train_inputs, train_labels, prepare_train, mixup,
+                                criterion, args, epoch, device, amp_dtype, writer, graphs)
         if not math.isfinite(stats["train_loss"]):
             kept = f"{args.output_model_path} and {last_model_path} still hold earlier epochs" if epoch > 1 else \
                 "This run wrote no checkpoint"
@@ -688,7 +688,7 @@ def main(args):
             # save their mean. Training normalises each chunk with its own statistics, on one GPU as on several.
             from timm.utils import distribute_bn  # here, as make_mixup's Mixup: only runs on several processes use it
             distribute_bn(model, world_size, reduce=True)
-        val_loss, val_acc, val_predicted = evaluate(eval_net, val_inputs, val_labels, prepare_eval, eval_chunk,
+        val_loss, val_acc, val_predicted = evaluate(net, val_inputs, val_labels, prepare_eval, eval_chunk,
                                                     device, amp_dtype)
         stats.update(val_loss=val_loss, val_acc=val_acc)
         log.append({"epoch": epoch, **stats})
@@ -717,9 +717,8 @@ def main(args):
         writer.close()
         if last_epoch == args.total_epoch:
             utils.atomic_copy(os.path.join(out, f"{run}_preds_epoch_{args.total_epoch}.png"), path["preds_grid.png"])
-    if log:
-        log_print(f"done ({run}): best val acc {best_acc:.2%} at epoch {best_epoch}, final {log[-1]['val_acc']:.2%} "
-                  f"(epoch {log[-1]['epoch']}); best checkpoint {args.output_model_path}, last {last_model_path}")
+    log_print(f"done ({run}): best val acc {best_acc:.2%} at epoch {best_epoch}, final {log[-1]['val_acc']:.2%} "
+              f"(epoch {log[-1]['epoch']}); best checkpoint {args.output_model_path}, last {last_model_path}")
     if last_epoch < args.total_epoch:
         log_print(f"stopped after epoch {last_epoch} of {args.total_epoch} (--stop_after): the same command with "
                   f"--resume {last_model_path} continues the run")

@@ -1469,7 +1469,6 @@ def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay:
     follows weight_decay_groups; frozen parameters are left out. Parameters with the same lr scale and weight
     decay share a group: the fused AdamW runs once per group, and each group costs host time and launches every
     step, so layer_decay 1 gives two groups, not one per layer and decay."""
-    import re
     decayed = {id(p) for p in weight_decay_groups(model, weight_decay)[0]["params"]}
     groups = {}
     for name, p in model.named_parameters():

@@ -659,7 +659,7 @@ def test_each_epoch_trains_on_its_own_order_at_the_scheduled_lr_and_reports_its_
     orders = []
     for epoch in (1, 2, 3, 2):
         shown.clear(), chunk_losses.clear()
-        stats = mae_pretrain.train_one_epoch(model, optimizer, scaler, images, args, epoch, 4, cpu, None, writer)
+        stats = mae_pretrain.train_one_epoch(model, optimizer, scaler, images, args, epoch, cpu, None, writer)
         assert sorted(shown) == list(range(128))
         orders.append(list(shown))
         assert len(chunk_losses) == 8 and stats["loss"] == pytest.approx(sum(chunk_losses) / 8, rel=1e-6)
@@ -685,7 +685,7 @@ def test_reference_schedule_sets_the_reference_lr_at_every_step(tmp_path):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     images = data.fake_images(128, seed=1).images
     for epoch in (1, 2, 3):
-        mae_pretrain.train_one_epoch(model, optimizer, scaler, images, args, epoch, 4, cpu, None, writer)
+        mae_pretrain.train_one_epoch(model, optimizer, scaler, images, args, epoch, cpu, None, writer)
     peak = 1e-3 * 32 / 256
     expected = [peak * min((s + 1) / 20, 0.5 * (1 + math.cos(math.pi * s / 12))) for s in range(12)]
     assert [step for step, _ in writer.lr] == list(range(12))

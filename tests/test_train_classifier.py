@@ -750,7 +750,7 @@ def test_a_probe_step_on_augmented_images_leaves_the_encoder_unchanged(tmp_path,
     labels = data.fake_images(64).labels
     stats = train_classifier.train_one_epoch(
         model, model.encoder, optimizer, torch.amp.GradScaler("cpu", enabled=False), images, labels,
-        lambda x: train_classifier.augment(x, args), None, torch.nn.CrossEntropyLoss(), args, 1, 2,
+        lambda x: train_classifier.augment(x, args), None, torch.nn.CrossEntropyLoss(), args, 1,
         torch.device("cpu"), None, SummaryWriter(str(tmp_path / "tb")))
     assert math.isfinite(stats["train_loss"])
     assert not model.encoder.training and model.head_norm.training
@@ -945,7 +945,7 @@ def test_each_epoch_shows_the_training_images_in_its_own_order_at_the_scheduled_
             shown.extend(x[:, 0, 0, 0].tolist())
             return data.normalize(x)
         train_classifier.train_one_epoch(net, None, optimizer, torch.amp.GradScaler("cpu", enabled=False), images,
-                                         labels, prepare, None, torch.nn.CrossEntropyLoss(), args, epoch, 4,
+                                         labels, prepare, None, torch.nn.CrossEntropyLoss(), args, epoch,
                                          torch.device("cpu"), None, writer)
         assert sorted(shown) == list(range(32))
         orders.append(shown)
@@ -967,7 +967,7 @@ def test_train_accuracy_counts_the_images_the_epoch_showed():
     optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
     utils.allocate_grads(optimizer)
     stats = train_classifier.train_one_epoch(net, None, optimizer, torch.amp.GradScaler("cpu", enabled=False), images,
-                                             labels, data.normalize, None, torch.nn.CrossEntropyLoss(), args, 1, 4,
+                                             labels, data.normalize, None, torch.nn.CrossEntropyLoss(), args, 1,
                                              torch.device("cpu"), None, None)
     assert stats["train_acc"] == 1.0
 
@@ -989,7 +989,7 @@ def test_train_loss_is_the_mean_of_the_epochs_chunk_losses():
     optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
     utils.allocate_grads(optimizer)
     stats = train_classifier.train_one_epoch(net, None, optimizer, torch.amp.GradScaler("cpu", enabled=False), images,
-                                             labels, data.normalize, None, criterion, args, 1, 4,
+                                             labels, data.normalize, None, criterion, args, 1,
                                              torch.device("cpu"), None, None)
     assert len(chunk_losses) == 8
     assert stats["train_loss"] == pytest.approx(sum(chunk_losses) / 8, rel=1e-6)
