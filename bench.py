@@ -41,7 +41,7 @@ import data
 import mae_pretrain
 import train_classifier
 import utils
-from model import MAE, MAEConfig, ViTClassifier, num_masked_patches
+from model import MAE, MAEConfig, ViTClassifier, mask_noise, num_masked_patches
 
 # The reference experiment whose wall time is projected (issue #5): CIFAR-10's training split, 150 epochs of
 # pretraining, then two fine-tunes (from the MAE encoder and from scratch) of 50 epochs each.
@@ -760,7 +760,7 @@ def bench_evaluation(cfg: MAEConfig, images, labels, args, device: torch.device,
     val = data.ImageSet(torch.randint(0, 256, (num_val, *images.shape[1:]), dtype=torch.uint8, generator=g),
                         torch.randint(0, args.num_classes, (num_val,), generator=g), classes).to(data_device)
     bank = data.ImageSet(images[:num_bank], labels[:num_bank], classes)
-    val_noise = torch.rand(num_val, cfg.num_patches, generator=g).to(data_device)  # with the images, as the script
+    val_noise = mask_noise(num_val, cfg.num_patches, generator=g).to(data_device)  # with the images, as the script
     script_args = mae_pretrain.get_args_parser().parse_args(["--max_device_batch_size",
                                                              str(args.max_device_batch_size)])
     mae = MAE(cfg).to(device)

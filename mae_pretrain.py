@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import data
 import utils
-from model import MAE, POOLS, count_params, num_masked_patches, reconstruct
+from model import MAE, POOLS, count_params, mask_noise, num_masked_patches, reconstruct
 
 # Flags that define the run: a checkpoint only resumes under the same values (the schedule and the model
 # must be the ones it was trained with). max_device_batch_size, devices, --model_path and --log_dir may change;
@@ -174,7 +174,7 @@ def train_step(model, optimizer, scaler, train_images, batch_idx, lr, args, devi
     accum_steps = utils.chunks_per_step(args)
     num_patches = (train_images.shape[-1] // args.patch_size) ** 2
     utils.set_lr(optimizer, lr)
-    noise = torch.rand(args.batch_size, num_patches, device=device)[mine]
+    noise = mask_noise(args.batch_size, num_patches, device)[mine]
     # Per image: 4 numbers for random_resized_crop (area, aspect ratio, x, y), the 5th for the flip.
     crop_rand = torch.rand(args.batch_size, 5, device=device)[mine] if args.augment else None
 
@@ -327,7 +327,7 @@ def main(args):
     train, val = train.to(data_device), val.to(data_device)
     # Fixed mask noise for the validation images: figures and val losses of different epochs see the same masks.
     # It lives with the images, so evaluation takes both the same way.
-    val_noise = torch.rand(len(val), cfg.num_patches, generator=torch.Generator().manual_seed(0)).to(data_device)
+    val_noise = mask_noise(len(val), cfg.num_patches, generator=torch.Generator().manual_seed(0)).to(data_device)
     vis_imgs, vis_noise = data.normalize(val.images[:NUM_VIS].to(device)), val_noise[:NUM_VIS].to(device)
 
     # ---- model and optimizer

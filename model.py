@@ -85,6 +85,12 @@ def num_masked_patches(num_patches: int, mask_ratio: float) -> int:
     return int(num_patches * mask_ratio)
 
 
+def mask_noise(batch: int, num_patches: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(batch, num_patches) uniform noise, whose per-row argsort is random_masking's shuffle. Training, the fixed val
+    masks and bench.py all draw it here: the one place to change to draw masks another way."""
+    return torch.rand(batch, num_patches, device=device, generator=generator)
+
+
 def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
     """Per-sample random shuffle of the tokens, keeping the first N - int(N * mask_ratio) of them.
 
@@ -95,7 +101,7 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     B, N, D = x.shape
     num_visible = N - num_masked_patches(N, mask_ratio)
     if noise is None:
-        noise = torch.rand(B, N, device=x.device)
+        noise = mask_noise(B, N, x.device)
     ids_shuffle = noise.argsort(dim=1)  # ascending: the lowest-noise tokens are kept
     ids_restore = ids_shuffle.argsort(dim=1)  # position of each original token in the shuffled order
     ids_keep = ids_shuffle[:, :num_visible]
