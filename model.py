@@ -207,10 +207,16 @@ class RunningMeanBatchNorm(nn.BatchNorm1d):
     nothing is lost; and averaged over torchrun's processes (train_classifier: distribute_bn) they equal one
     process's over the same chunks, where a moving average follows each process's number of chunks.
     nn.BatchNorm1d(momentum=None) keeps the same mean but reads its batch count back to the host every step,
-    which breaks a compiled graph: here the update is tensor arithmetic. Same buffers, same checkpoints."""
+    which breaks a compiled graph: here the update is tensor arithmetic. Same buffers, same checkpoints.
 
-    def __init__(self, dim: int):
+    world_size: the processes training in step. Each chunk of a process's own counts for all of them, so that
+    num_batches_tracked is the run's count of chunks, and a checkpoint resumes with the right weights on any
+    number of processes (with each process's own count, one of two processes' would resume on one process as
+    half of the run's chunks)."""
+
+    def __init__(self, dim: int, world_size: int = 1):
         super().__init__(dim, eps=1e-6, affine=False)
+        self.world_size = world_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -220,8 +226,8 @@ class RunningMeanBatchNorm(nn.BatchNorm1d):
         x = x.float()  # as autocast runs batch_norm
         var, mean = torch.var_mean(x, dim=0, correction=0)
         with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            weight = 1.0 / self.num_batches_tracked  # the k-th batch counts 1/k
+            self.num_batches_tracked.add_(self.world_size)
+            weight = self.world_size / self.num_batches_tracked  # a process's k-th batch counts 1/k (one process)
             self.running_mean.lerp_(mean, weight)
             self.running_var.lerp_(var * (len(x) / (len(x) - 1)), weight)  # unbiased, as BatchNorm keeps it
         return (x - mean) * torch.rsqrt(var + self.eps)
@@ -443,17 +449,18 @@ class ViTClassifier(nn.Module):
 
     linear_probe puts a BatchNorm without affine parameters in front of the head, as the MAE paper does
     for linear probing: it rescales the frozen features without changing what a linear head can express.
+    world_size: the processes that train it in step, whose chunks that BatchNorm counts (RunningMeanBatchNorm).
     """
 
     def __init__(self, cfg: MAEConfig, num_classes: int, global_pool: str = "token", drop_path_rate: float = 0.0,
-                 linear_probe: bool = False):
+                 linear_probe: bool = False, world_size: int = 1):
         super().__init__()
         if global_pool not in POOLS:
             raise ValueError(f"global_pool must be one of {POOLS}, got {global_pool!r}")
         self.cfg = cfg
         self.global_pool = global_pool
         self.encoder = MAEEncoder(cfg, drop_path_rate)
-        self.head_norm = RunningMeanBatchNorm(cfg.embed_dim) if linear_probe else nn.Identity()
+        self.head_norm = RunningMeanBatchNorm(cfg.embed_dim, world_size) if linear_probe else nn.Identity()
         self.head = nn.Linear(cfg.embed_dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.01)  # MAE's linear-probe value (its fine-tuning: 2e-5)
         nn.init.zeros_(self.head.bias)

@@ -346,7 +346,8 @@ def model_config(args, pretrained_config: dict | None) -> MAEConfig:
 
 def build_model(args, cfg: MAEConfig, num_classes: int, mae_state: dict | None) -> ViTClassifier:
     """The classifier; with mae_state its encoder is the checkpoint's and only the head starts from random."""
-    model = ViTClassifier(cfg, num_classes, args.global_pool, args.drop_path, linear_probe=args.linear_probe)
+    model = ViTClassifier(cfg, num_classes, args.global_pool, args.drop_path, linear_probe=args.linear_probe,
+                          world_size=utils.dist_env()[1])
     if mae_state is not None:
         mismatch = utils.load_state_dict_checked(model.encoder, encoder_state_from_mae(mae_state))
         if mismatch:  # load_pretrained has checked the MAE against its own config

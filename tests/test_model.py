@@ -535,6 +535,32 @@ def test_probe_norm_adds_eps_to_the_variance_as_batchnorm_does():
     torch.testing.assert_close(ours(x), torchs(x))
 
 
+def test_probe_norm_counts_every_process_chunks_so_a_checkpoint_resumes_on_another_number_of_processes():
+    """Two processes' probe norms, each fed every other chunk and then averaged as train_classifier's distribute_bn
+    averages them (running mean and variance; the count as it is), then one process going on from that state: its
+    statistics are the plain mean over all chunks, as those of one process fed every chunk. Each process counting
+    only its own chunks would have weighted the resumed run's chunks 1/3 and 1/4 where they count 1/5 and 1/6."""
+    torch.manual_seed(0)
+    chunks = [torch.randn(8, 4) * (1 + k) + k for k in range(6)]
+    one = RunningMeanBatchNorm(4)
+    for chunk in chunks:
+        one(chunk)
+    ranks = [RunningMeanBatchNorm(4, world_size=2) for _ in range(2)]
+    for k, chunk in enumerate(chunks[:4]):
+        ranks[k % 2](chunk)
+    resumed = RunningMeanBatchNorm(4)
+    state = ranks[0].state_dict()
+    for name in ("running_mean", "running_var"):
+        state[name] = (ranks[0].state_dict()[name] + ranks[1].state_dict()[name]) / 2
+    resumed.load_state_dict(state)
+    assert resumed.num_batches_tracked.item() == 4
+    for chunk in chunks[4:]:
+        resumed(chunk)
+    assert resumed.num_batches_tracked.item() == one.num_batches_tracked.item() == 6
+    torch.testing.assert_close(resumed.running_mean, one.running_mean)
+    torch.testing.assert_close(resumed.running_var, one.running_var)
+
+
 def test_probe_norm_computes_in_fp32_under_bf16_autocast():
     """Under bf16 autocast the probe norm sees bf16 features; it normalises them in fp32 (autocast runs torch's
     batch_norm in fp32 too), returns fp32 and keeps fp32 running statistics equal to those of the fp32 input."""
