@@ -123,9 +123,12 @@ def _download_lock(root: str):
     processes downloading at once would write one file together. With the lock the first one downloads and the
     others find the archive complete (torchvision checks its MD5) and only extract it. Where no lock file can be
     made (a read-only folder, a system without fcntl), nothing can be downloaded into it by us either: no lock.
-    A failed load leaves no lock file it made, nor a folder it made that holds nothing else."""
+    A failed load leaves no lock file it made, nor a folder it made (root, or one above it) that holds nothing else."""
     path = os.path.join(root, ".download.lock")
-    made_root, made_lock = not os.path.lexists(root), not os.path.lexists(path)
+    made_lock, made_folders, folder = not os.path.lexists(path), [], os.path.abspath(root)
+    while not os.path.lexists(folder):  # what makedirs will make, root first
+        made_folders.append(folder)
+        folder = os.path.dirname(folder)
     try:
         import fcntl
         os.makedirs(root, exist_ok=True)
@@ -141,8 +144,8 @@ def _download_lock(root: str):
         with contextlib.suppress(OSError):
             if made_lock:
                 os.remove(path)
-            if made_root:
-                os.rmdir(root)  # refused where a download left a file
+            for folder in made_folders:
+                os.rmdir(folder)  # refused where a download left a file, and so above it too
         raise
 
 

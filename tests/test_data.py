@@ -276,8 +276,8 @@ def test_cifar_is_downloaded_under_an_exclusive_lock(tmp_path, monkeypatch):
 
 
 def test_a_cifar_download_that_fails_leaves_no_folder_or_lock_it_made(tmp_path, monkeypatch):
-    """No internet: one line naming --data_path, and neither the folder the download would have gone to nor its lock
-    file is left behind; an existing folder stays, with what it held."""
+    """No internet: one line naming --data_path, and neither the folder the download would have gone to (nor the
+    folders above it that it made) nor its lock file is left behind; an existing folder stays, with what it held."""
     import torchvision
 
     class Offline:
@@ -287,7 +287,7 @@ def test_a_cifar_download_that_fails_leaves_no_folder_or_lock_it_made(tmp_path, 
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / "notes.txt").write_text("mine")
     (tmp_path / "empty").mkdir()
-    for name in ("new", "kept", "empty"):
+    for name in ("new", "kept", "empty", "new_parent/new_child/cifar"):
         with pytest.raises(data.DataError, match=r"--dataset cifar10: could not load or download it into --data_path"):
             data.load_data(data_args(dataset="cifar10", data_path=str(tmp_path / name)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "kept"]
