@@ -141,7 +141,8 @@ def test_full_centred_crop_is_the_identity_and_flip_flips():
     corner = data.random_resized_crop(x, scale=(0.0, 1.0), rand=rand)
     expected = torch.nn.functional.interpolate(x[:, :, :16, :16], size=32, mode="bilinear", align_corners=False)
     assert torch.allclose(corner[:, :, 2:-2, 2:-2], expected[:, :, 2:-2, 2:-2], atol=1e-5)
-    flipped = data.random_hflip(x, rand=torch.tensor([0.1, 0.9, 0.3]))
+    # A uniform draw below 1/2 flips: the probability is 1/2 exactly where the threshold is 0.5 exactly.
+    flipped = data.random_hflip(x, rand=torch.tensor([0.4999, 0.5, 0.1]))
     assert torch.equal(flipped[0], x[0].flip(-1)) and torch.equal(flipped[1], x[1])
     assert torch.equal(flipped[2], x[2].flip(-1))
 

@@ -178,10 +178,13 @@ def test_no_weight_decay_on_norms_biases_and_tokens():
     decay, no_decay = utils.weight_decay_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    no_decay_names = {names[id(p)] for p in no_decay["params"]}
-    assert {"encoder.cls_token", "decoder.mask_token", "encoder.norm.weight", "encoder.norm.bias"} <= no_decay_names
-    assert all(p.ndim >= 2 for p in decay["params"])
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    # Written out: the weight matrices of the patch embedding, the decoder's embedding and pixel head, and each
+    # block's attention and MLP, and nothing else.
+    blocks = {f"{part}.blocks.0.{layer}.weight" for part in ("encoder", "decoder")
+              for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+    matrices = {"encoder.patch_embed.weight", "decoder.decoder_embed.weight", "decoder.pred.weight", *blocks}
+    assert {names[id(p)] for p in decay["params"]} == matrices
+    assert {names[id(p)] for p in no_decay["params"]} == set(names.values()) - matrices
 
 
 class OpCounter(TorchDispatchMode):
