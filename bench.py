@@ -855,6 +855,96 @@ def flops_line(parts: dict) -> str:
     return " + ".join(f"{name} {value / 1e9:.4g}" for name, value in parts.items())
 
 
+def print_report(args, device: torch.device, pretrain: dict | None, finetune: dict | None, evaluation: dict | None,
+                 projection: dict | None) -> None:
+    """The phases' table and what bench measured around them; the projection where both phases ran."""
+    results = [r for r in (pretrain, finetune) if r is not None]  # the phases timed
+    both = args.phases == "both"
+    print(f"{'phase':<9} {'batch':>6} {'chunk':>6} {'compile s':>10} {'ms/step':>9} {'images/s':>10} "
+          f"{'TFLOP/s':>9} {'% of peak':>10} {'GiB':>6} {'in epoch':>9}")
+    for r in results:
+        memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
+        print(f"{r['phase']:<9} {r['batch_size']:>6} {r['chunk']:>6} {r['compile_s']:>10.1f} "
+              f"{r['ms_per_step']:>9.2f} {r['images_per_sec']:>10,.0f} {r['tflops']:>9.3f} "
+              f"{r['percent_of_peak']:>9.1f}% {memory:>6} {r['epoch_ms_per_step']:>9.2f}")
+    print(f"(ms/step: median of {args.repeats} x {args.steps} steps after {args.warmup_steps} warm-up; compile s: "
+          f"the warm-up's extra time{'' if args.compile else ', here without compilation: first-step set-up'}; "
+          f"in epoch: ms per step of one epoch run by the script's train_one_epoch, which the projection uses, of "
+          + ", ".join(f"{args.epoch_images // r['batch_size']} x {r['batch_size']} images ({r['phase']})"
+                      for r in results)
+          + (f"; fine-tune: train_classifier.py's step with --recipe {args.finetune_recipe})" if finetune is not None
+             else ")"))
+    for r in results:
+        print(f"host syncs in one {r['phase']} step (eager, every operator recorded): "
+              f"{', '.join(r['host_syncs']) or 'none'}")
+    if device.type == "cuda":
+        print(f"host's time to queue a step (the first {HOST_TIMED_CALLS} of each repeat): "
+              + ", ".join(f"{r['phase']} {r['host_ms_per_step']:.2f} ms of {r['ms_per_step']:.2f}" for r in results)
+              + " (well under: the GPU sets the pace; close: the host does)")
+    if finetune is not None:
+        eager_ms = finetune["input_ms_per_step_eager"]
+        share = (f"; within the step it costs at most that, {projection['finetune_input_minutes_at_most']:.1f} min "
+                 "of the projection below") if both else ""
+        print(f"fine-tuning input work alone (each chunk taken, augmented and mixed as the step does it, "
+              f"augmentation {'compiled' if args.compile else 'eager'}): {finetune['input_ms_per_step']:.2f} ms per "
+              f"step{'' if eager_ms is None else f' (eager: {eager_ms:.2f})'}, "
+              f"{100 * finetune['input_ms_per_step'] / finetune['ms_per_step']:.0f}% of the step{share}")
+    for r in results if args.profile else ():
+        print_profile(r, args)
+    if not both:
+        print(f"evaluation and projection: left out (--phases {args.phases}; they need both phases)")
+    else:
+        batches = (pretrain["batch_size"], finetune["batch_size"])
+        note = "" if batches == REFERENCE_BATCH_SIZES else (f"; NOTE: at batch sizes {batches}, the reference's are "
+                                                            f"{REFERENCE_BATCH_SIZES}")
+        print(f"evaluation (eager, median of {min(args.repeats, 3)}): mae_pretrain.py's monitor "
+              f"{evaluation['pretrain_eval_s']:.3f} s "
+              f"(kNN over {evaluation['bank_images']:,} bank + {evaluation['val_images']:,} val images, val "
+              f"reconstruction), train_classifier.py's val pass {evaluation['finetune_eval_s']:.3f} s "
+              f"({evaluation['val_images']:,} images)")
+        second = projection["second_finetune_compile_s"]
+        fresh = ", from an empty cache" if args.compile_cache == "fresh" else ""
+        cache_note = "" if not args.compile else (
+            f"{fresh}: pretraining {pretrain['compile_s']:.1f} s, fine-tuning {finetune['compile_s']:.1f} s, the "
+            "second fine-tune " + ("as much (not measured)" if second is None
+                                   else f"{second:.1f} s from the cache the first filled"))
+        print(f"projected wall time of the reference experiment: {projection['minutes']:.1f} min = "
+              f"{REFERENCE_PRETRAIN_EPOCHS} x {REFERENCE_TRAIN_IMAGES // batches[0]} pretraining steps + "
+              f"{REFERENCE_FINETUNE_RUNS} x {REFERENCE_FINETUNE_EPOCHS} x {REFERENCE_TRAIN_IMAGES // batches[1]} "
+              f"fine-tuning steps ({projection['steps_minutes']:.1f} min) + compilation "
+              f"({projection['compile_minutes']:.1f} min{cache_note}) + {REFERENCE_PRETRAIN_EVALS} monitor "
+              f"evaluations and {REFERENCE_FINETUNE_EVALS} val passes at {REFERENCE_VAL_IMAGES:,} val images "
+              f"({projection['evaluation_minutes']:.1f} min){note}")
+        print(f"  not included: start-up (data loading), figures and checkpoints (written by a background thread). Its "
+              f"{projection['total_pflop']:.2f} PFLOP of training would take {projection['floor_minutes_at_peak']:.1f} "
+              "min at the measured matmul peak")
+
+
+def print_profile(r: dict, args) -> None:
+    """Where a phase's step time goes: the device's kernels (torch.profiler) and the host's functions (cProfile)."""
+    prof = r["profile"]
+    print(f"where a {r['phase']} step's time goes (torch.profiler, {args.steps} steps; self time per step): "
+          f"{prof['busy_ms_per_step']:.2f} ms in {prof['what']}, against {r['ms_per_step']:.2f} ms per timed step")
+    print("  by kind: " + ", ".join(f"{kind} {ms:.3f} ms" for kind, ms in prof["kinds_ms_per_step"].items()))
+    for (name, ms), kernel in zip(prof["top"], prof["all"]):
+        # the most frequent launcher, where the profile has them (a GPU's)
+        by = "".join(f"  <- {operator} in {outer} ({calls:g} per step)"
+                     for operator, outer, calls in kernel.get("launched_by", [])[:1])
+        print(f"  {ms:8.3f} ms {100 * ms / prof['busy_ms_per_step']:5.1f}%  {name}{by}")
+    shown = [record for record in prof.get("host_records", []) if record["name"] in HOST_RECORDS_SHOWN]
+    if shown:
+        print("  the host's side of the same steps (the profiler's records, its own cost included): " + "; ".join(
+            f"{r['name']} {r['cpu_ms_per_step']:.3f} ms in {r['calls_per_step']:g} calls" for r in shown))
+    host = r["host_profile"]
+    print(f"where the host's time goes while it queues a {r['phase']} step (cProfile, {args.steps} steps, each "
+          f"begun with the device idle; self time per step, cProfile's own cost included): "
+          f"{host['ms_per_step']:.2f} ms, against {r['host_ms_per_step']:.2f} ms unprofiled")
+    for name, ms in host["top_self"]:
+        print(f"  {ms:8.3f} ms {100 * ms / host['ms_per_step']:5.1f}%  {name}")
+    print("  by cumulative time (a function and what it calls): "
+          + "; ".join(f"{name} {ms:.3f} ms" for name, ms in host["top_cumulative"]))
+
+
 @utils.explains_compile_failure
 @utils.explains_out_of_memory
 @utils.with_attention_kernel
@@ -927,87 +1017,9 @@ def main(args):
     if both:
         evaluation = bench_evaluation(cfg, images, labels, args, device, data_device, amp_dtype)
         projection = project_reference(pretrain, finetune, evaluation, peak["tflops"], second_compile_s)
-    results = [r for r in (pretrain, finetune) if r is not None]  # the phases timed
 
     # ---- report
-    print(f"{'phase':<9} {'batch':>6} {'chunk':>6} {'compile s':>10} {'ms/step':>9} {'images/s':>10} "
-          f"{'TFLOP/s':>9} {'% of peak':>10} {'GiB':>6} {'in epoch':>9}")
-    for r in results:
-        memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
-        print(f"{r['phase']:<9} {r['batch_size']:>6} {r['chunk']:>6} {r['compile_s']:>10.1f} "
-              f"{r['ms_per_step']:>9.2f} {r['images_per_sec']:>10,.0f} {r['tflops']:>9.3f} "
-              f"{r['percent_of_peak']:>9.1f}% {memory:>6} {r['epoch_ms_per_step']:>9.2f}")
-    print(f"(ms/step: median of {args.repeats} x {args.steps} steps after {args.warmup_steps} warm-up; compile s: "
-          f"the warm-up's extra time{'' if args.compile else ', here without compilation: first-step set-up'}; "
-          f"in epoch: ms per step of one epoch run by the script's train_one_epoch, which the projection uses, of "
-          + ", ".join(f"{args.epoch_images // r['batch_size']} x {r['batch_size']} images ({r['phase']})"
-                      for r in results)
-          + (f"; fine-tune: train_classifier.py's step with --recipe {args.finetune_recipe})" if finetune is not None
-             else ")"))
-    for r in results:
-        print(f"host syncs in one {r['phase']} step (eager, every operator recorded): "
-              f"{', '.join(r['host_syncs']) or 'none'}")
-    if device.type == "cuda":
-        print(f"host's time to queue a step (the first {HOST_TIMED_CALLS} of each repeat): "
-              + ", ".join(f"{r['phase']} {r['host_ms_per_step']:.2f} ms of {r['ms_per_step']:.2f}" for r in results)
-              + " (well under: the GPU sets the pace; close: the host does)")
-    if finetune is not None:
-        eager_ms = finetune["input_ms_per_step_eager"]
-        share = (f"; within the step it costs at most that, {projection['finetune_input_minutes_at_most']:.1f} min "
-                 "of the projection below") if both else ""
-        print(f"fine-tuning input work alone (each chunk taken, augmented and mixed as the step does it, "
-              f"augmentation {'compiled' if args.compile else 'eager'}): {finetune['input_ms_per_step']:.2f} ms per "
-              f"step{'' if eager_ms is None else f' (eager: {eager_ms:.2f})'}, "
-              f"{100 * finetune['input_ms_per_step'] / finetune['ms_per_step']:.0f}% of the step{share}")
-    for r in results if args.profile else ():
-        prof = r["profile"]
-        print(f"where a {r['phase']} step's time goes (torch.profiler, {args.steps} steps; self time per step): "
-              f"{prof['busy_ms_per_step']:.2f} ms in {prof['what']}, against {r['ms_per_step']:.2f} ms per timed step")
-        print("  by kind: " + ", ".join(f"{kind} {ms:.3f} ms" for kind, ms in prof["kinds_ms_per_step"].items()))
-        for (name, ms), kernel in zip(prof["top"], prof["all"]):
-            # the most frequent launcher, where the profile has them (a GPU's)
-            by = "".join(f"  <- {operator} in {outer} ({calls:g} per step)"
-                         for operator, outer, calls in kernel.get("launched_by", [])[:1])
-            print(f"  {ms:8.3f} ms {100 * ms / prof['busy_ms_per_step']:5.1f}%  {name}{by}")
-        shown = [record for record in prof.get("host_records", []) if record["name"] in HOST_RECORDS_SHOWN]
-        if shown:
-            print("  the host's side of the same steps (the profiler's records, its own cost included): " + "; ".join(
-                f"{r['name']} {r['cpu_ms_per_step']:.3f} ms in {r['calls_per_step']:g} calls" for r in shown))
-        host = r["host_profile"]
-        print(f"where the host's time goes while it queues a {r['phase']} step (cProfile, {args.steps} steps, each "
-              f"begun with the device idle; self time per step, cProfile's own cost included): "
-              f"{host['ms_per_step']:.2f} ms, against {r['host_ms_per_step']:.2f} ms unprofiled")
-        for name, ms in host["top_self"]:
-            print(f"  {ms:8.3f} ms {100 * ms / host['ms_per_step']:5.1f}%  {name}")
-        print("  by cumulative time (a function and what it calls): "
-              + "; ".join(f"{name} {ms:.3f} ms" for name, ms in host["top_cumulative"]))
-    if not both:
-        print(f"evaluation and projection: left out (--phases {args.phases}; they need both phases)")
-    else:
-        batches = (pretrain["batch_size"], finetune["batch_size"])
-        note = "" if batches == REFERENCE_BATCH_SIZES else (f"; NOTE: at batch sizes {batches}, the reference's are "
-                                                            f"{REFERENCE_BATCH_SIZES}")
-        print(f"evaluation (eager, median of {min(args.repeats, 3)}): mae_pretrain.py's monitor "
-              f"{evaluation['pretrain_eval_s']:.3f} s "
-              f"(kNN over {evaluation['bank_images']:,} bank + {evaluation['val_images']:,} val images, val "
-              f"reconstruction), train_classifier.py's val pass {evaluation['finetune_eval_s']:.3f} s "
-              f"({evaluation['val_images']:,} images)")
-        second = projection["second_finetune_compile_s"]
-        fresh = ", from an empty cache" if args.compile_cache == "fresh" else ""
-        cache_note = "" if not args.compile else (
-            f"{fresh}: pretraining {pretrain['compile_s']:.1f} s, fine-tuning {finetune['compile_s']:.1f} s, the "
-            "second fine-tune " + ("as much (not measured)" if second is None
-                                   else f"{second:.1f} s from the cache the first filled"))
-        print(f"projected wall time of the reference experiment: {projection['minutes']:.1f} min = "
-              f"{REFERENCE_PRETRAIN_EPOCHS} x {REFERENCE_TRAIN_IMAGES // batches[0]} pretraining steps + "
-              f"{REFERENCE_FINETUNE_RUNS} x {REFERENCE_FINETUNE_EPOCHS} x {REFERENCE_TRAIN_IMAGES // batches[1]} "
-              f"fine-tuning steps ({projection['steps_minutes']:.1f} min) + compilation "
-              f"({projection['compile_minutes']:.1f} min{cache_note}) + {REFERENCE_PRETRAIN_EVALS} monitor "
-              f"evaluations and {REFERENCE_FINETUNE_EVALS} val passes at {REFERENCE_VAL_IMAGES:,} val images "
-              f"({projection['evaluation_minutes']:.1f} min){note}")
-        print(f"  not included: start-up (data loading), figures and checkpoints (written by a background thread). Its "
-              f"{projection['total_pflop']:.2f} PFLOP of training would take {projection['floor_minutes_at_peak']:.1f} "
-              "min at the measured matmul peak")
+    print_report(args, device, pretrain, finetune, evaluation, projection)
     if args.json:
         utils.save_json(args.json, {
             "date": date, "command": command, "code": code_version(), "device": describe_device(device),
