@@ -849,6 +849,55 @@ def summary_lines(pre, runs) -> list:
 
 # ----------------------------------------------------------------------------------------------------------
 
+def draw_figures(pre, runs: list, args, missing: list) -> dict:
+    """Draw (or, for the reconstructions, copy) every figure the inputs give, beside the files they come from.
+    -> {figure key: path}; a reconstruction that is not there goes on `missing`."""
+    figures = {}
+    with plt.rc_context(STYLE):
+        if pre is not None:
+            figures["loss_curve"] = os.path.join(pre.folder, "loss_curve.png")
+            save_figure(plot_loss_curve(pre, args.log_scale), figures["loss_curve"], args.dpi)
+            if pre.evals:
+                figures["pretrain_monitor"] = os.path.join(pre.folder, "pretrain_monitor.png")
+                save_figure(plot_monitor(pre, args.log_scale), figures["pretrain_monitor"], args.dpi)
+            for key, epoch in (("best_recon", pre.best_epoch), ("last_recon", len(pre.losses))):
+                src = os.path.join(pre.folder, f"recon_epoch_{epoch:03d}.png")
+                if os.path.isfile(src):
+                    figures[key] = os.path.join(pre.folder, f"{key}.png")
+                    utils.atomic_copy(src, figures[key])
+                else:
+                    missing.append(f"{src} (no {key}.png)")
+        if runs:
+            for key, curve, shown in (("cls_train_loss_compare", "train_loss", loss_compared(runs)),
+                                      ("cls_val_acc_compare", "val_acc", runs)):
+                if any(curve in r.curves for r in shown):
+                    figures[key] = os.path.join(args.cls_dir, f"{key}.png")
+                    save_figure(plot_run_comparison(shown, curve, args.log_scale), figures[key], args.dpi)
+            pretrained = next((r for r in runs if r.role == "pretrained"), None)
+            if pretrained is not None and pretrained.preds_grid:
+                figures["preds_grid"] = pretrained.preds_grid
+            if pretrained is not None and pretrained.preds is not None:
+                figures["confusion_matrix"] = os.path.join(args.cls_dir, "confusion_matrix.png")
+                save_figure(plot_confusion(pretrained), figures["confusion_matrix"], args.dpi)
+    return figures
+
+
+def remove_undrawn_figures(args, pre, runs: list, figures: dict) -> list:
+    """Remove each figure of this script's, in a folder it drew into, that this call did not draw: it is an earlier
+    call's, from inputs that have changed since (a rerun without evaluations, a run no longer named), and would sit
+    beside this call's figures as theirs. The training scripts remove an earlier run's leftovers the same way.
+    -> the paths removed."""
+    removed = []
+    for folder, used, figure_names in ((args.pretrain_dir, pre is not None, PRETRAIN_FIGURES),
+                                       (args.cls_dir, bool(runs), CLS_FIGURES)):
+        for name in figure_names if used else ():
+            path = os.path.join(folder, name)
+            if name.removesuffix(".png") not in figures and os.path.isfile(path):
+                os.remove(path)
+                removed.append(path)
+    return removed
+
+
 def main(args):
     # ---- read and check every input before writing anything
     if not 72 <= args.dpi <= 600:  # a 10-inch figure at 600 dpi is already 6,000 pixels wide
@@ -889,50 +938,14 @@ def main(args):
         if used:
             utils.check_output_folder(flag, folder, create=False)
             utils.check_no_folder_at(flag, folder, figure_names)
-    report_dir = os.path.dirname(os.path.abspath(args.report))
 
-    # ---- figures
-    figures = {}
-    with plt.rc_context(STYLE):
-        if pre is not None:
-            figures["loss_curve"] = os.path.join(pre.folder, "loss_curve.png")
-            save_figure(plot_loss_curve(pre, args.log_scale), figures["loss_curve"], args.dpi)
-            if pre.evals:
-                figures["pretrain_monitor"] = os.path.join(pre.folder, "pretrain_monitor.png")
-                save_figure(plot_monitor(pre, args.log_scale), figures["pretrain_monitor"], args.dpi)
-            for key, epoch in (("best_recon", pre.best_epoch), ("last_recon", len(pre.losses))):
-                src = os.path.join(pre.folder, f"recon_epoch_{epoch:03d}.png")
-                if os.path.isfile(src):
-                    figures[key] = os.path.join(pre.folder, f"{key}.png")
-                    utils.atomic_copy(src, figures[key])
-                else:
-                    missing.append(f"{src} (no {key}.png)")
-        if runs:
-            for key, curve, shown in (("cls_train_loss_compare", "train_loss", loss_compared(runs)),
-                                      ("cls_val_acc_compare", "val_acc", runs)):
-                if any(curve in r.curves for r in shown):
-                    figures[key] = os.path.join(args.cls_dir, f"{key}.png")
-                    save_figure(plot_run_comparison(shown, curve, args.log_scale), figures[key], args.dpi)
-            pretrained = next((r for r in runs if r.role == "pretrained"), None)
-            if pretrained is not None and pretrained.preds_grid:
-                figures["preds_grid"] = pretrained.preds_grid
-            if pretrained is not None and pretrained.preds is not None:
-                figures["confusion_matrix"] = os.path.join(args.cls_dir, "confusion_matrix.png")
-                save_figure(plot_confusion(pretrained), figures["confusion_matrix"], args.dpi)
-
-    # A figure of this script's in a folder it drew into, which this call did not draw, is an earlier call's from
-    # inputs that have changed since (a rerun without evaluations, a run no longer named): it would sit beside
-    # this call's figures as theirs. The training scripts remove an earlier run's leftovers the same way.
-    removed = []
-    for folder, used, figure_names in ((args.pretrain_dir, pre is not None, PRETRAIN_FIGURES),
-                                       (args.cls_dir, bool(runs), CLS_FIGURES)):
-        for name in figure_names if used else ():
-            path = os.path.join(folder, name)
-            if name.removesuffix(".png") not in figures and os.path.isfile(path):
-                os.remove(path)
-                removed.append(path)
+    # ---- figures, beside the files they come from
+    figures = draw_figures(pre, runs, args, missing)
+    removed = remove_undrawn_figures(args, pre, runs, figures)
 
     # ---- numbers: printed and written to the report
+    report_dir = os.path.dirname(os.path.abspath(args.report))
+
     def rel(path):
         return os.path.relpath(os.path.abspath(path), report_dir).replace(os.sep, "/")
 
