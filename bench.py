@@ -87,7 +87,7 @@ def get_args_parser():
                         help="largest chunk put through the model at once, gradients accumulated over chunks as "
                              "in mae_pretrain.py; must divide each batch size larger than it (default: 256 on "
                              "CUDA as in mae_pretrain.py, 32 on the CPU)")
-    parser.add_argument("--mask_ratio", type=utils.finite_float, default=0.75,
+    parser.add_argument("--mask_ratio", type=utils.finite_float, default=MAEConfig().mask_ratio,
                         help="share of patches masked, in (0, 1)")
     parser.add_argument("--num_classes", type=int, default=10, help="classifier outputs (CIFAR-10: 10)")
     parser.add_argument("--phases", default="both", choices=("both", "pretrain", "finetune"),

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import data
 import utils
-from model import MAE, POOLS, count_params, mask_noise, num_masked_patches, reconstruct
+from model import MAE, POOLS, MAEConfig, count_params, mask_noise, num_masked_patches, reconstruct
 
 # Flags that define the run: a checkpoint only resumes under the same values (the schedule and the model
 # must be the ones it was trained with). max_device_batch_size, devices, --model_path and --log_dir may change;
@@ -48,8 +48,8 @@ def get_args_parser():
     # Schedule and optimisation (the reference's flags, same names and meaning)
     utils.add_schedule_args(parser, batch_size=512, max_device_batch_size=256, base_learning_rate=1.5e-4,
                             total_epoch=150, warmup_epoch=10, schedule="warmup_cosine")
-    # MAE
-    parser.add_argument("--mask_ratio", type=utils.finite_float, default=0.75,
+    # MAE (defaults: MAEConfig's, as the model-size flags' are)
+    parser.add_argument("--mask_ratio", type=utils.finite_float, default=MAEConfig().mask_ratio,
                         help="share of patches masked, in (0, 1)")
     parser.add_argument("--norm_pix_loss", action="store_true",
                         help="regress per-patch normalised pixels (MAE paper); figures borrow the hidden "

@@ -18,6 +18,8 @@ POOLS = ("token", "avg")
 
 @dataclass
 class MAEConfig:
+    """The model's sizes and MAE settings. The scripts take their flags' defaults from these (--patch_size ...
+    --decoder_num_heads, --mask_ratio) and build the model from the flags, so a run's values are its command's."""
     img_size: int = 32  # input height and width in pixels
     patch_size: int = 2  # 2x2 patches -> a 16x16 grid of 256 tokens, as in the reference ViT-T
     in_chans: int = 3  # RGB
@@ -120,13 +122,20 @@ def to_shuffled_order(x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tenso
     return torch.empty_like(x).scatter_(1, index, x)
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the masked patches only: (err * mask).sum() / mask.sum().
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error over the masked patches only: (err * mask).sum() / mask.sum(). The MAE's loss, in
+    training and in evaluation: the one place to change it.
 
     pred, target: (B, N, P); mask: (B, N). With a masked share of exactly mask_ratio this equals the
-    reference's mean((pred - img)**2 * pixel_mask) / mask_ratio.
+    reference's mean((pred - img)**2 * pixel_mask) / mask_ratio. mask None: every row is a masked patch (the
+    masked_only forward's), and the mean is the plain mean.
     """
-    err = (pred.float() - target.float()).pow(2).mean(dim=-1)  # (B, N) per-patch error
+    sq_err = (pred.float() - target.float()).pow(2)  # (B, N, P)
+    if mask is None:
+        # Written without a mask: a mask of ones, its sum clamped, made torch 2.11's inductor fuse a loss kernel
+        # that Triton 3.6 failed to compile at patch size 4 (H200, 2026-11-30). 0 when nothing is masked.
+        return sq_err.sum() / max(sq_err.numel(), 1)
+    err = sq_err.mean(dim=-1)  # (B, N) per-patch error
     # clamp: with mask_ratio 0 there is nothing to reconstruct and the loss is 0 rather than 0/0.
     return (err * mask).sum() / mask.sum().clamp(min=1)
 
@@ -427,21 +436,16 @@ class MAE(nn.Module):
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, ids_restore: torch.Tensor,
                      masked_only: bool = False) -> torch.Tensor:
-        """MSE over the masked patches, for both forwards (training's and evaluation's), so that a change to the
-        loss reaches the val loss too. pred: the full forward's (B, N, P) in image order, or with masked_only the
-        masked patches' (B, N_masked, P) in the decoder's shuffled order."""
+        """masked_mse against the pixel targets, for both forwards (training's and evaluation's). pred: the full
+        forward's (B, N, P) in image order, or with masked_only the masked patches' (B, N_masked, P) in the
+        decoder's shuffled order."""
         target = patchify(imgs, self.cfg.patch_size)  # (B, N, P)
         if self.cfg.norm_pix_loss:
             target = normalize_patches(target)[0]
         if not masked_only:
             return masked_mse(pred, target, mask)
-        # The masked patches come last in the shuffled order.
-        target = to_shuffled_order(target, ids_restore)[:, target.shape[1] - pred.shape[1]:]
-        # Every row is a masked patch, so masked_mse's mean is the plain mean (0 when nothing is masked), written
-        # without a mask: a mask of ones, its sum clamped, made torch 2.11's inductor fuse a loss kernel that
-        # Triton 3.6 failed to compile at patch size 4 (H200, 2026-11-30).
-        sq_err = (pred.float() - target.float()).pow(2)
-        return sq_err.sum() / max(sq_err.numel(), 1)
+        # The masked patches come last in the shuffled order: every row of pred is one.
+        return masked_mse(pred, to_shuffled_order(target, ids_restore)[:, target.shape[1] - pred.shape[1]:], None)
 
 
 class ViTClassifier(nn.Module):

@@ -339,6 +339,24 @@ def test_to_shuffled_order_is_random_maskings_order():
     assert torch.equal(shuffled, x[torch.arange(3)[:, None], noise.argsort(dim=1)])
 
 
+def test_both_forwards_take_their_loss_from_masked_mse_alone(monkeypatch):
+    """model.masked_mse is the one place to change the loss: an L1 loss put there is what the training forward
+    (masked_only) and the evaluation forward both return, each the mean absolute error of its masked patches."""
+    import model as model_module
+
+    def l1(pred, target, mask):
+        err = (pred - target).abs()
+        return err.mean() if mask is None else (err.mean(dim=-1) * mask).sum() / mask.sum()
+    monkeypatch.setattr(model_module, "masked_mse", l1)
+    torch.manual_seed(0)
+    mae, imgs, noise = MAE(MAEConfig(**SMALL)), torch.randn(2, 3, 32, 32), torch.rand(2, 256)
+    full_loss, pred, mask = mae(imgs, noise=noise)
+    masked_loss, _, _ = mae(imgs, noise=noise, masked_only=True)
+    expected = ((pred - patchify(imgs, 2)).abs().mean(dim=-1) * mask).sum() / mask.sum()  # written out
+    torch.testing.assert_close(full_loss, expected)
+    torch.testing.assert_close(masked_loss, expected)
+
+
 def test_with_nothing_masked_the_loss_is_zero_in_both_forwards_and_masked_only_predicts_nothing():
     """Nothing to reconstruct: a loss of 0, not 0/0's NaN, in training's forward and in evaluation's."""
     model, imgs = MAE(MAEConfig(**SMALL)), torch.randn(2, 3, 32, 32)
