@@ -8,7 +8,8 @@ Several GPUs on one node, or several nodes (--batch_size stays the global batch)
     torchrun --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 mae_pretrain.py
 A tiny CPU run that needs no files (under a minute on 2 cores):
     python mae_pretrain.py --device cpu --dataset fake --fake_size 256 --total_epoch 2 --warmup_epoch 1 \
-        --batch_size 64 --max_device_batch_size 32 --depth 2 --decoder_depth 1 --model_path /tmp/mae.pt \
+        --batch_size 64 --max_device_batch_size 32 --depth 2 --embed_dim 64 --num_heads 2 --patch_size 4 \
+        --decoder_depth 1 --decoder_embed_dim 64 --decoder_num_heads 2 --model_path /tmp/mae.pt \
         --output_dir /tmp/mae_out --log_dir /tmp/mae_logs
 """
 import contextlib

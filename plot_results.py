@@ -153,6 +153,7 @@ def load_vector(path: str, flag: str) -> np.ndarray:
 # another type stops here with one line, not with a traceback from deep inside a figure.
 NUMBER, INTEGER, TEXT, FLAG = "a number", "an integer", "a string", "true or false"
 ARGS_FIELDS = {"norm_pix_loss": FLAG, "knn_k": INTEGER, "val_split": INTEGER, "dataset": TEXT, "total_epoch": INTEGER}
+ENCODER_SIZE_FLAGS = ("patch_size", "embed_dim", "depth", "num_heads")  # a classifier's model, in its args.json
 SUMMARY_FIELDS = {"classes": "a list of class names", "linear_probe": FLAG, "recipe": TEXT,
                   "best_val_acc": NUMBER, "final_val_acc": NUMBER, "best_epoch": INTEGER, "epochs": INTEGER,
                   "total_epoch": INTEGER,
@@ -738,6 +739,21 @@ def encoder_starts(runs: list) -> dict:
     return starts
 
 
+def encoder_size_notes(runs: list) -> list:
+    """A note when the classifier runs' encoders differ in size, by the sizes each run's args.json records (the
+    model it built): scratch and pretrained would then compare two models, not a pretraining against none."""
+    sizes = {}
+    for run in runs:
+        size = tuple(run.args.get(name) for name in ENCODER_SIZE_FLAGS)
+        if None not in size:
+            sizes.setdefault(size, []).append(run.name)
+    if len(sizes) < 2:
+        return []
+    return ["the classifier runs' encoders differ in size (" + "; ".join(
+        f"{', '.join(names)}: patch {patch}, width {width}, {depth} blocks, {heads} heads"
+        for (patch, width, depth, heads), names in sizes.items()) + "): their accuracies compare different models"]
+
+
 def other_pretraining_notes(pre: Pretraining, starts: dict) -> list:
     """Notes for the runs that did not start from the encoder of --pretrain_dir's last epoch, told by the SHA-256
     each line of its log.jsonl names: a rerun of the pretraining after the fine-tunes would otherwise be reported
@@ -924,6 +940,7 @@ def main(args):
         notes.append("the classifier runs started from different MAE encoders (" + "; ".join(
             f"{', '.join(names)}: {path}, SHA-256 {digest[:12]}" for (path, digest), names in starts.items())
             + "): their numbers are not one experiment's")
+    notes += encoder_size_notes(runs)
     if pre is not None:
         notes += other_pretraining_notes(pre, starts)
     if pre is None and not runs:

@@ -367,6 +367,21 @@ def test_the_best_pretraining_epoch_is_the_earliest_of_equal_losses():
         0.3, 2)
 
 
+def test_runs_whose_encoders_differ_in_size_get_a_note(run_outputs, full_report, tmp_path):
+    """The README's smoke runs once trained the scratch classifier at another size than the MAE it compared with,
+    without a word: the sizes each run's args.json records must agree, or a note says how they differ."""
+    _, _, report_path, out = full_report
+    assert "differ in size" not in out and "differ in size" not in report_path.read_text()
+    pre, cls = copy_outputs(run_outputs, tmp_path)
+    args = json.loads((cls / "scratch_args.json").read_text())
+    (cls / "scratch_args.json").write_text(json.dumps({**args, "embed_dim": 2 * args["embed_dim"]}))
+    out = plot("--pretrain_dir", pre, "--cls_dir", cls, "--report", tmp_path / "results.md")
+    size = f"patch {args['patch_size']}, width {{}}, {args['depth']} blocks, {args['num_heads']} heads"
+    note = (f"the classifier runs' encoders differ in size (scratch: {size.format(2 * args['embed_dim'])}; "
+            f"pretrained, linprobe: {size.format(args['embed_dim'])}): their accuracies compare different models")
+    assert f"note: {note}" in out and note in (tmp_path / "results.md").read_text()
+
+
 def test_a_run_is_labelled_by_what_its_summary_says_it_trained_from():
     """The label comes from the summary, not the flag that named the run: a run named by --scratch_run that
     started from an MAE checkpoint is the pretrained fine-tune, one named by --pretrained_run without a checkpoint
