@@ -157,7 +157,8 @@ def _torchvision_cifar(name: str, root: str):
             splits = [cls(root, train=train, download=True) for train in (True, False)]
     except Exception as e:  # torchvision raises URLError, RuntimeError, ... depending on what failed
         raise DataError(f"--dataset {name}: could not load or download it into --data_path {root!r} "
-                        f"({type(e).__name__}: {e})") from None
+                        f"({type(e).__name__}: {e}); without internet, --dataset folder reads images from a folder "
+                        "and --dataset fake needs none") from None
     return tuple(ImageSet(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(),
                           torch.tensor(s.targets, dtype=torch.int64), list(s.classes)) for s in splits)
 

@@ -297,8 +297,11 @@ def load_pretrained(path: str):
     # 1e308: OverflowError) or is negative (RuntimeError)
     except (TypeError, ValueError, OverflowError, RuntimeError) as e:
         utils.die(f"{flag}: its config is not an MAEConfig ({str(e).splitlines()[0]})")
-    # The whole MAE must match its own config: this tells a wrong file (a classifier, another model) from a
-    # checkpoint whose encoder we can use.
+    if "head.weight" in ckpt["model"] and not any(key.startswith("decoder.") for key in ckpt["model"]):
+        utils.die(f"{flag} holds a classifier (a head, no decoder): a train_classifier.py checkpoint; pass the "
+                  "mae_pretrain.py checkpoint (its --model_path) to fine-tune from the MAE encoder")
+    # The whole MAE must match its own config: this tells a wrong file (another model) from a checkpoint whose
+    # encoder we can use.
     mismatch = utils.load_state_dict_checked(mae, ckpt["model"])
     if mismatch:
         utils.die(f"{flag}: not an MAE checkpoint of its config ({mismatch})")

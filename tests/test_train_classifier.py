@@ -1364,7 +1364,8 @@ def test_the_mixing_alphas_allowed_draw_what_a_beta_distribution_does_where_smal
     (["--pretrained_model_path", "{ckpts}/array.npy"], "not a torch checkpoint"),
     (["--pretrained_model_path", "{ckpts}/truncated.pt"], "not a readable checkpoint"),
     (["--pretrained_model_path", "{ckpts}/no_config.pt"], "missing config"),
-    (["--pretrained_model_path", "{ckpts}/classifier.pt"], "not an MAE checkpoint of its config"),
+    (["--pretrained_model_path", "{ckpts}/classifier.pt"], "classifier.pt' holds a classifier (a head, no decoder): a "
+                                                           "train_classifier.py checkpoint; pass the mae_pretrain.py"),
     (["--pretrained_model_path", "{ckpts}/other_size.pt"], "not an MAE checkpoint of its config (size mismatch for"),
     (["--pretrained_model_path", "{ckpts}/zero_patch.pt"], "its config is not an MAEConfig (sizes must be >= 1, got "
                                                             "patch_size 0)"),
