@@ -66,8 +66,8 @@ def get_args_parser():
     parser.add_argument("--knn_k", type=int, default=20, help="neighbours in the weighted kNN vote")
     parser.add_argument("--knn_temperature", type=utils.finite_float, default=0.07, help="temperature of the kNN vote")
     parser.add_argument("--knn_feature", default="avg", choices=POOLS,
-                        help="kNN feature, named as train_classifier.py's --global_pool: mean patch token "
-                             "(default; MAE's class token gets no loss of its own in pretraining) or class token")
+                        help="kNN feature, named as train_classifier.py's --global_pool: mean patch token (avg; "
+                             "MAE's class token gets no loss of its own in pretraining) or class token")
     # Data
     data.add_data_args(parser)
     # Runtime

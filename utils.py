@@ -78,8 +78,25 @@ def warnings_after_checks():
             _emit_warning(line)
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help gives each flag's default after its text, where it has one: not for a switch that is off, an empty
+    value, nor None, which each script resolves at run time (from the device, or a checkpoint) as the text says."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        empty = isinstance(default, (str, list, tuple)) and not default
+        if default is None or default is False or default is argparse.SUPPRESS or empty \
+                or "%(default)" in (action.help or ""):
+            return action.help
+        return f"{action.help} (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors (argparse prints the whole usage block before the message)."""
+    """argparse with one-line errors (argparse prints the whole usage block before the message) and the defaults
+    in --help."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=DefaultsHelpFormatter, **kwargs)
 
     def error(self, message):
         die(message)
@@ -268,7 +285,9 @@ def add_schedule_args(parser, batch_size: int, max_device_batch_size: int, base_
                       total_epoch: int, warmup_epoch: int, schedule: str | None) -> None:
     """The optimisation flags both training scripts share: the reference's names and meanings, their defaults
     (a schedule of None: the script sets it after parsing)."""
-    parser.add_argument("--seed", type=int, default=42, help="seeds initialisation, shuffling, masks, augmentation")
+    parser.add_argument("--seed", type=int, default=42,
+                        help="seeds initialisation, shuffling and training's draws (masks, augmentation, mixup, drop "
+                             "path)")
     parser.add_argument("--batch_size", type=int, default=batch_size,
                         help="effective (global) batch per optimizer step, gradients accumulated over chunks")
     parser.add_argument("--max_device_batch_size", type=int, default=max_device_batch_size,

@@ -6,6 +6,7 @@ Run: python -m pytest -q tests/test_utils.py
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1741,3 +1742,18 @@ def test_the_scripts_start_without_timm_or_the_compiler():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
+
+
+def test_help_gives_each_default_a_flag_has_and_none_it_resolves_at_run_time():
+    """--help ends a flag's text with its default, as the README's Flags tables give it; a flag whose default is
+    None (resolved from the device or a checkpoint), empty, or a switch that is off gets no default to mislead."""
+    import mae_pretrain
+    options = {}
+    for block in re.split(r"\n  (?=-)", mae_pretrain.get_args_parser().format_help()):
+        options[block.split()[0]] = " ".join(block.split())
+    assert options["--seed"].endswith("(default: 42)")
+    assert options["--mask_ratio"].endswith("(default: 0.75)")
+    assert options["--val_split"].endswith("(default: 0)")  # a default of 0 is a default
+    assert options["--device"].endswith("(default: cuda when available, else cpu after a warning)")  # its own text
+    for flag in ("--resume", "--augment", "--compile_mode", "--precision"):
+        assert not re.search(r"\(default: (None|False|)\)$", options[flag]), options[flag]
