@@ -792,6 +792,9 @@ def report_classifiers(runs: list, figures: dict, rel) -> list:
         lines.append(f"| {run.name} | {run.label} | {recipe} | {split} | {epochs} | {best} | "
                      f"{final} | {loss} |")
     lines.append("")
+    gain = pretraining_gain(runs)
+    if gain:
+        lines += [f"What the pretraining is worth, {gain}.", ""]
     for (path, digest), names in encoder_starts(runs).items():
         lines += [f"{', '.join(f'`{name}`' for name in names)} started from the MAE encoder of `{path}` (its "
                   f"weights' SHA-256 `{digest[:12]}`).", ""]
@@ -843,6 +846,19 @@ def top_confusions(run: ClassifierRun, count: int = 5) -> list:
             for i, j in zip(*np.unravel_index(order, share.shape)) if off[i, j]]
 
 
+def pretraining_gain(runs: list) -> str:
+    """What the pretraining is worth, the report's headline: the fine-tune from the MAE encoder against the one from
+    scratch, final and best val accuracy, in points; '' unless there is exactly one of each."""
+    scratch = [r for r in runs if r.label == ROLES["scratch"][0] and "val_acc" in r.curves]
+    pretrained = [r for r in runs if r.label == ROLES["pretrained"][0] and "val_acc" in r.curves]
+    if len(scratch) != 1 or len(pretrained) != 1:
+        return ""
+    s, p = run_numbers(scratch[0]), run_numbers(pretrained[0])
+    points = (lambda key: f"{100 * (p[key] - s[key]):+.2f} points ({pct(p[key])} against {pct(s[key])})")
+    return (f"from the MAE encoder against from scratch ({pretrained[0].name} - {scratch[0].name}): final val acc "
+            f"{points('final_val_acc')}, best {points('best_val_acc')}")
+
+
 def summary_lines(pre, runs) -> list:
     lines = []
     if pre is not None:
@@ -860,7 +876,8 @@ def summary_lines(pre, runs) -> list:
             lines.append(f"{run.name} ({run.label}): best val acc {pct(n['best_val_acc'])} at epoch "
                          f"{n['best_epoch']}, final {pct(n['final_val_acc'])} "
                          f"({epochs_text(n['epochs'], run_total_epoch(run))})")
-    return lines
+    gain = pretraining_gain(runs)
+    return lines + [f"what the pretraining is worth: {gain}"] if gain else lines
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -256,6 +256,20 @@ def test_classifier_numbers_equal_those_of_the_npy_files(full_report):
             f"{100 * probe[-1]:.2f}% final.") in report
 
 
+def test_the_report_says_what_the_pretraining_is_worth_from_the_two_fine_tunes_arrays(full_report):
+    """The headline: the fine-tune from the MAE encoder minus the one from scratch, final and best val accuracy in
+    points, written out from their .npy files (the probe is no fine-tune and takes no part)."""
+    _, cls, report_path, stdout = full_report
+    scratch, pretrained = (np.load(cls / f"{run}_val_acc.npy") for run in ("scratch", "pretrained"))
+
+    def points(p, s):
+        return f"{100 * (p - s):+.2f} points ({100 * p:.2f}% against {100 * s:.2f}%)"
+    gain = (f"from the MAE encoder against from scratch (pretrained - scratch): final val acc "
+            f"{points(pretrained[-1], scratch[-1])}, best {points(pretrained.max(), scratch.max())}")
+    assert f"What the pretraining is worth, {gain}." in report_path.read_text()
+    assert f"what the pretraining is worth: {gain}" in stdout
+
+
 def test_per_class_accuracy_is_counted_from_the_predictions(full_report):
     _, cls, report_path, _ = full_report
     report = report_path.read_text()
