@@ -212,16 +212,15 @@ class DropPath(nn.Module):
 
 class RunningMeanBatchNorm(nn.BatchNorm1d):
     """BatchNorm1d without affine parameters (the MAE paper's linear-probe norm) whose running statistics are the
-    plain mean of every training batch's, not a moving average. The frozen encoder's features do not drift, so
-    nothing is lost; and averaged over torchrun's processes (train_classifier: distribute_bn) they equal one
-    process's over the same chunks, where a moving average follows each process's number of chunks.
-    nn.BatchNorm1d(momentum=None) keeps the same mean but reads its batch count back to the host every step,
-    which breaks a compiled graph: here the update is tensor arithmetic. Same buffers, same checkpoints.
+    mean of every training batch's, weighted by its images, not a moving average. The frozen encoder's features do
+    not drift, so nothing is lost; and averaged over torchrun's processes (train_classifier: distribute_bn) they
+    equal one process's over the same chunks, where a moving average follows each process's number of chunks.
+    nn.BatchNorm1d(momentum=None) keeps the same mean (of equal batches) but reads its batch count back to the
+    host every step, which breaks a compiled graph: here the update is tensor arithmetic. Same buffers.
 
-    world_size: the processes training in step. Each chunk of a process's own counts for all of them, so that
-    num_batches_tracked is the run's count of chunks, and a checkpoint resumes with the right weights on any
-    number of processes (with each process's own count, one of two processes' would resume on one process as
-    half of the run's chunks)."""
+    num_batches_tracked counts images here, those of all world_size processes training in step (each counts its
+    own chunk for all of them): the run's images so far, whatever the number of processes and the chunk size, so
+    that a run resumed on other ones weights its earlier chunks right."""
 
     def __init__(self, dim: int, world_size: int = 1):
         super().__init__(dim, eps=1e-6, affine=False)
@@ -235,8 +234,9 @@ class RunningMeanBatchNorm(nn.BatchNorm1d):
         x = x.float()  # as autocast runs batch_norm
         var, mean = torch.var_mean(x, dim=0, correction=0)
         with torch.no_grad():
-            self.num_batches_tracked.add_(self.world_size)
-            weight = self.world_size / self.num_batches_tracked  # a process's k-th batch counts 1/k (one process)
+            images = len(x) * self.world_size  # this chunk's, and the other processes' chunks of this step
+            self.num_batches_tracked.add_(images)
+            weight = images / self.num_batches_tracked  # one process's k-th of equal chunks counts 1/k
             self.running_mean.lerp_(mean, weight)
             self.running_var.lerp_(var * (len(x) / (len(x) - 1)), weight)  # unbiased, as BatchNorm keeps it
         return (x - mean) * torch.rsqrt(var + self.eps)

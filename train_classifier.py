@@ -635,6 +635,10 @@ def main(args):
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):  # empty when the checkpoint's run was not fp16
             scaler.load_state_dict(ckpt["scaler"])
+        if args.linear_probe:
+            # The probe's BatchNorm weights each chunk by its images over the run's images so far: set from the
+            # run's progress, as the count of an older version's checkpoint was of each process's chunks.
+            model.head_norm.num_batches_tracked.fill_(ckpt["epoch"] * steps_per_epoch * args.batch_size)
         start_epoch = ckpt["epoch"] + 1
         utils.broadcast_state(model)  # rank 0's, as at the start: each process read the file on its own
         log_print(f"resumed from {args.resume} at epoch {start_epoch}")

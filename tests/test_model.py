@@ -217,16 +217,18 @@ def test_drop_path_rates_grow_with_depth_and_are_not_saved():
 
 def test_probe_norm_is_batchnorm_with_a_plain_mean_of_the_batch_statistics():
     """Train mode: the output and running statistics of torch's BatchNorm1d(momentum=None), which averages every
-    batch's statistics equally, and torch's own eval-mode normalisation; the same state_dict keys. And no host
-    read of the batch count: a compiled step stays one graph."""
+    batch's statistics equally (the batches here are of equal size), and torch's own eval-mode normalisation; the
+    same state_dict keys, the count one of images. And no host read of the count: a compiled step stays one
+    graph."""
     torch.manual_seed(0)
     ours, torchs = RunningMeanBatchNorm(8), nn.BatchNorm1d(8, eps=1e-6, affine=False, momentum=None)
     for scale in (1.0, 3.0, 0.5):
         x = torch.randn(16, 8) * scale + scale
         torch.testing.assert_close(ours(x), torchs(x))
     assert list(ours.state_dict()) == list(torchs.state_dict())
-    for name, buffer in torchs.state_dict().items():
-        torch.testing.assert_close(ours.state_dict()[name], buffer)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(ours.state_dict()[name], torchs.state_dict()[name])
+    assert torchs.num_batches_tracked.item() == 3 and ours.num_batches_tracked.item() == 3 * 16
     ours.eval(), torchs.eval()
     x = torch.randn(4, 8)
     torch.testing.assert_close(ours(x), torchs(x))
@@ -237,7 +239,7 @@ def test_probe_norm_is_batchnorm_with_a_plain_mean_of_the_batch_statistics():
     step = torch.compile(ours, backend=counter, fullgraph=True)  # fullgraph: a graph break would raise
     for _ in range(3):
         step(torch.randn(16, 8))
-    assert counter.frame_count == 1 and ours.num_batches_tracked.item() == 6
+    assert counter.frame_count == 1 and ours.num_batches_tracked.item() == 6 * 16
     with pytest.raises(ValueError, match="at least 2 samples"):
         ours(torch.randn(1, 8))
 
@@ -557,11 +559,13 @@ def test_probe_norm_adds_eps_to_the_variance_as_batchnorm_does():
     torch.testing.assert_close(ours(x), torchs(x))
 
 
-def test_probe_norm_counts_every_process_chunks_so_a_checkpoint_resumes_on_another_number_of_processes():
-    """Two processes' probe norms, each fed every other chunk and then averaged as train_classifier's distribute_bn
-    averages them (running mean and variance; the count as it is), then one process going on from that state: its
-    statistics are the plain mean over all chunks, as those of one process fed every chunk. Each process counting
-    only its own chunks would have weighted the resumed run's chunks 1/3 and 1/4 where they count 1/5 and 1/6."""
+def test_probe_norm_counts_every_process_images_so_a_checkpoint_resumes_on_other_processes_and_chunks():
+    """Two processes' probe norms, each fed every other chunk of 8 and then averaged as train_classifier's
+    distribute_bn averages them (running mean and variance; the count as it is), then one process going on from
+    that state: in chunks of 8, its statistics are those of one process fed every chunk; in one chunk of 16 (the
+    default flags' chunk on one process where two take 8 each), its mean is. Counting each process's own chunks
+    would weight the first resumed chunks 1/3 where they count 1/5 (or 1/3 of the images); counting all processes'
+    chunks, the chunk of 16 1/5."""
     torch.manual_seed(0)
     chunks = [torch.randn(8, 4) * (1 + k) + k for k in range(6)]
     one = RunningMeanBatchNorm(4)
@@ -570,17 +574,19 @@ def test_probe_norm_counts_every_process_chunks_so_a_checkpoint_resumes_on_anoth
     ranks = [RunningMeanBatchNorm(4, world_size=2) for _ in range(2)]
     for k, chunk in enumerate(chunks[:4]):
         ranks[k % 2](chunk)
-    resumed = RunningMeanBatchNorm(4)
     state = ranks[0].state_dict()
     for name in ("running_mean", "running_var"):
         state[name] = (ranks[0].state_dict()[name] + ranks[1].state_dict()[name]) / 2
-    resumed.load_state_dict(state)
-    assert resumed.num_batches_tracked.item() == 4
+    assert state["num_batches_tracked"].item() == 32  # the four chunks' images
+    same_chunks, one_chunk = RunningMeanBatchNorm(4), RunningMeanBatchNorm(4)
+    same_chunks.load_state_dict(state), one_chunk.load_state_dict(state)
     for chunk in chunks[4:]:
-        resumed(chunk)
-    assert resumed.num_batches_tracked.item() == one.num_batches_tracked.item() == 6
-    torch.testing.assert_close(resumed.running_mean, one.running_mean)
-    torch.testing.assert_close(resumed.running_var, one.running_var)
+        same_chunks(chunk)
+    one_chunk(torch.cat(chunks[4:]))
+    assert same_chunks.num_batches_tracked.item() == one_chunk.num_batches_tracked.item() == 48
+    torch.testing.assert_close(same_chunks.running_mean, one.running_mean)
+    torch.testing.assert_close(same_chunks.running_var, one.running_var)
+    torch.testing.assert_close(one_chunk.running_mean, one.running_mean)
 
 
 def test_probe_norm_computes_in_fp32_under_bf16_autocast():

@@ -414,6 +414,10 @@ def test_resume_continues_the_same_run(tmp_path, mae_ckpt, extra, monkeypatch, c
         f"{run}_preds_epoch_0.png", "scratch_preds_epoch_3.png"]  # grids at epochs 0, 2 and 3
     before = (out / f"{run}_preds_epoch_0.png").read_bytes()
     shutil.copy(out / f"{run}_preds_epoch_0.png", out / f"{run}_preds_epoch_9.png")
+    if extra:  # as an older version wrote it: the probe's BatchNorm counted chunks, which the resume recounts
+        ckpt = torch.load(tmp_path / "split" / "cls_last.pt", weights_only=True)
+        ckpt["model"]["head_norm.num_batches_tracked"].fill_(7)
+        torch.save(ckpt, tmp_path / "split" / "cls_last.pt")
     grids, save_grid = [], utils.save_prediction_grid
     monkeypatch.setattr(utils, "save_prediction_grid", lambda path, *args, **kwargs: (
         grids.append(os.path.basename(path)), save_grid(path, *args, **kwargs)))
