@@ -794,7 +794,7 @@ def report_classifiers(runs: list, figures: dict, rel) -> list:
     lines.append("")
     gain = pretraining_gain(runs)
     if gain:
-        lines += [f"What the pretraining is worth, {gain}.", ""]
+        lines += [f"What the pretraining is worth: {gain}.", ""]
     for (path, digest), names in encoder_starts(runs).items():
         lines += [f"{', '.join(f'`{name}`' for name in names)} started from the MAE encoder of `{path}` (its "
                   f"weights' SHA-256 `{digest[:12]}`).", ""]
@@ -848,15 +848,26 @@ def top_confusions(run: ClassifierRun, count: int = 5) -> list:
 
 def pretraining_gain(runs: list) -> str:
     """What the pretraining is worth, the report's headline: the fine-tune from the MAE encoder against the one from
-    scratch, final and best val accuracy, in points; '' unless there is exactly one of each."""
+    scratch, final and best val accuracy, in points; '' unless there is exactly one of each. Where the two did not
+    run alike (epochs done, data, val split, encoder size), it says so in place of a difference that would mislead:
+    a fine-tune stopped early would read as pretraining worth less."""
     scratch = [r for r in runs if r.label == ROLES["scratch"][0] and "val_acc" in r.curves]
     pretrained = [r for r in runs if r.label == ROLES["pretrained"][0] and "val_acc" in r.curves]
     if len(scratch) != 1 or len(pretrained) != 1:
         return ""
-    s, p = run_numbers(scratch[0]), run_numbers(pretrained[0])
+    (s_run,), (p_run,) = scratch, pretrained
+    s, p = run_numbers(s_run), run_numbers(p_run)
+    unlike = [what for what, a, b in (
+        ("epochs", epoch_count(p["epochs"], run_total_epoch(p_run)), epoch_count(s["epochs"], run_total_epoch(s_run))),
+        ("data", p_run.args.get("dataset"), s_run.args.get("dataset")),
+        ("val split", val_split(p_run.args), val_split(s_run.args)),
+        ("encoder size", *(tuple(r.args.get(name) for name in ENCODER_SIZE_FLAGS) for r in (p_run, s_run))))
+        if a != b]
+    pair = f"from the MAE encoder against from scratch ({p_run.name} - {s_run.name})"
+    if unlike:
+        return f"not given, as the two fine-tunes ({p_run.name}, {s_run.name}) differ in {', '.join(unlike)}"
     points = (lambda key: f"{100 * (p[key] - s[key]):+.2f} points ({pct(p[key])} against {pct(s[key])})")
-    return (f"from the MAE encoder against from scratch ({pretrained[0].name} - {scratch[0].name}): final val acc "
-            f"{points('final_val_acc')}, best {points('best_val_acc')}")
+    return f"{pair}: final val acc {points('final_val_acc')}, best {points('best_val_acc')}"
 
 
 def summary_lines(pre, runs) -> list:

@@ -266,8 +266,21 @@ def test_the_report_says_what_the_pretraining_is_worth_from_the_two_fine_tunes_a
         return f"{100 * (p - s):+.2f} points ({100 * p:.2f}% against {100 * s:.2f}%)"
     gain = (f"from the MAE encoder against from scratch (pretrained - scratch): final val acc "
             f"{points(pretrained[-1], scratch[-1])}, best {points(pretrained.max(), scratch.max())}")
-    assert f"What the pretraining is worth, {gain}." in report_path.read_text()
+    assert f"What the pretraining is worth: {gain}." in report_path.read_text()
     assert f"what the pretraining is worth: {gain}" in stdout
+
+
+def test_what_the_pretraining_is_worth_is_not_given_for_fine_tunes_that_did_not_run_alike(run_outputs, tmp_path):
+    """A fine-tune stopped early, or on other data or at another size, would make the difference mislead (a
+    pretrained run stopped at epoch 1 would read as pretraining worth less): the report says why it gives none."""
+    pre, cls = copy_outputs(run_outputs, tmp_path)
+    np.save(cls / "pretrained_val_acc.npy", np.load(cls / "pretrained_val_acc.npy")[:1])
+    args = json.loads((cls / "scratch_args.json").read_text())
+    (cls / "scratch_args.json").write_text(json.dumps({**args, "val_split": 100}))
+    out = plot("--pretrain_dir", pre, "--cls_dir", cls, "--report", tmp_path / "results.md")
+    gain = "not given, as the two fine-tunes (pretrained, scratch) differ in epochs, val split"
+    assert f"what the pretraining is worth: {gain}" in out
+    assert f"What the pretraining is worth: {gain}." in (tmp_path / "results.md").read_text()
 
 
 def test_per_class_accuracy_is_counted_from_the_predictions(full_report):
