@@ -48,7 +48,8 @@ def get_args_parser():
     parser = utils.ArgumentParser(description="MAE pretraining of a ViT on CIFAR-10")
     # Schedule and optimisation (the reference's flags, same names and meaning)
     utils.add_schedule_args(parser, batch_size=512, max_device_batch_size=256, base_learning_rate=1.5e-4,
-                            total_epoch=150, warmup_epoch=10, schedule="warmup_cosine")
+                            total_epoch=150, warmup_epoch=10, schedule="warmup_cosine",
+                            draws="the masks (and --augment's crops and flips)")
     # MAE (defaults: MAEConfig's, as the model-size flags' are)
     parser.add_argument("--mask_ratio", type=utils.finite_float, default=MAEConfig().mask_ratio,
                         help="share of patches masked, in (0, 1)")

@@ -77,7 +77,8 @@ def get_args_parser():
     # Schedule and optimisation (the reference's flags, same names and meaning; --min_lr only with the
     # warmup_cosine schedule, the reference's goes to 0). --schedule defaults to --recipe's (resolve_recipe).
     utils.add_schedule_args(parser, batch_size=128, max_device_batch_size=128, base_learning_rate=1e-3,
-                            total_epoch=100, warmup_epoch=5, schedule=None)
+                            total_epoch=100, warmup_epoch=5, schedule=None,
+                            draws="the recipe's draws (augmentation, mixup, drop path)")
     # Starting point
     parser.add_argument("--pretrained_model_path", default=None,
                         help="mae_pretrain.py checkpoint whose encoder starts the classifier (default: from scratch)")

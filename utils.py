@@ -14,6 +14,7 @@ import signal
 import stat
 import sys
 import tempfile
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -80,7 +81,11 @@ def warnings_after_checks():
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
     """--help gives each flag's default after its text, where it has one: not for a switch that is off, an empty
-    value, nor None, which each script resolves at run time (from the device, or a checkpoint) as the text says."""
+    value, nor None, which each script resolves at run time (from the device, or a checkpoint) as the text says.
+    Lines break at spaces only, so a path or a value (vit-t-mae.pt) stays whole."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
     def _get_help_string(self, action):
         default = action.default
@@ -282,12 +287,10 @@ def check_output_folder(flag: str, folder: str, create: bool = True) -> None:
 # Schedule and optimizer
 
 def add_schedule_args(parser, batch_size: int, max_device_batch_size: int, base_learning_rate: float,
-                      total_epoch: int, warmup_epoch: int, schedule: str | None) -> None:
+                      total_epoch: int, warmup_epoch: int, schedule: str | None, draws: str) -> None:
     """The optimisation flags both training scripts share: the reference's names and meanings, their defaults
-    (a schedule of None: the script sets it after parsing)."""
-    parser.add_argument("--seed", type=int, default=42,
-                        help="seeds initialisation, shuffling and training's draws (masks, augmentation, mixup, drop "
-                             "path)")
+    (a schedule of None: the script sets it after parsing). draws: the script's random draws, which --seed seeds."""
+    parser.add_argument("--seed", type=int, default=42, help=f"seeds initialisation, shuffling and {draws}")
     parser.add_argument("--batch_size", type=int, default=batch_size,
                         help="effective (global) batch per optimizer step, gradients accumulated over chunks")
     parser.add_argument("--max_device_batch_size", type=int, default=max_device_batch_size,
