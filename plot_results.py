@@ -108,6 +108,11 @@ class ClassifierRun:
         return bool(self.summary.get("linear_probe", self.role == "linprobe"))
 
     @property
+    def encoder_size(self) -> tuple:
+        """(patch size, width, depth, heads) of the model the run built, from its args.json; Nones without one."""
+        return tuple(self.args.get(name) for name in ENCODER_SIZE_FLAGS)
+
+    @property
     def label(self) -> str:
         """What the run is, from its summary: a linear probe named by --linprobe_run may have probed a random encoder
         (the probe's baseline). Without a summary, what its role says."""
@@ -744,9 +749,8 @@ def encoder_size_notes(runs: list) -> list:
     model it built): scratch and pretrained would then compare two models, not a pretraining against none."""
     sizes = {}
     for run in runs:
-        size = tuple(run.args.get(name) for name in ENCODER_SIZE_FLAGS)
-        if None not in size:
-            sizes.setdefault(size, []).append(run.name)
+        if None not in run.encoder_size:
+            sizes.setdefault(run.encoder_size, []).append(run.name)
     if len(sizes) < 2:
         return []
     return ["the classifier runs' encoders differ in size (" + "; ".join(
@@ -861,13 +865,13 @@ def pretraining_gain(runs: list) -> str:
         ("epochs", epoch_count(p["epochs"], run_total_epoch(p_run)), epoch_count(s["epochs"], run_total_epoch(s_run))),
         ("data", p_run.args.get("dataset"), s_run.args.get("dataset")),
         ("val split", val_split(p_run.args), val_split(s_run.args)),
-        ("encoder size", *(tuple(r.args.get(name) for name in ENCODER_SIZE_FLAGS) for r in (p_run, s_run))))
+        ("encoder size", p_run.encoder_size, s_run.encoder_size))
         if a != b]
-    pair = f"from the MAE encoder against from scratch ({p_run.name} - {s_run.name})"
     if unlike:
         return f"not given, as the two fine-tunes ({p_run.name}, {s_run.name}) differ in {', '.join(unlike)}"
     points = (lambda key: f"{100 * (p[key] - s[key]):+.2f} points ({pct(p[key])} against {pct(s[key])})")
-    return f"{pair}: final val acc {points('final_val_acc')}, best {points('best_val_acc')}"
+    return (f"from the MAE encoder against from scratch ({p_run.name} - {s_run.name}): final val acc "
+            f"{points('final_val_acc')}, best {points('best_val_acc')}")
 
 
 def summary_lines(pre, runs) -> list:
