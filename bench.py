@@ -934,7 +934,8 @@ def print_profile(r: dict, args) -> None:
     shown = [record for record in prof.get("host_records", []) if record["name"] in HOST_RECORDS_SHOWN]
     if shown:
         print("  the host's side of the same steps (the profiler's records, its own cost included): " + "; ".join(
-            f"{r['name']} {r['cpu_ms_per_step']:.3f} ms in {r['calls_per_step']:g} calls" for r in shown))
+            f"{record['name']} {record['cpu_ms_per_step']:.3f} ms in {record['calls_per_step']:g} calls"
+            for record in shown))
     host = r["host_profile"]
     print(f"where the host's time goes while it queues a {r['phase']} step (cProfile, {args.steps} steps, each "
           f"begun with the device idle; self time per step, cProfile's own cost included): "
