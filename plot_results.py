@@ -28,8 +28,10 @@ ROLES = {  # classifier run role -> (legend label, colour, line style)
     "scratch": ("from scratch", ORANGE, "--"),
     "pretrained": ("MAE-pretrained, fine-tuned", BLUE, "-"),
     "linprobe": ("MAE-pretrained, linear probe", GREEN, "-."),
+    "random_probe": ("random encoder, linear probe", PURPLE, ":"),  # --linear_probe without --pretrained_model_path
 }
-RANDOM_PROBE_LABEL = "random encoder, linear probe"  # --linear_probe without --pretrained_model_path
+RANDOM_PROBE_LABEL = ROLES["random_probe"][0]
+PROBE_ROLES = ("linprobe", "random_probe")
 STYLE = {
     "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8.5, "xtick.labelsize": 9,
     "ytick.labelsize": 9, "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
@@ -66,6 +68,9 @@ def get_args_parser():
                              "its predictions give the confusion matrix")
     parser.add_argument("--linprobe_run", default="linprobe",
                         help="run name of the linear probe on the frozen MAE encoder ('' to leave it out)")
+    parser.add_argument("--random_probe_run", default="",
+                        help="run name of the linear probe on a random encoder, the probe's baseline (the README "
+                             "runs it as linprobe_random; '' leaves it out)")
     # Outputs: figures go next to their inputs, the report wherever asked
     parser.add_argument("--report", default="results.md",
                         help="markdown report with the numbers and the figures (embedded by relative path)")
@@ -94,7 +99,7 @@ class Pretraining:
 @dataclass
 class ClassifierRun:
     name: str
-    role: str  # scratch, pretrained or linprobe: which flag named it
+    role: str  # a key of ROLES: which flag named it
     curves: dict  # train_loss / train_acc / val_loss / val_acc -> (E,), only those that exist
     summary: dict  # <run>_summary.json, {} when absent
     args: dict = field(default_factory=dict)  # <run>_args.json, {} when absent
@@ -105,7 +110,7 @@ class ClassifierRun:
 
     @property
     def linear_probe(self) -> bool:
-        return bool(self.summary.get("linear_probe", self.role == "linprobe"))
+        return bool(self.summary.get("linear_probe", self.role in PROBE_ROLES))
 
     @property
     def encoder_size(self) -> tuple:
@@ -115,7 +120,8 @@ class ClassifierRun:
     @property
     def label(self) -> str:
         """What the run is, from its summary: a linear probe named by --linprobe_run may have probed a random encoder
-        (the probe's baseline). Without a summary, what its role says."""
+        (the probe's baseline), and one named by --random_probe_run the MAE encoder. Without a summary, what its role
+        says."""
         if "pretrained_model_path" not in self.summary:
             return ROLES[self.role][0]
         pretrained = bool(self.summary["pretrained_model_path"])
@@ -796,8 +802,7 @@ def report_classifiers(runs: list, figures: dict, rel) -> list:
         lines.append(f"| {run.name} | {run.label} | {recipe} | {split} | {epochs} | {best} | "
                      f"{final} | {loss} |")
     lines.append("")
-    gain = pretraining_gain(runs)
-    if gain:
+    for gain in pretraining_gains(runs):
         lines += [f"What the pretraining is worth: {gain}.", ""]
     for (path, digest), names in encoder_starts(runs).items():
         lines += [f"{', '.join(f'`{name}`' for name in names)} started from the MAE encoder of `{path}` (its "
@@ -850,28 +855,44 @@ def top_confusions(run: ClassifierRun, count: int = 5) -> list:
             for i, j in zip(*np.unravel_index(order, share.shape)) if off[i, j]]
 
 
-def pretraining_gain(runs: list) -> str:
-    """What the pretraining is worth, the report's headline: the fine-tune from the MAE encoder against the one from
-    scratch, final and best val accuracy, in points; '' unless there is exactly one of each. Where the two did not
-    run alike (epochs done, data, val split, encoder size), it says so in place of a difference that would mislead:
-    a fine-tune stopped early would read as pretraining worth less."""
-    scratch = [r for r in runs if r.label == ROLES["scratch"][0] and "val_acc" in r.curves]
-    pretrained = [r for r in runs if r.label == ROLES["pretrained"][0] and "val_acc" in r.curves]
-    if len(scratch) != 1 or len(pretrained) != 1:
-        return ""
-    (s_run,), (p_run,) = scratch, pretrained
-    s, p = run_numbers(s_run), run_numbers(p_run)
-    unlike = [what for what, a, b in (
-        ("epochs", epoch_count(p["epochs"], run_total_epoch(p_run)), epoch_count(s["epochs"], run_total_epoch(s_run))),
-        ("data", p_run.args.get("dataset"), s_run.args.get("dataset")),
-        ("val split", val_split(p_run.args), val_split(s_run.args)),
-        ("encoder size", p_run.encoder_size, s_run.encoder_size))
-        if a != b]
-    if unlike:
-        return f"not given, as the two fine-tunes ({p_run.name}, {s_run.name}) differ in {', '.join(unlike)}"
-    points = (lambda key: f"{100 * (p[key] - s[key]):+.2f} points ({pct(p[key])} against {pct(s[key])})")
-    return (f"from the MAE encoder against from scratch ({p_run.name} - {s_run.name}): final val acc "
-            f"{points('final_val_acc')}, best {points('best_val_acc')}")
+# The report's headline pairs: (what the two runs are, what the difference compares, the label of the run from the
+# MAE encoder, the label of its baseline).
+GAIN_PAIRS = (("the two fine-tunes", "from the MAE encoder against from scratch", ROLES["pretrained"][0],
+               ROLES["scratch"][0]),
+              ("the two linear probes", "under a linear probe, the MAE encoder against a random one",
+               ROLES["linprobe"][0], RANDOM_PROBE_LABEL))
+
+
+def run_setting(run: ClassifierRun) -> dict:
+    """What two runs must share for their accuracies to measure the pretraining alone, from their files."""
+    return {"epochs": epoch_count(len(run.curves["val_acc"]), run_total_epoch(run)), "data": run.args.get("dataset"),
+            "val split": val_split(run.args), "encoder size": run.encoder_size,
+            "pooling": run.args.get("global_pool"), "recipe": run.summary.get("recipe")}
+
+
+def pretraining_gains(runs: list) -> list:
+    """What the pretraining is worth, the report's headline: for each of GAIN_PAIRS with exactly one run of each
+    label, the MAE run's final and best val accuracy less its baseline's, in points. Where the two did not run alike
+    (run_setting), it says so in place of a difference that would mislead: a fine-tune stopped early would read as
+    pretraining worth less, a probe of the mean patch token against one of the class token as pretraining worth
+    more."""
+    gains = []
+    for pair, subject, mae_label, baseline_label in GAIN_PAIRS:
+        mae = [r for r in runs if r.label == mae_label and "val_acc" in r.curves]
+        baseline = [r for r in runs if r.label == baseline_label and "val_acc" in r.curves]
+        if len(mae) != 1 or len(baseline) != 1:
+            continue
+        (m_run,), (b_run,) = mae, baseline
+        m_setting, b_setting = run_setting(m_run), run_setting(b_run)
+        unlike = [what for what in m_setting if m_setting[what] != b_setting[what]]
+        if unlike:
+            gains.append(f"not given, as {pair} ({m_run.name}, {b_run.name}) differ in {', '.join(unlike)}")
+            continue
+        m, b = run_numbers(m_run), run_numbers(b_run)
+        points = (lambda key: f"{100 * (m[key] - b[key]):+.2f} points ({pct(m[key])} against {pct(b[key])})")
+        gains.append(f"{subject} ({m_run.name} - {b_run.name}): final val acc {points('final_val_acc')}, best "
+                     f"{points('best_val_acc')}")
+    return gains
 
 
 def summary_lines(pre, runs) -> list:
@@ -891,8 +912,7 @@ def summary_lines(pre, runs) -> list:
             lines.append(f"{run.name} ({run.label}): best val acc {pct(n['best_val_acc'])} at epoch "
                          f"{n['best_epoch']}, final {pct(n['final_val_acc'])} "
                          f"({epochs_text(n['epochs'], run_total_epoch(run))})")
-    gain = pretraining_gain(runs)
-    return lines + [f"what the pretraining is worth: {gain}"] if gain else lines
+    return lines + [f"what the pretraining is worth: {gain}" for gain in pretraining_gains(runs)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -950,9 +970,11 @@ def main(args):
     # ---- read and check every input before writing anything
     if not 72 <= args.dpi <= 600:  # a 10-inch figure at 600 dpi is already 6,000 pixels wide
         utils.die(f"--dpi must be in [72, 600], got {args.dpi}")
-    named = [n for n in (args.scratch_run, args.pretrained_run, args.linprobe_run) if n]
+    names = [(args.scratch_run, "scratch"), (args.pretrained_run, "pretrained"), (args.linprobe_run, "linprobe"),
+             (args.random_probe_run, "random_probe")]
+    named = [n for n, _ in names if n]
     if len(set(named)) < len(named):
-        utils.die(f"--scratch_run, --pretrained_run and --linprobe_run must differ, got {named}")
+        utils.die(f"--scratch_run, --pretrained_run, --linprobe_run and --random_probe_run must differ, got {named}")
     # .md only: the report then cannot replace one of the inputs it is made from (.npy, .json, .jsonl).
     utils.check_output_file("--report", args.report, (".md",), create_folder=False)
     # A missing folder is reported as missing inputs; a file there is a slip (a checkpoint for its outputs folder)
@@ -961,7 +983,6 @@ def main(args):
         utils.check_not_a_file(flag, folder)
     missing, notes = [], []
     pre = load_pretraining(args.pretrain_dir, missing, notes)
-    names = [(args.scratch_run, "scratch"), (args.pretrained_run, "pretrained"), (args.linprobe_run, "linprobe")]
     runs = []
     for name, role in names:
         if name:

@@ -283,6 +283,52 @@ def test_what_the_pretraining_is_worth_is_not_given_for_fine_tunes_that_did_not_
     assert f"What the pretraining is worth: {gain}." in (tmp_path / "results.md").read_text()
 
 
+def test_a_random_encoder_probe_is_the_probes_baseline_and_the_report_says_what_the_pretraining_is_worth_to_it(
+        run_outputs, tmp_path):
+    """--random_probe_run names the probe of a random encoder (--linear_probe without --pretrained_model_path): the
+    report tables and draws it beside the MAE encoder's probe, and gives the probes' difference, written out from
+    both runs' .npy files, after the fine-tunes'. Probes of different features (the class token against the mean
+    patch token) give none, and the report says why."""
+    pre, cls = copy_outputs(run_outputs, tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            argv = classifier_argv(tmp_path, "linprobe_random", 2, "--linear_probe", "--run_name", "linprobe_random")
+            train_classifier.main(train_classifier.get_args_parser().parse_args(argv))
+    finally:
+        torch.set_num_threads(threads)
+    out = plot("--pretrain_dir", pre, "--cls_dir", cls, "--random_probe_run", "linprobe_random",
+               "--report", tmp_path / "results.md")
+    report = (tmp_path / "results.md").read_text()
+    assert "| linprobe_random | random encoder, linear probe | linear probe |" in report
+    mae, random = (np.load(cls / f"{run}_val_acc.npy") for run in ("linprobe", "linprobe_random"))
+
+    def points(m, b):
+        return f"{100 * (m - b):+.2f} points ({100 * m:.2f}% against {100 * b:.2f}%)"
+    gain = (f"under a linear probe, the MAE encoder against a random one (linprobe - linprobe_random): final val acc "
+            f"{points(mae[-1], random[-1])}, best {points(mae.max(), random.max())}")
+    worth = [line for line in report.splitlines() if line.startswith("What the pretraining is worth: ")]
+    assert len(worth) == 2 and worth[0].startswith("What the pretraining is worth: from the MAE encoder against "
+                                                   "from scratch (pretrained - scratch)")
+    assert worth[1] == f"What the pretraining is worth: {gain}."
+    assert f"what the pretraining is worth: {gain}" in out
+    runs = [plot_results.load_classifier_run(str(cls), name, role, [], [])
+            for name, role in (("linprobe", "linprobe"), ("linprobe_random", "random_probe"))]
+    fig = plot_results.plot_run_comparison(runs, "val_acc", False)
+    plot_results.plt.close(fig)
+    legend = [t.get_text().split("\n")[0] for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["MAE-pretrained, linear probe", "random encoder, linear probe (linprobe_random)"]
+    assert fig.axes[0].lines[2].get_color() == plot_results.PURPLE and fig.axes[0].lines[2].get_linestyle() == ":"
+
+    args = json.loads((cls / "linprobe_random_args.json").read_text())
+    (cls / "linprobe_random_args.json").write_text(json.dumps({**args, "global_pool": "avg"}))
+    out = plot("--pretrain_dir", pre, "--cls_dir", cls, "--random_probe_run", "linprobe_random",
+               "--report", tmp_path / "results.md")
+    assert ("what the pretraining is worth: not given, as the two linear probes (linprobe, linprobe_random) differ "
+            "in pooling") in out
+
+
 def test_per_class_accuracy_is_counted_from_the_predictions(full_report):
     _, cls, report_path, _ = full_report
     report = report_path.read_text()
@@ -1123,7 +1169,7 @@ def test_no_input_at_all_is_one_line_with_status_2_and_writes_nothing(tmp_path):
     # system), and /proc, where root passes os.access (another user is refused there by os.access first)
     ("unwritable_cls_dir", "--cls_dir: cannot write in folder"),
     ("report_in_proc", "--report: cannot write in"),
-    ("names", "--scratch_run, --pretrained_run and --linprobe_run must differ"),
+    ("names", "--scratch_run, --pretrained_run, --linprobe_run and --random_probe_run must differ"),
     ("summary_type", "pretrained_summary.json' has classes = 5, which should be a list of class names"),
     ("summary_bool", "pretrained_summary.json' has best_epoch = true, which should be an integer"),
     ("args_type", "args.json' has knn_k = \"ten\", which should be an integer"),
