@@ -30,8 +30,6 @@ ROLES = {  # classifier run role -> (legend label, colour, line style)
     "linprobe": ("MAE-pretrained, linear probe", GREEN, "-."),
     "random_probe": ("random encoder, linear probe", PURPLE, ":"),  # --linear_probe without --pretrained_model_path
 }
-RANDOM_PROBE_LABEL = ROLES["random_probe"][0]
-PROBE_ROLES = ("linprobe", "random_probe")
 STYLE = {
     "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8.5, "xtick.labelsize": 9,
     "ytick.labelsize": 9, "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
@@ -110,7 +108,7 @@ class ClassifierRun:
 
     @property
     def linear_probe(self) -> bool:
-        return bool(self.summary.get("linear_probe", self.role in PROBE_ROLES))
+        return bool(self.summary.get("linear_probe", self.role in ("linprobe", "random_probe")))
 
     @property
     def encoder_size(self) -> tuple:
@@ -126,7 +124,7 @@ class ClassifierRun:
             return ROLES[self.role][0]
         pretrained = bool(self.summary["pretrained_model_path"])
         if self.linear_probe:
-            return ROLES["linprobe"][0] if pretrained else RANDOM_PROBE_LABEL
+            return ROLES["linprobe" if pretrained else "random_probe"][0]
         return ROLES["pretrained" if pretrained else "scratch"][0]
 
 
@@ -564,10 +562,19 @@ def comparison_subject(labels: list) -> str:
     if ROLES["pretrained"][0] in labels:  # the legend tells the fine-tune from a linear probe drawn beside it
         subjects.append("MAE-pretrained")
     elif ROLES["linprobe"][0] in labels:
+        if ROLES["random_probe"][0] in labels and not subjects:  # the two probes alone
+            return "linear probe, MAE-pretrained vs random encoder"
         subjects.append("MAE-pretrained (linear probe)")
-    if RANDOM_PROBE_LABEL in labels:
+    if ROLES["random_probe"][0] in labels:
         subjects.append("random encoder (linear probe)")
     return " vs ".join(subjects)
+
+
+def run_style(run: ClassifierRun, runs: list) -> tuple:
+    """A run's (label, colour, line style) in the comparisons: those of what it is (its label), so that a run looks
+    the same whichever flag named it; those of that flag where two runs drawn together are the same thing."""
+    role = next((key for key, (label, _, _) in ROLES.items() if label == run.label), run.role)
+    return ROLES[run.role if sum(r.label == run.label for r in runs) > 1 else role]
 
 
 def plot_run_comparison(runs: list, curve: str, log_scale: bool):
@@ -579,7 +586,7 @@ def plot_run_comparison(runs: list, curve: str, log_scale: bool):
     for run in runs:
         if curve not in run.curves:
             continue
-        _, color, linestyle = ROLES[run.role]
+        _, color, linestyle = run_style(run, runs)
         label = run.label if run.name == run.role else f"{run.label} ({run.name})"
         values = run.curves[curve] * scale
         epochs = np.arange(1, len(values) + 1)
@@ -860,14 +867,14 @@ def top_confusions(run: ClassifierRun, count: int = 5) -> list:
 GAIN_PAIRS = (("the two fine-tunes", "from the MAE encoder against from scratch", ROLES["pretrained"][0],
                ROLES["scratch"][0]),
               ("the two linear probes", "under a linear probe, the MAE encoder against a random one",
-               ROLES["linprobe"][0], RANDOM_PROBE_LABEL))
+               ROLES["linprobe"][0], ROLES["random_probe"][0]))
 
 
 def run_setting(run: ClassifierRun) -> dict:
     """What two runs must share for their accuracies to measure the pretraining alone, from their files."""
     return {"epochs": epoch_count(len(run.curves["val_acc"]), run_total_epoch(run)), "data": run.args.get("dataset"),
             "val split": val_split(run.args), "encoder size": run.encoder_size,
-            "pooling": run.args.get("global_pool"), "recipe": run.summary.get("recipe")}
+            "pooling": run.args.get("global_pool"), "recipe": run.args.get("recipe")}
 
 
 def pretraining_gains(runs: list) -> list:

@@ -256,16 +256,18 @@ def test_classifier_numbers_equal_those_of_the_npy_files(full_report):
             f"{100 * probe[-1]:.2f}% final.") in report
 
 
+def gain_points(mae: float, baseline: float) -> str:
+    """A headline difference as the report writes it, from two accuracies in [0, 1]."""
+    return f"{100 * (mae - baseline):+.2f} points ({100 * mae:.2f}% against {100 * baseline:.2f}%)"
+
+
 def test_the_report_says_what_the_pretraining_is_worth_from_the_two_fine_tunes_arrays(full_report):
     """The headline: the fine-tune from the MAE encoder minus the one from scratch, final and best val accuracy in
     points, written out from their .npy files (the probe is no fine-tune and takes no part)."""
     _, cls, report_path, stdout = full_report
     scratch, pretrained = (np.load(cls / f"{run}_val_acc.npy") for run in ("scratch", "pretrained"))
-
-    def points(p, s):
-        return f"{100 * (p - s):+.2f} points ({100 * p:.2f}% against {100 * s:.2f}%)"
     gain = (f"from the MAE encoder against from scratch (pretrained - scratch): final val acc "
-            f"{points(pretrained[-1], scratch[-1])}, best {points(pretrained.max(), scratch.max())}")
+            f"{gain_points(pretrained[-1], scratch[-1])}, best {gain_points(pretrained.max(), scratch.max())}")
     assert f"What the pretraining is worth: {gain}." in report_path.read_text()
     assert f"what the pretraining is worth: {gain}" in stdout
 
@@ -287,8 +289,9 @@ def test_a_random_encoder_probe_is_the_probes_baseline_and_the_report_says_what_
         run_outputs, tmp_path):
     """--random_probe_run names the probe of a random encoder (--linear_probe without --pretrained_model_path): the
     report tables and draws it beside the MAE encoder's probe, and gives the probes' difference, written out from
-    both runs' .npy files, after the fine-tunes'. Probes of different features (the class token against the mean
-    patch token) give none, and the report says why."""
+    both runs' .npy files, after the fine-tunes'. Each probe keeps its colour whichever flag names it. Probes of
+    different features (the class token against the mean patch token) or recipes give no difference, and the report
+    says why."""
     _, cls = copy_outputs(run_outputs, tmp_path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -303,27 +306,35 @@ def test_a_random_encoder_probe_is_the_probes_baseline_and_the_report_says_what_
     report = (tmp_path / "results.md").read_text()
     assert "| linprobe_random | random encoder, linear probe | linear probe |" in report
     mae, random = (np.load(cls / f"{run}_val_acc.npy") for run in ("linprobe", "linprobe_random"))
-
-    def points(m, b):
-        return f"{100 * (m - b):+.2f} points ({100 * m:.2f}% against {100 * b:.2f}%)"
     gain = (f"under a linear probe, the MAE encoder against a random one (linprobe - linprobe_random): final val acc "
-            f"{points(mae[-1], random[-1])}, best {points(mae.max(), random.max())}")
+            f"{gain_points(mae[-1], random[-1])}, best {gain_points(mae.max(), random.max())}")
     worth = [line for line in report.splitlines() if line.startswith("What the pretraining is worth: ")]
     assert len(worth) == 2 and worth[0].startswith("What the pretraining is worth: from the MAE encoder against "
                                                    "from scratch (pretrained - scratch)")
     assert worth[1] == f"What the pretraining is worth: {gain}."
     assert f"what the pretraining is worth: {gain}" in out
-    runs = [plot_results.load_classifier_run(str(cls), name, role, [], [])
-            for name, role in (("linprobe", "linprobe"), ("linprobe_random", "random_probe"))]
-    fig = plot_results.plot_run_comparison(runs, "val_acc", False)
-    plot_results.plt.close(fig)
-    legend = [t.get_text().split("\n")[0] for t in fig.axes[0].get_legend().get_texts()]
-    assert legend == ["MAE-pretrained, linear probe", "random encoder, linear probe (linprobe_random)"]
-    assert fig.axes[0].lines[2].get_color() == plot_results.PURPLE and fig.axes[0].lines[2].get_linestyle() == ":"
 
-    runs[1] = dataclasses.replace(runs[1], args={**runs[1].args, "global_pool": "avg"})
+    # Each probe is drawn in its own style, whichever flag named it.
+    def drawn(roles):
+        runs = [plot_results.load_classifier_run(str(cls), name, role, [], [])
+                for name, role in zip(("linprobe", "linprobe_random"), roles)]
+        fig = plot_results.plot_run_comparison(runs, "val_acc", False)
+        plot_results.plt.close(fig)
+        ax = fig.axes[0]
+        styles = [(line.get_color(), line.get_linestyle()) for line in ax.lines[::2]]  # each curve, then its star
+        return ax.get_title().split("\n")[0], [t.get_text().split("\n")[0] for t in ax.get_legend().get_texts()], \
+            styles, runs
+    title, legend, styles, runs = drawn(("linprobe", "random_probe"))
+    assert title == "Validation accuracy: linear probe, MAE-pretrained vs random encoder"
+    assert legend == ["MAE-pretrained, linear probe", "random encoder, linear probe (linprobe_random)"]
+    assert styles == [(plot_results.GREEN, "-."), (plot_results.PURPLE, ":")]
+    assert drawn(("random_probe", "linprobe"))[2] == styles
+
+    # The settings compared come from args.json: a run without its summary (labelled by its flag) is compared too.
+    assert plot_results.pretraining_gains([dataclasses.replace(runs[0], summary={}), runs[1]]) == [gain]
+    runs[1] = dataclasses.replace(runs[1], args={**runs[1].args, "global_pool": "avg", "recipe": "plain"})
     assert plot_results.pretraining_gains(runs) == [
-        "not given, as the two linear probes (linprobe, linprobe_random) differ in pooling"]
+        "not given, as the two linear probes (linprobe, linprobe_random) differ in pooling, recipe"]
 
 
 def test_per_class_accuracy_is_counted_from_the_predictions(full_report):
