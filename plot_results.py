@@ -864,9 +864,9 @@ def top_confusions(run: ClassifierRun, count: int = 5) -> list:
 
 # The report's headline pairs: (what the two runs are, what the difference compares, the label of the run from the
 # MAE encoder, the label of its baseline).
-GAIN_PAIRS = (("the two fine-tunes", "from the MAE encoder against from scratch", ROLES["pretrained"][0],
+GAIN_PAIRS = (("fine-tunes", "from the MAE encoder against from scratch", ROLES["pretrained"][0],
                ROLES["scratch"][0]),
-              ("the two linear probes", "under a linear probe, the MAE encoder against a random one",
+              ("linear probes", "under a linear probe, the MAE encoder against a random one",
                ROLES["linprobe"][0], ROLES["random_probe"][0]))
 
 
@@ -878,22 +878,27 @@ def run_setting(run: ClassifierRun) -> dict:
 
 
 def pretraining_gains(runs: list) -> list:
-    """What the pretraining is worth, the report's headline: for each of GAIN_PAIRS with exactly one run of each
-    label, the MAE run's final and best val accuracy less its baseline's, in points. Where the two did not run alike
-    (run_setting), it says so in place of a difference that would mislead: a fine-tune stopped early would read as
-    pretraining worth less, a probe of the mean patch token against one of the class token as pretraining worth
-    more."""
+    """What the pretraining is worth, the report's headline: for each of GAIN_PAIRS with a run of each label, the MAE
+    run's final and best val accuracy less its baseline's, in points; two runs of one label give none, and the line
+    says so. Where the two did not run alike (run_setting), it says so in place of a difference that would mislead:
+    a fine-tune stopped early would read as pretraining worth less, a probe of the mean patch token against one of
+    the class token as pretraining worth more."""
     gains = []
-    for pair, subject, mae_label, baseline_label in GAIN_PAIRS:
+    for kind, subject, mae_label, baseline_label in GAIN_PAIRS:
         mae = [r for r in runs if r.label == mae_label and "val_acc" in r.curves]
         baseline = [r for r in runs if r.label == baseline_label and "val_acc" in r.curves]
-        if len(mae) != 1 or len(baseline) != 1:
+        if not mae or not baseline:
+            continue
+        if len(mae) > 1 or len(baseline) > 1:  # two runs named of one kind (say, probes of two poolings)
+            alike = mae if len(mae) > 1 else baseline
+            gains.append(f"not given for the {kind}, as {' and '.join(r.name for r in alike)} are each a run of "
+                         f"'{alike[0].label}'")
             continue
         (m_run,), (b_run,) = mae, baseline
         m_setting, b_setting = run_setting(m_run), run_setting(b_run)
         unlike = [what for what in m_setting if m_setting[what] != b_setting[what]]
         if unlike:
-            gains.append(f"not given, as {pair} ({m_run.name}, {b_run.name}) differ in {', '.join(unlike)}")
+            gains.append(f"not given, as the two {kind} ({m_run.name}, {b_run.name}) differ in {', '.join(unlike)}")
             continue
         m, b = run_numbers(m_run), run_numbers(b_run)
         points = (lambda key: f"{100 * (m[key] - b[key]):+.2f} points ({pct(m[key])} against {pct(b[key])})")

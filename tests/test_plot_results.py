@@ -332,6 +332,11 @@ def test_a_random_encoder_probe_is_the_probes_baseline_and_the_report_says_what_
 
     # The settings compared come from args.json: a run without its summary (labelled by its flag) is compared too.
     assert plot_results.pretraining_gains([dataclasses.replace(runs[0], summary={}), runs[1]]) == [gain]
+    # Two MAE probes named (one by --random_probe_run): no difference, and the line says why.
+    two_mae_probes = [runs[0], dataclasses.replace(runs[0], name="linprobe_avg"), runs[1]]
+    assert plot_results.pretraining_gains(two_mae_probes) == [
+        "not given for the linear probes, as linprobe and linprobe_avg are each a run of 'MAE-pretrained, linear "
+        "probe'"]
     runs[1] = dataclasses.replace(runs[1], args={**runs[1].args, "global_pool": "avg", "recipe": "plain"})
     assert plot_results.pretraining_gains(runs) == [
         "not given, as the two linear probes (linprobe, linprobe_random) differ in pooling, recipe"]
