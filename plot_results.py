@@ -862,8 +862,8 @@ def top_confusions(run: ClassifierRun, count: int = 5) -> list:
             for i, j in zip(*np.unravel_index(order, share.shape)) if off[i, j]]
 
 
-# The report's headline pairs: (what the two runs are, what the difference compares, the label of the run from the
-# MAE encoder, the label of its baseline).
+# The report's headline pairs: (the kind of run both are, what the difference compares, the label of the run from
+# the MAE encoder, the label of its baseline).
 GAIN_PAIRS = (("fine-tunes", "from the MAE encoder against from scratch", ROLES["pretrained"][0],
                ROLES["scratch"][0]),
               ("linear probes", "under a linear probe, the MAE encoder against a random one",
