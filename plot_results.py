@@ -578,43 +578,56 @@ def run_style(run: ClassifierRun, runs: list) -> tuple:
 
 
 def plot_run_comparison(runs: list, curve: str, log_scale: bool):
-    """One curve of every classifier run on one axes; the best epoch of each is starred and named in the legend."""
+    """One curve of every classifier run; the best epoch of each is starred and named in the legend. The linear
+    probes get axes of their own beside the fine-tunes', with the same y axis: the probe's 100 epochs on the
+    fine-tunes' x axis would squeeze the reference experiment's 50-epoch fine-tunes into half of it."""
     accuracy = curve.endswith("acc")
     scale = 100.0 if accuracy else 1.0
-    fig, ax = plt.subplots(figsize=(8.0, 3.8))
-    longest, handles, labels = 1, [], []
-    for run in runs:
-        if curve not in run.curves:
-            continue
-        _, color, linestyle = run_style(run, runs)
-        label = run.label if run.name == run.role else f"{run.label} ({run.name})"
-        values = run.curves[curve] * scale
-        epochs = np.arange(1, len(values) + 1)
-        longest = max(longest, len(values))
-        # Broken lines above solid ones: where two runs' curves meet, both stay visible.
-        line, = ax.plot(epochs, values, color=color, linestyle=linestyle, zorder=2 if linestyle == "-" else 2.5,
-                        **curve_style(len(values)))
-        best = first_argmax(values) if accuracy else int(np.nanargmin(values))
-        star, = ax.plot([best + 1], [values[best]], marker="*", markersize=11, color=color, markeredgecolor="black",
-                        markeredgewidth=0.5, linestyle="none", zorder=5)
-        text = f"{values[best]:.2f}%" if accuracy else f"{values[best]:.4f}"
-        handles.append((line, star))
-        labels.append(f"{label}\nbest {text} at epoch {best + 1}")
-    if log_scale and not accuracy:
-        log_y_axis(ax)
-    epoch_axis(ax, longest)
-    captions = {data_caption(run.args, val=accuracy) for run in runs if curve in run.curves and run.args}
+    drawn = [run for run in runs if curve in run.curves]
+    groups = [g for g in ([r for r in drawn if not r.linear_probe], [r for r in drawn if r.linear_probe]) if g]
+    fig, axes = plt.subplots(1, len(groups), figsize=(8.0 + 3.5 * (len(groups) - 1), 3.8), sharey=True,
+                             squeeze=False)
+    handles, labels = [], []
+    for ax, group in zip(axes[0], groups):
+        longest = 1
+        for run in group:
+            _, color, linestyle = run_style(run, runs)
+            label = run.label if run.name == run.role else f"{run.label} ({run.name})"
+            values = run.curves[curve] * scale
+            epochs = np.arange(1, len(values) + 1)
+            longest = max(longest, len(values))
+            # Broken lines above solid ones: where two runs' curves meet, both stay visible.
+            line, = ax.plot(epochs, values, color=color, linestyle=linestyle, zorder=2 if linestyle == "-" else 2.5,
+                            **curve_style(len(values)))
+            best = first_argmax(values) if accuracy else int(np.nanargmin(values))
+            star, = ax.plot([best + 1], [values[best]], marker="*", markersize=11, color=color,
+                            markeredgecolor="black", markeredgewidth=0.5, linestyle="none", zorder=5)
+            text = f"{values[best]:.2f}%" if accuracy else f"{values[best]:.4f}"
+            handles.append((line, star))
+            labels.append(f"{label}\nbest {text} at epoch {best + 1}")
+        if log_scale and not accuracy:
+            log_y_axis(ax)
+        epoch_axis(ax, longest)
+    ax = axes[0][0]
+    captions = {data_caption(run.args, val=accuracy) for run in drawn if run.args}
     caption = f"\n{captions.pop()}" if len(captions) == 1 else ""  # runs on different data: no one caption
-    drawn = comparison_subject([run.label for run in runs if curve in run.curves])
+    subject = comparison_subject([run.label for run in drawn])
     if accuracy:
         ax.set_ylabel("validation top-1 accuracy (%)")
-        ax.set_title(f"Validation accuracy: {drawn}{caption}")
+        title = f"Validation accuracy: {subject}{caption}"
     else:
         ax.set_ylabel(f"training loss{LOG_SCALE if log_scale else ''}\n(cross-entropy, the recipe's targets)")
-        ax.set_title(f"Fine-tuning training loss: {drawn}{caption}")  # main leaves a linear probe's out
+        title = f"Fine-tuning training loss: {subject}{caption}"  # main leaves a linear probe's out
+    if len(groups) == 1:
+        ax.set_title(title)
+    else:
+        fig.suptitle(title, fontsize=STYLE["axes.titlesize"])
+        for panel, group in zip(axes[0], groups):
+            panel.set_title("linear probe (frozen encoder)" if group[0].linear_probe else "fine-tuned",
+                            fontsize=STYLE["font.size"])
     # The legend goes beside the axes: curves of any shape stay uncovered.
-    ax.legend(handles, labels, handler_map={tuple: HandlerTuple(ndivide=None, pad=0.6)}, handlelength=3.2,
-              loc="upper left", bbox_to_anchor=(1.02, 1.0), labelspacing=1.0, borderaxespad=0)
+    axes[0][-1].legend(handles, labels, handler_map={tuple: HandlerTuple(ndivide=None, pad=0.6)}, handlelength=3.2,
+                       loc="upper left", bbox_to_anchor=(1.02, 1.0), labelspacing=1.0, borderaxespad=0)
     return fig
 
 

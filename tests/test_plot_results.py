@@ -87,6 +87,16 @@ def full_report(run_outputs, tmp_path_factory):
     return pre, cls, root / "results.md", proc.stdout
 
 
+def comparison_title(fig) -> str:
+    """A classifier comparison's title: the figure's, over the fine-tunes' and the probes' panels, else its axes'."""
+    return fig._suptitle.get_text() if fig._suptitle else fig.axes[0].get_title()
+
+
+def comparison_legend(fig) -> list:
+    """A classifier comparison's legend entries, beside its last panel."""
+    return [t.get_text() for t in fig.axes[-1].get_legend().get_texts()]
+
+
 def table_value(report: str, quantity: str) -> str:
     """The value cell of a `| quantity | value |` row of the report."""
     rows = [line for line in report.splitlines() if line.startswith(f"| {quantity} |")]
@@ -804,22 +814,22 @@ def test_best_points_are_annotated_and_log_scale_is_an_option(run_outputs):
         plot_results.plt.close(monitor)
     runs = [plot_results.load_classifier_run(str(cls), r, r, [], []) for r in RUNS]
     fig = plot_results.plot_run_comparison(runs, "val_acc", log_scale=True)
-    ax = fig.axes[0]
-    assert ax.get_yscale() == "linear"  # --log_scale is for losses only
-    assert ax.get_title().endswith("\nsynthetic images (--dataset fake); val: synthetic val set")
+    assert [ax.get_yscale() for ax in fig.axes] == ["linear", "linear"]  # --log_scale is for losses only
+    assert comparison_title(fig).endswith("\nsynthetic images (--dataset fake); val: synthetic val set")
     assert plot_results.plot_monitor(pre, False)._suptitle.get_text() == (
         "MAE pretraining monitor: synthetic images (--dataset fake); val: synthetic val set")
-    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    legend = comparison_legend(fig)
     for run, text in zip(runs, legend):
         acc = run.curves["val_acc"].tolist()
         assert text.endswith(f"best {100 * max(acc):.2f}% at epoch {acc.index(max(acc)) + 1}")
-    ax = plot_results.plot_run_comparison(runs, "train_loss", log_scale=True).axes[0]
-    assert ax.get_yscale() == "log" and ax.get_ylabel().startswith("training loss, log scale\n")
-    assert ax.get_title().endswith("\nsynthetic images (--dataset fake)")  # training data: no val split named
+    loss_fig = plot_results.plot_run_comparison(runs, "train_loss", log_scale=True)
+    assert [ax.get_yscale() for ax in loss_fig.axes] == ["log", "log"]
+    assert loss_fig.axes[0].get_ylabel().startswith("training loss, log scale\n")
+    assert comparison_title(loss_fig).endswith("\nsynthetic images (--dataset fake)")  # training data: no val split
     # Where curves meet (equal accuracies, a short run), the broken lines lie above the solid one.
-    assert {line.get_linestyle(): line.get_zorder() for line in fig.axes[0].lines if len(line.get_xdata()) > 1} == {
-        "-": 2, "--": 2.5, "-.": 2.5}
-    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert {line.get_linestyle(): line.get_zorder() for ax in fig.axes for line in ax.lines
+            if len(line.get_xdata()) > 1} == {"-": 2, "--": 2.5, "-.": 2.5}
+    legend = comparison_legend(loss_fig)
     assert len(legend) == len(runs)
     for run, text in zip(runs, legend):
         loss = run.curves["train_loss"].tolist()
@@ -912,7 +922,7 @@ def test_comparison_titles_name_the_runs_they_draw(run_outputs):
     def title(roles, curve):
         fig = plot_results.plot_run_comparison([runs[role] for role in roles], curve, False)
         plot_results.plt.close(fig)
-        return fig.axes[0].get_title().split("\n")[0]  # the second line names the data
+        return comparison_title(fig).split("\n")[0]  # the second line names the data
     for roles, subject in ((RUNS, "from scratch vs MAE-pretrained"), (("pretrained",), "MAE-pretrained"),
                            (("linprobe",), "MAE-pretrained (linear probe)"),
                            (("scratch", "linprobe"), "from scratch vs MAE-pretrained (linear probe)")):
@@ -928,6 +938,14 @@ def test_comparison_titles_name_the_runs_they_draw(run_outputs):
     assert title(("linprobe",), "val_acc") == "Validation accuracy: random encoder (linear probe)"
     assert title(RUNS, "val_acc") == ("Validation accuracy: from scratch vs MAE-pretrained vs random encoder "
                                       "(linear probe)")
+    # The probes on a panel of their own, on the fine-tunes' y axis.
+    fig = plot_results.plot_run_comparison([runs[role] for role in RUNS], "val_acc", False)
+    plot_results.plt.close(fig)
+    assert [ax.get_title() for ax in fig.axes] == ["fine-tuned", "linear probe (frozen encoder)"]
+    assert [[line.get_color() for line in ax.lines[::2]] for ax in fig.axes] == [
+        [plot_results.ORANGE, plot_results.BLUE], [plot_results.PURPLE]]
+    assert fig.axes[1].get_shared_y_axes().joined(fig.axes[0], fig.axes[1])
+    assert fig.axes[1].get_xlim()[1] < fig.axes[0].get_xlim()[1]  # each panel spans its own runs' epochs (2 and 3)
     fig = plot_results.plot_run_comparison([runs["linprobe"]], "val_acc", False)
     plot_results.plt.close(fig)
     assert fig.axes[0].get_legend().get_texts()[0].get_text().startswith("random encoder, linear probe\n")
