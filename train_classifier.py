@@ -544,6 +544,88 @@ def evaluate(net, inputs, labels, prepare, batch_size, device, amp_dtype):
 
 # ----------------------------------------------------------------------------------------------------------
 
+def check_same_classes(ckpt: dict, args, classes: list) -> None:
+    """One-line death unless the resumed checkpoint trained on these classes. --data_path may change on a resume
+    (the images may have moved), so the classes are compared: another number would not fit the head, and other
+    names would continue the run on another labelling."""
+    if ckpt["num_classes"] != len(classes) or ckpt.get("classes", classes) != classes:
+        utils.die(f"--resume {args.resume!r} trained on {ckpt['num_classes']} classes ({ckpt.get('classes')}); "
+                  f"these images have {len(classes)} ({classes})")
+
+
+def model_line(model: ViTClassifier, args, pretrained_sha256: str | None) -> str:
+    """The start-up line that says what trains: its size, where its encoder comes from, and the recipe."""
+    start = "from scratch" if pretrained_sha256 is None else \
+        f"encoder from {args.pretrained_model_path} (its encoder's SHA-256 {pretrained_sha256[:12]})"
+    settings = f"linear probe, with the probe's settings and recipe {args.recipe}'s lr schedule" \
+        if args.linear_probe else f"recipe {args.recipe}"  # a probe's recipe gives it its schedule alone
+    return (f"model: {count_params(model) / 1e6:.2f}M parameters, {start}; {settings}: "
+            f"{ {name: getattr(args, name) for name in RECIPE_FLAGS} }")
+
+
+def output_paths(args) -> dict:
+    """OUTPUT_NAMES -> where the run writes each in --output_dir (a name left out of OUTPUT_NAMES is a KeyError:
+    the start-up check for a folder in the way reads that tuple)."""
+    return {name: os.path.join(args.output_dir, f"{args.run_name}_{name}") for name in OUTPUT_NAMES}
+
+
+def load_training_state(ckpt: dict, model: ViTClassifier, optimizer, scaler, args, steps_per_epoch: int) -> int:
+    """Load a resumed run's weights, optimizer and scaler state in place -> the epoch to start from."""
+    # In place, so the compiled model and its CUDA graphs see the loaded weights. A probe's features were computed
+    # from the encoder as pretrained, which the probe froze: the checkpoint holds the same encoder.
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):  # empty when the checkpoint's run was not fp16
+        scaler.load_state_dict(ckpt["scaler"])
+    if args.linear_probe:
+        # The probe's BatchNorm weights each chunk by its images over the run's images so far: set from the
+        # run's progress, as the count of an older version's checkpoint was of each process's chunks.
+        model.head_norm.num_batches_tracked.fill_(ckpt["epoch"] * steps_per_epoch * args.batch_size)
+    utils.broadcast_state(model)  # rank 0's, as at the start: each process read the file on its own
+    return ckpt["epoch"] + 1
+
+
+def best_so_far(log: list) -> tuple:
+    """-> (best val accuracy, its epoch) over the log's epochs, the first of a tie; (-1.0, 0) for none, so that
+    any first epoch is the best so far."""
+    best_acc, best_epoch = -1.0, 0
+    for record in log:
+        if record["val_acc"] > best_acc:
+            best_acc, best_epoch = record["val_acc"], record["epoch"]
+    return best_acc, best_epoch
+
+
+def save_grid(args, vis, epoch: int, predicted, note: str) -> None:
+    """The prediction figure of an epoch (0: before training) over the val images `vis` (their indices in the
+    val split, uint8 images, labels, and the class names)."""
+    _, images, labels, classes = vis
+    utils.save_prediction_grid(os.path.join(args.output_dir, f"{args.run_name}_preds_epoch_{epoch}.png"),
+                               images.float() / 255, predicted, labels, classes,
+                               title=f"{args.run_name}, epoch {epoch}{note}")
+
+
+def save_epoch_outputs(args, writer, log, val_predicted, snapshot, improved, summary, vis) -> None:
+    """Everything an epoch leaves on disk (main process, background thread): arrays, TensorBoard, log,
+    checkpoints, summary, and the prediction figure at the middle and last epochs. Takes CPU copies only, so
+    training may go on meanwhile."""
+    path, stats = output_paths(args), log[-1]
+    for name in CURVES:
+        utils.save_npy(path[f"{name}.npy"], [r[name] for r in log])
+        writer.add_scalar(name, stats[name], stats["epoch"])
+    writer.flush()
+    utils.write_jsonl(path["log.jsonl"], log)
+    utils.save_npy(path["val_preds.npy"], val_predicted, dtype=np.int64)
+    if improved:
+        utils.atomic_save({k: v for k, v in snapshot.items() if k not in ("optimizer", "scaler")},
+                          args.output_model_path)
+    utils.atomic_save(snapshot, last_path(args))
+    utils.save_json(path["summary.json"], summary)
+    if stats["epoch"] in {(args.total_epoch + 1) // 2, args.total_epoch}:  # and epoch 0, before training
+        shown_idx = vis[0]
+        save_grid(args, vis, stats["epoch"], val_predicted[shown_idx],
+                  f", val acc {stats['val_acc']:.2%} over all {len(val_predicted):,} val images")
+
+
 @utils.explains_compile_failure
 @utils.explains_out_of_memory
 @utils.with_attention_kernel
@@ -561,11 +643,8 @@ def main(args):
         amp_dtype = utils.autocast_dtype(args, device)
         train, val, steps_per_epoch = utils.load_training_data(args, cfg.img_size)
         classes, num_classes = list(train.classes), len(train.classes)
-        # --data_path may change on a resume (the images may have moved), so the classes are compared: another number
-        # would not fit the head, and other names would continue the run on another labelling.
-        if ckpt is not None and (ckpt["num_classes"] != num_classes or ckpt.get("classes", classes) != classes):
-            utils.die(f"--resume {args.resume!r} trained on {ckpt['num_classes']} classes ({ckpt.get('classes')}); "
-                      f"these images have {num_classes} ({classes})")
+        if ckpt is not None:
+            check_same_classes(ckpt, args, classes)
         utils.check_model_fits(lambda: build_model(args, cfg, num_classes, None), device, cfg)
         # after the size check: it puts tensors of the model's shapes on the device, to ask which kernel would run
         attention = utils.attention_choice(cfg, args.attention, device, amp_dtype, args.global_pool == "token")
@@ -578,33 +657,27 @@ def main(args):
         model = build_model(args, cfg, num_classes, mae_state).to(device)
         utils.broadcast_state(model)
 
-        run, out = args.run_name, args.output_dir
-        path = {name: os.path.join(out, f"{run}_{name}") for name in OUTPUT_NAMES}
-        last_model_path = last_path(args)
+        path, last_model_path = output_paths(args), last_path(args)
         log_print(f"config: {vars(args)}")
         log_print(f"data: {args.dataset}, {len(train)} train / {len(val)} val images, {num_classes} classes, "
                   f"{steps_per_epoch} step{'s' * (steps_per_epoch != 1)} per epoch; device {device} x {world_size} "
                   f"process(es), autocast {amp_dtype}, attention {attention}; images in "
                   f"{utils.memory_name(data_device)}")
-        start = "from scratch" if mae_state is None else \
-            f"encoder from {args.pretrained_model_path} (its encoder's SHA-256 {pretrained_sha256[:12]})"
-        settings = f"linear probe, with the probe's settings and recipe {args.recipe}'s lr schedule" \
-            if args.linear_probe else f"recipe {args.recipe}"  # a probe's recipe gives it its schedule alone
-        log_print(f"model: {count_params(model) / 1e6:.2f}M parameters, {start}; {settings}: "
-                  f"{ {name: getattr(args, name) for name in RECIPE_FLAGS} }")
+        log_print(model_line(model, args, pretrained_sha256))
         seen = val_images_pretrained_on(args, pretrain_args)
         if seen and main_process:  # allowed (the labels were never seen), but the val accuracy is then optimistic
             utils.warn(f"--pretrained_model_path: its MAE trained on {seen} of these {args.val_split} val images (it "
                        f"held out --val_split {pretrain_args['val_split']}); pretrain with --val_split "
                        f"{args.val_split} or more for a val accuracy on unseen images")
-        utils.make_output_folders({"--output_dir": out, "--log_dir": args.log_dir,
+        utils.make_output_folders({"--output_dir": args.output_dir, "--log_dir": args.log_dir,
                                    "--output_model_path": os.path.dirname(os.path.abspath(args.output_model_path))},
                                   device)
     if main_process:
         utils.save_json(path["args.json"], vars(args))
         # An earlier run's grids: those of epochs this run has not trained, and the final one, which this run
         # writes at its last epoch. plot_results reports <run>_preds_grid.png as this run's.
-        utils.remove_epoch_files(out, f"{run}_preds_epoch_", ".png", after=ckpt["epoch"] if ckpt else -1)
+        utils.remove_epoch_files(args.output_dir, f"{args.run_name}_preds_epoch_", ".png",
+                                 after=ckpt["epoch"] if ckpt else -1)
         with contextlib.suppress(FileNotFoundError):
             os.remove(path["preds_grid.png"])
 
@@ -630,58 +703,21 @@ def main(args):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     log, start_epoch = resumed_log, 1
     if ckpt is not None:
-        # In place, so train_net and its CUDA graphs see the loaded weights. A probe's features were computed
-        # above from the encoder as pretrained, which the probe froze: the checkpoint holds the same encoder.
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):  # empty when the checkpoint's run was not fp16
-            scaler.load_state_dict(ckpt["scaler"])
-        if args.linear_probe:
-            # The probe's BatchNorm weights each chunk by its images over the run's images so far: set from the
-            # run's progress, as the count of an older version's checkpoint was of each process's chunks.
-            model.head_norm.num_batches_tracked.fill_(ckpt["epoch"] * steps_per_epoch * args.batch_size)
-        start_epoch = ckpt["epoch"] + 1
-        utils.broadcast_state(model)  # rank 0's, as at the start: each process read the file on its own
+        start_epoch = load_training_state(ckpt, model, optimizer, scaler, args, steps_per_epoch)
         log_print(f"resumed from {args.resume} at epoch {start_epoch}")
     graphs = utils.StepGraphs(optimizer) if args.capture_step else None  # after the resume's load_state_dict
     mixup = make_mixup(args, num_classes)
     criterion = make_criterion(args, mixup)
     writer = SummaryWriter(args.log_dir) if main_process else None
     background = utils.BackgroundWriter()  # arrays, logs, checkpoints and grids, written while training goes on
-    grid_epochs = {(args.total_epoch + 1) // 2, args.total_epoch}  # and epoch 0, before training
-
-    def save_grid(epoch, predicted, note):
-        utils.save_prediction_grid(os.path.join(out, f"{run}_preds_epoch_{epoch}.png"), vis_images.float() / 255,
-                                   predicted, vis_labels, classes, title=f"{run}, epoch {epoch}{note}")
-
-    def save_epoch(log, val_predicted, snapshot, improved, summary):
-        """Everything an epoch leaves on disk (main process, background thread, CPU snapshots only)."""
-        stats = log[-1]
-        for name in CURVES:
-            utils.save_npy(path[f"{name}.npy"], [r[name] for r in log])
-            writer.add_scalar(name, stats[name], stats["epoch"])
-        writer.flush()
-        utils.write_jsonl(path["log.jsonl"], log)
-        utils.save_npy(path["val_preds.npy"], val_predicted, dtype=np.int64)
-        if improved:
-            utils.atomic_save({k: v for k, v in snapshot.items() if k not in ("optimizer", "scaler")},
-                              args.output_model_path)
-        utils.atomic_save(snapshot, last_model_path)
-        utils.save_json(path["summary.json"], summary)
-        if stats["epoch"] in grid_epochs:
-            save_grid(stats["epoch"], val_predicted[vis_idx],
-                      f", val acc {stats['val_acc']:.2%} over all {len(val):,} val images")
-
+    vis = (vis_idx, vis_images, vis_labels, classes)
     if main_process and ckpt is None:
         with torch.no_grad(), utils.eager(), utils.autocast(device, amp_dtype):
             initial = model.eval()(data.normalize(vis_images.to(device))).argmax(dim=-1).cpu()
-        background.submit(save_grid, 0, initial, " (before training)")
+        background.submit(save_grid, args, vis, 0, initial, " (before training)")
 
     # ---- loop
-    best_acc, best_epoch = -1.0, 0
-    for record in log:  # a resumed run's epochs so far
-        if record["val_acc"] > best_acc:
-            best_acc, best_epoch = record["val_acc"], record["epoch"]
+    best_acc, best_epoch = best_so_far(log)  # a resumed run's epochs so far
     last_epoch = min(args.total_epoch, args.stop_after or args.total_epoch)
     for epoch in range(start_epoch, last_epoch + 1):
         utils.seed_epoch(args.seed, epoch, rank)  # augmentation and mixup differ per process, as images do
@@ -711,12 +747,13 @@ def main(args):
                 "config": dataclasses.asdict(cfg),
                 "num_classes": num_classes, "classes": classes, "pretrained_sha256": pretrained_sha256})
             summary = {
-                "run": run, "best_val_acc": best_acc, "best_epoch": best_epoch, "final_val_acc": val_acc,
+                "run": args.run_name, "best_val_acc": best_acc, "best_epoch": best_epoch, "final_val_acc": val_acc,
                 "epochs": epoch, "total_epoch": args.total_epoch, "linear_probe": args.linear_probe,
                 "pretrained_model_path": args.pretrained_model_path, "pretrained_sha256": pretrained_sha256,
                 "recipe": args.recipe,
                 "recipe_settings": {name: getattr(args, name) for name in RECIPE_FLAGS}, "classes": classes}
-            background.submit(save_epoch, list(log), val_predicted, snapshot, improved, summary)
+            background.submit(save_epoch_outputs, args, writer, list(log), val_predicted, snapshot, improved,
+                              summary, vis)
         log_print(f"epoch {epoch:3d}/{args.total_epoch} | train loss {stats['train_loss']:.4f} acc "
                   f"{stats['train_acc']:.2%} | val loss {val_loss:.4f} acc {val_acc:.2%} | lr {stats['lr']:.2e} | "
                   f"{stats['images_per_sec']:,.0f} img/s | {stats['seconds']:.1f} s")
@@ -725,9 +762,11 @@ def main(args):
     if main_process:
         writer.close()
         if last_epoch == args.total_epoch:
-            utils.atomic_copy(os.path.join(out, f"{run}_preds_epoch_{args.total_epoch}.png"), path["preds_grid.png"])
-    log_print(f"done ({run}): best val acc {best_acc:.2%} at epoch {best_epoch}, final {log[-1]['val_acc']:.2%} "
-              f"(epoch {log[-1]['epoch']}); best checkpoint {args.output_model_path}, last {last_model_path}")
+            utils.atomic_copy(os.path.join(args.output_dir, f"{args.run_name}_preds_epoch_{args.total_epoch}.png"),
+                              path["preds_grid.png"])
+    log_print(f"done ({args.run_name}): best val acc {best_acc:.2%} at epoch {best_epoch}, final "
+              f"{log[-1]['val_acc']:.2%} (epoch {log[-1]['epoch']}); best checkpoint {args.output_model_path}, last "
+              f"{last_model_path}")
     if last_epoch < args.total_epoch:
         log_print(f"stopped after epoch {last_epoch} of {args.total_epoch} (--stop_after): the same command with "
                   f"--resume {last_model_path} continues the run")
