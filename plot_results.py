@@ -18,7 +18,8 @@ matplotlib.use("Agg")  # files only: no display needed, none opened
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.legend_handler import HandlerTuple  # noqa: E402
-from matplotlib.ticker import FuncFormatter, Locator, LogLocator, MaxNLocator, MultipleLocator  # noqa: E402
+from matplotlib.ticker import (FuncFormatter, Locator, LogLocator, MaxNLocator, MultipleLocator,  # noqa: E402
+                               NullFormatter)
 
 import utils  # noqa: E402
 from utils import BLUE, GREEN, ORANGE, PURPLE, VERMILLION  # noqa: E402  (Okabe-Ito)
@@ -382,9 +383,16 @@ LOG_SCALE = ", log scale"
 NARROW_LOG_RANGE = 3.0
 
 
+def labelled_mantissas(decades: float) -> tuple:
+    """The multiples of each power of ten a log axis spanning `decades` labels: within about a decade the powers
+    alone would leave it with one label or none (0.16 to 0.85 holds no power of ten)."""
+    return (1, 1.5, 2, 3, 4, 5, 6, 8) if decades <= 1.2 else (1, 2, 5) if decades <= 2.5 else (1,)
+
+
 class LogAxisTicks(Locator):
-    """A log axis's major or minor ticks (matplotlib's LogLocator), or, across less than NARROW_LOG_RANGE, evenly
-    spaced major ticks and no minor ones. Decided at draw time, after every limit change."""
+    """A log axis's major ticks, each labelled and gridded (the powers of ten and, within a decade or two, the
+    labelled_mantissas between them), or its unlabelled minor ones (matplotlib's LogLocator); across less than
+    NARROW_LOG_RANGE, evenly spaced major ticks and no minor ones. Decided at draw time, after every limit change."""
 
     def __init__(self, minor: bool):
         self.minor = minor
@@ -398,27 +406,22 @@ class LogAxisTicks(Locator):
             if self.minor:
                 return []
             return [v for v in MaxNLocator(nbins=5, steps=[1, 2, 5, 10]).tick_values(lo, hi) if v > 0]
-        log = LogLocator(subs="auto" if self.minor else (1.0,))
+        # Major ticks, not labelled minor ones: the grid is drawn at the major ticks, and a range within a decade
+        # had no horizontal line at all.
+        log = LogLocator(subs="auto" if self.minor else labelled_mantissas(np.log10(hi / lo)))
         log.set_axis(self.axis)
         return log.tick_values(lo, hi)
 
 
 def log_y_axis(ax) -> None:
     """Log y axis labelled with plain numbers (0.05, 0.1, 0.2), not 5 x 10^-2; within a decade or two the powers
-    of ten alone would leave the axis nearly unlabelled, so some minor ticks get a label too, and within less than
-    a factor of NARROW_LOG_RANGE the ticks are evenly spaced (LogAxisTicks)."""
+    of ten alone would leave the axis nearly unlabelled, so some multiples of them get a labelled tick too, and
+    within less than a factor of NARROW_LOG_RANGE the ticks are evenly spaced (LogAxisTicks)."""
     ax.set_yscale("log")
-
-    def minor(value, _):
-        lo, hi = ax.get_ylim()  # at draw time, after every limit change
-        decades = np.log10(hi / lo)
-        mantissas = (2, 3, 4, 5, 6, 8) if decades <= 1.2 else (2, 5) if decades <= 2.5 else ()
-        mantissa = value / 10 ** np.floor(np.log10(value) + 1e-9)
-        return f"{value:g}" if any(np.isclose(mantissa, m) for m in mantissas) else ""
     ax.yaxis.set_major_locator(LogAxisTicks(minor=False))
     ax.yaxis.set_minor_locator(LogAxisTicks(minor=True))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def curve_style(n: int) -> dict:

@@ -854,12 +854,13 @@ def test_the_reports_pretraining_line_and_the_loss_axis_say_what_the_run_did():
     assert "pixels scaled to [-1, 1]" in plot_results.loss_label({"norm_pix_loss": False})
 
 
-@pytest.mark.parametrize("low, high", [(0.27, 0.33), (1.0, 2.2), (2.30, 2.31), (0.0402, 0.2381), (0.01, 1.0),
-                                       (1e-3, 10.0)])
+@pytest.mark.parametrize("low, high", [(0.27, 0.33), (1.0, 2.2), (2.30, 2.31), (0.16, 0.85), (0.0402, 0.2381),
+                                       (0.01, 1.0), (1e-3, 10.0)])
 def test_a_log_loss_axis_labels_at_least_three_values_whatever_its_range(low, high):
-    """--log_scale's axis names at least three distinct values between its limits, as plain numbers: across less
-    than a factor of 3 (a short run's losses, 0.27 to 0.33), powers of ten and their multiples had left one label or
-    none, so the axis could not be read."""
+    """--log_scale's axis names at least three distinct values between its limits, as plain numbers, each on a major
+    tick, where the grid is drawn: across less than a factor of 3 (a short run's losses, 0.27 to 0.33), powers of
+    ten and their multiples had left one label or none, so the axis could not be read; and within a decade (0.16 to
+    0.85, a 150-epoch pretraining's) the labels were on minor ticks, with no horizontal grid line."""
     fig = plot_results.plt.figure()
     try:
         ax = fig.add_subplot()
@@ -867,14 +868,14 @@ def test_a_log_loss_axis_labels_at_least_three_values_whatever_its_range(low, hi
         plot_results.log_y_axis(ax)
         fig.canvas.draw()
         bottom, top = ax.get_ylim()
-        labels = [formatter(value, i) for locs, formatter in (
-            (ax.yaxis.get_majorticklocs(), ax.yaxis.get_major_formatter()),
-            (ax.yaxis.get_minorticklocs(), ax.yaxis.get_minor_formatter())) for i, value in enumerate(locs)
-            if bottom <= value <= top]
+        labels, minor_labels = ([formatter(value, i) for i, value in enumerate(locs) if bottom <= value <= top]
+                                for locs, formatter in (
+                                    (ax.yaxis.get_majorticklocs(), ax.yaxis.get_major_formatter()),
+                                    (ax.yaxis.get_minorticklocs(), ax.yaxis.get_minor_formatter())))
     finally:
         plot_results.plt.close(fig)
-    labels = [label for label in labels if label]
-    assert len(labels) == len(set(labels)) >= 3, labels
+    assert not any(minor_labels), minor_labels
+    assert all(labels) and len(labels) == len(set(labels)) >= 3, labels
     assert all(float(label) > 0 for label in labels), labels  # plain numbers: no 10^-2 in mathtext
 
 
