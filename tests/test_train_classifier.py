@@ -1284,6 +1284,26 @@ def test_layer_decay_gives_each_block_its_lr_scale():
     assert sum(len(g["params"]) for g in groups) == 2
 
 
+def test_a_prediction_grids_long_class_names_stay_over_their_own_image():
+    """CIFAR-100's names ("✗ computer_keyboard (true: lawn_mower)") ran into the next image's title: a title wider
+    than its column puts the true class on a second line, and no two titles overlap. Short ones stay on one line."""
+    names = ["computer_keyboard", "lawn_mower", "cat", "dog"]
+    fig = utils.prediction_grid(torch.full((8, 3, 32, 32), 0.5), [0, 1, 2, 3, 1, 0, 3, 2], [1, 1, 2, 3, 0, 0, 2, 3],
+                                names, title="pretrained, epoch 50")
+    renderer = fig.canvas.get_renderer()
+    titled = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in titled] == [
+        "✗ computer_keyboard\n(true: lawn_mower)", "✓ lawn_mower", "✓ cat", "✓ dog",
+        "✗ lawn_mower\n(true: computer_keyboard)", "✓ computer_keyboard", "✗ dog (true: cat)", "✗ cat (true: dog)"]
+    boxes = [ax.title.get_window_extent(renderer) for ax in titled]
+    for i, box in enumerate(boxes):
+        assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1, titled[i].get_title()
+        assert not any(box.overlaps(other) for other in boxes[i + 1:]), titled[i].get_title()
+        # each title over its own image, above it
+        image = titled[i].get_window_extent(renderer)
+        assert image.x0 - 10 <= box.x0 and box.x1 <= image.x1 + 10 and box.y0 >= image.y1 - 1, titled[i].get_title()
+
+
 def test_prediction_grid_marks_each_image_right_or_wrong_in_colour_and_in_its_text(tmp_path):
     """Right and wrong differ in a sign a greyscale print keeps (✓, ✗, the true class), not only in colour (the
     red and green of before were the same grey), and the title counts them among the images shown."""
