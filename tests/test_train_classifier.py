@@ -1294,7 +1294,8 @@ def test_a_prediction_grids_long_class_names_stay_over_their_own_image():
     titled = [ax for ax in fig.axes if ax.get_title()]
     assert [ax.get_title() for ax in titled] == [
         "✗ computer_keyboard\n(true: lawn_mower)", "✓ lawn_mower", "✓ cat", "✓ dog",
-        "✗ lawn_mower\n(true: computer_keyboard)", "✓ computer_keyboard", "✗ dog (true: cat)", "✗ cat (true: dog)"]
+        "✗ lawn_mower\n(true: computer_keyboard)", "✓ computer_keyboard", "✗ dog (true: cat)",
+        "✗ cat (true: dog)"]
     boxes = [ax.title.get_window_extent(renderer) for ax in titled]
     for i, box in enumerate(boxes):
         assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1, titled[i].get_title()
