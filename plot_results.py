@@ -562,8 +562,10 @@ def comparison_subject(labels: list) -> str:
     """What a comparison figure's title says it compares: the runs it draws (their ClassifierRun.label), not the
     full experiment's three."""
     subjects = ["from scratch"] if ROLES["scratch"][0] in labels else []
-    if ROLES["pretrained"][0] in labels:  # the legend tells the fine-tune from a linear probe drawn beside it
-        subjects.append("MAE-pretrained")
+    if ROLES["pretrained"][0] in labels:
+        # Its fine-tune and its linear probe drawn together (a panel each) are one encoder shown two ways.
+        subjects.append("MAE-pretrained (fine-tuned, linear probe)" if ROLES["linprobe"][0] in labels
+                        else "MAE-pretrained")
     elif ROLES["linprobe"][0] in labels:
         if ROLES["random_probe"][0] in labels and not subjects:  # the two probes alone
             return "linear probe, MAE-pretrained vs random encoder"

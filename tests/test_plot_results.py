@@ -924,7 +924,9 @@ def test_comparison_titles_name_the_runs_they_draw(run_outputs):
         fig = plot_results.plot_run_comparison([runs[role] for role in roles], curve, False)
         plot_results.plt.close(fig)
         return comparison_title(fig).split("\n")[0]  # the second line names the data
-    for roles, subject in ((RUNS, "from scratch vs MAE-pretrained"), (("pretrained",), "MAE-pretrained"),
+    for roles, subject in ((RUNS, "from scratch vs MAE-pretrained (fine-tuned, linear probe)"),
+                           (("scratch", "pretrained"), "from scratch vs MAE-pretrained"),
+                           (("pretrained",), "MAE-pretrained"),
                            (("linprobe",), "MAE-pretrained (linear probe)"),
                            (("scratch", "linprobe"), "from scratch vs MAE-pretrained (linear probe)")):
         assert title(roles, "val_acc") == f"Validation accuracy: {subject}", roles
@@ -950,6 +952,12 @@ def test_comparison_titles_name_the_runs_they_draw(run_outputs):
     fig = plot_results.plot_run_comparison([runs["linprobe"]], "val_acc", False)
     plot_results.plt.close(fig)
     assert fig.axes[0].get_legend().get_texts()[0].get_text().startswith("random encoder, linear probe\n")
+    # All four: the MAE encoder's fine-tune and probe, each beside its baseline.
+    runs["random_probe"] = runs["linprobe"]
+    runs["linprobe"] = plot_results.load_classifier_run(str(cls), "linprobe", "linprobe", [], [])
+    assert title(("scratch", "pretrained", "linprobe", "random_probe"), "val_acc") == (
+        "Validation accuracy: from scratch vs MAE-pretrained (fine-tuned, linear probe) vs random encoder "
+        "(linear probe)")
 
 
 def test_best_recon_follows_the_lowest_loss_and_a_missing_epoch_is_named(tmp_path):
