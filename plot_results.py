@@ -631,7 +631,7 @@ def plot_run_comparison(runs: list, curve: str, log_scale: bool):
             panel.set_title("linear probe (frozen encoder)" if group[0].linear_probe else "fine-tuned",
                             fontsize=STYLE["font.size"])
     # The legend goes beside the axes: curves of any shape stay uncovered.
-    axes[0][-1].legend(handles, labels, handler_map={tuple: HandlerTuple(ndivide=None, pad=0.6)}, handlelength=3.2,
+    axes[0][-1].legend(handles, labels, handler_map={tuple: HandlerTuple(ndivide=None, pad=0.6)}, handlelength=5.0,
                        loc="upper left", bbox_to_anchor=(1.02, 1.0), labelspacing=1.0, borderaxespad=0)
     return fig
 
