@@ -659,11 +659,11 @@ def plot_confusion(run: ClassifierRun):
                             ha="center", va="center", fontsize=8 if k <= 12 else 6.5,
                             color="white" if share[i, j] > 55 else "black")
     ax.tick_params(length=0)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class (images)")
+    # Beyond 20 classes the ticks are matplotlib's class indices, with neither names nor counts.
+    ax.set_xlabel("predicted class" if k <= 20 else "predicted class (index)")
+    ax.set_ylabel("true class (images)" if k <= 20 else "true class (index)")
     accuracy = np.trace(counts) / counts.sum() * 100
-    label = run.label
-    ax.set_title(f"Confusion matrix, {label}\n{len(run.labels)} val images, last epoch, top-1 {accuracy:.2f}% "
+    ax.set_title(f"Confusion matrix, {run.label}\n{len(run.labels):,} val images, last epoch, top-1 {accuracy:.2f}% "
                  "(row-normalised, %)")
     return fig
 

@@ -793,6 +793,22 @@ def test_confusion_matrix_is_normalised_per_true_class_with_named_axes(run_outpu
     assert all(value == pytest.approx(share[row, column], abs=0.5) for (row, column), value in cells.items())
 
 
+def test_a_confusion_matrix_of_many_classes_says_its_ticks_are_class_indices(run_outputs):
+    """Beyond 20 classes (CIFAR-100) the cells carry no numbers and the ticks no names: the axes say the ticks are
+    indices, not the "(images)" counts the tick labels have up to 20 classes."""
+    _, cls = run_outputs
+    run = plot_results.load_classifier_run(str(cls), "pretrained", "pretrained", [], [])
+    rng = np.random.default_rng(0)
+    run = dataclasses.replace(run, classes=[f"class_{i}" for i in range(25)], preds=rng.integers(0, 25, 1200),
+                              labels=rng.integers(0, 25, 1200))
+    fig = plot_results.plot_confusion(run)
+    plot_results.plt.close(fig)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "predicted class (index)" and ax.get_ylabel() == "true class (index)"
+    assert not ax.texts and "class_0" not in [t.get_text() for t in ax.get_yticklabels()]
+    assert ax.get_title().split("\n")[1].startswith("1,200 val images, last epoch, top-1 ")
+
+
 def test_best_points_are_annotated_and_log_scale_is_an_option(run_outputs):
     """Each figure names its best point (the lowest loss, the highest accuracy) with its epoch, on the real runs'
     curves; --log_scale sets a log axis on the losses, never on an accuracy."""
