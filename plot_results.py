@@ -809,6 +809,17 @@ def other_pretraining_notes(pre: Pretraining, starts: dict) -> list:
     return notes
 
 
+def test_split_sentence(runs: list, quote: str = "`") -> str:
+    """The report's (and, unquoted, the printed note's) warning that runs picked their best epoch on the test set:
+    '' when none did."""
+    on_test = [run.name for run in runs if val_split(run.args) == "test set"]
+    if not on_test:
+        return ""
+    return (f"The val split of {', '.join(f'{quote}{name}{quote}' for name in on_test)} is the test set, so its best "
+            "epoch was picked on the test set itself: the final epoch's accuracy is the unbiased one. Tune with "
+            f"{quote}--val_split{quote} instead.")
+
+
 def report_classifiers(runs: list, figures: dict, rel) -> list:
     lines = ["## Classification", "",
              "| run | init | recipe | data (val split) | epochs | best val acc (epoch) | final val acc | "
@@ -832,11 +843,8 @@ def report_classifiers(runs: list, figures: dict, rel) -> list:
     for (path, digest), names in encoder_starts(runs).items():
         lines += [f"{', '.join(f'`{name}`' for name in names)} started from the MAE encoder of `{path}` (its "
                   f"weights' SHA-256 `{digest[:12]}`).", ""]
-    on_test = [run.name for run in runs if val_split(run.args) == "test set"]
-    if on_test:
-        lines += [f"The val split of {', '.join(f'`{name}`' for name in on_test)} is the test set, so its best epoch "
-                  "was picked on the test set itself: the final epoch's accuracy is the unbiased one. Tune with "
-                  "`--val_split` instead.", ""]
+    if test_split_sentence(runs):
+        lines += [test_split_sentence(runs), ""]
     for run in runs:
         n = run_numbers(run)
         if run.linear_probe and "best_val_acc" in n:
@@ -1064,6 +1072,9 @@ def main(args):
     print("\n".join(summary_lines(pre, runs)))
     for note in notes:
         print(f"note: {note}")
+    if test_split_sentence(runs):
+        sentence = test_split_sentence(runs, quote="")
+        print(f"note: {sentence[0].lower()}{sentence[1:]}")  # lower case, as the other notes
     if missing:
         print(f"missing: {'; '.join(missing)}")
     if removed:

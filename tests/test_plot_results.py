@@ -565,6 +565,17 @@ def test_a_best_epoch_picked_on_the_test_set_is_flagged():
     assert "picked on the test set" not in report({"dataset": "fake", "val_split": 0})
 
 
+def test_a_best_epoch_picked_on_the_test_set_is_printed_too(run_outputs, tmp_path):
+    """The script's printed short form carries that warning as a note, as the report does."""
+    pre, cls = copy_outputs(run_outputs, tmp_path)
+    args = json.loads((cls / "scratch_args.json").read_text())
+    (cls / "scratch_args.json").write_text(json.dumps({**args, "dataset": "cifar10", "val_split": 0}))
+    printed = plot("--pretrain_dir", pre, "--cls_dir", cls, "--report", tmp_path / "r.md").splitlines()
+    assert ("note: the val split of scratch is the test set, so its best epoch was picked on the test set itself: the "
+            "final epoch's accuracy is the unbiased one. Tune with --val_split instead.") in printed
+    assert "The val split of `scratch` is the test set" in (tmp_path / "r.md").read_text()
+
+
 def test_top_confusions_rank_by_share_then_by_images():
     labels = np.array([0] * 4 + [1] * 2 + [2] * 4)
     preds = np.array([1, 1, 0, 0] + [2, 2] + [0, 0, 2, 2])  # 0 -> 1: 2 of 4; 1 -> 2: 2 of 2; 2 -> 0: 2 of 4
