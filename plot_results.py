@@ -405,7 +405,7 @@ class LogAxisTicks(Locator):
         if hi < NARROW_LOG_RANGE * lo:
             if self.minor:
                 return []
-            return [v for v in MaxNLocator(nbins=5, steps=[1, 2, 5, 10]).tick_values(lo, hi) if v > 0]
+            return [v for v in MaxNLocator(nbins=5, steps=[1, 2, 5, 10], min_n_ticks=3).tick_values(lo, hi) if v > 0]
         # Major ticks, not labelled minor ones: the grid is drawn at the major ticks, and a range within a decade
         # had no horizontal line at all.
         log = LogLocator(subs="auto" if self.minor else labelled_mantissas(np.log10(hi / lo)))

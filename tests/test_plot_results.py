@@ -881,8 +881,8 @@ def test_the_reports_pretraining_line_and_the_loss_axis_say_what_the_run_did():
     assert "pixels scaled to [-1, 1]" in plot_results.loss_label({"norm_pix_loss": False})
 
 
-@pytest.mark.parametrize("low, high", [(0.27, 0.33), (1.0, 2.2), (2.30, 2.31), (0.16, 0.85), (0.0402, 0.2381),
-                                       (0.01, 1.0), (1e-3, 10.0)])
+@pytest.mark.parametrize("low, high", [(0.27, 0.33), (1.0, 2.2), (1.1, 2.3), (0.11, 0.23), (2.30, 2.31), (0.16, 0.85),
+                                       (0.0402, 0.2381), (0.01, 1.0), (1e-3, 10.0)])
 def test_a_log_loss_axis_labels_at_least_three_values_whatever_its_range(low, high):
     """--log_scale's axis names at least three distinct values between its limits, as plain numbers, each on a major
     tick, where the grid is drawn: across less than a factor of 3 (a short run's losses, 0.27 to 0.33), powers of
