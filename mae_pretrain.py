@@ -319,6 +319,8 @@ def main(args):
         log_print(f"data: {args.dataset}, {len(train)} train / {len(val)} val images, {steps_per_epoch} "
                   f"step{'s' * (steps_per_epoch != 1)} per epoch; device {device} x {world_size} process(es), "
                   f"autocast {amp_dtype}, attention {attention}; images in {utils.memory_name(data_device)}")
+        if main_process:
+            utils.warn_if_logged_before(args)
         utils.make_output_folders({"--output_dir": args.output_dir, "--log_dir": args.log_dir,
                                    "--model_path": os.path.dirname(os.path.abspath(args.model_path))}, device)
     if main_process:

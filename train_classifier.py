@@ -669,6 +669,8 @@ def main(args):
             utils.warn(f"--pretrained_model_path: its MAE trained on {seen} of these {args.val_split} val images (it "
                        f"held out --val_split {pretrain_args['val_split']}); pretrain with --val_split "
                        f"{args.val_split} or more for a val accuracy on unseen images")
+        if main_process:
+            utils.warn_if_logged_before(args)
         utils.make_output_folders({"--output_dir": args.output_dir, "--log_dir": args.log_dir,
                                    "--output_model_path": os.path.dirname(os.path.abspath(args.output_model_path))},
                                   device)

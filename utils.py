@@ -3,6 +3,7 @@ import argparse
 import contextlib
 import fnmatch
 import functools
+import glob
 import hashlib
 import json
 import math
@@ -262,6 +263,15 @@ def nearest_existing(path: str) -> str:
     while not os.path.exists(path):
         path = os.path.dirname(path)
     return path
+
+
+def warn_if_logged_before(args) -> None:
+    """A warning when a new run (not a resume) finds TensorBoard event files in its --log_dir: TensorBoard reads a
+    folder's event files as one run, so an earlier run's curves and this one's would be drawn as one line that
+    jumps back at every epoch. They are left as they are."""
+    if not args.resume and glob.glob(os.path.join(glob.escape(args.log_dir), "events.out.tfevents.*")):
+        warn(f"--log_dir {args.log_dir!r} holds an earlier run's TensorBoard event files, and TensorBoard would draw "
+             "this run's curves into theirs as one run: pass another --log_dir, or move those files")
 
 
 def check_output_folder(flag: str, folder: str, create: bool = True) -> None:

@@ -144,7 +144,9 @@ def test_resume_continues_the_same_run(tmp_path, run_pretrain, capsys):
     first = (tmp_path / "split" / "outputs" / "recon_epoch_001.png").read_bytes()
     (tmp_path / "split" / "outputs" / "recon_epoch_007.png").write_bytes(first)
     run_pretrain(split + ["--resume", str(tmp_path / "split" / "mae.pt")])
-    assert "stopped after" not in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "stopped after" not in captured.out
+    assert "event files" not in captured.err  # a resume continues its own TensorBoard run
     assert sorted(name for name in os.listdir(tmp_path / "split" / "outputs") if name.endswith(".png")) == [
         "recon_epoch_001.png", "recon_epoch_002.png"]
     assert (tmp_path / "split" / "outputs" / "recon_epoch_001.png").read_bytes() == first
@@ -164,6 +166,13 @@ def test_resume_continues_the_same_run(tmp_path, run_pretrain, capsys):
     a = torch.load(tmp_path / "straight" / "mae.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "split" / "mae.pt", weights_only=True)["model"]
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+    # A new run into the straight run's --log_dir: TensorBoard would draw the two as one, which a warning says.
+    run_pretrain(tiny_pretrain_argv(tmp_path, name="straight"))
+    log_dir = str(tmp_path / "straight" / "logs")
+    assert [line for line in capsys.readouterr().err.splitlines() if "warning:" in line] == [
+        f"{utils._prog()}: warning: --log_dir {log_dir!r} holds an earlier run's TensorBoard event files, and "
+        "TensorBoard would draw this run's curves into theirs as one run: pass another --log_dir, or move those files"]
 
 
 def test_a_resume_logs_again_an_epoch_its_checkpoint_does_not_hold(tmp_path, run_pretrain):

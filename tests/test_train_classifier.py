@@ -421,7 +421,9 @@ def test_resume_continues_the_same_run(tmp_path, mae_ckpt, extra, monkeypatch, c
     grids, save_grid = [], utils.save_prediction_grid
     monkeypatch.setattr(utils, "save_prediction_grid", lambda path, *args, **kwargs: (
         grids.append(os.path.basename(path)), save_grid(path, *args, **kwargs)))
+    capsys.readouterr()
     run_cls(split + ["--resume", str(tmp_path / "split" / "cls_last.pt")])
+    assert "event files" not in capsys.readouterr().err  # a resume continues its own TensorBoard run
     assert sorted(grids) == [f"{run}_preds_epoch_2.png", f"{run}_preds_epoch_3.png"]
     assert not (out / f"{run}_preds_epoch_9.png").exists()
     assert (out / f"{run}_preds_epoch_0.png").read_bytes() == before
@@ -486,13 +488,21 @@ def test_a_resume_of_another_model_names_the_config_fields_that_differ(tmp_path,
 
 
 def test_a_run_replaces_its_own_checkpoints_and_no_other_file(tmp_path, mae_ckpt, capsys):
-    """A rerun under the same names replaces its earlier checkpoints; a file under a checkpoint's name that is not
+    """A rerun under the same names replaces its earlier checkpoints (and warns that its TensorBoard events join the
+    earlier run's, which stay); a file under a checkpoint's name that is not
     this script's checkpoint (the pretraining's, named by a slip of the flag; the fine-tune's under the pretraining's
     --model_path; any other file) is refused in one line, exit status 2, and stays as it was."""
     import mae_pretrain
     run_cls(cls_argv(tmp_path, epochs=1))
+    assert "event files" not in capsys.readouterr().err
     run_cls(cls_argv(tmp_path, "--recipe", "plain", epochs=1))  # the same names again: replaced
     assert torch.load(tmp_path / "run" / "cls_last.pt", weights_only=True)["args"]["recipe"] == "plain"
+    # The first run's TensorBoard events stay, and a warning says the two runs would be drawn as one.
+    log_dir = str(tmp_path / "run" / "logs")
+    assert [line for line in capsys.readouterr().err.splitlines() if "warning:" in line] == [
+        f"{utils._prog()}: warning: --log_dir {log_dir!r} holds an earlier run's TensorBoard event files, and "
+        "TensorBoard would draw this run's curves into theirs as one run: pass another --log_dir, or move those files"]
+    assert len(os.listdir(log_dir)) == 2
     run_dir = tmp_path / "run"
     shutil.copyfile(mae_ckpt, run_dir / "mae.pt")
     shutil.copyfile(mae_ckpt, run_dir / "other_last.pt")
