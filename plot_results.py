@@ -8,6 +8,7 @@ numbers. It plots whatever exists and names what is missing in one line.
 On other folders, e.g. the tiny CPU run of mae_pretrain.py's docstring:
     python plot_results.py --pretrain_dir /tmp/mae_out --cls_dir /tmp/cls_out --report /tmp/results.md
 """
+import glob
 import json
 import os
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ ROLES = {  # classifier run role -> (legend label, colour, line style)
     "linprobe": ("MAE-pretrained, linear probe", GREEN, "-."),
     "random_probe": ("random encoder, linear probe", PURPLE, ":"),  # --linear_probe without --pretrained_model_path
 }
+# The README's run name for the random-encoder probe, which --random_probe_run reads by default when it is there:
+# the whole experiment's five commands do not make it, and a report without it names nothing missing.
+RANDOM_PROBE_NAME = "linprobe_random"
 STYLE = {
     "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8.5, "xtick.labelsize": 9,
     "ytick.labelsize": 9, "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
@@ -67,9 +71,9 @@ def get_args_parser():
                              "its predictions give the confusion matrix")
     parser.add_argument("--linprobe_run", default="linprobe",
                         help="run name of the linear probe on the frozen MAE encoder ('' to leave it out)")
-    parser.add_argument("--random_probe_run", default="",
-                        help="run name of the linear probe on a random encoder, the probe's baseline (the README "
-                             "runs it as linprobe_random; '' leaves it out)")
+    parser.add_argument("--random_probe_run", default=None,
+                        help="run name of the linear probe on a random encoder, the probe's baseline (default: "
+                             f"{RANDOM_PROBE_NAME}, the README's, read when --cls_dir holds it; '' leaves it out)")
     # Outputs: figures go next to their inputs, the report wherever asked
     parser.add_argument("--report", default="results.md",
                         help="markdown report with the numbers and the figures (embedded by relative path)")
@@ -1004,12 +1008,22 @@ def remove_undrawn_figures(args, pre, runs: list, figures: dict) -> list:
     return removed
 
 
+def random_probe_name(args) -> str:
+    """--random_probe_run, or by default RANDOM_PROBE_NAME where --cls_dir holds that run's arrays and no other
+    flag names it (the README's older --linprobe_run linprobe_random); '' for none."""
+    if args.random_probe_run is not None:
+        return args.random_probe_run
+    there = glob.glob(os.path.join(glob.escape(args.cls_dir), f"{RANDOM_PROBE_NAME}_*.npy"))
+    taken = (args.scratch_run, args.pretrained_run, args.linprobe_run)
+    return RANDOM_PROBE_NAME if there and RANDOM_PROBE_NAME not in taken else ""
+
+
 def main(args):
     # ---- read and check every input before writing anything
     if not 72 <= args.dpi <= 600:  # a 10-inch figure at 600 dpi is already 6,000 pixels wide
         utils.die(f"--dpi must be in [72, 600], got {args.dpi}")
     names = [(args.scratch_run, "scratch"), (args.pretrained_run, "pretrained"), (args.linprobe_run, "linprobe"),
-             (args.random_probe_run, "random_probe")]
+             (random_probe_name(args), "random_probe")]
     named = [n for n, _ in names if n]
     if len(set(named)) < len(named):
         utils.die(f"--scratch_run, --pretrained_run, --linprobe_run and --random_probe_run must differ, got {named}")

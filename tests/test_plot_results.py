@@ -297,9 +297,9 @@ def test_what_the_pretraining_is_worth_is_not_given_for_fine_tunes_that_did_not_
 
 def test_a_random_encoder_probe_is_the_probes_baseline_and_the_report_says_what_the_pretraining_is_worth_to_it(
         run_outputs, tmp_path):
-    """--random_probe_run names the probe of a random encoder (--linear_probe without --pretrained_model_path): the
-    report tables and draws it beside the MAE encoder's probe, and gives the probes' difference, written out from
-    both runs' .npy files, after the fine-tunes'. Each probe keeps its colour whichever flag names it. Probes of
+    """--random_probe_run names the probe of a random encoder (--linear_probe without --pretrained_model_path; by
+    default linprobe_random, where it is): the report tables and draws it beside the MAE encoder's probe, and gives
+    the probes' difference, written out from both runs' .npy files, after the fine-tunes'. Each probe keeps its colour whichever flag names it. Probes of
     different features (the class token against the mean patch token) or recipes give no difference, and the report
     says why."""
     _, cls = copy_outputs(run_outputs, tmp_path)
@@ -311,8 +311,8 @@ def test_a_random_encoder_probe_is_the_probes_baseline_and_the_report_says_what_
             train_classifier.main(train_classifier.get_args_parser().parse_args(argv))
     finally:
         torch.set_num_threads(threads)
-    out = plot("--pretrain_dir", tmp_path / "none", "--cls_dir", cls, "--random_probe_run", "linprobe_random",
-               "--report", tmp_path / "results.md")
+    # Read by default: the README's name for it, found in --cls_dir.
+    out = plot("--pretrain_dir", tmp_path / "none", "--cls_dir", cls, "--report", tmp_path / "results.md")
     report = (tmp_path / "results.md").read_text()
     assert "| linprobe_random | random encoder, linear probe | linear probe |" in report
     mae, random = (np.load(cls / f"{run}_val_acc.npy") for run in ("linprobe", "linprobe_random"))
@@ -323,6 +323,14 @@ def test_a_random_encoder_probe_is_the_probes_baseline_and_the_report_says_what_
                                                    "from scratch (pretrained - scratch)")
     assert worth[1] == f"What the pretraining is worth: {gain}."
     assert f"what the pretraining is worth: {gain}" in out
+
+    def random_probe(cls_dir, *argv):
+        return plot_results.random_probe_name(plot_results.get_args_parser().parse_args(
+            ["--cls_dir", str(cls_dir), *argv]))
+    assert random_probe(cls) == "linprobe_random" and random_probe(cls, "--random_probe_run", "mine") == "mine"
+    assert random_probe(cls, "--random_probe_run", "") == ""  # left out
+    assert random_probe(run_outputs[1]) == ""  # not there: nothing is missing
+    assert random_probe(cls, "--linprobe_run", "linprobe_random") == ""  # named by another flag (older usage)
 
     # Each probe is drawn in its own style, whichever flag named it.
     def drawn(roles):
