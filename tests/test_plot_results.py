@@ -299,9 +299,9 @@ def test_a_random_encoder_probe_is_the_probes_baseline_and_the_report_says_what_
         run_outputs, tmp_path):
     """--random_probe_run names the probe of a random encoder (--linear_probe without --pretrained_model_path; by
     default linprobe_random, where it is): the report tables and draws it beside the MAE encoder's probe, and gives
-    the probes' difference, written out from both runs' .npy files, after the fine-tunes'. Each probe keeps its colour whichever flag names it. Probes of
-    different features (the class token against the mean patch token) or recipes give no difference, and the report
-    says why."""
+    the probes' difference, written out from both runs' .npy files, after the fine-tunes'. Each probe keeps its
+    colour whichever flag names it. Probes of different features (the class token against the mean patch token) or
+    recipes give no difference, and the report says why."""
     _, cls = copy_outputs(run_outputs, tmp_path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
