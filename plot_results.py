@@ -35,6 +35,9 @@ ROLES = {  # classifier run role -> (legend label, colour, line style)
 # The README's run name for the random-encoder probe, which --random_probe_run reads by default when it is there:
 # the whole experiment's five commands do not make it, and a report without it names nothing missing.
 RANDOM_PROBE_NAME = "linprobe_random"
+# A run under its flag's default name is named in the legends by its label alone; another name is added to it.
+DEFAULT_NAMES = {"scratch": "scratch", "pretrained": "pretrained", "linprobe": "linprobe",
+                 "random_probe": RANDOM_PROBE_NAME}
 STYLE = {
     "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8.5, "xtick.labelsize": 9,
     "ytick.labelsize": 9, "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
@@ -601,7 +604,7 @@ def plot_run_comparison(runs: list, curve: str, log_scale: bool):
         longest = 1
         for run in group:
             _, color, linestyle = run_style(run, runs)
-            label = run.label if run.name == run.role else f"{run.label} ({run.name})"
+            label = run.label if run.name == DEFAULT_NAMES.get(run.role, run.role) else f"{run.label} ({run.name})"
             values = run.curves[curve] * scale
             epochs = np.arange(1, len(values) + 1)
             longest = max(longest, len(values))
@@ -627,10 +630,9 @@ def plot_run_comparison(runs: list, curve: str, log_scale: bool):
     else:
         ax.set_ylabel(f"training loss{LOG_SCALE if log_scale else ''}\n(cross-entropy, the recipe's targets)")
         title = f"Fine-tuning training loss: {subject}{caption}"  # main leaves a linear probe's out
-    if len(groups) == 1:
-        ax.set_title(title)
-    else:
-        fig.suptitle(title, fontsize=STYLE["axes.titlesize"])
+    # Over the whole figure, legend included: over the axes alone, a long title ran past the figure's left edge.
+    fig.suptitle(title, fontsize=STYLE["axes.titlesize"])
+    if len(groups) > 1:
         for panel, group in zip(axes[0], groups):
             panel.set_title("linear probe (frozen encoder)" if group[0].linear_probe else "fine-tuned",
                             fontsize=STYLE["font.size"])

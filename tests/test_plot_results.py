@@ -88,7 +88,7 @@ def full_report(run_outputs, tmp_path_factory):
 
 
 def comparison_title(fig) -> str:
-    """A classifier comparison's title: the figure's, over the fine-tunes' and the probes' panels, else its axes'."""
+    """A classifier comparison's title: the figure's, over its panels and its legend, else its axes'."""
     return fig._suptitle.get_text() if fig._suptitle else fig.axes[0].get_title()
 
 
@@ -340,13 +340,17 @@ def test_a_random_encoder_probe_is_the_probes_baseline_and_the_report_says_what_
         plot_results.plt.close(fig)
         ax = fig.axes[0]
         styles = [(line.get_color(), line.get_linestyle()) for line in ax.lines[::2]]  # each curve, then its star
-        return ax.get_title().split("\n")[0], [t.get_text().split("\n")[0] for t in ax.get_legend().get_texts()], \
-            styles, runs
+        legend = [t.get_text().split("\n")[0] for t in ax.get_legend().get_texts()]
+        return comparison_title(fig).split("\n")[0], legend, styles, runs
     title, legend, styles, runs = drawn(("linprobe", "random_probe"))
     assert title == "Validation accuracy: linear probe, MAE-pretrained vs random encoder"
-    assert legend == ["MAE-pretrained, linear probe", "random encoder, linear probe (linprobe_random)"]
+    assert legend == ["MAE-pretrained, linear probe", "random encoder, linear probe"]  # default names: no "(name)"
     assert styles == [(plot_results.GREEN, "-."), (plot_results.PURPLE, ":")]
     assert drawn(("random_probe", "linprobe"))[2] == styles
+    # Under another name than its flag's default, a run is named in the legend too.
+    fig = plot_results.plot_run_comparison([runs[0], dataclasses.replace(runs[1], name="mine")], "val_acc", False)
+    plot_results.plt.close(fig)
+    assert comparison_legend(fig)[1].startswith("random encoder, linear probe (mine)\n")
 
     # The settings compared come from args.json: a run without its summary (labelled by its flag) is compared too.
     assert plot_results.pretraining_gains([dataclasses.replace(runs[0], summary={}), runs[1]]) == [gain]
@@ -534,7 +538,7 @@ def test_a_comparisons_data_caption_comes_from_the_runs_it_draws():
                                        args={"dataset": "cifar10", "val_split": 0})]
     fig = plot_results.plot_run_comparison(runs, "val_acc", False)
     plot_results.plt.close(fig)
-    assert fig.axes[0].get_title() == ("Validation accuracy: from scratch\nsynthetic images (--dataset fake); val: "
+    assert comparison_title(fig) == ("Validation accuracy: from scratch\nsynthetic images (--dataset fake); val: "
                                        "synthetic val set")
 
 
