@@ -821,9 +821,14 @@ def test_split_sentence(runs: list, quote: str = "`") -> str:
     on_test = [run.name for run in runs if val_split(run.args) == "test set"]
     if not on_test:
         return ""
-    return (f"The val split of {', '.join(f'{quote}{name}{quote}' for name in on_test)} is the test set, so its best "
-            "epoch was picked on the test set itself: the final epoch's accuracy is the unbiased one. Tune with "
-            f"{quote}--val_split{quote} instead.")
+    names = ", ".join(f"{quote}{name}{quote}" for name in on_test)
+    if len(on_test) == 1:
+        said = (f"The val split of {names} is the test set, so its best epoch was picked on the test set itself: its "
+                "final epoch's accuracy is the unbiased one.")
+    else:
+        said = (f"The val splits of {names} are the test set, so their best epochs were picked on the test set "
+                "itself: their final epochs' accuracies are the unbiased ones.")
+    return f"{said} Tune with {quote}--val_split{quote} instead."
 
 
 def report_classifiers(runs: list, figures: dict, rel) -> list:

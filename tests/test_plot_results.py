@@ -571,10 +571,15 @@ def test_a_best_epoch_picked_on_the_test_set_is_flagged():
     def report(args):
         run = plot_results.ClassifierRun("scratch", "scratch", {"val_acc": np.array([0.5, 0.6, 0.55])}, {}, args=args)
         return "\n".join(plot_results.report_classifiers([run], {}, str))
-    assert "picked on the test set itself: the final epoch's accuracy is the unbiased one" in report(
+    assert "picked on the test set itself: its final epoch's accuracy is the unbiased one" in report(
         {"dataset": "cifar10", "val_split": 0})
     assert "picked on the test set" not in report({"dataset": "cifar10", "val_split": 5000})
     assert "picked on the test set" not in report({"dataset": "fake", "val_split": 0})
+    runs = [plot_results.ClassifierRun(name, name, {}, {}, args={"dataset": "cifar100", "val_split": 0})
+            for name in ("scratch", "pretrained")]
+    assert plot_results.test_split_sentence(runs) == (
+        "The val splits of `scratch`, `pretrained` are the test set, so their best epochs were picked on the test set "
+        "itself: their final epochs' accuracies are the unbiased ones. Tune with `--val_split` instead.")
 
 
 def test_a_best_epoch_picked_on_the_test_set_is_printed_too(run_outputs, tmp_path):
@@ -583,7 +588,7 @@ def test_a_best_epoch_picked_on_the_test_set_is_printed_too(run_outputs, tmp_pat
     args = json.loads((cls / "scratch_args.json").read_text())
     (cls / "scratch_args.json").write_text(json.dumps({**args, "dataset": "cifar10", "val_split": 0}))
     printed = plot("--pretrain_dir", pre, "--cls_dir", cls, "--report", tmp_path / "r.md").splitlines()
-    assert ("note: the val split of scratch is the test set, so its best epoch was picked on the test set itself: the "
+    assert ("note: the val split of scratch is the test set, so its best epoch was picked on the test set itself: its "
             "final epoch's accuracy is the unbiased one. Tune with --val_split instead.") in printed
     assert "The val split of `scratch` is the test set" in (tmp_path / "r.md").read_text()
 
