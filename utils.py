@@ -265,11 +265,23 @@ def nearest_existing(path: str) -> str:
     return path
 
 
+def holds_summaries(event_file: str) -> bool:
+    """Whether a TensorBoard event file holds a logged value: a run stopped before its first one (Ctrl-C, a failed
+    compilation) left a file of the header alone. An unreadable file counts as holding some."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    try:
+        return any(event.HasField("summary") for event in EventFileLoader(event_file).Load())
+    except Exception:  # not an event file after all, or one cut short: it may hold curves
+        return True
+
+
 def warn_if_logged_before(args) -> None:
-    """A warning when a new run (not a resume) finds TensorBoard event files in its --log_dir: TensorBoard reads a
-    folder's event files as one run, so an earlier run's curves and this one's would be drawn as one line that
-    jumps back at every epoch. They are left as they are."""
-    if not args.resume and glob.glob(os.path.join(glob.escape(args.log_dir), "events.out.tfevents.*")):
+    """A warning when a new run (not a resume) finds TensorBoard event files with logged values in its --log_dir:
+    TensorBoard reads a folder's event files as one run, so an earlier run's curves and this one's would be drawn as
+    one line that jumps back at every epoch. They are left as they are."""
+    if args.resume:
+        return
+    if any(map(holds_summaries, glob.glob(os.path.join(glob.escape(args.log_dir), "events.out.tfevents.*")))):
         warn(f"--log_dir {args.log_dir!r} holds an earlier run's TensorBoard event files, and TensorBoard would draw "
              "this run's curves into theirs as one run: pass another --log_dir, or move those files")
 

@@ -489,6 +489,33 @@ def test_the_cpu_fallback_warning_comes_from_rank_0_alone(monkeypatch, capsys):
         assert err.count("\n") == warned and ("warning: no CUDA GPU is available" in err) == warned
 
 
+def test_a_new_run_into_a_log_folder_with_an_earlier_runs_curves_is_warned_and_the_folder_left_as_it_was(tmp_path,
+                                                                                                         capsys):
+    """TensorBoard draws a folder's event files as one run. An event file with logged values warns a new run; a
+    resume, a folder without event files, and one whose event file holds the header alone (a run stopped before it
+    logged anything) do not. The folder's name is taken literally: '[1]' is no glob pattern."""
+    from torch.utils.tensorboard import SummaryWriter
+    log_dir = tmp_path / "run[1]"
+
+    def warning(resume=""):
+        utils.warn_if_logged_before(SimpleNamespace(log_dir=str(log_dir), resume=resume))
+        return capsys.readouterr().err
+
+    log_dir.mkdir()
+    (log_dir / "notes.txt").write_text("not an event file")
+    assert warning() == ""
+    SummaryWriter(str(log_dir)).close()  # the header alone
+    assert warning() == ""
+    with SummaryWriter(str(log_dir)) as writer:
+        writer.add_scalar("loss", 1.0, 1)
+    before = sorted(os.listdir(log_dir))
+    assert warning() == (f"{utils._prog()}: warning: --log_dir {str(log_dir)!r} holds an earlier run's TensorBoard "
+                         "event files, and TensorBoard would draw this run's curves into theirs as one run: pass "
+                         "another --log_dir, or move those files\n")
+    assert warning(resume="run_last.pt") == ""
+    assert sorted(os.listdir(log_dir)) == before and len(before) == 3
+
+
 def test_warnings_given_while_the_inputs_are_checked_wait_for_the_checks_to_pass(capsys):
     """Inside warnings_after_checks a warning waits: the block's end prints them in order; a die() (SystemExit)
     drops them, so that its error is the one line, and so does the GPU running out of memory (torch's error, or
