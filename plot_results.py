@@ -664,8 +664,11 @@ def plot_confusion(run: ClassifierRun):
                     ax.text(j, i, f"{share[i, j]:.0f}" if share[i, j] >= 9.5 else f"{share[i, j]:.1f}",
                             ha="center", va="center", fontsize=8 if k <= 12 else 6.5,
                             color="white" if share[i, j] > 55 else "black")
+    if k > 20:  # matplotlib's own ticks, made whole class indices (21 classes were ticked at 2.5, 7.5, ...)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.tick_params(length=0)
-    # Beyond 20 classes the ticks are matplotlib's class indices, with neither names nor counts.
+    # Beyond 20 classes the ticks are class indices, with neither names nor counts.
     ax.set_xlabel("predicted class" if k <= 20 else "predicted class (index)")
     ax.set_ylabel("true class (images)" if k <= 20 else "true class (index)")
     accuracy = np.trace(counts) / counts.sum() * 100

@@ -827,14 +827,18 @@ def test_a_confusion_matrix_of_many_classes_says_its_ticks_are_class_indices(run
     _, cls = run_outputs
     run = plot_results.load_classifier_run(str(cls), "pretrained", "pretrained", [], [])
     rng = np.random.default_rng(0)
-    run = dataclasses.replace(run, classes=[f"class_{i}" for i in range(25)], preds=rng.integers(0, 25, 1200),
-                              labels=rng.integers(0, 25, 1200))
-    fig = plot_results.plot_confusion(run)
-    plot_results.plt.close(fig)
-    ax = fig.axes[0]
-    assert ax.get_xlabel() == "predicted class (index)" and ax.get_ylabel() == "true class (index)"
-    assert not ax.texts and "class_0" not in [t.get_text() for t in ax.get_yticklabels()]
-    assert ax.get_title().split("\n")[1].startswith("1,200 val images, last epoch, top-1 ")
+    for k in (21, 22, 23, 25, 100):
+        run = dataclasses.replace(run, classes=[f"class_{i}" for i in range(k)], preds=rng.integers(0, k, 1200),
+                                  labels=rng.integers(0, k, 1200))
+        fig = plot_results.plot_confusion(run)
+        plot_results.plt.close(fig)
+        ax = fig.axes[0]
+        assert ax.get_xlabel() == "predicted class (index)" and ax.get_ylabel() == "true class (index)"
+        assert not ax.texts and "class_0" not in [t.get_text() for t in ax.get_yticklabels()]
+        assert ax.get_title().split("\n")[1].startswith("1,200 val images, last epoch, top-1 ")
+        for ticks in (ax.get_xticks(), ax.get_yticks()):  # whole indices: no class 2.5
+            shown = [t for t in ticks if -0.5 <= t <= k - 0.5]
+            assert len(shown) >= 3 and all(float(t).is_integer() for t in shown), (k, shown)
 
 
 def test_best_points_are_annotated_and_log_scale_is_an_option(run_outputs):
