@@ -5,8 +5,9 @@ The reference comparison (one GPU each; outputs go to cls_outputs/ prefixed `scr
         --output_model_path vit-t-classifier-from_scratch.pt
     python train_classifier.py --total_epoch 50 --batch_size 128 --max_device_batch_size 128 \
         --pretrained_model_path vit-t-mae-150ep.pt --output_model_path vit-t-classifier-from_pretrained.pt
-Both run the MAE fine-tuning recipe by default; add `--recipe plain` to both for the reference's own run (no
-augmentation). Representation quality without fine-tuning (frozen encoder, linear head on the class token):
+Both run the MAE fine-tuning recipe by default; for the reference's own run (no augmentation) add `--recipe plain`
+to both, with outputs of their own (README, Fine-tuning: `--output_dir`, `--log_dir`, `--output_model_path`).
+Representation quality without fine-tuning (frozen encoder, linear head on the class token):
     python train_classifier.py --linear_probe --pretrained_model_path vit-t-mae-150ep.pt \
         --output_model_path vit-t-linprobe.pt
 Several GPUs or nodes (--batch_size stays the global batch), e.g.:

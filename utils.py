@@ -1562,12 +1562,20 @@ def prediction_grid(images, predicted, true, classes, title: str = "", ncol: int
         text = f"✓ {classes[p]}" if p == t else f"✗ {classes[p]} (true: {classes[t]})"
         ax.set_title(text, fontsize=8, color=RIGHT_COLOUR if p == t else WRONG_COLOUR)
     # A title wider than its column (CIFAR-100's "✗ computer_keyboard (true: lawn_mower)") would run into its
-    # neighbours': the true class goes on a line of its own, and the rows grow by that line.
+    # neighbours': the true class goes on a line of its own, and the rows grow by that line so that the images keep
+    # their size. A name wider than the column on its own (a folder's long class name) is set smaller.
     renderer = fig.canvas.get_renderer()
-    wide = [ax for ax in axes.flat if ax.title.get_window_extent(renderer).width > 0.95 * fig.bbox.width / ncol]
-    for ax in wide:
+    column = 0.95 * fig.bbox.width / ncol
+
+    def width(ax):
+        return ax.title.get_window_extent(renderer).width
+    wrapped = [ax for ax in axes.flat if width(ax) > column and " (true: " in ax.get_title()]
+    for ax in wrapped:
         ax.title.set_text(ax.get_title().replace(" (true: ", "\n(true: "))
-    if wide:
+    for ax in axes.flat:
+        if width(ax) > column:
+            ax.title.set_fontsize(8 * column / width(ax))
+    if wrapped:
         fig.set_size_inches(2.2 * ncol, 2.5 * nrow + 0.7)
     shown = f"{right} of these {len(images)} predicted right (✓), {len(images) - right} wrong (✗)"
     fig.suptitle(f"{title}\n{shown}" if title else shown, fontsize=11)

@@ -1296,16 +1296,19 @@ def test_layer_decay_gives_each_block_its_lr_scale():
 
 def test_a_prediction_grids_long_class_names_stay_over_their_own_image():
     """CIFAR-100's names ("✗ computer_keyboard (true: lawn_mower)") ran into the next image's title: a title wider
-    than its column puts the true class on a second line, and no two titles overlap. Short ones stay on one line."""
-    names = ["computer_keyboard", "lawn_mower", "cat", "dog"]
-    fig = utils.prediction_grid(torch.full((8, 3, 32, 32), 0.5), [0, 1, 2, 3, 1, 0, 3, 2], [1, 1, 2, 3, 0, 0, 2, 3],
-                                names, title="pretrained, epoch 50")
+    than its column puts the true class on a second line, and a name too wide on its own (a folder's) is set
+    smaller, so that no two titles overlap; the rows grow, so that the images keep their size. Short titles stay on
+    one line."""
+    names = ["computer_keyboard", "lawn_mower", "cat", "dog", "an_unusually_long_class_name_from_a_folder"]
+    images = torch.full((8, 3, 32, 32), 0.5)
+    fig = utils.prediction_grid(images, [0, 1, 2, 3, 1, 0, 4, 2], [1, 1, 2, 3, 0, 0, 4, 3], names,
+                                title="pretrained, epoch 50")
     renderer = fig.canvas.get_renderer()
     titled = [ax for ax in fig.axes if ax.get_title()]
     assert [ax.get_title() for ax in titled] == [
         "✗ computer_keyboard\n(true: lawn_mower)", "✓ lawn_mower", "✓ cat", "✓ dog",
-        "✗ lawn_mower\n(true: computer_keyboard)", "✓ computer_keyboard", "✗ dog (true: cat)",
-        "✗ cat (true: dog)"]
+        "✗ lawn_mower\n(true: computer_keyboard)", "✓ computer_keyboard",
+        "✓ an_unusually_long_class_name_from_a_folder", "✗ cat (true: dog)"]
     boxes = [ax.title.get_window_extent(renderer) for ax in titled]
     for i, box in enumerate(boxes):
         assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1, titled[i].get_title()
@@ -1313,6 +1316,12 @@ def test_a_prediction_grids_long_class_names_stay_over_their_own_image():
         # each title over its own image, above it
         image = titled[i].get_window_extent(renderer)
         assert image.x0 - 10 <= box.x0 and box.x1 <= image.x1 + 10 and box.y0 >= image.y1 - 1, titled[i].get_title()
+    assert titled[6].title.get_fontsize() < titled[5].title.get_fontsize() == 8
+    # The images are as large as in a grid of short titles.
+    short = utils.prediction_grid(images, [0, 1, 2, 3, 1, 0, 3, 2], [1, 1, 2, 3, 0, 0, 2, 3],
+                                  ["cat", "dog", "fox", "owl"])
+    sizes = [[ax.get_window_extent(f.canvas.get_renderer()).height for ax in f.axes] for f in (fig, short)]
+    assert sizes[0] == pytest.approx(sizes[1], rel=0.03)
 
 
 def test_prediction_grid_marks_each_image_right_or_wrong_in_colour_and_in_its_text(tmp_path):
