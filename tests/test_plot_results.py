@@ -927,6 +927,27 @@ def test_a_log_loss_axis_labels_at_least_three_values_whatever_its_range(low, hi
     assert all(float(label) > 0 for label in labels), labels  # plain numbers: no 10^-2 in mathtext
 
 
+@pytest.mark.parametrize("low, high, labelled", [(0.16, 0.85, {"0.15", "0.2", "0.3", "0.5", "0.8"}),
+                                                 (0.01, 1.0, {"0.01", "0.02", "0.05", "0.1", "0.2", "0.5", "1"}),
+                                                 (1e-3, 10.0, {"0.001", "0.01", "0.1", "1", "10"})])
+def test_a_log_axis_labels_multiples_of_ten_within_a_decade_or_two(low, high, labelled):
+    """Which values a log axis labels: 1, 1.5, 2, 3, 4, 5, 6 and 8 times a power of ten within about a decade (a
+    150-epoch pretraining's 0.16 to 0.85, whose lowest label is then 0.15), 1, 2 and 5 times one within 2.5 decades,
+    the powers alone beyond."""
+    fig = plot_results.plt.figure()
+    try:
+        ax = fig.add_subplot()
+        ax.plot([1, 2], [low, high])
+        plot_results.log_y_axis(ax)
+        fig.canvas.draw()
+        bottom, top = ax.get_ylim()
+        labels = {ax.yaxis.get_major_formatter()(value, i) for i, value in enumerate(ax.yaxis.get_majorticklocs())
+                  if bottom <= value <= top}
+    finally:
+        plot_results.plt.close(fig)
+    assert labels >= labelled and (high / low < 10 ** 2.5 or labels == labelled), labels
+
+
 @pytest.mark.parametrize("knn", [[0.3, 0.6], [1.0, 1.0], [1.0, 0.9], [0.2, 1.0]])
 def test_the_best_points_label_lies_inside_its_panel(run_outputs, knn):
     """The monitor's kNN label stays inside its axes, clear of the panel's title, wherever the best point is: at
