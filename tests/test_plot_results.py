@@ -902,13 +902,9 @@ def test_the_reports_pretraining_line_and_the_loss_axis_say_what_the_run_did():
     assert "pixels scaled to [-1, 1]" in plot_results.loss_label({"norm_pix_loss": False})
 
 
-@pytest.mark.parametrize("low, high", [(0.27, 0.33), (1.0, 2.2), (1.1, 2.3), (0.11, 0.23), (2.30, 2.31), (0.16, 0.85),
-                                       (0.0402, 0.2381), (0.01, 1.0), (1e-3, 10.0)])
-def test_a_log_loss_axis_labels_at_least_three_values_whatever_its_range(low, high):
-    """--log_scale's axis names at least three distinct values between its limits, as plain numbers, each on a major
-    tick, where the grid is drawn: across less than a factor of 3 (a short run's losses, 0.27 to 0.33), powers of
-    ten and their multiples had left one label or none, so the axis could not be read; and within a decade (0.16 to
-    0.85, a 150-epoch pretraining's) the labels were on minor ticks, with no horizontal grid line."""
+def log_axis_labels(low: float, high: float) -> tuple:
+    """log_y_axis on a curve from low to high -> (its major ticks' labels, its minor ticks' labels), within its
+    limits, as drawn."""
     fig = plot_results.plt.figure()
     try:
         ax = fig.add_subplot()
@@ -916,12 +912,21 @@ def test_a_log_loss_axis_labels_at_least_three_values_whatever_its_range(low, hi
         plot_results.log_y_axis(ax)
         fig.canvas.draw()
         bottom, top = ax.get_ylim()
-        labels, minor_labels = ([formatter(value, i) for i, value in enumerate(locs) if bottom <= value <= top]
-                                for locs, formatter in (
-                                    (ax.yaxis.get_majorticklocs(), ax.yaxis.get_major_formatter()),
-                                    (ax.yaxis.get_minorticklocs(), ax.yaxis.get_minor_formatter())))
+        return tuple([formatter(value, i) for i, value in enumerate(locs) if bottom <= value <= top]
+                     for locs, formatter in ((ax.yaxis.get_majorticklocs(), ax.yaxis.get_major_formatter()),
+                                             (ax.yaxis.get_minorticklocs(), ax.yaxis.get_minor_formatter())))
     finally:
         plot_results.plt.close(fig)
+
+
+@pytest.mark.parametrize("low, high", [(0.27, 0.33), (1.0, 2.2), (1.1, 2.3), (0.11, 0.23), (2.30, 2.31), (0.16, 0.85),
+                                       (0.0402, 0.2381), (0.01, 1.0), (1e-3, 10.0)])
+def test_a_log_loss_axis_labels_at_least_three_values_whatever_its_range(low, high):
+    """--log_scale's axis names at least three distinct values between its limits, as plain numbers, each on a major
+    tick, where the grid is drawn: across less than a factor of 3 (a short run's losses, 0.27 to 0.33), powers of
+    ten and their multiples had left one label or none, so the axis could not be read; and within a decade (0.16 to
+    0.85, a 150-epoch pretraining's) the labels were on minor ticks, with no horizontal grid line."""
+    labels, minor_labels = log_axis_labels(low, high)
     assert not any(minor_labels), minor_labels
     assert all(labels) and len(labels) == len(set(labels)) >= 3, labels
     assert all(float(label) > 0 for label in labels), labels  # plain numbers: no 10^-2 in mathtext
@@ -934,17 +939,7 @@ def test_a_log_axis_labels_multiples_of_ten_within_a_decade_or_two(low, high, la
     """Which values a log axis labels: 1, 1.5, 2, 3, 4, 5, 6 and 8 times a power of ten within about a decade (a
     150-epoch pretraining's 0.16 to 0.85, whose lowest label is then 0.15), 1, 2 and 5 times one within 2.5 decades,
     the powers alone beyond."""
-    fig = plot_results.plt.figure()
-    try:
-        ax = fig.add_subplot()
-        ax.plot([1, 2], [low, high])
-        plot_results.log_y_axis(ax)
-        fig.canvas.draw()
-        bottom, top = ax.get_ylim()
-        labels = {ax.yaxis.get_major_formatter()(value, i) for i, value in enumerate(ax.yaxis.get_majorticklocs())
-                  if bottom <= value <= top}
-    finally:
-        plot_results.plt.close(fig)
+    labels = set(log_axis_labels(low, high)[0])
     assert labels >= labelled and (high / low < 10 ** 2.5 or labels == labelled), labels
 
 
