@@ -35,7 +35,8 @@ ROLES = {  # classifier run role -> (legend label, colour, line style)
 # The README's run name for the random-encoder probe, which --random_probe_run reads by default when it is there:
 # the whole experiment's five commands do not make it, and a report without it names nothing missing.
 RANDOM_PROBE_NAME = "linprobe_random"
-# A run under its flag's default name is named in the legends by its label alone; another name is added to it.
+# Each role's run name by default (--scratch_run ... --random_probe_run). A run under its flag's default name is named
+# in the legends by its label alone; another name is added to it.
 DEFAULT_NAMES = {"scratch": "scratch", "pretrained": "pretrained", "linprobe": "linprobe",
                  "random_probe": RANDOM_PROBE_NAME}
 STYLE = {
@@ -67,12 +68,12 @@ def get_args_parser():
                         help="mae_pretrain.py --output_dir: losses.npy, log.jsonl, args.json, recon_epoch_NNN.png")
     parser.add_argument("--cls_dir", default="cls_outputs",
                         help="train_classifier.py output folder: <run>_*.npy, <run>_summary.json, ...")
-    parser.add_argument("--scratch_run", default="scratch", help="run name of the classifier trained from scratch "
-                                                                 "('' to leave it out)")
-    parser.add_argument("--pretrained_run", default="pretrained",
+    parser.add_argument("--scratch_run", default=DEFAULT_NAMES["scratch"],
+                        help="run name of the classifier trained from scratch ('' to leave it out)")
+    parser.add_argument("--pretrained_run", default=DEFAULT_NAMES["pretrained"],
                         help="run name of the classifier fine-tuned from the MAE encoder ('' to leave it out); "
                              "its predictions give the confusion matrix")
-    parser.add_argument("--linprobe_run", default="linprobe",
+    parser.add_argument("--linprobe_run", default=DEFAULT_NAMES["linprobe"],
                         help="run name of the linear probe on the frozen MAE encoder ('' to leave it out)")
     parser.add_argument("--random_probe_run", default=None,
                         help="run name of the linear probe on a random encoder, the probe's baseline (default: "
@@ -857,8 +858,9 @@ def report_classifiers(runs: list, figures: dict, rel) -> list:
     for (path, digest), names in encoder_starts(runs).items():
         lines += [f"{', '.join(f'`{name}`' for name in names)} started from the MAE encoder of `{path}` (its "
                   f"weights' SHA-256 `{digest[:12]}`).", ""]
-    if test_split_sentence(runs):
-        lines += [test_split_sentence(runs), ""]
+    on_test = test_split_sentence(runs)
+    if on_test:
+        lines += [on_test, ""]
     for run in runs:
         n = run_numbers(run)
         if run.linear_probe and "best_val_acc" in n:
@@ -1096,9 +1098,9 @@ def main(args):
     print("\n".join(summary_lines(pre, runs)))
     for note in notes:
         print(f"note: {note}")
-    if test_split_sentence(runs):
-        sentence = test_split_sentence(runs, quote="")
-        print(f"note: {sentence[0].lower()}{sentence[1:]}")  # lower case, as the other notes
+    on_test = test_split_sentence(runs, quote="")
+    if on_test:
+        print(f"note: {on_test[0].lower()}{on_test[1:]}")  # lower case, as the other notes
     if missing:
         print(f"missing: {'; '.join(missing)}")
     if removed:
