@@ -8,7 +8,6 @@ numbers. It plots whatever exists and names what is missing in one line.
 On other folders, e.g. the tiny CPU run of mae_pretrain.py's docstring:
     python plot_results.py --pretrain_dir /tmp/mae_out --cls_dir /tmp/cls_out --report /tmp/results.md
 """
-import glob
 import json
 import os
 from dataclasses import dataclass, field
@@ -238,10 +237,14 @@ def load_pretraining(folder: str, missing: list, notes: list):
     return pre
 
 
+def run_curve_files(folder: str, name: str) -> list:
+    """The curves of the classifier run `name` in folder that have their .npy file: none, no such run."""
+    return [c for c in RUN_CURVES if os.path.isfile(os.path.join(folder, f"{name}_{c}.npy"))]
+
+
 def load_classifier_run(folder: str, name: str, role: str, missing: list, notes: list):
     prefix = os.path.join(folder, f"{name}_")
-    curves = {c: load_vector(f"{prefix}{c}.npy", "--cls_dir").astype(np.float64)
-              for c in RUN_CURVES if os.path.isfile(f"{prefix}{c}.npy")}
+    curves = {c: load_vector(f"{prefix}{c}.npy", "--cls_dir").astype(np.float64) for c in run_curve_files(folder, name)}
     if not curves:
         missing.append(f"{prefix}*.npy (no '{name}' run)")
         return None
@@ -1025,8 +1028,8 @@ def random_probe_name(args) -> str:
     flag names it (the README's older --linprobe_run linprobe_random); '' for none."""
     if args.random_probe_run is not None:
         return args.random_probe_run
-    there = glob.glob(os.path.join(glob.escape(args.cls_dir), f"{RANDOM_PROBE_NAME}_*.npy"))
     taken = (args.scratch_run, args.pretrained_run, args.linprobe_run)
+    there = run_curve_files(args.cls_dir, RANDOM_PROBE_NAME)  # what load_classifier_run reads as a run
     return RANDOM_PROBE_NAME if there and RANDOM_PROBE_NAME not in taken else ""
 
 
