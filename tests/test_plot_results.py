@@ -330,6 +330,9 @@ def test_a_random_encoder_probe_is_the_probes_baseline_and_the_report_says_what_
     assert random_probe(cls) == "linprobe_random" and random_probe(cls, "--random_probe_run", "mine") == "mine"
     assert random_probe(cls, "--random_probe_run", "") == ""  # left out
     assert random_probe(run_outputs[1]) == ""  # not there: nothing is missing
+    (tmp_path / "preds_only").mkdir()
+    np.save(tmp_path / "preds_only" / "linprobe_random_val_preds.npy", np.zeros(4, dtype=np.int64))
+    assert random_probe(tmp_path / "preds_only") == ""  # no curve: no run, as load_classifier_run reads one
     assert random_probe(cls, "--linprobe_run", "linprobe_random") == ""  # named by another flag (older usage)
 
     # Each probe is drawn in its own style, whichever flag named it.
