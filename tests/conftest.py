@@ -29,6 +29,13 @@ def tiny_pretrain_argv(tmp_path, *extra, name="run"):
             "--log_dir", str(out / "logs"), *TINY_MODEL, *extra]
 
 
+def logged_before_warning(log_dir: str) -> str:
+    """The warning (utils.warn_if_logged_before) of a new run into a --log_dir with an earlier run's TensorBoard
+    curves, less its 'prog: warning: ' prefix."""
+    return (f"--log_dir {log_dir!r} holds an earlier run's TensorBoard event files, and TensorBoard would draw this "
+            "run's curves into theirs as one run: pass another --log_dir, or move those files")
+
+
 def warmup_cosine_lrs(peak: float, warmup: int, total: int, min_lr: float = 0.0, steps: int | None = None) -> list:
     """The lr of steps 0 .. steps - 1 (default total) written out longhand, an independent reference for utils.lr_at
     and the lr the scripts log: linear warmup to peak over `warmup` steps, then half a cosine from peak down to

@@ -27,7 +27,7 @@ import data
 import train_classifier
 import utils
 from conftest import (FIXTURE_DIR, ROOT, TINY_MODEL, LrRecorder, check_resume_refuses_each_defining_flag,
-                      stop_with_sigterm, tiny_pretrain_argv, warmup_cosine_lrs)
+                      logged_before_warning, stop_with_sigterm, tiny_pretrain_argv, warmup_cosine_lrs)
 from model import MAEConfig, ViTClassifier
 
 FAKE_TRAIN, FAKE_VAL, BATCH = 128, 32, 32  # --dataset fake --fake_size 128 holds out max(128 // 4, 16) val images
@@ -500,8 +500,7 @@ def test_a_run_replaces_its_own_checkpoints_and_no_other_file(tmp_path, mae_ckpt
     # The first run's TensorBoard events stay, and a warning says the two runs would be drawn as one.
     log_dir = str(tmp_path / "run" / "logs")
     assert [line for line in capsys.readouterr().err.splitlines() if "warning:" in line] == [
-        f"{utils._prog()}: warning: --log_dir {log_dir!r} holds an earlier run's TensorBoard event files, and "
-        "TensorBoard would draw this run's curves into theirs as one run: pass another --log_dir, or move those files"]
+        f"{utils._prog()}: warning: {logged_before_warning(log_dir)}"]
     assert len(os.listdir(log_dir)) == 2
     run_dir = tmp_path / "run"
     shutil.copyfile(mae_ckpt, run_dir / "mae.pt")

@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import utils
-from conftest import ROOT, warmup_cosine_lrs
+from conftest import ROOT, logged_before_warning, warmup_cosine_lrs
 from model import MAE, Block, MAEConfig, ViTClassifier
 
 
@@ -509,9 +509,7 @@ def test_a_new_run_into_a_log_folder_with_an_earlier_runs_curves_is_warned_and_t
     with SummaryWriter(str(log_dir)) as writer:
         writer.add_scalar("loss", 1.0, 1)
     before = sorted(os.listdir(log_dir))
-    assert warning() == (f"{utils._prog()}: warning: --log_dir {str(log_dir)!r} holds an earlier run's TensorBoard "
-                         "event files, and TensorBoard would draw this run's curves into theirs as one run: pass "
-                         "another --log_dir, or move those files\n")
+    assert warning() == f"{utils._prog()}: warning: {logged_before_warning(str(log_dir))}\n"
     assert warning(resume="run_last.pt") == ""
     assert sorted(os.listdir(log_dir)) == before and len(before) == 3
 
