@@ -25,6 +25,7 @@ import glob
 import math
 import os
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -596,16 +597,22 @@ def best_so_far(log: list) -> tuple:
     return best_acc, best_epoch
 
 
-def save_grid(args, vis, epoch: int, predicted, note: str) -> None:
-    """The prediction figure of an epoch (0: before training) over the val images `vis` (their indices in the
-    val split, uint8 images, labels, and the class names)."""
-    _, images, labels, classes = vis
+class Shown(NamedTuple):
+    """The val images the prediction figures show."""
+    idx: torch.Tensor  # (NUM_VIS,) their indices in the val split
+    images: torch.Tensor  # (NUM_VIS, 3, H, W) uint8
+    labels: torch.Tensor  # (NUM_VIS,)
+    classes: list  # the class names
+
+
+def save_grid(args, shown: Shown, epoch: int, predicted, note: str) -> None:
+    """The prediction figure of an epoch (0: before training) over the `shown` val images."""
     utils.save_prediction_grid(os.path.join(args.output_dir, f"{args.run_name}_preds_epoch_{epoch}.png"),
-                               images.float() / 255, predicted, labels, classes,
+                               shown.images.float() / 255, predicted, shown.labels, shown.classes,
                                title=f"{args.run_name}, epoch {epoch}{note}")
 
 
-def save_epoch_outputs(args, writer, log, val_predicted, snapshot, improved, summary, vis) -> None:
+def save_epoch_outputs(args, writer, log, val_predicted, snapshot, improved, summary, shown: Shown) -> None:
     """Everything an epoch leaves on disk (main process, background thread): arrays, TensorBoard, log,
     checkpoints, summary, and the prediction figure at the middle and last epochs. Takes CPU copies only, so
     training may go on meanwhile."""
@@ -622,8 +629,7 @@ def save_epoch_outputs(args, writer, log, val_predicted, snapshot, improved, sum
     utils.atomic_save(snapshot, last_path(args))
     utils.save_json(path["summary.json"], summary)
     if stats["epoch"] in {(args.total_epoch + 1) // 2, args.total_epoch}:  # and epoch 0, before training
-        shown_idx = vis[0]
-        save_grid(args, vis, stats["epoch"], val_predicted[shown_idx],
+        save_grid(args, shown, stats["epoch"], val_predicted[shown.idx],
                   f", val acc {stats['val_acc']:.2%} over all {len(val_predicted):,} val images")
 
 
@@ -713,11 +719,11 @@ def main(args):
     criterion = make_criterion(args, mixup)
     writer = SummaryWriter(args.log_dir) if main_process else None
     background = utils.BackgroundWriter()  # arrays, logs, checkpoints and grids, written while training goes on
-    vis = (vis_idx, vis_images, vis_labels, classes)
+    shown = Shown(vis_idx, vis_images, vis_labels, classes)
     if main_process and ckpt is None:
         with torch.no_grad(), utils.eager(), utils.autocast(device, amp_dtype):
             initial = model.eval()(data.normalize(vis_images.to(device))).argmax(dim=-1).cpu()
-        background.submit(save_grid, args, vis, 0, initial, " (before training)")
+        background.submit(save_grid, args, shown, 0, initial, " (before training)")
 
     # ---- loop
     best_acc, best_epoch = best_so_far(log)  # a resumed run's epochs so far
@@ -756,7 +762,7 @@ def main(args):
                 "recipe": args.recipe,
                 "recipe_settings": {name: getattr(args, name) for name in RECIPE_FLAGS}, "classes": classes}
             background.submit(save_epoch_outputs, args, writer, list(log), val_predicted, snapshot, improved,
-                              summary, vis)
+                              summary, shown)
         log_print(f"epoch {epoch:3d}/{args.total_epoch} | train loss {stats['train_loss']:.4f} acc "
                   f"{stats['train_acc']:.2%} | val loss {val_loss:.4f} acc {val_acc:.2%} | lr {stats['lr']:.2e} | "
                   f"{stats['images_per_sec']:,.0f} img/s | {stats['seconds']:.1f} s")
